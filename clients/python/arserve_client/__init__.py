@@ -1,0 +1,12 @@
+"""arserve's client SDK: light (grpcio + protobuf), sync and asyncio."""
+
+from .client import AsyncClient, Client
+from .errors import (ArserveError, Cancelled, DeadlineExceeded, InvalidArgument, NotFound,
+                     ResourceExhausted, Unauthenticated, Unavailable)
+from .types import Chunk, Completion, Stats, build_request
+
+__all__ = [
+    "AsyncClient", "ArserveError", "Cancelled", "Chunk", "Client", "Completion", "DeadlineExceeded",
+    "InvalidArgument", "NotFound", "ResourceExhausted", "Stats", "Unauthenticated", "Unavailable",
+    "build_request",
+]

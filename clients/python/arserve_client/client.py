@@ -1,0 +1,117 @@
+"""Sync and asyncio clients of ``arserve.v1.Generation``."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+import grpc
+
+from .errors import from_rpc_error
+from .types import Chunk, Completion, build_request
+from .v1 import generation_pb2 as pb
+from .v1 import generation_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class Client:
+    """Blocking client::
+
+        client = Client("localhost:50051")
+        print(client.generate(messages=[{"role": "user", "content": "Hi"}]).text)
+        for chunk in client.stream(prompt="Once upon a time", max_tokens=32):
+            print(chunk.text, end="")
+
+    Options of ``generate``/``stream`` are those of ``build_request``;
+    ``timeout`` is a per-call deadline in seconds. Failures raise
+    ``ArserveError`` subclasses carrying the gRPC status.
+    """
+
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = None,
+                 metadata: list[tuple[str, str]] | None = None):
+        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.timeout = timeout
+        self.metadata = metadata or []
+
+    def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
+        try:
+            return Completion.from_proto(self.stub.Generate(
+                build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def stream(self, prompt: str | None = None, messages=None, **options) -> Iterator[Chunk]:
+        call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+        try:
+            for chunk in call:
+                yield Chunk.from_proto(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def models(self) -> list[pb.ModelInfo]:
+        try:
+            return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                             metadata=self.metadata).models)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as ``Client`` (``await generate``,
+    ``async for chunk in stream(...)``)."""
+
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = None,
+                 metadata: list[tuple[str, str]] | None = None):
+        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.timeout = timeout
+        self.metadata = metadata or []
+
+    async def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
+        try:
+            return Completion.from_proto(await self.stub.Generate(
+                build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def stream(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[Chunk]:
+        call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+        try:
+            async for chunk in call:
+                yield Chunk.from_proto(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def models(self) -> list[pb.ModelInfo]:
+        try:
+            return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                                    metadata=self.metadata)).models)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,101 @@
+"""Plain results of the SDK, and how requests are built (one place for the
+sync and the asyncio client)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .v1 import generation_pb2 as pb
+
+FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
+
+
+@dataclass
+class Stats:
+    """Usage, timing and speculative counters of a finished request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    tokens_per_second: float = 0.0
+    method: str = ""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    rounds: int = 0
+    mean_accepted_length: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg) -> "Stats":
+        return cls(
+            prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
+            time_to_first_token_s=msg.timing.time_to_first_token_s, total_s=msg.timing.total_s,
+            tokens_per_second=msg.timing.tokens_per_second, method=msg.speculative.method,
+            drafted_tokens=msg.speculative.drafted_tokens, accepted_tokens=msg.speculative.accepted_tokens,
+            rounds=msg.speculative.rounds, mean_accepted_length=msg.speculative.mean_accepted_length,
+        )
+
+
+@dataclass
+class Completion:
+    """The result of ``generate``."""
+
+    request_id: str
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length", "stop" or "eos"
+    stats: Stats = field(default_factory=Stats)
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateResponse) -> "Completion":
+        return cls(r.request_id, r.model, r.text, list(r.token_ids), FINISH.get(r.finish_reason, ""),
+                   Stats.from_proto(r))
+
+
+@dataclass
+class Chunk:
+    """A piece of ``stream``; the last one has ``finish_reason`` and ``stats``."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+    @classmethod
+    def from_proto(cls, c: pb.GenerateChunk) -> "Chunk":
+        done = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        return cls(c.text, list(c.token_ids), FINISH.get(c.finish_reason) if done else None,
+                   Stats.from_proto(c) if done else None)
+
+
+def build_request(
+    prompt: str | None = None,
+    messages: Iterable[Mapping[str, str]] | None = None,
+    *,
+    model: str = "",
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    speculative: str = "",
+    num_draft_tokens: int | None = None,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest; unset options take the server's defaults."""
+    sampling = pb.SamplingParams(stop=list(stop))
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    spec = pb.SpeculativeParams(method=speculative)
+    if num_draft_tokens is not None:
+        spec.num_draft_tokens = num_draft_tokens
+    return pb.GenerateRequest(
+        request_id=request_id, model=model, prompt=prompt or "",
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],
+        sampling=sampling, speculative=spec,
+    )

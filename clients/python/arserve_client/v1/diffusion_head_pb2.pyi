@@ -1,0 +1,51 @@
+from arserve_client.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SampleRequest(_message.Message):
+    __slots__ = ("model", "z", "z_uncond", "temperature", "cfg", "num_steps", "seed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    Z_UNCOND_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    CFG_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    z: _tensor_pb2.Tensor
+    z_uncond: _tensor_pb2.Tensor
+    temperature: float
+    cfg: float
+    num_steps: int
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z_uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SampleResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _tensor_pb2.Tensor
+    def __init__(self, tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class LogDensityRequest(_message.Message):
+    __slots__ = ("model", "z", "tokens", "temperature", "num_steps")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    z: _tensor_pb2.Tensor
+    tokens: _tensor_pb2.Tensor
+    temperature: float
+    num_steps: int
+    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., num_steps: _Optional[int] = ...) -> None: ...
+
+class LogDensityResponse(_message.Message):
+    __slots__ = ("log_density",)
+    LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    log_density: _tensor_pb2.Tensor
+    def __init__(self, log_density: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,124 @@
+"""Backbone service: the target model and the KV cache of each request.
+
+``Score`` runs one forward over new positions (prompt, one token, a draft
+chain or tree); ``Commit`` keeps a path of them and rolls back the rest.
+Forwards run one at a time on a dedicated thread, so the event loop keeps
+serving while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from arserve_client.v1 import backbone_pb2 as pb
+
+from ..core.kv_cache import KVCache
+from ..core.model import Llama
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..wire import to_proto
+
+
+@dataclass
+class RequestState:
+    cache: KVCache
+    committed: int = 0  # committed positions
+    scored: int = 0  # tentative positions of the last Score call
+
+
+def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """parents: parent index of each new token (-1 = committed prefix) ->
+    (tree_mask [n, n] bool, depths [n] int64)."""
+    n = len(parents)
+    mask = torch.eye(n, dtype=torch.bool)
+    depths = torch.zeros(n, dtype=torch.long)
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise InvalidArgument(f"parents[{i}] = {p}: a parent must come before its child (or be -1)")
+        if p >= 0:
+            mask[i] |= mask[p]
+            depths[i] = depths[p] + 1
+    return mask, depths
+
+
+class BackboneService:
+    def __init__(self, models: dict[str, Llama]):
+        self.models = models
+        self.requests: dict[tuple[str, str], RequestState] = {}
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
+
+    def _model(self, model: str) -> Llama:
+        try:
+            return self.models[model]
+        except KeyError:
+            raise NotFound(f"model {model!r} is not served by this backbone; known: {sorted(self.models)}") from None
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.requests.values())
+
+    async def Score(self, req: pb.ScoreRequest, context=None) -> pb.ScoreResponse:
+        model = self._model(req.model)
+        key = (req.model, req.request_id)
+        state = self.requests.get(key)
+        if state is None:
+            state = self.requests[key] = RequestState(model.new_cache())
+        n = len(req.token_ids)
+        if n == 0:
+            raise InvalidArgument("token_ids is empty: nothing to score")
+        if state.committed != req.start:
+            if req.start < state.committed:
+                state.cache.rollback(req.start)
+                state.committed = req.start
+            elif len(req.context) == req.start:
+                state.cache.rollback(0)
+                state.committed = 0
+            else:
+                raise FailedPrecondition(
+                    f"request {req.request_id!r}: cache holds {state.committed} positions, caller expects {req.start}"
+                )
+        context_ids = list(req.context[state.committed:req.start]) if state.committed < req.start else []
+        tokens = torch.tensor(context_ids + list(req.token_ids), dtype=torch.long)
+        if int(tokens.max()) >= model.config.vocab_size:
+            raise InvalidArgument(f"token id {int(tokens.max())} is outside the vocabulary ({model.config.vocab_size})")
+        tree_mask = depths = None
+        if req.parents:
+            if len(req.parents) != n or context_ids:
+                raise InvalidArgument("parents must have one entry per token_id (and no context)")
+            tree_mask, depths = tree_inputs(list(req.parents))
+        if req.outputs_from > n:
+            raise InvalidArgument(f"outputs_from {req.outputs_from} > {n} scored positions")
+        if state.committed + len(tokens) > model.config.max_seq_len:
+            raise InvalidArgument(f"context window exceeded: {state.committed + len(tokens)} > {model.config.max_seq_len}")
+        state.cache.rollback(state.committed)
+        logits_from = len(context_ids) + req.outputs_from
+        loop = asyncio.get_running_loop()
+        logits = await loop.run_in_executor(
+            self.executor, lambda: model(tokens, state.cache, tree_mask, depths, logits_from)
+        )
+        if req.commit:
+            state.committed = state.cache.length
+            state.scored = 0
+        else:
+            state.committed += len(context_ids)
+            state.scored = n
+        return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length)
+
+    async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
+        state = self.requests.get((req.model, req.request_id))
+        if state is None:
+            raise NotFound(f"request {req.request_id!r} has no KV cache on this backbone")
+        path = list(req.path)
+        if any(i >= state.scored for i in path):
+            raise InvalidArgument(f"path {path} points past the {state.scored} scored positions")
+        state.cache.keep(state.committed, path)
+        state.committed = state.cache.length
+        state.scored = 0
+        return pb.CommitResponse(length=state.committed)
+
+    async def Release(self, req: pb.ReleaseRequest, context=None) -> pb.ReleaseResponse:
+        self.requests.pop((req.model, req.request_id), None)
+        return pb.ReleaseResponse()

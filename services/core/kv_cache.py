@@ -1,0 +1,68 @@
+"""A request's KV cache: keys and values of every layer, appended several
+positions at a time and rolled back when draft positions are rejected.
+
+Positions ``[0, length)`` are valid. ``score`` appends positions; ``rollback``
+forgets the tail; ``keep`` compacts a tree's accepted path into consecutive
+positions (see ``words`` for the vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LlamaConfig
+
+
+class KVCache:
+    """Keys and values of one request, grown in chunks of ``chunk`` positions.
+
+    k, v: [n_layers, n_kv_heads, capacity, head_dim]
+    """
+
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype, chunk: int = 256):
+        self.config = config
+        self.dtype = dtype
+        self.chunk = chunk
+        self.length = 0  # valid positions
+        shape = (config.n_layers, config.n_kv_heads, 0, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
+        self.v = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more positions (capacity grows by whole chunks)."""
+        need = self.length + n
+        if need > self.config.max_seq_len:
+            raise ValueError(f"context window exceeded: {need} > {self.config.max_seq_len} positions")
+        if need <= self.capacity:
+            return
+        cap = min(self.config.max_seq_len, -(-need // self.chunk) * self.chunk)
+        cap = max(cap, min(self.config.max_seq_len, 2 * self.capacity))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def rollback(self, length: int) -> None:
+        """Forget every position at or after ``length``."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
+        self.length = length
+
+    def keep(self, start: int, path: list[int]) -> None:
+        """Commit a tree path: positions ``start + path[j]`` move to ``start + j``
+        and everything after ``start + len(path)`` is rolled back."""
+        src = torch.tensor([start + i for i in path], dtype=torch.long)
+        dst = start + len(path)
+        if path != list(range(len(path))):
+            self.k[:, :, start:dst] = self.k[:, :, src]
+            self.v[:, :, start:dst] = self.v[:, :, src]
+        self.rollback(dst)

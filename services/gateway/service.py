@@ -1,0 +1,116 @@
+"""Gateway: the public ``arserve.v1.Generation`` service.
+
+It validates a request, tokenizes it, runs it on the verifier, and turns the
+committed token ids back into text (incrementally, holding back stop-string
+prefixes). The services it calls are passed in: in-process objects in the
+embedded wiring, gRPC stubs or Ray handles in the distributed one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from arserve_client.v1 import generation_pb2 as pb
+from arserve_client.v1 import generation_pb2_grpc
+from arserve_client.v1 import tokenizer_pb2 as tpb
+from arserve_client.v1 import verifier_pb2 as vpb
+
+from ..errors import InvalidArgument
+from ..settings import ServerSettings
+from ..tokenizer.text import TextTokenizer
+from .stops import StopMatcher
+from .validate import check_request, resolve_max_tokens, resolve_model
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, settings: ServerSettings, tokenizer, verifier, windows: dict[str, int]):
+        self.settings = settings
+        self.models = {m.id: m for m in settings.models}
+        self.default_model = settings.models[0].id
+        self.tokenizer = tokenizer  # async Encode / DecodeIncremental
+        self.verifier = verifier  # async-iterator Run
+        self.windows = windows  # model id -> context window in tokens
+
+    async def ListModels(self, req: pb.ListModelsRequest, context=None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(
+                id=m.id, kind="text", context_length=self.windows[m.id], dtype=m.dtype,
+                is_default=m.id == self.default_model, speculative_methods=m.speculative_methods,
+                default_speculative_method=m.default_speculative_method, source=m.source,
+            )
+            for m in self.settings.models
+        ])
+
+    async def Generate(self, req: pb.GenerateRequest, context=None) -> pb.GenerateResponse:
+        out = pb.GenerateResponse()
+        texts = []
+        async for chunk in self.GenerateStream(req, context):
+            texts.append(chunk.text)
+            out.token_ids.extend(chunk.token_ids)
+            out.request_id = chunk.request_id
+            if chunk.finish_reason:
+                out.finish_reason = chunk.finish_reason
+                out.usage.CopyFrom(chunk.usage)
+                out.timing.CopyFrom(chunk.timing)
+                out.speculative.CopyFrom(chunk.speculative)
+        out.text = "".join(texts)
+        out.model = req.model or self.default_model
+        return out
+
+    async def GenerateStream(self, req: pb.GenerateRequest, context=None) -> AsyncIterator[pb.GenerateChunk]:
+        t0 = time.perf_counter()
+        model = resolve_model(req, self.models, self.default_model)
+        check_request(req, model)
+        request_id = req.request_id or uuid.uuid4().hex
+        encoded = await self.tokenizer.Encode(tpb.EncodeRequest(model=model.id, prompt=req.prompt, messages=req.messages))
+        prompt_ids = list(encoded.token_ids)
+        if not prompt_ids:
+            raise InvalidArgument("prompt tokenizes to no tokens")
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(req.sampling)
+        sampling.max_tokens = resolve_max_tokens(req, model, len(prompt_ids), self.windows[model.id])
+        sampling.temperature = req.sampling.temperature if req.sampling.HasField("temperature") else 0.0
+        speculative = pb.SpeculativeParams(method=req.speculative.method or model.default_speculative_method)
+        if req.speculative.HasField("num_draft_tokens"):
+            speculative.num_draft_tokens = req.speculative.num_draft_tokens
+        run = vpb.VerifyRequest(request_id=request_id, model=model.id, prompt_token_ids=prompt_ids,
+                                sampling=sampling, speculative=speculative)
+
+        window, read_offset = TextTokenizer.initial_window(prompt_ids)
+        state = tpb.DetokenizerState(window=window, read_offset=read_offset)
+        stops = StopMatcher(list(sampling.stop))
+        completion = 0
+        first_token_at = None
+        events = self.verifier.Run(run)
+        try:
+            async for event in events:
+                if event.token_ids and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                completion += len(event.token_ids)
+                finish = event.finish_reason
+                decoded = await self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
+                    model=model.id, state=state, token_ids=event.token_ids, final=bool(finish)))
+                state = decoded.state
+                text = stops.feed(decoded.text)
+                if stops.stopped:
+                    finish = pb.FINISH_REASON_STOP
+                elif finish:
+                    text += stops.flush()
+                chunk = pb.GenerateChunk(request_id=request_id, text=text, token_ids=event.token_ids)
+                if finish:
+                    now = time.perf_counter()
+                    total = now - t0
+                    chunk.finish_reason = finish
+                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion))
+                    chunk.timing.CopyFrom(pb.Timing(
+                        time_to_first_token_s=(first_token_at or now) - t0, total_s=total,
+                        tokens_per_second=completion / total if total > 0 else 0.0))
+                    chunk.speculative.CopyFrom(event.speculative)
+                    yield chunk
+                    return
+                if text or event.token_ids:
+                    yield chunk
+        finally:
+            await events.aclose()

@@ -1,0 +1,68 @@
+"""Request validation at the public edge: every problem becomes an
+InvalidArgument or NotFound whose message names the field."""
+
+from __future__ import annotations
+
+import math
+
+from arserve_client.v1 import generation_pb2 as pb
+
+from ..errors import InvalidArgument, NotFound
+from ..settings import ModelSettings
+from ..tokenizer.text import ROLES
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
+    name = req.model or default
+    if name not in models:
+        raise NotFound(f"model {req.model!r} is not served; known: {sorted(models)}")
+    return models[name]
+
+
+def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
+    """Everything that can be checked before tokenizing."""
+    if not req.prompt and not req.messages:
+        raise InvalidArgument("prompt or messages is required (both are empty)")
+    if req.prompt and req.messages:
+        raise InvalidArgument("give either prompt or messages, not both")
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role {m.role!r} is not one of {list(ROLES)}")
+    s = req.sampling
+    if s.HasField("max_tokens") and s.max_tokens == 0:
+        raise InvalidArgument("sampling.max_tokens must be at least 1")
+    if s.HasField("temperature") and not (math.isfinite(s.temperature) and s.temperature >= 0):
+        raise InvalidArgument(f"sampling.temperature must be finite and >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not (0 < s.top_p <= 1):  # NaN fails too
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"sampling.stop has {len(s.stop)} strings; at most {MAX_STOP_STRINGS}")
+    for i, stop in enumerate(s.stop):
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise InvalidArgument(f"sampling.stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+    method = req.speculative.method or model.default_speculative_method
+    if method not in model.speculative_methods:
+        raise InvalidArgument(
+            f"speculative.method {req.speculative.method!r} is not available for model {model.id!r}; "
+            f"choose one of {model.speculative_methods}"
+        )
+
+
+def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tokens: int, window: int) -> int:
+    """max_tokens after the prompt is known: explicit values must fit the
+    context window; the default is capped by it."""
+    room = window - prompt_tokens
+    if room < 1:
+        raise InvalidArgument(f"prompt is {prompt_tokens} tokens; the context window is {window} tokens")
+    s = req.sampling
+    if not s.HasField("max_tokens"):
+        return min(model.default_max_tokens, room)
+    if s.max_tokens > room:
+        raise InvalidArgument(
+            f"sampling.max_tokens {s.max_tokens} exceeds the context window: "
+            f"{prompt_tokens} prompt tokens + {s.max_tokens} > {window}"
+        )
+    return s.max_tokens

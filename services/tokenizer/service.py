@@ -1,0 +1,37 @@
+"""Tokenizer service: ``arserve.v1.Tokenizer`` over one TextTokenizer per model."""
+
+from __future__ import annotations
+
+from arserve_client.v1 import tokenizer_pb2 as pb
+
+from ..errors import InvalidArgument, NotFound
+from .text import TextTokenizer
+
+
+class TokenizerService:
+    def __init__(self, tokenizers: dict[str, TextTokenizer]):
+        self.tokenizers = tokenizers
+
+    def _get(self, model: str) -> TextTokenizer:
+        try:
+            return self.tokenizers[model]
+        except KeyError:
+            raise NotFound(f"model {model!r} has no tokenizer here; known: {sorted(self.tokenizers)}") from None
+
+    async def Encode(self, req: pb.EncodeRequest, context=None) -> pb.EncodeResponse:
+        tok = self._get(req.model)
+        if req.messages:
+            try:
+                ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+        else:
+            ids = tok.encode(req.prompt)
+        return pb.EncodeResponse(token_ids=ids)
+
+    async def DecodeIncremental(self, req: pb.DecodeIncrementalRequest, context=None) -> pb.DecodeIncrementalResponse:
+        tok = self._get(req.model)
+        if req.state.read_offset > len(req.state.window):
+            raise InvalidArgument("state.read_offset is past the end of state.window")
+        text, window, read = tok.decode_incremental(list(req.state.window), req.state.read_offset, list(req.token_ids), req.final)
+        return pb.DecodeIncrementalResponse(text=text, state=pb.DetokenizerState(window=window, read_offset=read))
