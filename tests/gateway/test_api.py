@@ -1,0 +1,129 @@
+"""The public API through real gRPC on a local socket, with the real
+SmolLM2 weights: generation, streaming, models, health, reflection, and
+bad input that gets a clear status while the server keeps serving."""
+
+import asyncio
+import math
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from arserve_client import AsyncClient, InvalidArgument, NotFound
+from arserve_client.v1 import generation_pb2 as pb
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_generate_answers_a_chat(client):
+    out = client.generate(messages=CHAT, max_tokens=24)
+    assert "Paris" in out.text
+    assert out.finish_reason in ("eos", "length")
+    assert out.stats.completion_tokens == len(out.token_ids) > 0
+    assert out.stats.prompt_tokens > 10 and out.stats.tokens_per_second > 0
+    assert 0 < out.stats.time_to_first_token_s <= out.stats.total_s
+    assert out.stats.method == "none" and out.stats.drafted_tokens == 0 and out.stats.accepted_tokens == 0
+
+
+def test_stream_equals_generate(client):
+    whole = client.generate(prompt="The three primary colors are", max_tokens=20)
+    chunks = list(client.stream(prompt="The three primary colors are", max_tokens=20))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert chunks[-1].finish_reason == "length" == whole.finish_reason
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_seeded_sampling_is_reproducible(client):
+    opts = dict(prompt="Once upon a time", max_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    a = client.generate(seed=123, **opts)
+    b = client.generate(seed=123, **opts)
+    c = client.generate(seed=124, **opts)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_strings_end_generation_before_the_stop(client):
+    full = client.generate(prompt="Count: 1, 2, 3, 4, 5,", max_tokens=16)
+    assert " 7" in full.text, full.text
+    out = client.generate(prompt="Count: 1, 2, 3, 4, 5,", max_tokens=16, stop=[" 7"])
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(" 7")]
+
+
+def test_list_models(client):
+    (m,) = client.models()
+    assert m.id == "smollm2-135m-instruct" and m.is_default and m.kind == "text"
+    assert m.context_length == 8192 and m.dtype == "float32" and "none" in m.speculative_methods
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.target) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="arserve.v1.Generation"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        reply = next(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"arserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+LONG_PROMPT = "word " * 9000
+
+BAD = [
+    (dict(prompt=""), InvalidArgument, "prompt or messages"),
+    (dict(prompt="hi", messages=CHAT), InvalidArgument, "either prompt or messages"),
+    (dict(prompt="hi", max_tokens=0), InvalidArgument, "max_tokens"),
+    (dict(prompt="hi", max_tokens=9000), InvalidArgument, "max_tokens"),
+    (dict(prompt=LONG_PROMPT), InvalidArgument, "context window"),
+    (dict(prompt="hi", temperature=-0.5), InvalidArgument, "temperature"),
+    (dict(prompt="hi", temperature=math.nan), InvalidArgument, "temperature"),
+    (dict(prompt="hi", temperature=math.inf), InvalidArgument, "temperature"),
+    (dict(prompt="hi", top_p=0.0), InvalidArgument, "top_p"),
+    (dict(prompt="hi", top_p=1.5), InvalidArgument, "top_p"),
+    (dict(prompt="hi", top_p=math.nan), InvalidArgument, "top_p"),
+    (dict(prompt="hi", model="gpt-17"), NotFound, "model 'gpt-17'"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), InvalidArgument, "messages[0].role"),
+    (dict(prompt="hi", speculative="telepathy"), InvalidArgument, "speculative.method"),
+    (dict(prompt="hi", stop=[""]), InvalidArgument, "sampling.stop[0]"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,field", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(client, kwargs, error, field):
+    with pytest.raises(error) as info:
+        client.generate(**kwargs)
+    assert field in info.value.details
+    with pytest.raises(error):  # the streaming RPC validates the same way
+        list(client.stream(**kwargs))
+    assert client.generate(prompt="Hello", max_tokens=2).stats.completion_tokens == 2
+
+
+def test_raw_grpc_status_codes(server):
+    from arserve_client.v1 import generation_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(prompt="hi", model="nope"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_async_client_concurrent_requests(server):
+
+    asyncio.run(_async_client_concurrent_requests(server))
+
+
+async def _async_client_concurrent_requests(server):
+    async with AsyncClient(server.target, timeout=300) as c:
+        prompts = ["The sun is", "Water boils at", "Cats are"]
+        together = await asyncio.gather(*(c.generate(prompt=p, max_tokens=8) for p in prompts))
+        alone = [await c.generate(prompt=p, max_tokens=8) for p in prompts]
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        chunks = [ch async for ch in c.stream(prompt="The sun is", max_tokens=8)]
+        assert "".join(ch.text for ch in chunks) == alone[0].text
+        with pytest.raises(InvalidArgument):
+            await c.generate(prompt="hi", top_p=2.0)

@@ -1,0 +1,53 @@
+"""Chat template and incremental detokenization with SmolLM2's tokenizer."""
+
+import pytest
+
+from arserve.core.weights import smollm2_gguf_path
+from arserve.tokenizer.text import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer.from_source(smollm2_gguf_path())
+
+
+TEXTS = [
+    "Hello, world! The quick brown fox.",
+    "héllo wörld — naïve café, 世界你好, emoji 🙂👍🏽 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢.",
+    "def f(x):\n    return x ** 2  # ✓\n",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("step", [1, 3])
+def test_stream_concatenates_to_the_full_decode(tok, text, step):
+    prompt = tok.encode_chat([{"role": "user", "content": "Say something."}])
+    ids = tok.hf(text, add_special_tokens=False)["input_ids"]
+    window, read = tok.initial_window(prompt)
+    chunks = []
+    for i in range(0, len(ids), step):
+        final = i + step >= len(ids)
+        piece, window, read = tok.decode_incremental(window, read, ids[i:i + step], final=final)
+        chunks.append(piece)
+        assert len(window) <= 5 + step + 4  # small: context + new ids + a held-back character (<= 4 bytes)
+    assert "".join(chunks) == tok.decode(ids) == text
+    assert not any("\ufffd" in c for c in chunks), "a chunk ended inside a UTF-8 character"
+
+
+def test_multibyte_characters_are_held_back_until_complete(tok):
+    ids = tok.hf("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1  # byte-level BPE splits the emoji
+    window, read = [], 0
+    out = []
+    for i in ids:
+        piece, window, read = tok.decode_incremental(window, read, [i])
+        out.append(piece)
+    assert out[:-1] == [""] * (len(ids) - 1) and out[-1] == "🙂"
+
+
+def test_chat_template_and_unknown_role(tok):
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    text = tok.hf.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
+    with pytest.raises(ValueError, match=r"messages\[0\].role 'robot'"):
+        tok.encode_chat([{"role": "robot", "content": "Hi"}])
