@@ -162,13 +162,22 @@ class HFEngine:
 
     def __init__(self, dtype: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from arserve.core.weights import smollm2_gguf_path
 
+        hf_logging.set_verbosity_error()  # GGUF loading logs and progress bars would drown the progress lines
+        hf_logging.disable_progress_bar()
         p = smollm2_gguf_path()
         self.tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         self.model = AutoModelForCausalLM.from_pretrained(
             str(p.parent), gguf_file=p.name, dtype=TORCH_DTYPES[dtype]).eval()
+
+    def describe(self) -> dict:
+        """What transformers actually runs: dense nn.Linear weights, or GGUF blocks kept packed."""
+        linear = self.model.model.layers[0].self_attn.q_proj
+        return {"linear_class": type(linear).__name__, "weight_dtype": str(linear.weight.dtype),
+                "attn_implementation": self.model.config._attn_implementation}
 
     def encode(self, messages: list[dict]) -> dict:
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -205,8 +214,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 # ---------------------------------------------------------------- one dtype
 
 
-def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> list[dict]:
-    """Both engines, alternating per prompt; one row per prompt."""
+def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> tuple[list[dict], dict]:
+    """Both engines, alternating per prompt: one row per prompt, and what transformers ran."""
     from arserve_client import Client
 
     from arserve.embedded import EmbeddedServer
@@ -214,6 +223,8 @@ def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> list[dict]:
 
     log(f"[{dtype}] loading arserve and transformers ...")
     hf = HFEngine(dtype)
+    engine = hf.describe()
+    log(f"[{dtype}] transformers runs {engine}")
     rows = []
     try:
         with EmbeddedServer(ServerSettings(port=0, models=[ModelSettings(dtype=dtype)])) as server, \
@@ -231,7 +242,7 @@ def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> list[dict]:
                     f"  {'identical' if row['identical'] else 'differs at ' + str(row['first_diff'])}")
     finally:
         hf.close()
-    return rows
+    return rows, engine
 
 
 def make_row(p: dict, a: Run, h: Run) -> dict:
@@ -288,11 +299,12 @@ def roofline(dtype: str, overall: dict, rows: list[dict], copy_gbs: float) -> di
     }
 
 
-def dtype_result(dtype: str, rows: list[dict], copy_gbs: float) -> dict:
+def dtype_result(dtype: str, rows: list[dict], engine: dict, copy_gbs: float) -> dict:
     cats = sorted({r["category"] for r in rows})
     overall = summarize(rows)
     median_ratio = overall["ratio"]["median"]
     return {
+        "transformers_model": engine,
         "rows": rows,
         "per_category": {c: summarize([r for r in rows if r["category"] == c]) for c in cats},
         "overall": overall,
@@ -382,8 +394,8 @@ def main(args) -> None:
         "dtypes": {},
     }
     for dtype in dtypes:
-        rows = bench_dtype(dtype, prompts, args.max_tokens)
-        results["dtypes"][dtype] = dtype_result(dtype, rows, copy_gbs)
+        rows, engine = bench_dtype(dtype, prompts, args.max_tokens)
+        results["dtypes"][dtype] = dtype_result(dtype, rows, engine, copy_gbs)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
