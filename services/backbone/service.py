@@ -2,8 +2,10 @@
 
 ``Score`` runs one forward over new positions (prompt, one token, a draft
 chain or tree); ``Commit`` keeps a path of them and rolls back the rest.
-Forwards run one at a time on a dedicated thread, so the event loop keeps
-serving while the model computes.
+Continuous batching: Score calls that arrive while a forward runs join the
+next forward together (``ForwardBatcher``), so concurrent requests share each
+read of the weights. Forwards run on a dedicated thread, so the event loop
+keeps serving while the model computes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from arserve_client.v1 import backbone_pb2 as pb
 
 from ..core.kv_cache import KVCache
-from ..core.model import Llama
+from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..wire import to_proto
 
@@ -44,11 +46,57 @@ def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, depths
 
 
+class ForwardBatcher:
+    """Joins the Score calls queued for one model into one ``forward_batch``.
+
+    A call waits only while a forward is already running; the calls queued
+    meanwhile (up to ``max_batch_tokens`` new tokens) form the next batch.
+    """
+
+    def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096):
+        self.model = model
+        self.executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.queue: list[tuple[ScoreItem, asyncio.Future]] = []
+        self.worker: asyncio.Task | None = None
+        self.forwards = 0  # forwards run (for tests and metrics)
+        self.batched_items = 0  # items scored
+
+    async def score(self, item: ScoreItem) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((item, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.queue:
+            batch, tokens = [], 0
+            while self.queue and (not batch or tokens + len(self.queue[0][0].tokens) <= self.max_batch_tokens):
+                item, future = self.queue.pop(0)
+                batch.append((item, future))
+                tokens += len(item.tokens)
+            try:
+                results = await loop.run_in_executor(self.executor, self.model.forward_batch, [b[0] for b in batch])
+            except Exception as e:  # noqa: BLE001 - every waiting call gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.forwards += 1
+            self.batched_items += len(batch)
+            for (_, future), logits in zip(batch, results):
+                if not future.done():
+                    future.set_result(logits)
+
+
 class BackboneService:
-    def __init__(self, models: dict[str, Llama]):
+    def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096):
         self.models = models
         self.requests: dict[tuple[str, str], RequestState] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
+        self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens) for name, m in models.items()}
 
     def _model(self, model: str) -> Llama:
         try:
@@ -95,10 +143,7 @@ class BackboneService:
             raise InvalidArgument(f"context window exceeded: {state.committed + len(tokens)} > {model.config.max_seq_len}")
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
-        loop = asyncio.get_running_loop()
-        logits = await loop.run_in_executor(
-            self.executor, lambda: model(tokens, state.cache, tree_mask, depths, logits_from)
-        )
+        logits = await self.batchers[req.model].score(ScoreItem(tokens, state.cache, tree_mask, depths, logits_from))
         if req.commit:
             state.committed = state.cache.length
             state.scored = 0

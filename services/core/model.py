@@ -15,6 +15,8 @@ product then reads weights at 1.3-1.6x the bandwidth of ``F.linear``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,34 +79,64 @@ class Block(nn.Module):
 
     def forward(
         self,
-        x: Tensor,  # [n, dim]
-        cos: Tensor,  # [n, head_dim]
-        sin: Tensor,  # [n, head_dim]
-        cache_k: Tensor,  # [kv_heads, capacity, head_dim]
-        cache_v: Tensor,  # [kv_heads, capacity, head_dim]
-        start: int,  # positions already in the cache
-        mask: Tensor | None,  # [n, start + n] bool, True = may attend; None = causal or single query
-    ) -> Tensor:  # [n, dim]
-        n = x.shape[0]
+        x: Tensor,  # [N, dim]: the new rows of every request in the batch, concatenated
+        cos: Tensor,  # [N, head_dim]
+        sin: Tensor,  # [N, head_dim]
+        layer: int,  # this block's index (selects each cache's layer)
+        segments: list["Segment"],  # which rows belong to which request
+    ) -> Tensor:  # [N, dim]
+        N = x.shape[0]
         h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
         q, k, v = self.linear(h, "wqkv").split(self.split, dim=-1)
-        q = apply_rope(q.view(n, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, n, hd]
-        k = apply_rope(k.view(n, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)  # [K, n, hd]
-        end = start + n
-        cache_k[:, start:end] = k
-        cache_v[:, start:end] = v.view(n, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        attn = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            cache_k[:, :end].unsqueeze(0),
-            cache_v[:, :end].unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None and n > 1,
-            enable_gqa=True,
-        )  # [1, H, n, hd]
-        x = x + self.linear(attn[0].transpose(0, 1).reshape(n, -1), "wo")
+        q = apply_rope(q.view(N, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, N, hd]
+        k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)  # [K, N, hd]
+        v = v.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, N, hd]
+        outs = []
+        for seg in segments:  # attention is per request; the matrix products above and below are shared
+            rows = slice(seg.row, seg.row + seg.n)
+            end = seg.start + seg.n
+            cache_k, cache_v = seg.cache.k[layer], seg.cache.v[layer]  # [K, capacity, hd]
+            cache_k[:, seg.start:end] = k[:, rows]
+            cache_v[:, seg.start:end] = v[:, rows]
+            outs.append(F.scaled_dot_product_attention(
+                q[:, rows].unsqueeze(0),
+                cache_k[:, :end].unsqueeze(0),
+                cache_v[:, :end].unsqueeze(0),
+                attn_mask=seg.mask,
+                is_causal=seg.mask is None and seg.n > 1,
+                enable_gqa=True,
+            )[0])  # [H, n, hd]
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd]
+        x = x + self.linear(attn.transpose(0, 1).reshape(N, -1), "wo")
         h = F.rms_norm(x, (x.shape[-1],), self.ffn_norm, self.eps)
         gate, up = self.linear(h, "w_gate_up").chunk(2, dim=-1)
         return x + self.linear(F.silu(gate) * up, "w_down")
+
+
+@dataclass
+class ScoreItem:
+    """One request's part of a batched forward (batch metadata, vLLM style)."""
+
+    tokens: Tensor  # [n] int64 new tokens, appended after cache.length
+    cache: KVCache
+    tree_mask: Tensor | None = None  # [n, n] bool: new token i may attend to new token j; None = causal chain
+    depths: Tensor | None = None  # [n] int64 tree depth of each new token (positions = start + depth)
+    logits_from: int = 0  # logits are returned for new positions [logits_from, n)
+
+    @staticmethod
+    def make_dummy(config: LlamaConfig, n: int = 3) -> "ScoreItem":
+        return ScoreItem(torch.arange(n) % config.vocab_size, KVCache(config, torch.float32))
+
+
+@dataclass
+class Segment:
+    """Where a ScoreItem's rows sit in the batch and what they attend to."""
+
+    row: int  # first row in the batch
+    n: int  # rows
+    start: int  # positions already in the cache
+    cache: KVCache
+    mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (or a single query)
 
 
 class Llama(nn.Module):
@@ -149,33 +181,50 @@ class Llama(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
-    @torch.inference_mode()
     def forward(
         self,
         tokens: Tensor,  # [n] int64: new tokens, appended after cache.length
         cache: KVCache,
-        tree_mask: Tensor | None = None,  # [n, n] bool: new token i may attend to new token j
-        depths: Tensor | None = None,  # [n] int64: tree depth of each new token (positions = start + depth)
-        logits_from: int = 0,  # return logits for new positions [logits_from, n)
+        tree_mask: Tensor | None = None,  # [n, n] bool
+        depths: Tensor | None = None,  # [n] int64
+        logits_from: int = 0,
     ) -> Tensor:  # [n - logits_from, vocab] float32
-        n = tokens.shape[0]
-        start = cache.length
-        cache.reserve(n)
-        if depths is None:
-            cos, sin = self.cos[start : start + n], self.sin[start : start + n]
-        else:
-            pos = depths + start
-            cos, sin = self.cos[pos], self.sin[pos]
-        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-        mask = None
-        if tree_mask is not None or (n > 1 and start > 0):
-            local = tree_mask if tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
-            mask = torch.cat((torch.ones(n, start, dtype=torch.bool), local), dim=1)  # [n, start + n]
-        x = F.embedding(tokens, self.embed)  # [n, dim]
+        """One request: see ``ScoreItem`` for the arguments."""
+        return self.forward_batch([ScoreItem(tokens, cache, tree_mask, depths, logits_from)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: list[ScoreItem]) -> list[Tensor]:
+        """Score the new tokens of several requests in one forward: the rows of
+        all requests share each matrix product (the weights are read once),
+        attention runs per request against its own cache. Returns, per item,
+        logits [n - logits_from, vocab] float32."""
+        segments, cos, sin, row = [], [], [], 0
+        for it in items:
+            n = it.tokens.shape[0]
+            start = it.cache.length
+            it.cache.reserve(n)
+            pos = torch.arange(start, start + n) if it.depths is None else it.depths + start
+            cos.append(self.cos[pos])
+            sin.append(self.sin[pos])
+            mask = None
+            if it.tree_mask is not None or (n > 1 and start > 0):
+                local = it.tree_mask if it.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
+                mask = torch.cat((torch.ones(n, start, dtype=torch.bool), local), dim=1)  # [n, start + n]
+            segments.append(Segment(row, n, start, it.cache, mask))
+            row += n
+        tokens = items[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in items])  # [N]
+        cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
+        sin_all = (sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype)  # [N, head_dim]
+        x = F.embedding(tokens, self.embed)  # [N, dim]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], start, mask)
-        cache.length = start + n
-        x = F.rms_norm(x[logits_from:], (x.shape[-1],), self.norm, self.config.norm_eps)
+            x = layer(x, cos_all, sin_all, i, segments)
+        for it, seg in zip(items, segments):
+            it.cache.length = seg.start + seg.n
+        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n) for it, seg in zip(items, segments)]
+        x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
+        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
         if self.packed_head is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_head, None, "none", [], "").float()
-        return F.linear(x, self.embed if self.lm_head is None else self.lm_head).float()
+            logits = torch.ops.mkldnn._linear_pointwise(x, self.packed_head, None, "none", [], "").float()
+        else:
+            logits = F.linear(x, self.embed if self.lm_head is None else self.lm_head).float()
+        return list(logits.split([len(k) for k in keep]))

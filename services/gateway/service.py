@@ -72,9 +72,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         sampling.CopyFrom(req.sampling)
         sampling.max_tokens = resolve_max_tokens(req, model, len(prompt_ids), self.windows[model.id])
         sampling.temperature = req.sampling.temperature if req.sampling.HasField("temperature") else 0.0
-        speculative = pb.SpeculativeParams(method=req.speculative.method or model.default_speculative_method)
-        if req.speculative.HasField("num_draft_tokens"):
-            speculative.num_draft_tokens = req.speculative.num_draft_tokens
+        speculative = pb.SpeculativeParams()
+        speculative.CopyFrom(req.speculative)
+        speculative.method = req.speculative.method or model.default_speculative_method
         run = vpb.VerifyRequest(request_id=request_id, model=model.id, prompt_token_ids=prompt_ids,
                                 sampling=sampling, speculative=speculative)
 

@@ -12,6 +12,8 @@ from ..settings import ModelSettings
 from ..tokenizer.text import ROLES
 
 MAX_STOP_STRINGS = 16
+MAX_DRAFT_TOKENS = 16
+MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
 
 
@@ -43,6 +45,11 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     for i, stop in enumerate(s.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise InvalidArgument(f"sampling.stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+    spec = req.speculative
+    if spec.HasField("num_draft_tokens") and spec.num_draft_tokens > MAX_DRAFT_TOKENS:
+        raise InvalidArgument(f"speculative.num_draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")
+    if spec.HasField("num_candidates") and not 1 <= spec.num_candidates <= MAX_CANDIDATES:
+        raise InvalidArgument(f"speculative.num_candidates must be 1 to {MAX_CANDIDATES}, got {spec.num_candidates}")
     method = req.speculative.method or model.default_speculative_method
     if method not in model.speculative_methods:
         raise InvalidArgument(

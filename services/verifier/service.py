@@ -1,24 +1,49 @@
 """Verifier service: the decode loop of each request.
 
-Plain decoding (method "none") scores one token per round; speculative
-methods propose a draft, score it in one forward, and commit what the
-acceptance rule keeps. The loop owns the request's random generator, so a
-seeded request gives the same tokens in every wiring.
+Each round: the drafter proposes a draft (a chain or a tree), the backbone
+scores the last sampled token together with the draft in one forward, an
+acceptance rule from ``arserve.core.acceptance`` keeps what the target could
+have produced, the backbone commits the accepted path (rolling back the
+rest), and the committed tokens stream out. Without a draft (method "none",
+an empty proposal, or a drafter that failed or missed its deadline) a round
+is plain decoding: one position scored, one token sampled.
+
+The last sampled token (``pending``) is not in the KV cache yet: it is
+scored at the root of the next round, so every round is one forward.
+The loop owns the request's random generator: a seeded request gives the
+same tokens in every wiring.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import torch
 
 from arserve_client.v1 import backbone_pb2 as bpb
+from arserve_client.v1 import drafter_pb2 as dpb
 from arserve_client.v1 import generation_pb2 as gpb
 from arserve_client.v1 import verifier_pb2 as pb
 
-from ..core.sampling import Sampling, sample
+from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
+from ..core.sampling import Sampling, probs, sample
 from ..wire import from_proto
+from .draft_length import DraftLength
+
+log = logging.getLogger("arserve.verifier")
+
+
+@dataclass(frozen=True)
+class SpeculationDefaults:
+    num_draft_tokens: int = 4  # draft length when a request leaves it unset
+    max_draft_tokens: int = 16  # largest num_draft_tokens a request may ask for
+    max_candidates: int = 8  # largest num_candidates a request may ask for
+    draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
+    cost_per_token: float = 0.08  # DraftLength's cost model
 
 
 def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
@@ -27,36 +52,134 @@ def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
     return torch.Generator().manual_seed(seed & (2**63 - 1))
 
 
+def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Verdict:
+    """Choose the acceptance rule for a draft. p: [n + 1, vocab] target
+    distributions (row 0 at the root, row i + 1 after draft node i)."""
+    tokens = torch.tensor(list(draft.token_ids), dtype=torch.long)  # [n]
+    q = from_proto(draft.probs) if draft.probs.shape else None  # [n, vocab] or None (one-hot)
+    if not draft.parents:
+        if sampling.greedy:
+            return greedy_match(tokens, p.argmax(-1))
+        return speculative_sampling(tokens, p, q, generator)
+    return verify_tree(tokens, list(draft.parents), p, q, generator, greedy=sampling.greedy)
+
+
 class VerifierService:
-    def __init__(self, backbone, eos_ids: dict[str, tuple[int, ...]]):
-        self.backbone = backbone  # anything with async Score / Commit / Release (in-process or a gRPC stub)
-        self.eos_ids = eos_ids  # model id -> end-of-sequence token ids
+    def __init__(self, backbone, drafter=None, eos_ids: dict[str, tuple[int, ...]] | None = None,
+                 defaults: SpeculationDefaults = SpeculationDefaults()):
+        self.backbone = backbone  # async Score / Commit / Release (in-process or a gRPC stub)
+        self.drafter = drafter  # async Propose / Release, or None
+        self.eos_ids = eos_ids or {}  # model id -> end-of-sequence token ids
+        self.defaults = defaults
+        self._drafter_failing = False  # log a failing drafter once, not every round
+
+    async def _propose(self, req: dpb.ProposeRequest) -> dpb.Draft | None:
+        try:
+            out = await asyncio.wait_for(self.drafter.Propose(req), self.defaults.draft_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed proposal costs one plain round, never the request
+            if not self._drafter_failing:
+                log.warning("drafter %r failed (%s: %s); decoding without drafts until it answers",
+                            req.method, type(e).__name__, e)
+                self._drafter_failing = True
+            return None
+        if self._drafter_failing:
+            log.info("drafter %r answers again", req.method)
+            self._drafter_failing = False
+        return out.draft if out.draft.token_ids else None
 
     async def Run(self, req: pb.VerifyRequest, context=None) -> AsyncIterator[pb.VerifyEvent]:
         s = req.sampling
         sampling = Sampling(temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k)
         generator = request_generator(s)
-        eos = set(self.eos_ids[req.model])
-        prompt = list(req.prompt_token_ids)
-        stats = gpb.SpeculativeStats(method="none")
-        committed = len(prompt)
+        eos = set(self.eos_ids.get(req.model, ()))
+        method = req.speculative.method or "none"
+        spec = req.speculative
+        k_max = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else self.defaults.num_draft_tokens
+        candidates = spec.num_candidates if spec.HasField("num_candidates") else 1
+        length = DraftLength(k_max if method != "none" and self.drafter else 0,
+                             adaptive=spec.adaptive if spec.HasField("adaptive") else True,
+                             cost_per_token=self.defaults.cost_per_token)
+        stats = gpb.SpeculativeStats(method=method)
+        ids = dict(request_id=req.request_id, model=req.model)
+        tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
+        drafter_seen = 0  # tokens the drafter has been told about
+        committed_kv = len(tokens)  # positions in the backbone's cache
+        generated = 0
         try:
             out = await self.backbone.Score(bpb.ScoreRequest(
-                request_id=req.request_id, model=req.model, start=0, token_ids=prompt,
-                outputs_from=len(prompt) - 1, commit=True))
-            for i in range(s.max_tokens):
-                token = int(sample(from_proto(out.logits), sampling, generator)[0])
-                stats.rounds += 1
-                stats.mean_accepted_length = 1.0
-                if token in eos:
+                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **ids))
+            pending = int(sample(from_proto(out.logits), sampling, generator)[0])
+            while True:
+                # the pending token is decided: stream it, unless it ends the request
+                if pending in eos:
                     yield pb.VerifyEvent(finish_reason=gpb.FINISH_REASON_EOS, speculative=stats)
                     return
-                if i + 1 == s.max_tokens:
-                    yield pb.VerifyEvent(token_ids=[token], finish_reason=gpb.FINISH_REASON_LENGTH, speculative=stats)
+                tokens.append(pending)
+                generated += 1
+                if generated >= s.max_tokens:
+                    yield pb.VerifyEvent(token_ids=[pending], finish_reason=gpb.FINISH_REASON_LENGTH,
+                                         speculative=stats)
                     return
-                yield pb.VerifyEvent(token_ids=[token], speculative=stats)
-                out = await self.backbone.Score(bpb.ScoreRequest(
-                    request_id=req.request_id, model=req.model, start=committed, token_ids=[token], commit=True))
-                committed += 1
+                new_tokens = [pending]
+                k = min(length.next(), s.max_tokens - generated - 1)
+                draft = None
+                if k > 0:
+                    draft = await self._propose(dpb.ProposeRequest(
+                        method=method, new_token_ids=tokens[drafter_seen:], committed_length=len(tokens),
+                        num_draft_tokens=k, num_candidates=candidates, sampling=s,
+                        seed=int(torch.randint(0, 2**62, (), generator=generator)), **ids))
+                    drafter_seen = len(tokens)
+                stats.rounds += 1
+                if draft is None:  # plain round: score the pending token alone
+                    out = await self.backbone.Score(bpb.ScoreRequest(
+                        token_ids=[pending], start=committed_kv, commit=True, **ids))
+                    committed_kv += 1
+                    pending = int(sample(from_proto(out.logits), sampling, generator)[0])
+                else:
+                    n = len(draft.token_ids)
+                    parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
+                    out = await self.backbone.Score(bpb.ScoreRequest(
+                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **ids))
+                    p = probs(from_proto(out.logits), sampling)  # [n + 1, vocab]
+                    verdict = verify(draft, p, sampling, generator)
+                    await self.backbone.Commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
+                    committed_kv += 1 + len(verdict.accepted)
+                    length.update(self._depth(draft) if draft.parents else n, len(verdict.accepted))
+                    stats.drafted_tokens += n
+                    stats.accepted_tokens += len(verdict.accepted)
+                    accepted = [int(draft.token_ids[i]) for i in verdict.accepted]
+                    for t in accepted:
+                        if t in eos or generated >= s.max_tokens:
+                            break
+                        new_tokens.append(t)
+                        tokens.append(t)
+                        generated += 1
+                    else:
+                        pending = verdict.token
+                        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+                        yield pb.VerifyEvent(token_ids=new_tokens, speculative=stats)
+                        continue
+                    # an accepted draft token ended the request (eos or max_tokens)
+                    done = gpb.FINISH_REASON_LENGTH if generated >= s.max_tokens else gpb.FINISH_REASON_EOS
+                    stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+                    yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=done, speculative=stats)
+                    return
+                stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+                yield pb.VerifyEvent(token_ids=new_tokens, speculative=stats)
         finally:
-            await self.backbone.Release(bpb.ReleaseRequest(request_id=req.request_id, model=req.model))
+            await self.backbone.Release(bpb.ReleaseRequest(**ids))
+            if self.drafter is not None and method != "none":
+                try:
+                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=req.request_id, method=method))
+                except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
+                    log.debug("drafter release failed", exc_info=True)
+
+    @staticmethod
+    def _depth(draft: dpb.Draft) -> int:
+        """Longest root-to-leaf path of a draft tree."""
+        depth: list[int] = []
+        for p in draft.parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        return max(depth, default=0)

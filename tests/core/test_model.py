@@ -68,6 +68,34 @@ def test_tree_scoring_equals_chain_scoring_and_keep_compacts_the_path():
     assert torch.allclose(last, full[11:12], atol=1e-5)
 
 
+def test_batched_forward_equals_one_request_at_a_time():
+    from arserve.core.model import ScoreItem
+    from arserve.backbone.service import tree_inputs
+
+    model = tiny(packed=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (7, 12, 3)]
+    news = [torch.randint(0, 256, (n,), generator=g) for n in (1, 4, 3)]
+    alone, caches = [], []
+    for p, t in zip(prompts, news):
+        c = model.new_cache()
+        model(p, c)
+        alone.append(model(t, c, logits_from=0))
+        caches.append(model.new_cache())
+        model(p, caches[-1])
+    mask, depths = tree_inputs([-1, 0, 0])  # the third request scores a small tree
+    alone[2] = None
+    c = model.new_cache(); model(prompts[2], c)
+    alone[2] = model(news[2], c, mask, depths)
+    items = [ScoreItem(news[0], caches[0]), ScoreItem(news[1], caches[1], logits_from=2),
+             ScoreItem(news[2], caches[2], mask, depths)]
+    batched = model.forward_batch(items)
+    assert torch.allclose(batched[0], alone[0], atol=1e-5)
+    assert torch.allclose(batched[1], alone[1][2:], atol=1e-5)
+    assert torch.allclose(batched[2], alone[2], atol=1e-5)
+    assert [c.length for c in caches] == [8, 16, 6]
+
+
 def test_cache_refuses_to_exceed_the_context_window():
     model = tiny()
     cache = model.new_cache()

@@ -83,6 +83,8 @@ def build_request(
     stop: Iterable[str] = (),
     speculative: str = "",
     num_draft_tokens: int | None = None,
+    num_candidates: int | None = None,
+    adaptive: bool | None = None,
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest; unset options take the server's defaults."""
@@ -92,8 +94,10 @@ def build_request(
         if value is not None:
             setattr(sampling, name, value)
     spec = pb.SpeculativeParams(method=speculative)
-    if num_draft_tokens is not None:
-        spec.num_draft_tokens = num_draft_tokens
+    for name, value in (("num_draft_tokens", num_draft_tokens), ("num_candidates", num_candidates),
+                        ("adaptive", adaptive)):
+        if value is not None:
+            setattr(spec, name, value)
     return pb.GenerateRequest(
         request_id=request_id, model=model, prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],

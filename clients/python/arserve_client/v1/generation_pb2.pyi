@@ -43,12 +43,16 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SpeculativeParams(_message.Message):
-    __slots__ = ("method", "num_draft_tokens")
+    __slots__ = ("method", "num_draft_tokens", "num_candidates", "adaptive")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     method: str
     num_draft_tokens: int
-    def __init__(self, method: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ...) -> None: ...
+    num_candidates: int
+    adaptive: bool
+    def __init__(self, method: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., num_candidates: _Optional[int] = ..., adaptive: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt", "messages", "sampling", "speculative")

@@ -1,0 +1,81 @@
+"""The proposer interface: every drafter (n-gram lookup, a draft model, draft
+heads, continuous-token drafts) proposes through it, and the drafter service
+chooses one by ``speculative.method`` in one place (``PROPOSERS``).
+
+Proposers only propose: acceptance lives in ``arserve.core.acceptance``. A
+proposer is handed its inputs (the request's committed tokens), never a
+reference back to its caller (vLLM's proposers, without eagle.py's growth).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..core.sampling import Sampling
+
+
+@dataclass
+class DraftRequest:
+    """What a proposer sees of one request in one round."""
+
+    request_id: str
+    tokens: list[int]  # [L] every committed token: prompt, then output
+    new: int  # how many of `tokens` arrived since the previous round
+    k: int  # tokens per candidate
+    candidates: int = 1  # candidate drafts (tree branches); 1 = a chain
+    sampling: Sampling = field(default_factory=Sampling)
+    generator: torch.Generator | None = None  # the draft's randomness (sampled drafts)
+
+
+@dataclass
+class Draft:
+    """Draft tokens as a chain or a tree."""
+
+    tokens: list[int]  # [n] draft token ids
+    parents: list[int] | None = None  # [n] parent of each token (-1 = last committed); None = a chain
+    q: Tensor | None = None  # [n, vocab] distribution each token was drawn from; None = deterministic (one-hot)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
+
+    @staticmethod
+    def make_dummy(n: int = 3) -> "Draft":
+        return Draft(list(range(n)))
+
+    def chain_parents(self) -> list[int]:
+        return self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
+
+
+class Proposer(ABC):
+    """Proposes drafts; may keep a small state per request."""
+
+    name: str = ""
+
+    @abstractmethod
+    def propose(self, req: DraftRequest) -> Draft:
+        """Draft up to ``req.k`` tokens per candidate (fewer, or none, is fine)."""
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request."""
+
+
+def merge_into_tree(sequences: list[list[int]]) -> Draft:
+    """Candidate sequences -> a prefix tree (shared prefixes scored once)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for seq in sequences:
+        parent = -1
+        for t in seq:
+            node = index.get((parent, t))
+            if node is None:
+                node = index[(parent, t)] = len(tokens)
+                tokens.append(t)
+                parents.append(parent)
+            parent = node
+    return Draft(tokens, parents)

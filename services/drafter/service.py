@@ -1,0 +1,57 @@
+"""Drafter service: ``arserve.v1.Drafter`` over the proposers, each chosen by
+``speculative.method`` in one place (``build_proposers``). It keeps each
+request's committed tokens so proposers get their whole context while each
+call carries only the new tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from arserve_client.v1 import drafter_pb2 as pb
+
+from ..core.sampling import Sampling
+from ..errors import FailedPrecondition, InvalidArgument
+from ..wire import to_proto
+from .proposer import DraftRequest, Proposer
+
+
+class DrafterService:
+    def __init__(self, proposers: dict[str, Proposer]):
+        self.proposers = proposers  # method -> proposer
+        self.contexts: dict[tuple[str, str], list[int]] = {}  # (method, request) -> committed tokens
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="drafter")
+
+    async def Propose(self, req: pb.ProposeRequest, context=None) -> pb.ProposeResponse:
+        proposer = self.proposers.get(req.method)
+        if proposer is None:
+            raise InvalidArgument(f"method {req.method!r} has no proposer here; known: {sorted(self.proposers)}")
+        key = (req.method, req.request_id)
+        tokens = self.contexts.setdefault(key, [])
+        known = req.committed_length - len(req.new_token_ids)
+        if known > len(tokens) or known < 0:
+            raise FailedPrecondition(
+                f"drafter holds {len(tokens)} tokens of request {req.request_id!r}; the call assumes {known}")
+        del tokens[known:]
+        tokens.extend(req.new_token_ids)
+        s = req.sampling
+        draft_req = DraftRequest(
+            request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
+            candidates=max(1, req.num_candidates),
+            sampling=Sampling(s.temperature, s.top_p if s.HasField("top_p") else 1.0, s.top_k),
+            generator=torch.Generator().manual_seed(req.seed & (2**63 - 1)),
+        )
+        draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
+        out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [])
+        if draft.q is not None:
+            out.probs.CopyFrom(to_proto(draft.q.float()))
+        return pb.ProposeResponse(draft=out)
+
+    async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
+        proposer = self.proposers.get(req.method)
+        if proposer is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, req.request_id)
+        self.contexts.pop((req.method, req.request_id), None)
+        return pb.DrafterReleaseResponse()
