@@ -21,11 +21,13 @@ def bench_prompts() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def server():
-    """The embedded server with SmolLM2-135M-Instruct in float32."""
+    """The embedded server with SmolLM2-135M-Instruct in float32, with the
+    ngram drafter and a draft model (seeded random tiny, same vocabulary)."""
     from arserve.embedded import EmbeddedServer
-    from arserve.settings import ServerSettings
+    from arserve.settings import ModelSettings, ServerSettings
 
-    with EmbeddedServer(ServerSettings(port=0)) as srv:
+    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model"], draft_model="random-tiny")
+    with EmbeddedServer(ServerSettings(port=0, models=[model])) as srv:
         yield srv
 
 
@@ -48,3 +50,10 @@ def smollm2_hf():
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def plain_greedy(client):
+    """Plain greedy completions (64 new tokens) of every benchmark prompt."""
+    return {p["id"]: client.generate(messages=p["messages"], max_tokens=64, temperature=0.0, speculative="none")
+            for p in bench_prompts()}

@@ -1,0 +1,70 @@
+import torch
+
+from arserve.core.config import LlamaConfig
+from arserve.core.model import Llama
+from arserve.core.sampling import Sampling
+from arserve.drafter.draft_model import DraftModelProposer
+from arserve.drafter.ngram import NgramProposer
+from arserve.drafter.proposer import DraftRequest, merge_into_tree
+
+
+def test_ngram_proposes_the_continuation_of_the_latest_match():
+    p = NgramProposer()
+    tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
+    d = p.propose(DraftRequest("r", tokens, new=len(tokens), k=3))
+    assert d.tokens == [4, 5, 9] and d.is_chain and d.q is None
+    # incremental: two more tokens arrive; "3 4" now continues with "5 9 9"
+    d = p.propose(DraftRequest("r", tokens + [4], new=1, k=3))
+    assert d.tokens == [5, 9, 9]
+
+
+def test_ngram_without_a_match_proposes_nothing_and_follows_rollbacks():
+    p = NgramProposer()
+    assert p.propose(DraftRequest("r", [1, 2, 3], new=3, k=4)).tokens == []
+    d = p.propose(DraftRequest("r", [7, 8, 7], new=3, k=2))  # fewer tokens than before: rebuilt
+    assert d.tokens == [8, 7]
+
+
+def test_ngram_tree_offers_distinct_continuations():
+    p = NgramProposer()
+    tokens = [1, 2, 5, 6, 1, 2, 7, 8, 1, 2]
+    d = p.propose(DraftRequest("r", tokens, new=len(tokens), k=2, candidates=2))
+    assert not d.is_chain
+    firsts = {d.tokens[i] for i, par in enumerate(d.parents) if par == -1}
+    assert firsts == {5, 7}
+
+
+def test_merge_into_tree_shares_prefixes():
+    d = merge_into_tree([[1, 2, 3], [1, 2, 4], [5]])
+    assert d.tokens == [1, 2, 3, 4, 5] and d.parents == [-1, 0, 1, 1, -1]
+
+
+def test_draft_model_follows_commits_and_rollbacks():
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(1, std=0.3).eval()
+    p = DraftModelProposer(model)
+    prompt = [3, 4, 5, 6]
+    d1 = p.propose(DraftRequest("r", prompt, new=4, k=3))
+    # reference: greedy continuation computed from scratch
+    cache = model.new_cache()
+    row = model(torch.tensor(prompt), cache)[-1:]
+    ref = []
+    for _ in range(3):
+        ref.append(int(row[0].argmax()))
+        row = model(torch.tensor(ref[-1:]), cache)
+    assert d1.tokens == ref and d1.q is None
+    # the target accepted one draft token and then chose something else
+    committed = prompt + [ref[0], 77]
+    d2 = p.propose(DraftRequest("r", committed, new=2, k=2))
+    cache = model.new_cache()
+    row = model(torch.tensor(committed), cache)[-1:]
+    assert d2.tokens[0] == int(row[0].argmax())
+    assert p.states["r"].cache.length == len(committed)
+
+
+def test_sampled_draft_model_reports_q():
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(1, std=0.3).eval()
+    p = DraftModelProposer(model)
+    d = p.propose(DraftRequest("r", [3, 4], new=2, k=2, candidates=3, sampling=Sampling(temperature=1.0),
+                               generator=torch.Generator().manual_seed(0)))
+    assert d.q.shape == (6, 256) and torch.allclose(d.q.sum(-1), torch.ones(6))
+    assert d.parents == [-1, 0, -1, 2, -1, 4]  # three independent candidates (SpecTr)

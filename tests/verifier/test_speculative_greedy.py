@@ -1,0 +1,37 @@
+"""Greedy speculative decoding is token-identical to plain greedy decoding,
+for every method and every benchmark prompt, on SmolLM2 through the API."""
+
+import pytest
+
+from conftest import bench_prompts
+
+METHODS = [
+    ("ngram", {}),
+    ("ngram", {"num_candidates": 3}),  # tree verification
+    ("ngram", {"num_draft_tokens": 8, "adaptive": False}),
+    ("draft_model", {}),
+]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[f"{m}-{o}" for m, o in METHODS])
+def test_speculative_greedy_equals_plain_greedy(client, plain_greedy, method, options):
+    drafted = accepted = 0
+    for p in bench_prompts():
+        out = client.generate(messages=p["messages"], max_tokens=64, temperature=0.0, speculative=method, **options)
+        ref = plain_greedy[p["id"]]
+        assert out.token_ids == ref.token_ids, f"{p['id']}: {method} {options} changed the greedy output"
+        assert out.text == ref.text and out.finish_reason == ref.finish_reason
+        assert out.stats.method == method
+        assert out.stats.rounds > 0 and out.stats.accepted_tokens <= out.stats.drafted_tokens
+        drafted += out.stats.drafted_tokens
+        accepted += out.stats.accepted_tokens
+    assert drafted > 0
+    if method == "ngram":
+        assert accepted > 0.2 * drafted  # the copy prompts repeat their input
+
+
+def test_ngram_speeds_up_a_copy_prompt_in_rounds(client, plain_greedy):
+    p = next(p for p in bench_prompts() if p["category"] == "copy")
+    out = client.generate(messages=p["messages"], max_tokens=64, temperature=0.0, speculative="ngram")
+    assert out.stats.mean_accepted_length > 1.5
+    assert out.stats.rounds < plain_greedy[p["id"]].stats.rounds
