@@ -69,8 +69,15 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench.text import main as bench_main
+    if args.suite == "speculative":
+        from .bench.speculative import main as bench_main
 
+        if args.out == Path("bench-results/text.json"):
+            args.out = Path("bench-results/speculative.json")
+        if args.dtypes == "float32,bfloat16":
+            args.dtypes = "float32"
+    else:
+        from .bench.text import main as bench_main
     bench_main(args)
 
 
@@ -109,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 
-    b = sub.add_parser("bench", help="text benchmark against transformers (writes JSON)")
+    b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
+    b.add_argument("--suite", default="text", choices=["text", "speculative"],
+                   help="text: plain decoding vs transformers; speculative: methods per category")
     b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--dtypes", default="float32,bfloat16")

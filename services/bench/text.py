@@ -143,18 +143,20 @@ class Run:
     server_tok_s: float | None = None
     ttft_s: float | None = None
     decode_tok_s: float | None = None  # (tokens - 1) / (total - ttft): prefill excluded
+    mean_accepted_length: float | None = None  # tokens committed per target forward
 
 
-def arserve_run(client, messages: list[dict], max_tokens: int) -> Run:
+def arserve_run(client, messages: list[dict], max_tokens: int, **options) -> Run:
     t = time.perf_counter()
-    c = client.generate(messages=messages, max_tokens=max_tokens, temperature=0.0)
+    c = client.generate(messages=messages, max_tokens=max_tokens, temperature=0.0, **options)
     wall = time.perf_counter() - t
     s = c.stats
     n = s.completion_tokens
     decode_s = s.total_s - s.time_to_first_token_s
     return Run(token_ids=list(c.token_ids), tokens=n, wall_s=wall, tok_s=n / wall if wall > 0 else 0.0,
                server_tok_s=s.tokens_per_second, ttft_s=s.time_to_first_token_s,
-               decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None)
+               decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+               mean_accepted_length=s.mean_accepted_length)
 
 
 class HFEngine:
@@ -183,13 +185,13 @@ class HFEngine:
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tok(text, add_special_tokens=False, return_tensors="pt")
 
-    def run(self, messages: list[dict], max_tokens: int) -> Run:
+    def run(self, messages: list[dict], max_tokens: int, **generate_options) -> Run:
         enc = self.encode(messages)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         with torch.inference_mode():
             t = time.perf_counter()
             out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                      pad_token_id=EOS_ID)
+                                      pad_token_id=EOS_ID, **generate_options)
             wall = time.perf_counter() - t
         new = out[0, ids.shape[1]:].tolist()
         if EOS_ID in new:

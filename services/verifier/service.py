@@ -54,7 +54,8 @@ def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
 
 def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Verdict:
     """Choose the acceptance rule for a draft. p: [n + 1, vocab] target
-    distributions (row 0 at the root, row i + 1 after draft node i)."""
+    distributions (row 0 at the root, row i + 1 after draft node i); for
+    greedy requests the logits serve, as only their argmax is read."""
     tokens = torch.tensor(list(draft.token_ids), dtype=torch.long)  # [n]
     q = from_proto(draft.probs) if draft.probs.shape else None  # [n, vocab] or None (one-hot)
     if not draft.parents:
@@ -142,7 +143,8 @@ class VerifierService:
                     parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
                     out = await self.backbone.Score(bpb.ScoreRequest(
                         token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **ids))
-                    p = probs(from_proto(out.logits), sampling)  # [n + 1, vocab]
+                    logits = from_proto(out.logits)  # [n + 1, vocab]
+                    p = logits if sampling.greedy else probs(logits, sampling)  # greedy rules need only the argmax
                     verdict = verify(draft, p, sampling, generator)
                     await self.backbone.Commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
                     committed_kv += 1 + len(verdict.accepted)

@@ -1,0 +1,29 @@
+"""The command line against the running embedded server."""
+
+import subprocess
+import sys
+
+
+def arserve(*args):
+    return subprocess.run([sys.executable, "-m", "arserve.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_with_ngram_prints_text_and_speculative_stats(server):
+    out = arserve("generate", "--target", server.target, "--speculative", "ngram", "--max-tokens", "40",
+                  "Repeat exactly: the cat sat on the mat, the cat sat on the mat.")
+    assert out.returncode == 0, out.stderr
+    assert "cat" in out.stdout
+    assert "method ngram" in out.stderr and "drafted" in out.stderr and "mean accepted length" in out.stderr
+
+
+def test_stream_and_models(server):
+    out = arserve("generate", "--target", server.target, "--stream", "--prompt", "The capital of France is",
+                  "--max-tokens", "5")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = arserve("models", "--target", server.target)
+    assert "smollm2-135m-instruct (default)" in out.stdout and "ngram" in out.stdout
+
+
+def test_bad_input_exits_nonzero_with_the_status(server):
+    out = arserve("generate", "--target", server.target, "--prompt", "hi", "--top-p", "3")
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "top_p" in out.stderr
