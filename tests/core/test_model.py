@@ -113,3 +113,19 @@ def test_smollm2_logits_match_transformers(smollm2_hf):
     out = model(ids, model.new_cache())
     assert out.shape == ref.shape == (64, 49152)
     assert (out - ref).abs().max().item() <= 1e-3
+
+
+def test_loads_a_hugging_face_directory(tmp_path):
+    """Any Llama-family checkpoint from a local directory (config.json + safetensors)."""
+    model = tiny(seed=5)
+    hf = hf_twin(model)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_llama(tmp_path)
+    assert loaded.config == model.config.with_(eos_ids=loaded.config.eos_ids)
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(6))
+    assert torch.allclose(loaded(ids, loaded.new_cache()), model(ids, model.new_cache()), atol=1e-6)
+
+
+def test_unknown_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected a .gguf file or a directory"):
+        load_llama(tmp_path / "weights.bin")
