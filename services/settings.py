@@ -70,7 +70,8 @@ class ServerSettings(BaseModel):
     max_concurrent_rpcs: int = Field(64, gt=0, description="In-flight RPCs beyond this get RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(64 << 20, gt=0, description="Largest gRPC message sent or received.")
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
-    num_draft_tokens: int = Field(4, ge=0, le=16, description="Draft length when a request leaves it unset.")
+    num_draft_tokens: int = Field(8, ge=0, le=16, description="Draft length when a request leaves it unset "
+                                  "(the upper bound of the adaptive length).")
     draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
 
     @model_validator(mode="after")

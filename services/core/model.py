@@ -46,9 +46,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
+PACK_ROWS = 16  # oneDNN layout hint: the number of rows the packed layout is tuned for
+
+
 def pack_weight(w: Tensor) -> Tensor:
-    """w: [out, in] -> an opaque oneDNN tensor for ``_linear_pointwise``."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+    """w: [out, in] -> an opaque oneDNN tensor for ``_linear_pointwise``.
+
+    Packed for 16 rows, a 1-row product is as fast as with a 1-row layout,
+    products of 2-16 rows (draft chains and trees) cost about the same as one
+    row, and each row's result is bitwise the same whatever the number of
+    rows (measured: docs/decisions.md), so scoring a draft and decoding one
+    token at a time agree exactly."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
 
 
 class Block(nn.Module):

@@ -25,7 +25,7 @@ class DraftLength:
     adaptive: bool = True  # False: always k_max
     rate: float = 0.7  # running acceptance rate estimate (prior)
     smoothing: float = 0.3  # weight of the newest round in the moving average
-    cost_per_token: float = 0.08  # extra forward cost per scored draft token (measured, see docs/decisions.md)
+    cost_per_token: float = 0.03  # extra forward cost per scored draft token (measured, see docs/decisions.md)
     probe_every: int = 8  # rounds between 1-token probes while k is 0
     idle: int = 0  # rounds since the last draft while k is 0
 

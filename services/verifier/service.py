@@ -39,11 +39,11 @@ log = logging.getLogger("arserve.verifier")
 
 @dataclass(frozen=True)
 class SpeculationDefaults:
-    num_draft_tokens: int = 4  # draft length when a request leaves it unset
+    num_draft_tokens: int = 8  # draft length when a request leaves it unset (the adaptive upper bound)
     max_draft_tokens: int = 16  # largest num_draft_tokens a request may ask for
     max_candidates: int = 8  # largest num_candidates a request may ask for
     draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
-    cost_per_token: float = 0.08  # DraftLength's cost model
+    cost_per_token: float = 0.03  # DraftLength's cost model (docs/decisions.md)
 
 
 def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:

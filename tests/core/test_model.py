@@ -129,3 +129,23 @@ def test_loads_a_hugging_face_directory(tmp_path):
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected a .gguf file or a directory"):
         load_llama(tmp_path / "weights.bin")
+
+
+def test_packed_rows_are_batch_invariant():
+    """Each row of a packed matrix product is bitwise the same whatever the
+    number of rows; attention (per request, SDPA) differs by rounding only,
+    so a scored draft and one-token decoding agree to float32 precision."""
+    from arserve.core.model import pack_weight
+
+    model = tiny(seed=7, packed=True)
+    w = pack_weight(torch.randn(192, 64, generator=torch.Generator().manual_seed(9)))
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(10))
+    rows = torch.cat([torch.ops.mkldnn._linear_pointwise(x[i:i + 1], w, None, "none", [], "") for i in range(16)])
+    assert torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), rows)
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(8))
+    cache = model.new_cache()
+    model(ids[:12], cache)
+    chain = model(ids[12:], cache)
+    cache.rollback(12)
+    one = torch.cat([model(ids[i:i + 1], cache) for i in range(12, 20)])
+    assert (chain - one).abs().max().item() < 1e-6
