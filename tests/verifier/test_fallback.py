@@ -120,3 +120,34 @@ def test_concurrent_requests_share_forwards():
         alone = asyncio.run(collect(VerifierService(BackboneService({"tiny": model}), None, {"tiny": (300,)}),
                                     request(i)))
         assert tokens == alone and len(tokens) == 16
+
+
+def test_draft_model_chains_and_spectr_candidates_run_end_to_end():
+    """Greedy draft-model decoding equals plain greedy; sampled multi-draft
+    (SpecTr candidates scored as a tree) completes and accepts drafts."""
+    from arserve.drafter.draft_model import DraftModelProposer
+
+    target = tiny_target()
+    # the draft is the target itself: greedy drafts are always accepted
+    drafter = DrafterService({"draft_model": DraftModelProposer(target)})
+    backbone = BackboneService({"tiny": target})
+    verifier = VerifierService(backbone, drafter, {"tiny": (300,)})
+    plain, _ = asyncio.run(run(VerifierService(BackboneService({"tiny": target}), None, {"tiny": (300,)}), "none"))
+    tokens, last = asyncio.run(run(verifier, "draft_model"))
+    assert tokens == plain
+    assert last.speculative.accepted_tokens == last.speculative.drafted_tokens > 0
+
+    async def sampled():
+        req = vpb.VerifyRequest(request_id="s", model="tiny", prompt_token_ids=PROMPT,
+                                sampling=gpb.SamplingParams(max_tokens=24, temperature=1.0, seed=1),
+                                speculative=gpb.SpeculativeParams(method="draft_model", num_candidates=3,
+                                                                  num_draft_tokens=3))
+        out, final = [], None
+        async for ev in verifier.Run(req):
+            out += ev.token_ids
+            final = ev
+        return out, final
+
+    tokens, last = asyncio.run(sampled())
+    assert len(tokens) == 24 and last.speculative.accepted_tokens > 0
+    assert not backbone.requests and not drafter.contexts
