@@ -22,13 +22,33 @@ from .verifier.service import SpeculationDefaults, VerifierService
 log = logging.getLogger("arserve.embedded")
 
 
+def kv_tiers(settings: ServerSettings, targets: dict) -> dict:
+    """The KV store and block spaces the backbone shares prefixes through
+    (empty when prefix sharing is off)."""
+    if not settings.kv_local_bytes and not settings.redis_url:
+        return {}
+    from .core.kv_blocks import BlockSpace
+    from .core.weights import weights_revision
+    from .kvstore.local import LocalTier
+    from .kvstore.redis_tier import RedisTier
+    from .kvstore.tiers import TieredStore
+
+    redis = RedisTier(settings.redis_url, ttl_s=settings.kv_ttl_s) if settings.redis_url else None
+    spaces = {}
+    for m in settings.models:
+        c = targets[m.id].config
+        spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype,
+                                  f"L{c.n_layers}.K{c.n_kv_heads}.D{c.head_dim}", settings.kv_block_size)
+    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis), "spaces": spaces}
+
+
 def build(settings: ServerSettings) -> GenerationService:
     """Load every model and wire the services together in this process."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     targets = {m.id: load_target(m) for m in settings.models}
     tokenizers = TokenizerService({m.id: load_tokenizer(m) for m in settings.models})
-    backbone = BackboneService(targets)
+    backbone = BackboneService(targets, **kv_tiers(settings, targets))
     proposers = {}
     for m in settings.models:  # proposers are per method; one target model per server in this wiring
         proposers.update(build_proposers(m.speculative_methods, targets[m.id], m.draft_model))

@@ -73,6 +73,12 @@ class ServerSettings(BaseModel):
     num_draft_tokens: int = Field(8, ge=0, le=16, description="Draft length when a request leaves it unset "
                                   "(the upper bound of the adaptive length).")
     draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
+    kv_block_size: int = Field(64, gt=0, description="Token positions per shared KV block.")
+    kv_local_bytes: int = Field(0, ge=0, description="Process-memory KV tier budget in bytes; 0 with no "
+                                "redis_url turns prefix sharing off.")
+    redis_url: str | None = Field(None, description="redis:// or rediss:// URL of the shared KV tier "
+                                  "(password in the URL); None: no Redis tier.")
+    kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServerSettings":

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from arserve_client.v1 import backbone_pb2 as pb
 
+from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
 from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
@@ -29,6 +30,9 @@ class RequestState:
     cache: KVCache
     committed: int = 0  # committed positions
     scored: int = 0  # tentative positions of the last Score call
+    tokens: list[int] = field(default_factory=list)  # committed token ids (names the KV blocks)
+    scored_tokens: list[int] = field(default_factory=list)  # token ids of the last Score call
+    stored_blocks: int = 0  # leading blocks already handed to the KV store
 
 
 def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +96,11 @@ class ForwardBatcher:
 
 
 class BackboneService:
-    def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096):
+    def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096, kv_store=None,
+                 spaces: dict[str, BlockSpace] | None = None):
         self.models = models
+        self.kv_store = kv_store  # a TieredStore (process memory, Redis) or None
+        self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
         self.requests: dict[tuple[str, str], RequestState] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
         self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens) for name, m in models.items()}
@@ -114,9 +121,11 @@ class BackboneService:
         state = self.requests.get(key)
         if state is None:
             state = self.requests[key] = RequestState(model.new_cache())
-        n = len(req.token_ids)
-        if n == 0:
+        if not req.token_ids:
             raise InvalidArgument("token_ids is empty: nothing to score")
+        if state.committed == 0 and req.start == 0 and req.commit and not req.parents and req.model in self.spaces:
+            req = await self._reuse_prefix(req, state)
+        n = len(req.token_ids)
         if state.committed != req.start:
             if req.start < state.committed:
                 state.cache.rollback(req.start)
@@ -128,6 +137,9 @@ class BackboneService:
                 raise FailedPrecondition(
                     f"request {req.request_id!r}: cache holds {state.committed} positions, caller expects {req.start}"
                 )
+            del state.tokens[state.committed:]
+            space = self.spaces.get(req.model)
+            state.stored_blocks = min(state.stored_blocks, state.committed // space.block_size) if space else 0
         context_ids = list(req.context[state.committed:req.start]) if state.committed < req.start else []
         tokens = torch.tensor(context_ids + list(req.token_ids), dtype=torch.long)
         if int(tokens.max()) >= model.config.vocab_size:
@@ -144,13 +156,53 @@ class BackboneService:
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
         logits = await self.batchers[req.model].score(ScoreItem(tokens, state.cache, tree_mask, depths, logits_from))
+        state.tokens.extend(context_ids)
         if req.commit:
+            state.tokens.extend(req.token_ids)
             state.committed = state.cache.length
             state.scored = 0
+            await self._store_blocks(req.model, state)
         else:
             state.committed += len(context_ids)
             state.scored = n
+            state.scored_tokens = list(req.token_ids)
         return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length)
+
+    async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
+        """Load the leading KV blocks of a prompt from the KV tiers; return the
+        request for what is left to compute (at least one position, and every
+        position whose outputs were asked for)."""
+        space = self.spaces[req.model]
+        usable = min(len(req.token_ids) - 1, req.outputs_from) // space.block_size
+        keys = block_keys(space, list(req.token_ids[:usable * space.block_size]))
+        blocks = await self.kv_store.lookup(keys) if keys else []
+        if not blocks:
+            return req
+        state.cache.append_blocks(blocks)
+        reused = len(blocks) * space.block_size
+        state.committed = reused
+        state.tokens = list(req.token_ids[:reused])
+        state.stored_blocks = len(blocks)
+        rest = pb.ScoreRequest()
+        rest.CopyFrom(req)
+        rest.start = reused
+        del rest.token_ids[:]
+        rest.token_ids.extend(req.token_ids[reused:])
+        rest.outputs_from = req.outputs_from - reused
+        return rest
+
+    async def _store_blocks(self, model: str, state: RequestState) -> None:
+        """Hand newly completed committed blocks to the KV tiers."""
+        space = self.spaces.get(model)
+        if self.kv_store is None or space is None:
+            return
+        full = state.committed // space.block_size
+        if full <= state.stored_blocks:
+            return
+        keys = block_keys(space, state.tokens[:full * space.block_size])
+        new = {keys[i]: state.cache.block(i, space.block_size) for i in range(state.stored_blocks, full)}
+        state.stored_blocks = full
+        await self.kv_store.store(new)
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))
@@ -160,8 +212,10 @@ class BackboneService:
         if any(i >= state.scored for i in path):
             raise InvalidArgument(f"path {path} points past the {state.scored} scored positions")
         state.cache.keep(state.committed, path)
+        state.tokens.extend(state.scored_tokens[i] for i in path)
         state.committed = state.cache.length
         state.scored = 0
+        await self._store_blocks(req.model, state)
         return pb.CommitResponse(length=state.committed)
 
     async def Release(self, req: pb.ReleaseRequest, context=None) -> pb.ReleaseResponse:

@@ -68,3 +68,20 @@ class KVCache:
             self.k[:, :, start:dst] = self.k[:, :, src]
             self.v[:, :, start:dst] = self.v[:, :, src]
         self.rollback(dst)
+
+    def block(self, index: int, block_size: int) -> torch.Tensor:
+        """A copy of block ``index``: kv [2, layers, kv_heads, block_size, head_dim]."""
+        span = slice(index * block_size, (index + 1) * block_size)
+        if span.stop > self.length:
+            raise ValueError(f"block {index} is not complete: cache holds {self.length} positions")
+        return torch.stack((self.k[:, :, span], self.v[:, :, span])).clone()
+
+    @torch.inference_mode()
+    def append_blocks(self, blocks: list[torch.Tensor]) -> None:
+        """Append blocks (each kv [2, layers, kv_heads, block_size, head_dim]) after ``length``."""
+        for kv in blocks:
+            n = kv.shape[3]
+            self.reserve(n)
+            self.k[:, :, self.length:self.length + n] = kv[0]
+            self.v[:, :, self.length:self.length + n] = kv[1]
+            self.length += n

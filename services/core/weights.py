@@ -164,6 +164,21 @@ def unfuse(model: Llama) -> dict[str, torch.Tensor]:
     return out
 
 
+def weights_revision(source: str | Path) -> str:
+    """sha256 of the weights (a file, or a directory's config.json and
+    safetensors): names the KV blocks these weights produce."""
+    import hashlib
+
+    source = Path(source)
+    files = [source] if source.is_file() else sorted([source / "config.json", *source.glob("*.safetensors")])
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def load_llama(source: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
     """A Llama from a GGUF file or a Hugging Face directory, in ``dtype``."""
     source = Path(source)

@@ -1,0 +1,1 @@
+"""Tiers of shared KV blocks: process memory, then Redis, then recompute."""

@@ -1,0 +1,56 @@
+"""Looking KV blocks up tier by tier: process memory, then Redis; whatever
+neither holds is recomputed by the caller."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from torch import Tensor
+
+from ..core.kv_blocks import BadBlock, decode_block, encode_block
+from .local import LocalTier
+from .redis_tier import RedisTier
+
+log = logging.getLogger("arserve.kvstore")
+
+
+class TieredStore:
+    def __init__(self, local: LocalTier, redis: RedisTier | None = None):
+        self.local = local
+        self.redis = redis
+        self.hits: Counter[str] = Counter()  # tier -> blocks found ("local", "redis"); "miss" and "rejected" too
+
+    async def lookup(self, keys: list[str]) -> list[Tensor]:
+        """The longest run of leading blocks some tier holds."""
+        found: list[Tensor] = []
+        pending: list[str] = []
+        for key in keys:
+            kv = self.local.get(key)
+            if kv is None:
+                pending = keys[len(found):]
+                break
+            found.append(kv)
+            self.hits["local"] += 1
+        if pending and self.redis is not None:
+            for key, data in zip(pending, await self.redis.get_many(pending)):
+                if data is None:
+                    break
+                try:
+                    kv = decode_block(key, data)
+                except BadBlock as e:
+                    log.warning("rejected KV block %s from Redis: %s", key[:12], e)
+                    self.hits["rejected"] += 1
+                    await self.redis.delete(key)
+                    break
+                self.local.put(key, kv)
+                found.append(kv)
+                self.hits["redis"] += 1
+        self.hits["miss"] += len(keys) - len(found)
+        return found
+
+    async def store(self, blocks: dict[str, Tensor]) -> None:
+        for key, kv in blocks.items():
+            self.local.put(key, kv)
+        if self.redis is not None:
+            await self.redis.put_many({k: encode_block(k, kv) for k, kv in blocks.items()})

@@ -1,0 +1,135 @@
+"""KV blocks across tiers with a real redis-server: hash-chain keys, the
+block format, rejection of bad entries, Redis going away and coming back,
+and a backbone reusing a prefix another backbone computed."""
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from arserve.backbone.service import BackboneService
+from arserve.core.config import LlamaConfig
+from arserve.core.kv_blocks import BadBlock, BlockSpace, block_keys, decode_block, encode_block
+from arserve.core.model import Llama
+from arserve.kvstore.local import LocalTier
+from arserve.kvstore.redis_tier import RedisTier
+from arserve.kvstore.tiers import TieredStore
+from arserve_client.v1 import backbone_pb2 as bpb
+
+SPACE = BlockSpace("tiny", "rev0", "float32", "L2.K2.D16", block_size=8)
+
+
+def test_keys_name_the_whole_prefix():
+    a = block_keys(SPACE, list(range(20)))
+    assert len(a) == 2  # the partial third block has no key
+    assert block_keys(SPACE, list(range(16)) + [99]) == a
+    b = block_keys(SPACE, [1] + list(range(1, 20)))
+    assert a[0] != b[0] and a[1] != b[1]  # a change in block 0 renames every later block
+    other = BlockSpace("tiny", "rev1", "float32", "L2.K2.D16", block_size=8)
+    assert block_keys(other, list(range(16)))[0] != a[0]
+
+
+def test_block_round_trip_and_rejections():
+    kv = torch.randn(2, 2, 2, 8, 16)
+    data = encode_block("k1", kv)
+    assert torch.equal(decode_block("k1", data), kv)
+    with pytest.raises(BadBlock, match="another key"):
+        decode_block("k2", data)
+    with pytest.raises(BadBlock, match="truncated"):
+        decode_block("k1", data[:-5])
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF
+    with pytest.raises(BadBlock, match="checksum"):
+        decode_block("k1", bytes(flipped))
+    with pytest.raises(BadBlock):
+        decode_block("k1", b"\x80\x04pickle")
+
+
+def test_local_tier_evicts_least_recently_used():
+    tier = LocalTier(budget_bytes=3 * 1024)
+    for i in range(4):
+        tier.put(f"k{i}", torch.zeros(256))  # 1 KiB each
+    assert tier.get("k0") is None and tier.get("k3") is not None and tier.used <= tier.budget
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_redis_tier_stores_and_rejects_bad_bytes(redis_server):
+    async def go():
+        redis = RedisTier(redis_server.url)
+        store = TieredStore(LocalTier(1 << 20), redis)
+        keys = block_keys(SPACE, list(range(24)))
+        blocks = {k: torch.randn(2, 2, 2, 8, 16) for k in keys}
+        await store.store(blocks)
+        fresh = TieredStore(LocalTier(1 << 20), redis)  # another replica: empty local tier
+        found = await fresh.lookup(keys)
+        assert len(found) == 3 and all(torch.equal(f, blocks[k]) for f, k in zip(found, keys))
+        assert fresh.hits["redis"] == 3
+        # corrupt the second block in Redis: only the first is loaded, the bad one is deleted
+        await redis.client.set(redis.prefix + keys[1], b"garbage")
+        again = TieredStore(LocalTier(1 << 20), redis)
+        assert len(await again.lookup(keys)) == 1 and again.hits["rejected"] == 1
+        assert await redis.client.get(redis.prefix + keys[1]) is None
+        # a block stored under a foreign key is rejected too
+        await redis.client.set(redis.prefix + keys[0], encode_block("someone-else", blocks[keys[0]]))
+        third = TieredStore(LocalTier(1 << 20), redis)
+        assert await third.lookup(keys) == [] and third.hits["rejected"] == 1
+        await redis.close()
+
+    run(go())
+
+
+def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
+    async def go():
+        redis = RedisTier(redis_server.url, retry_after_s=0.0)
+        store = TieredStore(LocalTier(1 << 20), redis)
+        keys = block_keys(SPACE, list(range(8)))
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, logger="arserve.kvstore"):
+            for _ in range(3):
+                assert await TieredStore(LocalTier(1 << 20), redis).lookup(keys) == []
+                await store.store({keys[0]: torch.zeros(2, 2, 2, 8, 16)})
+        assert sum("unavailable" in r.message for r in caplog.records) == 1
+        redis_server.start()
+        await store.store({keys[0]: torch.ones(2, 2, 2, 8, 16)})
+        found = await TieredStore(LocalTier(1 << 20), redis).lookup(keys)
+        assert len(found) == 1 and found[0].eq(1).all()
+        await redis.close()
+
+    run(go())
+
+
+def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval().pack()
+    space = BlockSpace("tiny", "seed0", "float32", "tiny", block_size=8)
+    prompt = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    async def prefill(backbone):
+        out = await backbone.Score(bpb.ScoreRequest(request_id="r", model="tiny", token_ids=prompt,
+                                                    outputs_from=len(prompt) - 1, commit=True))
+        nxt = await backbone.Score(bpb.ScoreRequest(request_id="r", model="tiny", token_ids=[7], start=len(prompt),
+                                                    commit=True))
+        return out, nxt
+
+    async def go():
+        stores = [TieredStore(LocalTier(1 << 20), RedisTier(redis_server.url)) for _ in range(2)]
+        a = BackboneService({"tiny": model}, kv_store=stores[0], spaces={"tiny": space})
+        b = BackboneService({"tiny": model}, kv_store=stores[1], spaces={"tiny": space})
+        plain = BackboneService({"tiny": model})
+        ref = await prefill(plain)
+        first = await prefill(a)  # computes and stores 5 full blocks (40 positions)
+        second = await prefill(b)  # loads them from Redis, computes 5 positions
+        assert stores[1].hits["redis"] == 5
+        for x, y in zip((ref, first, second), (first, second, ref)):
+            assert torch.allclose(torch.frombuffer(bytearray(x[0].logits.data), dtype=torch.float32),
+                                  torch.frombuffer(bytearray(y[0].logits.data), dtype=torch.float32), atol=1e-5)
+            assert torch.allclose(torch.frombuffer(bytearray(x[1].logits.data), dtype=torch.float32),
+                                  torch.frombuffer(bytearray(y[1].logits.data), dtype=torch.float32), atol=1e-5)
+        assert b.requests[("tiny", "r")].committed == len(prompt) + 1
+        for s in stores:
+            await s.redis.close()
+
+    run(go())
