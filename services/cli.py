@@ -20,6 +20,11 @@ def cmd_serve(args) -> None:
     from .embedded import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.metrics_port:
+        from .metrics import serve_metrics
+
+        serve_metrics(args.metrics_port, args.host)
+        logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
     try:
         asyncio.run(serve(_settings(args)))
     except KeyboardInterrupt:
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="run the embedded server (every service in one process)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     model_flags(s)
     s.set_defaults(func=cmd_serve)
 

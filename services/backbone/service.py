@@ -22,6 +22,7 @@ from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
 from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..wire import to_proto
 
 
@@ -57,8 +58,10 @@ class ForwardBatcher:
     meanwhile (up to ``max_batch_tokens`` new tokens) form the next batch.
     """
 
-    def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096):
+    def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096, name: str = ""):
         self.model = model
+        self.queue_depth = QUEUE_DEPTH.labels(name)
+        self.batch_items = BATCH_ITEMS.labels(name)
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
         self.queue: list[tuple[ScoreItem, asyncio.Future]] = []
@@ -69,6 +72,7 @@ class ForwardBatcher:
     async def score(self, item: ScoreItem) -> torch.Tensor:
         future = asyncio.get_running_loop().create_future()
         self.queue.append((item, future))
+        self.queue_depth.set(len(self.queue))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
         return await future
@@ -81,6 +85,8 @@ class ForwardBatcher:
                 item, future = self.queue.pop(0)
                 batch.append((item, future))
                 tokens += len(item.tokens)
+            self.queue_depth.set(len(self.queue))
+            self.batch_items.observe(len(batch))
             try:
                 results = await loop.run_in_executor(self.executor, self.model.forward_batch, [b[0] for b in batch])
             except Exception as e:  # noqa: BLE001 - every waiting call gets the error
@@ -103,7 +109,7 @@ class BackboneService:
         self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
         self.requests: dict[tuple[str, str], RequestState] = {}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
-        self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens) for name, m in models.items()}
+        self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name) for name, m in models.items()}
 
     def _model(self, model: str) -> Llama:
         try:

@@ -17,7 +17,8 @@ from arserve_client.v1 import generation_pb2_grpc
 from arserve_client.v1 import tokenizer_pb2 as tpb
 from arserve_client.v1 import verifier_pb2 as vpb
 
-from ..errors import InvalidArgument
+from .. import metrics
+from ..errors import ArserveError, InvalidArgument
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .stops import StopMatcher
@@ -60,6 +61,37 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return out
 
     async def GenerateStream(self, req: pb.GenerateRequest, context=None) -> AsyncIterator[pb.GenerateChunk]:
+        model_id = req.model or self.default_model
+        default = self.models.get(model_id)
+        method = req.speculative.method or (default.default_speculative_method if default else "none")
+        outcome = "cancelled"
+        try:
+            async for chunk in self._generate(req):
+                if chunk.finish_reason:
+                    outcome = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+                    self._observe(model_id, chunk)
+                yield chunk
+        except ArserveError as e:
+            outcome = e.code.lower()
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
+        finally:
+            metrics.REQUESTS.labels(model_id, method, outcome).inc()
+
+    @staticmethod
+    def _observe(model: str, last: pb.GenerateChunk) -> None:
+        t, n = last.timing, last.usage.completion_tokens
+        metrics.REQUEST_LATENCY.labels(model).observe(t.total_s)
+        metrics.TTFT.labels(model).observe(t.time_to_first_token_s)
+        if n > 1:
+            metrics.TPOT.labels(model).observe((t.total_s - t.time_to_first_token_s) / (n - 1))
+        metrics.GENERATED.labels(model).inc(n)
+        metrics.DRAFTED.labels(model, last.speculative.method).inc(last.speculative.drafted_tokens)
+        metrics.ACCEPTED.labels(model, last.speculative.method).inc(last.speculative.accepted_tokens)
+
+    async def _generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         t0 = time.perf_counter()
         model = resolve_model(req, self.models, self.default_model)
         check_request(req, model)

@@ -9,6 +9,7 @@ from collections import Counter
 from torch import Tensor
 
 from ..core.kv_blocks import BadBlock, decode_block, encode_block
+from ..metrics import KV_BLOCKS
 from .local import LocalTier
 from .redis_tier import RedisTier
 
@@ -23,6 +24,7 @@ class TieredStore:
 
     async def lookup(self, keys: list[str]) -> list[Tensor]:
         """The longest run of leading blocks some tier holds."""
+        before = Counter(self.hits)
         found: list[Tensor] = []
         pending: list[str] = []
         for key in keys:
@@ -47,6 +49,8 @@ class TieredStore:
                 found.append(kv)
                 self.hits["redis"] += 1
         self.hits["miss"] += len(keys) - len(found)
+        for tier in ("local", "redis", "miss", "rejected"):
+            KV_BLOCKS.labels(tier).inc(self.hits[tier] - before[tier])
         return found
 
     async def store(self, blocks: dict[str, Tensor]) -> None:

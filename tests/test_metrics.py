@@ -1,0 +1,48 @@
+"""Prometheus metrics move with real requests and are served over HTTP."""
+
+import socket
+import urllib.request
+
+from prometheus_client import REGISTRY
+
+from arserve_client import InvalidArgument
+
+
+def value(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_requests_tokens_and_speculation_are_counted(client):
+    model = "smollm2-135m-instruct"
+    before = {
+        "length": value("arserve_requests_total", model=model, method="ngram", outcome="length"),
+        "invalid": value("arserve_requests_total", model=model, method="none", outcome="invalid_argument"),
+        "tokens": value("arserve_generated_tokens_total", model=model),
+        "drafted": value("arserve_drafted_tokens_total", model=model, method="ngram"),
+        "ttft": value("arserve_time_to_first_token_seconds_count", model=model),
+    }
+    out = client.generate(prompt="one two three one two three one two three one two", max_tokens=12,
+                          speculative="ngram")
+    try:
+        client.generate(prompt="hi", top_p=2.0)
+    except InvalidArgument:
+        pass
+    assert value("arserve_requests_total", model=model, method="ngram", outcome="length") == before["length"] + 1
+    assert value("arserve_requests_total", model=model, method="none",
+                 outcome="invalid_argument") == before["invalid"] + 1
+    assert value("arserve_generated_tokens_total", model=model) == before["tokens"] + out.stats.completion_tokens
+    assert value("arserve_drafted_tokens_total", model=model, method="ngram") == \
+        before["drafted"] + out.stats.drafted_tokens
+    assert value("arserve_time_to_first_token_seconds_count", model=model) == before["ttft"] + 1
+    assert value("arserve_backbone_batch_requests_count", model=model) > 0
+
+
+def test_metrics_endpoint():
+    from arserve.metrics import serve_metrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_metrics(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "arserve_requests_total" in body and "arserve_time_per_output_token_seconds" in body
