@@ -117,10 +117,6 @@ class BackboneService:
         except KeyError:
             raise NotFound(f"model {model!r} is not served by this backbone; known: {sorted(self.models)}") from None
 
-    @property
-    def cached_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self.requests.values())
-
     async def Score(self, req: pb.ScoreRequest, context=None) -> pb.ScoreResponse:
         model = self._model(req.model)
         key = (req.model, req.request_id)

@@ -47,9 +47,6 @@ class Draft:
     def make_dummy(n: int = 3) -> "Draft":
         return Draft(list(range(n)))
 
-    def chain_parents(self) -> list[int]:
-        return self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
-
 
 class Proposer(ABC):
     """Proposes drafts; may keep a small state per request."""

@@ -40,8 +40,6 @@ log = logging.getLogger("arserve.verifier")
 @dataclass(frozen=True)
 class SpeculationDefaults:
     num_draft_tokens: int = 8  # draft length when a request leaves it unset (the adaptive upper bound)
-    max_draft_tokens: int = 16  # largest num_draft_tokens a request may ask for
-    max_candidates: int = 8  # largest num_candidates a request may ask for
     draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
     cost_per_token: float = 0.03  # DraftLength's cost model (docs/decisions.md)
 
@@ -133,6 +131,7 @@ class VerifierService:
                         seed=int(torch.randint(0, 2**62, (), generator=generator)), **ids))
                     drafter_seen = len(tokens)
                 stats.rounds += 1
+                finish = gpb.FINISH_REASON_UNSPECIFIED
                 if draft is None:  # plain round: score the pending token alone
                     out = await self.backbone.Score(bpb.ScoreRequest(
                         token_ids=[pending], start=committed_kv, commit=True, **ids))
@@ -151,25 +150,21 @@ class VerifierService:
                     length.update(self._depth(draft) if draft.parents else n, len(verdict.accepted))
                     stats.drafted_tokens += n
                     stats.accepted_tokens += len(verdict.accepted)
-                    accepted = [int(draft.token_ids[i]) for i in verdict.accepted]
-                    for t in accepted:
-                        if t in eos or generated >= s.max_tokens:
+                    pending = verdict.token
+                    for i in verdict.accepted:
+                        t = int(draft.token_ids[i])
+                        if t in eos:
+                            finish = gpb.FINISH_REASON_EOS
                             break
                         new_tokens.append(t)
                         tokens.append(t)
                         generated += 1
-                    else:
-                        pending = verdict.token
-                        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-                        yield pb.VerifyEvent(token_ids=new_tokens, speculative=stats)
-                        continue
-                    # an accepted draft token ended the request (eos or max_tokens)
-                    done = gpb.FINISH_REASON_LENGTH if generated >= s.max_tokens else gpb.FINISH_REASON_EOS
-                    stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-                    yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=done, speculative=stats)
-                    return
+                    if not finish and generated >= s.max_tokens:  # k <= max_tokens - generated - 1 keeps this rare
+                        finish = gpb.FINISH_REASON_LENGTH
                 stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-                yield pb.VerifyEvent(token_ids=new_tokens, speculative=stats)
+                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=stats)
+                if finish:
+                    return
         finally:
             await self.backbone.Release(bpb.ReleaseRequest(**ids))
             if self.drafter is not None and method != "none":

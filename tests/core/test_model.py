@@ -94,6 +94,8 @@ def test_batched_forward_equals_one_request_at_a_time():
     assert torch.allclose(batched[1], alone[1][2:], atol=1e-5)
     assert torch.allclose(batched[2], alone[2], atol=1e-5)
     assert [c.length for c in caches] == [8, 16, 6]
+    (dummy,) = model.forward_batch([ScoreItem.make_dummy(model.config)])
+    assert dummy.shape == (3, model.config.vocab_size)
 
 
 def test_cache_refuses_to_exceed_the_context_window():

@@ -34,6 +34,13 @@ def test_ngram_tree_offers_distinct_continuations():
     assert firsts == {5, 7}
 
 
+def test_a_draft_without_parents_is_a_chain():
+    from arserve.drafter.proposer import Draft
+
+    d = Draft.make_dummy(3)
+    assert d.is_chain and d.tokens == [0, 1, 2] and d.q is None
+
+
 def test_merge_into_tree_shares_prefixes():
     d = merge_into_tree([[1, 2, 3], [1, 2, 4], [5]])
     assert d.tokens == [1, 2, 3, 4, 5] and d.parents == [-1, 0, 1, 1, -1]
