@@ -9,55 +9,22 @@ import threading
 
 import torch
 
-from .backbone.service import BackboneService
-from .drafter.registry import build_proposers
-from .drafter.service import DrafterService
+from . import assemble
 from .gateway.server import start_server
 from .gateway.service import GenerationService
-from .models import load_target, load_tokenizer
 from .settings import ServerSettings
-from .tokenizer.service import TokenizerService
-from .verifier.service import SpeculationDefaults, VerifierService
 
 log = logging.getLogger("arserve.embedded")
-
-
-def kv_tiers(settings: ServerSettings, targets: dict) -> dict:
-    """The KV store and block spaces the backbone shares prefixes through
-    (empty when prefix sharing is off)."""
-    if not settings.kv_local_bytes and not settings.redis_url:
-        return {}
-    from .core.kv_blocks import BlockSpace
-    from .core.weights import weights_revision
-    from .kvstore.local import LocalTier
-    from .kvstore.redis_tier import RedisTier
-    from .kvstore.tiers import TieredStore
-
-    redis = RedisTier(settings.redis_url, ttl_s=settings.kv_ttl_s) if settings.redis_url else None
-    spaces = {}
-    for m in settings.models:
-        c = targets[m.id].config
-        spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype,
-                                  f"L{c.n_layers}.K{c.n_kv_heads}.D{c.head_dim}", settings.kv_block_size)
-    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis), "spaces": spaces}
 
 
 def build(settings: ServerSettings) -> GenerationService:
     """Load every model and wire the services together in this process."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    targets = {m.id: load_target(m) for m in settings.models}
-    tokenizers = TokenizerService({m.id: load_tokenizer(m) for m in settings.models})
-    backbone = BackboneService(targets, **kv_tiers(settings, targets))
-    proposers = {}
-    for m in settings.models:  # proposers are per method; one target model per server in this wiring
-        proposers.update(build_proposers(m.speculative_methods, targets[m.id], m.draft_model))
-    drafter = DrafterService(proposers) if proposers else None
-    defaults = SpeculationDefaults(num_draft_tokens=settings.num_draft_tokens, draft_timeout_s=settings.draft_timeout_s)
-    verifier = VerifierService(backbone, drafter, eos_ids={k: v.config.eos_ids for k, v in targets.items()},
-                               defaults=defaults)
-    windows = {k: v.config.max_seq_len for k, v in targets.items()}
-    return GenerationService(settings, tokenizers, verifier, windows)
+    backbone = assemble.backbone(settings)
+    config = {k: m.config for k, m in backbone.models.items()}
+    verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))
+    return assemble.gateway(settings, config, assemble.tokenizer(settings), verifier)
 
 
 async def serve(settings: ServerSettings, ready: threading.Event | None = None,

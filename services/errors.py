@@ -1,7 +1,7 @@
 """Errors that become gRPC statuses.
 
 Services raise these plain exceptions (no grpc import needed); one
-interceptor in ``arserve.gateway.server`` turns them into status codes
+interceptor in ``arserve.rpc`` turns them into status codes
 (as TGI's ``interceptor.py`` does). Every message names what was wrong.
 """
 

@@ -60,11 +60,11 @@ class ModelSettings(BaseModel):
         return path
 
 
-class ServerSettings(BaseModel):
+class ServiceSettings(BaseModel):
+    """What every wiring shares: the models, speculation defaults and KV tiers."""
+
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
-    port: int = Field(50051, ge=0, le=65535, description="Public gRPC port (0 picks a free one).")
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1,
                                         description="Served models; the first is the default.")
     max_concurrent_rpcs: int = Field(64, gt=0, description="In-flight RPCs beyond this get RESOURCE_EXHAUSTED.")
@@ -81,8 +81,15 @@ class ServerSettings(BaseModel):
     kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> "ServerSettings":
+    def _unique_ids(self) -> "ServiceSettings":
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         return self
+
+
+class ServerSettings(ServiceSettings):
+    """The embedded server: the shared settings plus the public address."""
+
+    host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="Public gRPC port (0 picks a free one).")

@@ -53,18 +53,14 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and Hugging Face-named float32 state dict of a Llama GGUF file."""
-    from gguf import GGUFReader, dequantize
-
-    reader = GGUFReader(str(path))
+def _gguf_config(reader, path) -> LlamaConfig:
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (expected 'llama')")
     get = lambda k, d=None: _gguf_field(reader, f"llama.{k}", d)  # noqa: E731
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         dim=get("embedding_length"),
         n_layers=get("block_count"),
@@ -78,6 +74,25 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
         bos_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1),
         eos_ids=(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2),),
     )
+
+
+def read_config(source: str | Path) -> LlamaConfig:
+    """The config alone (no tensors read): for services that need the
+    vocabulary size or context window but not the weights."""
+    source = Path(source)
+    if source.is_dir():
+        return LlamaConfig.from_hf(json.loads((source / "config.json").read_text()))
+    from gguf import GGUFReader
+
+    return _gguf_config(GGUFReader(str(source)), source)
+
+
+def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Config and Hugging Face-named float32 state dict of a Llama GGUF file."""
+    from gguf import dequantize, GGUFReader
+
+    reader = GGUFReader(str(path))
+    config = _gguf_config(reader, path)
     per_layer = {
         "attn_norm": "input_layernorm",
         "attn_q": "self_attn.q_proj",

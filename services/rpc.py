@@ -1,0 +1,132 @@
+"""gRPC plumbing every arserve server shares: one interceptor that turns
+errors into statuses and counts calls in flight, message-size options, and
+a grpc.aio server with health checking and reflection.
+
+The public gateway and every internal service (tokenizer, drafter,
+backbone, verifier) start their servers here, so errors read the same
+whichever service raised them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .errors import ArserveError
+
+log = logging.getLogger("arserve.rpc")
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status an exception stands for: an ArserveError's own code, or
+    the status of a failed call to another arserve service (passed on
+    unchanged, so a bad token id found by the backbone still reads
+    INVALID_ARGUMENT at the client); None for anything else (a bug)."""
+    if isinstance(e, ArserveError):
+        return getattr(grpc.StatusCode, e.code), str(e)
+    if isinstance(e, grpc.aio.AioRpcError):
+        return e.code(), e.details() or ""
+    return None
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Errors -> statuses (``status_of``; anything else is INTERNAL with its
+    message, logged with a traceback) and a count of calls in flight (the
+    load a replica reports to the autoscaler). The server keeps serving."""
+
+    def __init__(self):
+        self.inflight = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        method = details.method
+
+        async def fail(context, e: Exception):
+            status = status_of(e)
+            if status is None:
+                log.exception("%s failed", method)
+                status = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+            await context.abort(*status)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                self.inflight += 1
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - every error becomes a status
+                    await fail(context, e)
+                finally:
+                    self.inflight -= 1
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            self.inflight += 1
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                await fail(context, e)
+            finally:
+                self.inflight -= 1
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel and server options: tensors (logits, KV) travel, so both
+    sides raise the 4 MB default."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+AddFn = Callable[[object, grpc.aio.Server], None]
+
+
+async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host: str, port: int,
+                            max_concurrent_rpcs: int | None, max_message_bytes: int,
+                            ) -> tuple[grpc.aio.Server, int, ServiceInterceptor]:
+    """Serve ``services`` ((add_XServicer_to_server, servicer, full service
+    name) each) with grpc.health.v1 and reflection; returns the server, the
+    bound port and the interceptor (for its in-flight count)."""
+    interceptor = ServiceInterceptor()
+    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(max_message_bytes),
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
+    for add, servicer, _ in services:
+        add(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [name for _, _, name in services]
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, interceptor
+
+
+def service_name(pb2_module, service: str) -> str:
+    """Full name of a service in a generated module (for health and reflection)."""
+    return pb2_module.DESCRIPTOR.services_by_name[service].full_name
