@@ -30,3 +30,7 @@ class ResourceExhausted(ArserveError):
 
 class Unavailable(ArserveError):
     code = "UNAVAILABLE"
+
+
+class Unimplemented(ArserveError):
+    code = "UNIMPLEMENTED"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from arserve_client.v1 import tokenizer_pb2 as pb
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, Unimplemented
 from .text import TextTokenizer
 
 
@@ -35,3 +35,9 @@ class TokenizerService:
             raise InvalidArgument("state.read_offset is past the end of state.window")
         text, window, read = tok.decode_incremental(list(req.state.window), req.state.read_offset, list(req.token_ids), req.final)
         return pb.DecodeIncrementalResponse(text=text, state=pb.DetokenizerState(window=window, read_offset=read))
+
+    async def Patchify(self, req: pb.PatchifyRequest, context=None) -> pb.PatchifyResponse:
+        raise Unimplemented(f"model {req.model!r} has no image tokenizer: text models only so far")
+
+    async def Unpatchify(self, req: pb.UnpatchifyRequest, context=None) -> pb.UnpatchifyResponse:
+        raise Unimplemented(f"model {req.model!r} has no image tokenizer: text models only so far")

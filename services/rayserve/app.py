@@ -1,0 +1,163 @@
+"""The Ray Serve application: one deployment per service.
+
+    gateway (ingress: Ray Serve's gRPC proxy calls it with arserve.v1.Generation)
+      -> tokenizer      Encode / DecodeIncremental        (stateless)
+      -> verifier       Run: the decode loop of a request (stateless between requests)
+           -> drafter   Propose / Release                 (per-request context: sticky)
+           -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
+    directory: where the replicas above announce their gRPC addresses
+
+Each deployment has its own replicas, resources and autoscaling
+(``config.AppArgs.deployments``). Calls between services are direct gRPC
+(``directory``): a Ray Serve handle call per speculation round would cost
+more than the round saves. ``serve run deploy/serve_config.yaml`` imports
+``build_app``; ``arserve serve --ray`` calls it too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from ray import serve
+from ray.serve import Application
+
+from arserve_client.v1 import (
+    backbone_pb2,
+    backbone_pb2_grpc,
+    drafter_pb2,
+    drafter_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+    verifier_pb2,
+    verifier_pb2_grpc,
+)
+
+from .. import assemble
+from ..rpc import service_name, status_of
+from .config import AppArgs
+from .directory import Directory, Peers, Remote
+from .replica import ServiceReplica
+
+log = logging.getLogger("arserve.rayserve")
+
+
+def _threads(args: AppArgs, service: str) -> None:
+    """torch threads: the configured count, else the replica's whole CPUs (at least 1)."""
+    opts = args.deployments[service]
+    torch.set_num_threads(opts.torch_threads or max(1, int(opts.ray_actor_options.num_cpus)))
+
+
+def _remote(args: AppArgs, directory, service: str, stub, sticky: bool = False) -> Remote:
+    return Remote(Peers(directory, service, stub, args.max_message_bytes), sticky=sticky)
+
+
+class Tokenizer(ServiceReplica):
+    service = "tokenizer"
+
+    async def __init__(self, args: dict, directory):
+        args = AppArgs.model_validate(args)
+        servicer = assemble.tokenizer(args)
+        await self.start_serving(
+            [(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer, service_name(tokenizer_pb2, "Tokenizer"))],
+            directory, args.grpc_bind_host, args.max_message_bytes)
+
+
+class Backbone(ServiceReplica):
+    service = "backbone"
+
+    async def __init__(self, args: dict, directory):
+        args = AppArgs.model_validate(args)
+        _threads(args, self.service)
+        servicer = assemble.backbone(args)
+        await self.start_serving(
+            [(backbone_pb2_grpc.add_BackboneServicer_to_server, servicer, service_name(backbone_pb2, "Backbone"))],
+            directory, args.grpc_bind_host, args.max_message_bytes)
+
+
+class Drafter(ServiceReplica):
+    service = "drafter"
+
+    async def __init__(self, args: dict, directory):
+        args = AppArgs.model_validate(args)
+        _threads(args, self.service)
+        servicer = assemble.drafter(args, assemble.configs(args))
+        await self.start_serving(
+            [(drafter_pb2_grpc.add_DrafterServicer_to_server, servicer, service_name(drafter_pb2, "Drafter"))],
+            directory, args.grpc_bind_host, args.max_message_bytes)
+
+
+class Verifier(ServiceReplica):
+    service = "verifier"
+
+    async def __init__(self, args: dict, directory):
+        args = AppArgs.model_validate(args)
+        backbone = _remote(args, directory, "backbone", backbone_pb2_grpc.BackboneStub, sticky=True)
+        drafter = (_remote(args, directory, "drafter", drafter_pb2_grpc.DrafterStub, sticky=True)
+                   if drafting(args) else None)
+        servicer = assemble.verifier(args, assemble.configs(args), backbone, drafter)
+        await self.start_serving(
+            [(verifier_pb2_grpc.add_VerifierServicer_to_server, servicer, service_name(verifier_pb2, "Verifier"))],
+            directory, args.grpc_bind_host, args.max_message_bytes)
+
+
+def _fail(grpc_context, e: Exception) -> None:
+    """Set the status an error stands for on Ray's gRPC context (Ray's proxy
+    then answers with it instead of INTERNAL)."""
+    status = status_of(e)
+    if status is not None and grpc_context is not None:
+        grpc_context.set_code(status[0])
+        grpc_context.set_details(status[1])
+
+
+class Gateway:
+    """The ingress: Ray Serve's gRPC proxy calls these methods with the
+    messages of ``arserve.v1.Generation``."""
+
+    async def __init__(self, args: dict, directory, *services):
+        args = AppArgs.model_validate(args)
+        tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
+        verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
+        self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier)
+
+    async def Generate(self, request, grpc_context=None):
+        try:
+            return await self.service.Generate(request)
+        except Exception as e:
+            _fail(grpc_context, e)
+            raise
+
+    async def GenerateStream(self, request, grpc_context=None):
+        try:
+            async for chunk in self.service.GenerateStream(request):
+                yield chunk
+        except Exception as e:
+            _fail(grpc_context, e)
+            raise
+
+    async def ListModels(self, request, grpc_context=None):
+        return await self.service.ListModels(request)
+
+
+def drafting(args: AppArgs) -> bool:
+    """Whether any model drafts (else there is no drafter deployment)."""
+    return any(set(m.speculative_methods) - {"none"} for m in args.models)
+
+
+def build_app(args: dict) -> Application:
+    """The application for ``serve run`` (``args`` from the serve config)."""
+    cfg = AppArgs.model_validate(args)
+    options = cfg.deployment_options()
+    raw = cfg.model_dump(mode="json")
+
+    def deployment(cls, name: str):
+        return serve.deployment(name=name)(cls).options(**options[name])
+
+    directory = serve.deployment(name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                 max_ongoing_requests=1024)(Directory).bind()
+    services = [deployment(Tokenizer, "tokenizer").bind(raw, directory),
+                deployment(Backbone, "backbone").bind(raw, directory),
+                deployment(Verifier, "verifier").bind(raw, directory)]
+    if drafting(cfg):
+        services.append(deployment(Drafter, "drafter").bind(raw, directory))
+    return deployment(Gateway, "gateway").bind(raw, directory, *services)

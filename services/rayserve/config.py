@@ -1,0 +1,101 @@
+"""The Ray application's arguments: arserve's own settings plus, for each
+service, the options of its deployment. ``serve run`` hands the ``args`` of
+``deploy/serve_config.yaml`` to the builder, which validates them here, so a
+typo or a bad value fails the deploy with a message naming the field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..settings import ServiceSettings
+
+SERVICES = ("gateway", "tokenizer", "verifier", "drafter", "backbone")
+Service = Literal["gateway", "tokenizer", "verifier", "drafter", "backbone"]
+
+
+class ActorOptions(BaseModel):
+    """The resources one replica holds (Ray's ``ray_actor_options``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(..., ge=0, description="Logical CPUs per replica (fractions allowed).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
+    memory: int | None = Field(None, gt=0, description="Bytes of memory reserved per replica.")
+
+
+class Autoscaling(BaseModel):
+    """Replica bounds and target load. Load is the number of gRPC calls a
+    replica has in flight (it reports them itself: callers reach replicas
+    over direct gRPC channels, which Ray's request counting does not see)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas.")
+    max_replicas: int = Field(..., ge=1, description="Most replicas.")
+    target_inflight: float = Field(4, gt=0, description="Calls in flight per replica to aim for.")
+    upscale_delay_s: float = Field(10, ge=0, description="Load must stay high this long before adding a replica.")
+    downscale_delay_s: float = Field(120, ge=0, description="Load must stay low this long before removing one.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        return self
+
+    def ray_config(self) -> dict:
+        return {
+            "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_inflight,
+            "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": 2.0, "look_back_period_s": 10.0,
+            "policy": {"policy_function": "arserve.rayserve.autoscaling:inflight_policy"},
+        }
+
+
+class DeploymentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, description="Replicas (the starting count when autoscaling is set).")
+    ray_actor_options: ActorOptions
+    autoscaling: Autoscaling | None = Field(None, description="Scale between bounds on load; None: fixed count.")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads in each replica "
+                                      "(services that run models; default: Ray's CPU share, at least 1).")
+
+    def ray_options(self) -> dict:
+        """The keyword arguments of ``Deployment.options``."""
+        out: dict = {"ray_actor_options": self.ray_actor_options.model_dump(exclude_none=True),
+                     # Ray Serve handles and its proxy reach only the gateway; internal calls are
+                     # direct gRPC, so this bounds only proxy calls per gateway replica.
+                     "max_ongoing_requests": 1024}
+        if self.autoscaling:
+            out["autoscaling_config"] = {**self.autoscaling.ray_config(), "initial_replicas": self.num_replicas}
+        else:
+            out["num_replicas"] = self.num_replicas
+        return out
+
+
+def _defaults() -> dict[str, DeploymentOptions]:
+    """Sized for one small machine; a cluster sets its own in the config."""
+    cpus = {"gateway": 0.25, "tokenizer": 0.25, "verifier": 0.25, "drafter": 0.25, "backbone": 1.0}
+    return {name: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=c)) for name, c in cpus.items()}
+
+
+class AppArgs(ServiceSettings):
+    """``args`` of the application in the serve config: arserve's settings
+    (as for the embedded server) and per-service deployment options. The
+    public port is Ray's (``grpc_options.port`` in the serve config)."""
+
+    deployments: dict[Service, DeploymentOptions] = Field(
+        default_factory=_defaults, description="Options per service; services left out keep their defaults.")
+    grpc_bind_host: str = Field("0.0.0.0", description="Where each replica's internal gRPC server binds.")
+
+    @model_validator(mode="after")
+    def _fill_deployments(self) -> "AppArgs":
+        self.deployments = {**_defaults(), **self.deployments}
+        return self
+
+    def deployment_options(self) -> dict[str, dict]:
+        """Service -> ``Deployment.options`` keyword arguments."""
+        return {name: self.deployments[name].ray_options() for name in SERVICES}

@@ -1,0 +1,80 @@
+"""Starting the application: on the Ray cluster at ``address`` or a local
+one. ``arserve serve --ray``, the benchmarks and the tests start it here;
+``serve run deploy/serve_config.yaml`` does the same from the YAML."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from .app import build_app
+from .config import AppArgs
+
+log = logging.getLogger("arserve.rayserve")
+
+APP = "arserve"
+SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RayServer:
+    """The Ray wiring, started and stopped as a unit::
+
+        with RayServer(AppArgs(), grpc_port=9000) as srv:
+            Client(srv.target).generate(prompt="Hi")
+    """
+
+    def __init__(self, args: AppArgs, grpc_port: int = 9000, host: str = "127.0.0.1", address: str | None = None,
+                 num_cpus: float | None = None, temp_dir: str | None = None, http_port: int | None = None):
+        self.args = args
+        self.grpc_port = grpc_port
+        self.http_port = http_port if http_port is not None else free_port(host)  # Ray's HTTP proxy (unused by arserve)
+        self.host = host
+        self.address = address
+        self.num_cpus = num_cpus
+        self.temp_dir = temp_dir
+        self._started_ray = False
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def start(self) -> "RayServer":
+        t = time.perf_counter()
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"))
+            self._started_ray = True
+        serve.start(grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
+                    http_options={"host": self.host, "port": self.http_port, "location": "HeadOnly"})
+        serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
+        log.info("arserve on Ray Serve: gRPC %s (%.0fs to start)", self.target, time.perf_counter() - t)
+        return self
+
+    def stop(self) -> None:
+        try:
+            serve.shutdown()
+        finally:
+            if self._started_ray:
+                ray.shutdown()
+
+    def __enter__(self) -> "RayServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
