@@ -125,8 +125,10 @@ class BackboneService:
             state = self.requests[key] = RequestState(model.new_cache())
         if not req.token_ids:
             raise InvalidArgument("token_ids is empty: nothing to score")
+        cached = 0
         if state.committed == 0 and req.start == 0 and req.commit and not req.parents and req.model in self.spaces:
             req = await self._reuse_prefix(req, state)
+            cached = req.start
         n = len(req.token_ids)
         if state.committed != req.start:
             if req.start < state.committed:
@@ -168,7 +170,7 @@ class BackboneService:
             state.committed += len(context_ids)
             state.scored = n
             state.scored_tokens = list(req.token_ids)
-        return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length)
+        return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached)
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
         """Load the leading KV blocks of a prompt from the KV tiers; return the

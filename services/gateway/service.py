@@ -113,7 +113,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         window, read_offset = TextTokenizer.initial_window(prompt_ids)
         state = tpb.DetokenizerState(window=window, read_offset=read_offset)
         stops = StopMatcher(list(sampling.stop))
-        completion = 0
+        completion = cached = 0
         first_token_at = None
         events = self.verifier.Run(run)
         try:
@@ -121,6 +121,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if event.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                 completion += len(event.token_ids)
+                cached += event.cached_prompt_tokens
                 finish = event.finish_reason
                 decoded = await self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
                     model=model.id, state=state, token_ids=event.token_ids, final=bool(finish)))
@@ -135,7 +136,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     now = time.perf_counter()
                     total = now - t0
                     chunk.finish_reason = finish
-                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion))
+                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                                                    cached_prompt_tokens=cached))
                     chunk.timing.CopyFrom(pb.Timing(
                         time_to_first_token_s=(first_token_at or now) - t0, total_s=total,
                         tokens_per_second=completion / total if total > 0 else 0.0))

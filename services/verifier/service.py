@@ -110,16 +110,18 @@ class VerifierService:
             out = await self.backbone.Score(bpb.ScoreRequest(
                 token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **ids))
             pending = int(sample(from_proto(out.logits), sampling, generator)[0])
+            cached = out.cached  # reported once, on the first event
             while True:
                 # the pending token is decided: stream it, unless it ends the request
                 if pending in eos:
-                    yield pb.VerifyEvent(finish_reason=gpb.FINISH_REASON_EOS, speculative=stats)
+                    yield pb.VerifyEvent(finish_reason=gpb.FINISH_REASON_EOS, speculative=stats,
+                                         cached_prompt_tokens=cached)
                     return
                 tokens.append(pending)
                 generated += 1
                 if generated >= s.max_tokens:
                     yield pb.VerifyEvent(token_ids=[pending], finish_reason=gpb.FINISH_REASON_LENGTH,
-                                         speculative=stats)
+                                         speculative=stats, cached_prompt_tokens=cached)
                     return
                 new_tokens = [pending]
                 k = min(length.next(), s.max_tokens - generated - 1)
@@ -162,7 +164,9 @@ class VerifierService:
                     if not finish and generated >= s.max_tokens:  # k <= max_tokens - generated - 1 keeps this rare
                         finish = gpb.FINISH_REASON_LENGTH
                 stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=stats)
+                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=stats,
+                                     cached_prompt_tokens=cached)
+                cached = 0
                 if finish:
                     return
         finally:

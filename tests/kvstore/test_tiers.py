@@ -123,6 +123,7 @@ def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
         first = await prefill(a)  # computes and stores 5 full blocks (40 positions)
         second = await prefill(b)  # loads them from Redis, computes 5 positions
         assert stores[1].hits["redis"] == 5
+        assert (first[0].cached, second[0].cached) == (0, 40)  # reported to the verifier
         for x, y in zip((ref, first, second), (first, second, ref)):
             assert torch.allclose(torch.frombuffer(bytearray(x[0].logits.data), dtype=torch.float32),
                                   torch.frombuffer(bytearray(y[0].logits.data), dtype=torch.float32), atol=1e-5)

@@ -17,6 +17,7 @@ class Stats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the shared KV tiers
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     tokens_per_second: float = 0.0
@@ -30,6 +31,7 @@ class Stats:
     def from_proto(cls, msg) -> "Stats":
         return cls(
             prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
+            cached_prompt_tokens=msg.usage.cached_prompt_tokens,
             time_to_first_token_s=msg.timing.time_to_first_token_s, total_s=msg.timing.total_s,
             tokens_per_second=msg.timing.tokens_per_second, method=msg.speculative.method,
             drafted_tokens=msg.speculative.drafted_tokens, accepted_tokens=msg.speculative.accepted_tokens,

@@ -22,11 +22,13 @@ class VerifyRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeParams, _Mapping]] = ...) -> None: ...
 
 class VerifyEvent(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "speculative")
+    __slots__ = ("token_ids", "finish_reason", "speculative", "cached_prompt_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _generation_pb2.FinishReason
     speculative: _generation_pb2.SpeculativeStats
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
