@@ -170,6 +170,8 @@ class BackboneService:
             state.committed += len(context_ids)
             state.scored = n
             state.scored_tokens = list(req.token_ids)
+        if req.argmax_only:
+            return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached)
         return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached)
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:

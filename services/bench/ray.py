@@ -87,7 +87,7 @@ def concurrency(client, prompts: list[dict], max_tokens: int, method: str) -> di
     return out
 
 
-def long_prompt(seed: int, n_words: int = 700) -> str:
+def long_prompt(seed: int, n_words: int = 360) -> str:
     rng = random.Random(seed)
     words = "the a river stone bright quiet market engine north winter garden signal copper".split()
     return "Summarize this log.\n" + " ".join(f"{rng.choice(words)}{i % 97}" for i in range(n_words))

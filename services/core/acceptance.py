@@ -139,7 +139,7 @@ def tree_children(parents: list[int]) -> dict[int, list[int]]:
 def verify_tree(
     tokens: Tensor,  # [n] int64 draft tokens, one per tree node
     parents: list[int],  # [n] parent node of each node, -1 = root
-    p: Tensor,  # [n + 1, vocab] target: row 0 at the root, row i + 1 after node i
+    p: Tensor,  # [n + 1, vocab] target: row 0 at the root, row i + 1 after node i (greedy: or [n + 1] argmax ids)
     q: Tensor | None,  # [n, vocab] draft distribution each node was drawn from, or None (one-hot)
     generator: torch.Generator | None,
     greedy: bool = False,
@@ -168,7 +168,7 @@ def verify_tree(
         kids = [c for f in frontier for c in children[f]]
         nxt: int | None = None
         if greedy:
-            target = int(row.argmax())
+            target = int(row) if row.dim() == 0 else int(row.argmax())
             nxt = next((c for c in kids if int(tokens[c]) == target), None)
             if nxt is None:
                 return Verdict(path, target)

@@ -8,8 +8,10 @@ embedded wiring, gRPC stubs or Ray handles in the distributed one.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 
 from arserve_client.v1 import generation_pb2 as pb
@@ -23,6 +25,50 @@ from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .stops import StopMatcher
 from .validate import check_request, resolve_max_tokens, resolve_model
+
+
+async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb.VerifyEvent]:
+    """The verifier's events, with those that arrived while the previous one
+    was being detokenized and sent merged into one (token ids joined, the
+    latest counters). An idle stream still sends one chunk per round; a
+    loaded one sends fewer, larger chunks instead of falling behind."""
+    pending: deque = deque()  # events, then None at the end, or the exception that ended the stream
+    arrived = asyncio.Event()
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                pending.append(event)
+                arrived.set()
+            pending.append(None)
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            pending.append(e)
+        arrived.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            while not pending:
+                arrived.clear()
+                await arrived.wait()
+            head = pending.popleft()
+            if head is None:
+                return
+            if isinstance(head, Exception):
+                raise head
+            merged = vpb.VerifyEvent()
+            merged.CopyFrom(head)
+            while pending and isinstance(pending[0], vpb.VerifyEvent):
+                nxt = pending.popleft()
+                merged.token_ids.extend(nxt.token_ids)
+                merged.finish_reason = nxt.finish_reason
+                merged.speculative.CopyFrom(nxt.speculative)
+                merged.cached_prompt_tokens += nxt.cached_prompt_tokens
+            yield merged
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await events.aclose()
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -115,7 +161,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         stops = StopMatcher(list(sampling.stop))
         completion = cached = 0
         first_token_at = None
-        events = self.verifier.Run(run)
+        events = coalesced(self.verifier.Run(run))
         try:
             async for event in events:
                 if event.token_ids and first_token_at is None:

@@ -33,7 +33,7 @@ from arserve_client.v1 import (
     verifier_pb2_grpc,
 )
 
-from .. import assemble
+from .. import assemble, metrics
 from ..rpc import service_name, status_of
 from .config import AppArgs
 from .directory import Directory, Peers, Remote
@@ -116,6 +116,7 @@ class Gateway:
 
     async def __init__(self, args: dict, directory, *services):
         args = AppArgs.model_validate(args)
+        metrics.export_to_ray()
         tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
         self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier)

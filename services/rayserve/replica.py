@@ -11,6 +11,7 @@ import logging
 import ray
 from ray import serve
 
+from .. import metrics
 from ..rpc import start_grpc_server
 from .directory import HEARTBEAT_S
 
@@ -24,6 +25,7 @@ class ServiceReplica:
 
     async def start_serving(self, services, directory, bind_host: str, max_message_bytes: int) -> None:
         """services: ((add_XServicer_to_server, servicer, full name), ...)."""
+        metrics.export_to_ray()
         self._server, port, self._interceptor = await start_grpc_server(
             services, bind_host, 0, None, max_message_bytes)
         self.address = f"{ray.util.get_node_ip_address()}:{port}"

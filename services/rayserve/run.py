@@ -54,7 +54,8 @@ class RayServer:
     """
 
     def __init__(self, args: AppArgs, grpc_port: int = 9000, host: str = "127.0.0.1", address: str | None = None,
-                 num_cpus: float | None = None, temp_dir: str | None = None, http_port: int | None = None):
+                 num_cpus: float | None = None, temp_dir: str | None = None, http_port: int | None = None,
+                 metrics_export_port: int | None = None):
         self.args = args
         self.grpc_port = grpc_port
         self.http_port = http_port if http_port is not None else free_port(host)  # Ray's HTTP proxy (unused by arserve)
@@ -62,6 +63,7 @@ class RayServer:
         self.address = address
         self.num_cpus = num_cpus
         self.temp_dir = temp_dir
+        self.metrics_export_port = metrics_export_port  # Ray's metrics agent (serves ray_arserve_* too)
         self._started_ray = False
 
     @property
@@ -75,7 +77,8 @@ class RayServer:
                 ray.init(address=self.address, log_to_driver=False)
             else:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"))
+                         _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"),
+                         **({"_metrics_export_port": self.metrics_export_port} if self.metrics_export_port else {}))
             self._started_ray = True
         serve.start(proxy_location="HeadOnly",
                     grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),

@@ -50,15 +50,22 @@ def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
     return torch.Generator().manual_seed(seed & (2**63 - 1))
 
 
+def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor:
+    """What the acceptance rules read of a Score call: greedy requests ask
+    for the argmax ids only ([m] int64); others get [m, vocab] distributions."""
+    if sampling.greedy:
+        return torch.tensor(list(out.argmax), dtype=torch.long)
+    return probs(from_proto(out.logits), sampling)
+
+
 def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Verdict:
-    """Choose the acceptance rule for a draft. p: [n + 1, vocab] target
-    distributions (row 0 at the root, row i + 1 after draft node i); for
-    greedy requests the logits serve, as only their argmax is read."""
+    """Choose the acceptance rule for a draft. p: ``target`` of the n + 1
+    scored positions (row 0 at the root, row i + 1 after draft node i)."""
     tokens = torch.tensor(list(draft.token_ids), dtype=torch.long)  # [n]
     q = from_proto(draft.probs) if draft.probs.shape else None  # [n, vocab] or None (one-hot)
     if not draft.parents:
         if sampling.greedy:
-            return greedy_match(tokens, p.argmax(-1))
+            return greedy_match(tokens, p)
         return speculative_sampling(tokens, p, q, generator)
     return verify_tree(tokens, list(draft.parents), p, q, generator, greedy=sampling.greedy)
 
@@ -102,14 +109,15 @@ class VerifierService:
                              cost_per_token=self.defaults.cost_per_token)
         stats = gpb.SpeculativeStats(method=method)
         ids = dict(request_id=req.request_id, model=req.model)
+        scoring = dict(ids, argmax_only=sampling.greedy)  # greedy reads only the argmax of each position
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about
         committed_kv = len(tokens)  # positions in the backbone's cache
         generated = 0
         try:
             out = await self.backbone.Score(bpb.ScoreRequest(
-                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **ids))
-            pending = int(sample(from_proto(out.logits), sampling, generator)[0])
+                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring))
+            pending = self._sample(out, sampling, generator)
             cached = out.cached  # reported once, on the first event
             while True:
                 # the pending token is decided: stream it, unless it ends the request
@@ -136,18 +144,17 @@ class VerifierService:
                 finish = gpb.FINISH_REASON_UNSPECIFIED
                 if draft is None:  # plain round: score the pending token alone
                     out = await self.backbone.Score(bpb.ScoreRequest(
-                        token_ids=[pending], start=committed_kv, commit=True, **ids))
+                        token_ids=[pending], start=committed_kv, commit=True, **scoring))
                     committed_kv += 1
-                    pending = int(sample(from_proto(out.logits), sampling, generator)[0])
+                    pending = self._sample(out, sampling, generator)
                 else:
                     n = len(draft.token_ids)
                     parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
                     out = await self.backbone.Score(bpb.ScoreRequest(
-                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **ids))
-                    logits = from_proto(out.logits)  # [n + 1, vocab]
-                    p = logits if sampling.greedy else probs(logits, sampling)  # greedy rules need only the argmax
-                    verdict = verify(draft, p, sampling, generator)
-                    await self.backbone.Commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
+                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **scoring))
+                    verdict = verify(draft, target(out, sampling), sampling, generator)
+                    await self.backbone.Commit(bpb.CommitRequest(
+                        path=[0, *(i + 1 for i in verdict.accepted)], **ids))
                     committed_kv += 1 + len(verdict.accepted)
                     length.update(self._depth(draft) if draft.parents else n, len(verdict.accepted))
                     stats.drafted_tokens += n
@@ -176,6 +183,13 @@ class VerifierService:
                     await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=req.request_id, method=method))
                 except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
                     log.debug("drafter release failed", exc_info=True)
+
+    @staticmethod
+    def _sample(out: bpb.ScoreResponse, sampling: Sampling, generator: torch.Generator) -> int:
+        """The next token from a Score call with one output position."""
+        if sampling.greedy:
+            return int(out.argmax[0])
+        return int(sample(from_proto(out.logits), sampling, generator)[0])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:

@@ -37,7 +37,8 @@ def ray_server(tmp_path_factory, redis_for_ray):
                         "backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2}},
     })
     temp = tmp_path_factory.mktemp("ray")
-    with RayServer(args, grpc_port=free_port(), num_cpus=2, temp_dir=str(temp)) as srv:
+    with RayServer(args, grpc_port=free_port(), num_cpus=2, temp_dir=str(temp),
+                   metrics_export_port=free_port()) as srv:
         srv.logs = temp / "session_latest" / "logs"
         yield srv
 
@@ -77,7 +78,26 @@ def test_streaming_and_errors_through_the_proxy(ray_client):
     assert ray_client.generate(prompt="Hi", max_tokens=4).stats.completion_tokens == 4
 
 
-def long_prompt(n_words: int = 700, seed: int = 0) -> str:
+def test_every_service_reports_metrics_through_ray(ray_server, ray_client):
+    """Gateway and backbone replicas record arserve's metrics as Ray
+    metrics; Ray's metrics agent serves them in Prometheus format."""
+    import urllib.request
+
+    ray_client.generate(prompt="one two three one two three one two", max_tokens=8, speculative="ngram")
+    url = f"http://127.0.0.1:{ray_server.metrics_export_port}/metrics"
+    wanted = ("ray_arserve_requests_total", "ray_arserve_time_to_first_token_seconds_bucket",
+              "ray_arserve_backbone_batch_requests_bucket", "ray_arserve_drafted_tokens_total")
+    body = ""
+    for _ in range(60):  # Ray reports metrics every few seconds
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        if all(w in body for w in wanted):
+            break
+        time.sleep(1)
+    missing = [w for w in wanted if w not in body]
+    assert not missing, f"not exported: {missing}"
+
+
+def long_prompt(n_words: int = 400, seed: int = 0) -> str:
     import random
 
     rng = random.Random(seed)
