@@ -1,0 +1,356 @@
+{{/*
+Names and labels (the usual Helm helpers), then arserve's own: the Redis
+URL, generated secrets, the Ray containers' environment, and the serve
+config that becomes the RayService's serveConfigV2.
+*/}}
+
+{{/* Chart name, 63 characters at most. */}}
+{{- define "arserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: release-chart, or the release alone when it already contains the
+chart name. KubeRay derives service names from it (<fullname>-head-svc), so
+it is cut to 40 characters to leave room for its suffixes.
+*/}}
+{{- define "arserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "arserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "arserve.labels" -}}
+helm.sh/chart: {{ include "arserve.chart" . }}
+{{ include "arserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels that select this release's pods (add app.kubernetes.io/component). */}}
+{{- define "arserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "arserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "arserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The five services, in the order of arserve.rayserve.config.SERVICES. */}}
+{{- define "arserve.services" -}}
+{{- list "gateway" "tokenizer" "verifier" "drafter" "backbone" | toJson }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Redis */}}
+
+{{- define "arserve.redis.name" -}}
+{{- printf "%s-redis" (include "arserve.fullname" .) }}
+{{- end }}
+
+{{/* In-cluster DNS name of the chart's Redis Service. */}}
+{{- define "arserve.redis.host" -}}
+{{- printf "%s.%s.svc" (include "arserve.redis.name" .) .Release.Namespace }}
+{{- end }}
+
+{{/* Secret (and key) that hold the password of the chart's Redis. */}}
+{{- define "arserve.redis.secretName" -}}
+{{- default (include "arserve.redis.name" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "arserve.redis.secretKey" -}}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecretPasswordKey }}
+{{- else -}}
+redis-password
+{{- end }}
+{{- end }}
+
+{{/*
+A generated secret value that stays put: the value already in the cluster
+(lookup; empty when rendering offline), else one generated once per render.
+Helm gives each template a shallow copy of .Values, so the generated value is
+remembered inside a nested values map (`holder`) that all templates share.
+Call with (dict "root" $ "holder" MAP "secret" NAME "key" KEY).
+*/}}
+{{- define "arserve.generated" -}}
+{{- if not (hasKey .holder "_generated") }}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret | default dict }}
+{{- $value := dig "data" .key "" $existing | b64dec }}
+{{- $_ := set .holder "_generated" (default (randAlphaNum 32) $value) }}
+{{- end }}
+{{- index .holder "_generated" }}
+{{- end }}
+
+{{/* Password of the chart's Redis when the chart owns its Secret. */}}
+{{- define "arserve.redis.password" -}}
+{{- if .Values.redis.auth.password }}
+{{- .Values.redis.auth.password }}
+{{- else }}
+{{- include "arserve.generated" (dict "root" . "holder" .Values.redis.auth "secret" (include "arserve.redis.name" .) "key" "redis-password") }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when replicas get a Redis tier at all. */}}
+{{- define "arserve.redis.configured" -}}
+{{- if or .Values.redis.enabled .Values.redis.externalUrl .Values.redis.externalSecret.name }}true{{ end }}
+{{- end }}
+
+{{/*
+The redis_url of the serve config. Call with (dict "root" $ "mask" BOOL);
+mask replaces the password with **** (for the ConfigMap copy).
+*/}}
+{{- define "arserve.redis.url" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- if not (include "arserve.redis.configured" $root) }}
+{{- else if eq $v.kv.redisUrlFrom "secretEnv" -}}
+env:ARSERVE_REDIS_URL
+{{- else if $v.redis.enabled }}
+{{- if $v.redis.auth.existingSecret }}
+{{- fail "redis.auth.existingSecret needs kv.redisUrlFrom=secretEnv: the chart cannot write a password it does not know into serveConfigV2" }}
+{{- end }}
+{{- $password := ternary "****" (include "arserve.redis.password" $root | urlquery) .mask }}
+{{- printf "redis://:%s@%s:6379/%d" $password (include "arserve.redis.host" $root) (int $v.redis.db) }}
+{{- else if $v.redis.externalSecret.name }}
+{{- fail "redis.externalSecret needs kv.redisUrlFrom=secretEnv: the chart cannot write a URL it does not know into serveConfigV2" }}
+{{- else }}
+{{- $url := $v.redis.externalUrl }}
+{{- if not (regexMatch "^rediss?://" $url) }}
+{{- fail (printf "redis.externalUrl must start with redis:// or rediss://, got %q" $url) }}
+{{- end }}
+{{- if .mask }}
+{{- regexReplaceAll "^(rediss?://[^:@/]*):[^@/]*@" $url "${1}:****@" }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* ----------------------------------------------------------------- Auth */}}
+
+{{- define "arserve.auth.secretName" -}}
+{{- default (printf "%s-auth" (include "arserve.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{- define "arserve.auth.secretKey" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecretKey }}
+{{- else -}}
+token
+{{- end }}
+{{- end }}
+
+{{- define "arserve.auth.token" -}}
+{{- if .Values.auth.token }}
+{{- .Values.auth.token }}
+{{- else }}
+{{- include "arserve.generated" (dict "root" . "holder" .Values.auth "secret" (include "arserve.auth.secretName" .) "key" "token") }}
+{{- end }}
+{{- end }}
+
+{{/* ------------------------------------------------------ Ray containers */}}
+
+{{/* Environment of every Ray container (head and workers). */}}
+{{- define "arserve.rayEnv" -}}
+{{- $v := .Values }}
+{{- if and (eq $v.kv.redisUrlFrom "secretEnv") (include "arserve.redis.configured" .) }}
+{{- if $v.redis.enabled }}
+# The kubelet composes the URL from the Secret-held password ($(VAR) expansion).
+- name: ARSERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "arserve.redis.secretName" . }}
+      key: {{ include "arserve.redis.secretKey" . }}
+- name: ARSERVE_REDIS_URL
+  value: {{ printf "redis://:$(ARSERVE_REDIS_PASSWORD)@%s:6379/%d" (include "arserve.redis.host" .) (int $v.redis.db) | quote }}
+{{- else }}
+- name: ARSERVE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (printf "%s-redis-url" (include "arserve.fullname" .)) $v.redis.externalSecret.name }}
+      key: {{ ternary $v.redis.externalSecret.key "url" (not (empty $v.redis.externalSecret.name)) }}
+{{- end }}
+{{- end }}
+{{- if $v.auth.enabled }}
+- name: ARSERVE_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "arserve.auth.secretName" . }}
+      key: {{ include "arserve.auth.secretKey" . }}
+{{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Ray container of a pod. Call with (dict "root" $ "name" NAME "resources"
+REQS "gpus" N "ports" PORTS).
+*/}}
+{{- define "arserve.rayContainer" -}}
+{{- $root := .root }}
+{{- $v := $root.Values -}}
+- name: {{ .name }}
+  image: {{ include "arserve.image" $root | quote }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  {{- with .ports }}
+  ports:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $env := include "arserve.rayEnv" $root | trim }}
+  {{- if $env }}
+  env:
+    {{- $env | nindent 4 }}
+  {{- end }}
+  {{- $resources := deepCopy (.resources | default dict) }}
+  {{- if .gpus }}
+  {{- $limits := $resources.limits | default dict }}
+  {{- $_ := set $limits "nvidia.com/gpu" (int .gpus) }}
+  {{- $_ := set $resources "limits" $limits }}
+  {{- end }}
+  {{- with $resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  lifecycle:
+    preStop:
+      exec:
+        command: ["/bin/sh", "-c", "ray stop"]
+  volumeMounts:
+    - name: ray-logs
+      mountPath: /tmp/ray
+    {{- with $v.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/* Pod-level fields shared by the head and the workers. */}}
+{{- define "arserve.rayPodSpec" -}}
+{{- $v := .root.Values -}}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: ray-logs
+    emptyDir: {}
+  {{- with $v.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* Pod metadata of a Ray pod. Call with (dict "root" $ "component" NAME). */}}
+{{- define "arserve.rayPodMetadata" -}}
+{{- $v := .root.Values -}}
+labels:
+  {{- include "arserve.selectorLabels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with $v.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $v.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+rayStartParams of the head (group "") or a worker group: its own, plus for a
+worker group the custom resource that steering.customResources pins
+deployments with. KubeRay types rayStartParams
+as map<string,string>; `resources` is shell-quoted JSON, the form that both
+`ray start` (through KubeRay's shell command) and the Ray autoscaler read.
+*/}}
+{{- define "arserve.startParams" -}}
+{{- $v := .root.Values }}
+{{- $params := dict }}
+{{- range $k, $val := .params }}{{ $_ := set $params $k (toString $val) }}{{ end }}
+{{- if and .group $v.steering.customResources }}
+{{- $_ := set $params "resources" (printf "\"{\\\"arserve_%s\\\": %d}\"" .group (int $v.steering.unitsPerPod)) }}
+{{- end }}
+{{- toYaml $params }}
+{{- end }}
+
+{{/* --------------------------------------------------------- Serve config */}}
+
+{{/*
+The Ray Serve config (deploy/serve_config.yaml's schema): Ray's sections plus
+the application's `args`, which arserve.rayserve.config.AppArgs validates.
+Call with (dict "root" $ "mask" BOOL).
+*/}}
+{{- define "arserve.serveConfig" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $deployments := dict }}
+{{- range $name := include "arserve.services" $root | fromJsonArray }}
+{{- $d := index $v $name }}
+{{- if not (hasKey $v.workerGroups $d.workerGroup) }}
+{{- fail (printf "%s.workerGroup %q is not a key of workerGroups" $name $d.workerGroup) }}
+{{- end }}
+{{- $group := index $v.workerGroups $d.workerGroup }}
+{{- if not $group.enabled }}
+{{- fail (printf "%s.workerGroup %q is disabled (workerGroups.%s.enabled)" $name $d.workerGroup $d.workerGroup) }}
+{{- end }}
+{{- if and $d.numGpus (not $group.gpus) }}
+{{- fail (printf "%s.numGpus is %v but its worker group %q has no GPUs (workerGroups.%s.gpus)" $name $d.numGpus $d.workerGroup $d.workerGroup) }}
+{{- end }}
+{{- $actor := dict "num_cpus" $d.numCpus }}
+{{- if $d.numGpus }}{{ $_ := set $actor "num_gpus" $d.numGpus }}{{ end }}
+{{- if $d.memory }}{{ $_ := set $actor "memory" (int64 $d.memory) }}{{ end }}
+{{- if $v.steering.customResources }}
+{{- $_ := set $actor "resources" (dict (printf "arserve_%s" $d.workerGroup) 1) }}
+{{- end }}
+{{- $opts := dict "num_replicas" (int $d.replicas) "ray_actor_options" $actor }}
+{{- if $d.torchThreads }}{{ $_ := set $opts "torch_threads" (int $d.torchThreads) }}{{ end }}
+{{- if and $v.autoscaling.enabled $d.autoscaling.enabled }}
+{{- $a := $d.autoscaling }}
+{{- if or (lt (int $d.replicas) (int $a.minReplicas)) (gt (int $d.replicas) (int $a.maxReplicas)) }}
+{{- fail (printf "%s.replicas (%d) must lie in %s.autoscaling minReplicas..maxReplicas (%d..%d) while it autoscales" $name (int $d.replicas) $name (int $a.minReplicas) (int $a.maxReplicas)) }}
+{{- end }}
+{{- $_ := set $opts "autoscaling" (dict "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_inflight" $a.targetInflight "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS) }}
+{{- end }}
+{{- $_ := set $deployments $name $opts }}
+{{- end }}
+{{- $model := dict "id" $v.model.id "source" $v.model.source "dtype" $v.model.dtype "default_max_tokens" (int $v.model.defaultMaxTokens) "speculative_methods" $v.model.speculativeMethods "default_speculative_method" $v.model.defaultSpeculativeMethod }}
+{{- with $v.model.draftModel }}{{ $_ := set $model "draft_model" . }}{{ end }}
+{{- $redisUrl := include "arserve.redis.url" (dict "root" $root "mask" .mask) }}
+{{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments }}
+{{- $args = mergeOverwrite $args (deepCopy $v.serve.extraArgs) }}
+{{- $app := dict "name" $v.serve.appName "route_prefix" "/" "import_path" "arserve.rayserve.app:build_app" "args" $args }}
+{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server") }}
+{{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
+{{- dict "proxy_location" $v.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app) | toYaml }}
+{{- end }}
