@@ -25,7 +25,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from arserve.rayserve.config import SERVICES, ActorOptions
+from arserve.rayserve.config import SERVICES, ActorOptions, AppArgs
 from arserve.rayserve.run import SERVICER, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,16 +224,15 @@ def test_ray_accepts_each_deployments_options():
     from ray.serve.schema import DeploymentSchema
 
     for values in VARIANTS.values():
-        args = AppArgs_from(values)
+        args = parsed_args(values)
         for name, options in args.deployment_options().items():
             DeploymentSchema.model_validate({"name": name, **options})
             if "autoscaling_config" in options:
                 AutoscalingConfig(**options["autoscaling_config"])
 
 
-def AppArgs_from(values: dict):  # noqa: N802 - reads as the model it returns
-    from arserve.rayserve.config import AppArgs
-
+def parsed_args(values: dict):
+    """The rendered args as arserve parses them."""
     return AppArgs.model_validate(app_args(serve_config(documents(values))))
 
 
@@ -312,8 +311,8 @@ def test_drafter_replicas_change_only_the_drafter_deployment():
     assert after == before
 
     # ... and, as parsed by arserve, only the drafter's options change.
-    o_before = AppArgs_from({}).deployment_options()
-    o_after = AppArgs_from({"drafter": {"replicas": 4}}).deployment_options()
+    o_before = parsed_args({}).deployment_options()
+    o_after = parsed_args({"drafter": {"replicas": 4}}).deployment_options()
     assert {k: v for k, v in o_after.items() if k != "drafter"} == {k: v for k, v in o_before.items() if k != "drafter"}
     assert o_after["drafter"] == {**o_before["drafter"], "num_replicas": 4}
 
