@@ -11,6 +11,7 @@ keeps serving while the model computes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..wire import to_proto
 
+log = logging.getLogger("arserve.backbone")
+
 
 @dataclass
 class RequestState:
@@ -34,6 +37,7 @@ class RequestState:
     tokens: list[int] = field(default_factory=list)  # committed token ids (names the KV blocks)
     scored_tokens: list[int] = field(default_factory=list)  # token ids of the last Score call
     stored_blocks: int = 0  # leading blocks already handed to the KV store
+    storing: list = field(default_factory=list)  # its KV stores still in flight (asyncio tasks)
 
 
 def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +112,7 @@ class BackboneService:
         self.kv_store = kv_store  # a TieredStore (process memory, Redis) or None
         self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
         self.requests: dict[tuple[str, str], RequestState] = {}
+        self._storing: set[asyncio.Task] = set()  # KV stores in flight
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
         self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name) for name, m in models.items()}
 
@@ -165,7 +170,7 @@ class BackboneService:
             state.tokens.extend(req.token_ids)
             state.committed = state.cache.length
             state.scored = 0
-            await self._store_blocks(req.model, state)
+            self._store_blocks(req.model, state)
         else:
             state.committed += len(context_ids)
             state.scored = n
@@ -197,8 +202,10 @@ class BackboneService:
         rest.outputs_from = req.outputs_from - reused
         return rest
 
-    async def _store_blocks(self, model: str, state: RequestState) -> None:
-        """Hand newly completed committed blocks to the KV tiers."""
+    def _store_blocks(self, model: str, state: RequestState) -> None:
+        """Hand newly completed committed blocks (copies) to the KV tiers, in
+        the background: a Score call never waits for Redis; the request's
+        Release does, so a finished request's blocks are there for the next."""
         space = self.spaces.get(model)
         if self.kv_store is None or space is None:
             return
@@ -208,7 +215,20 @@ class BackboneService:
         keys = block_keys(space, state.tokens[:full * space.block_size])
         new = {keys[i]: state.cache.block(i, space.block_size) for i in range(state.stored_blocks, full)}
         state.stored_blocks = full
-        await self.kv_store.store(new)
+        task = asyncio.create_task(self.kv_store.store(new))
+        self._storing.add(task)
+        task.add_done_callback(self._stored)
+        state.storing = [t for t in state.storing if not t.done()] + [task]
+
+    def _stored(self, task: asyncio.Task) -> None:
+        self._storing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("storing KV blocks failed: %r", task.exception())
+
+    async def flush(self) -> None:
+        """Wait for the KV blocks still being stored (tests, shutdown)."""
+        while self._storing:
+            await asyncio.gather(*self._storing, return_exceptions=True)
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))
@@ -221,9 +241,11 @@ class BackboneService:
         state.tokens.extend(state.scored_tokens[i] for i in path)
         state.committed = state.cache.length
         state.scored = 0
-        await self._store_blocks(req.model, state)
+        self._store_blocks(req.model, state)
         return pb.CommitResponse(length=state.committed)
 
     async def Release(self, req: pb.ReleaseRequest, context=None) -> pb.ReleaseResponse:
-        self.requests.pop((req.model, req.request_id), None)
+        state = self.requests.pop((req.model, req.request_id), None)
+        if state is not None and state.storing:
+            await asyncio.gather(*state.storing, return_exceptions=True)
         return pb.ReleaseResponse()

@@ -121,6 +121,7 @@ def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
         plain = BackboneService({"tiny": model})
         ref = await prefill(plain)
         first = await prefill(a)  # computes and stores 5 full blocks (40 positions)
+        await a.flush()
         second = await prefill(b)  # loads them from Redis, computes 5 positions
         assert stores[1].hits["redis"] == 5
         assert (first[0].cached, second[0].cached) == (0, 40)  # reported to the verifier
