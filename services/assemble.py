@@ -51,7 +51,7 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
     from .kvstore.redis_tier import RedisTier
     from .kvstore.tiers import TieredStore
 
-    redis = RedisTier(settings.redis_url, ttl_s=settings.kv_ttl_s) if settings.redis_url else None
+    redis = RedisTier(settings.resolved_redis_url(), ttl_s=settings.kv_ttl_s) if settings.redis_url else None
     spaces = {}
     for m in settings.models:
         c = config[m.id]

