@@ -247,5 +247,6 @@ class BackboneService:
     async def Release(self, req: pb.ReleaseRequest, context=None) -> pb.ReleaseResponse:
         state = self.requests.pop((req.model, req.request_id), None)
         if state is not None and state.storing:
-            await asyncio.gather(*state.storing, return_exceptions=True)
+            # shielded: a caller that gives up on Release must not cancel the stores
+            await asyncio.shield(asyncio.gather(*state.storing, return_exceptions=True))
         return pb.ReleaseResponse()

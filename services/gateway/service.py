@@ -46,6 +46,7 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
         arrived.set()
 
     task = asyncio.create_task(pump())
+    finished = False
     try:
         while True:
             while not pending:
@@ -64,9 +65,13 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
                 merged.finish_reason = nxt.finish_reason
                 merged.speculative.CopyFrom(nxt.speculative)
                 merged.cached_prompt_tokens += nxt.cached_prompt_tokens
+            finished = bool(merged.finish_reason)
             yield merged
     finally:
-        task.cancel()
+        if not finished:  # the caller left early: stop the verifier
+            task.cancel()
+        # after the last event the verifier releases the request's state (and its KV blocks reach
+        # the tiers) before its stream ends: the request completes after that, not before
         await asyncio.gather(task, return_exceptions=True)
         await events.aclose()
 

@@ -5,6 +5,7 @@ one. ``arserve serve --ray``, the benchmarks and the tests start it here;
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,9 @@ class RayServer:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
             else:
+                # Ray starts replicas at nice 15 (below its own daemons). On one shared machine that
+                # starves them against any ordinary process (the client included); run them at 0.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
                          _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"),
                          **({"_metrics_export_port": self.metrics_export_port} if self.metrics_export_port else {}))
