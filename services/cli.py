@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ def _model(args):
     from .settings import ModelSettings
 
     return ModelSettings(source=args.model, dtype=args.dtype, **({"id": args.model_id} if args.model_id else {}))
+
+
+def _client(args):
+    from arserve_client import Client
+
+    return Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls, root_certificates=args.ca)
 
 
 def cmd_serve(args) -> None:
@@ -30,7 +37,9 @@ def cmd_serve(args) -> None:
     try:
         from .settings import ServerSettings
 
-        asyncio.run(serve(ServerSettings(host=args.host, port=args.port, models=[_model(args)])))
+        asyncio.run(serve(ServerSettings(
+            host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key)))
     except KeyboardInterrupt:
         pass
 
@@ -61,7 +70,7 @@ def serve_ray(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from arserve_client import ArserveError, Client
+    from arserve_client import ArserveError
 
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    seed=args.seed, stop=args.stop or (), speculative=args.speculative, model=args.model_id or "")
@@ -69,7 +78,7 @@ def cmd_generate(args) -> None:
         inputs = dict(prompt=args.prompt)
     else:
         inputs = dict(messages=[{"role": "user", "content": args.chat}])
-    with Client(args.target, timeout=args.timeout) as client:
+    with _client(args) as client:
         try:
             if args.stream:
                 stats = None
@@ -92,9 +101,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from arserve_client import Client
-
-    with Client(args.target, timeout=args.timeout) as client:
+    with _client(args) as client:
         for m in client.models():
             default = " (default)" if m.is_default else ""
             print(f"{m.id}{default}: {m.kind}, {m.dtype}, context {m.context_length}, "
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--config", type=Path, default=None,
                    help="a Ray Serve config YAML (deploy/serve_config.yaml); implies --ray")
     s.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    s.add_argument("--token", default=None, help="require this bearer token (env:NAME reads a variable)")
+    s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     model_flags(s)
     s.set_defaults(func=cmd_serve)
@@ -138,6 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         g = sub.add_parser(name, help=hlp)
         g.add_argument("--target", default="localhost:50051", help="server address")
         g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        g.add_argument("--token", default=os.environ.get("ARSERVE_TOKEN"),
+                       help="bearer token (default: $ARSERVE_TOKEN)")
+        g.add_argument("--tls", action="store_true", help="connect over TLS (system roots)")
+        g.add_argument("--ca", default=None, help="PEM file of the CA (or self-signed certificate) to trust; "
+                       "implies --tls")
         if name == "generate":
             g.add_argument("chat", nargs="?", default=None, help="a user message (chat template applied)")
             g.add_argument("--prompt", default=None, help="raw prompt instead of a chat message")

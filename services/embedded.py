@@ -31,8 +31,7 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
                 service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None) -> None:
     """Serve until cancelled (or until ``stop`` is set)."""
     service = service or build(settings)
-    server, port = await start_server(service, settings.host, settings.port,
-                                      settings.max_concurrent_rpcs, settings.max_message_bytes)
+    server, port = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
     if on_port:
         on_port(port)

@@ -34,3 +34,7 @@ class Unavailable(ArserveError):
 
 class Unimplemented(ArserveError):
     code = "UNIMPLEMENTED"
+
+
+class Unauthenticated(ArserveError):
+    code = "UNAUTHENTICATED"

@@ -9,6 +9,7 @@ whichever service raised them.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Sequence
 
@@ -91,6 +92,46 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+def token_ok(metadata, token: str) -> bool:
+    """Whether call metadata carries ``authorization: Bearer <token>``
+    (constant-time comparison)."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            given = value.decode() if isinstance(value, bytes) else value
+            return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    return False
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Calls without the bearer token get UNAUTHENTICATED (health checks may
+    stay open, for load balancers and probes)."""
+
+    def __init__(self, token: str, open_prefixes: tuple[str, ...] = ()):
+        self.token = token
+        self.open_prefixes = open_prefixes
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.open_prefixes) or token_ok(details.invocation_metadata, self.token):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
+                                "(metadata 'authorization: Bearer <token>')")
+
+        async def deny_stream(request, context):
+            await deny(request, context)
+            yield  # pragma: no cover - abort raised above
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, request_deserializer=handler.request_deserializer,
+                                                        response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Channel and server options: tensors (logits, KV) travel, so both
     sides raise the 4 MB default."""
@@ -105,12 +146,18 @@ AddFn = Callable[[object, grpc.aio.Server], None]
 
 async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host: str, port: int,
                             max_concurrent_rpcs: int | None, max_message_bytes: int,
+                            auth_token: str | None = None, open_health: bool = True,
+                            tls: tuple[bytes, bytes] | None = None,
                             ) -> tuple[grpc.aio.Server, int, ServiceInterceptor]:
     """Serve ``services`` ((add_XServicer_to_server, servicer, full service
     name) each) with grpc.health.v1 and reflection; returns the server, the
-    bound port and the interceptor (for its in-flight count)."""
+    bound port and the interceptor (for its in-flight count). ``auth_token``:
+    calls must carry it; ``tls``: (certificate chain, private key) in PEM."""
     interceptor = ServiceInterceptor()
-    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(max_message_bytes),
+    interceptors: list[grpc.aio.ServerInterceptor] = [interceptor]
+    if auth_token:
+        interceptors.insert(0, AuthInterceptor(auth_token, (f"/{health.SERVICE_NAME}/",) if open_health else ()))
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(max_message_bytes),
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     for add, servicer, _ in services:
         add(servicer, server)
@@ -118,7 +165,10 @@ async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [name for _, _, name in services]
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -61,6 +61,18 @@ class ModelSettings(BaseModel):
         return path
 
 
+def from_env(field: str, value: str | None) -> str | None:
+    """``value``, or the environment variable it names as env:NAME (secrets
+    stay out of config files)."""
+    if value is None or not value.startswith("env:"):
+        return value
+    name = value.removeprefix("env:")
+    found = os.environ.get(name)
+    if not found:
+        raise ValueError(f"{field} is {value!r} but the environment variable {name} is not set")
+    return found
+
+
 class ServiceSettings(BaseModel):
     """What every wiring shares: the models, speculation defaults and KV tiers."""
 
@@ -91,15 +103,17 @@ class ServiceSettings(BaseModel):
 
     def resolved_redis_url(self) -> str | None:
         """redis_url with env:NAME replaced by that variable's value."""
-        url = self.redis_url
-        if url is None or not url.startswith("env:"):
-            return url
-        name = url.removeprefix("env:")
-        value = os.environ.get(name)
-        if not value:
-            raise ValueError(f"redis_url is {url!r} but the environment variable {name} is not set")
-        return value
+        return from_env("redis_url", self.redis_url)
+
+    def resolved_auth_token(self) -> str | None:
+        return from_env("auth_token", self.auth_token)
     kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
+    auth_token: str | None = Field(None, description="Bearer token the public API requires "
+                                   "(metadata 'authorization: Bearer <token>'), or env:NAME to read it from "
+                                   "the environment; None: no authentication.")
+    auth_open_health: bool = Field(True, description="Let grpc.health.v1 checks through without a token.")
+    max_prompt_bytes: int = Field(1 << 20, gt=0, description="Largest prompt (UTF-8 bytes, all messages "
+                                  "together); larger requests get INVALID_ARGUMENT before tokenizing.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServiceSettings":
@@ -114,3 +128,14 @@ class ServerSettings(ServiceSettings):
 
     host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="Public gRPC port (0 picks a free one).")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS (with tls_key_file).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for f in (self.tls_cert_file, self.tls_key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f} does not exist")
+        return self

@@ -1,5 +1,6 @@
 """The public gRPC server: ``arserve.v1.Generation`` with grpc.health.v1
-and server reflection (``arserve.rpc`` does the plumbing)."""
+and server reflection, optionally behind a bearer token and TLS
+(``arserve.rpc`` does the plumbing)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import grpc
 from arserve_client.v1 import generation_pb2, generation_pb2_grpc
 
 from ..rpc import service_name, start_grpc_server
+from ..settings import ServerSettings
 
 
-async def start_server(service: generation_pb2_grpc.GenerationServicer, host: str, port: int,
-                       max_concurrent_rpcs: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """Start the public server; returns it and the bound port."""
+async def start_server(service: generation_pb2_grpc.GenerationServicer,
+                       settings: ServerSettings) -> tuple[grpc.aio.Server, int]:
+    """Start the public server (token authentication and TLS when the
+    settings ask for them); returns it and the bound port."""
+    tls = None
+    if settings.tls_cert_file:
+        tls = (settings.tls_cert_file.read_bytes(), settings.tls_key_file.read_bytes())
     server, bound, _ = await start_grpc_server(
         [(generation_pb2_grpc.add_GenerationServicer_to_server, service,
           service_name(generation_pb2, "Generation"))],
-        host, port, max_concurrent_rpcs, max_message_bytes)
+        settings.host, settings.port, settings.max_concurrent_rpcs, settings.max_message_bytes,
+        auth_token=settings.resolved_auth_token(), open_health=settings.auth_open_health, tls=tls)
     return server, bound

@@ -24,7 +24,7 @@ from ..errors import ArserveError, InvalidArgument
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .stops import StopMatcher
-from .validate import check_request, resolve_max_tokens, resolve_model
+from .validate import check_request, check_size, resolve_max_tokens, resolve_model
 
 
 async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb.VerifyEvent]:
@@ -144,6 +144,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def _generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         t0 = time.perf_counter()
+        check_size(req, self.settings.max_prompt_bytes)
         model = resolve_model(req, self.models, self.default_model)
         check_request(req, model)
         request_id = req.request_id or uuid.uuid4().hex

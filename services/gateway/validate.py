@@ -24,6 +24,13 @@ def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], def
     return models[name]
 
 
+def check_size(req: pb.GenerateRequest, max_prompt_bytes: int) -> None:
+    """Refuse an oversized prompt before any work is spent on it."""
+    size = len(req.prompt.encode()) + sum(len(m.content.encode()) + len(m.role.encode()) for m in req.messages)
+    if size > max_prompt_bytes:
+        raise InvalidArgument(f"prompt is {size} bytes; this server takes at most {max_prompt_bytes}")
+
+
 def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     """Everything that can be checked before tokenizing."""
     if not req.prompt and not req.messages:

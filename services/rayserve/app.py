@@ -34,7 +34,8 @@ from arserve_client.v1 import (
 )
 
 from .. import assemble, metrics
-from ..rpc import service_name, status_of
+from ..errors import Unauthenticated
+from ..rpc import service_name, status_of, token_ok
 from .config import AppArgs
 from .directory import Directory, Peers, Remote
 from .replica import ServiceReplica
@@ -120,9 +121,17 @@ class Gateway:
         tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
         self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier)
+        self.token = args.resolved_auth_token()
+
+    def _authenticate(self, grpc_context) -> None:
+        """The bearer token, when the settings ask for one (Ray's proxy hands
+        the call's metadata over in ``grpc_context``)."""
+        if self.token and not token_ok(grpc_context.invocation_metadata() if grpc_context else (), self.token):
+            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 
     async def Generate(self, request, grpc_context=None):
         try:
+            self._authenticate(grpc_context)
             return await self.service.Generate(request)
         except Exception as e:
             _fail(grpc_context, e)
@@ -130,6 +139,7 @@ class Gateway:
 
     async def GenerateStream(self, request, grpc_context=None):
         try:
+            self._authenticate(grpc_context)
             async for chunk in self.service.GenerateStream(request):
                 yield chunk
         except Exception as e:
@@ -137,7 +147,12 @@ class Gateway:
             raise
 
     async def ListModels(self, request, grpc_context=None):
-        return await self.service.ListModels(request)
+        try:
+            self._authenticate(grpc_context)
+            return await self.service.ListModels(request)
+        except Exception as e:
+            _fail(grpc_context, e)
+            raise
 
 
 def drafting(args: AppArgs) -> bool:

@@ -16,6 +16,19 @@ _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
+def _channel_args(token: str | None, tls: bool, root_certificates: bytes | str | None,
+                  metadata: list[tuple[str, str]] | None) -> tuple[grpc.ChannelCredentials | None, list]:
+    """Credentials (None: plaintext) and per-call metadata (the bearer token rides there)."""
+    metadata = list(metadata or [])
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    if isinstance(root_certificates, str):
+        with open(root_certificates, "rb") as f:
+            root_certificates = f.read()
+    creds = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
+    return creds, metadata
+
+
 class Client:
     """Blocking client::
 
@@ -25,16 +38,21 @@ class Client:
             print(chunk.text, end="")
 
     Options of ``generate``/``stream`` are those of ``build_request``;
-    ``timeout`` is a per-call deadline in seconds. Failures raise
-    ``ArserveError`` subclasses carrying the gRPC status.
+    ``timeout`` is a per-call deadline in seconds; ``token`` a bearer token
+    for a server that requires one; ``tls`` (or ``root_certificates``, PEM
+    bytes or a file path, for a private CA or a self-signed server) connects
+    over TLS. Failures raise ``ArserveError`` subclasses carrying the gRPC
+    status.
     """
 
     def __init__(self, target: str = "localhost:50051", timeout: float | None = None,
-                 metadata: list[tuple[str, str]] | None = None):
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+                 metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None):
+        creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
+        self.channel = (grpc.secure_channel(target, creds, options=_OPTIONS) if creds
+                        else grpc.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
-        self.metadata = metadata or []
 
     def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
         try:
@@ -76,11 +94,13 @@ class AsyncClient:
     ``async for chunk in stream(...)``)."""
 
     def __init__(self, target: str = "localhost:50051", timeout: float | None = None,
-                 metadata: list[tuple[str, str]] | None = None):
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+                 metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None):
+        creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
+        self.channel = (grpc.aio.secure_channel(target, creds, options=_OPTIONS) if creds
+                        else grpc.aio.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
-        self.metadata = metadata or []
 
     async def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
         try:

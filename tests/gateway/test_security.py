@@ -1,0 +1,96 @@
+"""Who gets in and what they may send: bearer tokens, TLS, size limits, and
+a cancelled stream leaves nothing behind. The servers here share the
+session server's services (one copy of the model), each with its own
+public settings."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from arserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
+from arserve.embedded import EmbeddedServer
+from arserve.gateway.service import GenerationService
+from arserve.settings import ServerSettings
+
+
+def public(server, **options) -> EmbeddedServer:
+    """Another public server (its own settings) in front of the session
+    server's tokenizer and verifier."""
+    settings = ServerSettings(port=0, models=server.settings.models, **options)
+    s = server.service
+    return EmbeddedServer(settings, service=GenerationService(settings, s.tokenizer, s.verifier, s.windows))
+
+
+def test_a_token_is_required_when_configured(server):
+    with public(server, auth_token="s3cret-token") as srv:
+        for client in (Client(srv.target), Client(srv.target, token="wrong")):
+            with client, pytest.raises(Unauthenticated, match="bearer token"):
+                client.generate(prompt="Hi", max_tokens=2)
+            with Client(srv.target, token="wrong") as c, pytest.raises(Unauthenticated):
+                list(c.stream(prompt="Hi", max_tokens=2))
+            with Client(srv.target) as c, pytest.raises(Unauthenticated):
+                c.models()
+        with Client(srv.target, token="s3cret-token") as c:
+            assert c.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2
+        with grpc.insecure_channel(srv.target) as channel:  # health checks stay open for probes
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def self_signed(tmp_path) -> tuple:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls_with_the_sdk(server, tmp_path):
+    cert, key = self_signed(tmp_path)
+    with public(server, tls_cert_file=cert, tls_key_file=key, auth_token="t0ken") as srv:
+        target = f"localhost:{srv.port}"
+        with Client(target, root_certificates=str(cert), token="t0ken", timeout=120) as c:
+            assert c.generate(prompt="Hi", max_tokens=3).stats.completion_tokens == 3
+        with Client(target, timeout=5) as plain, pytest.raises(Unavailable):
+            plain.generate(prompt="Hi", max_tokens=1)
+
+
+def test_oversized_requests_are_refused(server):
+    with public(server, max_prompt_bytes=10_000, max_message_bytes=1 << 20) as srv, Client(srv.target) as c:
+        with pytest.raises(InvalidArgument, match="prompt is 20000 bytes"):
+            c.generate(prompt="x" * 20_000, max_tokens=1)
+        with pytest.raises(ResourceExhausted):
+            c.generate(prompt="x" * (2 << 20), max_tokens=1)
+        assert c.generate(prompt="Hi", max_tokens=1).stats.completion_tokens == 1
+
+
+def test_a_cancelled_stream_frees_its_kv_cache_and_drafter_state(server, client):
+    verifier = server.service.verifier
+    backbone, drafter = verifier.backbone, verifier.drafter
+    stream = client.stream(prompt="one two three four one two three four one two", max_tokens=200,
+                           speculative="ngram")
+    next(stream), next(stream)
+    assert backbone.requests  # the request holds a KV cache
+    stream.close()  # the client goes away mid-stream
+    deadline = time.time() + 10
+    while (backbone.requests or drafter.contexts) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not backbone.requests and not drafter.contexts
