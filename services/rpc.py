@@ -55,10 +55,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 status = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
             await context.abort(*status)
 
+        # Requests are parsed here rather than by grpc, so bytes that do not
+        # parse get INVALID_ARGUMENT with the parser's message (not UNKNOWN).
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+
+        async def parse(raw: bytes, context):
+            try:
+                return deserialize(raw)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {e}")
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(raw, context):
+                request = await parse(raw, context)
                 self.inflight += 1
                 try:
                     return await inner(request, context)
@@ -70,12 +81,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     self.inflight -= 1
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                unary_unary, response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream
 
-        async def unary_stream(request, context):
+        async def unary_stream(raw, context):
+            request = await parse(raw, context)
             self.inflight += 1
             try:
                 async for item in inner_stream(request, context):
@@ -88,8 +99,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self.inflight -= 1
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            unary_stream, response_serializer=handler.response_serializer)
 
 
 def token_ok(metadata, token: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from arserve_client.v1 import generation_pb2 as pb
@@ -18,21 +18,23 @@ ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.Sta
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
 EXAMPLES = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
-floats = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1.0, 2.0]))
-u32 = st.one_of(st.integers(0, 20), st.integers(0, 2**32 - 1))
+# Mostly plausible values (so that many requests run), with hostile ones mixed in.
+floats = st.one_of(st.none(), st.none(), st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+                   st.floats(allow_nan=True, allow_infinity=True))
+u32 = st.one_of(st.integers(0, 16), st.integers(0, 16), st.integers(0, 2**32 - 1))
 
 
 @st.composite
 def requests(draw) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(model=draw(st.sampled_from(["", "smollm2-135m-instruct", "nope", "\x00" * 3])),
+    req = pb.GenerateRequest(model=draw(st.sampled_from(["", "", "", "smollm2-135m-instruct", "nope", "\x00" * 3])),
                              request_id=draw(st.text(max_size=40)))
     if draw(st.booleans()):
         req.prompt = draw(st.text(max_size=60))
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.sampled_from([0, 0, 1, 3]))):
         req.messages.add(role=draw(st.sampled_from(["user", "assistant", "system", "", "root", "tool"])),
                          content=draw(st.text(max_size=40)))
     s = req.sampling
-    s.max_tokens = draw(st.sampled_from([0, 1, 2, 8193, 2**31 - 1, 2**32 - 1]))  # never the 256-token default
+    s.max_tokens = draw(st.sampled_from([1, 1, 2, 2, 0, 8193, 2**32 - 1]))  # never the 256-token default
     for field in ("temperature", "top_p"):
         value = draw(floats)
         if value is not None:
@@ -41,9 +43,9 @@ def requests(draw) -> pb.GenerateRequest:
         s.top_k = draw(u32)
     if draw(st.booleans()):
         s.seed = draw(st.integers(0, 2**64 - 1))
-    s.stop.extend(draw(st.lists(st.text(max_size=90), max_size=20)))
+    s.stop.extend(draw(st.one_of(st.just([]), st.lists(st.text(max_size=90), max_size=20))))
     sp = req.speculative
-    sp.method = draw(st.sampled_from(["", "none", "ngram", "draft_model", "medusa", "x" * 300]))
+    sp.method = draw(st.sampled_from(["", "", "none", "ngram", "ngram", "draft_model", "medusa", "x" * 300]))
     if draw(st.booleans()):
         sp.num_draft_tokens = draw(u32)
     if draw(st.booleans()):
@@ -65,7 +67,9 @@ def check(call, req: pb.GenerateRequest) -> None:
     except grpc.RpcError as e:
         assert e.code() in ALLOWED, f"{e.code()}: {e.details()} for {req}"
         assert e.details(), f"{e.code()} without a message for {req}"
+        event(e.code().name)
         return
+    event("OK")
     tokens = out.usage.completion_tokens if hasattr(out, "usage") else None
     if tokens is not None:
         assert tokens <= req.sampling.max_tokens
@@ -105,7 +109,7 @@ def test_raw_bytes_on_the_wire_get_a_status(stub, data, method):
         if method == "GenerateStream":
             list(out)
     except grpc.RpcError as e:
-        assert e.code() in ALLOWED | {grpc.StatusCode.INTERNAL}, e.code()
+        assert e.code() in ALLOWED, (e.code(), e.details())
         assert e.details()
 
 
