@@ -112,6 +112,8 @@ class ServiceSettings(BaseModel):
                                    "(metadata 'authorization: Bearer <token>'), or env:NAME to read it from "
                                    "the environment; None: no authentication.")
     auth_open_health: bool = Field(True, description="Let grpc.health.v1 checks through without a token.")
+    max_active_requests: int = Field(256, gt=0, description="Requests running at once; past it a new request "
+                                     "gets RESOURCE_EXHAUSTED at once (admitted ones finish).")
     max_prompt_bytes: int = Field(1 << 20, gt=0, description="Largest prompt (UTF-8 bytes, all messages "
                                   "together); larger requests get INVALID_ARGUMENT before tokenizing.")
 

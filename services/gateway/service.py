@@ -20,7 +20,7 @@ from arserve_client.v1 import tokenizer_pb2 as tpb
 from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import metrics
-from ..errors import ArserveError, InvalidArgument
+from ..errors import ArserveError, InvalidArgument, ResourceExhausted
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .stops import StopMatcher
@@ -84,6 +84,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.tokenizer = tokenizer  # async Encode / DecodeIncremental
         self.verifier = verifier  # async-iterator Run
         self.windows = windows  # model id -> context window in tokens
+        self.active = 0  # requests admitted and not finished
 
     async def ListModels(self, req: pb.ListModelsRequest, context=None) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
@@ -116,6 +117,11 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         default = self.models.get(model_id)
         method = req.speculative.method or (default.default_speculative_method if default else "none")
         outcome = "cancelled"
+        if self.active >= self.settings.max_active_requests:
+            metrics.REQUESTS.labels(model_id, method, "resource_exhausted").inc()
+            raise ResourceExhausted(f"{self.active} requests are running, the most this server admits "
+                                    f"(max_active_requests); retry later")
+        self.active += 1
         try:
             async for chunk in self._generate(req):
                 if chunk.finish_reason:
@@ -129,6 +135,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             outcome = "internal"
             raise
         finally:
+            self.active -= 1
             metrics.REQUESTS.labels(model_id, method, outcome).inc()
 
     @staticmethod

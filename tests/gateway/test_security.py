@@ -12,7 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from arserve_client import Client, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
+from arserve_client import (Client, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated,
+                            Unavailable)
 from arserve.embedded import EmbeddedServer
 from arserve.gateway.service import GenerationService
 from arserve.settings import ServerSettings
@@ -94,3 +95,29 @@ def test_a_cancelled_stream_frees_its_kv_cache_and_drafter_state(server, client)
     while (backbone.requests or drafter.contexts) and time.time() < deadline:
         time.sleep(0.05)
     assert not backbone.requests and not drafter.contexts
+
+
+def test_past_the_admission_limit_requests_are_refused_at_once(server):
+    with public(server, max_active_requests=1) as srv, Client(srv.target, timeout=300) as c:
+        running = c.stream(prompt="Count slowly from one to one hundred.", max_tokens=40)
+        first = next(running)
+        t = time.time()
+        with pytest.raises(ResourceExhausted, match="max_active_requests"):
+            c.generate(prompt="Hi", max_tokens=1)
+        assert time.time() - t < 2  # refused, not queued
+        rest = list(running)  # the admitted request finishes
+        assert (rest[-1] if rest else first).stats.completion_tokens == 40
+        assert c.generate(prompt="Hi", max_tokens=1).stats.completion_tokens == 1
+
+
+def test_the_client_deadline_is_honoured_and_frees_the_request(server):
+    backbone = server.service.verifier.backbone
+    with Client(server.target, timeout=0.5) as c:
+        t = time.time()
+        with pytest.raises(DeadlineExceeded):
+            c.generate(prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=500, speculative="none")
+        assert time.time() - t < 5
+    deadline = time.time() + 10
+    while backbone.requests and time.time() < deadline:
+        time.sleep(0.05)
+    assert not backbone.requests
