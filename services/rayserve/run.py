@@ -80,9 +80,7 @@ class RayServer:
                 # Ray starts replicas at nice 15 (below its own daemons). On one shared machine that
                 # starves them against any ordinary process (the client included); run them at 0.
                 os.environ.setdefault("RAY_worker_niceness", "0")
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"),
-                         **({"_metrics_export_port": self.metrics_export_port} if self.metrics_export_port else {}))
+                self._init_local_ray()
             self._started_ray = True
         serve.start(proxy_location="HeadOnly",
                     grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
@@ -90,6 +88,21 @@ class RayServer:
         serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
         log.info("arserve on Ray Serve: gRPC %s (%.0fs to start)", self.target, time.perf_counter() - t)
         return self
+
+    def _init_local_ray(self, attempts: int = 3) -> None:
+        """ray.init, tried again when the node does not come up in time (Ray
+        gives its raylet a fixed 30 s, which a busy small machine can miss)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=self.temp_dir or tempfile.mkdtemp(prefix="arserve-ray-"),
+                         **({"_metrics_export_port": self.metrics_export_port} if self.metrics_export_port else {}))
+                return
+            except Exception as e:  # noqa: BLE001 - Ray raises plain Exception/RuntimeError here
+                ray.shutdown()
+                if attempt == attempts:
+                    raise
+                log.warning("local Ray did not start (%s); trying again (%d/%d)", e, attempt + 1, attempts)
 
     def stop(self) -> None:
         try:

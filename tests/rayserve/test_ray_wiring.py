@@ -119,6 +119,26 @@ def test_a_prefix_computed_on_one_backbone_is_served_from_redis_on_the_other(ray
         assert again.stats.time_to_first_token_s < first.stats.time_to_first_token_s
 
 
+def test_a_drafter_killed_mid_stream_costs_no_request(ray_client, plain_greedy):
+    """The verifier falls back to plain rounds while the drafter is gone
+    (Ray restarts it); the output is still exactly plain greedy."""
+    import ray
+
+    prompt = next(p for p in bench_prompts() if p["category"] == "copy")
+    stream = ray_client.stream(messages=prompt["messages"], max_tokens=64, temperature=0.0, speculative="ngram")
+    chunks = [next(stream)]
+    drafters = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "#drafter#" in a["name"]]
+    assert drafters, "no drafter replica found"
+    for a in drafters:
+        ray.kill(ray.get_actor(a["name"], namespace="serve"), no_restart=False)
+    chunks += list(stream)
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == list(plain_greedy[prompt["id"]].token_ids)
+    later = ray_client.generate(messages=prompt["messages"], max_tokens=64, temperature=0.0, speculative="ngram")
+    assert list(later.token_ids) == tokens  # served again (by the restarted drafter or plain rounds)
+
+
 def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_client, redis_for_ray):
     redis_for_ray.stop()
     outs = [ray_client.generate(prompt=long_prompt(seed=s), max_tokens=8) for s in (1, 2, 1, 2)]
@@ -132,3 +152,10 @@ def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_
             warnings[f.name] = n
     assert warnings, "no backbone replica warned that Redis is down"
     assert all(n == 1 for n in warnings.values()), warnings
+
+    redis_for_ray.start()  # back on the same port: the tiers reconnect by themselves
+    time.sleep(1.5)  # past the tiers' retry interval
+    prompt = long_prompt(seed=3)
+    ray_client.generate(prompt=prompt, max_tokens=8)  # computed, stored again
+    again = [ray_client.generate(prompt=prompt, max_tokens=8) for _ in range(2)]
+    assert all(a.stats.cached_prompt_tokens > 0 for a in again)
