@@ -70,11 +70,17 @@ class ForwardBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.queue: list[tuple[ScoreItem, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves now
         self.forwards = 0  # forwards run (for tests and metrics)
         self.batched_items = 0  # items scored
 
     async def score(self, item: ScoreItem) -> torch.Tensor:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # futures and the worker task belong to one loop at a time
+            if self.queue or (self.worker is not None and not self.worker.done()):
+                raise RuntimeError("the backbone is serving another event loop; call it from one loop")
+            self.loop, self.worker = loop, None
+        future = loop.create_future()
         self.queue.append((item, future))
         self.queue_depth.set(len(self.queue))
         if self.worker is None or self.worker.done():

@@ -35,7 +35,7 @@ from arserve_client.v1 import (
 
 from .. import assemble, metrics
 from ..errors import Unauthenticated
-from ..rpc import service_name, status_of, token_ok
+from ..rpc import status_of, token_ok
 from .config import AppArgs
 from .directory import Directory, Peers, Remote
 from .replica import ServiceReplica
@@ -54,52 +54,36 @@ def _remote(args: AppArgs, directory, service: str, stub, sticky: bool = False) 
 
 
 class Tokenizer(ServiceReplica):
-    service = "tokenizer"
+    service, proto = "tokenizer", (tokenizer_pb2, tokenizer_pb2_grpc, "Tokenizer")
 
-    async def __init__(self, args: dict, directory):
-        args = AppArgs.model_validate(args)
-        servicer = assemble.tokenizer(args)
-        await self.start_serving(
-            [(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer, service_name(tokenizer_pb2, "Tokenizer"))],
-            directory, args.grpc_bind_host, args.max_message_bytes)
+    def build(self, args: AppArgs, directory):
+        return assemble.tokenizer(args)
 
 
 class Backbone(ServiceReplica):
-    service = "backbone"
+    service, proto = "backbone", (backbone_pb2, backbone_pb2_grpc, "Backbone")
 
-    async def __init__(self, args: dict, directory):
-        args = AppArgs.model_validate(args)
+    def build(self, args: AppArgs, directory):
         _threads(args, self.service)
-        servicer = assemble.backbone(args)
-        await self.start_serving(
-            [(backbone_pb2_grpc.add_BackboneServicer_to_server, servicer, service_name(backbone_pb2, "Backbone"))],
-            directory, args.grpc_bind_host, args.max_message_bytes)
+        return assemble.backbone(args)
 
 
 class Drafter(ServiceReplica):
-    service = "drafter"
+    service, proto = "drafter", (drafter_pb2, drafter_pb2_grpc, "Drafter")
 
-    async def __init__(self, args: dict, directory):
-        args = AppArgs.model_validate(args)
+    def build(self, args: AppArgs, directory):
         _threads(args, self.service)
-        servicer = assemble.drafter(args, assemble.configs(args))
-        await self.start_serving(
-            [(drafter_pb2_grpc.add_DrafterServicer_to_server, servicer, service_name(drafter_pb2, "Drafter"))],
-            directory, args.grpc_bind_host, args.max_message_bytes)
+        return assemble.drafter(args, assemble.configs(args))
 
 
 class Verifier(ServiceReplica):
-    service = "verifier"
+    service, proto = "verifier", (verifier_pb2, verifier_pb2_grpc, "Verifier")
 
-    async def __init__(self, args: dict, directory):
-        args = AppArgs.model_validate(args)
+    def build(self, args: AppArgs, directory):
         backbone = _remote(args, directory, "backbone", backbone_pb2_grpc.BackboneStub, sticky=True)
         drafter = (_remote(args, directory, "drafter", drafter_pb2_grpc.DrafterStub, sticky=True)
                    if drafting(args) else None)
-        servicer = assemble.verifier(args, assemble.configs(args), backbone, drafter)
-        await self.start_serving(
-            [(verifier_pb2_grpc.add_VerifierServicer_to_server, servicer, service_name(verifier_pb2, "Verifier"))],
-            directory, args.grpc_bind_host, args.max_message_bytes)
+        return assemble.verifier(args, assemble.configs(args), backbone, drafter)
 
 
 def _fail(grpc_context, e: Exception) -> None:

@@ -12,16 +12,31 @@ import ray
 from ray import serve
 
 from .. import metrics
-from ..rpc import start_grpc_server
+from ..rpc import service_name, start_grpc_server
+from .config import AppArgs
 from .directory import HEARTBEAT_S
 
 log = logging.getLogger("arserve.rayserve")
 
 
 class ServiceReplica:
-    """Mixin for the deployments of internal services."""
+    """Base of the deployments of internal services: a subclass names its
+    service and proto, and builds its servicer."""
 
     service = ""  # the name in the directory: tokenizer, verifier, drafter, backbone
+    proto: tuple = ()  # (X_pb2, X_pb2_grpc, service name in the .proto)
+
+    def build(self, args: AppArgs, directory):
+        """The servicer (an object with the service's methods)."""
+        raise NotImplementedError
+
+    async def __init__(self, args: dict, directory):
+        args = AppArgs.model_validate(args)
+        servicer = self.build(args, directory)
+        pb2, pb2_grpc, name = self.proto
+        add = getattr(pb2_grpc, f"add_{name}Servicer_to_server")
+        await self.start_serving([(add, servicer, service_name(pb2, name))], directory, args.grpc_bind_host,
+                                 args.max_message_bytes)
 
     async def start_serving(self, services, directory, bind_host: str, max_message_bytes: int) -> None:
         """services: ((add_XServicer_to_server, servicer, full name), ...)."""

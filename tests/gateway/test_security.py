@@ -5,6 +5,7 @@ public settings."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 
@@ -14,17 +15,51 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from arserve_client import (Client, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated,
                             Unavailable)
-from arserve.embedded import EmbeddedServer
+from arserve.gateway.server import start_server
 from arserve.gateway.service import GenerationService
 from arserve.settings import ServerSettings
 
 
-def public(server, **options) -> EmbeddedServer:
+class public:
     """Another public server (its own settings) in front of the session
-    server's tokenizer and verifier."""
-    settings = ServerSettings(port=0, models=server.settings.models, **options)
-    s = server.service
-    return EmbeddedServer(settings, service=GenerationService(settings, s.tokenizer, s.verifier, s.windows))
+    server's tokenizer and verifier, on the session server's event loop
+    (the services' asyncio state belongs to that loop)."""
+
+    def __init__(self, server, delay_s: float = 0.0, **options):
+        self.server, self.delay_s = server, delay_s
+        self.settings = ServerSettings(**{"port": 0, "models": server.settings.models, **options})
+        s = server.service
+        self.service = GenerationService(self.settings, s.tokenizer, s.verifier, s.windows)
+        self.grpc_server, self.port = None, self.settings.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.server._loop).result(timeout)
+
+    async def _start(self):
+        await asyncio.sleep(self.delay_s)
+        self.grpc_server, self.port = await start_server(self.service, self.settings)
+
+    def start(self) -> "public":
+        if self.delay_s:  # comes up later, while a client is already trying
+            asyncio.run_coroutine_threadsafe(self._start(), self.server._loop)
+        else:
+            self._run(self._start())
+        return self
+
+    def stop(self) -> None:
+        if self.grpc_server is not None:
+            self._run(self.grpc_server.stop(grace=1))
+            self.grpc_server = None
+
+    def __enter__(self) -> "public":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def test_a_token_is_required_when_configured(server):
@@ -121,3 +156,21 @@ def test_the_client_deadline_is_honoured_and_frees_the_request(server):
     while backbone.requests and time.time() < deadline:
         time.sleep(0.05)
     assert not backbone.requests
+
+
+def test_the_sdk_retries_a_replayable_request_until_the_server_is_up(server):
+    from arserve.rayserve.run import free_port
+
+    port = free_port()
+    srv = public(server, delay_s=0.5, port=port).start()  # comes up while the client retries
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60, retries=6) as c:
+            assert c.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2  # greedy: retried
+        srv.stop()
+        with Client(f"127.0.0.1:{port}", timeout=60, retries=6) as c:
+            t = time.time()
+            with pytest.raises(Unavailable):  # sampled without a seed: not replayed
+                c.generate(prompt="Hi", max_tokens=2, temperature=0.8)
+            assert time.time() - t < 1
+    finally:
+        srv.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Iterator
 
 import grpc
@@ -29,6 +30,16 @@ def _channel_args(token: str | None, tls: bool, root_certificates: bytes | str |
     return creds, metadata
 
 
+def replayable(req: pb.GenerateRequest) -> bool:
+    """Whether sending the request again gives the same answer: greedy (an
+    unset temperature is greedy) or seeded. Only such requests are retried."""
+    s = req.sampling
+    return not s.HasField("temperature") or s.temperature == 0 or s.HasField("seed")
+
+
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)  # the server was not reached or went away
+
+
 class Client:
     """Blocking client::
 
@@ -41,25 +52,37 @@ class Client:
     ``timeout`` is a per-call deadline in seconds; ``token`` a bearer token
     for a server that requires one; ``tls`` (or ``root_certificates``, PEM
     bytes or a file path, for a private CA or a self-signed server) connects
-    over TLS. Failures raise ``ArserveError`` subclasses carrying the gRPC
-    status.
+    over TLS. ``retries``: a greedy or seeded ``generate`` that finds the
+    server UNAVAILABLE is sent again (exponential backoff from 0.2 s, within
+    ``timeout``), since it gives the same answer; sampled ones are not.
+    Failures raise ``ArserveError`` subclasses carrying the gRPC status.
     """
 
     def __init__(self, target: str = "localhost:50051", timeout: float | None = None,
                  metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | str | None = None):
+                 root_certificates: bytes | str | None = None, retries: int = 3):
         creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
         self.channel = (grpc.secure_channel(target, creds, options=_OPTIONS) if creds
                         else grpc.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
+        self.retries = retries
 
     def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
-        try:
-            return Completion.from_proto(self.stub.Generate(
-                build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        req = build_request(prompt, messages, **options)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return Completion.from_proto(self.stub.Generate(req, timeout=left, metadata=self.metadata))
+            except grpc.RpcError as e:
+                pause = 0.2 * 2 ** attempt
+                if (e.code() not in RETRY_CODES or attempt >= self.retries or not replayable(req)
+                        or (deadline is not None and time.monotonic() + pause >= deadline)):
+                    raise from_rpc_error(e) from None
+            time.sleep(pause)
+            attempt += 1
 
     def stream(self, prompt: str | None = None, messages=None, **options) -> Iterator[Chunk]:
         call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout,
