@@ -102,6 +102,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             unary_stream, response_serializer=handler.response_serializer)
 
 
+AUTH_FAILED = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+
 def token_ok(metadata, token: str) -> bool:
     """Whether call metadata carries ``authorization: Bearer <token>``
     (constant-time comparison)."""
@@ -128,8 +131,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token "
-                                "(metadata 'authorization: Bearer <token>')")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, AUTH_FAILED)
 
         async def deny_stream(request, context):
             await deny(request, context)

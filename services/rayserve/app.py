@@ -35,7 +35,7 @@ from arserve_client.v1 import (
 
 from .. import assemble, metrics
 from ..errors import Unauthenticated
-from ..rpc import status_of, token_ok
+from ..rpc import AUTH_FAILED, status_of, token_ok
 from .config import AppArgs
 from .directory import Directory, Peers, Remote
 from .replica import ServiceReplica
@@ -111,29 +111,27 @@ class Gateway:
         """The bearer token, when the settings ask for one (Ray's proxy hands
         the call's metadata over in ``grpc_context``)."""
         if self.token and not token_ok(grpc_context.invocation_metadata() if grpc_context else (), self.token):
-            raise Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+            raise Unauthenticated(AUTH_FAILED)
 
-    async def Generate(self, request, grpc_context=None):
+    async def _unary(self, method: str, request, grpc_context):
         try:
             self._authenticate(grpc_context)
-            return await self.service.Generate(request)
+            return await getattr(self.service, method)(request)
         except Exception as e:
             _fail(grpc_context, e)
             raise
+
+    async def Generate(self, request, grpc_context=None):
+        return await self._unary("Generate", request, grpc_context)
+
+    async def ListModels(self, request, grpc_context=None):
+        return await self._unary("ListModels", request, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None):
         try:
             self._authenticate(grpc_context)
             async for chunk in self.service.GenerateStream(request):
                 yield chunk
-        except Exception as e:
-            _fail(grpc_context, e)
-            raise
-
-    async def ListModels(self, request, grpc_context=None):
-        try:
-            self._authenticate(grpc_context)
-            return await self.service.ListModels(request)
         except Exception as e:
             _fail(grpc_context, e)
             raise

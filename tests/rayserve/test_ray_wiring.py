@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from arserve_client import Client, InvalidArgument
+from arserve.bench.ray import long_prompt as bench_long_prompt
 from conftest import RedisProcess, bench_prompts
 
 
@@ -97,12 +98,9 @@ def test_every_service_reports_metrics_through_ray(ray_server, ray_client):
     assert not missing, f"not exported: {missing}"
 
 
-def long_prompt(n_words: int = 400, seed: int = 0) -> str:
-    import random
-
-    rng = random.Random(seed)
-    words = "the a river stone bright quiet market engine north winter garden signal copper".split()
-    return "Summarize this log.\n" + " ".join(f"{rng.choice(words)}{i % 97}" for i in range(n_words))
+def long_prompt(seed: int = 0) -> str:
+    """~1,150 tokens (the benchmark's generator, longer)."""
+    return bench_long_prompt(seed, n_words=400)
 
 
 def test_a_prefix_computed_on_one_backbone_is_served_from_redis_on_the_other(ray_client):
