@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -19,6 +20,7 @@ from .drafter.registry import build_proposers
 from .drafter.service import DrafterService
 from .gateway.service import GenerationService
 from .settings import ModelSettings, ServiceSettings
+from .tokenizer.image import DIGITS
 from .tokenizer.service import TokenizerService
 from .tokenizer.text import TextTokenizer
 from .verifier.service import SpeculationDefaults, VerifierService
@@ -74,7 +76,37 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
 
 
 def tokenizer(settings: ServiceSettings) -> TokenizerService:
-    return TokenizerService({m.id: TextTokenizer.from_source(m.weights_path()) for m in settings.models})
+    return TokenizerService({m.id: TextTokenizer.from_source(m.weights_path()) for m in settings.models},
+                            {m.id: DIGITS for m in settings.image_models})
+
+
+def image_models(settings: ServiceSettings) -> dict:
+    """Image model id -> ImagePair (target and draft, from hash-checked checkpoints)."""
+    from .image.checkpoints import load_checkpoint
+    from .verifier.image import ImagePair
+
+    pairs = {}
+    for m in settings.image_models:
+        t = time.perf_counter()
+        draft = load_checkpoint(m.draft_checkpoint) if m.draft_checkpoint else None
+        pairs[m.id] = ImagePair(load_checkpoint(m.checkpoint), draft)
+        log.info("loaded image model %s (%s, draft %s) in %.1fs", m.id, m.checkpoint, m.draft_checkpoint,
+                 time.perf_counter() - t)
+    return pairs
+
+
+def image_front(settings: ServiceSettings, tokenizer, pairs: dict):
+    """The gateway's GenerateImage side over in-process image models (None without any)."""
+    if not pairs:
+        return None
+    from .diffusion_head.service import DiffusionHeadService
+    from .gateway.images import ImageFront
+    from .verifier.image import ImageVerifier
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix="arserve-image")  # one compute thread for image work
+    heads = DiffusionHeadService({k: p.target.head for k, p in pairs.items()}, executor)
+    verifier = ImageVerifier(pairs, heads, executor)
+    return ImageFront(settings, tokenizer, verifier, {k: p.target.config for k, p in pairs.items()})
 
 
 def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone, drafter) -> VerifierService:
@@ -83,5 +115,7 @@ def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone
     return VerifierService(backbone, drafter, eos_ids={k: c.eos_ids for k, c in config.items()}, defaults=defaults)
 
 
-def gateway(settings: ServiceSettings, config: dict[str, LlamaConfig], tokenizer, verifier) -> GenerationService:
-    return GenerationService(settings, tokenizer, verifier, windows={k: c.max_seq_len for k, c in config.items()})
+def gateway(settings: ServiceSettings, config: dict[str, LlamaConfig], tokenizer, verifier,
+            images=None) -> GenerationService:
+    return GenerationService(settings, tokenizer, verifier, windows={k: c.max_seq_len for k, c in config.items()},
+                             images=images)

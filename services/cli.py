@@ -109,6 +109,57 @@ def cmd_models(args) -> None:
                   f"source {m.source}")
 
 
+def _labels(args) -> list[int]:
+    labels = [int(x) for spec in (args.label or ["0,1,2,3,4,5,6,7,8,9"]) for x in spec.split(",") if x.strip()]
+    return [label for label in labels for _ in range(args.n)]
+
+
+def cmd_image(args) -> None:
+    """Generate images through a running server in batches (a progress bar
+    per batch) and write them as one PNG grid."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from arserve_client import ArserveError
+
+    from .image.grid import save_grid
+
+    labels = _labels(args)
+    batches = [labels[i:i + args.batch] for i in range(0, len(labels), args.batch)]
+    images, stats = [], []
+    columns = [TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with _client(args) as client, Progress(*columns, transient=True) as progress:
+        task = progress.add_task("images", total=len(labels))
+        for i, batch in enumerate(batches):
+            try:
+                out = client.generate_image(
+                    batch, model=args.model_id or "", seed=None if args.seed is None else args.seed + i,
+                    temperature=args.temperature, cfg_scale=args.cfg, num_steps=args.steps,
+                    speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
+            except ArserveError as e:
+                progress.stop()
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(1)
+            images.extend(out.images)
+            stats.append(out.stats)
+            progress.advance(task, len(batch))
+    import numpy as np
+
+    pixels = np.stack([np.asarray(im.pixels, dtype=np.float32).reshape(im.channels, im.height, im.width)
+                       for im in images])
+    path = save_grid(pixels, args.output)
+    seconds = sum(s.total_s for s in stats)
+    drafted, accepted = sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats)
+    print(f"wrote {len(images)} images to {path} ({len(images) / seconds:.1f} images/s at the server, "
+          f"method {stats[0].method or 'none'}, drafted {drafted}, accepted {accepted})")
+
+
+def cmd_train(args) -> None:
+    from .train.digits import TrainConfig, train
+
+    config = TrainConfig(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    train(args.name, args.out, config)
+
+
 def cmd_bench(args) -> None:
     import importlib
 
@@ -144,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(func=cmd_serve)
 
     for name, func, hlp in (("generate", cmd_generate, "generate through a running server"),
+                            ("image", cmd_image, "generate images through a running server, write a PNG grid"),
                             ("models", cmd_models, "list a running server's models")):
         g = sub.add_parser(name, help=hlp)
         g.add_argument("--target", default="localhost:50051", help="server address")
@@ -165,7 +217,26 @@ def main(argv: list[str] | None = None) -> None:
             g.add_argument("--stop", action="append")
             g.add_argument("--speculative", default="", help="speculative method (default: the model's)")
             g.add_argument("--model-id", default=None)
+        if name == "image":
+            g.add_argument("--label", action="append", help="class label(s), e.g. 7 or 0,1,2 (default: 0-9)")
+            g.add_argument("-n", type=int, default=1, help="images per label")
+            g.add_argument("-o", "--output", type=Path, default=Path("images.png"), help="PNG grid to write")
+            g.add_argument("--seed", type=int, default=None, help="seed (batch i uses seed + i)")
+            g.add_argument("--temperature", type=float, default=None)
+            g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+            g.add_argument("--steps", type=int, default=None, help="denoising steps")
+            g.add_argument("--speculative", default="", help="none or draft_model (default: the model's)")
+            g.add_argument("--num-draft-tokens", type=int, default=None)
+            g.add_argument("--batch", type=int, default=16, help="images per request")
+            g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
+
+    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft)")
+    t.add_argument("name", choices=["digits", "digits-draft"])
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=None, help="where to write (default: the committed path)")
+    t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
     b.add_argument("--suite", default="text", choices=["text", "speculative", "ray", "hotpath", "load"],

@@ -24,7 +24,9 @@ def build(settings: ServerSettings) -> GenerationService:
     backbone = assemble.backbone(settings)
     config = {k: m.config for k, m in backbone.models.items()}
     verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))
-    return assemble.gateway(settings, config, assemble.tokenizer(settings), verifier)
+    tokenizer = assemble.tokenizer(settings)
+    images = assemble.image_front(settings, tokenizer, assemble.image_models(settings))
+    return assemble.gateway(settings, config, tokenizer, verifier, images)
 
 
 async def serve(settings: ServerSettings, ready: threading.Event | None = None,

@@ -61,6 +61,38 @@ class ModelSettings(BaseModel):
         return path
 
 
+IMAGE_METHODS = ("none", "draft_model")  # continuous speculative decoding methods
+
+
+class ImageModelSettings(BaseModel):
+    """A continuous-token image model: backbone and diffusion head from one
+    checkpoint, optionally a draft model for continuous speculative decoding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field("digits-mar", description="Model id clients put in GenerateImageRequest.model.")
+    checkpoint: str = Field("digits", description="A committed checkpoint name (arserve/checkpoints/NAME.safetensors, "
+                            "hash-checked) or a path to a .safetensors file that `arserve train` wrote.")
+    draft_checkpoint: str | None = Field("digits-draft", description="The draft model of method draft_model, "
+                                         "named like checkpoint; None: no speculative decoding.")
+    default_num_steps: int = Field(50, ge=1, le=1000, description="Denoising steps when a request leaves num_steps unset.")
+    default_temperature: float = Field(1.0, gt=0, description="Diffusion temperature when a request leaves it unset.")
+    default_cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance when a request leaves it unset.")
+    default_speculative_method: Literal["none", "draft_model"] = Field(
+        "none", description="Method used when a request names none.")
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="Draft length when a request leaves it unset.")
+
+    @property
+    def speculative_methods(self) -> list[str]:
+        return ["none", "draft_model"] if self.draft_checkpoint else ["none"]
+
+    @model_validator(mode="after")
+    def _draft_for_default(self) -> "ImageModelSettings":
+        if self.default_speculative_method != "none" and not self.draft_checkpoint:
+            raise ValueError("default_speculative_method draft_model needs draft_checkpoint")
+        return self
+
+
 def from_env(field: str, value: str | None) -> str | None:
     """``value``, or the environment variable it names as env:NAME (secrets
     stay out of config files)."""
@@ -80,6 +112,11 @@ class ServiceSettings(BaseModel):
 
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1,
                                         description="Served models; the first is the default.")
+    image_models: list[ImageModelSettings] = Field(
+        default_factory=lambda: [ImageModelSettings()],
+        description="Served continuous-token image models (GenerateImage); the first is the default. [] serves none.")
+    max_images_per_request: int = Field(64, gt=0, description="Most images (labels) one GenerateImage request "
+                                        "may ask for; more is INVALID_ARGUMENT.")
     max_concurrent_rpcs: int = Field(64, gt=0, description="In-flight RPCs beyond this get RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(64 << 20, gt=0, description="Largest gRPC message sent or received.")
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
@@ -119,7 +156,7 @@ class ServiceSettings(BaseModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServiceSettings":
-        ids = [m.id for m in self.models]
+        ids = [m.id for m in self.models] + [m.id for m in self.image_models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         return self

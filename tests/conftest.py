@@ -66,3 +66,23 @@ def redis_server(tmp_path):
     server = RedisProcess(tmp_path, password="s3cret").start()
     yield server
     server.stop()
+
+
+def energy_test(x: torch.Tensor, y: torch.Tensor, permutations: int = 2000, seed: int = 0) -> float:
+    """Two-sample permutation test of the energy distance (Székely & Rizzo
+    2004) between samples x [n, d] and y [m, d] -> p-value of "same
+    distribution". Every permutation's group sums come from one product."""
+    xy = torch.cat([x, y]).double()
+    d = torch.cdist(xy, xy)  # [N, N]
+    n, m = x.shape[0], y.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.stack([torch.arange(n + m)] + [torch.randperm(n + m, generator=g) for _ in range(permutations)])
+    w = torch.zeros(permutations + 1, n + m, dtype=torch.float64)  # [P + 1, N] 1 = first group
+    w.scatter_(1, order[:, :n], 1.0)
+    wd = w @ d  # [P + 1, N]
+    total = d.sum()
+    s_xx = (wd * w).sum(1)
+    s_xy = (wd * (1 - w)).sum(1)
+    s_yy = total - 2 * s_xy - s_xx
+    stat = 2 * s_xy / (n * m) - s_xx / n**2 - s_yy / m**2  # [P + 1], observed first
+    return float((1 + (stat[1:] >= stat[0]).sum()) / (1 + permutations))

@@ -20,9 +20,10 @@ from arserve_client.v1 import tokenizer_pb2 as tpb
 from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import metrics
-from ..errors import ArserveError, InvalidArgument, ResourceExhausted
+from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
+from .images import ImageFront
 from .stops import StopMatcher
 from .validate import check_request, check_size, resolve_max_tokens, resolve_model
 
@@ -77,8 +78,10 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, settings: ServerSettings, tokenizer, verifier, windows: dict[str, int]):
+    def __init__(self, settings: ServerSettings, tokenizer, verifier, windows: dict[str, int],
+                 images: ImageFront | None = None):
         self.settings = settings
+        self.images = images  # GenerateImage, when image models are served
         self.models = {m.id: m for m in settings.models}
         self.default_model = settings.models[0].id
         self.tokenizer = tokenizer  # async Encode / DecodeIncremental
@@ -94,7 +97,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 default_speculative_method=m.default_speculative_method, source=m.source,
             )
             for m in self.settings.models
-        ])
+        ] + (self.images.model_infos() if self.images else []))
+
+    async def GenerateImage(self, req: pb.GenerateImageRequest, context=None) -> pb.GenerateImageResponse:
+        if self.images is None:
+            raise NotFound("this server serves no image models")
+        if self.active >= self.settings.max_active_requests:
+            raise ResourceExhausted(f"{self.active} requests are running, the most this server admits "
+                                    f"(max_active_requests); retry later")
+        self.active += 1
+        try:
+            return await self.images.generate(req)
+        finally:
+            self.active -= 1
 
     async def Generate(self, req: pb.GenerateRequest, context=None) -> pb.GenerateResponse:
         out = pb.GenerateResponse()

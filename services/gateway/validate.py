@@ -8,13 +8,14 @@ import math
 from arserve_client.v1 import generation_pb2 as pb
 
 from ..errors import InvalidArgument, NotFound
-from ..settings import ModelSettings
+from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
 
 MAX_STOP_STRINGS = 16
 MAX_DRAFT_TOKENS = 16
 MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
+MAX_IMAGE_STEPS = 1000
 
 
 def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
@@ -80,3 +81,31 @@ def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tok
             f"{prompt_tokens} prompt tokens + {s.max_tokens} > {window}"
         )
     return s.max_tokens
+
+
+def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings, num_classes: int,
+                        max_images: int) -> None:
+    """Every field of a GenerateImage request, before any work is spent."""
+    if not req.labels:
+        raise InvalidArgument("labels is empty: give one class label per image")
+    if len(req.labels) > max_images:
+        raise InvalidArgument(f"labels asks for {len(req.labels)} images; this server takes at most {max_images} "
+                              f"per request (max_images_per_request)")
+    for i, label in enumerate(req.labels):
+        if label >= num_classes:
+            raise InvalidArgument(f"labels[{i}] = {label} is not a class of model {model.id!r} (0 to {num_classes - 1})")
+    if req.HasField("temperature") and not (math.isfinite(req.temperature) and req.temperature > 0):
+        raise InvalidArgument(f"temperature must be finite and > 0, got {req.temperature}")
+    if req.HasField("cfg_scale") and not (math.isfinite(req.cfg_scale) and req.cfg_scale >= 1):
+        raise InvalidArgument(f"cfg_scale must be finite and >= 1, got {req.cfg_scale}")
+    if req.HasField("num_steps") and not 1 <= req.num_steps <= MAX_IMAGE_STEPS:
+        raise InvalidArgument(f"num_steps must be 1 to {MAX_IMAGE_STEPS}, got {req.num_steps}")
+    spec = req.speculative
+    if spec.HasField("num_draft_tokens") and not 1 <= spec.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise InvalidArgument(f"speculative.num_draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")
+    if spec.HasField("num_candidates") and spec.num_candidates != 1:
+        raise InvalidArgument("speculative.num_candidates does not apply to images (one draft chain per image)")
+    method = spec.method or model.default_speculative_method
+    if method not in model.speculative_methods:
+        raise InvalidArgument(f"speculative.method {spec.method!r} is not available for image model {model.id!r}; "
+                              f"choose one of {model.speculative_methods}")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from arserve_client.v1 import tokenizer_pb2 as pb
 
-from ..errors import InvalidArgument, NotFound, Unimplemented
+from ..errors import InvalidArgument, NotFound
+from ..wire import from_proto, to_proto
+from .image import Patchifier
 from .text import TextTokenizer
 
 
 class TokenizerService:
-    def __init__(self, tokenizers: dict[str, TextTokenizer]):
+    def __init__(self, tokenizers: dict[str, TextTokenizer], patchifiers: dict[str, Patchifier] | None = None):
         self.tokenizers = tokenizers
+        self.patchifiers = patchifiers or {}  # image model id -> its image path
 
     def _get(self, model: str) -> TextTokenizer:
         try:
@@ -36,8 +39,28 @@ class TokenizerService:
         text, window, read = tok.decode_incremental(list(req.state.window), req.state.read_offset, list(req.token_ids), req.final)
         return pb.DecodeIncrementalResponse(text=text, state=pb.DetokenizerState(window=window, read_offset=read))
 
+    def _patchifier(self, model: str) -> Patchifier:
+        try:
+            return self.patchifiers[model]
+        except KeyError:
+            raise NotFound(f"model {model!r} has no image tokenizer here; known: {sorted(self.patchifiers)}") from None
+
     async def Patchify(self, req: pb.PatchifyRequest, context=None) -> pb.PatchifyResponse:
-        raise Unimplemented(f"model {req.model!r} has no image tokenizer: text models only so far")
+        p = self._patchifier(req.model)
+        try:
+            images = from_proto(req.image).float()
+            single = images.dim() == 3
+            tokens = p.patchify(images[None] if single else images)
+        except ValueError as e:
+            raise InvalidArgument(f"image: {e}") from None
+        return pb.PatchifyResponse(tokens=to_proto(tokens[0] if single else tokens))
 
     async def Unpatchify(self, req: pb.UnpatchifyRequest, context=None) -> pb.UnpatchifyResponse:
-        raise Unimplemented(f"model {req.model!r} has no image tokenizer: text models only so far")
+        p = self._patchifier(req.model)
+        try:
+            tokens = from_proto(req.tokens).float()
+            single = tokens.dim() == 2
+            images = p.unpatchify(tokens[None] if single else tokens)
+        except ValueError as e:
+            raise InvalidArgument(f"tokens: {e}") from None
+        return pb.UnpatchifyResponse(image=to_proto(images[0] if single else images))

@@ -8,7 +8,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 
 from .errors import from_rpc_error
-from .types import Chunk, Completion, build_request
+from .types import Chunk, Completion, ImageResult, build_image_request, build_request
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
 
@@ -95,6 +95,14 @@ class Client:
         finally:
             call.cancel()
 
+    def generate_image(self, labels, **options) -> ImageResult:
+        """Images of the given class labels (one each); options of ``build_image_request``."""
+        try:
+            return ImageResult.from_proto(self.stub.GenerateImage(
+                build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
     def models(self) -> list[pb.ModelInfo]:
         try:
             return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
@@ -142,6 +150,13 @@ class AsyncClient:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    async def generate_image(self, labels, **options) -> ImageResult:
+        try:
+            return ImageResult.from_proto(await self.stub.GenerateImage(
+                build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     async def models(self) -> list[pb.ModelInfo]:
         try:

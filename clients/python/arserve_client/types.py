@@ -105,3 +105,58 @@ def build_request(
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],
         sampling=sampling, speculative=spec,
     )
+
+
+@dataclass
+class Image:
+    """One generated image: PNG bytes, its class, and its pixels (and tokens
+    when asked for) as flat lists."""
+
+    label: int
+    png: bytes
+    height: int
+    width: int
+    channels: int
+    pixels: list[float]  # [channels * height * width] in [0, 1], row-major
+    tokens: list[float]  # [num_tokens * token_dim], when return_tokens
+
+
+@dataclass
+class ImageResult:
+    """The result of ``generate_image``."""
+
+    request_id: str
+    model: str
+    images: list[Image]
+    stats: Stats = field(default_factory=Stats)
+
+    @classmethod
+    def from_proto(cls, r: pb.GenerateImageResponse) -> "ImageResult":
+        images = [Image(i.label, i.png, i.height, i.width, i.channels, list(i.pixels), list(i.tokens))
+                  for i in r.images]
+        return cls(r.request_id, r.model, images, Stats.from_proto(r))
+
+
+def build_image_request(
+    labels: Iterable[int],
+    *,
+    model: str = "",
+    seed: int | None = None,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
+    num_steps: int | None = None,
+    speculative: str = "",
+    num_draft_tokens: int | None = None,
+    return_tokens: bool = False,
+    request_id: str = "",
+) -> pb.GenerateImageRequest:
+    """A GenerateImageRequest: one image per label; unset options take the model's defaults."""
+    req = pb.GenerateImageRequest(request_id=request_id, model=model, labels=list(labels),
+                                  return_tokens=return_tokens, speculative=pb.SpeculativeParams(method=speculative))
+    for name, value in (("seed", seed), ("temperature", temperature), ("cfg_scale", cfg_scale),
+                        ("num_steps", num_steps)):
+        if value is not None:
+            setattr(req, name, value)
+    if num_draft_tokens is not None:
+        req.speculative.num_draft_tokens = num_draft_tokens
+    return req

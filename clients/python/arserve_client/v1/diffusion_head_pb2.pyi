@@ -31,18 +31,16 @@ class SampleResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class LogDensityRequest(_message.Message):
-    __slots__ = ("model", "z", "tokens", "temperature", "num_steps")
+    __slots__ = ("model", "z", "states", "temperature")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     z: _tensor_pb2.Tensor
-    tokens: _tensor_pb2.Tensor
+    states: _tensor_pb2.Tensor
     temperature: float
-    num_steps: int
-    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class LogDensityResponse(_message.Message):
     __slots__ = ("log_density",)

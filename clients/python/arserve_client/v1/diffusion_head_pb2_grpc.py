@@ -59,7 +59,9 @@ class DiffusionHeadServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogDensity(self, request, context):
-        """Log-density of given tokens under the head's distribution given z.
+        """Log-density of given denoising trajectories under the head given z: the
+        sum of their Gaussian transition log-densities (what continuous
+        speculative decoding compares between draft and target).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

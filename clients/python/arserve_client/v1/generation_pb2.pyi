@@ -171,3 +171,59 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GenerateImageRequest(_message.Message):
+    __slots__ = ("request_id", "model", "labels", "seed", "temperature", "cfg_scale", "num_steps", "speculative", "return_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    seed: int
+    temperature: float
+    cfg_scale: float
+    num_steps: int
+    speculative: SpeculativeParams
+    return_tokens: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., temperature: _Optional[float] = ..., cfg_scale: _Optional[float] = ..., num_steps: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeParams, _Mapping]] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("label", "png", "height", "width", "channels", "pixels", "tokens")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    label: int
+    png: bytes
+    height: int
+    width: int
+    channels: int
+    pixels: _containers.RepeatedScalarFieldContainer[float]
+    tokens: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, label: _Optional[int] = ..., png: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., pixels: _Optional[_Iterable[float]] = ..., tokens: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GenerateImageResponse(_message.Message):
+    __slots__ = ("request_id", "model", "images", "usage", "timing", "speculative")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
+    usage: Usage
+    timing: Timing
+    speculative: SpeculativeStats
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ...) -> None: ...

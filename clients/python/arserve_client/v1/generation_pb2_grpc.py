@@ -50,6 +50,11 @@ class GenerationStub:
                 request_serializer=arserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GenerateImage = channel.unary_unary(
+                '/arserve.v1.Generation/GenerateImage',
+                request_serializer=arserve_dot_v1_dot_generation__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_generation__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -78,6 +83,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateImage(self, request, context):
+        """Generate images with a continuous-token image model (kind "image" in
+        ListModels): each token is sampled by the model's diffusion head.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=arserve_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=arserve_dot_v1_dot_generation__pb2.GenerateImageRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_generation__pb2.GenerateImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class Generation:
             '/arserve.v1.Generation/ListModels',
             arserve_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             arserve_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.Generation/GenerateImage',
+            arserve_dot_v1_dot_generation__pb2.GenerateImageRequest.SerializeToString,
+            arserve_dot_v1_dot_generation__pb2.GenerateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Acceptance rules for continuous tokens: which drafted diffusion samples the target keeps.
+
+Continuous speculative decoding ("Continuous Speculative Decoding for
+Autoregressive Image Generation", Wang et al. 2024, arXiv 2411.11925, CSpD)
+in its exact trajectory form. The words (draft, target, accepted, recovered,
+bonus) are those of ``arserve.core.words``; ``p`` is the target's diffusion
+head at a position (with the target's condition z), ``q`` the draft's (with
+the draft's own z), both at the request's temperature and guidance scale.
+
+A token is the end x_0 of a denoising trajectory x_S, ..., x_0 with
+x_S ~ N(0, I) and Gaussian transitions (``arserve.core.diffusion_head``), so
+both heads give a trajectory an explicit density, and the prior N(0, I) of
+x_S is shared and cancels in their ratio. The draft samples a trajectory;
+with that same trajectory fixed (CSpD's "denoising trajectory alignment") the
+target's density of it is ``target_head.trajectory_log_density(states, ...)``.
+The rules, as for discrete tokens (Leviathan et al. 2023, Chen et al. 2023),
+on trajectories instead of tokens:
+
+- accepted: draft position j is kept with probability
+  ``min(1, p(traj_j) / q(traj_j))``, left to right; the first rejection ends
+  the accepted prefix (``accept_trajectories``).
+- recovered: at the first rejected position, a trajectory from the residual
+  ``norm(max(0, p - q))`` (``sample_residual``), by acceptance-rejection with
+  the target as proposal and bound M = 1: draw a trajectory from p, keep it
+  with probability ``max(0, 1 - q/p)``. A kept proposal has density
+  proportional to ``p * max(0, 1 - q/p) = max(0, p - q)``: exactly the
+  residual. Each proposal is kept with probability
+  ``beta = integral max(0, p - q) = TV(p, q)``.
+- bonus: after a fully accepted draft, a plain target sample at the next
+  position (``target_head.sample``); nothing here.
+
+What is preserved. Accepting contributes density ``min(p, q)``, rejecting
+has probability ``TV(p, q)`` and then contributes ``max(0, p - q) / TV``; the
+sum is ``p``. So the procedure keeps the target's distribution over whole
+trajectories exactly, hence over the final token x_0 (a function of the
+trajectory) exactly, except when the residual sampler hits its cap.
+
+The cap. ``sample_residual`` draws ``proposals`` trajectories per try (one
+batched head call for all pending rows) and gives up after ``max_tries``
+tries, that is after N = proposals * max_tries proposals; a row that hits
+the cap gets a fresh plain target sample instead, and is reported
+(``Residual.capped``). Proposals are independent, so a rejected position hits
+the cap with probability ``c = (1 - TV)^N`` (TV: the total variation between
+the two heads' trajectory distributions at that position). A position then
+yields ``p + c * (TV * p - max(0, p - q))`` instead of ``p``: the total
+variation from the target is at most ``c * TV = TV (1 - TV)^N``, which is at
+most ``1 / (N + 1)`` whatever TV is (about ``1 / (e (N + 1))`` for large N:
+0.0014 for the defaults, N = 256), and the same bound holds for x_0. Without
+any capped row, no approximation was made.
+
+Two notes. The acceptance rate is ``1 - TV`` over trajectories, which is at
+most ``1 - TV`` over tokens x_0: the price of a tractable ratio. Densities
+need ``temperature > 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .diffusion_head import DiffusionHead
+
+
+def _log_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+    """log u, u ~ U[0, 1) in float64 (u = 0 gives -inf: every finite ratio passes)."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64).log()
+
+
+def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The number of leading drafts each row keeps: position j is accepted
+    with probability ``min(1, exp(log_p - log_q))``, left to right, and the
+    first rejection ends the row's accepted prefix.
+
+    log_p, log_q: [rows, k] target and draft log-densities of the k drafted
+    trajectories of each row (x_S's shared prior left out of both) ->
+    accepted: [rows] int64 in 0..k. A NaN ratio (both -inf) is a rejection.
+    """
+    log_ratio = (log_p.double() - log_q.double())  # [rows, k]
+    ok = _log_uniform(tuple(log_ratio.shape), generator) < log_ratio  # u < min(1, p/q)
+    return ok.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def accept_residual(log_p: Tensor, log_q: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Acceptance-rejection step for the residual ``norm(max(0, p - q))`` with
+    the target as proposal (M = 1): keep a target trajectory with probability
+    ``max(0, 1 - q/p) = max(0, -expm1(log_q - log_p))``.
+
+    log_p, log_q: [n] target and draft log-densities of n trajectories drawn
+    from the target -> [n] bool kept. A NaN ratio is a refusal.
+    """
+    keep_prob = -torch.expm1(log_q.double() - log_p.double())  # <= 0 where q >= p
+    return torch.rand(keep_prob.shape, generator=generator, dtype=torch.float64) < keep_prob
+
+
+@dataclass
+class Residual:
+    """Recovered tokens of m rejected positions."""
+
+    tokens: Tensor  # [m, token_dim] recovered tokens (x_0 of the kept trajectory)
+    tries: Tensor  # [m] int64 target trajectories drawn per row (proposals), for stats
+    capped: Tensor  # [m] bool: hit max_tries and fell back to a plain target sample
+
+    @property
+    def capped_count(self) -> int:
+        return int(self.capped.sum())
+
+
+def sample_residual(
+    target_head: DiffusionHead,
+    z_target: Tensor,  # [m, z_dim target] the target's condition at each rejected position
+    draft_head: DiffusionHead,
+    z_draft: Tensor,  # [m, z_dim draft] the draft's own condition at the same positions
+    *,
+    temperature: float,
+    cfg: float,
+    steps: int,
+    generator: torch.Generator | None,
+    z_target_uncond: Tensor | None = None,  # [m, z_dim target], needed when cfg != 1
+    z_draft_uncond: Tensor | None = None,  # [m, z_dim draft], needed when cfg != 1
+    proposals: int = 4,
+    max_tries: int = 64,
+) -> Residual:
+    """Recovered tokens from the residual ``norm(max(0, p - q))`` over
+    trajectories, one per row, by acceptance-rejection with the target as
+    proposal (module docstring). Each try draws ``proposals`` target
+    trajectories for every row still pending (one batched sample call, one
+    batched draft density call) and a row takes its first kept proposal.
+    After ``max_tries`` tries, pending rows get a fresh plain target sample
+    and are marked ``capped`` (probability ``(1 - TV)^(proposals * max_tries)``
+    per row). All randomness comes from ``generator``.
+    """
+    if cfg != 1.0 and (z_target_uncond is None or z_draft_uncond is None):
+        raise ValueError("cfg != 1 needs the unconditional z of both heads")
+    if proposals < 1 or max_tries < 0:
+        raise ValueError(f"need proposals >= 1 and max_tries >= 0, got {proposals}, {max_tries}")
+    m = z_target.shape[0]
+    tokens = torch.zeros((m, target_head.config.token_dim))
+    tries = torch.zeros(m, dtype=torch.long)
+    pending = torch.arange(m)  # rows without a recovered token yet
+
+    if cfg == 1.0:  # unguided: the unconditional z play no part
+        z_target_uncond = z_draft_uncond = None
+
+    def pick(z: Tensor | None, rows: Tensor, repeat: int) -> Tensor | None:
+        """The given rows of z, each repeated (one per proposal)."""
+        return None if z is None else z[rows].repeat_interleave(repeat, dim=0)
+
+    for _ in range(max_tries):
+        if pending.numel() == 0:
+            break
+        zt, zd = pick(z_target, pending, proposals), pick(z_draft, pending, proposals)
+        x0, states, log_p = target_head.sample(zt, temperature, cfg, steps, generator,
+                                               z_uncond=pick(z_target_uncond, pending, proposals), trajectory=True)
+        log_q = draft_head.trajectory_log_density(states, zd, temperature, cfg,
+                                                  z_uncond=pick(z_draft_uncond, pending, proposals))
+        kept = accept_residual(log_p, log_q, generator).view(-1, proposals)  # [pending, proposals]
+        done = kept.any(dim=1)
+        first = kept.long().argmax(dim=1)  # index of the first kept proposal (0 where none)
+        tries[pending] += torch.where(done, first + 1, torch.full_like(first, proposals))
+        rows = pending[done]
+        tokens[rows] = x0.view(-1, proposals, x0.shape[-1])[done, first[done]]
+        pending = pending[~done]
+
+    capped = torch.zeros(m, dtype=torch.bool)
+    if pending.numel():  # the cap: a plain target sample, reported
+        capped[pending] = True
+        tokens[pending] = target_head.sample(z_target[pending], temperature, cfg, steps, generator,
+                                             z_uncond=pick(z_target_uncond, pending, 1))
+    return Residual(tokens, tries, capped)

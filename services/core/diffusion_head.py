@@ -1,0 +1,240 @@
+"""The diffusion head: samples one continuous token from a backbone condition z.
+
+MAR's ``DiffLoss`` ("Autoregressive Image Generation without Vector
+Quantization", Li et al. 2024): a residual MLP whose blocks are modulated by
+adaLN on ``z + t_embed(t)``, trained to predict the noise of a DDPM
+("Denoising Diffusion Probabilistic Models", Ho et al. 2020) with the cosine
+schedule of "Improved DDPM" (Nichol & Dhariwal 2021), T = 1000 steps for
+training, sampled on a respaced subset of ``steps`` timesteps.
+
+Two exposed methods, as MAR has them: ``loss(target, z)`` and
+``sample(z, temperature, cfg, steps, generator)``. Continuous speculative
+decoding needs one more thing: the density of a whole denoising trajectory.
+
+A trajectory is ``x_S, x_{S-1}, ..., x_0`` with ``x_S ~ N(0, I)`` and each
+transition Gaussian::
+
+    x_{i-1} = mean_i(x_i, z) + temperature * sigma_i * noise_i,  noise_i ~ N(0, I)
+
+``mean_i`` is the DDPM posterior mean given the clean token predicted from the
+noise prediction (with classifier-free guidance, the guided prediction
+``e_u + cfg (e_c - e_u)``), clipped to the data range [-1, 1] as Improved
+DDPM samples (``clip_denoised``): at the first step the signal fraction is
+about 2e-9 and the unclipped mean would amplify the network's error 1000-fold.
+``sigma_i`` is the posterior standard deviation, except at the last step,
+where it is ``sqrt(beta_1)`` instead of DDPM's 0: every transition, the last
+one included, then has a density, so ``log q(x_{S-1..0} | x_S)`` is a sum of
+Gaussian log-densities (``trajectory_log_density``). The extra noise at the
+last step has a standard deviation of about 0.04 for 50 steps, far below a
+pixel level (values are normalized to [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRAIN_STEPS = 1000  # T, the training schedule's length
+
+
+def cosine_alpha_bar(num_steps: int = TRAIN_STEPS) -> torch.Tensor:
+    """[T + 1] cumulative signal fraction alpha_bar(t), t = 0..T (Improved DDPM's
+    cosine schedule; alpha_bar(0) = 1), betas clipped at 0.999 as there."""
+    t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A respaced sampling schedule of ``steps`` timesteps; index i = 1..S. All
+    tensors are [S] float32, ordered from i = S (pure noise) down to i = 1."""
+
+    timesteps: torch.Tensor  # [S] int64 training timestep t of each step
+    recip_sqrt_ab: torch.Tensor  # [S] x0_hat = recip_sqrt_ab * x_i - sqrt_recip_m1 * eps_hat
+    sqrt_recip_m1: torch.Tensor  # [S]
+    coef_x0: torch.Tensor  # [S] mean_i = coef_x0 * clip(x0_hat) + coef_x * x_i
+    coef_x: torch.Tensor  # [S]
+    sigma: torch.Tensor  # [S] std of the transition at temperature 1
+
+    @classmethod
+    def respaced(cls, steps: int) -> "Schedule":
+        alpha_bar = cosine_alpha_bar()
+        # S timesteps spread evenly over 1..T (the spacing of Improved DDPM's "respacing")
+        t = torch.linspace(1, TRAIN_STEPS, steps, dtype=torch.float64).round().long()
+        ab = alpha_bar[t]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        beta = 1 - ab / ab_prev
+        var = beta * (1 - ab_prev) / (1 - ab)  # the DDPM posterior's variance
+        var[0] = beta[0]  # the last step keeps a density (module docstring)
+        flip = lambda v: v.flip(0).float()  # noqa: E731 - S first
+        return cls(t.flip(0), flip(1 / ab.sqrt()), flip((1 / ab - 1).sqrt()),
+                   flip(beta * ab_prev.sqrt() / (1 - ab)), flip((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)),
+                   flip(var.sqrt()))
+
+    def mean(self, i, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The transition's mean at step index i (an int, or an [S, 1, 1] view for
+        every step at once) from x_i and eps_hat."""
+        x0 = (self.recip_sqrt_ab[i] * x - self.sqrt_recip_m1[i] * eps).clamp(-1, 1)
+        return self.coef_x0[i] * x0 + self.coef_x[i] * x
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    token_dim: int = 4  # values per continuous token
+    z_dim: int = 128  # width of the backbone's condition z
+    width: int = 128  # hidden width of the residual MLP
+    blocks: int = 6  # residual blocks (MAR's DiffLoss uses 3 to 12)
+    freq_dim: int = 64  # sinusoidal timestep features
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[n] timesteps -> [n, dim] sinusoidal features (DiT's TimestepEmbedder)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiffusionHead(nn.Module):
+    """MAR's ``SimpleMLPAdaLN``: eps_hat(x_t, t, z), plus DDPM loss and sampling."""
+
+    def __init__(self, c: HeadConfig):
+        super().__init__()
+        self.config = c
+        w = c.width
+        self.time_mlp = nn.Sequential(nn.Linear(c.freq_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.cond = nn.Linear(c.z_dim, w)
+        self.input_proj = nn.Linear(c.token_dim, w)
+        self.norms = nn.ModuleList(nn.LayerNorm(w, eps=1e-6) for _ in range(c.blocks))
+        self.fc1 = nn.ModuleList(nn.Linear(w, w) for _ in range(c.blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(w, w) for _ in range(c.blocks))
+        # adaLN of every block and of the final layer in one matrix: one product per step
+        self.ada = nn.Linear(w, (3 * c.blocks + 2) * w)
+        self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final = nn.Linear(w, c.token_dim)
+        self._schedules: dict[int, tuple[Schedule, torch.Tensor]] = {}
+        nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada.bias)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    def forward(self, x: torch.Tensor, t_embed: torch.Tensor, z_embed: torch.Tensor) -> torch.Tensor:
+        """x: [n, token_dim] noisy tokens; t_embed: [n or 1, width]; z_embed: [n, width]
+        (``self.cond(z)``) -> eps_hat [n, token_dim]."""
+        w = self.config.width
+        mod = self.ada(F.silu(t_embed + z_embed))  # [n, (3 blocks + 2) * width]
+        h = self.input_proj(x)  # [n, width]
+        for b in range(self.config.blocks):
+            shift, scale, gate = mod[:, 3 * b * w:(3 * b + 3) * w].chunk(3, dim=-1)
+            y = torch.addcmul(shift, self.norms[b](h), 1 + scale)
+            h = torch.addcmul(h, gate, self.fc2[b](F.silu(self.fc1[b](y))))
+        shift, scale = mod[:, -2 * w:].chunk(2, dim=-1)
+        return self.final(torch.addcmul(shift, self.final_norm(h), 1 + scale))
+
+    def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM's simple loss. target: [n, token_dim] clean tokens; z: [n, z_dim] -> [n] per-token MSE."""
+        n = target.shape[0]
+        t = torch.randint(1, TRAIN_STEPS + 1, (n,), generator=generator)
+        noise = torch.randn(target.shape, generator=generator)
+        ab = cosine_alpha_bar()[t].float()[:, None]
+        x_t = ab.sqrt() * target + (1 - ab).sqrt() * noise
+        eps = self(x_t, self.time_mlp(timestep_features(t, self.config.freq_dim)), self.cond(z))
+        return ((eps - noise) ** 2).mean(-1)
+
+    def schedule(self, steps: int) -> tuple[Schedule, torch.Tensor]:
+        """The respaced schedule and its timestep embeddings [S, width], made
+        once per step count (they do not depend on the input)."""
+        if steps not in self._schedules:
+            s = Schedule.respaced(steps)
+            with torch.no_grad():
+                self._schedules[steps] = (s, self.time_mlp(timestep_features(s.timesteps, self.config.freq_dim)))
+        return self._schedules[steps]
+
+    def guided_eps(self, x: torch.Tensor, t_embed: torch.Tensor, zc: torch.Tensor,
+                   cfg: float | torch.Tensor) -> torch.Tensor:
+        """eps_hat with classifier-free guidance. x: [n, token_dim]; zc: [n, width]
+        conditional, or [2n, width] conditional then unconditional rows; cfg: a
+        float or [n, 1]."""
+        n = x.shape[0]
+        if zc.shape[0] == n:
+            return self(x, t_embed, zc)
+        e = self(torch.cat([x, x]), t_embed, zc)  # [2n, token_dim]
+        e_c, e_u = e[:n], e[n:]
+        return e_u + cfg * (e_c - e_u)
+
+    def embed(self, z: torch.Tensor, z_uncond: torch.Tensor | None) -> torch.Tensor:
+        """[n, z_dim] (and the unconditional [n, z_dim], guidance on) -> [n or 2n, width]."""
+        return self.cond(z if z_uncond is None else torch.cat([z, z_uncond]))
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0, cfg: float | torch.Tensor = 1.0,
+               steps: int = 50, generator: torch.Generator | None = None, z_uncond: torch.Tensor | None = None,
+               trajectory: bool = False, noise: torch.Tensor | None = None):
+        """Sample tokens [n, token_dim] given z [n, z_dim] (with guidance, also
+        z_uncond [n, z_dim]). temperature and cfg: floats or [n] per row.
+        ``noise`` [S + 1, n, token_dim] (x_S, then each step's noise) replaces
+        draws from ``generator``. With ``trajectory``, also return the states
+        [S + 1, n, token_dim] (x_S first, x_0 last) and their log-density [n]
+        under this head (``trajectory_log_density``)."""
+        sched, t_embed = self.schedule(steps)
+        n, d = z.shape[0], self.config.token_dim
+        if noise is None:
+            noise = torch.randn((steps + 1, n, d), generator=generator)
+        temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
+        cfg = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
+        zc = self.embed(z, z_uncond)
+        x = noise[0]
+        states = [x] if trajectory else None
+        logq = torch.zeros(n)
+        for i in range(steps):
+            mean = sched.mean(i, x, self.guided_eps(x, t_embed[i:i + 1], zc, cfg))
+            std = temperature * sched.sigma[i]  # [n or 1, 1]
+            x = torch.addcmul(mean, std, noise[i + 1])
+            if trajectory:  # the density of the state as stored (float32), as trajectory_log_density sees it
+                states.append(x)
+                logq += gaussian_log_density((x - mean) / std, std[:, 0])
+        if trajectory:
+            return x, torch.stack(states), logq
+
+        return x
+
+    @torch.no_grad()
+    def trajectory_log_density(self, states: torch.Tensor, z: torch.Tensor, temperature: float = 1.0,
+                               cfg: float = 1.0, z_uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x_{S-1}, ..., x_0 | x_S, z) under this head: the sum of the S
+        Gaussian transition log-densities along given states [S + 1, n, token_dim]
+        (x_S first), given z [n, z_dim] (and z_uncond [n, z_dim] for guidance).
+        Every step is evaluated in one batched forward."""
+        steps, n, d = states.shape[0] - 1, states.shape[1], states.shape[2]
+        sched, t_embed = self.schedule(steps)
+        x = states[:-1].reshape(steps * n, d)  # [S n, d] the state each step starts from
+        zc = self.embed(z, z_uncond)  # [n or 2n, width]
+        rows = zc.shape[0]
+        zc = zc.unsqueeze(0).expand(steps, rows, -1)  # [S, rows, width]
+        te = t_embed.unsqueeze(1)  # [S, 1, width]
+        if rows == n:
+            eps = self(x, (te.expand(steps, n, -1)).reshape(-1, t_embed.shape[-1]), zc.reshape(steps * n, -1))
+        else:  # conditional and unconditional rows of every step together
+            xx = torch.cat([states[:-1], states[:-1]], dim=1).reshape(steps * rows, d)
+            e = self(xx, te.expand(steps, rows, -1).reshape(-1, t_embed.shape[-1]), zc.reshape(steps * rows, -1))
+            e = e.reshape(steps, rows, d)
+            eps = (e[:, n:] + cfg * (e[:, :n] - e[:, n:])).reshape(steps * n, d)
+        eps = eps.reshape(steps, n, d)
+        mean = sched.mean((slice(None), None, None), states[:-1], eps)  # [S, n, d]
+        std = (temperature * sched.sigma)[:, None]  # [S, 1]
+        return gaussian_log_density((states[1:] - mean) / std[..., None], std).sum(0)
+
+
+def gaussian_log_density(standardized: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """log N(x; mean, std^2 I) from (x - mean) / std [..., d] and std (scalar or
+    broadcastable to [...]) -> [...]."""
+    d = standardized.shape[-1]
+    std = torch.as_tensor(std)
+    return -0.5 * (standardized ** 2).sum(-1) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))

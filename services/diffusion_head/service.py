@@ -1,0 +1,140 @@
+"""Diffusion-head service: samples continuous tokens for many requests at once.
+
+Sample calls that arrive while the head is busy are joined into the next run:
+their rows are concatenated, so a denoising step is one head forward for every
+token of every waiting request (continuous batching, as the text backbone's
+``ForwardBatcher`` does for forwards). Each call brings its own noise, drawn
+from its request's generator, so a request's tokens do not depend on what it
+was batched with, up to floating-point rounding of the batched products.
+Calls join when they share the head and the step count, and guidance is on for
+all of them or off for all.
+
+The ``arserve.v1.DiffusionHead`` methods (``Sample``, ``LogDensity``) wrap the
+same batcher for callers in other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from arserve_client.v1 import diffusion_head_pb2 as pb
+
+from ..core.diffusion_head import DiffusionHead
+from ..errors import InvalidArgument, NotFound
+from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
+from ..wire import from_proto, to_proto
+
+
+@dataclass
+class _Call:
+    key: tuple  # (model id, steps, guided): calls with equal keys share a run
+    head: DiffusionHead
+    z: torch.Tensor  # [n, z_dim]
+    z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
+    temperature: torch.Tensor  # [n]
+    cfg: torch.Tensor  # [n]
+    steps: int
+    noise: torch.Tensor  # [S + 1, n, token_dim]
+    done: asyncio.Future
+
+
+class DiffusionHeadService:
+    def __init__(self, heads: dict[str, DiffusionHead] | None = None, executor: ThreadPoolExecutor | None = None):
+        self.heads = heads or {}  # model id -> head, for the proto methods
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-head")
+        self.queue: list[_Call] = []
+        self.worker: asyncio.Task | None = None
+        self.runs = 0  # head runs (a run is `steps` forwards over all its rows)
+        self.rows = 0  # rows sampled
+        self.queue_depth = QUEUE_DEPTH.labels("diffusion_head")
+        self.batch_items = BATCH_ITEMS.labels("diffusion_head")
+
+    async def sample(self, model: str, head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
+                     temperature: float, cfg: float, steps: int, noise: torch.Tensor) -> torch.Tensor:
+        """Tokens [n, token_dim] for z [n, z_dim] (z_uncond [n, z_dim]: guidance on),
+        with the request's noise [S + 1, n, token_dim]."""
+        n = z.shape[0]
+        call = _Call((model, steps, z_uncond is not None), head, z, z_uncond, torch.full((n,), float(temperature)),
+                     torch.full((n,), float(cfg)), steps, noise, asyncio.get_running_loop().create_future())
+        self.queue.append(call)
+        self.queue_depth.set(len(self.queue))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._work())
+        return await call.done
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.queue:
+            key = self.queue[0].key
+            batch = [c for c in self.queue if c.key == key]
+            self.queue = [c for c in self.queue if c.key != key]
+            self.queue_depth.set(len(self.queue))
+            self.batch_items.observe(len(batch))
+            try:
+                out = await loop.run_in_executor(self.executor, _run, batch)
+            except Exception as e:  # noqa: BLE001 - every caller of the run gets the error
+                for c in batch:
+                    if not c.done.done():
+                        c.done.set_exception(e)
+                continue
+            self.runs += 1
+            start = 0
+            for c in batch:
+                n = c.z.shape[0]
+                if not c.done.done():  # a cancelled caller's rows are dropped
+                    c.done.set_result(out[start:start + n])
+                start += n
+                self.rows += n
+
+    # ---- arserve.v1.DiffusionHead -------------------------------------------------
+
+    def _head(self, model: str) -> DiffusionHead:
+        try:
+            return self.heads[model]
+        except KeyError:
+            raise NotFound(f"model {model!r} has no diffusion head here; known: {sorted(self.heads)}") from None
+
+    async def Sample(self, req: pb.SampleRequest, context=None) -> pb.SampleResponse:
+        head = self._head(req.model)
+        try:
+            z = from_proto(req.z).float()
+            z_uncond = from_proto(req.z_uncond).float() if req.z_uncond.shape else None
+        except ValueError as e:
+            raise InvalidArgument(f"z: {e}") from None
+        if z.dim() != 2 or z.shape[1] != head.config.z_dim:
+            raise InvalidArgument(f"z must be [n, {head.config.z_dim}], got {list(z.shape)}")
+        if z_uncond is not None and z_uncond.shape != z.shape:
+            raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
+        if not req.temperature > 0 or not 1 <= req.num_steps <= 1000:
+            raise InvalidArgument("temperature must be > 0 and num_steps 1 to 1000")
+        g = torch.Generator().manual_seed(req.seed & (2**63 - 1))
+        noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g)
+        out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise)
+        return pb.SampleResponse(tokens=to_proto(out))
+
+    async def LogDensity(self, req: pb.LogDensityRequest, context=None) -> pb.LogDensityResponse:
+        head = self._head(req.model)
+        try:
+            states, z = from_proto(req.states).float(), from_proto(req.z).float()
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        if states.dim() != 3 or z.dim() != 2 or states.shape[1] != z.shape[0] or states.shape[0] < 2:
+            raise InvalidArgument(f"states must be [S + 1, n, token_dim] and z [n, z_dim]; got "
+                                  f"{list(states.shape)} and {list(z.shape)}")
+        out = await asyncio.get_running_loop().run_in_executor(
+            self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0)
+        return pb.LogDensityResponse(log_density=to_proto(out))
+
+
+@torch.no_grad()
+def _run(batch: list[_Call]) -> torch.Tensor:
+    """One head run over the rows of every call -> [sum n, token_dim]."""
+    cat = lambda f: torch.cat([f(c) for c in batch])  # noqa: E731
+    guided = batch[0].z_uncond is not None
+    return batch[0].head.sample(
+        cat(lambda c: c.z), cat(lambda c: c.temperature), cat(lambda c: c.cfg), batch[0].steps,
+        z_uncond=cat(lambda c: c.z_uncond) if guided else None, noise=torch.cat([c.noise for c in batch], dim=1))

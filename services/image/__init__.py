@@ -1,0 +1,2 @@
+"""The image side of arserve: checkpoints of the digits models and the
+quality metric that tests and benchmarks use."""
