@@ -239,10 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
-    b.add_argument("--suite", default="text", choices=["text", "speculative", "ray", "hotpath", "load"],
+    b.add_argument("--suite", default="text", choices=["text", "speculative", "ray", "hotpath", "load", "image"],
                    help="text: plain decoding vs transformers; speculative: methods per category; "
                    "ray: the Ray Serve wiring vs the embedded one; hotpath: Ray handle vs gRPC call cost; "
-                   "load: many concurrent requests, outputs checked against single-request references")
+                   "load: many concurrent requests, outputs checked against single-request references; "
+                   "image: continuous speculative decoding vs plain on the digits model, with quality")
     b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 for text, "
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--requests", type=int, default=1000, help="load: requests per wiring")
     b.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
     b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated)")
+    b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 4)")
+    b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
     b.set_defaults(func=cmd_bench)
 

@@ -77,7 +77,7 @@ def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator
     trajectories of each row (x_S's shared prior left out of both) ->
     accepted: [rows] int64 in 0..k. A NaN ratio (both -inf) is a rejection.
     """
-    log_ratio = (log_p.double() - log_q.double())  # [rows, k]
+    log_ratio = log_p.double() - log_q.double()  # [rows, k]
     ok = _log_uniform(tuple(log_ratio.shape), generator) < log_ratio  # u < min(1, p/q)
     return ok.long().cumprod(dim=-1).sum(dim=-1)
 

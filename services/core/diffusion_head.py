@@ -192,26 +192,24 @@ class DiffusionHead(nn.Module):
         zc = self.embed(z, z_uncond)
         x = noise[0]
         states = [x] if trajectory else None
-        logq = torch.zeros(n)
         for i in range(steps):
             mean = sched.mean(i, x, self.guided_eps(x, t_embed[i:i + 1], zc, cfg))
-            std = temperature * sched.sigma[i]  # [n or 1, 1]
-            x = torch.addcmul(mean, std, noise[i + 1])
-            if trajectory:  # the density of the state as stored (float32), as trajectory_log_density sees it
+            x = torch.addcmul(mean, temperature * sched.sigma[i], noise[i + 1])
+            if trajectory:
                 states.append(x)
-                logq += gaussian_log_density((x - mean) / std, std[:, 0])
-        if trajectory:
-            return x, torch.stack(states), logq
-
+        if trajectory:  # the density of the states as stored (float32), in one batched call
+            states = torch.stack(states)
+            return x, states, self.trajectory_log_density(states, z, temperature[:, 0], cfg[:, 0], z_uncond)
         return x
 
     @torch.no_grad()
-    def trajectory_log_density(self, states: torch.Tensor, z: torch.Tensor, temperature: float = 1.0,
-                               cfg: float = 1.0, z_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    def trajectory_log_density(self, states: torch.Tensor, z: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                               cfg: float | torch.Tensor = 1.0, z_uncond: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x_{S-1}, ..., x_0 | x_S, z) under this head: the sum of the S
         Gaussian transition log-densities along given states [S + 1, n, token_dim]
-        (x_S first), given z [n, z_dim] (and z_uncond [n, z_dim] for guidance).
-        Every step is evaluated in one batched forward."""
+        (x_S first), given z [n, z_dim] (and z_uncond [n, z_dim] for guidance);
+        temperature and cfg: floats or [n]. Every step is evaluated in one
+        batched forward."""
         steps, n, d = states.shape[0] - 1, states.shape[1], states.shape[2]
         sched, t_embed = self.schedule(steps)
         x = states[:-1].reshape(steps * n, d)  # [S n, d] the state each step starts from
@@ -225,10 +223,12 @@ class DiffusionHead(nn.Module):
             xx = torch.cat([states[:-1], states[:-1]], dim=1).reshape(steps * rows, d)
             e = self(xx, te.expand(steps, rows, -1).reshape(-1, t_embed.shape[-1]), zc.reshape(steps * rows, -1))
             e = e.reshape(steps, rows, d)
-            eps = (e[:, n:] + cfg * (e[:, :n] - e[:, n:])).reshape(steps * n, d)
+            w = torch.as_tensor(cfg, dtype=torch.float32).reshape(1, -1, 1)  # [1, n or 1, 1]
+            eps = (e[:, n:] + w * (e[:, :n] - e[:, n:])).reshape(steps * n, d)
         eps = eps.reshape(steps, n, d)
         mean = sched.mean((slice(None), None, None), states[:-1], eps)  # [S, n, d]
-        std = (temperature * sched.sigma)[:, None]  # [S, 1]
+        temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(1, -1)  # [1, n or 1]
+        std = temperature * sched.sigma[:, None]  # [S, n or 1]
         return gaussian_log_density((states[1:] - mean) / std[..., None], std).sum(0)
 
 

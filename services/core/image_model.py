@@ -60,7 +60,7 @@ PRESETS: dict[str, ImageConfig] = {
     # Target on scikit-learn's 8x8 digits: about 1.3M parameters.
     "digits": ImageConfig(),
     # Its draft for continuous speculative decoding: a thinner backbone, a one-block head.
-    "digits-draft": ImageConfig(dim=64, n_layers=2, n_heads=2, head_width=64, head_blocks=1),
+    "digits-draft": ImageConfig(dim=64, n_layers=2, n_heads=2, head_width=128, head_blocks=1),
     # Seeded random-init shapes for tests.
     "tiny": ImageConfig(dim=32, n_layers=1, n_heads=2, head_width=32, head_blocks=1),
 }

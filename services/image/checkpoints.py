@@ -16,7 +16,9 @@ from ..core.image_model import ImageAR, ImageConfig
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
-HASHES: dict[str, str] = {}
+HASHES: dict[str, str] = {
+    "digits": "d2136bd19ac5df394a180d36d2fb748203aa3ba17d86778db5d3a76843446b02",
+}
 
 
 class CheckpointError(RuntimeError):

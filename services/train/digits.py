@@ -81,12 +81,14 @@ def _distill_loss(draft: ImageAR, target: ImageAR, labels: torch.Tensor, tokens:
     return ((e_d - e_t) ** 2).mean()
 
 
-def train(name: str, out: Path | None = None, config: TrainConfig = TrainConfig()) -> Path:
-    """Train preset ``name`` ("digits" or "digits-draft") and save it; returns the path."""
+def train(name: str, out: Path | None = None, config: TrainConfig = TrainConfig(),
+          model_config: ImageConfig | None = None) -> Path:
+    """Train preset ``name`` ("digits" or "digits-draft", or ``model_config``
+    under that name) and save it; returns the path."""
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     tokens, labels = _data()
-    model = ImageAR(ImageConfig.from_name(name))
+    model = ImageAR(model_config or ImageConfig.from_name(name))
     teacher = load_image_model("digits").eval() if name.endswith("-draft") else None
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))

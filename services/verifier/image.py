@@ -9,13 +9,21 @@ concurrent requests into one head call per denoising step).
 
 Speculative, per round: the draft model proposes k tokens per row, each by
 its own head along a denoising trajectory whose log-density ``log_q`` it
-records; the target scores the row's pending input and the k drafts in one
-forward (z at k + 1 positions); the target's log-density ``log_p`` of every
-draft trajectory is computed in one batched head call; the acceptance rule of
-``arserve.core.continuous_acceptance`` keeps a prefix of each row and
-samples the recovered token from the residual at the first rejection, or the
-bonus token from the target when all were accepted. Rows accept different
-numbers of tokens: the KV caches keep a committed length per row.
+records; the target scores the row's pending input and the first k - 1
+drafts in one forward (z for all k drafted positions); the target's
+log-density ``log_p`` of every draft trajectory is computed in one batched
+head call; the acceptance rule of ``arserve.core.continuous_acceptance``
+keeps a prefix of each row and samples the recovered token from the residual
+at the first rejection. Rows accept different numbers of tokens: the KV
+caches keep a committed length per row.
+
+No bonus token. In text the bonus comes free with the verifying forward; here
+it would cost a whole target sample (``steps`` head calls), more than drafting
+the next token, so a fully accepted round just ends and the next round drafts
+on. The distribution is unchanged: where a round stops does not depend on the
+values drawn after it. The pending input (the last committed token, not yet
+in either KV cache) is then the same for the draft and the target, and both
+caches commit the same number of positions.
 
 With classifier-free guidance (cfg > 1) each model runs twice the rows: the
 conditional rows, then the same images with the "no class" label.
@@ -31,6 +39,12 @@ import torch
 
 from ..core.continuous_acceptance import accept_trajectories, sample_residual
 from ..core.image_model import ImageAR, ImageKV
+
+
+# Target trajectories drawn at once per residual try: rows are nearly free at these sizes (a try
+# costs `steps` head calls whatever its batch), and the expected proposals a rejection needs are
+# 1 / TV(p, q) (arserve.core.continuous_acceptance), so one try usually suffices.
+RESIDUAL_PROPOSALS = 16
 
 
 @dataclass(frozen=True)
@@ -54,17 +68,18 @@ class ImageJob:
 class ImageStats:
     """Counters of continuous speculative decoding, summed over rows."""
 
-    drafted: int = 0  # draft tokens proposed (usable ones: never past an image's end)
+    drafted: int = 0  # draft tokens verified (usable ones: never past an image's end)
     accepted: int = 0  # draft tokens the acceptance rule kept
-    rounds: int = 0  # target forwards after the first
+    rounds: int = 0  # verification rounds (one target forward each)
     row_rounds: int = 0  # rounds times the rows still generating in each
     residual_proposals: int = 0  # target trajectories drawn to sample recovered tokens
     residual_capped: int = 0  # recovered tokens that hit the try cap (then a plain target sample)
+    recovered: int = 0  # tokens sampled from the residual (one per rejected round of a row)
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens committed per row per round: (accepted + recovered or bonus) / row_rounds."""
-        return (self.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+        """Tokens committed per row per round: (accepted + recovered) / row_rounds."""
+        return (self.accepted + self.recovered) / self.row_rounds if self.row_rounds else 0.0
 
 
 @dataclass
@@ -153,52 +168,41 @@ class ImageVerifier:
         kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity)
         tokens = torch.empty(n, c.seq_len, c.token_dim)
         done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
-        pending = target.class_embed(rows)[:, None]  # [rows, 1, dim] target input not yet in its cache
-        # draft inputs not yet in its cache: [rows, 2, dim], the first unfed_count[r] of them real
-        unfed = draft.class_embed(rows)[:, None].expand(-1, 2, -1)
-        unfed_count = torch.ones(rows.shape[0], dtype=torch.long)
+        last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
-            usable = (c.seq_len - done - 1).clamp(min=0, max=k)  # [n] drafts an image can still use
-            committed_d = kv_d.lengths.clone()
-            d = await self._run(_propose, draft, kv_d, unfed, unfed_count, job, k, generator)
-            z_t = await self._run(_score, target, kv_t, pending, d.tokens, job.guided)  # [rows, k + 1, dim]
+            usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
+            d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
+            z_t = await self._run(_forward, target, torch.cat(  # [rows, k, dim]: z of every drafted position
+                [_pending(target, rows, last), target.token_embed(_twice(d.tokens[:, :-1], job.guided))], 1), kv_t)
             log_p = await self._run(_target_log_density, target, d, z_t, job)  # [n, k]
             accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
-            final = torch.empty(n, c.token_dim)  # recovered or bonus token of each image
-            rejected = active & (accepted < usable)
+            rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
+            final = torch.empty(n, c.token_dim)  # the recovered token of each rejected image
             if bool(rejected.any()):
                 idx = rejected.nonzero()[:, 0]
                 res = await self._run(_residual, target, draft, z_t, d.z, idx, accepted, job, generator)
                 final[idx] = res.tokens
                 stats.residual_proposals += int(res.tries.sum())
                 stats.residual_capped += int(res.capped.sum())
-            bonus = active & ~rejected
-            if bool(bonus.any()):
-                idx = bonus.nonzero()[:, 0]
-                z_b = z_t[_row_index(idx, n, job.guided), _twice(accepted[idx], job.guided)]  # [rows of idx, dim]
-                final[idx] = await self._sample(model_id, target, z_b, job, generator)
-            for r in active.nonzero()[:, 0].tolist():  # commit: accepted drafts, then the final token
+                stats.recovered += len(idx)
+            grow = accepted + rejected.long()  # [n] tokens committed this round
+            for r in active.nonzero()[:, 0].tolist():
                 a, at = int(accepted[r]), int(done[r])
                 tokens[r, at:at + a] = d.tokens[r, :a]
-                tokens[r, at + a] = final[r]
-            grow = torch.where(active, accepted + 1, 0)  # [n] tokens committed this round
-            kv_t.commit(_twice(grow, job.guided))  # the pending input and the accepted drafts
-            # the draft model kept its unfed inputs and the accepted drafts it was fed (all but the k-th)
-            kept = torch.where(active, accepted.clamp(max=k - 1), 0)
-            kv_d.lengths = committed_d + torch.where(_twice(active, job.guided), unfed_count, 0) + _twice(kept, job.guided)
+                if rejected[r]:
+                    tokens[r, at + a] = final[r]
+            # both caches keep the pending input and the inputs of the committed tokens but the last,
+            # which is the next pending token
+            kv_t.commit(_twice(grow, job.guided))
+            kv_d.lengths = kv_d.lengths - k + _twice(grow, job.guided)
             done += grow
+            last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
             stats.rounds += 1
             stats.row_rounds += int(active.sum())
-            stats.drafted += int(usable[active].sum())
-            stats.accepted += int(accepted[active].sum())
-            last = _twice(final, job.guided)  # [rows, token_dim]
-            pending = target.token_embed(last)[:, None]
-            all_in = _twice(accepted == k, job.guided)  # [rows] the k-th draft still has to be fed
-            e_last, e_k = draft.token_embed(last), draft.token_embed(_twice(d.tokens[:, -1], job.guided))
-            unfed = torch.where(all_in[:, None, None], torch.stack([e_k, e_last], 1), torch.stack([e_last, e_last], 1))
-            unfed_count = torch.where(all_in, 2, 1)
+            stats.drafted += int(usable.sum())
+            stats.accepted += int(accepted.sum())
         return tokens, stats
 
 
@@ -212,45 +216,49 @@ def _forward(model: ImageAR, x: torch.Tensor, kv: ImageKV) -> torch.Tensor:
     return model(x, kv)
 
 
+def _pending(model: ImageAR, rows: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """The pending input of every row [rows, 1, dim]: the class before the first
+    token, then the last committed token ``last`` [rows, token_dim]."""
+    return (model.class_embed(rows) if last is None else model.token_embed(last))[:, None]
+
+
 @torch.no_grad()
-def _propose(draft: ImageAR, kv: ImageKV, unfed: torch.Tensor, unfed_count: torch.Tensor, job: ImageJob,
-             k: int, generator: torch.Generator) -> _Draft:
+def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, k: int,
+             generator: torch.Generator) -> _Draft:
     """k draft tokens per image, each along a recorded denoising trajectory.
-    unfed: [rows, 2, dim] inputs not yet in the draft cache, the first
-    unfed_count[r] ([rows]) of them real (a spare one is overwritten later)."""
+    pending: [rows, 1, dim] the input not yet in the draft cache. The cache
+    grows by k positions (the pending input and the first k - 1 drafts)."""
     n = job.labels.shape[0]
-    z = draft(unfed, kv)[torch.arange(unfed.shape[0]), unfed_count - 1]  # [rows, dim]
-    kv.lengths += unfed_count
-    toks, states, log_q, zs = [], [], [], []
-    for j in range(k):
-        if j:
-            z = draft(draft.token_embed(_twice(toks[-1], job.guided))[:, None], kv)[:, 0]
-            kv.lengths += 1
+    x = pending
+    toks, states, zs = [], [], []
+    for _ in range(k):
+        z = draft(x, kv)[:, 0]  # [rows, dim]
+        kv.lengths += 1
         zc, zu = _split(z, n, job.guided)
-        tok, traj, lq = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True)
+        tok, traj, _ = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True)
         toks.append(tok)
         states.append(traj)
-        log_q.append(lq)
         zs.append(z)
-    return _Draft(torch.stack(toks, 1), torch.stack(states, 2), torch.stack(log_q, 1), torch.stack(zs, 1))
+        x = draft.token_embed(_twice(tok, job.guided))[:, None]
+    states = torch.stack(states, 2)  # [S + 1, n, k, token_dim]
+    z = torch.stack(zs, 1)  # [rows, k, dim]
+    return _Draft(torch.stack(toks, 1), states, _log_density(draft, states, z, job), z)
 
 
-@torch.no_grad()
-def _score(target: ImageAR, kv: ImageKV, pending: torch.Tensor, drafts: torch.Tensor, guided: bool) -> torch.Tensor:
-    """One target forward over [pending, drafts...] of every row -> z [rows, k + 1, dim]."""
-    x = torch.cat([pending, target.token_embed(_twice(drafts, guided))], dim=1)
-    return target(x, kv)
+def _log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, job: ImageJob) -> torch.Tensor:
+    """log-density of trajectories [S + 1, n, k, token_dim] under the model's head
+    given its z [rows, k, dim], all in one batched call -> [n, k]."""
+    steps1, n, k, dim = states.shape
+    zc, zu = _split(z, n, job.guided)  # [n, k, dim] each
+    lp = model.head.trajectory_log_density(states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1),
+                                           job.temperature, job.cfg, None if zu is None else zu.reshape(n * k, -1))
+    return lp.reshape(n, k)
 
 
 @torch.no_grad()
 def _target_log_density(target: ImageAR, d: _Draft, z_t: torch.Tensor, job: ImageJob) -> torch.Tensor:
-    """log p of every draft trajectory under the target head, one batched call -> [n, k]."""
-    steps1, n, k, dim = d.states.shape
-    states = d.states.reshape(steps1, n * k, dim)
-    zc, zu = _split(z_t[:, :k], n, job.guided)  # [n, k, dim] each
-    lp = target.head.trajectory_log_density(states, zc.reshape(n * k, -1), job.temperature, job.cfg,
-                                            None if zu is None else zu.reshape(n * k, -1))
-    return lp.reshape(n, k)
+    """log p of every draft trajectory under the target head -> [n, k]."""
+    return _log_density(target, d.states, z_t, job)
 
 
 @torch.no_grad()
@@ -263,4 +271,4 @@ def _residual(target: ImageAR, draft: ImageAR, z_t: torch.Tensor, z_d: torch.Ten
     pick = lambda z: None if z is None else z[idx, pos]  # noqa: E731 - [m, dim]
     return sample_residual(target.head, pick(zt_c), draft.head, pick(zd_c), temperature=job.temperature,
                            cfg=job.cfg, steps=job.steps, generator=generator, z_target_uncond=pick(zt_u),
-                           z_draft_uncond=pick(zd_u))
+                           z_draft_uncond=pick(zd_u), proposals=RESIDUAL_PROPOSALS)

@@ -7,8 +7,10 @@ tokens. One speculative step per row (the draft samples a trajectory, the
 target keeps it with probability min(1, p/q), else a recovered token comes
 from the residual) must give tokens from the target's distribution: a
 two-sample test (energy distance, permutation p-value) compares them with
-plain target samples. A deliberately wrong rule (always keep the draft) must
-fail the same test, so the test can fail.
+plain target samples, without and with classifier-free guidance. Two
+deliberately wrong rules must fail the same test, so the test can fail:
+always keeping the draft, and recovering rejected positions with a plain
+target sample instead of a residual sample.
 
 ``DiffusionHead`` zero-initialises ``ada`` and ``final`` (adaLN-Zero): every
 fresh head predicts zero noise and all fresh heads are the same. The heads
@@ -27,11 +29,11 @@ import torch
 
 from arserve.core.continuous_acceptance import Residual, accept_residual, accept_trajectories, sample_residual
 from arserve.core.diffusion_head import DiffusionHead, HeadConfig
+from conftest import energy_test
 
 STEPS = 8  # denoising steps: few, to keep the test fast
 TEMPERATURE = 1.0
 ROWS = 2000  # samples per side of the two-sample test
-PERMUTATIONS = 1000  # the smallest p-value is 1 / (PERMUTATIONS + 1)
 CONFIG = HeadConfig(token_dim=2, z_dim=16, width=32, blocks=2)
 TARGET_STD = 0.1  # random weights of the target head
 DRAFT_DELTA = 0.02  # seeded perturbation of the target's weights that makes the draft
@@ -58,27 +60,8 @@ TARGET = random_head(0, TARGET_STD)
 DRAFT = random_head(1, DRAFT_DELTA, base=TARGET)
 Z_TARGET = fixed_z(10, CONFIG.z_dim, ROWS)
 Z_DRAFT = Z_TARGET + 0.1 * fixed_z(11, CONFIG.z_dim, ROWS)  # the draft's own condition
-
-
-def energy_test(x: torch.Tensor, y: torch.Tensor, permutations: int = PERMUTATIONS, seed: int = 0) -> tuple[float, float]:
-    """Two-sample energy-distance test (Szekely & Rizzo 2004) with a
-    permutation p-value. x: [n, d], y: [m, d] -> (p-value, z-score of the
-    statistic against its permutation distribution)."""
-    n, m = x.shape[0], y.shape[0]
-    pooled = torch.cat([x, y]).double()
-    dist = torch.cdist(pooled, pooled)  # [n + m, n + m]
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.arange(n + m)[None], torch.rand((permutations, n + m), generator=g).argsort(dim=1)])
-    in_x = torch.zeros((n + m, permutations + 1), dtype=torch.float64)  # column j: labelling j (0: the real one)
-    in_x.scatter_(0, order[:, :n].T, 1.0)
-    s_xx = (in_x * (dist @ in_x)).sum(0)  # sum of d over x-x pairs, per labelling
-    s_x = in_x.T @ dist.sum(1)  # x-x plus x-y
-    s_xy = s_x - s_xx
-    s_yy = dist.sum() - s_xx - 2 * s_xy
-    stat = 2 * s_xy / (n * m) - s_xx / n**2 - s_yy / m**2  # [permutations + 1]
-    null = stat[1:]
-    p = (1 + int((null >= stat[0]).sum())) / (permutations + 1)
-    return p, float((stat[0] - null.mean()) / null.std())
+Z_TARGET_UNCOND = fixed_z(12, CONFIG.z_dim, ROWS)  # classifier-free guidance's "no class"
+Z_DRAFT_UNCOND = Z_TARGET_UNCOND + 0.1 * fixed_z(13, CONFIG.z_dim, ROWS)
 
 
 def speculative_step(seed: int, rule: str = "lossless", rows: int = ROWS, cfg: float = 1.0,
@@ -96,11 +79,15 @@ def speculative_step(seed: int, rule: str = "lossless", rows: int = ROWS, cfg: f
     log_p = target.trajectory_log_density(states, z_target, TEMPERATURE, cfg, z_uncond=zt_u)
     accepted = accept_trajectories(log_p[:, None], log_q[:, None], g)
     rejected = accepted == 0
+    tokens = tokens.clone()
+    if rule == "resample_target":  # the other wrong rule: a plain target sample where the draft is rejected
+        tokens[rejected] = target.sample(z_target[rejected], TEMPERATURE, cfg, STEPS, g,
+                                         z_uncond=None if zt_u is None else zt_u[rejected])
+        return tokens, accepted, None
     residual = sample_residual(target, z_target[rejected], draft, z_draft[rejected], temperature=TEMPERATURE,
                                cfg=cfg, steps=STEPS, generator=g,
                                z_target_uncond=None if zt_u is None else zt_u[rejected],
                                z_draft_uncond=None if zd_u is None else zd_u[rejected])
-    tokens = tokens.clone()
     tokens[rejected] = residual.tokens
     return tokens, accepted, residual
 
@@ -129,10 +116,28 @@ def test_speculative_step_keeps_the_target_distribution():
     assert p > 0.01
 
 
+def test_speculative_step_with_guidance_keeps_the_target_distribution():
+    cfg = 3.0
+    tokens, accepted, residual = speculative_step(seed=7, cfg=cfg, z_target_uncond=Z_TARGET_UNCOND,
+                                                  z_draft_uncond=Z_DRAFT_UNCOND)
+    assert 0.2 < float(accepted.float().mean()) < 0.6
+    assert residual.capped_count == 0
+    p, _ = energy_test(tokens, target_samples(seed=57, cfg=cfg, z_target_uncond=Z_TARGET_UNCOND))
+    assert p > 0.01
+
+
 def test_a_wrong_rule_fails_the_test():
     tokens, _, _ = speculative_step(seed=3, rule="accept_all")
-    p, z = energy_test(tokens, target_samples(seed=4))
+    p, z = energy_test(tokens, target_samples(seed=4), permutations=2000)
     assert p < 0.001 and z > 10, (p, z)  # the draft's own distribution is far from the target's
+
+
+def test_recovering_without_the_residual_fails_the_test():
+    # a plain target sample at rejected positions (what the cap falls back to) gives
+    # min(p, q) + TV p instead of p: a smaller error than accept_all, still detected
+    tokens, _, _ = speculative_step(seed=3, rule="resample_target")
+    p, z = energy_test(tokens, target_samples(seed=4), permutations=2000)
+    assert p < 0.01, (p, z)
 
 
 # --- accept_trajectories ---------------------------------------------------------------------------

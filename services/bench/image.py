@@ -1,0 +1,171 @@
+"""Image benchmark: continuous speculative decoding against plain decoding.
+
+In one run, through the SDK against the embedded server (digits model, the
+committed checkpoints), for batch 1 (one image per request) and batch 32 (32
+images per request):
+
+* ``plain``: every token sampled by the target's diffusion head;
+* ``cspd``: the draft model proposes ``k`` tokens, the target verifies them
+  (``arserve.core.continuous_acceptance``).
+
+images/s is client wall-clock; plain and cspd requests alternate so machine
+noise hits both alike, and the speedup is reported per trial pair (median and
+range). Quality: the recognized-class rate and the Fréchet distance of
+``arserve.image.quality`` over the batch-32 images of each mode, with a second
+plain run (another seed) giving the spread plain decoding has by chance, and
+the real test split's scores as the reference. Goals (issue 5): cspd >= 1.8x
+plain images/s at batch 1; recognized rate within 2 points of plain; Fréchet
+distance within the spread of the two plain runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .text import log, machine_info
+
+GOALS = {"speedup_batch1": 1.8, "recognized_rate_points": 2.0}
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im.pixels, dtype=np.float32).reshape(im.channels, im.height, im.width)
+                     for im in result.images])
+
+
+def _call(client, labels, method: str, seed: int, args) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = client.generate_image(labels, seed=seed, speculative=method, num_draft_tokens=args.draft_tokens,
+                                num_steps=args.steps)
+    return time.perf_counter() - t, out
+
+
+def bench(client, args) -> dict:
+    from ..image.quality import judge
+
+    modes = {"plain": "none", "cspd": "draft_model"}
+    results: dict = {"batch1": {}, "batch32": {}}
+    # batch 1: alternate one plain and one cspd request per trial
+    trials = {m: [] for m in modes}
+    for i in range(args.trials):
+        label = i % 10
+        for name, method in modes.items():
+            seconds, out = _call(client, [label], method, 1000 + i, args)
+            trials[name].append({"seconds": seconds, "mean_accepted_length": out.stats.mean_accepted_length,
+                                 "drafted": out.stats.drafted_tokens, "accepted": out.stats.accepted_tokens})
+    speedups = [p["seconds"] / c["seconds"] for p, c in zip(trials["plain"], trials["cspd"])]
+    for name in modes:
+        t = trials[name]
+        results["batch1"][name] = {
+            "images_per_s": len(t) / sum(r["seconds"] for r in t),
+            "mean_accepted_length": statistics.mean(r["mean_accepted_length"] for r in t),
+            "acceptance_rate": sum(r["accepted"] for r in t) / max(1, sum(r["drafted"] for r in t)),
+        }
+    results["batch1"]["speedup"] = {"median": statistics.median(speedups), "min": min(speedups),
+                                    "max": max(speedups), "overall": results["batch1"]["cspd"]["images_per_s"]
+                                    / results["batch1"]["plain"]["images_per_s"]}
+    # batch 32: quality comes from these images; a second plain run gives plain's own spread
+    images: dict[str, list] = {"plain": [], "plain_seed2": [], "cspd": []}
+    labels_all: dict[str, list] = {k: [] for k in images}
+    seconds: dict[str, float] = {k: 0.0 for k in images}
+    stats: dict[str, list] = {k: [] for k in images}
+    for r in range(args.requests32):
+        labels = [(r * 32 + j) % 10 for j in range(32)]
+        for name, method, seed in (("plain", "none", r), ("cspd", "draft_model", r), ("plain_seed2", "none", 10**6 + r)):
+            s, out = _call(client, labels, method, seed, args)
+            seconds[name] += s
+            images[name].append(_pixels(out))
+            labels_all[name].extend(labels)
+            stats[name].append(out.stats)
+    j = judge()
+    for name in images:
+        pix = np.concatenate(images[name])
+        results["batch32"][name] = {
+            "images": len(pix),
+            "images_per_s": len(pix) / seconds[name],
+            "mean_accepted_length": statistics.mean(s.mean_accepted_length for s in stats[name]),
+            "recognized_rate": j.recognized_rate(pix, np.asarray(labels_all[name])),
+            "frechet_distance": j.frechet_distance(pix),
+        }
+        from ..image.grid import save_grid
+
+        save_grid(pix[:100], Path(args.out).with_name(f"image-grid-{name}.png"), columns=10)
+    b = results["batch32"]
+    b["speedup"] = b["cspd"]["images_per_s"] / b["plain"]["images_per_s"]
+    results["reference"] = j.reference()
+    fd_plain = (b["plain"]["frechet_distance"], b["plain_seed2"]["frechet_distance"])
+    spread = abs(fd_plain[0] - fd_plain[1])
+    results["goals"] = {
+        "speedup_batch1": {"goal": GOALS["speedup_batch1"], "value": results["batch1"]["speedup"]["median"],
+                           "met": results["batch1"]["speedup"]["median"] >= GOALS["speedup_batch1"]},
+        "recognized_rate_points": {
+            "goal": GOALS["recognized_rate_points"],
+            "value": 100 * abs(b["cspd"]["recognized_rate"] - b["plain"]["recognized_rate"]),
+            "met": 100 * abs(b["cspd"]["recognized_rate"] - b["plain"]["recognized_rate"]) <= GOALS["recognized_rate_points"]},
+        "frechet_within_plain_spread": {
+            "plain_runs": fd_plain, "spread": spread, "value": b["cspd"]["frechet_distance"],
+            "met": min(fd_plain) - spread <= b["cspd"]["frechet_distance"] <= max(fd_plain) + spread},
+    }
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, batch in zip(axes, ("batch1", "batch32")):
+        r = results[batch]
+        names = ["plain", "cspd"]
+        vals = [r[n]["images_per_s"] for n in names]
+        ax.bar(names, vals, color=["tab:gray", "tab:blue"])
+        for i, n in enumerate(names):
+            ax.text(i, vals[i], f"{vals[i]:.2f}\nMAL {r[n]['mean_accepted_length']:.2f}", ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_ylabel("images / s (client wall-clock)")
+        ax.set_title(f"{batch.replace('batch', 'batch ')}, {results['steps']} denoising steps, k={results['draft_tokens']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> None:
+    from arserve_client import Client
+
+    from ..embedded import EmbeddedServer
+    from ..settings import ServerSettings
+
+    args.draft_tokens = getattr(args, "draft_tokens", None) or 4
+    args.steps = getattr(args, "steps", None) or 50
+    args.trials = getattr(args, "limit", None) or 30
+    args.requests32 = 10
+    results = {"benchmark": "image", "machine": machine_info(), "steps": args.steps, "draft_tokens": args.draft_tokens,
+               "trials_batch1": args.trials, "images_batch32": args.requests32 * 32}
+    with EmbeddedServer(ServerSettings(port=0)) as server, Client(server.target) as client:
+        for method in ("none", "draft_model"):  # warm-up
+            client.generate_image([0, 1], seed=0, speculative=method, num_steps=args.steps)
+        results.update(bench(client, args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot(results, out.with_suffix(".png"))
+    b1, b32 = results["batch1"], results["batch32"]
+    log(f"batch 1:  plain {b1['plain']['images_per_s']:.2f} img/s, cspd {b1['cspd']['images_per_s']:.2f} img/s "
+        f"(MAL {b1['cspd']['mean_accepted_length']:.2f}, acceptance {b1['cspd']['acceptance_rate']:.2f}); "
+        f"speedup median {b1['speedup']['median']:.2f}x (range {b1['speedup']['min']:.2f}-{b1['speedup']['max']:.2f})")
+    log(f"batch 32: plain {b32['plain']['images_per_s']:.2f} img/s, cspd {b32['cspd']['images_per_s']:.2f} img/s "
+        f"(MAL {b32['cspd']['mean_accepted_length']:.2f}); speedup {b32['speedup']:.2f}x")
+    ref = results["reference"]
+    for name in ("plain", "plain_seed2", "cspd"):
+        q = b32[name]
+        log(f"quality {name:<12} recognized {q['recognized_rate']:.3f}  Fréchet {q['frechet_distance']:.4f}")
+    log(f"quality {'real test':<12} recognized {ref['recognized_rate']:.3f}  Fréchet {ref['frechet_distance']:.4f}")
+    for name, g in results["goals"].items():
+        log(f"goal {name}: {g['value']} -> {'met' if g['met'] else 'NOT met'}")
+    log(f"wrote {out}, {out.with_suffix('.png')} and the image-grid-*.png beside them")

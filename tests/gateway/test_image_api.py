@@ -1,0 +1,96 @@
+"""GenerateImage through real gRPC on the embedded server with the committed
+digits checkpoints: recognizable digits, PNGs, reproducible seeds, both
+methods, bad input that gets INVALID_ARGUMENT while the server keeps
+serving, and checkpoints whose hash is checked."""
+
+import io
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from arserve.image.checkpoints import CHECKPOINT_DIR, HASHES, CheckpointError, load_file_checked, load_image_model
+from arserve.image.quality import judge
+from arserve_client import InvalidArgument, NotFound
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(im.pixels, dtype=np.float32).reshape(im.channels, im.height, im.width)
+                     for im in result.images])
+
+
+def test_models_lists_the_image_model(client):
+    image = [m for m in client.models() if m.kind == "image"]
+    assert [m.id for m in image] == ["digits-mar"]
+    assert list(image[0].speculative_methods) == ["none", "draft_model"] and image[0].context_length == 16
+
+
+def test_committed_target_draws_recognizable_digits(client):
+    """At least 90% of 200 seeded samples are recognized as their requested class."""
+    labels = [i % 10 for i in range(200)]
+    images = np.concatenate([pixels(client.generate_image(labels[i:i + 50], seed=i)) for i in range(0, 200, 50)])
+    rate = judge().recognized_rate(images, np.asarray(labels))
+    assert rate >= 0.90, rate
+
+
+def test_images_come_as_pngs_with_pixels_and_tokens(client):
+    out = client.generate_image([3, 7], seed=5, return_tokens=True)
+    assert [im.label for im in out.images] == [3, 7] and out.model == "digits-mar"
+    for im in out.images:
+        png = Image.open(io.BytesIO(im.png))
+        assert png.size == (8, 8) and (im.height, im.width, im.channels) == (8, 8, 1)
+        assert np.abs(np.asarray(png, dtype=np.float32) / 255 - np.asarray(im.pixels).reshape(8, 8)).max() <= 1 / 255
+        assert len(im.tokens) == 16 * 4
+    assert out.stats.completion_tokens == 32 and out.stats.method == "none"
+
+
+@pytest.mark.parametrize("method", ["none", "draft_model"])
+def test_seeded_requests_reproduce(client, method):
+    a = client.generate_image([1, 4], seed=11, speculative=method)
+    b = client.generate_image([1, 4], seed=11, speculative=method)
+    c = client.generate_image([1, 4], seed=12, speculative=method)
+    assert [im.pixels for im in a.images] == [im.pixels for im in b.images]
+    assert [im.pixels for im in a.images] != [im.pixels for im in c.images]
+    if method == "draft_model":
+        assert a.stats.method == "draft_model" and a.stats.drafted_tokens > 0 and a.stats.rounds > 0
+        assert 1.0 <= a.stats.mean_accepted_length <= 5.0
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(labels=[10]), "labels[0] = 10"),
+    (dict(labels=[]), "labels is empty"),
+    (dict(labels=list(range(10)) * 7), "at most 64"),
+    (dict(labels=[1], num_steps=0), "num_steps"),
+    (dict(labels=[1], num_steps=1001), "num_steps"),
+    (dict(labels=[1], cfg_scale=math.nan), "cfg_scale"),
+    (dict(labels=[1], cfg_scale=0.5), "cfg_scale"),
+    (dict(labels=[1], temperature=0.0), "temperature"),
+    (dict(labels=[1], temperature=math.inf), "temperature"),
+    (dict(labels=[1], speculative="ngram"), "speculative.method"),
+    (dict(labels=[1], speculative="draft_model", num_draft_tokens=17), "num_draft_tokens"),
+])
+def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(client, options, message):
+    labels = options.pop("labels")
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
+        client.generate_image(labels, **options)
+    assert len(client.generate_image([2], seed=0, num_steps=4).images) == 1
+
+
+def test_unknown_image_model_is_not_found(client):
+    with pytest.raises(NotFound, match="image model 'nope'"):
+        client.generate_image([1], model="nope")
+
+
+def test_a_checkpoint_whose_hash_differs_is_refused(tmp_path):
+    bad = tmp_path / "digits.safetensors"
+    shutil.copy(CHECKPOINT_DIR / "digits.safetensors", bad)
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_file_checked(bad, HASHES["digits"])
+    with pytest.raises(CheckpointError, match="no committed image checkpoint 'digits-huge'"):
+        load_image_model("digits-huge")
+    assert load_file_checked(CHECKPOINT_DIR / "digits.safetensors", HASHES["digits"]) is not None
