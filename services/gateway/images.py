@@ -58,7 +58,8 @@ class ImageFront:
                 steps=req.num_steps if req.HasField("num_steps") else model.default_num_steps,
                 method=method,
                 num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
-                seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"))
+                seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
+                adaptive=spec.adaptive if spec.HasField("adaptive") else True)
             tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
             decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
             images = from_proto(decoded.image)  # [n, channels, height, width]

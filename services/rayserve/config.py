@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..settings import ServiceSettings
+from ..settings import ImageModelSettings, ServiceSettings
 
 SERVICES = ("gateway", "tokenizer", "verifier", "drafter", "backbone")
 Service = Literal["gateway", "tokenizer", "verifier", "drafter", "backbone"]
@@ -93,10 +93,16 @@ class AppArgs(ServiceSettings):
     deployments: dict[Service, DeploymentOptions] = Field(
         default_factory=_defaults, description="Options per service; services left out keep their defaults.")
     grpc_bind_host: str = Field("0.0.0.0", description="Where each replica's internal gRPC server binds.")
+    image_models: list[ImageModelSettings] = Field(
+        default_factory=list, description="Not served by the Ray Serve wiring yet: leave empty (the embedded "
+        "server serves image models).")
 
     @model_validator(mode="after")
     def _fill_deployments(self) -> "AppArgs":
         self.deployments = {**_defaults(), **self.deployments}
+        if self.image_models:
+            raise ValueError("image_models: the Ray Serve wiring does not serve image models yet; "
+                             "serve them with the embedded server (arserve serve)")
         return self
 
     def deployment_options(self) -> dict[str, dict]:

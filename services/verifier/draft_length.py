@@ -11,12 +11,26 @@ alive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
 def expected_speedup(a: float, k: int, cost_per_token: float) -> float:
     tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
     return tokens / (1.0 + cost_per_token * k)
+
+
+def expected_speedup_without_bonus(a: float, k: int, cost_per_token: float, verify_cost: float = 0.1,
+                                   residual_cost: float = 1.1) -> float:
+    """Continuous speculative decoding (``arserve.verifier.image``), where a
+    token costs a whole target sample (1) and a draft token ``cost_per_token``
+    of it: a round commits (1 - a^k) / (1 - a) tokens (no bonus token) and
+    costs k drafts, one verification (``verify_cost``) and, when a draft was
+    rejected (probability 1 - a^k), a residual sample (``residual_cost``)."""
+    if k == 0:
+        return 1.0
+    tokens = float(k) if a >= 1.0 else (1.0 - a ** k) / (1.0 - a)
+    return tokens / (cost_per_token * k + verify_cost + (1.0 - a ** k) * residual_cost)
 
 
 @dataclass
@@ -28,11 +42,12 @@ class DraftLength:
     cost_per_token: float = 0.03  # extra forward cost per scored draft token (measured, see docs/decisions.md)
     probe_every: int = 8  # rounds between 1-token probes while k is 0
     idle: int = 0  # rounds since the last draft while k is 0
+    speedup: Callable[[float, int, float], float] = expected_speedup  # the cost model
 
     def next(self) -> int:
         if not self.adaptive or self.k_max == 0:
             return self.k_max
-        k = max(range(self.k_max + 1), key=lambda j: expected_speedup(self.rate, j, self.cost_per_token))
+        k = max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, self.cost_per_token))
         if k == 0:
             self.idle += 1
             if self.idle >= self.probe_every:
@@ -46,6 +61,10 @@ class DraftLength:
         if drafted <= 0:
             return
         # per-token rate: accepted tokens plus the first rejection (if any) are the trials
-        trials = accepted + (1 if accepted < drafted else 0)
-        observed = accepted / trials
-        self.rate = (1 - self.smoothing) * self.rate + self.smoothing * observed
+        self.observe(accepted, accepted + (1 if accepted < drafted else 0))
+
+    def observe(self, accepted: int, trials: int) -> None:
+        """One round's ``accepted`` draft tokens out of ``trials`` verified
+        (pooled over the rows of a batch)."""
+        if trials > 0:
+            self.rate = (1 - self.smoothing) * self.rate + self.smoothing * accepted / trials

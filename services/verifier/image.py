@@ -39,12 +39,16 @@ import torch
 
 from ..core.continuous_acceptance import accept_trajectories, sample_residual
 from ..core.image_model import ImageAR, ImageKV
+from .draft_length import DraftLength, expected_speedup_without_bonus
 
 
 # Target trajectories drawn at once per residual try: rows are nearly free at these sizes (a try
 # costs `steps` head calls whatever its batch), and the expected proposals a rejection needs are
 # 1 / TV(p, q) (arserve.core.continuous_acceptance), so one try usually suffices.
 RESIDUAL_PROPOSALS = 16
+# A draft token's cost in target tokens at batch 1 (measured: 13 ms against 41 ms, docs/decisions.md #16):
+# the adaptive draft length's cost model.
+DRAFT_COST = 0.3
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class ImageJob:
     cfg: float  # classifier-free guidance scale (1 = off)
     steps: int  # denoising steps
     method: str  # "none" or "draft_model"
-    num_draft_tokens: int  # k, drafts per round
+    num_draft_tokens: int  # k, drafts per round (the upper bound when adaptive)
     seed: int  # the request's random generator seed
+    adaptive: bool = True  # k follows the model's running acceptance rate, down to 0 (plain rounds)
 
     @property
     def guided(self) -> bool:
@@ -75,11 +80,12 @@ class ImageStats:
     residual_proposals: int = 0  # target trajectories drawn to sample recovered tokens
     residual_capped: int = 0  # recovered tokens that hit the try cap (then a plain target sample)
     recovered: int = 0  # tokens sampled from the residual (one per rejected round of a row)
+    plain: int = 0  # tokens of plain rounds (the adaptive draft length fell to 0)
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens committed per row per round: (accepted + recovered) / row_rounds."""
-        return (self.accepted + self.recovered) / self.row_rounds if self.row_rounds else 0.0
+        """Tokens committed per row per round: (accepted + recovered + plain) / row_rounds."""
+        return (self.accepted + self.recovered + self.plain) / self.row_rounds if self.row_rounds else 0.0
 
 
 @dataclass
@@ -123,6 +129,9 @@ class ImageVerifier:
         self.models = models
         self.heads = heads
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image")
+        # per model: the draft length and the acceptance rate it learns, shared by its requests
+        self.lengths = {m: DraftLength(16, cost_per_token=DRAFT_COST, rate=0.5, speedup=expected_speedup_without_bonus)
+                        for m in models}
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -170,8 +179,27 @@ class ImageVerifier:
         done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
+        length = self.lengths[model_id]
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
+            if job.adaptive:
+                length.k_max = job.num_draft_tokens
+                k = length.next()
+            if k == 0:  # drafting does not pay now: a plain round (the draft model keeps its cache in step)
+                z_t = await self._run(_forward, target, _pending(target, rows, last), kv_t)  # [rows, 1, dim]
+                await self._run(_forward, draft, _pending(draft, rows, last), kv_d)
+                step = _twice(active.long(), job.guided)
+                kv_t.commit(step)
+                kv_d.commit(step)
+                new = await self._sample(model_id, target, z_t[:, 0], job, generator)  # [n, token_dim]
+                for r in active.nonzero()[:, 0].tolist():
+                    tokens[r, int(done[r])] = new[r]
+                done += active.long()
+                last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
+                stats.plain += int(active.sum())
+                stats.rounds += 1
+                stats.row_rounds += int(active.sum())
+                continue
             usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
             d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
             z_t = await self._run(_forward, target, torch.cat(  # [rows, k, dim]: z of every drafted position
@@ -203,6 +231,7 @@ class ImageVerifier:
             stats.row_rounds += int(active.sum())
             stats.drafted += int(usable.sum())
             stats.accepted += int(accepted.sum())
+            length.observe(int(accepted.sum()), int(grow.sum()))  # trials: the accepted and the first rejected
         return tokens, stats
 
 

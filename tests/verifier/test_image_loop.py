@@ -40,10 +40,10 @@ def pair() -> ImagePair:
     return ImagePair(target, draft)
 
 
-def run(pair: ImagePair, labels, method="none", seed=0, k=3, cfg=1.0, steps=8):
-    verifier = ImageVerifier({"m": pair}, DiffusionHeadService())
+def run(pair: ImagePair, labels, method="none", seed=0, k=3, cfg=1.0, steps=8, adaptive=False, verifier=None):
+    verifier = verifier or ImageVerifier({"m": pair}, DiffusionHeadService())
     job = ImageJob(torch.as_tensor(labels), temperature=1.0, cfg=cfg, steps=steps, method=method,
-                   num_draft_tokens=k, seed=seed)
+                   num_draft_tokens=k, seed=seed, adaptive=adaptive)
     return asyncio.run(verifier.generate("m", job))
 
 
@@ -81,3 +81,21 @@ def test_speculative_keeps_the_target_distribution(pair, cfg, monkeypatch):
     p_broken, _ = energy_test(plain.flatten(1), broken.flatten(1), permutations=2000)
     assert p_ok > 0.01, p_ok
     assert p_broken < 0.001, p_broken
+
+
+def test_adaptive_draft_length_follows_acceptance(pair):
+    """A draft that is always accepted is used at full length; one that is
+    never accepted is dropped for plain rounds (with a probe now and then),
+    and the output stays complete."""
+    same = ImagePair(pair.target, copy.deepcopy(pair.target))
+    verifier = ImageVerifier({"m": same}, DiffusionHeadService())
+    for _ in range(3):
+        _, stats = run(same, [1, 2], "draft_model", k=4, adaptive=True, verifier=verifier)
+    assert verifier.lengths["m"].rate > 0.95 and stats.rounds == 2 and stats.plain == 0  # 5 tokens, k = 4: 4 then 1
+
+    far = ImagePair(pair.target, random_model(5, 0.25))  # an unrelated draft: nothing is accepted
+    verifier = ImageVerifier({"m": far}, DiffusionHeadService())
+    tokens, stats = run(far, [1, 2], "draft_model", k=4, adaptive=True, verifier=verifier)
+    tokens, stats = run(far, [1, 2], "draft_model", k=4, adaptive=True, verifier=verifier)
+    assert verifier.lengths["m"].rate < 0.3  # it fell from its prior of 0.5 and drafting stopped
+    assert stats.plain > stats.recovered and torch.isfinite(tokens).all() and tokens.shape[1] == CONFIG.seq_len
