@@ -18,6 +18,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
 HASHES: dict[str, str] = {
     "digits": "d2136bd19ac5df394a180d36d2fb748203aa3ba17d86778db5d3a76843446b02",
+    "digits-draft": "f12019a687e39d151725e4faa3ef6461db97e475406bbcd197525eadcd7ef08c",
 }
 
 
