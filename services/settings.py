@@ -80,7 +80,8 @@ class ImageModelSettings(BaseModel):
     default_cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance when a request leaves it unset.")
     default_speculative_method: Literal["none", "draft_model"] = Field(
         "none", description="Method used when a request names none.")
-    num_draft_tokens: int = Field(4, ge=1, le=16, description="Draft length when a request leaves it unset.")
+    num_draft_tokens: int = Field(3, ge=1, le=16, description="Draft length when a request leaves it unset "
+                                  "(the upper bound of the adaptive length).")
 
     @property
     def speculative_methods(self) -> list[str]:

@@ -5,8 +5,10 @@ committed checkpoints), for batch 1 (one image per request) and batch 32 (32
 images per request):
 
 * ``plain``: every token sampled by the target's diffusion head;
-* ``cspd``: the draft model proposes ``k`` tokens, the target verifies them
-  (``arserve.core.continuous_acceptance``).
+* ``cspd``: the draft model proposes ``k`` tokens every round, the target
+  verifies them (``arserve.core.continuous_acceptance``);
+* ``cspd-adaptive`` (batch 1): the same with the adaptive draft length, which
+  falls back to plain rounds where drafting does not pay.
 
 images/s is client wall-clock; plain and cspd requests alternate so machine
 noise hits both alike, and the speedup is reported per trial pair (median and
@@ -37,27 +39,30 @@ def _pixels(result) -> np.ndarray:
                      for im in result.images])
 
 
-def _call(client, labels, method: str, seed: int, args) -> tuple[float, object]:
+def _call(client, labels, method: str, seed: int, args, adaptive: bool = False) -> tuple[float, object]:
     t = time.perf_counter()
     out = client.generate_image(labels, seed=seed, speculative=method, num_draft_tokens=args.draft_tokens,
-                                num_steps=args.steps)
+                                num_steps=args.steps, adaptive=adaptive)
     return time.perf_counter() - t, out
 
 
 def bench(client, args) -> dict:
     from ..image.quality import judge
 
-    modes = {"plain": "none", "cspd": "draft_model"}
+    modes = {"plain": ("none", False), "cspd": ("draft_model", False), "cspd-adaptive": ("draft_model", True)}
     results: dict = {"batch1": {}, "batch32": {}}
-    # batch 1: alternate one plain and one cspd request per trial
+    # batch 1: alternate plain and cspd requests, trial by trial
     trials = {m: [] for m in modes}
     for i in range(args.trials):
         label = i % 10
-        for name, method in modes.items():
-            seconds, out = _call(client, [label], method, 1000 + i, args)
+        for name, (method, adaptive) in modes.items():
+            seconds, out = _call(client, [label], method, 1000 + i, args, adaptive)
             trials[name].append({"seconds": seconds, "mean_accepted_length": out.stats.mean_accepted_length,
                                  "drafted": out.stats.drafted_tokens, "accepted": out.stats.accepted_tokens})
     speedups = [p["seconds"] / c["seconds"] for p, c in zip(trials["plain"], trials["cspd"])]
+    adaptive = [p["seconds"] / c["seconds"] for p, c in zip(trials["plain"], trials["cspd-adaptive"])]
+    results["batch1"]["speedup_adaptive"] = {"median": statistics.median(adaptive), "min": min(adaptive),
+                                             "max": max(adaptive)}
     for name in modes:
         t = trials[name]
         results["batch1"][name] = {
@@ -122,9 +127,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, batch in zip(axes, ("batch1", "batch32")):
         r = results[batch]
-        names = ["plain", "cspd"]
+        names = [n for n in ("plain", "cspd", "cspd-adaptive") if n in r]
         vals = [r[n]["images_per_s"] for n in names]
-        ax.bar(names, vals, color=["tab:gray", "tab:blue"])
+        ax.bar(names, vals, color=["tab:gray", "tab:blue", "tab:cyan"][:len(names)])
         for i, n in enumerate(names):
             ax.text(i, vals[i], f"{vals[i]:.2f}\nMAL {r[n]['mean_accepted_length']:.2f}", ha="center", va="bottom",
                     fontsize=8)
@@ -141,7 +146,7 @@ def main(args) -> None:
     from ..embedded import EmbeddedServer
     from ..settings import ServerSettings
 
-    args.draft_tokens = getattr(args, "draft_tokens", None) or 4
+    args.draft_tokens = getattr(args, "draft_tokens", None) or 3
     args.steps = getattr(args, "steps", None) or 50
     args.trials = getattr(args, "limit", None) or 30
     args.requests32 = 10
@@ -159,6 +164,9 @@ def main(args) -> None:
     log(f"batch 1:  plain {b1['plain']['images_per_s']:.2f} img/s, cspd {b1['cspd']['images_per_s']:.2f} img/s "
         f"(MAL {b1['cspd']['mean_accepted_length']:.2f}, acceptance {b1['cspd']['acceptance_rate']:.2f}); "
         f"speedup median {b1['speedup']['median']:.2f}x (range {b1['speedup']['min']:.2f}-{b1['speedup']['max']:.2f})")
+    log(f"batch 1:  cspd-adaptive {b1['cspd-adaptive']['images_per_s']:.2f} img/s, speedup median "
+        f"{b1['speedup_adaptive']['median']:.2f}x (range {b1['speedup_adaptive']['min']:.2f}-"
+        f"{b1['speedup_adaptive']['max']:.2f})")
     log(f"batch 32: plain {b32['plain']['images_per_s']:.2f} img/s, cspd {b32['cspd']['images_per_s']:.2f} img/s "
         f"(MAL {b32['cspd']['mean_accepted_length']:.2f}); speedup {b32['speedup']:.2f}x")
     ref = results["reference"]

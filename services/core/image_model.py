@@ -85,10 +85,6 @@ class ImageKV:
         """Keep the first counts[r] positions of row r's last forward ([rows] int64)."""
         self.lengths += counts
 
-    def select(self, rows: torch.Tensor) -> "ImageKV":
-        """The cache of some rows ([m] int64 indices), as a new ImageKV."""
-        return ImageKV(self.k[:, rows], self.v[:, rows], self.lengths[rows].clone())
-
 
 class Block(nn.Module):
     """Pre-norm transformer block (attention, then an MLP)."""

@@ -9,8 +9,9 @@ was batched with, up to floating-point rounding of the batched products.
 Calls join when they share the head and the step count, and guidance is on for
 all of them or off for all.
 
-The ``arserve.v1.DiffusionHead`` methods (``Sample``, ``LogDensity``) wrap the
-same batcher for callers in other processes.
+The ``arserve.v1.DiffusionHead`` methods serve callers in other processes:
+``Sample`` through the same batcher, ``LogDensity`` (one batched forward
+already) directly.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..wire import from_proto, to_proto
 
 @dataclass
 class _Call:
-    key: tuple  # (model id, steps, guided): calls with equal keys share a run
+    key: tuple  # (model id, head, steps, guided): calls with equal keys share a run
     head: DiffusionHead
     z: torch.Tensor  # [n, z_dim]
     z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
@@ -58,7 +59,7 @@ class DiffusionHeadService:
         """Tokens [n, token_dim] for z [n, z_dim] (z_uncond [n, z_dim]: guidance on),
         with the request's noise [S + 1, n, token_dim]."""
         n = z.shape[0]
-        call = _Call((model, steps, z_uncond is not None), head, z, z_uncond, torch.full((n,), float(temperature)),
+        call = _Call((model, id(head), steps, z_uncond is not None), head, z, z_uncond, torch.full((n,), float(temperature)),
                      torch.full((n,), float(cfg)), steps, noise, asyncio.get_running_loop().create_future())
         self.queue.append(call)
         self.queue_depth.set(len(self.queue))
@@ -70,16 +71,20 @@ class DiffusionHeadService:
         loop = asyncio.get_running_loop()
         while self.queue:
             key = self.queue[0].key
-            batch = [c for c in self.queue if c.key == key]
+            batch = [c for c in self.queue if c.key == key and not c.done.done()]  # cancelled callers leave
             self.queue = [c for c in self.queue if c.key != key]
             self.queue_depth.set(len(self.queue))
+            if not batch:
+                continue
             self.batch_items.observe(len(batch))
             try:
                 out = await loop.run_in_executor(self.executor, _run, batch)
-            except Exception as e:  # noqa: BLE001 - every caller of the run gets the error
+            except BaseException as e:  # every caller of the run gets the error, even if this worker is cancelled
                 for c in batch:
                     if not c.done.done():
-                        c.done.set_exception(e)
+                        c.done.set_exception(e if isinstance(e, Exception) else RuntimeError("head run cancelled"))
+                if not isinstance(e, Exception):
+                    raise
                 continue
             self.runs += 1
             start = 0
@@ -109,8 +114,7 @@ class DiffusionHeadService:
             raise InvalidArgument(f"z must be [n, {head.config.z_dim}], got {list(z.shape)}")
         if z_uncond is not None and z_uncond.shape != z.shape:
             raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
-        if not req.temperature > 0 or not 1 <= req.num_steps <= 1000:
-            raise InvalidArgument("temperature must be > 0 and num_steps 1 to 1000")
+        _check_sampling(req.temperature, req.cfg or 1.0, req.num_steps)
         g = torch.Generator().manual_seed(req.seed & (2**63 - 1))
         noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g)
         out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise)
@@ -122,12 +126,24 @@ class DiffusionHeadService:
             states, z = from_proto(req.states).float(), from_proto(req.z).float()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        if states.dim() != 3 or z.dim() != 2 or states.shape[1] != z.shape[0] or states.shape[0] < 2:
-            raise InvalidArgument(f"states must be [S + 1, n, token_dim] and z [n, z_dim]; got "
+        c = head.config
+        if (states.dim() != 3 or z.dim() != 2 or states.shape[1] != z.shape[0] or states.shape[2] != c.token_dim
+                or z.shape[1] != c.z_dim):
+            raise InvalidArgument(f"states must be [S + 1, n, {c.token_dim}] and z [n, {c.z_dim}]; got "
                                   f"{list(states.shape)} and {list(z.shape)}")
+        _check_sampling(req.temperature, 1.0, states.shape[0] - 1)
         out = await asyncio.get_running_loop().run_in_executor(
             self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0)
         return pb.LogDensityResponse(log_density=to_proto(out))
+
+
+def _check_sampling(temperature: float, cfg: float, steps: int) -> None:
+    if not 1e-3 <= temperature <= 10:  # NaN fails too
+        raise InvalidArgument(f"temperature must be 1e-3 to 10, got {temperature}")
+    if not 1 <= cfg <= 50:
+        raise InvalidArgument(f"cfg must be 1 to 50, got {cfg}")
+    if not 1 <= steps <= 1000:
+        raise InvalidArgument(f"num_steps (or the states' S) must be 1 to 1000, got {steps}")
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ class ImageFront:
         model_id = req.model or (self.settings.image_models[0].id if self.settings.image_models else "")
         model = self.models.get(model_id)
         method = req.speculative.method or (model.default_speculative_method if model else "none")
-        outcome = "internal"
+        outcome = "cancelled"  # unless it ends otherwise
         try:
             if model is None:
                 raise NotFound(f"image model {req.model!r} is not served; known: {sorted(self.models)}")
@@ -88,5 +88,10 @@ class ImageFront:
         except ArserveError as e:
             outcome = e.code.lower()
             raise
+        except Exception:
+            outcome = "internal"
+            raise
         finally:
+            if model is None or method not in model.speculative_methods:  # no label values from raw client input
+                model_id, method = ("unknown", "unknown") if model is None else (model_id, "unknown")
             metrics.REQUESTS.labels(model_id, method, outcome).inc()

@@ -16,6 +16,8 @@ MAX_DRAFT_TOKENS = 16
 MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
 MAX_IMAGE_STEPS = 1000
+MIN_IMAGE_TEMPERATURE, MAX_IMAGE_TEMPERATURE = 1e-3, 10.0  # past these, densities under- or overflow
+MAX_CFG_SCALE = 50.0
 
 
 def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
@@ -94,10 +96,11 @@ def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings,
     for i, label in enumerate(req.labels):
         if label >= num_classes:
             raise InvalidArgument(f"labels[{i}] = {label} is not a class of model {model.id!r} (0 to {num_classes - 1})")
-    if req.HasField("temperature") and not (math.isfinite(req.temperature) and req.temperature > 0):
-        raise InvalidArgument(f"temperature must be finite and > 0, got {req.temperature}")
-    if req.HasField("cfg_scale") and not (math.isfinite(req.cfg_scale) and req.cfg_scale >= 1):
-        raise InvalidArgument(f"cfg_scale must be finite and >= 1, got {req.cfg_scale}")
+    if req.HasField("temperature") and not MIN_IMAGE_TEMPERATURE <= req.temperature <= MAX_IMAGE_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be {MIN_IMAGE_TEMPERATURE} to {MAX_IMAGE_TEMPERATURE}, "
+                              f"got {req.temperature}")  # NaN fails too
+    if req.HasField("cfg_scale") and not 1 <= req.cfg_scale <= MAX_CFG_SCALE:
+        raise InvalidArgument(f"cfg_scale must be 1 to {MAX_CFG_SCALE}, got {req.cfg_scale}")
     if req.HasField("num_steps") and not 1 <= req.num_steps <= MAX_IMAGE_STEPS:
         raise InvalidArgument(f"num_steps must be 1 to {MAX_IMAGE_STEPS}, got {req.num_steps}")
     spec = req.speculative

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +49,7 @@ RESIDUAL_PROPOSALS = 16
 # A draft token's cost in target tokens at batch 1 (measured: 13 ms against 41 ms, docs/decisions.md #16):
 # the adaptive draft length's cost model.
 DRAFT_COST = 0.3
+PRIOR_RATE = 0.5  # the adaptive draft length's acceptance rate before a request's first round (measured: 0.3-0.5)
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,7 @@ class ImageVerifier:
         self.models = models
         self.heads = heads
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image")
-        # per model: the draft length and the acceptance rate it learns, shared by its requests
-        self.lengths = {m: DraftLength(16, cost_per_token=DRAFT_COST, rate=0.5, speedup=expected_speedup_without_bonus)
-                        for m in models}
+        self.last_length: DraftLength | None = None  # the last speculative request's (for tests)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -157,14 +156,14 @@ class ImageVerifier:
         c, n = model.config, job.labels.shape[0]
         rows = _rows(job, c.num_classes)
         kv = ImageKV.empty(c, rows.shape[0], c.seq_len)
-        x = model.class_embed(rows)[:, None]  # [rows, 1, dim] the class at position 0
+        x = _pending(model, rows, None)  # [rows, 1, dim] the class at position 0
         tokens = torch.empty(n, c.seq_len, c.token_dim)
         one = torch.ones(rows.shape[0], dtype=torch.long)
         for i in range(c.seq_len):
             z = await self._run(_forward, model, x, kv)  # [rows, 1, dim]
             kv.commit(one)
             tokens[:, i] = await self._sample(model_id, model, z[:, 0], job, generator)
-            x = model.token_embed(_twice(tokens[:, i], job.guided))[:, None]
+            x = _embed(model, _twice(tokens[:, i], job.guided))
         return tokens
 
     async def _speculative(self, model_id: str, pair: ImagePair, job: ImageJob,
@@ -172,19 +171,20 @@ class ImageVerifier:
         target, draft = pair.target, pair.draft
         c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens
         rows = _rows(job, c.num_classes)
-        capacity = c.seq_len + k + 2
+        capacity = c.seq_len + k  # a round writes k positions from a committed length below seq_len
         kv_t = ImageKV.empty(c, rows.shape[0], capacity)
         kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity)
         tokens = torch.empty(n, c.seq_len, c.token_dim)
         done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
-        length = self.lengths[model_id]
+        # the request's own draft length (a seeded request must not depend on others): it learns the
+        # acceptance rate from a prior, as the text verifier's does
+        length = self.last_length = DraftLength(k, adaptive=job.adaptive, rate=PRIOR_RATE, cost_per_token=DRAFT_COST,
+                                                speedup=expected_speedup_without_bonus)
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
-            if job.adaptive:
-                length.k_max = job.num_draft_tokens
-                k = length.next()
+            k = min(length.next(), int((c.seq_len - done).max()))  # no draft past the longest remainder
             if k == 0:  # drafting does not pay now: a plain round (the draft model keeps its cache in step)
                 z_t = await self._run(_forward, target, _pending(target, rows, last), kv_t)  # [rows, 1, dim]
                 await self._run(_forward, draft, _pending(draft, rows, last), kv_d)
@@ -202,9 +202,8 @@ class ImageVerifier:
                 continue
             usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
             d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
-            z_t = await self._run(_forward, target, torch.cat(  # [rows, k, dim]: z of every drafted position
-                [_pending(target, rows, last), target.token_embed(_twice(d.tokens[:, :-1], job.guided))], 1), kv_t)
-            log_p = await self._run(_target_log_density, target, d, z_t, job)  # [n, k]
+            z_t = await self._run(_score, target, kv_t, _pending(target, rows, last), d.tokens, job.guided)
+            log_p = await self._run(_log_density, target, d.states, z_t, job)  # [n, k] the target's densities
             accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
             rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
             final = torch.empty(n, c.token_dim)  # the recovered token of each rejected image
@@ -232,12 +231,9 @@ class ImageVerifier:
             stats.drafted += int(usable.sum())
             stats.accepted += int(accepted.sum())
             length.observe(int(accepted.sum()), int(grow.sum()))  # trials: the accepted and the first rejected
+            # invariant: both caches hold each row's committed inputs, the pending one excluded
+            assert torch.equal(kv_t.lengths, kv_d.lengths) and torch.equal(kv_t.lengths, _twice(done, job.guided))
         return tokens, stats
-
-
-def _row_index(idx: torch.Tensor, n: int, guided: bool) -> torch.Tensor:
-    """Model rows of images idx: [m], or guided [2m] (then their "no class" rows)."""
-    return torch.cat([idx, idx + n]) if guided else idx
 
 
 @torch.no_grad()
@@ -245,6 +241,13 @@ def _forward(model: ImageAR, x: torch.Tensor, kv: ImageKV) -> torch.Tensor:
     return model(x, kv)
 
 
+@torch.no_grad()
+def _embed(model: ImageAR, tokens: torch.Tensor) -> torch.Tensor:
+    """[rows, token_dim] -> [rows, 1, dim] input embeddings."""
+    return model.token_embed(tokens)[:, None]
+
+
+@torch.no_grad()
 def _pending(model: ImageAR, rows: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """The pending input of every row [rows, 1, dim]: the class before the first
     token, then the last committed token ``last`` [rows, token_dim]."""
@@ -264,7 +267,8 @@ def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, 
         z = draft(x, kv)[:, 0]  # [rows, dim]
         kv.lengths += 1
         zc, zu = _split(z, n, job.guided)
-        tok, traj, _ = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True)
+        tok, traj, _ = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True,
+                                         density=False)
         toks.append(tok)
         states.append(traj)
         zs.append(z)
@@ -274,6 +278,7 @@ def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, 
     return _Draft(torch.stack(toks, 1), states, _log_density(draft, states, z, job), z)
 
 
+@torch.no_grad()
 def _log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, job: ImageJob) -> torch.Tensor:
     """log-density of trajectories [S + 1, n, k, token_dim] under the model's head
     given its z [rows, k, dim], all in one batched call -> [n, k]."""
@@ -285,9 +290,10 @@ def _log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, job: Ima
 
 
 @torch.no_grad()
-def _target_log_density(target: ImageAR, d: _Draft, z_t: torch.Tensor, job: ImageJob) -> torch.Tensor:
-    """log p of every draft trajectory under the target head -> [n, k]."""
-    return _log_density(target, d.states, z_t, job)
+def _score(target: ImageAR, kv: ImageKV, pending: torch.Tensor, drafts: torch.Tensor, guided: bool) -> torch.Tensor:
+    """One target forward over [pending, drafts 1..k-1] of every row -> z of every
+    drafted position [rows, k, dim]."""
+    return target(torch.cat([pending, target.token_embed(_twice(drafts[:, :-1], guided))], 1), kv)
 
 
 @torch.no_grad()

@@ -68,6 +68,8 @@ def test_seeded_requests_reproduce(client, method):
     (dict(labels=[1], cfg_scale=0.5), "cfg_scale"),
     (dict(labels=[1], temperature=0.0), "temperature"),
     (dict(labels=[1], temperature=math.inf), "temperature"),
+    (dict(labels=[1], temperature=1e-30), "temperature"),
+    (dict(labels=[1], cfg_scale=1e30), "cfg_scale"),
     (dict(labels=[1], speculative="ngram"), "speculative.method"),
     (dict(labels=[1], speculative="draft_model", num_draft_tokens=17), "num_draft_tokens"),
 ])

@@ -147,6 +147,7 @@ def build_image_request(
     num_steps: int | None = None,
     speculative: str = "",
     num_draft_tokens: int | None = None,
+    adaptive: bool | None = None,
     return_tokens: bool = False,
     request_id: str = "",
 ) -> pb.GenerateImageRequest:
@@ -159,4 +160,6 @@ def build_image_request(
             setattr(req, name, value)
     if num_draft_tokens is not None:
         req.speculative.num_draft_tokens = num_draft_tokens
+    if adaptive is not None:
+        req.speculative.adaptive = adaptive
     return req
