@@ -42,14 +42,16 @@ from ..core.image_model import ImageAR, ImageKV
 from .draft_length import DraftLength, expected_speedup_without_bonus
 
 
-# Target trajectories drawn at once per residual try: rows are nearly free at these sizes (a try
-# costs `steps` head calls whatever its batch), and the expected proposals a rejection needs are
-# 1 / TV(p, q) (arserve.core.continuous_acceptance), so one try usually suffices.
-RESIDUAL_PROPOSALS = 16
-# A draft token's cost in target tokens at batch 1 (measured: 13 ms against 41 ms, docs/decisions.md #16):
-# the adaptive draft length's cost model.
-DRAFT_COST = 0.3
-PRIOR_RATE = 0.5  # the adaptive draft length's acceptance rate before a request's first round (measured: 0.3-0.5)
+# Target trajectories drawn at once per residual try, over all rejected rows: rows are nearly free
+# at batch 1 (a try costs `steps` head calls whatever its batch), so one row gets 16 and one try
+# usually suffices (a rejection needs 1 / TV(p, q) proposals in expectation,
+# arserve.core.continuous_acceptance); many rejected rows share the budget (at least 2 each).
+RESIDUAL_ROWS = 32
+# The adaptive draft length's cost model, in target tokens at batch 1 (measured with the digits models,
+# docs/decisions.md #16: a target token 36 ms, a draft token 12.5 ms, the target forward and trajectory
+# densities of a round 6 ms, a residual sample 70 ms): drafting pays above about 0.75 acceptance.
+DRAFT_COST, VERIFY_COST, RESIDUAL_COST = 0.35, 0.17, 1.9
+PRIOR_RATE = 0.8  # the acceptance rate a request starts from: optimistic, so that it drafts first and learns
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class ImageVerifier:
         # the request's own draft length (a seeded request must not depend on others): it learns the
         # acceptance rate from a prior, as the text verifier's does
         length = self.last_length = DraftLength(k, adaptive=job.adaptive, rate=PRIOR_RATE, cost_per_token=DRAFT_COST,
-                                                speedup=expected_speedup_without_bonus)
+                                                speedup=_speedup_model)
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
             k = min(length.next(), int((c.seq_len - done).max()))  # no draft past the longest remainder
@@ -239,6 +241,10 @@ class ImageVerifier:
 @torch.no_grad()
 def _forward(model: ImageAR, x: torch.Tensor, kv: ImageKV) -> torch.Tensor:
     return model(x, kv)
+
+
+def _speedup_model(a: float, k: int, draft_cost: float) -> float:
+    return expected_speedup_without_bonus(a, k, draft_cost, VERIFY_COST, RESIDUAL_COST)
 
 
 @torch.no_grad()
@@ -306,4 +312,4 @@ def _residual(target: ImageAR, draft: ImageAR, z_t: torch.Tensor, z_d: torch.Ten
     pick = lambda z: None if z is None else z[idx, pos]  # noqa: E731 - [m, dim]
     return sample_residual(target.head, pick(zt_c), draft.head, pick(zd_c), temperature=job.temperature,
                            cfg=job.cfg, steps=job.steps, generator=generator, z_target_uncond=pick(zt_u),
-                           z_draft_uncond=pick(zd_u), proposals=RESIDUAL_PROPOSALS)
+                           z_draft_uncond=pick(zd_u), proposals=max(2, min(16, RESIDUAL_ROWS // len(idx))))
