@@ -34,9 +34,8 @@ class ImageFront:
     def model_infos(self) -> list[pb.ModelInfo]:
         first = self.settings.image_models[0].id if self.settings.image_models else ""
         return [pb.ModelInfo(id=m.id, kind="image", context_length=self.configs[m.id].seq_len, dtype="float32",
-                             is_default=False, speculative_methods=m.speculative_methods,
-                             default_speculative_method=m.default_speculative_method,
-                             source=m.checkpoint + (" (default image model)" if m.id == first else ""))
+                             is_default=m.id == first, speculative_methods=m.speculative_methods,
+                             default_speculative_method=m.default_speculative_method, source=m.checkpoint)
                 for m in self.settings.image_models]
 
     async def generate(self, req: pb.GenerateImageRequest) -> pb.GenerateImageResponse:
