@@ -27,3 +27,16 @@ def test_stream_and_models(server):
 def test_bad_input_exits_nonzero_with_the_status(server):
     out = arserve("generate", "--target", server.target, "--prompt", "hi", "--top-p", "3")
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "top_p" in out.stderr
+
+
+def test_image_writes_a_grid_and_reports_bad_labels(server, tmp_path):
+    from PIL import Image
+
+    grid = tmp_path / "sevens.png"
+    out = arserve("image", "--target", server.target, "--label", "7", "-n", "6", "--batch", "4", "--seed", "1",
+                  "--steps", "10", "-o", str(grid))
+    assert out.returncode == 0, out.stderr
+    assert f"wrote 6 images to {grid}" in out.stdout and "method none" in out.stdout
+    assert Image.open(grid).size == (3 * 65 + 1, 2 * 65 + 1)  # 3 x 2 cells of 8 x 8 pixels at scale 8, 1-pixel gaps
+    out = arserve("image", "--target", server.target, "--label", "12", "-o", str(tmp_path / "x.png"))
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "labels[0] = 12" in out.stderr

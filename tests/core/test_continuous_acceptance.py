@@ -36,7 +36,7 @@ TEMPERATURE = 1.0
 ROWS = 2000  # samples per side of the two-sample test
 CONFIG = HeadConfig(token_dim=2, z_dim=16, width=32, blocks=2)
 TARGET_STD = 0.1  # random weights of the target head
-DRAFT_DELTA = 0.02  # seeded perturbation of the target's weights that makes the draft
+DRAFT_DELTA = 0.07  # seeded perturbation of the target's weights that makes the draft
 
 
 def random_head(seed: int, std: float, base: DiffusionHead | None = None, config: HeadConfig = CONFIG) -> DiffusionHead:

@@ -23,7 +23,7 @@ def pixels(result) -> np.ndarray:
 
 def test_models_lists_the_image_model(client):
     image = [m for m in client.models() if m.kind == "image"]
-    assert [m.id for m in image] == ["digits-mar"]
+    assert [m.id for m in image] == ["digits-mar"] and image[0].is_default and image[0].source == "digits"
     assert list(image[0].speculative_methods) == ["none", "draft_model"] and image[0].context_length == 16
 
 
