@@ -58,7 +58,7 @@ class ImageFront:
                 method=method,
                 num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
                 seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
-                adaptive=spec.adaptive if spec.HasField("adaptive") else True)
+                adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance)
             tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
             decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
             images = from_proto(decoded.image)  # [n, channels, height, width]

@@ -51,7 +51,6 @@ RESIDUAL_ROWS = 32
 # docs/decisions.md #16: a target token 36 ms, a draft token 12.5 ms, the target forward and trajectory
 # densities of a round 6 ms, a residual sample 70 ms): drafting pays above about 0.75 acceptance.
 DRAFT_COST, VERIFY_COST, RESIDUAL_COST = 0.35, 0.17, 1.9
-PRIOR_RATE = 0.8  # the acceptance rate a request starts from: optimistic, so that it drafts first and learns
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,8 @@ class ImageJob:
     method: str  # "none" or "draft_model"
     num_draft_tokens: int  # k, drafts per round (the upper bound when adaptive)
     seed: int  # the request's random generator seed
-    adaptive: bool = True  # k follows the model's running acceptance rate, down to 0 (plain rounds)
+    adaptive: bool = True  # k follows the request's running acceptance rate, down to 0 (plain rounds)
+    prior_rate: float = 0.4  # the acceptance rate an adaptive request starts from (the model's measured one)
 
     @property
     def guided(self) -> bool:
@@ -181,9 +181,9 @@ class ImageVerifier:
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
         # the request's own draft length (a seeded request must not depend on others): it learns the
-        # acceptance rate from a prior, as the text verifier's does
-        length = self.last_length = DraftLength(k, adaptive=job.adaptive, rate=PRIOR_RATE, cost_per_token=DRAFT_COST,
-                                                speedup=_speedup_model)
+        # acceptance rate from the model's measured one, as the text verifier's does from its prior
+        length = self.last_length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate,
+                                                cost_per_token=DRAFT_COST, speedup=_speedup_model)
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
             k = min(length.next(), int((c.seq_len - done).max()))  # no draft past the longest remainder

@@ -55,6 +55,30 @@ def requests(draw) -> pb.GenerateRequest:
     return req
 
 
+@st.composite
+def image_requests(draw) -> pb.GenerateImageRequest:
+    req = pb.GenerateImageRequest(model=draw(st.sampled_from(["", "", "digits-mar", "smollm2-135m-instruct", "nope"])),
+                                  request_id=draw(st.text(max_size=40)), return_tokens=draw(st.booleans()))
+    req.labels.extend(draw(st.one_of(st.lists(st.integers(0, 12), max_size=3), st.lists(u32, max_size=3),
+                                     st.lists(st.integers(0, 9), min_size=60, max_size=70))))
+    req.num_steps = draw(st.sampled_from([1, 2, 2, 0, 1001, 2**32 - 1]))  # never the 50-step default
+    for field in ("temperature", "cfg_scale"):
+        value = draw(st.one_of(st.none(), st.sampled_from([1.0, 1.5, 1e-4, 11.0, -1.0]),
+                               st.floats(allow_nan=True, allow_infinity=True)))
+        if value is not None:
+            setattr(req, field, value)
+    if draw(st.booleans()):
+        req.seed = draw(st.integers(0, 2**64 - 1))
+    sp = req.speculative
+    sp.method = draw(st.sampled_from(["", "none", "draft_model", "draft_model", "ngram", "x" * 300]))
+    for field in ("num_draft_tokens", "num_candidates"):
+        if draw(st.booleans()):
+            setattr(sp, field, draw(u32))
+    if draw(st.booleans()):
+        sp.adaptive = draw(st.booleans())
+    return req
+
+
 @pytest.fixture(scope="module")
 def stub(server):
     with grpc.insecure_channel(server.target) as channel:
@@ -96,7 +120,23 @@ def test_generate_stream_answers_or_names_the_problem(stub, req):
 
 
 @EXAMPLES
-@given(data=st.binary(max_size=300), method=st.sampled_from(["Generate", "GenerateStream", "ListModels"]))
+@given(req=image_requests())
+def test_generate_image_answers_or_names_the_problem(stub, req):
+    s, _ = stub
+    try:
+        out = s.GenerateImage(req, timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() in ALLOWED, f"{e.code()}: {e.details()} for {req}"
+        assert e.details(), f"{e.code()} without a message for {req}"
+        event(e.code().name)
+        return
+    event("OK")
+    assert len(out.images) == len(req.labels) and all(im.png for im in out.images)
+
+
+@EXAMPLES
+@given(data=st.binary(max_size=300),
+       method=st.sampled_from(["Generate", "GenerateStream", "ListModels", "GenerateImage"]))
 def test_raw_bytes_on_the_wire_get_a_status(stub, data, method):
     """Bytes that may not parse (invalid UTF-8 in strings, truncated fields):
     a status with a message, or an answer when they happen to parse."""
