@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--requests", type=int, default=1000, help="load: requests per wiring")
     b.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
     b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated)")
-    b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 4)")
+    b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
     b.set_defaults(func=cmd_bench)

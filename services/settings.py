@@ -78,7 +78,7 @@ class ImageModelSettings(BaseModel):
     default_num_steps: int = Field(50, ge=1, le=1000, description="Denoising steps when a request leaves num_steps unset.")
     default_temperature: float = Field(1.0, gt=0, description="Diffusion temperature when a request leaves it unset.")
     default_cfg_scale: float = Field(1.0, ge=1.0, description="Classifier-free guidance when a request leaves it unset.")
-    default_speculative_method: Literal["none", "draft_model"] = Field(
+    default_speculative_method: Literal[IMAGE_METHODS] = Field(
         "none", description="Method used when a request names none.")
     num_draft_tokens: int = Field(3, ge=1, le=16, description="Draft length when a request leaves it unset "
                                   "(the upper bound of the adaptive length).")
@@ -88,7 +88,7 @@ class ImageModelSettings(BaseModel):
 
     @property
     def speculative_methods(self) -> list[str]:
-        return ["none", "draft_model"] if self.draft_checkpoint else ["none"]
+        return list(IMAGE_METHODS) if self.draft_checkpoint else ["none"]
 
     @model_validator(mode="after")
     def _draft_for_default(self) -> "ImageModelSettings":

@@ -26,8 +26,8 @@ on trajectories instead of tokens:
   proportional to ``p * max(0, 1 - q/p) = max(0, p - q)``: exactly the
   residual. Each proposal is kept with probability
   ``beta = integral max(0, p - q) = TV(p, q)``.
-- bonus: after a fully accepted draft, a plain target sample at the next
-  position (``target_head.sample``); nothing here.
+- bonus: none. arserve's loop ends a fully accepted round instead of paying a
+  whole target sample for it (``arserve.verifier.image``, docs/decisions.md #16).
 
 What is preserved. Accepting contributes density ``min(p, q)``, rejecting
 has probability ``TV(p, q)`` and then contributes ``max(0, p - q) / TV``; the

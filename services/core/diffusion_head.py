@@ -36,6 +36,7 @@ steps (2% of the [-1, 1] range), 0.09 at 20, 0.2 at 10.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,9 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRAIN_STEPS = 1000  # T, the training schedule's length
+TRAIN_STEPS = 1000  # T, the training schedule's length; also the most sampling steps
+TEMPERATURE_RANGE = (1e-3, 10.0)  # sampling temperatures whose densities neither under- nor overflow
+MAX_CFG = 50.0  # largest classifier-free guidance scale served
 
 
+@functools.lru_cache(maxsize=None)
 def cosine_alpha_bar(num_steps: int = TRAIN_STEPS) -> torch.Tensor:
     """[T + 1] cumulative signal fraction alpha_bar(t), t = 0..T (Improved DDPM's
     cosine schedule; alpha_bar(0) = 1), betas clipped at 0.999 as there."""
@@ -75,12 +79,11 @@ class Schedule:
         t = (torch.arange(1, steps + 1, dtype=torch.float64) * TRAIN_STEPS / steps).round().long()
         ab = alpha_bar[t]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        beta = 1 - ab / ab_prev
-        var = beta  # DDPM's "fixed large" variance (module docstring)
+        beta = 1 - ab / ab_prev  # also the variance: DDPM's "fixed large" one (module docstring)
         flip = lambda v: v.flip(0).float()  # noqa: E731 - S first
         return cls(t.flip(0), flip(1 / ab.sqrt()), flip((1 / ab - 1).sqrt()),
                    flip(beta * ab_prev.sqrt() / (1 - ab)), flip((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)),
-                   flip(var.sqrt()))
+                   flip(beta.sqrt()))
 
     def mean(self, i, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The transition's mean at step index i (an int, or an [S, 1, 1] view for
@@ -142,15 +145,15 @@ class DiffusionHead(nn.Module):
         shift, scale = mod[:, -2 * w:].chunk(2, dim=-1)
         return self.final(torch.addcmul(shift, self.final_norm(h), 1 + scale))
 
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """eps_hat at training timesteps t [n] (int64), x_t [n, token_dim], z [n, z_dim]."""
+        return self(x_t, self.time_mlp(timestep_features(t, self.config.freq_dim)), self.cond(z))
+
     def loss(self, target: torch.Tensor, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DDPM's simple loss. target: [n, token_dim] clean tokens; z: [n, z_dim] -> [n] per-token MSE."""
-        n = target.shape[0]
-        t = torch.randint(1, TRAIN_STEPS + 1, (n,), generator=generator)
+        t = torch.randint(1, TRAIN_STEPS + 1, (target.shape[0],), generator=generator)
         noise = torch.randn(target.shape, generator=generator)
-        ab = cosine_alpha_bar()[t].float()[:, None]
-        x_t = ab.sqrt() * target + (1 - ab).sqrt() * noise
-        eps = self(x_t, self.time_mlp(timestep_features(t, self.config.freq_dim)), self.cond(z))
-        return ((eps - noise) ** 2).mean(-1)
+        return ((self.eps(add_noise(target, t, noise), t, z) - noise) ** 2).mean(-1)
 
     def schedule(self, steps: int) -> tuple[Schedule, torch.Tensor]:
         """The respaced schedule and its timestep embeddings [S, width], made
@@ -163,13 +166,14 @@ class DiffusionHead(nn.Module):
 
     def guided_eps(self, x: torch.Tensor, t_embed: torch.Tensor, zc: torch.Tensor,
                    cfg: float | torch.Tensor) -> torch.Tensor:
-        """eps_hat with classifier-free guidance. x: [n, token_dim]; zc: [n, width]
-        conditional, or [2n, width] conditional then unconditional rows; cfg: a
-        float or [n, 1]."""
+        """eps_hat with classifier-free guidance. x: [n, token_dim]; t_embed: [1 or n,
+        width]; zc: [n, width] conditional, or [2n, width] conditional then
+        unconditional rows; cfg: a float or [n or 1, 1]."""
         n = x.shape[0]
         if zc.shape[0] == n:
             return self(x, t_embed, zc)
-        e = self(torch.cat([x, x]), t_embed, zc)  # [2n, token_dim]
+        t2 = t_embed if t_embed.shape[0] == 1 else torch.cat([t_embed, t_embed])
+        e = self(torch.cat([x, x]), t2, zc)  # [2n, token_dim]
         e_c, e_u = e[:n], e[n:]
         return e_u + cfg * (e_c - e_u)
 
@@ -218,20 +222,13 @@ class DiffusionHead(nn.Module):
         batched forward."""
         steps, n, d = states.shape[0] - 1, states.shape[1], states.shape[2]
         sched, t_embed = self.schedule(steps)
-        x = states[:-1].reshape(steps * n, d)  # [S n, d] the state each step starts from
-        zc = self.embed(z, z_uncond)  # [n or 2n, width]
-        rows = zc.shape[0]
-        zc = zc.unsqueeze(0).expand(steps, rows, -1)  # [S, rows, width]
-        te = t_embed.unsqueeze(1)  # [S, 1, width]
-        if rows == n:
-            eps = self(x, (te.expand(steps, n, -1)).reshape(-1, t_embed.shape[-1]), zc.reshape(steps * n, -1))
-        else:  # conditional and unconditional rows of every step together
-            xx = torch.cat([states[:-1], states[:-1]], dim=1).reshape(steps * rows, d)
-            e = self(xx, te.expand(steps, rows, -1).reshape(-1, t_embed.shape[-1]), zc.reshape(steps * rows, -1))
-            e = e.reshape(steps, rows, d)
-            w = torch.as_tensor(cfg, dtype=torch.float32).reshape(1, -1, 1)  # [1, n or 1, 1]
-            eps = (e[:, n:] + w * (e[:, :n] - e[:, n:])).reshape(steps * n, d)
-        eps = eps.reshape(steps, n, d)
+        # every step's rows at once: row s n + i is trajectory i at step s
+        zc = self.cond(z).repeat(steps, 1)  # [S n, width]
+        if z_uncond is not None:
+            zc = torch.cat([zc, self.cond(z_uncond).repeat(steps, 1)])  # then the unconditional rows
+        w = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
+        eps = self.guided_eps(states[:-1].reshape(steps * n, d), t_embed.repeat_interleave(n, 0), zc,
+                              w.repeat(steps, 1) if w.shape[0] > 1 else w).reshape(steps, n, d)
         mean = sched.mean((slice(None), None, None), states[:-1], eps)  # [S, n, d]
         temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(1, -1)  # [1, n or 1]
         std = temperature * sched.sigma[:, None]  # [S, n or 1]
@@ -244,3 +241,10 @@ def gaussian_log_density(standardized: torch.Tensor, std: torch.Tensor | float) 
     d = standardized.shape[-1]
     std = torch.as_tensor(std)
     return -0.5 * (standardized ** 2).sum(-1) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise.
+    x0, noise: [n, token_dim]; t: [n] training timesteps."""
+    ab = cosine_alpha_bar()[t].float()[:, None]  # [n, 1]
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

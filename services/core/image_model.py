@@ -154,17 +154,24 @@ class ImageAR(nn.Module):
             x = block(x, kv, i, positions, mask)
         return self.norm(x)
 
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training: labels [rows] with a ``class_dropout`` fraction replaced by "no class"."""
+        drop = torch.rand(labels.shape, generator=generator) < self.config.class_dropout
+        return torch.where(drop, torch.full_like(labels, self.config.num_classes), labels)
+
+    def conditions(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced z of every position: labels [rows], tokens [rows, seq_len,
+        token_dim] -> [rows seq_len, dim] (row-major, as tokens.reshape(-1, token_dim))."""
+        return self(self.inputs(labels, tokens[:, :-1])).reshape(-1, self.config.dim)
+
     def loss(self, labels: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None = None,
              noise_draws: int = 1) -> torch.Tensor:
         """Training loss of a batch: labels [rows], tokens [rows, seq_len, token_dim]
         (normalized) -> scalar mean of the head's denoising loss at every position,
         each token noised ``noise_draws`` times (MAR's diffusion_batch_mul)."""
-        c = self.config
-        drop = torch.rand(labels.shape, generator=generator) < c.class_dropout
-        labels = torch.where(drop, torch.full_like(labels, c.num_classes), labels)
-        z = self(self.inputs(labels, tokens[:, :-1]))  # [rows, seq_len, dim]
-        x0 = tokens.reshape(-1, c.token_dim).repeat(noise_draws, 1)  # [rows seq_len draws, token_dim]
-        return self.head.loss(x0, z.reshape(-1, c.dim).repeat(noise_draws, 1), generator).mean()
+        z = self.conditions(self.drop_labels(labels, generator), tokens)  # [rows seq_len, dim]
+        x0 = tokens.reshape(-1, self.config.token_dim)  # [rows seq_len, token_dim]
+        return self.head.loss(x0.repeat(noise_draws, 1), z.repeat(noise_draws, 1), generator).mean()
 
 
 def parameter_count(model: nn.Module) -> int:

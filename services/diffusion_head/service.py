@@ -24,7 +24,7 @@ import torch
 
 from arserve_client.v1 import diffusion_head_pb2 as pb
 
-from ..core.diffusion_head import DiffusionHead
+from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead
 from ..errors import InvalidArgument, NotFound
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..wire import from_proto, to_proto
@@ -138,12 +138,13 @@ class DiffusionHeadService:
 
 
 def _check_sampling(temperature: float, cfg: float, steps: int) -> None:
-    if not 1e-3 <= temperature <= 10:  # NaN fails too
-        raise InvalidArgument(f"temperature must be 1e-3 to 10, got {temperature}")
-    if not 1 <= cfg <= 50:
-        raise InvalidArgument(f"cfg must be 1 to 50, got {cfg}")
-    if not 1 <= steps <= 1000:
-        raise InvalidArgument(f"num_steps (or the states' S) must be 1 to 1000, got {steps}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:  # NaN fails too
+        raise InvalidArgument(f"temperature must be {low} to {high}, got {temperature}")
+    if not 1 <= cfg <= MAX_CFG:
+        raise InvalidArgument(f"cfg must be 1 to {MAX_CFG}, got {cfg}")
+    if not 1 <= steps <= TRAIN_STEPS:
+        raise InvalidArgument(f"num_steps (or the states' S) must be 1 to {TRAIN_STEPS}, got {steps}")
 
 
 @torch.no_grad()

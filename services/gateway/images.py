@@ -15,7 +15,7 @@ from arserve_client.v1 import tokenizer_pb2 as tpb
 
 from .. import metrics
 from ..core.image_model import ImageConfig
-from ..errors import ArserveError, NotFound
+from ..errors import NotFound
 from ..image.grid import png_bytes
 from ..settings import ServerSettings
 from ..verifier.image import ImageJob
@@ -38,59 +38,52 @@ class ImageFront:
                              default_speculative_method=m.default_speculative_method, source=m.checkpoint)
                 for m in self.settings.image_models]
 
-    async def generate(self, req: pb.GenerateImageRequest) -> pb.GenerateImageResponse:
-        t0 = time.perf_counter()
+    def labels(self, req: pb.GenerateImageRequest) -> tuple[str, str, list[str] | None]:
+        """Model id, method and the model's methods (None: not served), for metrics."""
         model_id = req.model or (self.settings.image_models[0].id if self.settings.image_models else "")
         model = self.models.get(model_id)
         method = req.speculative.method or (model.default_speculative_method if model else "none")
-        outcome = "cancelled"  # unless it ends otherwise
-        try:
-            if model is None:
-                raise NotFound(f"image model {req.model!r} is not served; known: {sorted(self.models)}")
-            config = self.configs[model.id]
-            check_image_request(req, model, config.num_classes, self.settings.max_images_per_request)
-            spec = req.speculative
-            job = ImageJob(
-                labels=torch.tensor(list(req.labels), dtype=torch.long),
-                temperature=req.temperature if req.HasField("temperature") else model.default_temperature,
-                cfg=req.cfg_scale if req.HasField("cfg_scale") else model.default_cfg_scale,
-                steps=req.num_steps if req.HasField("num_steps") else model.default_num_steps,
-                method=method,
-                num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
-                seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
-                adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance)
-            tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
-            decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
-            images = from_proto(decoded.image)  # [n, channels, height, width]
-            out = pb.GenerateImageResponse(request_id=req.request_id or uuid.uuid4().hex, model=model.id)
-            for i, label in enumerate(req.labels):
-                c, h, w = images.shape[1:]
-                img = pb.GeneratedImage(label=label, png=png_bytes(images[i]), channels=c, height=h, width=w,
-                                        pixels=images[i].flatten().tolist())
-                if req.return_tokens:
-                    img.tokens.extend(tokens[i].flatten().tolist())
-                out.images.append(img)
-            total = time.perf_counter() - t0
-            n_tokens = tokens.shape[0] * tokens.shape[1]
-            out.usage.CopyFrom(pb.Usage(completion_tokens=n_tokens))
-            out.timing.CopyFrom(pb.Timing(time_to_first_token_s=total, total_s=total,
-                                          tokens_per_second=n_tokens / total if total > 0 else 0.0))
-            out.speculative.CopyFrom(pb.SpeculativeStats(
-                drafted_tokens=stats.drafted, accepted_tokens=stats.accepted, rounds=stats.rounds,
-                mean_accepted_length=stats.mean_accepted_length, method=method))
-            metrics.REQUEST_LATENCY.labels(model.id).observe(total)
-            metrics.GENERATED.labels(model.id).inc(n_tokens)
-            metrics.DRAFTED.labels(model.id, method).inc(stats.drafted)
-            metrics.ACCEPTED.labels(model.id, method).inc(stats.accepted)
-            outcome = "length"
-            return out
-        except ArserveError as e:
-            outcome = e.code.lower()
-            raise
-        except Exception:
-            outcome = "internal"
-            raise
-        finally:
-            if model is None or method not in model.speculative_methods:  # no label values from raw client input
-                model_id, method = ("unknown", "unknown") if model is None else (model_id, "unknown")
-            metrics.REQUESTS.labels(model_id, method, outcome).inc()
+        return model_id, method, model.speculative_methods if model else None
+
+    async def generate(self, req: pb.GenerateImageRequest) -> pb.GenerateImageResponse:
+        t0 = time.perf_counter()
+        model_id, method, _ = self.labels(req)
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFound(f"image model {req.model!r} is not served; known: {sorted(self.models)}")
+        config = self.configs[model.id]
+        check_image_request(req, model, config.num_classes, self.settings.max_images_per_request)
+        spec = req.speculative
+        job = ImageJob(
+            labels=torch.tensor(list(req.labels), dtype=torch.long),
+            temperature=req.temperature if req.HasField("temperature") else model.default_temperature,
+            cfg=req.cfg_scale if req.HasField("cfg_scale") else model.default_cfg_scale,
+            steps=req.num_steps if req.HasField("num_steps") else model.default_num_steps,
+            method=method,
+            num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
+            seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
+            adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance)
+        tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
+        decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
+        images = from_proto(decoded.image)  # [n, channels, height, width]
+        out = pb.GenerateImageResponse(request_id=req.request_id or uuid.uuid4().hex, model=model.id)
+        c, h, w = images.shape[1:]
+        for i, label in enumerate(req.labels):
+            img = pb.GeneratedImage(label=label, png=png_bytes(images[i]), channels=c, height=h, width=w,
+                                    pixels=images[i].flatten().tolist())
+            if req.return_tokens:
+                img.tokens.extend(tokens[i].flatten().tolist())
+            out.images.append(img)
+        total = time.perf_counter() - t0
+        n_tokens = tokens.shape[0] * tokens.shape[1]
+        out.usage.CopyFrom(pb.Usage(completion_tokens=n_tokens))
+        out.timing.CopyFrom(pb.Timing(time_to_first_token_s=total, total_s=total,
+                                      tokens_per_second=n_tokens / total if total > 0 else 0.0))
+        out.speculative.CopyFrom(pb.SpeculativeStats(
+            drafted_tokens=stats.drafted, accepted_tokens=stats.accepted, rounds=stats.rounds,
+            mean_accepted_length=stats.mean_accepted_length, method=method))
+        metrics.REQUEST_LATENCY.labels(model.id).observe(total)
+        metrics.GENERATED.labels(model.id).inc(n_tokens)
+        metrics.DRAFTED.labels(model.id, method).inc(stats.drafted)
+        metrics.ACCEPTED.labels(model.id, method).inc(stats.accepted)
+        return out

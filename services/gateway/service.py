@@ -9,10 +9,11 @@ embedded wiring, gRPC stubs or Ray handles in the distributed one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from arserve_client.v1 import generation_pb2 as pb
 from arserve_client.v1 import generation_pb2_grpc
@@ -102,14 +103,38 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def GenerateImage(self, req: pb.GenerateImageRequest, context=None) -> pb.GenerateImageResponse:
         if self.images is None:
             raise NotFound("this server serves no image models")
+        with self._admitted(*self.images.labels(req)) as outcome:
+            out = await self.images.generate(req)
+            outcome[0] = "length"
+            return out
+
+    @contextlib.contextmanager
+    def _admitted(self, model_id: str, method: str, methods: list[str] | None) -> Iterator[list[str]]:
+        """Admission control (RESOURCE_EXHAUSTED at once past max_active_requests)
+        and the request's outcome metric; the caller sets outcome[0] when it
+        finishes. methods: the model's speculative methods (None: no such model);
+        labels never take raw client strings."""
+        if methods is None:
+            model_id, method = "unknown", "unknown"
+        elif method not in methods:
+            method = "unknown"
+        outcome = ["cancelled"]
         if self.active >= self.settings.max_active_requests:
+            metrics.REQUESTS.labels(model_id, method, "resource_exhausted").inc()
             raise ResourceExhausted(f"{self.active} requests are running, the most this server admits "
                                     f"(max_active_requests); retry later")
         self.active += 1
         try:
-            return await self.images.generate(req)
+            yield outcome
+        except ArserveError as e:
+            outcome[0] = e.code.lower()
+            raise
+        except Exception:
+            outcome[0] = "internal"
+            raise
         finally:
             self.active -= 1
+            metrics.REQUESTS.labels(model_id, method, outcome[0]).inc()
 
     async def Generate(self, req: pb.GenerateRequest, context=None) -> pb.GenerateResponse:
         out = pb.GenerateResponse()
@@ -129,29 +154,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     async def GenerateStream(self, req: pb.GenerateRequest, context=None) -> AsyncIterator[pb.GenerateChunk]:
         model_id = req.model or self.default_model
-        default = self.models.get(model_id)
-        method = req.speculative.method or (default.default_speculative_method if default else "none")
-        outcome = "cancelled"
-        if self.active >= self.settings.max_active_requests:
-            metrics.REQUESTS.labels(model_id, method, "resource_exhausted").inc()
-            raise ResourceExhausted(f"{self.active} requests are running, the most this server admits "
-                                    f"(max_active_requests); retry later")
-        self.active += 1
-        try:
+        model = self.models.get(model_id)
+        method = req.speculative.method or (model.default_speculative_method if model else "none")
+        with self._admitted(model_id, method, model.speculative_methods if model else None) as outcome:
             async for chunk in self._generate(req):
                 if chunk.finish_reason:
-                    outcome = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+                    outcome[0] = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
                     self._observe(model_id, chunk)
                 yield chunk
-        except ArserveError as e:
-            outcome = e.code.lower()
-            raise
-        except Exception:
-            outcome = "internal"
-            raise
-        finally:
-            self.active -= 1
-            metrics.REQUESTS.labels(model_id, method, outcome).inc()
 
     @staticmethod
     def _observe(model: str, last: pb.GenerateChunk) -> None:

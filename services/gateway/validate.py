@@ -7,6 +7,7 @@ import math
 
 from arserve_client.v1 import generation_pb2 as pb
 
+from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
 from ..errors import InvalidArgument, NotFound
 from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
@@ -15,9 +16,7 @@ MAX_STOP_STRINGS = 16
 MAX_DRAFT_TOKENS = 16
 MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
-MAX_IMAGE_STEPS = 1000
-MIN_IMAGE_TEMPERATURE, MAX_IMAGE_TEMPERATURE = 1e-3, 10.0  # past these, densities under- or overflow
-MAX_CFG_SCALE = 50.0
+
 
 
 def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
@@ -96,13 +95,13 @@ def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings,
     for i, label in enumerate(req.labels):
         if label >= num_classes:
             raise InvalidArgument(f"labels[{i}] = {label} is not a class of model {model.id!r} (0 to {num_classes - 1})")
-    if req.HasField("temperature") and not MIN_IMAGE_TEMPERATURE <= req.temperature <= MAX_IMAGE_TEMPERATURE:
-        raise InvalidArgument(f"temperature must be {MIN_IMAGE_TEMPERATURE} to {MAX_IMAGE_TEMPERATURE}, "
-                              f"got {req.temperature}")  # NaN fails too
-    if req.HasField("cfg_scale") and not 1 <= req.cfg_scale <= MAX_CFG_SCALE:
-        raise InvalidArgument(f"cfg_scale must be 1 to {MAX_CFG_SCALE}, got {req.cfg_scale}")
-    if req.HasField("num_steps") and not 1 <= req.num_steps <= MAX_IMAGE_STEPS:
-        raise InvalidArgument(f"num_steps must be 1 to {MAX_IMAGE_STEPS}, got {req.num_steps}")
+    low, high = TEMPERATURE_RANGE
+    if req.HasField("temperature") and not low <= req.temperature <= high:  # NaN fails too
+        raise InvalidArgument(f"temperature must be {low} to {high}, got {req.temperature}")
+    if req.HasField("cfg_scale") and not 1 <= req.cfg_scale <= MAX_CFG:
+        raise InvalidArgument(f"cfg_scale must be 1 to {MAX_CFG}, got {req.cfg_scale}")
+    if req.HasField("num_steps") and not 1 <= req.num_steps <= TRAIN_STEPS:
+        raise InvalidArgument(f"num_steps must be 1 to {TRAIN_STEPS}, got {req.num_steps}")
     spec = req.speculative
     if spec.HasField("num_draft_tokens") and not 1 <= spec.num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise InvalidArgument(f"speculative.num_draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")

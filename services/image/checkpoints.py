@@ -74,7 +74,6 @@ def checkpoint_info(path: Path) -> dict[str, str]:
         return dict(f.metadata())
 
 
-
 def load_checkpoint(ref: str) -> ImageAR:
     """A committed checkpoint by name (hash-checked), or a path to a
     .safetensors file (a checkpoint of the user's own, loaded as it is)."""

@@ -127,6 +127,9 @@ class Gateway:
     async def ListModels(self, request, grpc_context=None):
         return await self._unary("ListModels", request, grpc_context)
 
+    async def GenerateImage(self, request, grpc_context=None):  # NOT_FOUND with a message: no image models here
+        return await self._unary("GenerateImage", request, grpc_context)
+
     async def GenerateStream(self, request, grpc_context=None):
         try:
             self._authenticate(grpc_context)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..core.diffusion_head import TRAIN_STEPS, cosine_alpha_bar, timestep_features
+from ..core.diffusion_head import TRAIN_STEPS, add_noise, cosine_alpha_bar
 from ..core.image_model import ImageAR, ImageConfig, parameter_count
 from ..image.checkpoints import CHECKPOINT_DIR, load_image_model, save_checkpoint
 from ..image.quality import split
@@ -76,20 +76,13 @@ def _distill_loss(draft: ImageAR, target: ImageAR, labels: torch.Tensor, tokens:
                   g: torch.Generator) -> torch.Tensor:
     """Mean squared difference of the draft's and the target's noise
     predictions on the same noisy tokens. labels [rows]; tokens [rows, seq, dim]."""
-    c = draft.config
-    drop = torch.rand(labels.shape, generator=g) < c.class_dropout
-    labels = torch.where(drop, torch.full_like(labels, c.num_classes), labels)
-    x0 = tokens.reshape(-1, c.token_dim).repeat(mul, 1)  # [rows seq mul, dim]
+    labels = draft.drop_labels(labels, g)
+    x0 = tokens.reshape(-1, draft.config.token_dim).repeat(mul, 1)  # [rows seq mul, dim]
     t = torch.multinomial(_kl_timestep_weights(), x0.shape[0], replacement=True, generator=g) + 1
-    noise = torch.randn(x0.shape, generator=g)
-    ab = cosine_alpha_bar()[t].float()[:, None]
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    x_t = add_noise(x0, t, torch.randn(x0.shape, generator=g))
     with torch.no_grad():
-        zt = target(target.inputs(labels, tokens[:, :-1])).reshape(-1, target.config.dim).repeat(mul, 1)
-        e_t = target.head(x_t, target.head.time_mlp(timestep_features(t, target.head.config.freq_dim)),
-                          target.head.cond(zt))
-    zd = draft(draft.inputs(labels, tokens[:, :-1])).reshape(-1, c.dim).repeat(mul, 1)
-    e_d = draft.head(x_t, draft.head.time_mlp(timestep_features(t, draft.head.config.freq_dim)), draft.head.cond(zd))
+        e_t = target.head.eps(x_t, t, target.conditions(labels, tokens).repeat(mul, 1))
+    e_d = draft.head.eps(x_t, t, draft.conditions(labels, tokens).repeat(mul, 1))
     return ((e_d - e_t) ** 2).mean()
 
 

@@ -83,7 +83,8 @@ class ImageStats:
     residual_proposals: int = 0  # target trajectories drawn to sample recovered tokens
     residual_capped: int = 0  # recovered tokens that hit the try cap (then a plain target sample)
     recovered: int = 0  # tokens sampled from the residual (one per rejected round of a row)
-    plain: int = 0  # tokens of plain rounds (the adaptive draft length fell to 0)
+    plain: int = 0  # tokens of plain rounds (no draft model, or the adaptive draft length fell to 0)
+    draft_rate: float = 0.0  # the adaptive draft length's acceptance-rate estimate at the end
 
     @property
     def mean_accepted_length(self) -> float:
@@ -124,7 +125,8 @@ class _Draft:
 
 
 class ImageVerifier:
-    """Runs GenerateImage jobs on in-process image models. ``heads`` samples
+    """Runs GenerateImage jobs on in-process image models (plain decoding is
+    the same loop with no draft model). ``heads`` samples
     plain tokens (the diffusion-head service: ``sample(model, head, z,
     z_uncond, temperature, cfg, steps, noise)``)."""
 
@@ -132,7 +134,6 @@ class ImageVerifier:
         self.models = models
         self.heads = heads
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image")
-        self.last_length: DraftLength | None = None  # the last speculative request's (for tests)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -140,10 +141,8 @@ class ImageVerifier:
     async def generate(self, model_id: str, job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
         """-> tokens [n, seq_len, token_dim] and the speculative counters."""
         pair = self.models[model_id]
-        generator = torch.Generator().manual_seed(job.seed & (2**63 - 1))
-        if job.method == "draft_model" and pair.draft is not None:
-            return await self._speculative(model_id, pair, job, generator)
-        return await self._plain(model_id, pair.target, job, generator), ImageStats()
+        draft = pair.draft if job.method == "draft_model" else None
+        return await self._decode(model_id, pair.target, draft, job)
 
     async def _sample(self, model_id: str, model: ImageAR, z: torch.Tensor, job: ImageJob,
                       generator: torch.Generator) -> torch.Tensor:
@@ -154,87 +153,68 @@ class ImageVerifier:
         noise = torch.randn((job.steps + 1, n, model.config.token_dim), generator=generator)
         return await self.heads.sample(model_id, model.head, zc, zu, job.temperature, job.cfg, job.steps, noise)
 
-    async def _plain(self, model_id: str, model: ImageAR, job: ImageJob, generator: torch.Generator) -> torch.Tensor:
-        c, n = model.config, job.labels.shape[0]
+    async def _decode(self, model_id: str, target: ImageAR, draft: ImageAR | None,
+                      job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
+        """Plain rounds (no draft, or the adaptive length at 0) and speculative
+        rounds -> tokens [n, seq_len, token_dim] and the counters."""
+        generator = torch.Generator().manual_seed(job.seed & (2**63 - 1))
+        c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens if draft else 0
         rows = _rows(job, c.num_classes)
-        kv = ImageKV.empty(c, rows.shape[0], c.seq_len)
-        x = _pending(model, rows, None)  # [rows, 1, dim] the class at position 0
-        tokens = torch.empty(n, c.seq_len, c.token_dim)
-        one = torch.ones(rows.shape[0], dtype=torch.long)
-        for i in range(c.seq_len):
-            z = await self._run(_forward, model, x, kv)  # [rows, 1, dim]
-            kv.commit(one)
-            tokens[:, i] = await self._sample(model_id, model, z[:, 0], job, generator)
-            x = _embed(model, _twice(tokens[:, i], job.guided))
-        return tokens
-
-    async def _speculative(self, model_id: str, pair: ImagePair, job: ImageJob,
-                           generator: torch.Generator) -> tuple[torch.Tensor, ImageStats]:
-        target, draft = pair.target, pair.draft
-        c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens
-        rows = _rows(job, c.num_classes)
-        capacity = c.seq_len + k  # a round writes k positions from a committed length below seq_len
+        capacity = c.seq_len + k  # a round writes at most k positions from a committed length below seq_len
         kv_t = ImageKV.empty(c, rows.shape[0], capacity)
-        kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity)
+        kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity) if draft else None
         tokens = torch.empty(n, c.seq_len, c.token_dim)
         done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
         # the request's own draft length (a seeded request must not depend on others): it learns the
         # acceptance rate from the model's measured one, as the text verifier's does from its prior
-        length = self.last_length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate,
-                                                cost_per_token=DRAFT_COST, speedup=_speedup_model)
+        length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=DRAFT_COST,
+                             speedup=_speedup_model)
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
             k = min(length.next(), int((c.seq_len - done).max()))  # no draft past the longest remainder
-            if k == 0:  # drafting does not pay now: a plain round (the draft model keeps its cache in step)
+            if k == 0:  # a plain round (a draft model keeps its cache in step)
                 z_t = await self._run(_forward, target, _pending(target, rows, last), kv_t)  # [rows, 1, dim]
-                await self._run(_forward, draft, _pending(draft, rows, last), kv_d)
-                step = _twice(active.long(), job.guided)
-                kv_t.commit(step)
-                kv_d.commit(step)
+                if draft:
+                    await self._run(_forward, draft, _pending(draft, rows, last), kv_d)
+                grow = active.long()
                 new = await self._sample(model_id, target, z_t[:, 0], job, generator)  # [n, token_dim]
-                for r in active.nonzero()[:, 0].tolist():
-                    tokens[r, int(done[r])] = new[r]
-                done += active.long()
-                last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
-                stats.plain += int(active.sum())
-                stats.rounds += 1
-                stats.row_rounds += int(active.sum())
-                continue
-            usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
-            d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
-            z_t = await self._run(_score, target, kv_t, _pending(target, rows, last), d.tokens, job.guided)
-            log_p = await self._run(_log_density, target, d.states, z_t, job)  # [n, k] the target's densities
-            accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
-            rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
-            final = torch.empty(n, c.token_dim)  # the recovered token of each rejected image
-            if bool(rejected.any()):
-                idx = rejected.nonzero()[:, 0]
-                res = await self._run(_residual, target, draft, z_t, d.z, idx, accepted, job, generator)
-                final[idx] = res.tokens
-                stats.residual_proposals += int(res.tries.sum())
-                stats.residual_capped += int(res.capped.sum())
-                stats.recovered += len(idx)
-            grow = accepted + rejected.long()  # [n] tokens committed this round
-            for r in active.nonzero()[:, 0].tolist():
-                a, at = int(accepted[r]), int(done[r])
-                tokens[r, at:at + a] = d.tokens[r, :a]
-                if rejected[r]:
-                    tokens[r, at + a] = final[r]
+                idx = active.nonzero()[:, 0]
+                tokens[idx, done[idx]] = new[idx]
+                stats.plain += len(idx)
+            else:
+                usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
+                d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
+                z_t = await self._run(_score, target, kv_t, _pending(target, rows, last), d.tokens, job.guided)
+                log_p = await self._run(_log_density, target, d.states, z_t, job)  # [n, k] the target's densities
+                accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
+                rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
+                r, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
+                tokens[r, done[r] + j] = d.tokens[r, j]
+                if bool(rejected.any()):  # the recovered token at the first rejected position
+                    idx = rejected.nonzero()[:, 0]
+                    res = await self._run(_residual, target, draft, z_t, d.z, idx, accepted, job, generator)
+                    tokens[idx, done[idx] + accepted[idx]] = res.tokens
+                    stats.residual_proposals += int(res.tries.sum())
+                    stats.residual_capped += int(res.capped.sum())
+                    stats.recovered += len(idx)
+                grow = accepted + rejected.long()  # [n] tokens committed this round
+                stats.drafted += int(usable.sum())
+                stats.accepted += int(accepted.sum())
+                length.observe(int(accepted.sum()), int(grow.sum()))  # trials: the accepted and the first rejected
             # both caches keep the pending input and the inputs of the committed tokens but the last,
             # which is the next pending token
             kv_t.commit(_twice(grow, job.guided))
-            kv_d.lengths = kv_d.lengths - k + _twice(grow, job.guided)
+            if draft:
+                kv_d.commit(_twice(grow, job.guided))
+                assert torch.equal(kv_t.lengths, kv_d.lengths)
             done += grow
+            assert torch.equal(kv_t.lengths, _twice(done, job.guided))  # each row's committed inputs
             last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
             stats.rounds += 1
             stats.row_rounds += int(active.sum())
-            stats.drafted += int(usable.sum())
-            stats.accepted += int(accepted.sum())
-            length.observe(int(accepted.sum()), int(grow.sum()))  # trials: the accepted and the first rejected
-            # invariant: both caches hold each row's committed inputs, the pending one excluded
-            assert torch.equal(kv_t.lengths, kv_d.lengths) and torch.equal(kv_t.lengths, _twice(done, job.guided))
+        stats.draft_rate = length.rate
         return tokens, stats
 
 
@@ -248,15 +228,9 @@ def _speedup_model(a: float, k: int, draft_cost: float) -> float:
 
 
 @torch.no_grad()
-def _embed(model: ImageAR, tokens: torch.Tensor) -> torch.Tensor:
-    """[rows, token_dim] -> [rows, 1, dim] input embeddings."""
-    return model.token_embed(tokens)[:, None]
-
-
-@torch.no_grad()
-def _pending(model: ImageAR, rows: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """The pending input of every row [rows, 1, dim]: the class before the first
-    token, then the last committed token ``last`` [rows, token_dim]."""
+def _pending(model: ImageAR, rows: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
+    """The pending input of every row [rows, 1, dim]: the class (labels ``rows``)
+    before the first token, then the last committed token ``last`` [rows, token_dim]."""
     return (model.class_embed(rows) if last is None else model.token_embed(last))[:, None]
 
 
@@ -264,21 +238,24 @@ def _pending(model: ImageAR, rows: torch.Tensor, last: torch.Tensor | None) -> t
 def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, k: int,
              generator: torch.Generator) -> _Draft:
     """k draft tokens per image, each along a recorded denoising trajectory.
-    pending: [rows, 1, dim] the input not yet in the draft cache. The cache
-    grows by k positions (the pending input and the first k - 1 drafts)."""
+    pending: [rows, 1, dim] the input not yet in the draft cache. It writes k
+    positions (the pending input and the first k - 1 drafts) past the committed
+    lengths and leaves those as they were: the round commits."""
     n = job.labels.shape[0]
+    committed = kv.lengths.clone()
     x = pending
     toks, states, zs = [], [], []
     for _ in range(k):
         z = draft(x, kv)[:, 0]  # [rows, dim]
-        kv.lengths += 1
+        kv.lengths += 1  # the next input goes after this one
         zc, zu = _split(z, n, job.guided)
         tok, traj, _ = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True,
                                          density=False)
         toks.append(tok)
         states.append(traj)
         zs.append(z)
-        x = draft.token_embed(_twice(tok, job.guided))[:, None]
+        x = _pending(draft, None, _twice(tok, job.guided))
+    kv.lengths = committed
     states = torch.stack(states, 2)  # [S + 1, n, k, token_dim]
     z = torch.stack(zs, 1)  # [rows, k, dim]
     return _Draft(torch.stack(toks, 1), states, _log_density(draft, states, z, job), z)
