@@ -32,6 +32,11 @@ class Unavailable(ArserveError):
     code = "UNAVAILABLE"
 
 
+class ReplicaLost(Unavailable):
+    """The replica that held a request's state (its KV cache, its drafter
+    context) stopped answering; another replica may take the request over."""
+
+
 class Unimplemented(ArserveError):
     code = "UNIMPLEMENTED"
 

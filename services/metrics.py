@@ -73,6 +73,8 @@ TPOT = Family("histogram", "arserve_time_per_output_token_seconds", "Decode time
 GENERATED = Family("counter", "arserve_generated_tokens_total", "Completion tokens", ["model"])
 DRAFTED = Family("counter", "arserve_drafted_tokens_total", "Draft tokens proposed", ["model", "method"])
 ACCEPTED = Family("counter", "arserve_accepted_tokens_total", "Draft tokens accepted", ["model", "method"])
+RESUMED = Family("counter", "arserve_resumed_requests_total", "Requests whose backbone replica was lost and "
+                 "that resumed on another", ["model"])
 QUEUE_DEPTH = Family("gauge", "arserve_backbone_queue_depth", "Score calls waiting for a forward", ["model"])
 BATCH_ITEMS = Family("histogram", "arserve_backbone_batch_requests", "Requests sharing one forward", ["model"],
                      (1, 2, 4, 8, 16, 32, 64))

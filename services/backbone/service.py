@@ -137,17 +137,21 @@ class BackboneService:
         if not req.token_ids:
             raise InvalidArgument("token_ids is empty: nothing to score")
         cached = 0
-        if state.committed == 0 and req.start == 0 and req.commit and not req.parents and req.model in self.spaces:
-            req = await self._reuse_prefix(req, state)
-            cached = req.start
+        if state.committed == 0 and req.model in self.spaces:
+            if req.start == 0 and req.commit and not req.parents:  # a prompt
+                req = await self._reuse_prefix(req, state)
+                cached = req.start
+            elif 0 < req.start == len(req.context):  # a request another replica held (a resume)
+                cached = await self._load_prefix(req.model, state, list(req.context), req.start)
         n = len(req.token_ids)
         if state.committed != req.start:
             if req.start < state.committed:
                 state.cache.rollback(req.start)
                 state.committed = req.start
-            elif len(req.context) == req.start:
-                state.cache.rollback(0)
-                state.committed = 0
+            elif len(req.context) == req.start:  # rebuild from the context, keeping what matches it
+                keep = state.committed if state.tokens == list(req.context[:state.committed]) else 0
+                state.cache.rollback(keep)
+                state.committed = keep
             else:
                 raise FailedPrecondition(
                     f"request {req.request_id!r}: cache holds {state.committed} positions, caller expects {req.start}"
@@ -189,17 +193,10 @@ class BackboneService:
         """Load the leading KV blocks of a prompt from the KV tiers; return the
         request for what is left to compute (at least one position, and every
         position whose outputs were asked for)."""
-        space = self.spaces[req.model]
-        usable = min(len(req.token_ids) - 1, req.outputs_from) // space.block_size
-        keys = block_keys(space, list(req.token_ids[:usable * space.block_size]))
-        blocks = await self.kv_store.lookup(keys) if keys else []
-        if not blocks:
+        reused = await self._load_prefix(req.model, state, list(req.token_ids),
+                                         min(len(req.token_ids) - 1, req.outputs_from))
+        if not reused:
             return req
-        state.cache.append_blocks(blocks)
-        reused = len(blocks) * space.block_size
-        state.committed = reused
-        state.tokens = list(req.token_ids[:reused])
-        state.stored_blocks = len(blocks)
         rest = pb.ScoreRequest()
         rest.CopyFrom(req)
         rest.start = reused
@@ -207,6 +204,22 @@ class BackboneService:
         rest.token_ids.extend(req.token_ids[reused:])
         rest.outputs_from = req.outputs_from - reused
         return rest
+
+    async def _load_prefix(self, model: str, state: RequestState, tokens: list[int], limit: int) -> int:
+        """Fill an empty cache with the leading KV blocks of ``tokens`` found in
+        the KV tiers (whole blocks within the first ``limit`` positions); ->
+        the positions loaded."""
+        space = self.spaces[model]
+        keys = block_keys(space, tokens[:limit // space.block_size * space.block_size])
+        blocks = await self.kv_store.lookup(keys) if keys else []
+        if not blocks:
+            return 0
+        state.cache.append_blocks(blocks)
+        reused = len(blocks) * space.block_size
+        state.committed = reused
+        state.tokens = tokens[:reused]
+        state.stored_blocks = len(blocks)
+        return reused
 
     def _store_blocks(self, model: str, state: RequestState) -> None:
         """Hand newly completed committed blocks (copies) to the KV tiers, in

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..errors import Unavailable
+from ..errors import ReplicaLost, Unavailable
 from ..rpc import grpc_options
 
 log = logging.getLogger("arserve.rayserve")
@@ -69,12 +69,15 @@ class Peers:
         self.options = grpc_options(max_message_bytes)
         self.refresh_s = refresh_s
         self.peers: dict[str, Peer] = {}
+        self.lost: dict[str, float] = {}  # address -> when a call found it gone (skipped until EXPIRY_S)
         self._turn = itertools.count()  # rotates ties, so idle replicas take turns
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
     async def refresh(self) -> None:
-        addresses = set(await self.directory.addresses.remote(self.service))
+        now = time.monotonic()
+        self.lost = {a: t for a, t in self.lost.items() if now - t < EXPIRY_S}
+        addresses = set(await self.directory.addresses.remote(self.service)) - set(self.lost)
         for gone in set(self.peers) - addresses:
             peer = self.peers.pop(gone)
             await peer.channel.close(grace=30)  # calls in flight may finish
@@ -99,6 +102,7 @@ class Peers:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._refresh_forever())
         if not self.peers:
+            self._changed.clear()  # set again by the refresh that finds one
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except TimeoutError:
@@ -110,12 +114,23 @@ class Peers:
     def get(self, address: str) -> Peer | None:
         return self.peers.get(address)
 
+    def drop(self, peer: Peer) -> None:
+        """A call found ``peer`` gone: stop picking it, though the directory
+        may list it until its announcements expire."""
+        self.lost[peer.address] = time.monotonic()
+        if self.peers.get(peer.address) is peer:
+            del self.peers[peer.address]
+            asyncio.get_running_loop().create_task(peer.channel.close(grace=None))
+            log.warning("%s replica %s stopped answering; dropped", self.service, peer.address)
+
 
 class Remote:
     """A service's methods over gRPC to its replicas. ``sticky``: every call
     for one ``request_id`` goes to the replica that took its first call
     (the backbone keeps the request's KV cache, the drafter its context),
-    until ``Release``."""
+    until ``Release``, or until that replica stops answering: then the call
+    raises ``ReplicaLost`` and the request's next call picks another replica
+    (which the caller must give what the lost one held)."""
 
     def __init__(self, peers: Peers, sticky: bool = False):
         self.peers = peers
@@ -143,11 +158,20 @@ class Remote:
         if peer is not None:
             peer.load -= 1
 
+    def _lost(self, peer: Peer, req, e: grpc.aio.AioRpcError) -> ReplicaLost:
+        self.peers.drop(peer)
+        self._unpin(req)
+        return ReplicaLost(f"{self.peers.service} replica {peer.address} stopped answering: {e.details()}")
+
     async def _unary(self, method: str, req, timeout: float | None):
         peer = await self._peer(req)
         peer.load += 1
         try:
             return await getattr(peer.stub, method)(req, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if self.sticky and e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise self._lost(peer, req, e) from e
+            raise
         finally:
             peer.load -= 1
             if method == "Release":

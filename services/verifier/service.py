@@ -12,6 +12,12 @@ The last sampled token (``pending``) is not in the KV cache yet: it is
 scored at the root of the next round, so every round is one forward.
 The loop owns the request's random generator: a seeded request gives the
 same tokens in every wiring.
+
+The request's KV cache lives on one backbone replica (``KVSession``). When
+that replica dies, the request resumes on another: the next Score call
+carries the committed tokens, and the replica that takes it loads their
+blocks from the KV tiers (Redis) and computes the rest. Nothing the client
+has seen changes; a greedy or seeded request gives the same tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from arserve_client.v1 import verifier_pb2 as pb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
+from ..errors import ReplicaLost
+from ..metrics import RESUMED
 from ..wire import from_proto
 from .draft_length import DraftLength
 
@@ -42,6 +50,60 @@ class SpeculationDefaults:
     num_draft_tokens: int = 8  # draft length when a request leaves it unset (the adaptive upper bound)
     draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
     cost_per_token: float = 0.03  # DraftLength's cost model (docs/decisions.md)
+
+
+class KVSession:
+    """One request's KV cache on the backbone. ``score`` and ``commit`` are
+    the backbone's calls; when the replica holding the cache is lost
+    (``ReplicaLost``), the next Score call sends ``context`` (the committed
+    tokens) so that another replica rebuilds the cache, retried up to
+    ``RETRIES`` times with backoff."""
+
+    RETRIES = 3
+    BACKOFF_S = 0.2
+
+    def __init__(self, backbone, request_id: str, model: str):
+        self.backbone = backbone
+        self.ids = dict(request_id=request_id, model=model)
+        self.lost: str | bool = False  # why the cache was lost: the next Score rebuilds it
+
+    async def score(self, req: bpb.ScoreRequest, committed: list[int]) -> bpb.ScoreResponse:
+        """committed: the request's committed tokens (at least ``req.start``)."""
+        for attempt in range(self.RETRIES + 1):
+            if self.lost:
+                del req.context[:]
+                req.context.extend(committed[:req.start])
+            try:
+                out = await self.backbone.Score(req)
+            except ReplicaLost as e:
+                if attempt == self.RETRIES:
+                    raise
+                self._lose(e)
+                await asyncio.sleep(self.BACKOFF_S * 2**attempt)
+                continue
+            if self.lost:
+                log.warning("request %s lost its KV cache (%s); resumed on another backbone replica at position "
+                            "%d, %d positions from the KV tiers", self.ids["request_id"], self.lost, req.start,
+                            out.cached)
+                RESUMED.labels(self.ids["model"]).inc()
+                self.lost = False
+            return out
+        raise AssertionError("unreachable")
+
+    async def commit(self, req: bpb.CommitRequest) -> None:
+        try:
+            await self.backbone.Commit(req)
+        except ReplicaLost as e:  # the next Score rebuilds the cache with this path committed
+            self._lose(e)
+
+    async def release(self) -> None:
+        try:
+            await self.backbone.Release(bpb.ReleaseRequest(**self.ids))
+        except ReplicaLost:  # nothing left to free
+            pass
+
+    def _lose(self, e: ReplicaLost) -> None:
+        self.lost = self.lost or str(e)
 
 
 def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
@@ -79,7 +141,9 @@ class VerifierService:
         self.defaults = defaults
         self._drafter_failing = False  # log a failing drafter once, not every round
 
-    async def _propose(self, req: dpb.ProposeRequest) -> dpb.Draft | None:
+    async def _propose(self, req: dpb.ProposeRequest) -> dpb.Draft | None | bool:
+        """The draft; None: no proposal; False: the drafter failed (the next
+        call resends the whole context, for a drafter replica that lost it)."""
         try:
             out = await asyncio.wait_for(self.drafter.Propose(req), self.defaults.draft_timeout_s)
         except asyncio.CancelledError:
@@ -89,7 +153,7 @@ class VerifierService:
                 log.warning("drafter %r failed (%s: %s); decoding without drafts until it answers",
                             req.method, type(e).__name__, e)
                 self._drafter_failing = True
-            return None
+            return False
         if self._drafter_failing:
             log.info("drafter %r answers again", req.method)
             self._drafter_failing = False
@@ -109,14 +173,15 @@ class VerifierService:
                              cost_per_token=self.defaults.cost_per_token)
         stats = gpb.SpeculativeStats(method=method)
         ids = dict(request_id=req.request_id, model=req.model)
+        kv = KVSession(self.backbone, req.request_id, req.model)
         scoring = dict(ids, argmax_only=sampling.greedy)  # greedy reads only the argmax of each position
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about
         committed_kv = len(tokens)  # positions in the backbone's cache
         generated = 0
         try:
-            out = await self.backbone.Score(bpb.ScoreRequest(
-                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring))
+            out = await kv.score(bpb.ScoreRequest(
+                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring), tokens)
             pending = self._sample(out, sampling, generator)
             cached = out.cached  # reported once, on the first event
             while True:
@@ -139,22 +204,22 @@ class VerifierService:
                         method=method, new_token_ids=tokens[drafter_seen:], committed_length=len(tokens),
                         num_draft_tokens=k, num_candidates=candidates, sampling=s,
                         seed=int(torch.randint(0, 2**62, (), generator=generator)), **ids))
-                    drafter_seen = len(tokens)
+                    drafter_seen = len(tokens) if draft is not False else 0  # failed: resend all next time
+                    draft = draft or None
                 stats.rounds += 1
                 finish = gpb.FINISH_REASON_UNSPECIFIED
                 if draft is None:  # plain round: score the pending token alone
-                    out = await self.backbone.Score(bpb.ScoreRequest(
-                        token_ids=[pending], start=committed_kv, commit=True, **scoring))
+                    out = await kv.score(bpb.ScoreRequest(
+                        token_ids=[pending], start=committed_kv, commit=True, **scoring), tokens)
                     committed_kv += 1
                     pending = self._sample(out, sampling, generator)
                 else:
                     n = len(draft.token_ids)
                     parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
-                    out = await self.backbone.Score(bpb.ScoreRequest(
-                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **scoring))
+                    out = await kv.score(bpb.ScoreRequest(
+                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **scoring), tokens)
                     verdict = verify(draft, target(out, sampling), sampling, generator)
-                    await self.backbone.Commit(bpb.CommitRequest(
-                        path=[0, *(i + 1 for i in verdict.accepted)], **ids))
+                    await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
                     committed_kv += 1 + len(verdict.accepted)
                     length.update(self._depth(draft) if draft.parents else n, len(verdict.accepted))
                     stats.drafted_tokens += n
@@ -177,7 +242,7 @@ class VerifierService:
                 if finish:
                     return
         finally:
-            await self.backbone.Release(bpb.ReleaseRequest(**ids))
+            await kv.release()
             if self.drafter is not None and method != "none":
                 try:
                     await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=req.request_id, method=method))

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from arserve_client import (Client, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated,
                             Unavailable)
+from arserve.gateway.images import ImageFront
 from arserve.gateway.server import start_server
 from arserve.gateway.service import GenerationService
 from arserve.settings import ServerSettings
@@ -25,11 +26,14 @@ class public:
     server's tokenizer and verifier, on the session server's event loop
     (the services' asyncio state belongs to that loop)."""
 
-    def __init__(self, server, delay_s: float = 0.0, **options):
+    def __init__(self, server, delay_s: float = 0.0, verifier=None, image_verifier=None, **options):
+        """verifier / image_verifier: in place of the session server's."""
         self.server, self.delay_s = server, delay_s
         self.settings = ServerSettings(**{"port": 0, "models": server.settings.models, **options})
         s = server.service
-        self.service = GenerationService(self.settings, s.tokenizer, s.verifier, s.windows)
+        images = s.images if image_verifier is None else ImageFront(self.settings, s.images.tokenizer, image_verifier,
+                                                                     s.images.configs)
+        self.service = GenerationService(self.settings, s.tokenizer, verifier or s.verifier, s.windows, images)
         self.grpc_server, self.port = None, self.settings.port
 
     @property
@@ -156,6 +160,56 @@ def test_the_client_deadline_is_honoured_and_frees_the_request(server):
     while backbone.requests and time.time() < deadline:
         time.sleep(0.05)
     assert not backbone.requests
+
+
+class Hung:
+    """A drafter or diffusion head that never answers; notes whether the
+    server gave up on it (its call was cancelled)."""
+
+    def __init__(self):
+        self.cancelled = asyncio.Event()
+
+    async def _hang(self, *args, **kwargs):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    Propose = sample = _hang
+
+    async def Release(self, req):
+        return None
+
+
+def test_a_hung_drafter_or_diffusion_head_ends_at_the_clients_deadline(server, client):
+    """The verifier would wait 60 s for the drafter, and the head never
+    answers: the client's own deadline ends both calls with
+    DEADLINE_EXCEEDED, the server cancels the work, frees the request and
+    keeps serving."""
+    from arserve.verifier.image import ImageVerifier
+    from arserve.verifier.service import SpeculationDefaults, VerifierService
+
+    s = server.service
+    drafter, head = Hung(), Hung()
+    verifier = VerifierService(s.verifier.backbone, drafter, s.verifier.eos_ids,
+                               SpeculationDefaults(draft_timeout_s=60.0))
+    images = ImageVerifier(s.images.verifier.models, head)
+    with public(server, verifier=verifier, image_verifier=images) as srv, Client(srv.target, timeout=1.0) as c:
+        for call in (lambda: c.generate(prompt="1, 2, 3, 1, 2, 3,", max_tokens=64, speculative="ngram"),
+                     lambda: c.generate_image(labels=[3], seed=0)):
+            t = time.time()
+            with pytest.raises(DeadlineExceeded):
+                call()
+            assert time.time() - t < 3
+        for hung in (drafter, head):
+            srv._run(asyncio.wait_for(hung.cancelled.wait(), 10))
+        deadline = time.time() + 10
+        while (s.verifier.backbone.requests or srv.service.active) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not s.verifier.backbone.requests and srv.service.active == 0
+    assert client.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2
+    assert len(client.generate_image(labels=[3], seed=0).images) == 1
 
 
 def test_the_sdk_retries_a_replayable_request_until_the_server_is_up(server):

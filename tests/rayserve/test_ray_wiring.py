@@ -137,6 +137,40 @@ def test_a_drafter_killed_mid_stream_costs_no_request(ray_client, plain_greedy):
     assert list(later.token_ids) == tokens  # served again (by the restarted drafter or plain rounds)
 
 
+def test_a_backbone_killed_mid_stream_its_requests_resume_on_the_other(ray_server, ray_client):
+    """Two streams hold their KV caches on the two backbone replicas; one
+    replica is killed. Its request resumes on the other replica (the KV
+    blocks of its ~1,150 committed positions from Redis, the rest
+    recomputed) and both outputs equal their uninterrupted reference."""
+    import ray
+
+    prompts = [long_prompt(seed=11), long_prompt(seed=12)]
+    methods = ("none", "ngram")
+    reference = [list(ray_client.generate(prompt=p, max_tokens=48, speculative=m).token_ids)
+                 for p, m in zip(prompts, methods)]
+    streams = [ray_client.stream(prompt=p, max_tokens=48, speculative=m) for p, m in zip(prompts, methods)]
+    chunks = [[next(s)] for s in streams]  # both requests hold a KV cache now, one on each replica
+    before = _resumes(ray_server)
+    backbones = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "#backbone#" in a["name"]]
+    assert len(backbones) == 2
+    ray.kill(ray.get_actor(backbones[0]["name"], namespace="serve"), no_restart=False)
+    for got, s in zip(chunks, streams):
+        got += list(s)
+    assert [[t for c in got for t in c.token_ids] for got in chunks] == reference
+    time.sleep(1)  # let the verifier's stderr reach its log file
+    after = _resumes(ray_server)
+    assert len(after) == len(before) + 1, after
+    assert all(n >= 1024 for n in after)  # the prompt's blocks came from Redis, not recomputed
+
+
+def _resumes(ray_server) -> list[int]:
+    """Positions loaded from the KV tiers by each resume the verifiers logged."""
+    pattern = r"resumed on another backbone replica at position \d+, (\d+) positions from the KV tiers"
+    return [int(n) for f in Path(ray_server.logs).glob("worker-*.err")
+            for n in re.findall(pattern, f.read_text(errors="replace"))]
+
+
 def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_client, redis_for_ray):
     redis_for_ray.stop()
     outs = [ray_client.generate(prompt=long_prompt(seed=s), max_tokens=8) for s in (1, 2, 1, 2)]
