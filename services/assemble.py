@@ -71,7 +71,8 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     """The drafter, or None when no model asks for a drafting method."""
     proposers = {}
     for m in settings.models:  # proposers are per method: one target model per drafter for now
-        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model))
+        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model,
+                                         m.draft_heads, m.weights_path()))
     return DrafterService(proposers) if proposers else None
 
 

@@ -154,10 +154,22 @@ def cmd_image(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train.digits import TrainConfig, train
+    if args.name == "smollm2-data":
+        from .train.selfdistill import DATA, make_data
 
-    config = TrainConfig(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
-    train(args.name, args.out, config)
+        make_data(args.out or DATA)
+    elif args.name.startswith("smollm2-"):
+        from .train.smollm2 import train as train_drafter
+
+        overrides = {"steps": args.steps} if args.steps else {}
+        if args.loss:
+            overrides["loss"] = args.loss
+        train_drafter(args.name, args.out, seed=args.seed, **overrides)
+    else:
+        from .train.digits import TrainConfig, train
+
+        config = TrainConfig(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
+        train(args.name, args.out, config)
 
 
 def cmd_bench(args) -> None:
@@ -231,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 
-    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft)")
-    t.add_argument("name", choices=["digits", "digits-draft"])
+    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft; smollm2-draft and "
+                       "smollm2-heads after smollm2-data, SmolLM2's self-distillation data)")
+    t.add_argument("name", choices=["digits", "digits-draft", "smollm2-data", "smollm2-draft", "smollm2-heads"])
+    t.add_argument("--loss", choices=["ce", "kl"], default=None, help="drafters: fit the target's argmax (ce, "
+                   "the default) or its top-32 distribution (kl)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=None, help="where to write (default: the committed path)")

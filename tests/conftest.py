@@ -17,6 +17,32 @@ BENCH_PROMPTS = ROOT.parent / "shared" / "bench" / "prompts.jsonl"
 torch.set_num_threads(2)
 
 
+# Tiny seeded models for the decode loop's logic (tests/verifier, tests/drafter)
+PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
+
+
+def tiny_target():
+    from arserve.core.config import LlamaConfig
+    from arserve.core.model import Llama
+
+    return Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval().pack()
+
+
+async def run(verifier, method, **sampling):
+    """Decode PROMPT (24 tokens) through a VerifierService -> (tokens, last event)."""
+    from arserve_client.v1 import generation_pb2 as gpb
+    from arserve_client.v1 import verifier_pb2 as vpb
+
+    req = vpb.VerifyRequest(request_id="r", model="tiny", prompt_token_ids=PROMPT,
+                            sampling=gpb.SamplingParams(max_tokens=24, **sampling),
+                            speculative=gpb.SpeculativeParams(method=method))
+    tokens, last = [], None
+    async for ev in verifier.Run(req):
+        tokens += ev.token_ids
+        last = ev
+    return tokens, last
+
+
 def bench_prompts() -> list[dict]:
     return [json.loads(line) for line in BENCH_PROMPTS.read_text().splitlines() if line.strip()]
 

@@ -174,7 +174,8 @@ class BackboneService:
             raise InvalidArgument(f"context window exceeded: {state.committed + len(tokens)} > {model.config.max_seq_len}")
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
-        logits = await self.batchers[req.model].score(ScoreItem(tokens, state.cache, tree_mask, depths, logits_from))
+        item = ScoreItem(tokens, state.cache, tree_mask, depths, logits_from, want_hidden=req.return_hidden)
+        logits = await self.batchers[req.model].score(item)
         state.tokens.extend(context_ids)
         if req.commit:
             state.tokens.extend(req.token_ids)
@@ -185,9 +186,11 @@ class BackboneService:
             state.committed += len(context_ids)
             state.scored = n
             state.scored_tokens = list(req.token_ids)
+        hidden = to_proto(item.hidden) if req.return_hidden else None
         if req.argmax_only:
-            return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached)
-        return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached)
+            return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached,
+                                    hidden=hidden)
+        return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached, hidden=hidden)
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
         """Load the leading KV blocks of a prompt from the KV tiers; return the

@@ -121,6 +121,22 @@ class Block(nn.Module):
         gate, up = self.linear(h, "w_gate_up").chunk(2, dim=-1)
         return x + self.linear(F.silu(gate) * up, "w_down")
 
+    def forward_dense(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Whole sequences, causal, no cache (training and bulk scoring; the
+        unpacked weights, so gradients flow). x: [B, T, dim]; cos, sin:
+        [T, head_dim] -> [B, T, dim]."""
+        B, T, _ = x.shape
+        h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
+        q, k, v = F.linear(h, self.wqkv).split(self.split, dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, hd]
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, K, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, hd]
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, H, T, hd]
+        x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), self.wo)
+        h = F.rms_norm(x, (x.shape[-1],), self.ffn_norm, self.eps)
+        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w_down)
+
 
 @dataclass
 class ScoreItem:
@@ -131,6 +147,8 @@ class ScoreItem:
     tree_mask: Tensor | None = None  # [n, n] bool: new token i may attend to new token j; None = causal chain
     depths: Tensor | None = None  # [n] int64 tree depth of each new token (positions = start + depth)
     logits_from: int = 0  # logits are returned for new positions [logits_from, n)
+    want_hidden: bool = False  # also set `hidden`: the final-normed hidden states of those positions
+    hidden: Tensor | None = None  # [n - logits_from, dim], set by forward_batch when asked for
 
     @staticmethod
     def make_dummy(config: LlamaConfig, n: int = 3) -> "ScoreItem":
@@ -160,6 +178,9 @@ class Llama(nn.Module):
         self.norm = nn.Parameter(torch.ones(config.dim))  # [dim]
         self.lm_head = None if config.tie_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.dim))
         self.packed_head: Tensor | None = None  # oneDNN-packed output matrix
+        # A draft's restricted output vocabulary (FR-Spec, Zhao et al. 2025: the most frequent
+        # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
+        self.head_ids: Tensor | None = None
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("sin", sin, persistent=False)  # [max_seq_len, head_dim]
@@ -173,8 +194,13 @@ class Llama(nn.Module):
         if torch.backends.mkldnn.is_available():
             for layer in self.layers:
                 layer.pack()
-            self.packed_head = pack_weight(self.embed if self.lm_head is None else self.lm_head)
+            self.packed_head = pack_weight(self.output_matrix())
         return self
+
+    def output_matrix(self) -> Tensor:
+        """[vocab or V', dim]: the (tied) output matrix, restricted to ``head_ids`` when set."""
+        w = self.embed if self.lm_head is None else self.lm_head
+        return w if self.head_ids is None else w[self.head_ids]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config, self.dtype)
@@ -201,12 +227,23 @@ class Llama(nn.Module):
         """One request: see ``ScoreItem`` for the arguments."""
         return self.forward_batch([ScoreItem(tokens, cache, tree_mask, depths, logits_from)])[0]
 
+    def hidden_dense(self, tokens: Tensor) -> Tensor:
+        """Final-normed hidden states of whole sequences, causal, no cache:
+        what the output matrix reads (training and bulk scoring).
+        tokens: [B, T] int64 -> [B, T, dim]."""
+        T = tokens.shape[1]
+        cos, sin = self.cos[:T].to(self.dtype), self.sin[:T].to(self.dtype)
+        x = F.embedding(tokens, self.embed)  # [B, T, dim]
+        for layer in self.layers:
+            x = layer.forward_dense(x, cos, sin)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
+
     @torch.inference_mode()
     def forward_batch(self, items: list[ScoreItem]) -> list[Tensor]:
         """Score the new tokens of several requests in one forward: the rows of
         all requests share each matrix product (the weights are read once),
         attention runs per request against its own cache. Returns, per item,
-        logits [n - logits_from, vocab] float32."""
+        logits [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``)."""
         segments, cos, sin, row = [], [], [], 0
         for it in items:
             n = it.tokens.shape[0]
@@ -235,5 +272,9 @@ class Llama(nn.Module):
         if self.packed_head is not None:
             logits = torch.ops.mkldnn._linear_pointwise(x, self.packed_head, None, "none", [], "").float()
         else:
-            logits = F.linear(x, self.embed if self.lm_head is None else self.lm_head).float()
-        return list(logits.split([len(k) for k in keep]))
+            logits = F.linear(x, self.output_matrix()).float()
+        sizes = [len(k) for k in keep]
+        if any(it.want_hidden for it in items):
+            for it, h in zip(items, x.float().split(sizes)):
+                it.hidden = h if it.want_hidden else None
+        return list(logits.split(sizes))

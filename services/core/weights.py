@@ -122,6 +122,18 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
+def read_embedding(source: str | Path) -> torch.Tensor:
+    """The token embedding matrix [vocab, dim] float32 of a GGUF file or a
+    Hugging Face directory, without the rest (drafters share the target's)."""
+    source = Path(source)
+    if source.is_dir():
+        return read_hf_dir(source)[1]["model.embed_tokens.weight"]
+    from gguf import GGUFReader, dequantize
+
+    t = next(t for t in GGUFReader(str(source)).tensors if t.name == "token_embd.weight")
+    return torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).copy())
+
+
 def read_hf_dir(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """Config and state dict of a local Hugging Face Llama directory."""
     from safetensors.torch import load_file

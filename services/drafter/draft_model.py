@@ -16,7 +16,7 @@ import torch
 from ..core.kv_cache import KVCache
 from ..core.model import Llama
 from ..core.sampling import probs
-from .proposer import Draft, DraftRequest, Proposer
+from .proposer import Draft, DraftRequest, Proposer, full_vocab
 
 
 @dataclass
@@ -36,8 +36,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class DraftModelProposer(Proposer):
     name = "draft_model"
 
-    def __init__(self, model: Llama):
-        self.model = model
+    def __init__(self, model: Llama, vocab_size: int | None = None):
+        self.model = model  # its logits may cover a restricted vocabulary (model.head_ids)
+        self.vocab_size = vocab_size or model.config.vocab_size  # the target's
         self.states: dict[str, DraftModelState] = {}
 
     @torch.inference_mode()
@@ -60,15 +61,16 @@ class DraftModelProposer(Proposer):
         for c in range(max(1, req.candidates)):
             if c:  # every candidate starts from the committed prefix
                 st.cache.rollback(base)
-            row = logits  # [1, vocab]
+            row = logits  # [1, vocab] or [1, V']
             parent = -1
             for j in range(req.k):
                 if sampled:
-                    q = probs(row, req.sampling)  # [1, vocab]
+                    q = probs(full_vocab(row, self.model.head_ids, self.vocab_size), req.sampling)  # [1, vocab]
                     t = int(torch.multinomial(q[0], 1, generator=req.generator))
                     qs.append(q[0])
                 else:
                     t = int(row[0].argmax())
+                    t = t if self.model.head_ids is None else int(self.model.head_ids[t])
                 tokens.append(t)
                 parents.append(parent)
                 parent = len(tokens) - 1

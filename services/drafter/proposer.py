@@ -29,6 +29,7 @@ class DraftRequest:
     candidates: int = 1  # candidate drafts (tree branches); 1 = a chain
     sampling: Sampling = field(default_factory=Sampling)
     generator: torch.Generator | None = None  # the draft's randomness (sampled drafts)
+    hidden: Tensor | None = None  # [dim] the target's hidden state that decided tokens[-1] (draft heads)
 
 
 @dataclass
@@ -76,3 +77,14 @@ def merge_into_tree(sequences: list[list[int]]) -> Draft:
                 parents.append(parent)
             parent = node
     return Draft(tokens, parents)
+
+
+def full_vocab(logits: Tensor, head_ids: Tensor | None, vocab: int) -> Tensor:
+    """Logits over a restricted output vocabulary ([n, V'], column j for token
+    head_ids[j]) -> [n, vocab], -inf elsewhere: the draft's q is then zero
+    outside it, which speculative sampling allows (the residual covers it)."""
+    if head_ids is None:
+        return logits
+    full = logits.new_full((logits.shape[0], vocab), float("-inf"))
+    full[:, head_ids] = logits
+    return full

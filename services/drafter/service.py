@@ -14,7 +14,7 @@ from arserve_client.v1 import drafter_pb2 as pb
 
 from ..core.sampling import Sampling
 from ..errors import FailedPrecondition, InvalidArgument
-from ..wire import to_proto
+from ..wire import from_proto, to_proto
 from .proposer import DraftRequest, Proposer
 
 
@@ -42,6 +42,7 @@ class DrafterService:
             candidates=max(1, req.num_candidates),
             sampling=Sampling(s.temperature, s.top_p if s.HasField("top_p") else 1.0, s.top_k),
             generator=torch.Generator().manual_seed(req.seed & (2**63 - 1)),
+            hidden=from_proto(req.hidden) if req.hidden.shape else None,
         )
         draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
         out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [])

@@ -39,10 +39,12 @@ from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verif
 from ..core.sampling import Sampling, probs, sample
 from ..errors import ReplicaLost
 from ..metrics import RESUMED
-from ..wire import from_proto
+from ..wire import from_proto, to_proto
 from .draft_length import DraftLength
 
 log = logging.getLogger("arserve.verifier")
+
+HIDDEN_METHODS = frozenset({"heads"})  # methods that draft from the target's hidden state (Score returns it)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ class KVSession:
 
     def _lose(self, e: ReplicaLost) -> None:
         self.lost = self.lost or str(e)
+
+
+def _count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> None:
+    """Per draft position: one more round drafted there (i < depth), and
+    accepted there (i < accepted)."""
+    for field, upto in ((stats.drafted_at, depth), (stats.accepted_at, accepted)):
+        field.extend([0] * max(0, upto - len(field)))
+        for i in range(upto):
+            field[i] += 1
 
 
 def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
@@ -174,7 +185,9 @@ class VerifierService:
         stats = gpb.SpeculativeStats(method=method)
         ids = dict(request_id=req.request_id, model=req.model)
         kv = KVSession(self.backbone, req.request_id, req.model)
-        scoring = dict(ids, argmax_only=sampling.greedy)  # greedy reads only the argmax of each position
+        heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
+        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads)
+        anchor = None  # heads: the hidden state [dim] at the position that decided `pending`  # greedy reads only the argmax of each position
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about
         committed_kv = len(tokens)  # positions in the backbone's cache
@@ -183,6 +196,7 @@ class VerifierService:
             out = await kv.score(bpb.ScoreRequest(
                 token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring), tokens)
             pending = self._sample(out, sampling, generator)
+            anchor = self._row(out.hidden, 0) if heads else None
             cached = out.cached  # reported once, on the first event
             while True:
                 # the pending token is decided: stream it, unless it ends the request
@@ -203,7 +217,7 @@ class VerifierService:
                     draft = await self._propose(dpb.ProposeRequest(
                         method=method, new_token_ids=tokens[drafter_seen:], committed_length=len(tokens),
                         num_draft_tokens=k, num_candidates=candidates, sampling=s,
-                        seed=int(torch.randint(0, 2**62, (), generator=generator)), **ids))
+                        seed=int(torch.randint(0, 2**62, (), generator=generator)), hidden=anchor, **ids))
                     drafter_seen = len(tokens) if draft is not False else 0  # failed: resend all next time
                     draft = draft or None
                 stats.rounds += 1
@@ -213,6 +227,7 @@ class VerifierService:
                         token_ids=[pending], start=committed_kv, commit=True, **scoring), tokens)
                     committed_kv += 1
                     pending = self._sample(out, sampling, generator)
+                    anchor = self._row(out.hidden, 0) if heads else None
                 else:
                     n = len(draft.token_ids)
                     parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
@@ -221,10 +236,13 @@ class VerifierService:
                     verdict = verify(draft, target(out, sampling), sampling, generator)
                     await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
                     committed_kv += 1 + len(verdict.accepted)
-                    length.update(self._depth(draft) if draft.parents else n, len(verdict.accepted))
+                    depth = self._depth(draft) if draft.parents else n
+                    length.update(depth, len(verdict.accepted))
                     stats.drafted_tokens += n
                     stats.accepted_tokens += len(verdict.accepted)
+                    _count_positions(stats, depth, len(verdict.accepted))
                     pending = verdict.token
+                    anchor = self._row(out.hidden, verdict.accepted[-1] + 1 if verdict.accepted else 0) if heads else None
                     for i in verdict.accepted:
                         t = int(draft.token_ids[i])
                         if t in eos:
@@ -255,6 +273,11 @@ class VerifierService:
         if sampling.greedy:
             return int(out.argmax[0])
         return int(sample(from_proto(out.logits), sampling, generator)[0])
+
+    @staticmethod
+    def _row(hidden, row: int):
+        """Row ``row`` of a [m, dim] hidden-state tensor message, as a [dim] message."""
+        return to_proto(from_proto(hidden)[row])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:

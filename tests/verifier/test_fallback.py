@@ -4,23 +4,14 @@ decoding, never the request, and leaves the output unchanged."""
 import asyncio
 
 import pytest
-import torch
 
 from arserve.backbone.service import BackboneService
-from arserve.core.config import LlamaConfig
-from arserve.core.model import Llama
 from arserve.drafter.ngram import NgramProposer
 from arserve.drafter.service import DrafterService
 from arserve.verifier.service import SpeculationDefaults, VerifierService
 from arserve_client.v1 import generation_pb2 as gpb
 from arserve_client.v1 import verifier_pb2 as vpb
-
-PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
-
-
-def tiny_target():
-    return Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval().pack()
-
+from conftest import PROMPT, run, tiny_target
 
 class RaisingDrafter:
     def __init__(self):
@@ -38,17 +29,6 @@ class SlowDrafter(DrafterService):
     async def Propose(self, req):
         await asyncio.sleep(0.2)
         return await super().Propose(req)
-
-
-async def run(verifier, method, **sampling):
-    req = vpb.VerifyRequest(request_id="r", model="tiny", prompt_token_ids=PROMPT,
-                            sampling=gpb.SamplingParams(max_tokens=24, **sampling),
-                            speculative=gpb.SpeculativeParams(method=method))
-    tokens, last = [], None
-    async for ev in verifier.Run(req):
-        tokens += ev.token_ids
-        last = ev
-    return tokens, last
 
 
 @pytest.mark.parametrize("drafter", ["raising", "slow"])

@@ -17,7 +17,7 @@ from arserve.kvstore.local import LocalTier
 from arserve.kvstore.tiers import TieredStore
 from arserve.metrics import RESUMED
 from arserve.verifier.service import KVSession, VerifierService
-from test_fallback import run, tiny_target
+from conftest import run, tiny_target
 
 
 class Replicas:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "tokens", "outputs_from", "commit", "argmax_only")
+    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "tokens", "outputs_from", "commit", "argmax_only", "return_hidden")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ScoreRequest(_message.Message):
     OUTPUTS_FROM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     start: int
@@ -29,21 +30,24 @@ class ScoreRequest(_message.Message):
     outputs_from: int
     commit: bool
     argmax_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ...) -> None: ...
+    return_hidden: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ..., return_hidden: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("logits", "z", "length", "cached", "argmax")
+    __slots__ = ("logits", "z", "length", "cached", "argmax", "hidden")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     logits: _tensor_pb2.Tensor
     z: _tensor_pb2.Tensor
     length: int
     cached: int
     argmax: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., length: _Optional[int] = ..., cached: _Optional[int] = ..., argmax: _Optional[_Iterable[int]] = ...) -> None: ...
+    hidden: _tensor_pb2.Tensor
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., length: _Optional[int] = ..., cached: _Optional[int] = ..., argmax: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("request_id", "model", "path")
