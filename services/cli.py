@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
-    b.add_argument("--suite", default="text", choices=["text", "speculative", "ray", "hotpath", "load", "image"],
+    b.add_argument("--suite", default="text", choices=["text", "speculative", "drafters", "ray", "hotpath", "load", "image"],
                    help="text: plain decoding vs transformers; speculative: methods per category; "
+                   "drafters: SmolLM2's trained drafters (draft model, Hydra heads) vs plain and ngram; "
                    "ray: the Ray Serve wiring vs the embedded one; hotpath: Ray handle vs gRPC call cost; "
                    "load: many concurrent requests, outputs checked against single-request references; "
                    "image: continuous speculative decoding vs plain on the digits model, with quality")

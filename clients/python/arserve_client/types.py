@@ -26,6 +26,13 @@ class Stats:
     accepted_tokens: int = 0
     rounds: int = 0
     mean_accepted_length: float = 0.0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: rounds that drafted there
+    accepted_at: list[int] = field(default_factory=list)  # and rounds whose accepted path reached it
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """How often the i-th drafted token was accepted (Medusa's and Hydra's per-head acceptance)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     @classmethod
     def from_proto(cls, msg) -> "Stats":
@@ -36,6 +43,7 @@ class Stats:
             tokens_per_second=msg.timing.tokens_per_second, method=msg.speculative.method,
             drafted_tokens=msg.speculative.drafted_tokens, accepted_tokens=msg.speculative.accepted_tokens,
             rounds=msg.speculative.rounds, mean_accepted_length=msg.speculative.mean_accepted_length,
+            drafted_at=list(msg.speculative.drafted_at), accepted_at=list(msg.speculative.accepted_at),
         )
 
 
