@@ -50,11 +50,11 @@ def bench_prompts() -> list[dict]:
 @pytest.fixture(scope="session")
 def server():
     """The embedded server with SmolLM2-135M-Instruct in float32, with the
-    ngram drafter and a draft model (seeded random tiny, same vocabulary)."""
+    ngram drafter and its trained drafters (draft model, Hydra heads)."""
     from arserve.embedded import EmbeddedServer
     from arserve.settings import ModelSettings, ServerSettings
 
-    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model"], draft_model="random-tiny")
+    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"])
     with EmbeddedServer(ServerSettings(port=0, models=[model])) as srv:
         yield srv
 

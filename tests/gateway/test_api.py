@@ -56,7 +56,7 @@ def test_list_models(client):
     (m,) = [m for m in client.models() if m.kind == "text"]  # the image model: tests/gateway/test_image_api.py
     assert m.id == "smollm2-135m-instruct" and m.is_default and m.kind == "text"
     assert m.context_length == 8192 and m.dtype == "float32"
-    assert list(m.speculative_methods) == ["none", "ngram", "draft_model"] and m.default_speculative_method == "none"
+    assert list(m.speculative_methods) == ["none", "ngram", "draft_model", "heads"] and m.default_speculative_method == "none"
 
 
 def test_health_and_reflection(server):

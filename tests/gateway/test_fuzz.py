@@ -45,7 +45,7 @@ def requests(draw) -> pb.GenerateRequest:
         s.seed = draw(st.integers(0, 2**64 - 1))
     s.stop.extend(draw(st.one_of(st.just([]), st.lists(st.text(max_size=90), max_size=20))))
     sp = req.speculative
-    sp.method = draw(st.sampled_from(["", "", "none", "ngram", "ngram", "draft_model", "medusa", "x" * 300]))
+    sp.method = draw(st.sampled_from(["", "", "none", "ngram", "ngram", "draft_model", "heads", "medusa", "x" * 300]))
     if draw(st.booleans()):
         sp.num_draft_tokens = draw(u32)
     if draw(st.booleans()):

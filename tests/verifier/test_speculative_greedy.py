@@ -9,7 +9,9 @@ METHODS = [
     ("ngram", {}),
     ("ngram", {"num_candidates": 3}),  # tree verification
     ("ngram", {"num_draft_tokens": 8, "adaptive": False}),
-    ("draft_model", {}),
+    ("draft_model", {}),  # the trained smollm2-draft
+    ("heads", {}),  # the trained smollm2-heads
+    ("heads", {"num_candidates": 3}),  # heads drafting a tree
 ]
 
 
@@ -28,6 +30,8 @@ def test_speculative_greedy_equals_plain_greedy(client, plain_greedy, method, op
     assert drafted > 0
     if method == "ngram":
         assert accepted > 0.2 * drafted  # the copy prompts repeat their input
+    else:  # trained drafters predict the target (and heads read the right hidden state)
+        assert accepted > 0.3 * drafted
 
 
 def test_ngram_speeds_up_a_copy_prompt_in_rounds(client, plain_greedy):

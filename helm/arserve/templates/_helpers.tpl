@@ -346,6 +346,7 @@ Call with (dict "root" $ "mask" BOOL).
 {{- end }}
 {{- $model := dict "id" $v.model.id "source" $v.model.source "dtype" $v.model.dtype "default_max_tokens" (int $v.model.defaultMaxTokens) "speculative_methods" $v.model.speculativeMethods "default_speculative_method" $v.model.defaultSpeculativeMethod }}
 {{- with $v.model.draftModel }}{{ $_ := set $model "draft_model" . }}{{ end }}
+{{- with $v.model.draftHeads }}{{ $_ := set $model "draft_heads" . }}{{ end }}
 {{- $redisUrl := include "arserve.redis.url" (dict "root" $root "mask" .mask) }}
 {{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments }}
 {{- $args = mergeOverwrite $args (deepCopy $v.serve.extraArgs) }}
