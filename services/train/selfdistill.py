@@ -10,14 +10,18 @@ target computed at every position:
     tokens      [N] int32     prompt + answer of every sequence, concatenated
     offsets     [S + 1] int64 sequence s is tokens[offsets[s]:offsets[s+1]]
     answer_at   [S] int64     where sequence s's answer starts (within it)
+    instruction [S] int64     its instruction (greedy answers first: s < S / 2)
     hidden      [N, dim] fp16 the target's final-normed hidden state (what its
                               output matrix reads) at every position
     topk_ids    [N, K] int32  the target's K most likely next tokens there
     topk_logits [N, K] fp16   and their logits (K = 32)
 
-Greedy answers make the target's argmax at answer positions the next token
-itself; the top-K logits serve distillation by KL. Deterministic: greedy
-decoding, a fixed prompt order.
+Each instruction gets a greedy answer and one sampled at temperature 0.8
+(seeded): the sampled ones widen the contexts the drafters see, and at every
+position the label is still the target's own argmax (``topk_ids[:, 0]``),
+which is what greedy verification accepts; at greedy answer positions it is
+the next token itself. The top-K logits serve distillation by KL.
+Deterministic: greedy decoding and seeded sampling, a fixed prompt order.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..tokenizer.text import TextTokenizer
 INSTRUCTIONS = Path(__file__).parent / "data" / "instructions.jsonl"
 DATA = Path("build") / "selfdistill-smollm2.safetensors"
 TOP_K = 32
+SAMPLED = (0.8,)  # temperatures of the extra sampled answers per instruction
 
 
 def instructions() -> list[dict]:
@@ -45,8 +50,9 @@ def instructions() -> list[dict]:
 
 
 async def _answers(model: Llama, prompts: list[list[int]], max_new: int, concurrency: int,
-                   progress) -> list[list[int]]:
-    """Greedy answers through arserve's backbone and decode loop (continuous batching)."""
+                   progress, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Answers through arserve's backbone and decode loop (continuous batching):
+    greedy, or sampled at ``temperature`` with seed ``seed + i`` for prompt i."""
     from arserve_client.v1 import generation_pb2 as gpb
     from arserve_client.v1 import verifier_pb2 as vpb
 
@@ -60,7 +66,8 @@ async def _answers(model: Llama, prompts: list[list[int]], max_new: int, concurr
     async def one(i: int) -> None:
         async with gate:
             req = vpb.VerifyRequest(request_id=f"sd-{i}", model="t", prompt_token_ids=prompts[i],
-                                    sampling=gpb.SamplingParams(max_tokens=max_new, temperature=0.0),
+                                    sampling=gpb.SamplingParams(max_tokens=max_new, temperature=temperature,
+                                                                seed=seed + i),
                                     speculative=gpb.SpeculativeParams(method="none"))
             async for ev in verifier.Run(req):
                 out[i] += ev.token_ids
@@ -103,9 +110,11 @@ def _score(model: Llama, seqs: list[list[int]], batch_tokens: int = 4096) -> dic
     return {"hidden": hidden, "topk_ids": ids, "topk_logits": logits}
 
 
-def make_data(out: Path = DATA, max_new: int = 128, concurrency: int = 16, limit: int | None = None) -> Path:
-    from rich.progress import Progress
-
+def make_data(out: Path = DATA, max_new: int = 128, concurrency: int = 16, limit: int | None = None,
+              sampled: tuple[float, ...] = SAMPLED) -> Path:
+    """Greedy answers to every instruction, then one sampled answer per
+    temperature in ``sampled`` (more varied contexts; the labels are still
+    the target's own argmax at every position)."""
     torch.manual_seed(0)
     path = smollm2_gguf_path()
     tok = TextTokenizer.from_source(path)
@@ -113,9 +122,17 @@ def make_data(out: Path = DATA, max_new: int = 128, concurrency: int = 16, limit
     rows = instructions()[:limit]
     prompts = [tok.encode_chat(r["messages"]) for r in rows]
     t0 = time.time()
-    with Progress(transient=False) as bar:
-        task = bar.add_task("answers", total=len(prompts))
-        answers = asyncio.run(_answers(model, prompts, max_new, concurrency, lambda _: bar.advance(task)))
+    answers = []
+    for j, temperature in enumerate((0.0, *sampled)):
+        print(f"answers at temperature {temperature}: {len(prompts)} prompts, {max_new} tokens each", flush=True)
+        done = [0]
+
+        def progress(_):
+            done[0] += 1
+            if done[0] % max(1, len(prompts) // 10) == 0:
+                print(f"  {done[0]}/{len(prompts)}  {time.time() - t0:.0f} s", flush=True)
+        answers += asyncio.run(_answers(model, prompts, max_new, concurrency, progress, temperature, seed=j << 20))
+    prompts = prompts * (1 + len(sampled))
     t1 = time.time()
     seqs = [p + a for p, a in zip(prompts, answers)]
     scored = _score(model, seqs)
@@ -123,7 +140,7 @@ def make_data(out: Path = DATA, max_new: int = 128, concurrency: int = 16, limit
     offsets = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"tokens": tokens, "offsets": offsets, "answer_at": torch.tensor([len(p) for p in prompts]),
-               **scored}, str(out))
+               "instruction": torch.arange(len(rows)).repeat(1 + len(sampled)), **scored}, str(out))
     print(f"{len(seqs)} sequences, {len(tokens)} tokens ({sum(map(len, answers))} generated) -> {out}; "
           f"answers {t1 - t0:.0f} s, scoring {time.time() - t1:.0f} s")
     return out
