@@ -20,6 +20,7 @@ tokens/s >= 1.5x plain; no category below 0.95x.
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 
 from .text import arserve_run, default_prompts_path, first_difference, load_prompts, log, machine_info, spread
@@ -69,13 +70,12 @@ def run_all(prompts: list[dict], max_tokens: int) -> tuple[list[dict], list[dict
 
 def by_position(rows: list[dict], name: str) -> list[float]:
     """Acceptance of the i-th drafted token over all rows' rounds."""
-    drafted = accepted = None
+    drafted: list[int] = []
+    accepted: list[int] = []
     for r in rows:
-        d, a = r[name]["drafted_at"], r[name]["accepted_at"]
-        drafted = [x + y for x, y in zip(drafted, d)] if drafted else list(d)
-        accepted = [x + y for x, y in zip(accepted, a)] if accepted else list(a)
-        accepted += [0] * (len(drafted) - len(accepted))
-    return [round(a / d, 3) if d else 0.0 for a, d in zip(accepted or [], drafted or [])]
+        drafted = [x + y for x, y in zip_longest(drafted, r[name]["drafted_at"], fillvalue=0)]
+        accepted = [x + y for x, y in zip_longest(accepted, r[name]["accepted_at"], fillvalue=0)]
+    return [round(a / d, 3) if d else 0.0 for a, d in zip_longest(accepted, drafted, fillvalue=0)]
 
 
 def summarize(rows: list[dict]) -> dict:

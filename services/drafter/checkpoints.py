@@ -22,7 +22,10 @@ from ..core.model import Llama
 from ..image.checkpoints import CHECKPOINT_DIR, CheckpointError, checkpoint_info, sha256
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
-HASHES: dict[str, str] = {}
+HASHES: dict[str, str] = {
+    "smollm2-draft": "ca93cde0e1b51e823c8ca74782ebc7ce4db89f7ac1700dfe7a7c7afb44676920",
+    "smollm2-heads": "2b71b61241212132b60441bb11102000b7ea088c8e3ae75bad3f2d3a89e8b976",
+}
 
 
 def resolve(ref: str) -> tuple[Path, str | None]:

@@ -50,3 +50,4 @@ def test_the_default_model_serves_the_trained_drafters():
     m = ModelSettings()
     assert {"draft_model", "heads"} <= set(m.speculative_methods)
     assert m.draft_model == "smollm2-draft" and m.draft_heads == "smollm2-heads"
+    assert m.default_speculative_method == "ngram"  # the best measured (bench-results/drafters.json)
