@@ -186,8 +186,8 @@ class VerifierService:
         ids = dict(request_id=req.request_id, model=req.model)
         kv = KVSession(self.backbone, req.request_id, req.model)
         heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
-        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads)
-        anchor = None  # heads: the hidden state [dim] at the position that decided `pending`  # greedy reads only the argmax of each position
+        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads)  # greedy reads only the argmax
+        anchor = None  # heads: the hidden state [dim] at the position that decided `pending`
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about
         committed_kv = len(tokens)  # positions in the backbone's cache
@@ -218,8 +218,9 @@ class VerifierService:
                         method=method, new_token_ids=tokens[drafter_seen:], committed_length=len(tokens),
                         num_draft_tokens=k, num_candidates=candidates, sampling=s,
                         seed=int(torch.randint(0, 2**62, (), generator=generator)), hidden=anchor, **ids))
-                    drafter_seen = len(tokens) if draft is not False else 0  # failed: resend all next time
-                    draft = draft or None
+                    drafter_seen = len(tokens)
+                    if draft is False:  # the drafter failed: a plain round, and the whole context next time
+                        draft, drafter_seen = None, 0
                 stats.rounds += 1
                 finish = gpb.FINISH_REASON_UNSPECIFIED
                 if draft is None:  # plain round: score the pending token alone
