@@ -34,7 +34,9 @@ def test_speculative_greedy_equals_plain_greedy(client, plain_greedy, method, op
     if method == "ngram":
         assert accepted > 0.2 * drafted  # the copy prompts repeat their input
     else:  # trained drafters predict the target (and heads read the right hidden state)
-        assert accepted > 0.1 * drafted  # measured 0.2-0.35; a random or misfed drafter accepts almost none
+        # measured 0.2-0.35 of a chain's drafts (a tree of c chains drafts c times as many tokens);
+        # a random or misfed drafter accepts almost none
+        assert accepted > 0.1 * drafted / options.get("num_candidates", 1)
 
 
 def test_ngram_speeds_up_a_copy_prompt_in_rounds(client, plain_greedy):
