@@ -26,6 +26,12 @@ def to_proto(t: torch.Tensor) -> TensorProto:
     return TensorProto(shape=list(t.shape), dtype=NAMES[t.dtype], data=data)
 
 
+def proto_row(msg: TensorProto, i: int) -> TensorProto:
+    """Row i of an [m, ...] tensor message, as a message, by slicing its bytes."""
+    size = len(msg.data) // msg.shape[0]
+    return TensorProto(shape=list(msg.shape[1:]), dtype=msg.dtype, data=msg.data[i * size:(i + 1) * size])
+
+
 def from_proto(msg: TensorProto) -> torch.Tensor:
     try:
         dtype = DTYPES[msg.dtype]

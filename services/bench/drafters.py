@@ -44,8 +44,7 @@ def run_all(prompts: list[dict], max_tokens: int) -> tuple[list[dict], list[dict
     from arserve.embedded import EmbeddedServer
     from arserve.settings import ModelSettings, ServerSettings
 
-    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"],
-                          draft_model="smollm2-draft", draft_heads="smollm2-heads")
+    model = ModelSettings()  # SmolLM2 with its committed drafters (smollm2-draft, smollm2-heads)
     rows = []
     with EmbeddedServer(ServerSettings(port=0, models=[model], image_models=[])) as server, \
             Client(server.target, timeout=600) as client:

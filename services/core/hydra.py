@@ -76,9 +76,6 @@ class HydraHeads(nn.Module):
         """[B, V'] logits of head i over ``head_ids``."""
         return F.linear(self.features(i, hidden, tokens), self.out_matrix)
 
-    def trainable(self) -> dict[str, Tensor]:
-        """The heads' own weights (what a checkpoint holds), by name."""
-        return {k: v for k, v in self.state_dict().items()}
 
 
 def frequent_tokens(counts: Tensor, size: int) -> Tensor:

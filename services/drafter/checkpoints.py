@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..core.config import LlamaConfig
 from ..core.hydra import HydraHeads
 from ..core.model import Llama
-from ..image.checkpoints import CHECKPOINT_DIR, CheckpointError, checkpoint_info, sha256
+from ..image.checkpoints import CHECKPOINT_DIR, CheckpointError, check_sha256, checkpoint_info, sha256
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
 HASHES: dict[str, str] = {
@@ -42,9 +42,8 @@ def _checked(ref: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, st
     path, expected = resolve(ref)
     if not path.is_file():
         raise CheckpointError(f"drafter checkpoint {path} does not exist; `arserve train {path.stem}` makes it")
-    if expected is not None and (actual := sha256(path)) != expected:
-        raise CheckpointError(f"drafter checkpoint {path} has sha256 {actual}, expected {expected}; "
-                              f"refusing to load a checkpoint that is not the recorded one")
+    if expected is not None:
+        check_sha256(path, expected, "drafter checkpoint")
     info = checkpoint_info(path)
     if info.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {info.get('kind')!r} drafter, not {kind!r}")

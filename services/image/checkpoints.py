@@ -30,6 +30,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    """Refuse a file whose sha256 is not the recorded one."""
+    actual = sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"{what} {path} has sha256 {actual}, expected {expected}; "
+                              f"refusing to load a checkpoint that is not the recorded one")
+
+
 def save_checkpoint(model: ImageAR, name: str, path: Path, info: dict[str, str]) -> str:
     """Write the model's weights in float16 with its config and ``info``; returns the sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +65,7 @@ def load_file_checked(path: Path, expected_sha256: str | None) -> ImageAR:
     if not path.is_file():
         raise CheckpointError(f"image checkpoint {path} does not exist; `arserve train {path.stem}` makes it")
     if expected_sha256 is not None:
-        actual = sha256(path)
-        if actual != expected_sha256:
-            raise CheckpointError(f"image checkpoint {path} has sha256 {actual}, expected {expected_sha256}; "
-                                  f"refusing to load a checkpoint that is not the recorded one")
+        check_sha256(path, expected_sha256, "image checkpoint")
     config = ImageConfig(**json.loads(checkpoint_info(path)["config"]))
     model = ImageAR(config)
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.config import LlamaConfig
 from ..core.model import Llama
 from ..core.weights import load_llama, smollm2_gguf_path
 from ..tokenizer.text import TextTokenizer
@@ -150,9 +149,3 @@ def load_data(path: Path = DATA) -> dict[str, torch.Tensor]:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} does not exist: run `arserve train smollm2-data` first")
     return load_file(str(path))
-
-
-def target_config() -> LlamaConfig:
-    from ..core.weights import read_config
-
-    return read_config(smollm2_gguf_path())

@@ -39,7 +39,7 @@ from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verif
 from ..core.sampling import Sampling, probs, sample
 from ..errors import ReplicaLost
 from ..metrics import RESUMED
-from ..wire import from_proto, to_proto
+from ..wire import from_proto, proto_row
 from .draft_length import DraftLength
 
 log = logging.getLogger("arserve.verifier")
@@ -196,7 +196,7 @@ class VerifierService:
             out = await kv.score(bpb.ScoreRequest(
                 token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring), tokens)
             pending = self._sample(out, sampling, generator)
-            anchor = self._row(out.hidden, 0) if heads else None
+            anchor = proto_row(out.hidden, 0) if heads else None
             cached = out.cached  # reported once, on the first event
             while True:
                 # the pending token is decided: stream it, unless it ends the request
@@ -228,7 +228,7 @@ class VerifierService:
                         token_ids=[pending], start=committed_kv, commit=True, **scoring), tokens)
                     committed_kv += 1
                     pending = self._sample(out, sampling, generator)
-                    anchor = self._row(out.hidden, 0) if heads else None
+                    anchor = proto_row(out.hidden, 0) if heads else None
                 else:
                     n = len(draft.token_ids)
                     parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
@@ -243,7 +243,7 @@ class VerifierService:
                     stats.accepted_tokens += len(verdict.accepted)
                     _count_positions(stats, depth, len(verdict.accepted))
                     pending = verdict.token
-                    anchor = self._row(out.hidden, verdict.accepted[-1] + 1 if verdict.accepted else 0) if heads else None
+                    anchor = proto_row(out.hidden, verdict.accepted[-1] + 1 if verdict.accepted else 0) if heads else None
                     for i in verdict.accepted:
                         t = int(draft.token_ids[i])
                         if t in eos:
@@ -274,11 +274,6 @@ class VerifierService:
         if sampling.greedy:
             return int(out.argmax[0])
         return int(sample(from_proto(out.logits), sampling, generator)[0])
-
-    @staticmethod
-    def _row(hidden, row: int):
-        """Row ``row`` of a [m, dim] hidden-state tensor message, as a [dim] message."""
-        return to_proto(from_proto(hidden)[row])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:
