@@ -23,6 +23,7 @@ from .settings import ModelSettings, ServiceSettings
 from .tokenizer.image import DIGITS
 from .tokenizer.service import TokenizerService
 from .tokenizer.text import TextTokenizer
+from .verifier.engines import EngineRouter
 from .verifier.service import SpeculationDefaults, VerifierService
 
 log = logging.getLogger("arserve.assemble")
@@ -55,7 +56,7 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
 
     redis = RedisTier(settings.resolved_redis_url(), ttl_s=settings.kv_ttl_s) if settings.redis_url else None
     spaces = {}
-    for m in settings.models:
+    for m in settings.decoded_by("arserve"):
         c = config[m.id]
         spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype,
                                   f"L{c.n_layers}.K{c.n_kv_heads}.D{c.head_dim}", settings.kv_block_size)
@@ -63,14 +64,15 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
 
 
 def backbone(settings: ServiceSettings) -> BackboneService:
-    targets = {m.id: load_target(m) for m in settings.models}
+    """The backbone of the models arserve decodes (vLLM's load their own)."""
+    targets = {m.id: load_target(m) for m in settings.decoded_by("arserve")}
     return BackboneService(targets, **kv_tiers(settings, {k: v.config for k, v in targets.items()}))
 
 
 def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> DrafterService | None:
     """The drafter, or None when no model asks for a drafting method."""
     proposers = {}
-    for m in settings.models:  # proposers are per method: one target model per drafter for now
+    for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
         proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model,
                                          m.draft_heads, m.weights_path()))
     return DrafterService(proposers) if proposers else None
@@ -110,10 +112,20 @@ def image_front(settings: ServiceSettings, tokenizer, pairs: dict):
     return ImageFront(settings, tokenizer, verifier, {k: p.target.config for k, p in pairs.items()})
 
 
-def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone, drafter) -> VerifierService:
+def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone, drafter):
+    """The verifier's Run: arserve's decode loop, and vLLM's engines for the
+    models that name it (started here: a minute or two each)."""
     defaults = SpeculationDefaults(num_draft_tokens=settings.num_draft_tokens,
                                    draft_timeout_s=settings.draft_timeout_s)
-    return VerifierService(backbone, drafter, eos_ids={k: c.eos_ids for k, c in config.items()}, defaults=defaults)
+    eos_ids = {k: c.eos_ids for k, c in config.items()}
+    loop = VerifierService(backbone, drafter, eos_ids=eos_ids, defaults=defaults)
+    by_vllm = settings.decoded_by("vllm")
+    if not by_vllm:
+        return loop
+    from .vllm_engine.engine import VllmEngine
+
+    vllm = VllmEngine.start(by_vllm, {m.id: config[m.id].max_seq_len for m in by_vllm}, eos_ids)
+    return EngineRouter({**{m.id: loop for m in settings.decoded_by("arserve")}, **{m.id: vllm for m in by_vllm}})
 
 
 def gateway(settings: ServiceSettings, config: dict[str, LlamaConfig], tokenizer, verifier,

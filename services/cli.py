@@ -13,7 +13,10 @@ from pathlib import Path
 def _model(args):
     from .settings import ModelSettings
 
-    return ModelSettings(source=args.model, dtype=args.dtype, **({"id": args.model_id} if args.model_id else {}))
+    extra = {"id": args.model_id} if args.model_id else {}
+    if getattr(args, "engine", "arserve") == "vllm":
+        extra.update(engine="vllm", vllm={"speculative": args.vllm_speculative})
+    return ModelSettings(source=args.model, dtype=args.dtype, **extra)
 
 
 def _client(args):
@@ -203,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    s.add_argument("--engine", default="arserve", choices=["arserve", "vllm"],
+                   help="what decodes the model: arserve's services, or vLLM's engine (installed by make test-vllm)")
+    s.add_argument("--vllm-speculative", default="none", choices=["none", "ngram"],
+                   help="with --engine vllm: vLLM's speculative method, for every request")
     model_flags(s)
     s.set_defaults(func=cmd_serve)
 

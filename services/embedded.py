@@ -21,8 +21,8 @@ def build(settings: ServerSettings) -> GenerationService:
     """Load every model and wire the services together in this process."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    backbone = assemble.backbone(settings)
-    config = {k: m.config for k, m in backbone.models.items()}
+    config = assemble.configs(settings)
+    backbone = assemble.backbone(settings) if settings.decoded_by("arserve") else None
     verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))
     tokenizer = assemble.tokenizer(settings)
     images = assemble.image_front(settings, tokenizer, assemble.image_models(settings))
@@ -91,6 +91,9 @@ class EmbeddedServer:
         if self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout=10)
+        shutdown = getattr(self.service.verifier, "shutdown", None)
+        if shutdown:  # engines with processes of their own (vLLM's)
+            shutdown()
 
     def __enter__(self) -> "EmbeddedServer":
         return self.start()

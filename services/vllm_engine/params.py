@@ -1,0 +1,80 @@
+"""What of an ``arserve.v1`` request maps onto vLLM, and what does not.
+
+Maps one to one: max_tokens, temperature (0 is greedy in both), top_p,
+top_k (0 is off in both), seed. Stop strings stay with the gateway, as for
+arserve's engine, so they behave the same on both; the model's
+end-of-sequence ids become vLLM's ``stop_token_ids``. Token ids go in and
+come out (vLLM neither tokenizes nor detokenizes).
+
+Does not map, and is INVALID_ARGUMENT: a speculative method other than the
+engine's (vLLM fixes it per engine), a draft length other than the
+engine's, trees (``num_candidates`` > 1; vLLM verifies chains), and an
+adaptive draft length (vLLM's is fixed). This module imports no vLLM: the
+gateway checks requests with it.
+"""
+
+from __future__ import annotations
+
+from arserve_client.v1 import generation_pb2 as gpb
+
+from ..errors import InvalidArgument
+from ..settings import ModelSettings
+
+SEED_MASK = 2**63 - 1  # torch generators take seeds below 2**63
+
+
+def check_request(req: gpb.GenerateRequest, model: ModelSettings) -> None:
+    """INVALID_ARGUMENT for what a vLLM-decoded model cannot honour."""
+    method = model.vllm.speculative
+    spec = req.speculative
+    if spec.method and spec.method != method:
+        raise InvalidArgument(
+            f"speculative.method {spec.method!r} is not available for model {model.id!r}: it is decoded by vLLM, "
+            f"whose engine runs {method!r} for every request (vLLM fixes speculation per engine, not per request)")
+    if method == "none":
+        return  # draft parameters do not apply, as with arserve's method none
+    k = model.vllm.num_speculative_tokens
+    if spec.HasField("num_draft_tokens") and spec.num_draft_tokens != k:
+        raise InvalidArgument(f"speculative.num_draft_tokens {spec.num_draft_tokens} cannot be honoured by model "
+                              f"{model.id!r}: its vLLM engine drafts {k} tokens per step for every request")
+    if spec.HasField("num_candidates") and spec.num_candidates != 1:
+        raise InvalidArgument(f"speculative.num_candidates {spec.num_candidates} cannot be honoured by model "
+                              f"{model.id!r}: vLLM verifies one draft chain per step, not a tree")
+    if spec.HasField("adaptive") and spec.adaptive:
+        raise InvalidArgument(f"speculative.adaptive cannot be honoured by model {model.id!r}: vLLM's draft length "
+                              f"is fixed ({k} tokens); leave it unset or false")
+
+
+def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams`` for a request whose
+    ``max_tokens`` and ``temperature`` the gateway has resolved."""
+    out = dict(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+               top_p=sampling.top_p if sampling.HasField("top_p") else 1.0, top_k=sampling.top_k,
+               stop_token_ids=list(eos_ids), detokenize=False)
+    if sampling.HasField("seed"):
+        out["seed"] = sampling.seed & SEED_MASK
+    return out
+
+
+def speculative_stats(method: str, generated: int, metrics: dict | None) -> gpb.SpeculativeStats:
+    """arserve's stats from vLLM's per-request ``spec_decode_metrics``
+    (``to_dict()`` at the "detailed" level). generated: tokens the engine
+    produced, end-of-sequence included. vLLM observes only steps that carried
+    a draft; the others produced one token each, so rounds (target forwards
+    after the prompt) = generated - 1 - accepted, and at least the drafted
+    steps (a step cut short by end-of-sequence or max_tokens produces fewer)."""
+    stats = gpb.SpeculativeStats(method=method)
+    if metrics:
+        stats.drafted_tokens = metrics["num_draft_tokens"]
+        stats.accepted_tokens = metrics["num_accepted_draft_tokens"]
+        drafted, accepted = metrics.get("per_step_drafted", []), metrics.get("per_step_accepted", [])
+        depth = max(drafted, default=0)
+        stats.drafted_at.extend(sum(d > i for d in drafted) for i in range(depth))
+        stats.accepted_at.extend(sum(a > i for a in accepted) for i in range(depth))
+        steps = metrics["num_spec_steps"]
+    else:
+        steps = 0
+    stats.rounds = max(steps, generated - 1 - stats.accepted_tokens, 0)
+    if stats.rounds:
+        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+    return stats
