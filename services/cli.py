@@ -107,7 +107,8 @@ def cmd_models(args) -> None:
     with _client(args) as client:
         for m in client.models():
             default = " (default)" if m.is_default else ""
-            print(f"{m.id}{default}: {m.kind}, {m.dtype}, context {m.context_length}, "
+            engine = f", engine {m.engine}" if m.engine else ""
+            print(f"{m.id}{default}: {m.kind}{engine}, {m.dtype}, context {m.context_length}, "
                   f"speculative {list(m.speculative_methods)} default {m.default_speculative_method!r}, "
                   f"source {m.source}")
 

@@ -95,7 +95,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             pb.ModelInfo(
                 id=m.id, kind="text", context_length=self.windows[m.id], dtype=m.dtype,
                 is_default=m.id == self.default_model, speculative_methods=m.speculative_methods,
-                default_speculative_method=m.default_speculative_method, source=m.source,
+                default_speculative_method=m.default_speculative_method, source=m.source, engine=m.engine,
             )
             for m in self.settings.models
         ] + (self.images.model_infos() if self.images else []))

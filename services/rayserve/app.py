@@ -2,7 +2,8 @@
 
     gateway (ingress: Ray Serve's gRPC proxy calls it with arserve.v1.Generation)
       -> tokenizer      Encode / DecodeIncremental        (stateless)
-      -> verifier       Run: the decode loop of a request (stateless between requests)
+      -> verifier       Run: the decode loop of a request (stateless between requests),
+                        or vLLM's engine for the models that name it (engine: vllm)
            -> drafter   Propose / Release                 (per-request context: sticky)
            -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
     directory: where the replicas above announce their gRPC addresses
@@ -141,8 +142,8 @@ class Gateway:
 
 
 def drafting(args: AppArgs) -> bool:
-    """Whether any model drafts (else there is no drafter deployment)."""
-    return any(set(m.speculative_methods) - {"none"} for m in args.models)
+    """Whether any model arserve decodes drafts (else there is no drafter deployment)."""
+    return any(set(m.speculative_methods) - {"none"} for m in args.decoded_by("arserve"))
 
 
 def build_app(args: dict) -> Application:
@@ -157,8 +158,9 @@ def build_app(args: dict) -> Application:
     directory = serve.deployment(name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                  max_ongoing_requests=1024)(Directory).bind()
     services = [deployment(Tokenizer, "tokenizer").bind(raw, directory),
-                deployment(Backbone, "backbone").bind(raw, directory),
-                deployment(Verifier, "verifier").bind(raw, directory)]
+                deployment(Verifier, "verifier").bind(raw, directory)]  # vLLM's engines run in its replicas
+    if cfg.decoded_by("arserve"):
+        services.append(deployment(Backbone, "backbone").bind(raw, directory))
     if drafting(cfg):
         services.append(deployment(Drafter, "drafter").bind(raw, directory))
     return deployment(Gateway, "gateway").bind(raw, directory, *services)

@@ -151,7 +151,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "kind", "context_length", "dtype", "is_default", "speculative_methods", "default_speculative_method", "source")
+    __slots__ = ("id", "kind", "context_length", "dtype", "is_default", "speculative_methods", "default_speculative_method", "source", "engine")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class ModelInfo(_message.Message):
     SPECULATIVE_METHODS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SPECULATIVE_METHOD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     context_length: int
@@ -168,7 +169,8 @@ class ModelInfo(_message.Message):
     speculative_methods: _containers.RepeatedScalarFieldContainer[str]
     default_speculative_method: str
     source: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., context_length: _Optional[int] = ..., dtype: _Optional[str] = ..., is_default: _Optional[bool] = ..., speculative_methods: _Optional[_Iterable[str]] = ..., default_speculative_method: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    engine: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., context_length: _Optional[int] = ..., dtype: _Optional[str] = ..., is_default: _Optional[bool] = ..., speculative_methods: _Optional[_Iterable[str]] = ..., default_speculative_method: _Optional[str] = ..., source: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
