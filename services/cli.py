@@ -262,12 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
-    b.add_argument("--suite", default="text", choices=["text", "speculative", "drafters", "ray", "hotpath", "load", "image"],
+    b.add_argument("--suite", default="text", choices=["text", "speculative", "drafters", "ray", "hotpath", "load", "image", "vllm"],
                    help="text: plain decoding vs transformers; speculative: methods per category; "
                    "drafters: SmolLM2's trained drafters (draft model, Hydra heads) vs plain and ngram; "
                    "ray: the Ray Serve wiring vs the embedded one; hotpath: Ray handle vs gRPC call cost; "
                    "load: many concurrent requests, outputs checked against single-request references; "
-                   "image: continuous speculative decoding vs plain on the digits model, with quality")
+                   "image: continuous speculative decoding vs plain on the digits model, with quality; "
+                   "vllm: arserve vs vLLM, plain and n-gram, batch 1 and 8 (needs make install-vllm)")
     b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 for text, "

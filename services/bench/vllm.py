@@ -1,0 +1,196 @@
+"""arserve against vLLM (``--suite vllm``, run by ``make bench-vllm``): the
+same SmolLM2-135M weights (vLLM reads the directory exported from the GGUF
+arserve reads), the same prompts, greedy, 128 new tokens, one embedded
+server in one run, through the SDK:
+
+* ``arserve-none``, ``arserve-ngram`` (its defaults: adaptive draft length up
+  to 8), ``arserve-heads`` (its best trained drafter: the committed Hydra
+  heads, 4 drafted tokens, as the drafters benchmark measured them);
+* ``vllm-none`` and ``vllm-ngram`` (prompt lookup, 5 tokens per step,
+  n-grams of 2 to 4: vLLM's documented setting), each its own vLLM engine
+  with torch.compile on (vLLM's default).
+
+**Batch 1**: per prompt, every method in turn (so machine noise hits all
+alike), a short pause between them (vLLM's OpenMP threads spin briefly after
+work). tokens/s = completion tokens / client wall time (prefill included);
+time to first token as the gateway measures it (the same code for both
+engines); mean accepted length = tokens committed per target forward.
+**Batch 8**: per method, 8 client threads take the prompts from one queue;
+aggregate tokens/s = all completion tokens / wall time of the whole set.
+
+Ratios pair arserve with vLLM per prompt: plain/plain, ngram/ngram, and
+arserve's best speculative method against vLLM's best (each "best" is the
+method with the highest overall median tokens/s). Goals (issue 9): batch 1,
+each pair >= 1.0x, best vs best >= 1.2x.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .text import arserve_run, default_prompts_path, first_difference, load_prompts, log, machine_info, spread
+
+ARSERVE, VLLM, VLLM_NGRAM = "smollm2-135m-instruct", "smollm2-vllm", "smollm2-vllm-ngram"
+METHODS = {  # name -> SDK options
+    "arserve-none": dict(model=ARSERVE, speculative="none"),
+    "arserve-ngram": dict(model=ARSERVE, speculative="ngram"),
+    "arserve-heads": dict(model=ARSERVE, speculative="heads", num_draft_tokens=4, adaptive=False),
+    "vllm-none": dict(model=VLLM),
+    "vllm-ngram": dict(model=VLLM_NGRAM),
+}
+PAIRS = {"none": ("arserve-none", "vllm-none"), "ngram": ("arserve-ngram", "vllm-ngram")}
+SPECULATIVE = {"arserve": ("arserve-ngram", "arserve-heads"), "vllm": ("vllm-none", "vllm-ngram")}
+GOALS = {"pair": 1.0, "best": 1.2}
+PAUSE_S = 0.3
+BATCH = 8
+
+
+def server_settings(dtype: str):
+    from arserve.settings import ModelSettings, ServerSettings
+
+    return ServerSettings(port=0, image_models=[], models=[
+        ModelSettings(dtype=dtype),  # SmolLM2 with its committed drafters
+        ModelSettings(id=VLLM, dtype=dtype, engine="vllm"),
+        ModelSettings(id=VLLM_NGRAM, dtype=dtype, engine="vllm", vllm={"speculative": "ngram"}),
+    ])
+
+
+def batch1(client, prompts: list[dict], max_tokens: int) -> list[dict]:
+    rows = []
+    for i, p in enumerate(prompts, 1):
+        runs = {}
+        for name, opts in METHODS.items():
+            time.sleep(PAUSE_S)
+            runs[name] = arserve_run(client, p["messages"], max_tokens, **opts)
+        plain = runs["arserve-none"]
+        row = {"id": p["id"], "category": p["category"]}
+        for name, r in runs.items():
+            row[name] = {"tok_s": r.tok_s, "ttft_s": r.ttft_s, "tokens": r.tokens,
+                         "mean_accepted_length": r.mean_accepted_length,
+                         "identical_to_arserve_plain": first_difference(r.token_ids, plain.token_ids) is None}
+        rows.append(row)
+        log(f"{i:>2}/{len(prompts)} {p['id']:<7} {p['category']:<5} " + "  ".join(
+            f"{n} {row[n]['tok_s']:5.1f}" for n in METHODS))
+    return rows
+
+
+def batch8(client, prompts: list[dict], max_tokens: int) -> dict:
+    out = {}
+    for name, opts in METHODS.items():
+        time.sleep(PAUSE_S)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(BATCH) as pool:
+            runs = list(pool.map(lambda p: arserve_run(client, p["messages"], max_tokens, **opts), prompts))  # noqa: B023
+        wall = time.perf_counter() - t
+        tokens = sum(r.tokens for r in runs)
+        out[name] = {"aggregate_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+                     "ttft_s": spread([r.ttft_s for r in runs]),
+                     "mean_accepted_length": statistics.mean(r.mean_accepted_length for r in runs)}
+        log(f"batch {BATCH} {name:<14} {out[name]['aggregate_tok_s']:6.1f} tok/s aggregate, "
+            f"TTFT median {out[name]['ttft_s']['median']:.2f}s")
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    return {name: {"tok_s": spread([r[name]["tok_s"] for r in rows]),
+                   "ttft_s": spread([r[name]["ttft_s"] for r in rows]),
+                   "mean_accepted_length": spread([r[name]["mean_accepted_length"] for r in rows]),
+                   "identical_to_arserve_plain": sum(r[name]["identical_to_arserve_plain"] for r in rows),
+                   "n": len(rows)}
+            for name in METHODS}
+
+
+def best(overall: dict, engine: str) -> str:
+    return max(SPECULATIVE[engine], key=lambda n: overall[n]["tok_s"]["median"])
+
+
+def ratios(rows: list[dict], overall: dict) -> dict:
+    """Per-prompt arserve/vLLM tokens/s ratios of each pair and of best vs best."""
+    pairs = {**PAIRS, "best": (best(overall, "arserve"), best(overall, "vllm"))}
+    return {k: {"arserve": a, "vllm": v, **spread([r[a]["tok_s"] / r[v]["tok_s"] for r in rows])}
+            for k, (a, v) in pairs.items()}
+
+
+def goals(batch1_ratios: dict) -> dict:
+    return {k: {"median_ratio": r["median"], "goal": GOALS["best" if k == "best" else "pair"],
+                "met": r["median"] >= GOALS["best" if k == "best" else "pair"]}
+            for k, r in batch1_ratios.items()}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = result["batch1"]["per_category"]
+    names = list(METHODS)
+    colors = {"arserve-none": "#1f77b4", "arserve-ngram": "#6baed6", "arserve-heads": "#c6dbef",
+              "vllm-none": "#d62728", "vllm-ngram": "#ff9896"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    w = 0.8 / len(names)
+    for j, n in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * w for i in range(len(cats))]
+        ax.bar(xs, [c[n]["tok_s"]["median"] for c in cats.values()], w, label=n, color=colors[n])
+    ax.set_xticks(range(len(cats)), list(cats))
+    ax.set_ylabel("tokens/s, median per prompt")
+    ax.set_title(f"batch 1, greedy, {result['max_tokens']} tokens, SmolLM2-135M {result['dtype']}")
+    ax.legend(fontsize=8, ncol=2)
+    b8 = result["batch8"]
+    ax2.bar(range(len(names)), [b8[n]["aggregate_tok_s"] for n in names], color=[colors[n] for n in names])
+    ax2.set_xticks(range(len(names)), [n.replace("-", "\n") for n in names], fontsize=8)
+    ax2.set_title(f"{BATCH} concurrent streams: aggregate tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> dict:
+    from arserve_client import Client
+
+    from arserve.embedded import EmbeddedServer
+
+    log(f"starting the embedded server ({dtype}): arserve's SmolLM2 and two vLLM engines (a few minutes)")
+    with EmbeddedServer(server_settings(dtype)) as server, Client(server.target, timeout=900) as client:
+        for opts in METHODS.values():  # warm-up
+            arserve_run(client, [{"role": "user", "content": "Hello, how are you today?"}], 16, **opts)
+        rows = batch1(client, prompts, max_tokens)
+        b8 = batch8(client, prompts, max_tokens)
+        models = [{"id": m.id, "engine": m.engine, "methods": list(m.speculative_methods)} for m in client.models()]
+    cats = sorted({r["category"] for r in rows})
+    overall = summarize(rows)
+    per_category = {c: summarize([r for r in rows if r["category"] == c]) for c in cats}
+    r = ratios(rows, overall)
+    return {"dtype": dtype, "max_tokens": max_tokens, "models": models, "methods": METHODS,
+            "batch1": {"rows": rows, "overall": overall, "per_category": per_category, "ratios": r,
+                       "ratios_per_category": {c: ratios([x for x in rows if x["category"] == c], overall)
+                                               for c in cats}},
+            "batch8": b8, "goals": goals(r)}
+
+
+def main(args) -> None:
+    import vllm
+
+    prompts_path = args.prompts or default_prompts_path()
+    prompts = load_prompts(prompts_path, args.limit)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"benchmark": "vllm", "prompts_file": str(prompts_path), "machine": {**machine_info(),
+               "vllm_version": vllm.__version__}, "dtypes": {}}
+    for dtype in args.dtypes.split(","):
+        res = run_dtype(dtype, prompts, args.max_tokens)
+        results["dtypes"][dtype] = res
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        plot(res, out.with_name(f"{out.stem}-{dtype}.png"))
+        log(f"\n{dtype}: {'category':<6} " + " ".join(f"{n:>14}" for n in METHODS))
+        for cat, s in res["batch1"]["per_category"].items():
+            log(f"{'':9}{cat:<6} " + " ".join(f"{s[n]['tok_s']['median']:9.1f} tok/s" for n in METHODS))
+        for k, r in res["batch1"]["ratios"].items():
+            log(f"  {k:<6} {r['arserve']} / {r['vllm']}: median {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
+        log(f"  batch {BATCH}: " + ", ".join(f"{n} {v['aggregate_tok_s']:.1f}" for n, v in res["batch8"].items()))
+        log(f"  goals: {json.dumps(res['goals'])}")
+    log(f"wrote {out} and its plots")
