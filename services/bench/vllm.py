@@ -11,8 +11,9 @@ server in one run, through the SDK:
   with torch.compile on (vLLM's default).
 
 **Batch 1**: per prompt, every method in turn (so machine noise hits all
-alike), a short pause between them (vLLM's OpenMP threads spin briefly after
-work). tokens/s = completion tokens / client wall time (prefill included);
+alike), with a pause between them: vLLM's worker busy-polls its message
+queue for 1 s after its last step (``shm_broadcast``'s ``busy_loop_s``),
+which would take a core from whatever runs next on a shared 2-core machine. tokens/s = completion tokens / client wall time (prefill included);
 time to first token as the gateway measures it (the same code for both
 engines); mean accepted length = tokens committed per target forward.
 **Batch 8**: per method, 8 client threads take the prompts from one queue;
@@ -45,7 +46,7 @@ METHODS = {  # name -> SDK options
 PAIRS = {"none": ("arserve-none", "vllm-none"), "ngram": ("arserve-ngram", "vllm-ngram")}
 SPECULATIVE = {"arserve": ("arserve-ngram", "arserve-heads"), "vllm": ("vllm-none", "vllm-ngram")}
 GOALS = {"pair": 1.0, "best": 1.2}
-PAUSE_S = 0.3
+PAUSE_S = 1.5  # > vLLM's 1 s busy poll after its last step
 BATCH = 8
 
 
