@@ -29,10 +29,23 @@ def build(settings: ServerSettings) -> GenerationService:
     return assemble.gateway(settings, config, tokenizer, verifier, images)
 
 
+def close(service: GenerationService) -> None:
+    """Stop the engines that run processes of their own (vLLM's)."""
+    shutdown = getattr(service.verifier, "shutdown", None)
+    if shutdown:
+        shutdown()
+
+
 async def serve(settings: ServerSettings, ready: threading.Event | None = None,
                 service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None) -> None:
-    """Serve until cancelled (or until ``stop`` is set)."""
-    service = service or build(settings)
+    """Serve until cancelled (or until ``stop`` is set). A service built
+    here is closed here; one passed in belongs to the caller."""
+    if service is None:
+        service = build(settings)
+        try:
+            return await serve(settings, ready, service, on_port, stop)
+        finally:
+            close(service)
     server, port = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
     if on_port:
@@ -91,9 +104,7 @@ class EmbeddedServer:
         if self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout=10)
-        shutdown = getattr(self.service.verifier, "shutdown", None)
-        if shutdown:  # engines with processes of their own (vLLM's)
-            shutdown()
+        close(self.service)
 
     def __enter__(self) -> "EmbeddedServer":
         return self.start()

@@ -34,7 +34,8 @@ class VllmSettings(BaseModel):
     num_speculative_tokens: int = Field(5, ge=1, le=16, description="Draft tokens per step (ngram).")
     prompt_lookup_min: int = Field(2, ge=1, description="Shortest n-gram matched in the context (ngram).")
     prompt_lookup_max: int = Field(4, ge=1, description="Longest n-gram matched in the context (ngram).")
-    kv_cache_gb: float = Field(2.0, gt=0, description="KV cache memory of the engine (VLLM_CPU_KVCACHE_SPACE on CPU).")
+    kv_cache_gib: int = Field(2, ge=1, description="KV cache memory of the engine in GiB (VLLM_CPU_KVCACHE_SPACE "
+                              "on CPU, unless the environment sets it).")
     max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
     enforce_eager: bool = Field(False, description="Skip torch.compile: starts in about half the time, "
                                 "decodes slower (tests use it).")

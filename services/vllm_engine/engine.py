@@ -29,13 +29,14 @@ log = logging.getLogger("arserve.vllm")
 INSTALL = "vLLM is not installed: `make test-vllm` builds .venv-vllm with it, or `pip install 'arserve[vllm]'`"
 
 
-def _environment(models: list[ModelSettings]) -> None:
-    """vLLM's CPU settings, where the environment does not set them: a KV
-    cache that fits (it refuses to start without one), and every core for
-    compute (by default it keeps one back for the serving process)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(int(m.vllm.kv_cache_gb) or 1 for m in models)))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+def _environment(m: ModelSettings, user: dict[str, str]) -> None:
+    """vLLM's CPU settings for the engine about to start (its processes
+    inherit them), where the user's environment does not set them: the
+    model's KV cache size (vLLM refuses to start without one that fits), and
+    every core for compute (by default it keeps one back for the server)."""
+    for name, value in (("VLLM_CPU_KVCACHE_SPACE", str(m.vllm.kv_cache_gib)), ("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+                        ("VLLM_WORKER_MULTIPROC_METHOD", "spawn")):
+        os.environ[name] = user.get(name, value)
 
 
 def engine_args(m: ModelSettings, max_model_len: int):
@@ -71,9 +72,10 @@ class VllmEngine:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise FailedPrecondition(f"{INSTALL} ({e})") from e
-        _environment(models)
+        user = dict(os.environ)
         engines = {}
         for m in models:
+            _environment(m, user)
             t = time.perf_counter()
             log.info("starting vLLM for %s (%s, speculative %s); this takes a minute or two",
                      m.id, m.dtype, m.vllm.speculative)
