@@ -200,7 +200,7 @@ def main(args) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot(results, out.with_suffix(".png"))
     s = results["single_stream"]
-    log(f"1. single stream Ray/embedded: " + ", ".join(f"{c} median {v['median']:.2f} (range {v['min']:.2f}-{v['max']:.2f})"
+    log("1. single stream Ray/embedded: " + ", ".join(f"{c} median {v['median']:.2f} (range {v['min']:.2f}-{v['max']:.2f})"
                                                        for c, v in s["by_category"].items())
         + f"; goal >= {GOALS['single_stream_ratio']}: {'met' if s['met'] else 'NOT met'}")
     for c in results["concurrency"]:

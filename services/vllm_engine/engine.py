@@ -66,8 +66,9 @@ class VllmEngine:
     @classmethod
     def start(cls, models: list[ModelSettings], windows: dict[str, int],
               eos_ids: dict[str, tuple[int, ...]]) -> "VllmEngine":
-        """Start one engine per model (call from the thread that runs the
-        event loop the engines will serve: AsyncLLM binds to it lazily)."""
+        """Start one engine per model. Each serves the event loop it is
+        started in, or, started outside one (the embedded wiring builds on
+        the main thread), the loop of its first request."""
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
