@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     s.add_argument("--engine", default="arserve", choices=["arserve", "vllm"],
-                   help="what decodes the model: arserve's services, or vLLM's engine (installed by make test-vllm)")
+                   help="what decodes the model: arserve's services, or vLLM's engine (make install-vllm)")
     s.add_argument("--vllm-speculative", default="none", choices=["none", "ngram"],
                    help="with --engine vllm: vLLM's speculative method, for every request")
     model_flags(s)

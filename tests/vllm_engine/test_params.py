@@ -9,7 +9,8 @@ from arserve_client.v1 import generation_pb2 as gpb
 from arserve.errors import InvalidArgument
 from arserve.gateway.validate import check_request
 from arserve.settings import ModelSettings
-from arserve.vllm_engine.params import check_request as check_vllm, sampling_kwargs, speculative_stats
+from arserve.vllm_engine.engine import speculative_stats
+from arserve.vllm_engine.params import check_request as check_vllm, sampling_kwargs
 
 NGRAM = ModelSettings(id="v", engine="vllm", vllm={"speculative": "ngram", "num_speculative_tokens": 5})
 PLAIN = ModelSettings(id="p", engine="vllm")
