@@ -219,10 +219,19 @@ class ServiceSettings(BaseModel):
 
     def resolved_auth_token(self) -> str | None:
         return from_env("auth_token", self.auth_token)
+
+    def resolved_internal_secret(self) -> str | None:
+        """internal_secret with env:NAME replaced by that variable's value."""
+        return from_env("internal_secret", self.internal_secret)
     kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
     auth_token: str | None = Field(None, description="Bearer token the public API requires "
                                    "(metadata 'authorization: Bearer <token>'), or env:NAME to read it from "
                                    "the environment; None: no authentication.")
+    internal_secret: str | None = Field(
+        None, description="The secret every replica of one deployment shares and no client holds, or env:NAME to "
+        "read it from the environment: internal gRPC calls and directory announcements are authenticated with a "
+        "key derived from it, and so are KV blocks in Redis (arserve.secrets). Never the public auth_token. None: "
+        "a random one per process (embedded) or per application (the Ray wiring's build_app makes one).")
     auth_open_health: bool = Field(True, description="Let grpc.health.v1 checks through without a token.")
     max_active_requests: int = Field(256, gt=0, description="Requests running at once; past it a new request "
                                      "gets RESOURCE_EXHAUSTED at once (admitted ones finish).")

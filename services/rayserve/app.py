@@ -37,6 +37,7 @@ from arserve_client.v1 import (
 from .. import assemble, metrics
 from ..errors import Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
+from ..secrets import new_secret
 from .config import AppArgs
 from .directory import Directory, Peers, Remote
 from .replica import ServiceReplica
@@ -149,6 +150,8 @@ def drafting(args: AppArgs) -> bool:
 def build_app(args: dict) -> Application:
     """The application for ``serve run`` (``args`` from the serve config)."""
     cfg = AppArgs.model_validate(args)
+    if cfg.internal_secret is None:  # one per application: every replica of it gets the same
+        cfg.internal_secret = new_secret()
     options = cfg.deployment_options()
     raw = cfg.model_dump(mode="json")
 
