@@ -18,6 +18,7 @@ from .core.model import Llama
 from .core.weights import load_llama, read_config
 from .drafter.registry import build_proposers
 from .drafter.service import DrafterService
+from .secrets import derive_key, new_secret
 from .gateway.service import GenerationService
 from .settings import ModelSettings, ServiceSettings
 from .tokenizer.image import DIGITS
@@ -54,13 +55,29 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
     from .kvstore.redis_tier import RedisTier
     from .kvstore.tiers import TieredStore
 
-    redis = RedisTier(settings.resolved_redis_url(), ttl_s=settings.kv_ttl_s) if settings.redis_url else None
+    redis = mac_key = None
+    if settings.redis_url:
+        redis = RedisTier(settings.resolved_redis_url(), ttl_s=settings.kv_ttl_s)
+        mac_key = derive_key(kv_secret(settings), "kv-blocks")
     spaces = {}
     for m in settings.decoded_by("arserve"):
         c = config[m.id]
-        spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype,
-                                  f"L{c.n_layers}.K{c.n_kv_heads}.D{c.head_dim}", settings.kv_block_size)
-    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis), "spaces": spaces}
+        spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype, c.n_layers, c.n_kv_heads,
+                                  c.head_dim, settings.kv_block_size)
+    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis, mac_key), "spaces": spaces}
+
+
+def kv_secret(settings: ServiceSettings) -> str:
+    """The internal secret KV blocks in Redis are authenticated under; with
+    none configured, a random one for this process (the Ray wiring's
+    build_app sets one per application, so only a lone process gets here)."""
+    secret = settings.resolved_internal_secret()
+    if secret:
+        return secret
+    log.warning("internal_secret is not set: KV blocks this process writes to Redis are authenticated with a "
+                "random per-process key, so only this process can reuse them; set internal_secret (the same on "
+                "every replica) to share prefixes across processes")
+    return new_secret()
 
 
 def backbone(settings: ServiceSettings) -> BackboneService:

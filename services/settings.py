@@ -237,6 +237,11 @@ class ServiceSettings(BaseModel):
                                      "gets RESOURCE_EXHAUSTED at once (admitted ones finish).")
     max_prompt_bytes: int = Field(1 << 20, gt=0, description="Largest prompt (UTF-8 bytes, all messages "
                                   "together); larger requests get INVALID_ARGUMENT before tokenizing.")
+    report_cached_tokens: bool = Field(
+        False, description="Report Usage.cached_prompt_tokens to requests without a cache_salt too. Off: only a "
+        "request in its own namespace (cache_salt set) sees its count, since a hit in the shared namespace tells "
+        "a caller what other callers' prompts began with. Turn on only where every caller is trusted with that. "
+        "The KV hit metrics count every hit either way.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServiceSettings":

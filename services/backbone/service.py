@@ -38,6 +38,7 @@ class RequestState:
     scored_tokens: list[int] = field(default_factory=list)  # token ids of the last Score call
     stored_blocks: int = 0  # leading blocks already handed to the KV store
     storing: list = field(default_factory=list)  # its KV stores still in flight (asyncio tasks)
+    salt: str = ""  # the tenant's cache salt: its KV blocks' namespace ("" for the shared one)
 
 
 def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,7 @@ class BackboneService:
         key = (req.model, req.request_id)
         state = self.requests.get(key)
         if state is None:
-            state = self.requests[key] = RequestState(model.new_cache())
+            state = self.requests[key] = RequestState(model.new_cache(), salt=req.cache_salt)
         if not req.token_ids:
             raise InvalidArgument("token_ids is empty: nothing to score")
         cached = 0
@@ -213,8 +214,8 @@ class BackboneService:
         the KV tiers (whole blocks within the first ``limit`` positions); ->
         the positions loaded."""
         space = self.spaces[model]
-        keys = block_keys(space, tokens[:limit // space.block_size * space.block_size])
-        blocks = await self.kv_store.lookup(keys) if keys else []
+        keys = block_keys(space, tokens[:limit // space.block_size * space.block_size], state.salt)
+        blocks = await self.kv_store.lookup(keys, space) if keys else []
         if not blocks:
             return 0
         state.cache.append_blocks(blocks)
@@ -234,7 +235,7 @@ class BackboneService:
         full = state.committed // space.block_size
         if full <= state.stored_blocks:
             return
-        keys = block_keys(space, state.tokens[:full * space.block_size])
+        keys = block_keys(space, state.tokens[:full * space.block_size], state.salt)
         new = {keys[i]: state.cache.block(i, space.block_size) for i in range(state.stored_blocks, full)}
         state.stored_blocks = full
         task = asyncio.create_task(self.kv_store.store(new))

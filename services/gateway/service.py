@@ -174,6 +174,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         metrics.DRAFTED.labels(model, last.speculative.method).inc(last.speculative.drafted_tokens)
         metrics.ACCEPTED.labels(model, last.speculative.method).inc(last.speculative.accepted_tokens)
 
+    def _reported_cached(self, req: pb.GenerateRequest, cached: int) -> int:
+        """Usage.cached_prompt_tokens as the caller may see it: a hit in the
+        shared namespace tells the caller that someone sent the same prefix
+        (an oracle for other users' prompts), so it is reported only in the
+        request's own namespace (cache_salt) or where the operator opts in
+        (report_cached_tokens). The KV metrics count every hit regardless."""
+        return cached if req.HasField("cache_salt") or self.settings.report_cached_tokens else 0
+
     async def _generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         t0 = time.perf_counter()
         check_size(req, self.settings.max_prompt_bytes)
@@ -192,7 +200,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         speculative.CopyFrom(req.speculative)
         speculative.method = req.speculative.method or model.default_speculative_method
         run = vpb.VerifyRequest(request_id=request_id, model=model.id, prompt_token_ids=prompt_ids,
-                                sampling=sampling, speculative=speculative)
+                                sampling=sampling, speculative=speculative, cache_salt=req.cache_salt)
 
         window, read_offset = TextTokenizer.initial_window(prompt_ids)
         state = tpb.DetokenizerState(window=window, read_offset=read_offset)
@@ -221,7 +229,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     total = now - t0
                     chunk.finish_reason = finish
                     chunk.usage.CopyFrom(pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                                                    cached_prompt_tokens=cached))
+                                                    cached_prompt_tokens=self._reported_cached(req, cached)))
                     chunk.timing.CopyFrom(pb.Timing(
                         time_to_first_token_s=(first_token_at or now) - t0, total_s=total,
                         tokens_per_second=completion / total if total > 0 else 0.0))

@@ -17,6 +17,7 @@ MAX_STOP_STRINGS = 16
 MAX_DRAFT_TOKENS = 16
 MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
+MAX_CACHE_SALT_BYTES = 256
 
 
 
@@ -55,6 +56,9 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     for i, stop in enumerate(s.stop):
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise InvalidArgument(f"sampling.stop[{i}] must be 1 to {MAX_STOP_LENGTH} characters")
+    if req.HasField("cache_salt") and not 1 <= len(req.cache_salt.encode()) <= MAX_CACHE_SALT_BYTES:
+        raise InvalidArgument(f"cache_salt must be 1 to {MAX_CACHE_SALT_BYTES} UTF-8 bytes, "
+                              f"got {len(req.cache_salt.encode())}")
     spec = req.speculative
     if spec.HasField("num_draft_tokens") and spec.num_draft_tokens > MAX_DRAFT_TOKENS:
         raise InvalidArgument(f"speculative.num_draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")

@@ -1,5 +1,11 @@
 """Looking KV blocks up tier by tier: process memory, then Redis; whatever
-neither holds is recomputed by the caller."""
+neither holds is recomputed by the caller.
+
+Redis is shared and may hold anything: a block read from it enters the
+process-memory tier only once ``decode_block`` has checked its shape against
+the cache's and its HMAC under this deployment's KV-block key. A block that
+fails is *rejected*: counted, logged, deleted from Redis, and recomputed.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from collections import Counter
 
 from torch import Tensor
 
-from ..core.kv_blocks import BadBlock, decode_block, encode_block
+from ..core.kv_blocks import BadBlock, BlockSpace, decode_block, encode_block
 from ..metrics import KV_BLOCKS
 from .local import LocalTier
 from .redis_tier import RedisTier
@@ -17,13 +23,17 @@ log = logging.getLogger("arserve.kvstore")
 
 
 class TieredStore:
-    def __init__(self, local: LocalTier, redis: RedisTier | None = None):
+    def __init__(self, local: LocalTier, redis: RedisTier | None = None, mac_key: bytes | None = None):
+        if redis is not None and not mac_key:
+            raise ValueError("a Redis KV tier needs mac_key (derive_key(secret, 'kv-blocks'))")
         self.local = local
         self.redis = redis
+        self.mac_key = mac_key  # authenticates blocks in Redis; Redis never holds it
         self.hits: Counter[str] = Counter()  # tier -> blocks found ("local", "redis"); "miss" and "rejected" too
 
-    async def lookup(self, keys: list[str]) -> list[Tensor]:
-        """The longest run of leading blocks some tier holds."""
+    async def lookup(self, keys: list[str], space: BlockSpace) -> list[Tensor]:
+        """The longest run of leading blocks some tier holds (``keys`` name
+        blocks of ``space``), each kv [2, layers, kv_heads, block_size, head_dim]."""
         before = Counter(self.hits)
         found: list[Tensor] = []
         pending: list[str] = []
@@ -39,7 +49,7 @@ class TieredStore:
                 if data is None:
                     break
                 try:
-                    kv = decode_block(key, data)
+                    kv = decode_block(key, data, space, self.mac_key)
                 except BadBlock as e:
                     log.warning("rejected KV block %s from Redis: %s", key[:12], e)
                     self.hits["rejected"] += 1
@@ -57,4 +67,4 @@ class TieredStore:
         for key, kv in blocks.items():
             self.local.put(key, kv)
         if self.redis is not None:
-            await self.redis.put_many({k: encode_block(k, kv) for k, kv in blocks.items()})
+            await self.redis.put_many({k: encode_block(k, kv, self.mac_key) for k, kv in blocks.items()})

@@ -186,7 +186,8 @@ class VerifierService:
         ids = dict(request_id=req.request_id, model=req.model)
         kv = KVSession(self.backbone, req.request_id, req.model)
         heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
-        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads)  # greedy reads only the argmax
+        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads,  # greedy reads only the argmax
+                       cache_salt=req.cache_salt)  # every call: a resume on another replica reads it
         anchor = None  # heads: the hidden state [dim] at the position that decided `pending`
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about

@@ -15,9 +15,11 @@ from arserve.core.model import Llama
 from arserve.kvstore.local import LocalTier
 from arserve.kvstore.redis_tier import RedisTier
 from arserve.kvstore.tiers import TieredStore
+from arserve.secrets import derive_key, new_secret
 from arserve_client.v1 import backbone_pb2 as bpb
 
-SPACE = BlockSpace("tiny", "rev0", "float32", "L2.K2.D16", block_size=8)
+SPACE = BlockSpace("tiny", "rev0", "float32", 2, 2, 16, block_size=8)
+KEY = derive_key(new_secret(), "kv-blocks")  # the deployment's KV-block key
 
 
 def test_keys_name_the_whole_prefix():
@@ -26,24 +28,24 @@ def test_keys_name_the_whole_prefix():
     assert block_keys(SPACE, list(range(16)) + [99]) == a
     b = block_keys(SPACE, [1] + list(range(1, 20)))
     assert a[0] != b[0] and a[1] != b[1]  # a change in block 0 renames every later block
-    other = BlockSpace("tiny", "rev1", "float32", "L2.K2.D16", block_size=8)
+    other = BlockSpace("tiny", "rev1", "float32", 2, 2, 16, block_size=8)
     assert block_keys(other, list(range(16)))[0] != a[0]
 
 
 def test_block_round_trip_and_rejections():
     kv = torch.randn(2, 2, 2, 8, 16)
-    data = encode_block("k1", kv)
-    assert torch.equal(decode_block("k1", data), kv)
+    data = encode_block("k1", kv, KEY)
+    assert torch.equal(decode_block("k1", data, SPACE, KEY), kv)
     with pytest.raises(BadBlock, match="another key"):
-        decode_block("k2", data)
+        decode_block("k2", data, SPACE, KEY)
     with pytest.raises(BadBlock, match="truncated"):
-        decode_block("k1", data[:-5])
+        decode_block("k1", data[:-5], SPACE, KEY)
     flipped = bytearray(data)
-    flipped[-1] ^= 0xFF
-    with pytest.raises(BadBlock, match="checksum"):
-        decode_block("k1", bytes(flipped))
+    flipped[-40] ^= 0xFF  # a payload byte
+    with pytest.raises(BadBlock, match="HMAC"):
+        decode_block("k1", bytes(flipped), SPACE, KEY)
     with pytest.raises(BadBlock):
-        decode_block("k1", b"\x80\x04pickle")
+        decode_block("k1", b"\x80\x04pickle", SPACE, KEY)
 
 
 def test_local_tier_evicts_least_recently_used():
@@ -60,23 +62,23 @@ def run(coro):
 def test_redis_tier_stores_and_rejects_bad_bytes(redis_server):
     async def go():
         redis = RedisTier(redis_server.url)
-        store = TieredStore(LocalTier(1 << 20), redis)
+        store = TieredStore(LocalTier(1 << 20), redis, KEY)
         keys = block_keys(SPACE, list(range(24)))
         blocks = {k: torch.randn(2, 2, 2, 8, 16) for k in keys}
         await store.store(blocks)
-        fresh = TieredStore(LocalTier(1 << 20), redis)  # another replica: empty local tier
-        found = await fresh.lookup(keys)
+        fresh = TieredStore(LocalTier(1 << 20), redis, KEY)  # another replica: empty local tier
+        found = await fresh.lookup(keys, SPACE)
         assert len(found) == 3 and all(torch.equal(f, blocks[k]) for f, k in zip(found, keys))
         assert fresh.hits["redis"] == 3
         # corrupt the second block in Redis: only the first is loaded, the bad one is deleted
         await redis.client.set(redis.prefix + keys[1], b"garbage")
-        again = TieredStore(LocalTier(1 << 20), redis)
-        assert len(await again.lookup(keys)) == 1 and again.hits["rejected"] == 1
+        again = TieredStore(LocalTier(1 << 20), redis, KEY)
+        assert len(await again.lookup(keys, SPACE)) == 1 and again.hits["rejected"] == 1
         assert await redis.client.get(redis.prefix + keys[1]) is None
         # a block stored under a foreign key is rejected too
-        await redis.client.set(redis.prefix + keys[0], encode_block("someone-else", blocks[keys[0]]))
-        third = TieredStore(LocalTier(1 << 20), redis)
-        assert await third.lookup(keys) == [] and third.hits["rejected"] == 1
+        await redis.client.set(redis.prefix + keys[0], encode_block("someone-else", blocks[keys[0]], KEY))
+        third = TieredStore(LocalTier(1 << 20), redis, KEY)
+        assert await third.lookup(keys, SPACE) == [] and third.hits["rejected"] == 1
         await redis.close()
 
     run(go())
@@ -85,17 +87,17 @@ def test_redis_tier_stores_and_rejects_bad_bytes(redis_server):
 def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
     async def go():
         redis = RedisTier(redis_server.url, retry_after_s=0.0)
-        store = TieredStore(LocalTier(1 << 20), redis)
+        store = TieredStore(LocalTier(1 << 20), redis, KEY)
         keys = block_keys(SPACE, list(range(8)))
         redis_server.stop()
         with caplog.at_level(logging.WARNING, logger="arserve.kvstore"):
             for _ in range(3):
-                assert await TieredStore(LocalTier(1 << 20), redis).lookup(keys) == []
+                assert await TieredStore(LocalTier(1 << 20), redis, KEY).lookup(keys, SPACE) == []
                 await store.store({keys[0]: torch.zeros(2, 2, 2, 8, 16)})
         assert sum("unavailable" in r.message for r in caplog.records) == 1
         redis_server.start()
         await store.store({keys[0]: torch.ones(2, 2, 2, 8, 16)})
-        found = await TieredStore(LocalTier(1 << 20), redis).lookup(keys)
+        found = await TieredStore(LocalTier(1 << 20), redis, KEY).lookup(keys, SPACE)
         assert len(found) == 1 and found[0].eq(1).all()
         await redis.close()
 
@@ -104,7 +106,7 @@ def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
 
 def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
     model = Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval().pack()
-    space = BlockSpace("tiny", "seed0", "float32", "tiny", block_size=8)
+    space = BlockSpace("tiny", "seed0", "float32", 2, 2, 16, block_size=8)
     prompt = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(1)).tolist()
 
     async def prefill(backbone):
@@ -115,7 +117,7 @@ def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
         return out, nxt
 
     async def go():
-        stores = [TieredStore(LocalTier(1 << 20), RedisTier(redis_server.url)) for _ in range(2)]
+        stores = [TieredStore(LocalTier(1 << 20), RedisTier(redis_server.url), KEY) for _ in range(2)]
         a = BackboneService({"tiny": model}, kv_store=stores[0], spaces={"tiny": space})
         b = BackboneService({"tiny": model}, kv_store=stores[1], spaces={"tiny": space})
         plain = BackboneService({"tiny": model})

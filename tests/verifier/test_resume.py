@@ -50,7 +50,7 @@ class Replicas:
 def shared_backbones(model, n=2):
     """n backbones sharing one KV tier, 4-token blocks."""
     store = TieredStore(LocalTier(1 << 26))
-    space = BlockSpace("tiny", "test", "float32", "tiny", block_size=4)
+    space = BlockSpace("tiny", "test", "float32", 2, 2, 16, block_size=4)
     return [BackboneService({"tiny": model}, kv_store=store, spaces={"tiny": space}) for _ in range(n)]
 
 

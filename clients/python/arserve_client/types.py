@@ -17,7 +17,8 @@ class Stats:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the shared KV tiers
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the shared KV tiers (0 unless the
+    # request set cache_salt or the server reports it to everyone: report_cached_tokens)
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     tokens_per_second: float = 0.0
@@ -96,8 +97,12 @@ def build_request(
     num_candidates: int | None = None,
     adaptive: bool | None = None,
     request_id: str = "",
+    cache_salt: str | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; unset options take the server's defaults."""
+    """A GenerateRequest; unset options take the server's defaults.
+    ``cache_salt``: the namespace of this request's cached prompt prefixes
+    (shared only with requests sending the same salt; also reports
+    ``cached_prompt_tokens``)."""
     sampling = pb.SamplingParams(stop=list(stop))
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed)):
@@ -111,7 +116,7 @@ def build_request(
     return pb.GenerateRequest(
         request_id=request_id, model=model, prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],
-        sampling=sampling, speculative=spec,
+        sampling=sampling, speculative=spec, cache_salt=cache_salt,
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arserve_client.v1 import generation_pb2 as arserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/verifier.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\"\xae\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\"\xa2\x01\n\x0bVerifyEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12\x31\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r2G\n\x08Verifier\x12;\n\x03Run\x12\x19.arserve.v1.VerifyRequest\x1a\x17.arserve.v1.VerifyEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/verifier.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\"\xa2\x01\n\x0bVerifyEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12\x31\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r2G\n\x08Verifier\x12;\n\x03Run\x12\x19.arserve.v1.VerifyRequest\x1a\x17.arserve.v1.VerifyEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve_client.v1.verifier_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=71
-  _globals['_VERIFYREQUEST']._serialized_end=245
-  _globals['_VERIFYEVENT']._serialized_start=248
-  _globals['_VERIFYEVENT']._serialized_end=410
-  _globals['_VERIFIER']._serialized_start=412
-  _globals['_VERIFIER']._serialized_end=483
+  _globals['_VERIFYREQUEST']._serialized_end=265
+  _globals['_VERIFYEVENT']._serialized_start=268
+  _globals['_VERIFYEVENT']._serialized_end=430
+  _globals['_VERIFIER']._serialized_start=432
+  _globals['_VERIFIER']._serialized_end=503
 # @@protoc_insertion_point(module_scope)
