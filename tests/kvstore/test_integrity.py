@@ -104,7 +104,8 @@ def test_a_forged_block_is_rejected_deleted_and_recomputed(redis_server, model, 
 def test_a_misshaped_header_is_rejected_before_allocating(redis_server, monkeypatch):
     key = block_keys(SPACE, PROMPT)[0]
     huge = (2, 2, 2, 1 << 31, 64)  # 2^40 elements: 4 TiB of float32
-    signed = header(key, "float32", huge, 4 << 40)
+    payload = bytes(4 * 2 * 2 * 2 * 8 * 16)  # a block's worth, its length stated truly: the old decoder then
+    signed = header(key, "float32", huge, len(payload)) + payload  # allocated the claimed shape to compare
     claim = signed + block_mac(KEY, signed)  # even signed with the right key (a foreign-config writer)
     transposed = encode_block(key, torch.randn(2, 2, 2, 16, 8), KEY)  # same bytes, layout swapped
     half = encode_block(key, torch.randn(SPACE.block_shape).to(torch.bfloat16), KEY)  # another dtype
