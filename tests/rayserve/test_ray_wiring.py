@@ -33,6 +33,7 @@ def ray_server(tmp_path_factory, redis_for_ray):
     args = AppArgs.model_validate({
         "models": [{"speculative_methods": ["none", "ngram"]}],
         "redis_url": redis_for_ray.url, "kv_local_bytes": 0, "kv_block_size": 64,
+        "report_cached_tokens": True,  # the tests below read cached_prompt_tokens of unsalted requests too
         "deployments": {"gateway": small, "tokenizer": small, "verifier": small,
                         "drafter": {**small, "torch_threads": 1},
                         "backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2}},
@@ -106,8 +107,10 @@ def long_prompt(seed: int = 0) -> str:
 def test_a_prefix_computed_on_one_backbone_is_served_from_redis_on_the_other(ray_client):
     prompt = long_prompt()
     # Consecutive requests alternate between the two idle backbone replicas,
-    # so of the two repeats at least one runs where the first did not.
-    first, second, third = (ray_client.generate(prompt=prompt, max_tokens=8) for _ in range(3))
+    # so of the two repeats at least one runs where the first did not. The
+    # salt rides gateway -> verifier -> backbone; the replicas share the
+    # application's KV-block key, so each verifies the blocks the other wrote.
+    first, second, third = (ray_client.generate(prompt=prompt, max_tokens=8, cache_salt="tenant-a") for _ in range(3))
     assert first.stats.prompt_tokens >= 1024
     assert first.stats.cached_prompt_tokens == 0
     full_blocks = (first.stats.prompt_tokens - 1) // 64 * 64
@@ -115,6 +118,8 @@ def test_a_prefix_computed_on_one_backbone_is_served_from_redis_on_the_other(ray
         assert again.stats.cached_prompt_tokens == full_blocks
         assert list(again.token_ids) == list(first.token_ids)
         assert again.stats.time_to_first_token_s < first.stats.time_to_first_token_s
+    other = ray_client.generate(prompt=prompt, max_tokens=1, cache_salt="tenant-b")  # another namespace: no hit
+    assert other.stats.cached_prompt_tokens == 0 and other.token_ids[0] == first.token_ids[0]
 
 
 def test_a_drafter_killed_mid_stream_costs_no_request(ray_client, plain_greedy):
