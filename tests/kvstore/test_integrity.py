@@ -160,3 +160,34 @@ def test_salts_are_namespaces(redis_server, model):
             await r.kv_store.redis.close()
 
     asyncio.run(go())
+
+
+def test_replicas_share_blocks_through_the_configured_secret_only(redis_server, caplog):
+    """assemble.kv_tiers as every wiring builds it: the KV-block key comes
+    from internal_secret; without one, a process's blocks are its own."""
+    from arserve import assemble
+    from arserve.settings import ServiceSettings
+
+    shared = ServiceSettings(redis_url=redis_server.url, internal_secret=new_secret(), image_models=[])
+    config = {shared.models[0].id: LlamaConfig.from_name("tiny")}  # the cache layout only (not read from weights)
+    with caplog.at_level("WARNING", logger="arserve.assemble"):
+        a, b = (assemble.kv_tiers(shared, config) for _ in range(2))  # two replicas of one deployment
+    assert not caplog.records
+    model_id = shared.models[0].id
+    space = a["spaces"][model_id]
+    assert space == b["spaces"][model_id] and space.block_shape == (2, 2, 2, 64, 16)
+    keys = block_keys(space, list(range(64)))
+    kv = torch.randn(space.block_shape)
+
+    async def go():
+        await a["kv_store"].store({keys[0]: kv})
+        found = await b["kv_store"].lookup(keys, space)
+        assert len(found) == 1 and torch.equal(found[0], kv)
+        with caplog.at_level("WARNING", logger="arserve.assemble"):
+            lone = assemble.kv_tiers(ServiceSettings(redis_url=redis_server.url, image_models=[]), config)
+        assert sum("internal_secret is not set" in r.message for r in caplog.records) == 1
+        assert await lone["kv_store"].lookup(keys, space) == [] and lone["kv_store"].hits["rejected"] == 1
+        for tiers in (a, b, lone):
+            await tiers["kv_store"].redis.close()
+
+    asyncio.run(go())
