@@ -18,8 +18,8 @@ from .core.model import Llama
 from .core.weights import load_llama, read_config
 from .drafter.registry import build_proposers
 from .drafter.service import DrafterService
-from .secrets import derive_key, new_secret
 from .gateway.service import GenerationService
+from .secrets import derive_key, new_secret
 from .settings import ModelSettings, ServiceSettings
 from .tokenizer.image import DIGITS
 from .tokenizer.service import TokenizerService

@@ -126,6 +126,8 @@ class VllmEngine:
         method = self.models[req.model].vllm.speculative
         params = SamplingParams(**sampling_kwargs(req.sampling, eos), output_kind=RequestOutputKind.DELTA)
         prompt = {"prompt_token_ids": list(req.prompt_token_ids)}
+        if req.cache_salt:  # vLLM's own namespace for prefix-cache blocks (mixed into the first block's hash)
+            prompt["cache_salt"] = req.cache_salt
         # vLLM's request ids must be unique while running; clients may reuse theirs
         stream = engine.generate(prompt, params, request_id=f"{req.request_id}-{uuid.uuid4().hex[:8]}")
         generated = 0
