@@ -245,8 +245,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     yield chunk
             # a verifier that ends its stream without a finish reason did not finish the request:
             # never report that as a completion
-            raise Unavailable(f"generation ended after {completion} tokens without a finish reason "
-                              f"(the verifier's stream of request {request_id} ended early); retry the request")
+            raise Unavailable(f"generation ended after {completion} tokens without a finish reason (the decode "
+                              f"loop's stream ended early); retry the request")
         except Exception as e:
             log.warning("request %s (client request_id %r) failed: %s: %s",
                         request_id, req.request_id, type(e).__name__, e)

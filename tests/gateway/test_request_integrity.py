@@ -102,7 +102,8 @@ class EndsEarly:
 
 
 def test_a_verifier_stream_that_ends_without_a_finish_is_unavailable(server, client):
-    with public(server, verifier=EndsEarly(server.service.verifier)) as srv, Client(srv.target, timeout=300) as c:
+    with (public(server, verifier=EndsEarly(server.service.verifier)) as srv,
+          Client(srv.target, timeout=300, retries=0) as c):
         with pytest.raises(Unavailable, match="without a finish reason"):
             c.generate(prompt="Hi there", max_tokens=8)
         with pytest.raises(Unavailable, match="without a finish reason"):

@@ -41,8 +41,10 @@ RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)  # the server was not reached or we
 
 
 def unfinished(what: str) -> Unavailable:
-    """A response that ended without a finish reason is no completion: the
-    server went away mid-request (an arserve server never sends one)."""
+    """A response or stream that ends without a finish reason is no
+    completion, though the call itself succeeded: something between the
+    client and the decode loop cut it short (arserve's gateway reports that
+    as an error status itself)."""
     return Unavailable(grpc.StatusCode.UNAVAILABLE, f"{what} ended without a finish reason: the completion is "
                                                     f"incomplete")
 
