@@ -66,6 +66,7 @@ class ImageFront:
         tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
         decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
         images = from_proto(decoded.image)  # [n, channels, height, width]
+        # the client's request_id is only echoed; without one, the server's id for the request
         out = pb.GenerateImageResponse(request_id=req.request_id or uuid.uuid4().hex, model=model.id)
         c, h, w = images.shape[1:]
         for i, label in enumerate(req.labels):

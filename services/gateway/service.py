@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections import deque
@@ -21,12 +22,14 @@ from arserve_client.v1 import tokenizer_pb2 as tpb
 from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import metrics
-from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted
+from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .images import ImageFront
-from .stops import StopMatcher
+from .stops import StopMatcher, tokens_through_stop
 from .validate import check_request, check_size, resolve_max_tokens, resolve_model
+
+log = logging.getLogger("arserve.gateway")
 
 
 async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb.VerifyEvent]:
@@ -187,7 +190,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         check_size(req, self.settings.max_prompt_bytes)
         model = resolve_model(req, self.models, self.default_model)
         check_request(req, model)
-        request_id = req.request_id or uuid.uuid4().hex
+        # the request's id inside the server: every service keys its state on it. The client's
+        # request_id is only echoed (two clients may send the same one); without one, this is echoed.
+        request_id = uuid.uuid4().hex
+        echoed = req.request_id or request_id
         encoded = await self.tokenizer.Encode(tpb.EncodeRequest(model=model.id, prompt=req.prompt, messages=req.messages))
         prompt_ids = list(encoded.token_ids)
         if not prompt_ids:
@@ -201,6 +207,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         speculative.method = req.speculative.method or model.default_speculative_method
         run = vpb.VerifyRequest(request_id=request_id, model=model.id, prompt_token_ids=prompt_ids,
                                 sampling=sampling, speculative=speculative, cache_salt=req.cache_salt)
+        log.debug("request %s (client request_id %r): model %s, method %s, %d prompt tokens, max_tokens %d",
+                  request_id, req.request_id, model.id, speculative.method, len(prompt_ids), sampling.max_tokens)
 
         window, read_offset = TextTokenizer.initial_window(prompt_ids)
         state = tpb.DetokenizerState(window=window, read_offset=read_offset)
@@ -212,18 +220,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             async for event in events:
                 if event.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
-                completion += len(event.token_ids)
                 cached += event.cached_prompt_tokens
                 finish = event.finish_reason
+                before, state_before = stops.snapshot(), state
                 decoded = await self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
                     model=model.id, state=state, token_ids=event.token_ids, final=bool(finish)))
                 state = decoded.state
                 text = stops.feed(decoded.text)
+                token_ids = list(event.token_ids)
                 if stops.stopped:
                     finish = pb.FINISH_REASON_STOP
+                    if len(token_ids) > 1:  # a merged event or a speculative round: keep tokens through the stop
+                        del token_ids[await self._tokens_through_stop(model.id, before, state_before, token_ids,
+                                                                      bool(event.finish_reason)):]
                 elif finish:
                     text += stops.flush()
-                chunk = pb.GenerateChunk(request_id=request_id, text=text, token_ids=event.token_ids)
+                completion += len(token_ids)
+                chunk = pb.GenerateChunk(request_id=echoed, text=text, token_ids=token_ids)
                 if finish:
                     now = time.perf_counter()
                     total = now - t0
@@ -236,7 +249,29 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     chunk.speculative.CopyFrom(event.speculative)
                     yield chunk
                     return
-                if text or event.token_ids:
+                if text or token_ids:
                     yield chunk
+            # a verifier that ends its stream without a finish reason did not finish the request:
+            # never report that as a completion
+            raise Unavailable(f"generation ended after {completion} tokens without a finish reason (the decode "
+                              f"loop's stream ended early); retry the request")
+        except Exception as e:
+            log.warning("request %s (client request_id %r) failed: %s: %s",
+                        request_id, req.request_id, type(e).__name__, e)
+            raise
         finally:
             await events.aclose()
+
+    async def _tokens_through_stop(self, model: str, before: StopMatcher, state: tpb.DetokenizerState,
+                                   token_ids: list[int], final: bool) -> int:
+        """How many of an event's tokens to return when its text hit a stop
+        string (``stops.tokens_through_stop``): the event decoded again one
+        token at a time from the detokenizer's state before it."""
+        async def decode(token: int, last: bool) -> str:
+            nonlocal state
+            out = await self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
+                model=model, state=state, token_ids=[token], final=final and last))
+            state = out.state
+            return out.text
+
+        return await tokens_through_stop(before, token_ids, decode)

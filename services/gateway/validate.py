@@ -18,7 +18,7 @@ MAX_DRAFT_TOKENS = 16
 MAX_CANDIDATES = 8
 MAX_STOP_LENGTH = 256
 MAX_CACHE_SALT_BYTES = 256
-
+MAX_REQUEST_ID_LENGTH = 128  # characters of a client's request_id (it is echoed back, never a key)
 
 
 def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
@@ -35,8 +35,17 @@ def check_size(req: pb.GenerateRequest, max_prompt_bytes: int) -> None:
         raise InvalidArgument(f"prompt is {size} bytes; this server takes at most {max_prompt_bytes}")
 
 
+def check_request_id(request_id: str) -> None:
+    """The client's request_id is a label the server echoes back; it names
+    no server state (that is keyed on an id the gateway generates), so any
+    value is safe but an unbounded one would bloat every response and log."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidArgument(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
+
+
 def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     """Everything that can be checked before tokenizing."""
+    check_request_id(req.request_id)
     if not req.prompt and not req.messages:
         raise InvalidArgument("prompt or messages is required (both are empty)")
     if req.prompt and req.messages:
@@ -94,6 +103,7 @@ def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tok
 def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings, num_classes: int,
                         max_images: int) -> None:
     """Every field of a GenerateImage request, before any work is spent."""
+    check_request_id(req.request_id)
     if not req.labels:
         raise InvalidArgument("labels is empty: give one class label per image")
     if len(req.labels) > max_images:

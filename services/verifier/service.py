@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -117,6 +118,15 @@ def count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> N
             field[i] += 1
 
 
+def run_id(request_id: str) -> str:
+    """The id a Run keys its state on (the backbone's KV session, the
+    drafter's context, a sticky replica): the caller's id, for logs, and a
+    random suffix, so that two Runs never share state even when their callers
+    send the same id (the gateway sends a fresh one per request; the Run RPC
+    trusts no caller for that). vLLM's engine asks the same of request ids."""
+    return f"{request_id}-{secrets.token_hex(8)}"
+
+
 def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
     """The request's own random generator (seeded, or from os.urandom)."""
     seed = sampling.seed if sampling.HasField("seed") else int.from_bytes(os.urandom(8), "little")
@@ -183,8 +193,9 @@ class VerifierService:
                              adaptive=spec.adaptive if spec.HasField("adaptive") else True,
                              cost_per_token=self.defaults.cost_per_token)
         stats = gpb.SpeculativeStats(method=method)
-        ids = dict(request_id=req.request_id, model=req.model)
-        kv = KVSession(self.backbone, req.request_id, req.model)
+        ids = dict(request_id=run_id(req.request_id), model=req.model)  # keys this Run's state downstream
+        log.debug("request %s runs as %s", req.request_id, ids["request_id"])
+        kv = KVSession(self.backbone, ids["request_id"], req.model)
         heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
         scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads,  # greedy reads only the argmax
                        cache_salt=req.cache_salt)  # every call: a resume on another replica reads it
@@ -265,7 +276,7 @@ class VerifierService:
             await kv.release()
             if self.drafter is not None and method != "none":
                 try:
-                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=req.request_id, method=method))
+                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=ids["request_id"], method=method))
                 except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
                     log.debug("drafter release failed", exc_info=True)
 

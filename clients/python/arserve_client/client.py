@@ -7,7 +7,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from .errors import from_rpc_error
+from .errors import Unavailable, from_rpc_error
 from .types import Chunk, Completion, ImageResult, build_image_request, build_request
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -38,6 +38,21 @@ def replayable(req: pb.GenerateRequest) -> bool:
 
 
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)  # the server was not reached or went away
+
+
+def unfinished(what: str) -> Unavailable:
+    """A response or stream that ends without a finish reason is no
+    completion, though the call itself succeeded: something between the
+    client and the decode loop cut it short (arserve's gateway reports that
+    as an error status itself)."""
+    return Unavailable(grpc.StatusCode.UNAVAILABLE, f"{what} ended without a finish reason: the completion is "
+                                                    f"incomplete")
+
+
+def completed(r: pb.GenerateResponse) -> Completion:
+    if r.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        raise unfinished("the response")
+    return Completion.from_proto(r)
 
 
 class Client:
@@ -75,7 +90,7 @@ class Client:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return Completion.from_proto(self.stub.Generate(req, timeout=left, metadata=self.metadata))
+                return completed(self.stub.Generate(req, timeout=left, metadata=self.metadata))
             except grpc.RpcError as e:
                 pause = 0.2 * 2 ** attempt
                 if (e.code() not in RETRY_CODES or attempt >= self.retries or not replayable(req)
@@ -90,10 +105,13 @@ class Client:
         try:
             for chunk in call:
                 yield Chunk.from_proto(chunk)
+                if chunk.finish_reason:
+                    return
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+        raise unfinished("the stream")
 
     def generate_image(self, labels, **options) -> ImageResult:
         """Images of the given class labels (one each); options of ``build_image_request``."""
@@ -135,7 +153,7 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, messages=None, **options) -> Completion:
         try:
-            return Completion.from_proto(await self.stub.Generate(
+            return completed(await self.stub.Generate(
                 build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
@@ -146,10 +164,13 @@ class AsyncClient:
         try:
             async for chunk in call:
                 yield Chunk.from_proto(chunk)
+                if chunk.finish_reason:
+                    return
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+        raise unfinished("the stream")
 
     async def generate_image(self, labels, **options) -> ImageResult:
         try:

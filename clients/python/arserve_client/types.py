@@ -67,18 +67,20 @@ class Completion:
 
 @dataclass
 class Chunk:
-    """A piece of ``stream``; the last one has ``finish_reason`` and ``stats``."""
+    """A piece of ``stream``; the last one has ``finish_reason`` and ``stats``
+    (a stream that ends without it raises ``Unavailable``)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     stats: Stats | None = None
+    request_id: str = ""  # the request's request_id, echoed
 
     @classmethod
     def from_proto(cls, c: pb.GenerateChunk) -> "Chunk":
         done = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         return cls(c.text, list(c.token_ids), FINISH.get(c.finish_reason) if done else None,
-                   Stats.from_proto(c) if done else None)
+                   Stats.from_proto(c) if done else None, c.request_id)
 
 
 def build_request(
