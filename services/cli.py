@@ -47,19 +47,31 @@ def cmd_serve(args) -> None:
         pass
 
 
+def ray_app_args(args):
+    """The AppArgs and gRPC port ``arserve serve --ray`` starts: the serve
+    config's (``--config``) or the model flags', with ``--token`` over the
+    config's ``auth_token`` when given."""
+    from .rayserve.config import AppArgs
+    from .rayserve.run import load_serve_config
+
+    if args.config:
+        app_args, port = load_serve_config(args.config)
+    else:
+        app_args, port = AppArgs(models=[_model(args)]), 9000
+    if args.token is not None:
+        app_args = AppArgs.model_validate({**app_args.model_dump(mode="json"), "auth_token": args.token})
+    return app_args, port
+
+
 def serve_ray(args) -> None:
     """Every service a Ray Serve deployment: on the cluster at --ray-address,
     or on a local Ray started here. Blocks until interrupted."""
     import signal
     import threading
 
-    from .rayserve.config import AppArgs
-    from .rayserve.run import RayServer, load_serve_config
+    from .rayserve.run import RayServer
 
-    if args.config:
-        app_args, port = load_serve_config(args.config)
-    else:
-        app_args, port = AppArgs(models=[_model(args)]), 9000
+    app_args, port = ray_app_args(args)
     server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
                        address=args.ray_address)
     done = threading.Event()
@@ -186,7 +198,8 @@ def cmd_bench(args) -> None:
     importlib.import_module(f"arserve.bench.{args.suite}").main(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The ``arserve`` command line; each subcommand's ``func`` runs it."""
     p = argparse.ArgumentParser(prog="arserve", description="Autoregressive serving with speculative decoding.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -282,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
     b.set_defaults(func=cmd_bench)
+    return p
 
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     if args.command == "generate" and args.chat is None and args.prompt is None:
         p.error("generate needs a message or --prompt")

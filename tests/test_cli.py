@@ -40,3 +40,25 @@ def test_image_writes_a_grid_and_reports_bad_labels(server, tmp_path):
     assert Image.open(grid).size == (3 * 65 + 1, 2 * 65 + 1)  # 3 x 2 cells of 8 x 8 pixels at scale 8, 1-pixel gaps
     out = arserve("image", "--target", server.target, "--label", "12", "-o", str(tmp_path / "x.png"))
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "labels[0] = 12" in out.stderr
+
+
+def test_serve_ray_token_reaches_the_app_args(tmp_path):
+    """``arserve serve --ray --token X`` starts the application with
+    ``auth_token`` X (unit level: the args it would start; no Ray)."""
+    from pathlib import Path
+
+    from arserve.cli import parser, ray_app_args
+
+    args, port = ray_app_args(parser().parse_args(["serve", "--ray", "--token", "s3cret"]))
+    assert args.auth_token == "s3cret" and port == 9000
+    args, _ = ray_app_args(parser().parse_args(["serve", "--ray", "--token", "env:MY_TOKEN"]))
+    assert args.auth_token == "env:MY_TOKEN"
+    args, _ = ray_app_args(parser().parse_args(["serve", "--ray"]))
+    assert args.auth_token is None
+
+    # With --config, the flag wins over the config's auth_token.
+    config = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+    from_config, _ = ray_app_args(parser().parse_args(["serve", "--config", str(config)]))
+    args, _ = ray_app_args(parser().parse_args(["serve", "--config", str(config), "--token", "s3cret"]))
+    assert args.auth_token == "s3cret"
+    assert args.model_dump(exclude={"auth_token"}) == from_config.model_dump(exclude={"auth_token"})

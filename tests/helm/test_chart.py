@@ -25,7 +25,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from arserve.rayserve.config import SERVICES, ActorOptions, AppArgs
+from arserve.rayserve.config import SERVICES, AppArgs
 from arserve.rayserve.run import SERVICER, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,14 @@ VARIANTS = {
     "secret-env": {"kv": {"redisUrlFrom": "secretEnv"}, "auth": {"enabled": True}},
     "external-secret": {"kv": {"redisUrlFrom": "secretEnv"},
                         "redis": {"enabled": False, "externalSecret": {"name": "my-redis-url"}}},
+    # The lock-down options, each away from its default.
+    "locked-down": {"networkPolicy": {"publicFrom": [{"namespaceSelector": {"matchLabels": {"team": "web"}}}],
+                                      "metricsFrom": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]},
+                    "rayAuth": {"secretName": "ray-token"}, "internalSecret": {"existingSecret": "internal"},
+                    "serve": {"proxyLocation": "EveryNode", "maxMessageBytes": 1048576}, "auth": {"enabled": True},
+                    "steering": {"customResources": False}},
+    # Without steering: Ray places replicas anywhere, so every Ray pod gets what any service needs.
+    "no-steering": {"steering": {"customResources": False}},
     # The pass-through values, each non-empty.
     "extras": {"imagePullSecrets": [{"name": "regcred"}], "podAnnotations": {"a": "b"}, "podLabels": {"team": "ml"},
                "extraEnv": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
@@ -65,10 +73,7 @@ VARIANTS = {
                "redis": {"nodeSelector": {"pool": "system"}, "tolerations": [{"key": "k", "operator": "Exists"}]},
                "serveConfigMap": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
 }
-STEERING = {"steering": {"customResources": True}}
-# Steering needs an arserve change before AppArgs accepts it (README); every
-# check but the serve-config one runs on it too.
-RENDERED = {**VARIANTS, "steering": STEERING}
+RENDERED = VARIANTS
 
 
 @lru_cache(maxsize=None)
@@ -132,8 +137,8 @@ def test_core_kinds_validate_with_kubernetes_validate(variant):
 
 def test_the_default_release_has_every_kind():
     kinds = sorted(d["kind"] for d in documents({}))
-    assert kinds == ["ConfigMap", "PodDisruptionBudget", "PodDisruptionBudget", "PodDisruptionBudget",
-                     "RayService", "Secret", "Service", "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", *["NetworkPolicy"] * 4, *["PodDisruptionBudget"] * 3,
+                     "RayService", "Secret", "Secret", "Service", "Service", "StatefulSet"]
     assert "NOTES.txt" in " ".join(render({}))
 
 
@@ -287,17 +292,19 @@ def redis_password(docs: list[dict]) -> str:
     return base64.b64decode(secret["data"]["redis-password"]).decode()
 
 
-def without_password(docs: list[dict]) -> list[dict]:
-    """The release with its generated Redis password (a new one in every
-    offline render: `lookup` finds no Secret to keep) replaced by a placeholder."""
-    password = redis_password(docs)
-    return json.loads(json.dumps(docs).replace(password, "PASSWORD").replace(
-        base64.b64encode(password.encode()).decode(), "PASSWORD"))
+def without_generated(docs: list[dict]) -> list[dict]:
+    """The release with its generated secrets (the Redis password, the
+    internal secret: new ones in every offline render, `lookup` finds no
+    Secret to keep) replaced by placeholders."""
+    text = json.dumps(docs)
+    for secret in (redis_password(docs), internal_secret(docs)):
+        text = text.replace(secret, "GENERATED").replace(base64.b64encode(secret.encode()).decode(), "GENERATED")
+    return json.loads(text)
 
 
 def test_drafter_replicas_change_only_the_drafter_deployment():
-    before_docs = without_password(documents({}))
-    after_docs = without_password(documents({"drafter": {"replicas": 4}}))
+    before_docs = without_generated(documents({}))
+    after_docs = without_generated(documents({"drafter": {"replicas": 4}}))
     before, after = serve_config(before_docs), serve_config(after_docs)
 
     # Only args.deployments.drafter.num_replicas differs in serveConfigV2 ...
@@ -392,7 +399,7 @@ def test_gpu_groups():
 
 
 def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_path):
-    docs = documents(STEERING)
+    docs = documents({})  # steering.customResources is on by default
     rayservice = one(docs, "RayService")
     nodes = autoscaler_node_types(rayservice)
     for group in ("cpu", "backbone", "drafter"):
@@ -402,17 +409,14 @@ def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_pat
     v = merged({})
     for name in SERVICES:
         assert deployments[name]["ray_actor_options"]["resources"] == {f"arserve_{v[name]['workerGroup']}": 1}
-    # AppArgs must accept `resources` for this to deploy (README: needed arserve
-    # change). Until ActorOptions has the field, the loader names it; after,
-    # the same config loads.
+    # arserve accepts the rendered config and hands each deployment its
+    # group's resource (Ray's Deployment.options).
     path = tmp_path / "serve_config.yaml"
     path.write_text(rayservice["spec"]["serveConfigV2"])
-    if "resources" in ActorOptions.model_fields:
-        args, _ = load_serve_config(path)
-        assert args.deployment_options()["drafter"]["ray_actor_options"]["resources"] == {"arserve_drafter": 1}
-    else:
-        with pytest.raises(ValidationError, match="resources"):
-            load_serve_config(path)
+    args, _ = load_serve_config(path)
+    for name in SERVICES:
+        assert args.deployment_options()[name]["ray_actor_options"]["resources"] == \
+            {f"arserve_{v[name]['workerGroup']}": 1}
 
 
 # --------------------------------------------------------- Redis, auth
@@ -432,37 +436,239 @@ def test_the_generated_redis_password_is_the_one_in_the_url():
         {"REDIS_PASSWORD": f"{RELEASE}-redis", "REDISCLI_AUTH": f"{RELEASE}-redis"}
 
 
-def test_secret_env_keeps_the_password_out_of_the_rayservice():
+def ray_pods(docs: list[dict]) -> dict[str, dict]:
+    """Worker group ("" for the head) -> its pod template."""
+    spec = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    return {"": spec["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
+
+
+def env_of(pod: dict) -> dict[str, dict]:
+    """Name -> env entry of a pod's (first, the Ray) container."""
+    return {e["name"]: e for e in pod["spec"]["containers"][0].get("env", [])}
+
+
+REDIS_ENV = {"ARSERVE_REDIS_PASSWORD", "ARSERVE_REDIS_URL"}
+NO_STEERING = VARIANTS["no-steering"]
+
+
+def test_secret_env_keeps_the_password_out_of_the_rayservice_and_in_the_backbone_pods_only():
     docs = documents(VARIANTS["secret-env"])
     password = redis_password(docs)
-    rayservice = one(docs, "RayService")
-    assert password not in json.dumps(rayservice)
+    assert password not in json.dumps(one(docs, "RayService"))
     assert app_args(serve_config(docs))["redis_url"] == "env:ARSERVE_REDIS_URL"
-    spec = rayservice["spec"]["rayClusterConfig"]
-    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
-    for pod in pods:
-        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
-        assert env["ARSERVE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
-            {"name": f"{RELEASE}-redis", "key": "redis-password"}
-        assert env["ARSERVE_REDIS_URL"]["value"] == \
-            f"redis://:$(ARSERVE_REDIS_PASSWORD)@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
-        assert env["ARSERVE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-auth", "key": "token"}
-    assert len(base64.b64decode(one(docs, "Secret", f"{RELEASE}-auth")["data"]["token"])) == 32
+    # Only the backbone opens the KV tier; with steering it runs in its own
+    # worker group, so only that group's pods hold Redis credentials.
+    pods = ray_pods(docs)
+    assert merged({})["backbone"]["workerGroup"] == "backbone"
+    for group, pod in pods.items():
+        env = env_of(pod)
+        if group == "backbone":
+            assert env["ARSERVE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
+                {"name": f"{RELEASE}-redis", "key": "redis-password"}
+            assert env["ARSERVE_REDIS_URL"]["value"] == \
+                f"redis://:$(ARSERVE_REDIS_PASSWORD)@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
+        else:
+            assert not REDIS_ENV & set(env), group
+    # Without steering Ray may place a backbone replica on any Ray pod: all get them.
+    for group, pod in ray_pods(documents({**VARIANTS["secret-env"], **NO_STEERING})).items():
+        assert REDIS_ENV <= set(env_of(pod)), group
 
 
 def test_external_redis():
     docs = documents({**VARIANTS["external-redis"], **INLINE})
-    assert not [d for d in docs if d["kind"] in ("StatefulSet", "Secret", "Service")]
+    assert not [d for d in docs if d["kind"] in ("StatefulSet", "Service")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{RELEASE}-internal"]
     assert app_args(serve_config(docs))["redis_url"] == VARIANTS["external-redis"]["redis"]["externalUrl"]
 
     docs = documents(VARIANTS["external-secret"])
     assert app_args(serve_config(docs))["redis_url"] == "env:ARSERVE_REDIS_URL"
-    head = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"]} == \
-        {"ARSERVE_REDIS_URL": {"name": "my-redis-url", "key": "url"}}
+    for group, pod in ray_pods(docs).items():
+        url = env_of(pod).get("ARSERVE_REDIS_URL")
+        if group == "backbone":
+            assert url["valueFrom"]["secretKeyRef"] == {"name": "my-redis-url", "key": "url"}
+        else:
+            assert url is None, group
 
     docs = documents({"redis": {"enabled": False}})  # no Redis at all
     assert app_args(serve_config(docs))["redis_url"] is None
+    assert not any(REDIS_ENV & set(env_of(pod)) for pod in ray_pods(docs).values())
+
+
+# ------------------------------------------- what the chart locks down
+
+
+def internal_secret(docs: list[dict]) -> str:
+    return base64.b64decode(one(docs, "Secret", f"{RELEASE}-internal")["data"]["secret"]).decode()
+
+
+def test_auth_enabled_makes_the_gateway_check_the_token_from_its_secret(tmp_path, monkeypatch):
+    docs = documents({"auth": {"enabled": True}})
+    token = base64.b64decode(one(docs, "Secret", f"{RELEASE}-auth")["data"]["token"]).decode()
+    assert len(token) == 32 and token not in json.dumps(one(docs, "RayService"))
+    args = app_args(serve_config(docs))
+    assert args["auth_token"] == "env:ARSERVE_AUTH_TOKEN"
+    # The variable is in the pods that host the gateway (its pinned group), nowhere else.
+    gateway_group = args["deployments"]["gateway"]["ray_actor_options"]["resources"]
+    assert gateway_group == {"arserve_cpu": 1}
+    for group, pod in ray_pods(docs).items():
+        entry = env_of(pod).get("ARSERVE_AUTH_TOKEN")
+        if group == "cpu":
+            assert entry["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-auth", "key": "token"}
+        else:
+            assert entry is None, group
+    # arserve resolves it there to the Secret's token.
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(one(docs, "RayService")["spec"]["serveConfigV2"])
+    monkeypatch.setenv("ARSERVE_AUTH_TOKEN", token)
+    assert load_serve_config(path)[0].resolved_auth_token() == token
+
+    off = documents({})
+    assert "auth_token" not in app_args(serve_config(off))
+    assert not any("ARSERVE_AUTH_TOKEN" in env_of(pod) for pod in ray_pods(off).values())
+
+
+def test_every_ray_pod_gets_the_internal_secret_and_redis_does_not():
+    docs = documents({})
+    secret = internal_secret(docs)
+    assert len(secret) == 32 and secret not in json.dumps(one(docs, "RayService"))
+    assert app_args(serve_config(docs))["internal_secret"] == "env:ARSERVE_INTERNAL_SECRET"
+    pods = ray_pods(docs)
+    assert set(pods) == {"", "cpu", "backbone", "drafter"}
+    for group, pod in pods.items():
+        assert env_of(pod)["ARSERVE_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"] == \
+            {"name": f"{RELEASE}-internal", "key": "secret"}, group
+    redis = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "ARSERVE_INTERNAL_SECRET" not in {e["name"] for e in redis["env"]}
+
+    # An existing Secret instead: the chart makes none and points at it.
+    docs = documents({"internalSecret": {"existingSecret": "mine", "existingSecretKey": "k"}})
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == f"{RELEASE}-internal"]
+    for pod in ray_pods(docs).values():
+        assert env_of(pod)["ARSERVE_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "k"}
+
+
+def test_ray_token_auth_is_on():
+    cluster = one(documents({}), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    cluster = one(documents({"rayAuth": {"secretName": "ray-token"}}), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    assert crd_errors(one(documents({"rayAuth": {"secretName": "ray-token"}}), "RayService")) == []
+    assert "authOptions" not in one(documents({"rayAuth": {"enabled": False}}), "RayService")["spec"]["rayClusterConfig"]
+
+
+@pytest.mark.parametrize("values, limit", [
+    ({}, 64 << 20),
+    ({"serve": {"maxMessageBytes": 1 << 20}}, 1 << 20),
+    ({"serve": {"extraArgs": {"max_message_bytes": 2 << 20}}}, 2 << 20),
+])
+def test_the_proxy_refuses_what_the_app_would(values, limit):
+    """Ray Serve's gRPC proxy (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE, read where
+    each proxy starts: every Ray pod) keeps the application's limit."""
+    docs = documents(values)
+    assert parsed_args(values).max_message_bytes == limit
+    for group, pod in ray_pods(docs).items():
+        assert env_of(pod)["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(limit), group
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels only, as the chart writes them) selects these labels."""
+    assert set(selector) == {"matchLabels"}
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def policies(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"].removeprefix(f"{RELEASE}-"): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+def test_network_policies_open_only_the_public_port_to_the_outside():
+    docs = documents({})
+    pods = {group: pod["metadata"]["labels"] for group, pod in ray_pods(docs).items()}
+    redis = one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    p = policies(docs)
+    assert set(p) == {"ray", "public", "kuberay", "redis"}
+    assert all(spec["policyTypes"] == ["Ingress"] for spec in p.values())
+
+    # Ray's ports: every Ray pod, from the release's Ray pods only (any port), never Redis.
+    ray = p["ray"]
+    assert all(selects(ray["podSelector"], labels) for labels in pods.values())
+    assert not selects(ray["podSelector"], redis)
+    (rule,) = ray["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in rule
+    assert all(selects(peer["podSelector"], labels) for labels in pods.values())
+    assert not selects(peer["podSelector"], redis)
+    assert not selects(peer["podSelector"], {**pods[""], "app.kubernetes.io/instance": "other"})
+
+    # The public gRPC port from anyone, on the head (where the proxy runs).
+    public = p["public"]
+    assert [g for g, labels in pods.items() if selects(public["podSelector"], labels)] == [""]
+    (rule,) = public["ingress"]
+    assert rule == {"ports": [{"port": 9000, "protocol": "TCP"}]}
+
+    # The dashboard (job submission): the head's port 8265, from the KubeRay operator only.
+    kuberay = p["kuberay"]
+    assert [g for g, labels in pods.items() if selects(kuberay["podSelector"], labels)] == [""]
+    assert kuberay["ingress"] == [{"from": [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}], "ports": [{"port": 8265, "protocol": "TCP"}]}]
+
+    # Redis: port 6379, from the backbone's worker group only.
+    rp = p["redis"]
+    assert selects(rp["podSelector"], redis) and not any(selects(rp["podSelector"], labels) for labels in pods.values())
+    (rule,) = rp["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert [g for g, labels in pods.items() if selects(peer["podSelector"], labels)] == ["backbone"]
+
+
+def test_network_policy_options():
+    web = [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    docs = documents({"networkPolicy": {"publicFrom": web, "metricsFrom": prometheus},
+                      "serve": {"proxyLocation": "EveryNode", "grpcPort": 9443}, **NO_STEERING})
+    pods = {group: pod["metadata"]["labels"] for group, pod in ray_pods(docs).items()}
+    p = policies(docs)
+    assert p["public"]["ingress"] == [{"ports": [{"port": 9443, "protocol": "TCP"}], "from": web}]
+    assert all(selects(p["public"]["podSelector"], labels) for labels in pods.values())  # a proxy on every pod
+    assert p["ray"]["ingress"][1] == {"from": prometheus, "ports": [{"port": 8080, "protocol": "TCP"}]}
+    (peer,) = p["redis"]["ingress"][0]["from"]  # without steering a backbone may run on any Ray pod
+    assert all(selects(peer["podSelector"], labels) for labels in pods.values())
+
+    assert not policies(documents({"networkPolicy": {"enabled": False}}))
+    assert set(policies(documents({"redis": {"enabled": False}}))) == {"ray", "public", "kuberay"}
+
+
+RESTRICTED = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+              "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_pods_run_restricted():
+    """Pod Security Standards "restricted", plus a read-only root
+    filesystem with emptyDirs where Ray writes."""
+    for values, autoscaling in (({}, True), (VARIANTS["fixed-replicas"], False)):
+        docs = documents(values)
+        cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+        for group, pod in ray_pods(docs).items():
+            spec = pod["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            # Only the head's autoscaler sidecar talks to the Kubernetes API.
+            assert spec["automountServiceAccountToken"] is (group == "" and autoscaling), group
+            (container,) = spec["containers"]
+            assert RESTRICTED.items() <= container["securityContext"].items(), group
+            empty = {v["name"] for v in spec["volumes"] if v.get("emptyDir") == {}}
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert mounts["/tmp"] in empty and mounts["/tmp/ray"] in empty, group
+        if autoscaling:
+            sidecar = cluster["autoscalerOptions"]
+            assert RESTRICTED.items() <= sidecar["securityContext"].items()
+            assert sidecar["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+        redis = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+        assert redis["automountServiceAccountToken"] is False
+        assert redis["securityContext"]["runAsNonRoot"] is True
+        assert redis["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert {k: v for k, v in RESTRICTED.items() if k != "seccompProfile"}.items() <= \
+            redis["containers"][0]["securityContext"].items()
 
 
 @pytest.mark.parametrize("values, message", [

@@ -161,35 +161,100 @@ token
 {{- end }}
 {{- end }}
 
+{{/* ------------------------------------------------------ Internal secret */}}
+
+{{/*
+The secret that every replica shares and no client holds
+(ServiceSettings.internal_secret): internal gRPC calls, directory
+announcements and Redis KV blocks are authenticated with keys derived from
+it. Generated once, kept on upgrades (lookup), never in serveConfigV2.
+*/}}
+{{- define "arserve.internal.secretName" -}}
+{{- default (printf "%s-internal" (include "arserve.fullname" .)) .Values.internalSecret.existingSecret }}
+{{- end }}
+
+{{- define "arserve.internal.secretKey" -}}
+{{- if .Values.internalSecret.existingSecret }}
+{{- .Values.internalSecret.existingSecretKey }}
+{{- else -}}
+secret
+{{- end }}
+{{- end }}
+
+{{- define "arserve.internal.secret" -}}
+{{- include "arserve.generated" (dict "root" . "holder" .Values.internalSecret "secret" (include "arserve.internal.secretName" .) "key" "secret") }}
+{{- end }}
+
 {{/* ------------------------------------------------------ Ray containers */}}
 
-{{/* Environment of every Ray container (head and workers). */}}
+{{/*
+Whether the pods of worker group `group` ("" for the head) may host replicas
+of `service`: with steering.customResources only that service's worker group
+does; without it Ray may place a replica on any Ray pod, so every one may.
+Call with (dict "root" $ "group" NAME "service" SERVICE); non-empty is true.
+*/}}
+{{- define "arserve.hosts" -}}
+{{- $v := .root.Values }}
+{{- if not $v.steering.customResources }}true
+{{- else if eq .group (index $v .service).workerGroup }}true
+{{- end }}
+{{- end }}
+
+{{/*
+Largest gRPC message in bytes: the application's max_message_bytes
+(serve.extraArgs may set it) and Ray Serve's proxy limit, which must agree.
+*/}}
+{{- define "arserve.maxMessageBytes" -}}
+{{- if hasKey .Values.serve.extraArgs "max_message_bytes" }}
+{{- int64 (index .Values.serve.extraArgs "max_message_bytes") }}
+{{- else }}
+{{- int64 .Values.serve.maxMessageBytes }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of a Ray container. Every Ray pod gets the internal secret and
+the proxy's message limit; only the pods that may host the backbone get the
+Redis URL (the backbone alone opens the KV tier), and only those that may
+host the gateway get the client auth token. Call with (dict "root" $
+"group" NAME), NAME "" for the head.
+*/}}
 {{- define "arserve.rayEnv" -}}
-{{- $v := .Values }}
-{{- if and (eq $v.kv.redisUrlFrom "secretEnv") (include "arserve.redis.configured" .) }}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+- name: ARSERVE_INTERNAL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "arserve.internal.secretName" $root }}
+      key: {{ include "arserve.internal.secretKey" $root }}
+# Ray Serve's gRPC proxy refuses larger requests before it unpickles them
+# into the gateway (its default is 2 GiB).
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ include "arserve.maxMessageBytes" $root | quote }}
+{{- if and (eq $v.kv.redisUrlFrom "secretEnv") (include "arserve.redis.configured" $root) (include "arserve.hosts" (dict "root" $root "group" .group "service" "backbone")) }}
 {{- if $v.redis.enabled }}
 # The kubelet composes the URL from the Secret-held password ($(VAR) expansion).
 - name: ARSERVE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "arserve.redis.secretName" . }}
-      key: {{ include "arserve.redis.secretKey" . }}
+      name: {{ include "arserve.redis.secretName" $root }}
+      key: {{ include "arserve.redis.secretKey" $root }}
 - name: ARSERVE_REDIS_URL
-  value: {{ printf "redis://:$(ARSERVE_REDIS_PASSWORD)@%s:6379/%d" (include "arserve.redis.host" .) (int $v.redis.db) | quote }}
+  value: {{ printf "redis://:$(ARSERVE_REDIS_PASSWORD)@%s:6379/%d" (include "arserve.redis.host" $root) (int $v.redis.db) | quote }}
 {{- else }}
 - name: ARSERVE_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ default (printf "%s-redis-url" (include "arserve.fullname" .)) $v.redis.externalSecret.name }}
+      name: {{ default (printf "%s-redis-url" (include "arserve.fullname" $root)) $v.redis.externalSecret.name }}
       key: {{ ternary $v.redis.externalSecret.key "url" (not (empty $v.redis.externalSecret.name)) }}
 {{- end }}
 {{- end }}
-{{- if $v.auth.enabled }}
+{{- if and $v.auth.enabled (include "arserve.hosts" (dict "root" $root "group" .group "service" "gateway")) }}
 - name: ARSERVE_AUTH_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "arserve.auth.secretName" . }}
-      key: {{ include "arserve.auth.secretKey" . }}
+      name: {{ include "arserve.auth.secretName" $root }}
+      key: {{ include "arserve.auth.secretKey" $root }}
 {{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
@@ -197,8 +262,11 @@ token
 {{- end }}
 
 {{/*
-The Ray container of a pod. Call with (dict "root" $ "name" NAME "resources"
-REQS "gpus" N "ports" PORTS).
+The Ray container of a pod. Call with (dict "root" $ "name" NAME "group"
+GROUP "resources" REQS "gpus" N "ports" PORTS), GROUP "" for the head. The
+root filesystem is read-only (securityContext); Ray writes its session (logs,
+sockets, spilled objects) under /tmp/ray and Python libraries write under
+/tmp, both emptyDirs.
 */}}
 {{- define "arserve.rayContainer" -}}
 {{- $root := .root }}
@@ -210,7 +278,7 @@ REQS "gpus" N "ports" PORTS).
   ports:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- $env := include "arserve.rayEnv" $root | trim }}
+  {{- $env := include "arserve.rayEnv" (dict "root" $root "group" .group) | trim }}
   {{- if $env }}
   env:
     {{- $env | nindent 4 }}
@@ -234,6 +302,8 @@ REQS "gpus" N "ports" PORTS).
       exec:
         command: ["/bin/sh", "-c", "ray stop"]
   volumeMounts:
+    - name: tmp
+      mountPath: /tmp
     - name: ray-logs
       mountPath: /tmp/ray
     {{- with $v.extraVolumeMounts }}
@@ -241,9 +311,15 @@ REQS "gpus" N "ports" PORTS).
     {{- end }}
 {{- end }}
 
-{{/* Pod-level fields shared by the head and the workers. */}}
+{{/*
+Pod-level fields shared by the head and the workers. Call with (dict "root" $
+"serviceAccountToken" BOOL "nodeSelector" ... "tolerations" ... "affinity"
+...). Only the head's autoscaler sidecar talks to the Kubernetes API, so only
+the head mounts a service account token, and only while it autoscales.
+*/}}
 {{- define "arserve.rayPodSpec" -}}
 {{- $v := .root.Values -}}
+automountServiceAccountToken: {{ .serviceAccountToken }}
 {{- with $v.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -265,11 +341,18 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 volumes:
+  - name: tmp
+    emptyDir: {}
   - name: ray-logs
     emptyDir: {}
   {{- with $v.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end }}
+
+{{/* The label every Ray pod of the release carries (NetworkPolicies select on it). */}}
+{{- define "arserve.rayPodLabel" -}}
+arserve.dev/ray: "true"
 {{- end }}
 
 {{/* Pod metadata of a Ray pod. Call with (dict "root" $ "component" NAME). */}}
@@ -278,6 +361,7 @@ volumes:
 labels:
   {{- include "arserve.selectorLabels" .root | nindent 2 }}
   app.kubernetes.io/component: {{ .component }}
+  {{- include "arserve.rayPodLabel" .root | nindent 2 }}
   {{- with $v.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -349,9 +433,33 @@ Call with (dict "root" $ "mask" BOOL).
 {{- with $v.model.draftHeads }}{{ $_ := set $model "draft_heads" . }}{{ end }}
 {{- $redisUrl := include "arserve.redis.url" (dict "root" $root "mask" .mask) }}
 {{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments }}
+{{- /* Secrets by name only: each replica reads the variable where it starts (ServiceSettings env:NAME). */}}
+{{- $_ := set $args "internal_secret" "env:ARSERVE_INTERNAL_SECRET" }}
+{{- if $v.auth.enabled }}{{ $_ := set $args "auth_token" "env:ARSERVE_AUTH_TOKEN" }}{{ end }}
+{{- $_ := set $args "max_message_bytes" (int64 $v.serve.maxMessageBytes) }}
 {{- $args = mergeOverwrite $args (deepCopy $v.serve.extraArgs) }}
 {{- $app := dict "name" $v.serve.appName "route_prefix" "/" "import_path" "arserve.rayserve.app:build_app" "args" $args }}
 {{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server") }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
 {{- dict "proxy_location" $v.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app) | toYaml }}
+{{- end }}
+
+{{/* ------------------------------------------------------ NetworkPolicies */}}
+
+{{/*
+The container ports the public NetworkPolicy opens, as a JSON list: Ray
+Serve's gRPC proxy port (a second front door adds its port here).
+*/}}
+{{- define "arserve.publicPorts" -}}
+{{- list (int .Values.serve.grpcPort) | toJson }}
+{{- end }}
+
+{{/* Labels of the pods that may open the Redis KV tier (those that may host the backbone). */}}
+{{- define "arserve.redisClients" -}}
+{{- include "arserve.selectorLabels" . }}
+{{- if .Values.steering.customResources }}
+app.kubernetes.io/component: ray-worker-{{ .Values.backbone.workerGroup }}
+{{- else }}
+{{ include "arserve.rayPodLabel" . }}
+{{- end }}
 {{- end }}
