@@ -6,12 +6,14 @@
                         or vLLM's engine for the models that name it (engine: vllm)
            -> drafter   Propose / Release                 (per-request context: sticky)
            -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
-    directory: where the replicas above announce their gRPC addresses
+    directory: where the replicas above announce their gRPC addresses (signed with the internal secret)
 
 Each deployment has its own replicas, resources and autoscaling
 (``config.AppArgs.deployments``). Calls between services are direct gRPC
 (``directory``): a Ray Serve handle call per speculation round would cost
-more than the round saves. ``serve run deploy/serve_config.yaml`` imports
+more than the round saves. Every internal call carries the internal
+credential and its request's deadline (docs/operating.md, "Internal
+credentials and deadlines"). ``serve run deploy/serve_config.yaml`` imports
 ``build_app``; ``arserve serve --ray`` calls it too.
 """
 
