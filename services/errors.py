@@ -43,3 +43,7 @@ class Unimplemented(ArserveError):
 
 class Unauthenticated(ArserveError):
     code = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(ArserveError):
+    code = "DEADLINE_EXCEEDED"

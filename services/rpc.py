@@ -1,10 +1,18 @@
 """gRPC plumbing every arserve server shares: one interceptor that turns
-errors into statuses and counts calls in flight, message-size options, and
-a grpc.aio server with health checking and reflection.
+errors into statuses, starts each call's deadline and counts calls in
+flight; bearer-token authentication; message-size and keepalive options;
+and a grpc.aio server with health checking and reflection.
 
 The public gateway and every internal service (tokenizer, drafter,
 backbone, verifier) start their servers here, so errors read the same
 whichever service raised them.
+
+Two credentials, never interchangeable: the public ``auth_token`` (clients,
+at the gateway) and the *internal token* (``internal_token``: a key derived
+from ``ServiceSettings.internal_secret``, held only by the replicas of one
+deployment), which every internal call carries and every internal port
+requires. The public port compares against the public token only, the
+internal ports against the internal token only, so neither opens the other.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import deadlines
 from .errors import ArserveError
+from .secrets import derive_key
 
 log = logging.getLogger("arserve.rpc")
 
@@ -36,11 +46,15 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Errors -> statuses (``status_of``; anything else is INTERNAL with its
-    message, logged with a traceback) and a count of calls in flight (the
-    load a replica reports to the autoscaler). The server keeps serving."""
+    message, logged with a traceback), each call's deadline (the caller's
+    gRPC deadline or ``max_request_s``, whichever is sooner: the calls the
+    handler makes carry it on, ``arserve.deadlines``) and a count of calls in
+    flight (the load a replica reports to the autoscaler). The server keeps
+    serving."""
 
-    def __init__(self):
+    def __init__(self, max_request_s: float | None = None):
         self.inflight = 0
+        self.max_request_s = max_request_s
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -70,6 +84,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(raw, context):
                 request = await parse(raw, context)
+                deadlines.begin(self.max_request_s, context.time_remaining())  # this call's own task
                 self.inflight += 1
                 try:
                     return await inner(request, context)
@@ -87,6 +102,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary_stream(raw, context):
             request = await parse(raw, context)
+            deadlines.begin(self.max_request_s, context.time_remaining())
             self.inflight += 1
             try:
                 async for item in inner_stream(request, context):
@@ -144,6 +160,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+def internal_token(secret: str) -> str:
+    """The bearer token of internal calls: the "rpc" key derived from the
+    internal secret (hex). A client never holds it; the public port never
+    accepts it."""
+    return derive_key(secret, "rpc").hex()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``token``."""
+    return (("authorization", f"Bearer {token}"),)
+
+
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Channel and server options: tensors (logits, KV) travel, so both
     sides raise the 4 MB default."""
@@ -153,23 +181,56 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def keepalive_options(keepalive_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Channel options: ping the server every ``keepalive_s`` while calls are
+    open, and close the connection when a ping is not answered within
+    ``timeout_s``; its calls then fail with UNAVAILABLE instead of waiting on
+    a half-open connection or a stopped process (gRPC's keepalive,
+    grpc/doc/keepalive.md). Pings continue while no data flows (a long
+    forward). ``grpc.http2.ping_timeout_ms`` too: with keepalive on, gRPC
+    core also waits for any ping's answer up to its own ping timeout, 1
+    minute by default, and that one closed the connection first (measured:
+    a SIGSTOPped replica was found out after 62 s, not 4)."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def keepalive_permit_options(keepalive_s: float) -> list[tuple[str, int]]:
+    """Server options that let clients ping every ``keepalive_s``: by default
+    a server answers pings more often than every 5 minutes with GOAWAY
+    ("too_many_pings"), which would drop every connection."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 1000 / 2)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 AddFn = Callable[[object, grpc.aio.Server], None]
 
 
 async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host: str, port: int,
                             max_concurrent_rpcs: int | None, max_message_bytes: int,
                             auth_token: str | None = None, open_health: bool = True,
-                            tls: tuple[bytes, bytes] | None = None,
+                            tls: tuple[bytes, bytes] | None = None, max_request_s: float | None = None,
+                            keepalive_s: float | None = None,
                             ) -> tuple[grpc.aio.Server, int, ServiceInterceptor]:
     """Serve ``services`` ((add_XServicer_to_server, servicer, full service
     name) each) with grpc.health.v1 and reflection; returns the server, the
     bound port and the interceptor (for its in-flight count). ``auth_token``:
-    calls must carry it; ``tls``: (certificate chain, private key) in PEM."""
-    interceptor = ServiceInterceptor()
+    calls must carry it; ``tls``: (certificate chain, private key) in PEM;
+    ``max_request_s``: the longest deadline a call gets; ``keepalive_s``:
+    clients may ping this often."""
+    interceptor = ServiceInterceptor(max_request_s)
     interceptors: list[grpc.aio.ServerInterceptor] = [interceptor]
     if auth_token:
         interceptors.insert(0, AuthInterceptor(auth_token, (f"/{health.SERVICE_NAME}/",) if open_health else ()))
-    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(max_message_bytes),
+    options = grpc_options(max_message_bytes) + (keepalive_permit_options(keepalive_s) if keepalive_s else [])
+    server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     for add, servicer, _ in services:
         add(servicer, server)

@@ -5,8 +5,9 @@ one deployment and never by a client. Each use gets its own key, derived with
 HMAC-SHA256 under a label (the extract-free form of HKDF, RFC 5869, for a
 secret that is already uniformly random), so a key that leaks from one use
 opens no other: ``derive_key(secret, "rpc")`` authenticates internal gRPC calls
-and directory announcements, ``derive_key(secret, "kv-blocks")`` the KV blocks
-kept in Redis.
+(a bearer token), ``derive_key(secret, "directory")`` signs directory
+announcements (so a token seen on the wire signs none), ``derive_key(secret,
+"kv-blocks")`` the KV blocks kept in Redis.
 """
 
 from __future__ import annotations

@@ -242,6 +242,25 @@ class ServiceSettings(BaseModel):
         "request in its own namespace (cache_salt set) sees its count, since a hit in the shared namespace tells "
         "a caller what other callers' prompts began with. Turn on only where every caller is trusted with that. "
         "The KV hit metrics count every hit either way.")
+    max_request_s: float = Field(600.0, gt=0, description="Longest a request may run, end to end: its deadline is "
+                                 "the client's gRPC timeout or this, whichever is sooner, and every internal call "
+                                 "made for it carries the time left (past it: DEADLINE_EXCEEDED).")
+    internal_max_concurrent_rpcs: int = Field(
+        1024, gt=0, description="In-flight RPCs one internal replica (tokenizer, verifier, drafter, backbone) "
+        "accepts; beyond it RESOURCE_EXHAUSTED. A request holds at most one call on each service at a time, so "
+        "4x max_active_requests leaves room for several gateways' requests on one replica.")
+    keepalive_s: float = Field(20.0, gt=0, description="Internal channels ping their replica this often while open; "
+                               "servers permit pings this often (half of it, for jitter).")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="A ping not answered within this closes the "
+                                       "connection: its calls fail UNAVAILABLE (a stopped or unreachable replica), "
+                                       "and sticky requests resume elsewhere.")
+
+    @model_validator(mode="after")
+    def _two_credentials(self) -> "ServiceSettings":
+        if self.auth_token and self.auth_token == self.internal_secret:
+            raise ValueError("internal_secret must differ from auth_token: clients hold the public token, "
+                             "never the internal secret")
+        return self
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "ServiceSettings":

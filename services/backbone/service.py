@@ -131,6 +131,7 @@ class BackboneService:
 
     async def Score(self, req: pb.ScoreRequest, context=None) -> pb.ScoreResponse:
         model = self._model(req.model)
+        self._check_sizes(req, model.config.max_seq_len)
         key = (req.model, req.request_id)
         state = self.requests.get(key)
         if state is None:
@@ -192,6 +193,18 @@ class BackboneService:
             return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached,
                                     hidden=hidden)
         return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached, hidden=hidden)
+
+    @staticmethod
+    def _check_sizes(req: pb.ScoreRequest, window: int) -> None:
+        """Lengths against the context window, before anything is allocated
+        (a cache, the [n, n] tree mask): a caller cannot make the backbone
+        build tensors of its choosing."""
+        n = len(req.token_ids)
+        if req.start + n > window or len(req.context) > window:
+            raise InvalidArgument(f"context window exceeded: start {req.start} + {n} token_ids "
+                                  f"({len(req.context)} context) > {window} positions")
+        if req.parents and len(req.parents) != n:
+            raise InvalidArgument(f"parents must have one entry per token_id: {len(req.parents)} != {n}")
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
         """Load the leading KV blocks of a prompt from the KV tiers; return the

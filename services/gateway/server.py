@@ -23,5 +23,6 @@ async def start_server(service: generation_pb2_grpc.GenerationServicer,
         [(generation_pb2_grpc.add_GenerationServicer_to_server, service,
           service_name(generation_pb2, "Generation"))],
         settings.host, settings.port, settings.max_concurrent_rpcs, settings.max_message_bytes,
-        auth_token=settings.resolved_auth_token(), open_health=settings.auth_open_health, tls=tls)
+        auth_token=settings.resolved_auth_token(), open_health=settings.auth_open_health, tls=tls,
+        max_request_s=settings.max_request_s, keepalive_s=settings.keepalive_s)
     return server, bound

@@ -21,7 +21,7 @@ from arserve_client.v1 import generation_pb2_grpc
 from arserve_client.v1 import tokenizer_pb2 as tpb
 from arserve_client.v1 import verifier_pb2 as vpb
 
-from .. import metrics
+from .. import deadlines, metrics
 from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
@@ -159,6 +159,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         model_id = req.model or self.default_model
         model = self.models.get(model_id)
         method = req.speculative.method or (model.default_speculative_method if model else "none")
+        deadlines.begin(self.settings.max_request_s)  # the client's, when the server's interceptor started it
         with self._admitted(model_id, method, model.speculative_methods if model else None) as outcome:
             async for chunk in self._generate(req):
                 if chunk.finish_reason:
@@ -194,7 +195,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         # request_id is only echoed (two clients may send the same one); without one, this is echoed.
         request_id = uuid.uuid4().hex
         echoed = req.request_id or request_id
-        encoded = await self.tokenizer.Encode(tpb.EncodeRequest(model=model.id, prompt=req.prompt, messages=req.messages))
+        encoded = await deadlines.within(self.tokenizer.Encode(
+            tpb.EncodeRequest(model=model.id, prompt=req.prompt, messages=req.messages)), "the tokenizer")
         prompt_ids = list(encoded.token_ids)
         if not prompt_ids:
             raise InvalidArgument("prompt tokenizes to no tokens")
@@ -217,14 +219,18 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         first_token_at = None
         events = coalesced(self.verifier.Run(run))
         try:
-            async for event in events:
+            while True:  # every wait bounded by the request's deadline (DEADLINE_EXCEEDED past it)
+                try:
+                    event = await deadlines.within(anext(events), "the verifier's next tokens")
+                except StopAsyncIteration:
+                    break
                 if event.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                 cached += event.cached_prompt_tokens
                 finish = event.finish_reason
                 before, state_before = stops.snapshot(), state
-                decoded = await self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
-                    model=model.id, state=state, token_ids=event.token_ids, final=bool(finish)))
+                decoded = await deadlines.within(self.tokenizer.DecodeIncremental(tpb.DecodeIncrementalRequest(
+                    model=model.id, state=state, token_ids=event.token_ids, final=bool(finish))), "the tokenizer")
                 state = decoded.state
                 text = stops.feed(decoded.text)
                 token_ids = list(event.token_ids)

@@ -6,12 +6,14 @@
                         or vLLM's engine for the models that name it (engine: vllm)
            -> drafter   Propose / Release                 (per-request context: sticky)
            -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
-    directory: where the replicas above announce their gRPC addresses
+    directory: where the replicas above announce their gRPC addresses (signed with the internal secret)
 
 Each deployment has its own replicas, resources and autoscaling
 (``config.AppArgs.deployments``). Calls between services are direct gRPC
 (``directory``): a Ray Serve handle call per speculation round would cost
-more than the round saves. ``serve run deploy/serve_config.yaml`` imports
+more than the round saves. Every internal call carries the internal
+credential and its request's deadline (docs/operating.md, "Internal
+credentials and deadlines"). ``serve run deploy/serve_config.yaml`` imports
 ``build_app``; ``arserve serve --ray`` calls it too.
 """
 
@@ -39,7 +41,7 @@ from ..errors import Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs
-from .directory import Directory, Peers, Remote
+from .directory import Directory, Link, Peers, Remote
 from .replica import ServiceReplica
 
 log = logging.getLogger("arserve.rayserve")
@@ -52,7 +54,7 @@ def _threads(args: AppArgs, service: str) -> None:
 
 
 def _remote(args: AppArgs, directory, service: str, stub, sticky: bool = False) -> Remote:
-    return Remote(Peers(directory, service, stub, args.max_message_bytes), sticky=sticky)
+    return Remote(Peers(directory, service, stub, Link.from_settings(args)), sticky=sticky)
 
 
 class Tokenizer(ServiceReplica):
@@ -159,7 +161,7 @@ def build_app(args: dict) -> Application:
         return serve.deployment(name=name)(cls).options(**options[name])
 
     directory = serve.deployment(name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                                 max_ongoing_requests=1024)(Directory).bind()
+                                 max_ongoing_requests=1024)(Directory).bind(cfg.internal_secret)
     services = [deployment(Tokenizer, "tokenizer").bind(raw, directory),
                 deployment(Verifier, "verifier").bind(raw, directory)]  # vLLM's engines run in its replicas
     if cfg.decoded_by("arserve"):

@@ -92,7 +92,10 @@ class AppArgs(ServiceSettings):
 
     deployments: dict[Service, DeploymentOptions] = Field(
         default_factory=_defaults, description="Options per service; services left out keep their defaults.")
-    grpc_bind_host: str = Field("0.0.0.0", description="Where each replica's internal gRPC server binds.")
+    grpc_bind_host: str | None = Field(
+        None, description="Where each replica's internal gRPC server binds; None: the node's address "
+        "(ray.util.get_node_ip_address(), the pod IP on Kubernetes), which is also the address announced. "
+        "0.0.0.0 binds every interface (the node's address is still announced).")
     image_models: list[ImageModelSettings] = Field(
         default_factory=list, description="Not served by the Ray Serve wiring yet: leave empty (the embedded "
         "server serves image models).")

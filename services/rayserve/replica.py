@@ -1,7 +1,8 @@
 """What every service replica does in the Ray wiring: serve its service over
-gRPC on a port of its own, announce the address to the ``Directory``
-(again every few seconds, so a replica that died drops out), report its
-calls in flight to Ray Serve's autoscaler, and withdraw on shutdown."""
+gRPC on a port of its own (on the node's address, internal credential
+required), announce the address to the ``Directory`` (signed, again every
+few seconds, so a replica that died drops out), report its calls in flight
+to Ray Serve's autoscaler, and withdraw on shutdown."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import ray
 from ray import serve
 
 from .. import metrics
-from ..rpc import service_name, start_grpc_server
+from ..rpc import internal_token, service_name, start_grpc_server
 from .config import AppArgs
-from .directory import HEARTBEAT_S
+from .directory import DIRECTORY_CALL_S, HEARTBEAT_S, directory_key, signed
 
 log = logging.getLogger("arserve.rayserve")
+
+ANY_ADDRESS = ("0.0.0.0", "::", "[::]")
 
 
 class ServiceReplica:
@@ -35,26 +38,40 @@ class ServiceReplica:
         servicer = self.build(args, directory)
         pb2, pb2_grpc, name = self.proto
         add = getattr(pb2_grpc, f"add_{name}Servicer_to_server")
-        await self.start_serving([(add, servicer, service_name(pb2, name))], directory, args.grpc_bind_host,
-                                 args.max_message_bytes)
+        await self.start_serving([(add, servicer, service_name(pb2, name))], directory, args)
 
-    async def start_serving(self, services, directory, bind_host: str, max_message_bytes: int) -> None:
-        """services: ((add_XServicer_to_server, servicer, full name), ...)."""
+    async def start_serving(self, services, directory, args: AppArgs) -> None:
+        """services: ((add_XServicer_to_server, servicer, full name), ...).
+        Binds the node's address (``grpc_bind_host`` overrides it); calls
+        must carry the internal token (health checks stay open, for probes)."""
         metrics.export_to_ray()
+        secret = args.resolved_internal_secret()
+        if not secret:
+            raise ValueError("internal_secret is not set: build_app sets one per application")
+        node = ray.util.get_node_ip_address()
+        host = args.grpc_bind_host or node
         self._server, port, self._interceptor = await start_grpc_server(
-            services, bind_host, 0, None, max_message_bytes)
-        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+            services, host, 0, args.internal_max_concurrent_rpcs, args.max_message_bytes,
+            auth_token=internal_token(secret), open_health=True, max_request_s=args.max_request_s,
+            keepalive_s=args.keepalive_s)
+        self.address = f"{node if host in ANY_ADDRESS else host}:{port}"
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._directory = directory
-        await directory.announce.remote(self.service, self._replica, self.address)
+        self._key = directory_key(secret)
+        await self._announce()
         self._heartbeat = asyncio.create_task(self._announce_forever())
         log.info("%s replica %s serving gRPC on %s", self.service, self._replica, self.address)
+
+    async def _announce(self) -> None:
+        fields = (self.service, self._replica, self.address)
+        await asyncio.wait_for(self._directory.announce.remote(*fields, *signed(self._key, "announce", *fields)),
+                               DIRECTORY_CALL_S)
 
     async def _announce_forever(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await self._directory.announce.remote(self.service, self._replica, self.address)
+                await self._announce()
             except Exception:  # noqa: BLE001 - the directory may be restarting; try again
                 log.warning("cannot announce %s to the directory", self.address, exc_info=True)
 
@@ -72,7 +89,9 @@ class ServiceReplica:
             return
         self._heartbeat.cancel()
         try:
-            await self._directory.withdraw.remote(self.service, self._replica)
+            fields = (self.service, self._replica)
+            await asyncio.wait_for(self._directory.withdraw.remote(*fields, *signed(self._key, "withdraw", *fields)),
+                                   DIRECTORY_CALL_S)
         except Exception:  # noqa: BLE001 - the directory may be gone first
             pass
         await self._server.stop(grace=5)

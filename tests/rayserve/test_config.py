@@ -75,16 +75,57 @@ def test_directory_forgets_replicas_that_stop_announcing(monkeypatch):
 
     now = [100.0]
     monkeypatch.setattr(d.time, "monotonic", lambda: now[0])
-    directory = Directory()
-    directory.announce("backbone", "a", "10.0.0.1:5000")
-    directory.announce("backbone", "b", "10.0.0.2:5000")
+    directory = Directory("s3cret")
+    key = d.directory_key("s3cret")
+
+    def announce(replica, address):
+        directory.announce("backbone", replica, address, *d.signed(key, "announce", "backbone", replica, address))
+
+    announce("a", "10.0.0.1:5000")
+    announce("b", "10.0.0.2:5000")
     assert directory.addresses("backbone") == ["10.0.0.1:5000", "10.0.0.2:5000"]
     now[0] += d.EXPIRY_S / 2
-    directory.announce("backbone", "b", "10.0.0.2:5000")
+    announce("b", "10.0.0.2:5000")
     now[0] += d.EXPIRY_S / 2 + 0.1
     assert directory.addresses("backbone") == ["10.0.0.2:5000"]
-    directory.withdraw("backbone", "b")
+    directory.withdraw("backbone", "b", *d.signed(key, "withdraw", "backbone", "b"))
     assert directory.addresses("backbone") == []
+
+
+def test_directory_refuses_forged_stale_and_replayed_announcements(caplog):
+    import time
+
+    import arserve.rayserve.directory as d
+    from arserve.errors import Unauthenticated
+
+    directory = Directory("s3cret")
+    key = d.directory_key("s3cret")
+    fake = ("backbone", "evil", "10.6.6.6:1")
+    forged = [
+        (*fake, *d.signed(d.directory_key("guessed"), "announce", *fake)),  # another secret
+        (*fake, time.time(), "0" * 64),  # no key at all
+        (*fake, *d.signed(key, "announce", "backbone", "evil", "10.6.6.6:2")),  # signed for another address
+        (*fake, *d.signed(key, "withdraw", *fake)),  # signed for another action
+    ]
+    stale_at = time.time() - d.SIGNED_WITHIN_S - 5
+    forged.append((*fake, stale_at, d.signature(key, "announce", stale_at, *fake)))
+    with caplog.at_level("WARNING", logger="arserve.rayserve"):
+        for args in forged:
+            with pytest.raises(Unauthenticated, match="refused"):
+                directory.announce(*args)
+    assert directory.addresses("backbone") == []
+    assert directory.refused == len(forged)
+    assert sum("refused a" in r.message for r in caplog.records) == len(forged)
+    directory.announce(*fake, *d.signed(key, "announce", *fake))  # the real key: listed
+    assert directory.addresses("backbone") == ["10.6.6.6:1"]
+    with pytest.raises(Unauthenticated):  # withdrawals are signed too
+        directory.withdraw("backbone", "evil", time.time(), "0" * 64)
+    assert directory.addresses("backbone") == ["10.6.6.6:1"]
+
+
+def test_the_internal_secret_is_never_the_public_token():
+    with pytest.raises(ValidationError, match="internal_secret must differ from auth_token"):
+        AppArgs.model_validate({"auth_token": "same", "internal_secret": "same"})
 
 
 def test_redis_url_can_come_from_the_environment(monkeypatch):

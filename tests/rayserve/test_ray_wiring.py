@@ -1,18 +1,22 @@
 """The Ray Serve wiring with real parts: a local Ray (its own temp dir,
 fractional CPUs), every service a deployment, a real redis-server, the SDK
 through Ray Serve's gRPC proxy. Two backbone replicas share KV blocks
-through Redis only (no process-memory tier), so every KV hit is a Redis hit."""
+through Redis only (no process-memory tier), so every KV hit is a Redis hit.
+The public port takes a bearer token, the replicas' ports the internal
+credential only."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from arserve_client import Client, InvalidArgument
+from arserve_client import Client, InvalidArgument, Unauthenticated
 from arserve.bench.ray import long_prompt as bench_long_prompt
 from conftest import RedisProcess, bench_prompts
 
@@ -32,6 +36,8 @@ def ray_server(tmp_path_factory, redis_for_ray):
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     args = AppArgs.model_validate({
         "models": [{"speculative_methods": ["none", "ngram"]}],
+        "auth_token": PUBLIC_TOKEN, "internal_secret": INTERNAL_SECRET,
+        "keepalive_s": 2, "keepalive_timeout_s": 2,  # a stopped replica is found out within seconds
         "redis_url": redis_for_ray.url, "kv_local_bytes": 0, "kv_block_size": 64,
         "report_cached_tokens": True,  # the tests below read cached_prompt_tokens of unsalted requests too
         "deployments": {"gateway": small, "tokenizer": small, "verifier": small,
@@ -47,8 +53,22 @@ def ray_server(tmp_path_factory, redis_for_ray):
 
 @pytest.fixture(scope="module")
 def ray_client(ray_server):
-    with Client(ray_server.target, timeout=600) as c:
+    with Client(ray_server.target, timeout=600, token=PUBLIC_TOKEN) as c:
         yield c
+
+
+PUBLIC_TOKEN = "public-token"
+INTERNAL_SECRET = "internal-secret"
+
+
+def directory_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("directory", app_name="arserve")
+
+
+def listed(service: str) -> list[str]:
+    return directory_handle().addresses.remote(service).result()
 
 
 def generate_all(client, method: str) -> dict:
@@ -78,6 +98,69 @@ def test_streaming_and_errors_through_the_proxy(ray_client):
     with pytest.raises(InvalidArgument, match="vocabulary|speculative"):
         ray_client.generate(prompt="Hi", speculative="no-such-method")
     assert ray_client.generate(prompt="Hi", max_tokens=4).stats.completion_tokens == 4
+
+
+def test_replica_ports_take_the_internal_credential_only(ray_server, ray_client):
+    """Each internal service's replica refuses calls without the internal
+    credential and calls with the public token; the public port refuses the
+    internal credential. Health checks stay open."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from arserve.rpc import bearer, internal_token
+    from arserve_client.v1 import (backbone_pb2, backbone_pb2_grpc, generation_pb2, tokenizer_pb2,
+                                   tokenizer_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
+
+    internal = bearer(internal_token(INTERNAL_SECRET))
+    model = "smollm2-135m-instruct"
+    calls = {
+        "tokenizer": lambda ch, md: tokenizer_pb2_grpc.TokenizerStub(ch).Encode(
+            tokenizer_pb2.EncodeRequest(model=model, prompt="Hi"), timeout=60, metadata=md).token_ids,
+        "backbone": lambda ch, md: backbone_pb2_grpc.BackboneStub(ch).Score(backbone_pb2.ScoreRequest(
+            model=model, request_id="auth-probe", token_ids=[1, 2, 3], commit=True, argmax_only=True),
+            timeout=60, metadata=md).length,
+        "verifier": lambda ch, md: [e.token_ids for e in verifier_pb2_grpc.VerifierStub(ch).Run(
+            verifier_pb2.VerifyRequest(request_id="auth-probe", model=model, prompt_token_ids=[1, 2, 3],
+                                       sampling=generation_pb2.SamplingParams(max_tokens=2)),
+            timeout=60, metadata=md)],
+    }
+    for service, call in calls.items():
+        address = listed(service)[0]
+        assert not address.startswith(("0.0.0.0", "[::]")), address  # the node's address, announced
+        with grpc.insecure_channel(address) as channel:
+            for metadata in ((), bearer(PUBLIC_TOKEN)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(channel, metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (service, refused.value)
+            assert call(channel, internal)  # the credential opens it
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        if service == "backbone":
+            with grpc.insecure_channel(address) as channel:
+                backbone_pb2_grpc.BackboneStub(channel).Release(
+                    backbone_pb2.ReleaseRequest(model=model, request_id="auth-probe"), timeout=60, metadata=internal)
+    with Client(ray_server.target, timeout=60, token=internal_token(INTERNAL_SECRET)) as outsider:
+        with pytest.raises(Unauthenticated):
+            outsider.generate(prompt="Hi", max_tokens=2)
+
+
+def test_a_forged_announcement_is_refused(ray_server):
+    """Whoever reaches Ray can call the directory; without the internal
+    secret its announcements are refused and never listed."""
+    from ray.exceptions import RayTaskError
+
+    from arserve.rayserve import directory as d
+
+    fake = ("backbone", "impostor", "10.66.6.6:6666")
+    stale = time.time() - d.SIGNED_WITHIN_S - 10
+    forged = [(*fake, time.time(), "0" * 64),
+              (*fake, *d.signed(d.directory_key("a guess"), "announce", *fake)),
+              (*fake, stale, d.signature(d.directory_key(INTERNAL_SECRET), "announce", stale, *fake))]
+    for args in forged:
+        with pytest.raises(RayTaskError, match="announce refused: (forged|stale) signature"):
+            directory_handle().announce.remote(*args).result()
+    assert fake[2] not in listed("backbone")
+    assert len(listed("backbone")) == 2  # the real replicas still are
 
 
 def test_every_service_reports_metrics_through_ray(ray_server, ray_client):
@@ -174,6 +257,57 @@ def _resumes(ray_server) -> list[int]:
     pattern = r"resumed on another backbone replica at position \d+, (\d+) positions from the KV tiers"
     return [int(n) for f in Path(ray_server.logs).glob("worker-*.err")
             for n in re.findall(pattern, f.read_text(errors="replace"))]
+
+
+def test_a_stopped_backbone_replica_fails_over_instead_of_hanging(ray_server, plain_greedy):
+    """SIGSTOP one backbone replica while two streams hold KV caches, one on
+    each: its calls are not answered, its connections stay open (a wedged
+    process, a half-open link). Keepalive finds it out within seconds and its
+    request resumes on the other replica; both outputs equal plain greedy.
+    (Before keepalive and deadlines that request waited until Ray's health
+    check replaced the replica: 3 failed checks of 30 s each.)"""
+    import ray
+    from ray._private.state import actors
+
+    from arserve.rayserve.directory import HEARTBEAT_S
+
+    deadline = time.monotonic() + 180
+    while len(listed("backbone")) < 2:  # the replica the test above killed is back
+        assert time.monotonic() < deadline, "the killed backbone replica did not come back"
+        time.sleep(0.5)
+    time.sleep(HEARTBEAT_S * 1.5)  # the verifier reads the directory every HEARTBEAT_S: it knows both now
+    prompts = [p for p in bench_prompts() if p["category"] == "chat"][:2]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "#backbone#" in a["name"]]
+    assert len(names) == 2
+    before = _resumes(ray_server)
+    n = 32
+    with Client(ray_server.target, timeout=150, token=PUBLIC_TOKEN) as client:  # 150 s: a guard, not the bound
+        streams = [client.stream(messages=p["messages"], max_tokens=n, temperature=0.0, speculative="none")
+                   for p in prompts]
+        firsts = [next(s) for s in streams]  # both requests hold a KV cache now, one on each replica
+        pid = actors(actor_id=ray.get_actor(names[0], namespace="serve")._actor_id.hex())["Pid"]
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+
+        def rest(stream) -> list[tuple[float, list[int]]]:  # (arrival, token ids) of each later chunk
+            return [(time.monotonic(), list(c.token_ids)) for c in stream]
+
+        try:
+            with ThreadPoolExecutor(2) as pool:  # read both at once: arrival times are the server's pace
+                later = list(pool.map(rest, streams))
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # Ray replaced it meanwhile
+                pass
+    for first, chunks, p in zip(firsts, later, prompts):
+        tokens = list(first.token_ids) + [t for _, ids in chunks for t in ids]
+        assert tokens == list(plain_greedy[p["id"]].token_ids)[:n]
+    gaps = [b - a for chunks in later for a, b in zip([stopped] + [t for t, _ in chunks], [t for t, _ in chunks])]
+    assert max(gaps) < 45, f"a stream waited {max(gaps):.0f}s for its next tokens"  # Ray's own cure: ~100 s
+    time.sleep(1)  # let the verifier's stderr reach its log file
+    assert len(_resumes(ray_server)) == len(before) + 1, "the stopped replica's request did not resume"
 
 
 def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_client, redis_for_ray):

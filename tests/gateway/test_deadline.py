@@ -1,0 +1,72 @@
+"""The gateway bounds every request by its deadline (the client's timeout
+or max_request_s), in every wiring: a verifier or tokenizer that never
+answers fails the request with DEADLINE_EXCEEDED instead of holding it (and
+its admission slot) forever. Unit level: the services behind the gateway
+are stand-ins that hang; the distributed version is in tests/rayserve."""
+
+import asyncio
+
+import pytest
+
+from arserve import deadlines
+from arserve.errors import DeadlineExceeded
+from arserve.gateway.service import GenerationService
+from arserve.settings import ServerSettings
+from arserve_client.v1 import generation_pb2 as pb
+from arserve_client.v1 import tokenizer_pb2 as tpb
+
+
+class Tokenizer:
+    def __init__(self, hang: bool = False):
+        self.hang = hang
+
+    async def Encode(self, req):
+        if self.hang:
+            await asyncio.Event().wait()
+        return tpb.EncodeResponse(token_ids=[1, 2, 3])
+
+
+class WedgedVerifier:
+    """Takes the request and never yields an event; notes the time left it saw."""
+
+    def __init__(self):
+        self.left = []
+
+    async def Run(self, req):
+        self.left.append(deadlines.left())
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+
+def gateway(tokenizer, verifier, max_request_s: float) -> GenerationService:
+    settings = ServerSettings(max_request_s=max_request_s)
+    return GenerationService(settings, tokenizer, verifier, windows={settings.models[0].id: 8192})
+
+
+async def generate(service: GenerationService):
+    # 30 s: a guard for the old behaviour (hang), far above the deadline under test
+    return await asyncio.wait_for(service.Generate(pb.GenerateRequest(prompt="Hi")), 30)
+
+
+@pytest.mark.parametrize("where", ["verifier", "tokenizer"])
+def test_a_request_past_max_request_s_is_deadline_exceeded(where):
+    verifier = WedgedVerifier()
+    service = gateway(Tokenizer(hang=where == "tokenizer"), verifier, max_request_s=0.5)
+    with pytest.raises(DeadlineExceeded, match=f"deadline passed while waiting for the {where}"):
+        asyncio.run(generate(service))
+    assert service.active == 0  # the admission slot is free again
+    if where == "verifier":
+        assert len(verifier.left) == 1 and 0 < verifier.left[0] <= 0.5  # what internal calls carry on
+
+
+def test_the_clients_deadline_wins_when_it_is_sooner():
+    verifier = WedgedVerifier()
+    service = gateway(Tokenizer(), verifier, max_request_s=600)
+
+    async def as_a_server_would():
+        deadlines.begin(600, client_left_s=0.3)  # what the gRPC interceptor does with the client's timeout
+        return await generate(service)
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(as_a_server_would())
+    assert verifier.left[0] <= 0.3
