@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/backbone.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\xeb\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x12\"\n\x06tokens\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x14\n\x0coutputs_from\x18\x08 \x01(\r\x12\x0e\n\x06\x63ommit\x18\t \x01(\x08\x12\x13\n\x0b\x61rgmax_only\x18\n \x01(\x08\x12\x15\n\rreturn_hidden\x18\x0b \x01(\x08\"\xa6\x01\n\rScoreResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\r\x12\x0e\n\x06\x61rgmax\x18\x05 \x03(\r\x12\"\n\x06hidden\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\"@\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\r\" \n\x0e\x43ommitResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xcd\x01\n\x08\x42\x61\x63kbone\x12<\n\x05Score\x12\x18.arserve.v1.ScoreRequest\x1a\x19.arserve.v1.ScoreResponse\x12?\n\x06\x43ommit\x12\x19.arserve.v1.CommitRequest\x1a\x1a.arserve.v1.CommitResponse\x12\x42\n\x07Release\x12\x1a.arserve.v1.ReleaseRequest\x1a\x1b.arserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/backbone.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\x82\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x12\"\n\x06tokens\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x14\n\x0coutputs_from\x18\x08 \x01(\r\x12\x0e\n\x06\x63ommit\x18\t \x01(\x08\x12\x13\n\x0b\x61rgmax_only\x18\n \x01(\x08\x12\x15\n\rreturn_hidden\x18\x0b \x01(\x08\x12\x15\n\rmax_positions\x18\x0c \x01(\r\"\xa6\x01\n\rScoreResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\r\x12\x0e\n\x06\x61rgmax\x18\x05 \x03(\r\x12\"\n\x06hidden\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\"@\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\r\" \n\x0e\x43ommitResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xcd\x01\n\x08\x42\x61\x63kbone\x12<\n\x05Score\x12\x18.arserve.v1.ScoreRequest\x1a\x19.arserve.v1.ScoreResponse\x12?\n\x06\x43ommit\x12\x19.arserve.v1.CommitRequest\x1a\x1a.arserve.v1.CommitResponse\x12\x42\n\x07Release\x12\x1a.arserve.v1.ReleaseRequest\x1a\x1b.arserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve_client.v1.backbone_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST']._serialized_start=67
-  _globals['_SCOREREQUEST']._serialized_end=302
-  _globals['_SCORERESPONSE']._serialized_start=305
-  _globals['_SCORERESPONSE']._serialized_end=471
-  _globals['_COMMITREQUEST']._serialized_start=473
-  _globals['_COMMITREQUEST']._serialized_end=537
-  _globals['_COMMITRESPONSE']._serialized_start=539
-  _globals['_COMMITRESPONSE']._serialized_end=571
-  _globals['_RELEASEREQUEST']._serialized_start=573
-  _globals['_RELEASEREQUEST']._serialized_end=624
-  _globals['_RELEASERESPONSE']._serialized_start=626
-  _globals['_RELEASERESPONSE']._serialized_end=643
-  _globals['_BACKBONE']._serialized_start=646
-  _globals['_BACKBONE']._serialized_end=851
+  _globals['_SCOREREQUEST']._serialized_end=325
+  _globals['_SCORERESPONSE']._serialized_start=328
+  _globals['_SCORERESPONSE']._serialized_end=494
+  _globals['_COMMITREQUEST']._serialized_start=496
+  _globals['_COMMITREQUEST']._serialized_end=560
+  _globals['_COMMITRESPONSE']._serialized_start=562
+  _globals['_COMMITRESPONSE']._serialized_end=594
+  _globals['_RELEASEREQUEST']._serialized_start=596
+  _globals['_RELEASEREQUEST']._serialized_end=647
+  _globals['_RELEASERESPONSE']._serialized_start=649
+  _globals['_RELEASERESPONSE']._serialized_end=666
+  _globals['_BACKBONE']._serialized_start=669
+  _globals['_BACKBONE']._serialized_end=874
 # @@protoc_insertion_point(module_scope)
