@@ -114,7 +114,8 @@ def test_a_request_whose_state_was_swept_completes_with_the_same_output(when, ti
     swept = SweptBeforeCommit(backbone)
     verifier = VerifierService(swept if when == "between score and commit" else backbone, drafter, EOS)
     req = vpb.VerifyRequest(request_id="r", model="tiny", prompt_token_ids=PROMPT,
-                            sampling=gpb.SamplingParams(max_tokens=24), speculative=gpb.SpeculativeParams(method="ngram"))
+                            sampling=gpb.SamplingParams(max_tokens=24),
+                            speculative=gpb.SpeculativeParams(method="ngram"))
 
     async def decode():
         tokens, paused = [], when != "between rounds"

@@ -44,7 +44,8 @@ class KVCache:
         """Make room for ``n`` more positions (capacity grows by whole chunks)."""
         need = self.length + n
         if need > self.max_positions:
-            raise ValueError(f"cache limit exceeded: {need} > {self.max_positions} positions")
+            what = "context window" if self.max_positions == self.config.max_seq_len else "reserved positions"
+            raise ValueError(f"{what} exceeded: {need} > {self.max_positions} positions")
         if need <= self.capacity:
             return
         cap = min(self.max_positions, -(-need // self.chunk) * self.chunk)

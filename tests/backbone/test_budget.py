@@ -97,7 +97,8 @@ def test_a_waiting_request_is_refused_after_kv_budget_wait_s_and_an_oversized_on
             await decode(verifier, "waits", method="none")
         waited = time.monotonic() - t
         t = time.monotonic()
-        with pytest.raises(InvalidArgument, match=r"needs 51 KV positions .*more than the whole KV budget .*\(45 positions"):
+        with pytest.raises(InvalidArgument,
+                           match=r"needs 51 KV positions .*more than the whole KV budget .*\(45 positions"):
             await decode(verifier, "too-big", max_tokens=40, method="none")
         refused = time.monotonic() - t
         assert set(backbone.requests) == {("tiny", "holder")}  # the refused ones left nothing behind
