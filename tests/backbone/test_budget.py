@@ -136,9 +136,10 @@ def test_requests_are_admitted_first_in_first_out():
     assert budget.used == 10 and not budget.waiting
 
 
-def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_requests_finish(server):
-    """Through the public gRPC API: a gateway over the session server's
-    tokenizer and SmolLM2, with a backbone of a small KV budget."""
+def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_requests_finish(server, client):
+    """Through the public gRPC API and the SDK: a gateway over the session
+    server's tokenizer and SmolLM2, with a backbone whose KV budget holds one
+    request of the size used here, not two."""
     from arserve_client import Client
     from arserve_client import InvalidArgument as ClientInvalidArgument
     from arserve_client import ResourceExhausted as ClientResourceExhausted
@@ -146,30 +147,30 @@ def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_request
     from arserve.gateway.service import GenerationService
     from arserve.settings import ServerSettings
 
+    prompt, n = "Count from one to twenty.", 12
+    solo = client.generate(prompt=prompt, max_tokens=n, speculative="none")  # the session server: no small budget
+    p = solo.stats.prompt_tokens
     s = server.service
     model_id = s.default_model
-    budget = 160
+    budget = 2 * (p + n) - 1
     backbone = BackboneService({model_id: s.verifier.backbone.models[model_id]},
                                budget=BudgetConfig(budget_tokens=budget, queue=0))
     settings = ServerSettings(port=0, models=server.settings.models)
     gateway = GenerationService(settings, s.tokenizer, VerifierService(backbone, None, s.verifier.eos_ids), s.windows)
     grpc_server, port = asyncio.run_coroutine_threadsafe(start_server(gateway, settings), server._loop).result(30)
-    prompt = "Count from one to twenty."
     try:
         with Client(f"127.0.0.1:{port}", timeout=300) as c:
-            solo = c.generate(prompt=prompt, max_tokens=30, speculative="none")
-            p = solo.stats.prompt_tokens
-            running = c.stream(prompt=prompt, max_tokens=30, speculative="none")  # reserves p + 30
+            running = c.stream(prompt=prompt, max_tokens=n, speculative="none")  # reserves p + n
             first = next(running)
             t = time.time()
             with pytest.raises(ClientResourceExhausted, match="KV budget"):  # fits the budget, not what is left
-                c.generate(prompt=prompt, max_tokens=budget - p - 30 - p + 1, speculative="none")
+                c.generate(prompt=prompt, max_tokens=n, speculative="none")
             assert time.time() - t < 2  # kv_budget_queue 0: refused, not queued
             with pytest.raises(ClientInvalidArgument, match="more than the whole KV budget"):
                 c.generate(prompt=prompt, max_tokens=budget - p + 1, speculative="none")
             rest = list(running)  # the admitted request finishes, with the output it has alone
             assert first.text + "".join(ch.text for ch in rest) == solo.text
-            assert c.generate(prompt=prompt, max_tokens=budget - p, speculative="none").stats.completion_tokens > 0
+            assert c.generate(prompt=prompt, max_tokens=n, speculative="none").text == solo.text  # room again
         assert backbone.budgets[model_id].used == 0 and not backbone.requests
     finally:
         asyncio.run_coroutine_threadsafe(grpc_server.stop(grace=1), server._loop).result(30)
