@@ -214,9 +214,10 @@ class VerifierService:
         ids = dict(request_id=req.request_id, model=req.model)
         kv = KVSession(self.backbone, req.request_id, req.model)
         heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
-        # the most positions the cache holds: a round scores at most prompt + max_tokens - 1 positions of a
-        # chain; a tree of `candidates` branches has up to (candidates - 1) * k more nodes
-        max_positions = len(req.prompt_token_ids) + s.max_tokens + (max(1, candidates) - 1) * k_max * drafting
+        # the most positions the cache holds (reserved from the backbone's KV budget): a chain round ends
+        # at most at prompt + max_tokens - 1; a tree of c branches has up to (c - 1) * k more nodes than a chain
+        tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
+        max_positions = len(req.prompt_token_ids) + s.max_tokens + tree_nodes
         scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads,  # greedy reads only the argmax
                        max_positions=max_positions)
         anchor = None  # heads: the hidden state [dim] at the position that decided `pending`

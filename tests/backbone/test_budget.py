@@ -110,6 +110,25 @@ def test_a_waiting_request_is_refused_after_kv_budget_wait_s_and_an_oversized_on
     assert len(after) == 24 and backbone.budgets["tiny"].used == 0 and reserved_gauge() == 0
 
 
+@pytest.mark.parametrize("candidates,k", [(3, 8), (8, 16)])
+def test_tree_drafts_stay_within_the_reservation(candidates, k):
+    """A tree of c branches scores up to (c - 1) * k more positions than a
+    chain: the verifier reserves them, and the output is plain greedy's."""
+    model = tiny_target()
+    prompt = PROMPT * 3  # repetitive: n-gram drafts a full tree every round
+
+    async def decode_with(speculative: gpb.SpeculativeParams) -> list[int]:
+        verifier = VerifierService(BackboneService({"tiny": model}), DrafterService({"ngram": NgramProposer()}), EOS)
+        req = vpb.VerifyRequest(request_id="tree", model="tiny", prompt_token_ids=prompt,
+                                sampling=gpb.SamplingParams(max_tokens=30), speculative=speculative)
+        return [t async for ev in verifier.Run(req) for t in ev.token_ids]
+
+    plain = asyncio.run(decode_with(gpb.SpeculativeParams(method="none")))
+    tree = asyncio.run(decode_with(gpb.SpeculativeParams(method="ngram", num_candidates=candidates,
+                                                         num_draft_tokens=k, adaptive=False)))
+    assert tree == plain and len(tree) == 30
+
+
 def test_requests_are_admitted_first_in_first_out():
     """A large request at the head of the queue is not overtaken by a small
     one that would fit sooner (it cannot starve)."""
