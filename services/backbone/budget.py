@@ -65,10 +65,8 @@ class KVBudget:
         self.model = model
         self.used = 0  # positions reserved by admitted requests
         self.waiting: deque[tuple[int, asyncio.Future]] = deque()  # (positions, granted when set), oldest first
-        self.gauge_used = KV_RESERVED.labels(model)
-        self.gauge_waiting = KV_WAITING.labels(model)
-        KV_BUDGET.labels(model).set(capacity)
-        self.gauge_used.set(0)
+        self.gauges = KV_BUDGET.labels(model), KV_RESERVED.labels(model), KV_WAITING.labels(model)
+        self._publish()
 
     async def reserve(self, n: int, request_id: str) -> None:
         """Reserve ``n`` positions for ``request_id``, waiting behind earlier
@@ -87,7 +85,7 @@ class KVBudget:
                                     f"(kv_budget_queue); retry later")
         entry = (n, asyncio.get_running_loop().create_future())
         self.waiting.append(entry)
-        self.gauge_waiting.set(len(self.waiting))
+        self._publish()
         try:
             async with asyncio.timeout(self.wait_s):
                 await entry[1]
@@ -107,7 +105,6 @@ class KVBudget:
     def free(self, n: int) -> None:
         """Return ``n`` reserved positions and admit the waiting requests that now fit, oldest first."""
         self.used -= n
-        self.gauge_used.set(self.used)
         self._grant()
 
     def _full(self, n: int) -> str:
@@ -116,7 +113,12 @@ class KVBudget:
 
     def _take(self, n: int) -> None:
         self.used += n
-        self.gauge_used.set(self.used)
+        self._publish()
+
+    def _publish(self) -> None:
+        """The gauges (all three each time: a Ray replica exports metrics only after its services are built)."""
+        for gauge, value in zip(self.gauges, (self.capacity, self.used, len(self.waiting))):
+            gauge.set(value)
 
     @staticmethod
     def _granted(entry: tuple[int, asyncio.Future]) -> bool:
@@ -127,7 +129,6 @@ class KVBudget:
         entry[1].cancel()
         if entry in self.waiting:
             self.waiting.remove(entry)
-        self.gauge_waiting.set(len(self.waiting))
         self._grant()
 
     def _grant(self) -> None:
@@ -139,4 +140,4 @@ class KVBudget:
                 continue
             self._take(n)
             future.set_result(None)
-        self.gauge_waiting.set(len(self.waiting))
+        self._publish()

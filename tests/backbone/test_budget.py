@@ -147,6 +147,9 @@ def test_requests_are_admitted_first_in_first_out():
         small = asyncio.create_task(enter("small", 2))  # 6 + 2 fits, but "large" came first
         await asyncio.sleep(0.05)
         assert order == [] and len(budget.waiting) == 2
+        gauges = {name: REGISTRY.get_sample_value(f"arserve_backbone_kv_{name}", {"model": "fifo"})
+                  for name in ("budget_tokens", "reserved_tokens", "waiting_requests")}
+        assert gauges == {"budget_tokens": 10, "reserved_tokens": 6, "waiting_requests": 2}
         budget.free(6)
         await asyncio.gather(large, small)
         return order
