@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
 from .core.config import LlamaConfig
 from .core.model import Llama
@@ -83,7 +84,10 @@ def kv_secret(settings: ServiceSettings) -> str:
 def backbone(settings: ServiceSettings) -> BackboneService:
     """The backbone of the models arserve decodes (vLLM's load their own)."""
     targets = {m.id: load_target(m) for m in settings.decoded_by("arserve")}
-    return BackboneService(targets, **kv_tiers(settings, {k: v.config for k, v in targets.items()}))
+    budget = BudgetConfig(settings.kv_budget_bytes, settings.kv_budget_tokens, settings.kv_budget_queue,
+                          settings.kv_budget_wait_s)
+    return BackboneService(targets, **kv_tiers(settings, {k: v.config for k, v in targets.items()}), budget=budget,
+                           lease_s=settings.state_lease_s)
 
 
 def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> DrafterService | None:
@@ -92,7 +96,7 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
         proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model,
                                          m.draft_heads, m.weights_path()))
-    return DrafterService(proposers) if proposers else None
+    return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 
 def tokenizer(settings: ServiceSettings) -> TokenizerService:

@@ -80,7 +80,15 @@ BATCH_ITEMS = Family("histogram", "arserve_backbone_batch_requests", "Requests s
                      (1, 2, 4, 8, 16, 32, 64))
 KV_BLOCKS = Family("counter", "arserve_kv_block_lookups_total", "KV block lookups by tier that served them "
                    "(local, redis, miss, rejected)", ["tier"])
-ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, QUEUE_DEPTH, BATCH_ITEMS, KV_BLOCKS)
+KV_BUDGET = Family("gauge", "arserve_backbone_kv_budget_tokens", "KV token positions a backbone replica may "
+                   "hold for one model's requests (kv_budget_tokens)", ["model"])
+KV_RESERVED = Family("gauge", "arserve_backbone_kv_reserved_tokens", "KV token positions reserved by the requests "
+                     "a backbone replica holds (at most arserve_backbone_kv_budget_tokens)", ["model"])
+KV_WAITING = Family("gauge", "arserve_backbone_kv_waiting_requests", "Requests waiting for KV budget", ["model"])
+LEASES_EXPIRED = Family("counter", "arserve_leases_expired_total", "Per-request states freed after an idle lease "
+                        "(state_lease_s): a caller died or lost its Release", ["service"])
+ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, QUEUE_DEPTH, BATCH_ITEMS, KV_BLOCKS,
+       KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)
 
 
 def export_to_ray() -> None:

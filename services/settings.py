@@ -254,6 +254,23 @@ class ServiceSettings(BaseModel):
     keepalive_timeout_s: float = Field(10.0, gt=0, description="A ping not answered within this closes the "
                                        "connection: its calls fail UNAVAILABLE (a stopped or unreachable replica), "
                                        "and sticky requests resume elsewhere.")
+    kv_budget_bytes: int = Field(
+        4 << 30, gt=0, description="KV cache memory of one backbone replica, split evenly between the models it "
+        "serves: each model's budget of KV token positions is kv_budget_bytes / (models * bytes per position), "
+        "bytes per position = layers * 2 * kv_heads * head_dim * dtype bytes (SmolLM2-135M float32: 46,080, so "
+        "the default 4 GiB holds 93,206 positions). A request reserves prompt + max_tokens positions when it "
+        "enters the backbone (docs/operating.md, 'Memory budget and leases').")
+    kv_budget_tokens: int | None = Field(
+        None, gt=0, description="KV token positions each model's requests may reserve together on one backbone "
+        "replica; set, it overrides kv_budget_bytes. A request larger than this is INVALID_ARGUMENT at once.")
+    kv_budget_queue: int = Field(64, ge=0, description="Requests that may wait for KV budget on one backbone "
+                                 "replica (first in, first out); past it a new one gets RESOURCE_EXHAUSTED at once.")
+    kv_budget_wait_s: float = Field(30.0, gt=0, description="Seconds a request waits for KV budget before it gets "
+                                    "RESOURCE_EXHAUSTED (admitted requests finish).")
+    state_lease_s: float = Field(300.0, gt=0, description="Seconds a request's state (backbone KV cache, drafter "
+                                 "context) may sit idle before it is freed: a verifier that died or a lost Release "
+                                 "cannot hold memory forever. Longer than any round; a request that comes back "
+                                 "after it rebuilds its cache from its committed tokens.")
 
     @model_validator(mode="after")
     def _two_credentials(self) -> "ServiceSettings":

@@ -6,6 +6,11 @@ Continuous batching: Score calls that arrive while a forward runs join the
 next forward together (``ForwardBatcher``), so concurrent requests share each
 read of the weights. Forwards run on a dedicated thread, so the event loop
 keeps serving while the model computes.
+
+Memory: each request reserves its KV positions from the model's KV budget
+when it enters the replica (``budget``), and a request's state idle longer
+than a lease is freed (``arserve.leases``); a later call finds it lost and
+the verifier resends its committed tokens.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
 from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..leases import Leases, leased
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..wire import to_proto
+from .budget import BudgetConfig, KVBudget
 
 log = logging.getLogger("arserve.backbone")
 
@@ -39,6 +46,7 @@ class RequestState:
     stored_blocks: int = 0  # leading blocks already handed to the KV store
     storing: list = field(default_factory=list)  # its KV stores still in flight (asyncio tasks)
     salt: str = ""  # the tenant's cache salt: its KV blocks' namespace ("" for the shared one)
+    reserved: int = 0  # KV positions reserved from the model's budget (the cache's max_positions)
 
 
 def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +122,8 @@ class ForwardBatcher:
 
 class BackboneService:
     def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096, kv_store=None,
-                 spaces: dict[str, BlockSpace] | None = None):
+                 spaces: dict[str, BlockSpace] | None = None, budget: BudgetConfig = BudgetConfig(),
+                 lease_s: float = 300.0):
         self.models = models
         self.kv_store = kv_store  # a TieredStore (process memory, Redis) or None
         self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
@@ -122,6 +131,9 @@ class BackboneService:
         self._storing: set[asyncio.Task] = set()  # KV stores in flight
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
         self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name) for name, m in models.items()}
+        self.budgets = {name: KVBudget(budget.capacity(m.config, m.dtype, len(models)), budget.queue, budget.wait_s,
+                                       name) for name, m in models.items()}
+        self.leases = Leases(lease_s, self._expire, "backbone")  # frees the caches of requests left idle
 
     def _model(self, model: str) -> Llama:
         try:
@@ -129,13 +141,14 @@ class BackboneService:
         except KeyError:
             raise NotFound(f"model {model!r} is not served by this backbone; known: {sorted(self.models)}") from None
 
+    @leased(lambda req: (req.model, req.request_id))
     async def Score(self, req: pb.ScoreRequest, context=None) -> pb.ScoreResponse:
         model = self._model(req.model)
         self._check_sizes(req, model.config.max_seq_len)
         key = (req.model, req.request_id)
         state = self.requests.get(key)
         if state is None:
-            state = self.requests[key] = RequestState(model.new_cache(), salt=req.cache_salt)
+            state = await self._admit(req, model)
         if not req.token_ids:
             raise InvalidArgument("token_ids is empty: nothing to score")
         cached = 0
@@ -174,6 +187,9 @@ class BackboneService:
             raise InvalidArgument(f"outputs_from {req.outputs_from} > {n} scored positions")
         if state.committed + len(tokens) > model.config.max_seq_len:
             raise InvalidArgument(f"context window exceeded: {state.committed + len(tokens)} > {model.config.max_seq_len}")
+        if state.committed + len(tokens) > state.reserved:
+            raise InvalidArgument(f"request {req.request_id!r}: {state.committed + len(tokens)} positions exceed the "
+                                  f"{state.reserved} it reserved (max_positions)")
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
         item = ScoreItem(tokens, state.cache, tree_mask, depths, logits_from, want_hidden=req.return_hidden)
@@ -205,6 +221,31 @@ class BackboneService:
                                   f"({len(req.context)} context) > {window} positions")
         if req.parents and len(req.parents) != n:
             raise InvalidArgument(f"parents must have one entry per token_id: {len(req.parents)} != {n}")
+
+    async def _admit(self, req: pb.ScoreRequest, model: Llama) -> RequestState:
+        """A new request's state on this replica, once its positions are
+        reserved from the model's KV budget (``KVBudget.reserve``: it may wait,
+        or refuse). A call that continues a request (start > 0) without the
+        context to rebuild its cache finds the cache lost instead."""
+        if req.start > 0 and len(req.context) != req.start:
+            raise FailedPrecondition(
+                f"request {req.request_id!r} has no KV cache on this backbone replica (released, freed after its "
+                f"idle lease, or held by another replica); resend its committed tokens as context")
+        n = min(req.max_positions or model.config.max_seq_len, model.config.max_seq_len)
+        budget = self.budgets[req.model]
+        await budget.reserve(n, req.request_id)
+        key = (req.model, req.request_id)
+        if key in self.requests:  # another call created it while this one waited
+            budget.free(n)
+            return self.requests[key]
+        state = self.requests[key] = RequestState(model.new_cache(n), reserved=n, salt=req.cache_salt)
+        return state
+
+    async def _expire(self, key: tuple[str, str]) -> None:
+        """The lease of a request's state ran out (``Leases``): free its cache and reservation."""
+        state = self.requests.pop(key, None)
+        if state is not None:
+            self.budgets[key[0]].free(state.reserved)
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
         """Load the leading KV blocks of a prompt from the KV tiers; return the
@@ -266,6 +307,7 @@ class BackboneService:
         while self._storing:
             await asyncio.gather(*self._storing, return_exceptions=True)
 
+    @leased(lambda req: (req.model, req.request_id))
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))
         if state is None:
@@ -281,7 +323,11 @@ class BackboneService:
         return pb.CommitResponse(length=state.committed)
 
     async def Release(self, req: pb.ReleaseRequest, context=None) -> pb.ReleaseResponse:
-        state = self.requests.pop((req.model, req.request_id), None)
+        key = (req.model, req.request_id)
+        state = self.requests.pop(key, None)
+        self.leases.drop(key)
+        if state is not None:
+            self.budgets[req.model].free(state.reserved)
         if state is not None and state.storing:
             # shielded: a caller that gives up on Release must not cancel the stores
             await asyncio.shield(asyncio.gather(*state.storing, return_exceptions=True))

@@ -14,15 +14,18 @@ from .config import LlamaConfig
 
 
 class KVCache:
-    """Keys and values of one request, grown in chunks of ``chunk`` positions.
+    """Keys and values of one request, grown in chunks of ``chunk`` positions,
+    never past ``max_positions`` (the context window, or less: what the
+    request reserved from a KV budget).
 
     k, v: [n_layers, n_kv_heads, capacity, head_dim]
     """
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype, chunk: int = 256):
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype, chunk: int = 256, max_positions: int | None = None):
         self.config = config
         self.dtype = dtype
         self.chunk = chunk
+        self.max_positions = min(config.max_seq_len, max_positions or config.max_seq_len)  # capacity's ceiling
         self.length = 0  # valid positions
         shape = (config.n_layers, config.n_kv_heads, 0, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
@@ -40,12 +43,13 @@ class KVCache:
     def reserve(self, n: int) -> None:
         """Make room for ``n`` more positions (capacity grows by whole chunks)."""
         need = self.length + n
-        if need > self.config.max_seq_len:
-            raise ValueError(f"context window exceeded: {need} > {self.config.max_seq_len} positions")
+        if need > self.max_positions:
+            what = "context window" if self.max_positions == self.config.max_seq_len else "reserved positions"
+            raise ValueError(f"{what} exceeded: {need} > {self.max_positions} positions")
         if need <= self.capacity:
             return
-        cap = min(self.config.max_seq_len, -(-need // self.chunk) * self.chunk)
-        cap = max(cap, min(self.config.max_seq_len, 2 * self.capacity))
+        cap = min(self.max_positions, -(-need // self.chunk) * self.chunk)
+        cap = max(cap, min(self.max_positions, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
             new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype)

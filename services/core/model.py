@@ -202,8 +202,9 @@ class Llama(nn.Module):
         w = self.embed if self.lm_head is None else self.lm_head
         return w if self.head_ids is None else w[self.head_ids]
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config, self.dtype)
+    def new_cache(self, max_positions: int | None = None) -> KVCache:
+        """An empty cache that holds at most ``max_positions`` (default: the context window)."""
+        return KVCache(self.config, self.dtype, max_positions=max_positions)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Llama":
         """Seeded random weights (tests use tiny configs of the same classes)."""

@@ -1,7 +1,10 @@
 """Drafter service: ``arserve.v1.Drafter`` over the proposers, each chosen by
 ``speculative.method`` in one place (``build_proposers``). It keeps each
 request's committed tokens so proposers get their whole context while each
-call carries only the new tokens."""
+call carries only the new tokens. A request's context and proposer state
+idle longer than ``lease_s`` are freed (``arserve.leases``); its next call
+then fails with FAILED_PRECONDITION and the verifier resends the whole
+context, as it does for a drafter replica that died."""
 
 from __future__ import annotations
 
@@ -14,16 +17,19 @@ from arserve_client.v1 import drafter_pb2 as pb
 
 from ..core.sampling import Sampling
 from ..errors import FailedPrecondition, InvalidArgument
+from ..leases import Leases, leased
 from ..wire import from_proto, to_proto
 from .proposer import DraftRequest, Proposer
 
 
 class DrafterService:
-    def __init__(self, proposers: dict[str, Proposer]):
+    def __init__(self, proposers: dict[str, Proposer], lease_s: float = 300.0):
         self.proposers = proposers  # method -> proposer
         self.contexts: dict[tuple[str, str], list[int]] = {}  # (method, request) -> committed tokens
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="drafter")
+        self.leases = Leases(lease_s, self._free, "drafter")  # frees the state of requests left idle
 
+    @leased(lambda req: (req.method, req.request_id))
     async def Propose(self, req: pb.ProposeRequest, context=None) -> pb.ProposeResponse:
         proposer = self.proposers.get(req.method)
         if proposer is None:
@@ -51,8 +57,14 @@ class DrafterService:
         return pb.ProposeResponse(draft=out)
 
     async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
-        proposer = self.proposers.get(req.method)
-        if proposer is not None:
-            await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, req.request_id)
-        self.contexts.pop((req.method, req.request_id), None)
+        self.leases.drop((req.method, req.request_id))
+        await self._free((req.method, req.request_id))
         return pb.DrafterReleaseResponse()
+
+    async def _free(self, key: tuple[str, str]) -> None:
+        """Forget a request: its context here and its proposer's state (Release, or an expired lease)."""
+        method, request_id = key
+        proposer = self.proposers.get(method)
+        if proposer is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, request_id)
+        self.contexts.pop(key, None)

@@ -23,6 +23,7 @@ from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import deadlines, metrics
 from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..rpc import status_of
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer
 from .images import ImageFront
@@ -129,11 +130,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.active += 1
         try:
             yield outcome
-        except ArserveError as e:
-            outcome[0] = e.code.lower()
-            raise
-        except Exception:
-            outcome[0] = "internal"
+        except Exception as e:  # ours, or a status another service answered (the Ray wiring's gRPC calls)
+            status = status_of(e)
+            outcome[0] = status[0].name.lower() if status else "internal"
             raise
         finally:
             self.active -= 1

@@ -17,7 +17,10 @@ The request's KV cache lives on one backbone replica (``KVSession``). When
 that replica dies, the request resumes on another: the next Score call
 carries the committed tokens, and the replica that takes it loads their
 blocks from the KV tiers (Redis) and computes the rest. Nothing the client
-has seen changes; a greedy or seeded request gives the same tokens.
+has seen changes; a greedy or seeded request gives the same tokens. A replica
+that freed the request's cache (its lease expired, ``arserve.leases``)
+answers FAILED_PRECONDITION (Score) or NOT_FOUND (Commit), and the request
+resumes the same way on that replica.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verif
 from ..core.sampling import Sampling, probs, sample
 from ..errors import ReplicaLost
 from ..metrics import RESUMED
+from ..rpc import status_of
 from ..wire import from_proto, proto_row
 from .draft_length import DraftLength
 
@@ -60,7 +64,8 @@ class KVSession:
     the backbone's calls; when the replica holding the cache is lost
     (``ReplicaLost``), the next Score call sends ``context`` (the committed
     tokens) so that another replica rebuilds the cache, retried up to
-    ``RETRIES`` times with backoff."""
+    ``RETRIES`` times with backoff. A replica that answers but no longer
+    holds the cache (freed after its idle lease) gets ``context`` at once."""
 
     RETRIES = 3
     BACKOFF_S = 0.2
@@ -69,6 +74,7 @@ class KVSession:
         self.backbone = backbone
         self.ids = dict(request_id=request_id, model=model)
         self.lost: str | bool = False  # why the cache was lost: the next Score rebuilds it
+        self.freed = False  # lost because the replica freed it (not because the replica died)
 
     async def score(self, req: bpb.ScoreRequest, committed: list[int]) -> bpb.ScoreResponse:
         """committed: the request's committed tokens (at least ``req.start``)."""
@@ -84,12 +90,21 @@ class KVSession:
                 self._lose(e)
                 await asyncio.sleep(self.BACKOFF_S * 2**attempt)
                 continue
-            if self.lost:
+            except Exception as e:
+                if self.lost or attempt == self.RETRIES or not failed_with(e, "FAILED_PRECONDITION"):
+                    raise
+                self._lose(e, freed=True)  # the replica answers but freed the cache: resend the context now
+                continue
+            if self.freed:
+                log.warning("request %s: its backbone replica had freed its KV cache (%s); rebuilt there at "
+                            "position %d, %d positions from the KV tiers", self.ids["request_id"], self.lost,
+                            req.start, out.cached)
+            elif self.lost:
                 log.warning("request %s lost its KV cache (%s); resumed on another backbone replica at position "
                             "%d, %d positions from the KV tiers", self.ids["request_id"], self.lost, req.start,
                             out.cached)
                 RESUMED.labels(self.ids["model"]).inc()
-                self.lost = False
+            self.lost = self.freed = False
             return out
         raise AssertionError("unreachable")
 
@@ -98,6 +113,10 @@ class KVSession:
             await self.backbone.Commit(req)
         except ReplicaLost as e:  # the next Score rebuilds the cache with this path committed
             self._lose(e)
+        except Exception as e:
+            if not failed_with(e, "NOT_FOUND"):
+                raise
+            self._lose(e, freed=True)  # freed after its lease: the next Score rebuilds it on this replica
 
     async def release(self) -> None:
         try:
@@ -105,8 +124,16 @@ class KVSession:
         except ReplicaLost:  # nothing left to free
             pass
 
-    def _lose(self, e: ReplicaLost) -> None:
-        self.lost = self.lost or str(e)
+    def _lose(self, e: Exception, freed: bool = False) -> None:
+        if not self.lost:
+            self.lost, self.freed = str(e) or type(e).__name__, freed
+
+
+def failed_with(e: Exception, code: str) -> bool:
+    """Whether a call to another service failed with status ``code`` (a
+    ``grpc.StatusCode`` name), raised in process or received over gRPC."""
+    status = status_of(e)
+    return status is not None and status[0].name == code
 
 
 def count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> None:
@@ -189,7 +216,8 @@ class VerifierService:
         spec = req.speculative
         k_max = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else self.defaults.num_draft_tokens
         candidates = spec.num_candidates if spec.HasField("num_candidates") else 1
-        length = DraftLength(k_max if method != "none" and self.drafter else 0,
+        drafting = method != "none" and self.drafter is not None
+        length = DraftLength(k_max if drafting else 0,
                              adaptive=spec.adaptive if spec.HasField("adaptive") else True,
                              cost_per_token=self.defaults.cost_per_token)
         stats = gpb.SpeculativeStats(method=method)
@@ -197,8 +225,12 @@ class VerifierService:
         log.debug("request %s runs as %s", req.request_id, ids["request_id"])
         kv = KVSession(self.backbone, ids["request_id"], req.model)
         heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
+        # the most positions the cache holds (reserved from the backbone's KV budget): a chain round ends
+        # at most at prompt + max_tokens - 1; a tree of c branches has up to (c - 1) * k more nodes than a chain
+        tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
+        max_positions = len(req.prompt_token_ids) + s.max_tokens + tree_nodes
         scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads,  # greedy reads only the argmax
-                       cache_salt=req.cache_salt)  # every call: a resume on another replica reads it
+                       max_positions=max_positions, cache_salt=req.cache_salt)  # the salt: a resume on another replica reads it
         anchor = None  # heads: the hidden state [dim] at the position that decided `pending`
         tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
         drafter_seen = 0  # tokens the drafter has been told about

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "tokens", "outputs_from", "commit", "argmax_only", "return_hidden", "cache_salt")
+    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "tokens", "outputs_from", "commit", "argmax_only", "return_hidden", "cache_salt", "max_positions")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class ScoreRequest(_message.Message):
     ARGMAX_ONLY_FIELD_NUMBER: _ClassVar[int]
     RETURN_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     start: int
@@ -33,7 +34,8 @@ class ScoreRequest(_message.Message):
     argmax_only: bool
     return_hidden: bool
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ..., return_hidden: _Optional[bool] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    max_positions: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ..., return_hidden: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., max_positions: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("logits", "z", "length", "cached", "argmax", "hidden")
