@@ -42,7 +42,7 @@ def cmd_serve(args) -> None:
 
         asyncio.run(serve(ServerSettings(
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
-            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key)))
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port)))
     except KeyboardInterrupt:
         pass
 
@@ -60,12 +60,17 @@ def serve_ray(args) -> None:
         app_args, port = load_serve_config(args.config)
     else:
         app_args, port = AppArgs(models=[_model(args)]), 9000
+    if args.token and not args.config:
+        app_args.auth_token = args.token
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
-                       address=args.ray_address)
+                       address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,
+                       http_tls=tls)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with server:
-        print(f"arserve on Ray Serve: gRPC {server.target} (Ctrl-C to stop)", flush=True)
+        print(f"arserve on Ray Serve: gRPC {server.target}, OpenAI-compatible HTTP {server.http_url} "
+              f"(Ctrl-C to stop)", flush=True)
         try:
             done.wait()
         except KeyboardInterrupt:
@@ -207,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port (default: off; "
+                   "8000, Ray Serve's HTTP proxy, with --ray)")
     s.add_argument("--engine", default="arserve", choices=["arserve", "vllm"],
                    help="what decodes the model: arserve's services, or vLLM's engine (make install-vllm)")
     s.add_argument("--vllm-speculative", default="none", choices=["none", "ngram"],
