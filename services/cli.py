@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--calls", type=int, default=200, help="hotpath: calls per case")
     b.add_argument("--requests", type=int, default=1000, help="load: requests per wiring")
     b.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
-    b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated)")
+    b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated: embedded, ray; "
+                   "http: the OpenAI HTTP door against gRPC on one embedded server)")
     b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
