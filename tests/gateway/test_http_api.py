@@ -64,6 +64,10 @@ class door:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http.port}/v1"
 
+    @property
+    def tls_url(self) -> str:
+        return f"https://localhost:{self.http.port}/v1"
+
 
 def wait_until(condition, seconds: float = 10.0) -> bool:
     deadline = time.time() + seconds
@@ -169,6 +173,26 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
             c.chat.completions.create(**chat)
         assert e.value.status_code == 503 and e.value.body["code"] == "unavailable"
     assert oai.chat.completions.create(**chat).usage.completion_tokens == 2  # still serving
+
+
+def test_tls_and_token_as_on_the_grpc_port(server, tmp_path):
+    import ssl
+
+    import httpx2  # the openai package's HTTP client
+
+    from test_security import self_signed
+
+    cert, key = self_signed(tmp_path)
+    chat = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    with door(server, tls_cert_file=cert, tls_key_file=key, auth_token="t0ken") as d:
+        trusted = httpx2.Client(verify=ssl.create_default_context(cafile=str(cert)))
+        with api(d.tls_url, token="t0ken", http_client=trusted) as c:
+            assert c.chat.completions.create(**chat).usage.completion_tokens == 3
+        with api(d.tls_url, token="wrong", http_client=httpx2.Client(verify=ssl.create_default_context(
+                cafile=str(cert)))) as c, pytest.raises(openai.AuthenticationError):
+            c.chat.completions.create(**chat)
+        with api(d.url, token="t0ken") as c, pytest.raises(openai.APIConnectionError):  # plain HTTP: no answer
+            c.chat.completions.create(**chat)
 
 
 def test_an_abandoned_stream_is_cancelled(oai, server):
