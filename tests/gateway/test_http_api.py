@@ -196,15 +196,23 @@ def test_tls_and_token_as_on_the_grpc_port(server, tmp_path):
 
 
 def test_an_abandoned_stream_is_cancelled(oai, server):
-    backbone = server.service.verifier.backbone
+    """The request ends as cancelled (not by running to its 2,000 tokens):
+    admission, KV cache and drafter state are freed."""
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "smollm2-135m-instruct", "method": "ngram", "outcome": "cancelled"}
+    cancelled = lambda: REGISTRY.get_sample_value("arserve_requests_total", labels) or 0.0  # noqa: E731
+    before = cancelled()
+    verifier = server.service.verifier
     stream = oai.completions.create(model="smollm2-135m-instruct", prompt="one two three four one two three four",
-                                    max_tokens=300, stream=True, extra_body={"speculative": "ngram"})
+                                    max_tokens=2000, stream=True, extra_body={"speculative": "ngram"})
     chunks = iter(stream)
     next(chunks), next(chunks)
-    assert backbone.requests and server.service.active == 1  # running: it holds a KV cache
+    assert verifier.backbone.requests and server.service.active == 1  # running: it holds a KV cache
     stream.close()  # the client goes away mid-stream
-    assert wait_until(lambda: not backbone.requests and server.service.active == 0), \
-        (backbone.requests, server.service.active)
+    assert wait_until(lambda: not verifier.backbone.requests and not verifier.drafter.contexts
+                      and server.service.active == 0), (verifier.backbone.requests, server.service.active)
+    assert cancelled() == before + 1
 
 
 def test_images_are_pngs_of_the_asked_class(oai, client):
