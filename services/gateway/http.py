@@ -163,18 +163,40 @@ def sse(body: dict | str) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its body iterator, so a
-    client gone mid-stream cancels the request at once, not when the
-    generator is collected."""
+    """A server-sent event stream whose body runs in a task of its own.
+    When the client disconnects, that task is cancelled exactly once, as a
+    gRPC server cancels a call: Starlette's StreamingResponse cancels
+    through an anyio scope, which re-cancels until the body exits, and a
+    second cancellation can interrupt the cleanup that frees a request's
+    state (the gateway's stream awaits its verifier's release)."""
 
     def __init__(self, body: AsyncIterator[bytes]):
         super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+        async def stream() -> None:
+            try:
+                async for data in self.body_iterator:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                await self.body_iterator.aclose()
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        body, gone = asyncio.create_task(stream()), asyncio.create_task(disconnected())
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self.body_iterator.aclose()
+            for task in (body, gone):
+                task.cancel()  # a no-op for the one that finished
+            await asyncio.wait({body, gone})  # not gather: a cancelled wait does not cancel them again
+        if not body.cancelled() and body.exception() is not None:
+            raise body.exception()
 
 
 class BearerAuth:
