@@ -42,7 +42,7 @@ def cmd_serve(args) -> None:
 
         asyncio.run(serve(ServerSettings(
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
-            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key)))
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port)))
     except KeyboardInterrupt:
         pass
 
@@ -72,12 +72,15 @@ def serve_ray(args) -> None:
     from .rayserve.run import RayServer
 
     app_args, port = ray_app_args(args)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
-                       address=args.ray_address)
+                       address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,
+                       http_tls=tls)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with server:
-        print(f"arserve on Ray Serve: gRPC {server.target} (Ctrl-C to stop)", flush=True)
+        print(f"arserve on Ray Serve: gRPC {server.target}, OpenAI-compatible HTTP {server.http_url} "
+              f"(Ctrl-C to stop)", flush=True)
         try:
             done.wait()
         except KeyboardInterrupt:
@@ -220,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     s.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port (default: off; "
+                   "8000, Ray Serve's HTTP proxy, with --ray)")
     s.add_argument("--engine", default="arserve", choices=["arserve", "vllm"],
                    help="what decodes the model: arserve's services, or vLLM's engine (make install-vllm)")
     s.add_argument("--vllm-speculative", default="none", choices=["none", "ngram"],
@@ -290,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", type=int, default=200, help="hotpath: calls per case")
     b.add_argument("--requests", type=int, default=1000, help="load: requests per wiring")
     b.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
-    b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated)")
+    b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated: embedded, ray; "
+                   "http: the OpenAI HTTP door against gRPC on one embedded server)")
     b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")

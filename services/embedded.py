@@ -10,6 +10,7 @@ import threading
 import torch
 
 from . import assemble
+from .gateway.http import start_http_server
 from .gateway.server import start_server
 from .gateway.service import GenerationService
 from .settings import ServerSettings
@@ -37,13 +38,27 @@ def close(service: GenerationService) -> None:
 
 
 async def serve(settings: ServerSettings, ready: threading.Event | None = None,
-                service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None) -> None:
-    """Serve until cancelled (or until ``stop`` is set). A service built
-    here is closed here; one passed in belongs to the caller."""
+                service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None,
+                on_http_port=None) -> None:
+    """Serve until cancelled (or until ``stop`` is set): gRPC, and the
+    OpenAI-compatible HTTP API on the same event loop when
+    ``settings.http_port`` is set. A service built here is closed here; one
+    passed in belongs to the caller."""
     built = service is None
     service = service or build(settings)
     server, port = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
+    http = None
+    if settings.http_port is not None:
+        try:
+            http = await start_http_server(service, settings)
+        except BaseException:
+            await server.stop(grace=None)
+            raise
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if settings.tls_cert_file else "http",
+                 settings.host, http.port)
+        if on_http_port:
+            on_http_port(http.port)
     if on_port:
         on_port(port)
     if ready:
@@ -54,6 +69,8 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
         else:
             await stop.wait()
     finally:
+        if http is not None:
+            await http.stop()
         await server.stop(grace=1.0)
         if built:
             close(service)
@@ -71,6 +88,7 @@ class EmbeddedServer:
         self.settings = settings or ServerSettings(port=0)
         self.service = service or build(self.settings)
         self.port = 0
+        self.http_port = 0  # the HTTP API's, when settings.http_port is set
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="arserve-embedded", daemon=True)
@@ -81,12 +99,19 @@ class EmbeddedServer:
     def target(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (``OpenAI(base_url=...)``)."""
+        scheme = "https" if self.settings.tls_cert_file else "http"
+        return f"{scheme}://{self.settings.host}:{self.http_port}/v1"
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._stop = asyncio.Event()
         try:
             self._loop.run_until_complete(serve(self.settings, self._ready, self.service,
-                                                on_port=lambda p: setattr(self, "port", p), stop=self._stop))
+                                                on_port=lambda p: setattr(self, "port", p), stop=self._stop,
+                                                on_http_port=lambda p: setattr(self, "http_port", p)))
         except BaseException as e:  # noqa: BLE001 - reported to the starting thread
             self._error = e
             self._ready.set()

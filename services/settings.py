@@ -298,6 +298,9 @@ class ServerSettings(ServiceSettings):
     port: int = Field(50051, ge=0, le=65535, description="Public gRPC port (0 picks a free one).")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS (with tls_key_file).")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    http_port: int | None = Field(None, ge=0, le=65535, description="Port of the OpenAI-compatible HTTP API "
+                                  "(arserve.gateway.http; same host, token and TLS as the gRPC port; 0 picks "
+                                  "a free one); None: no HTTP API.")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerSettings":

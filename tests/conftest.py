@@ -55,12 +55,13 @@ def bench_prompts() -> list[dict]:
 @pytest.fixture(scope="session")
 def server():
     """The embedded server with SmolLM2-135M-Instruct in float32, with the
-    ngram drafter and its trained drafters (draft model, Hydra heads)."""
+    ngram drafter and its trained drafters (draft model, Hydra heads), and
+    the OpenAI-compatible HTTP API on a port of its own (``srv.http_url``)."""
     from arserve.embedded import EmbeddedServer
     from arserve.settings import ModelSettings, ServerSettings
 
     model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"])
-    with EmbeddedServer(ServerSettings(port=0, models=[model])) as srv:
+    with EmbeddedServer(ServerSettings(port=0, models=[model], http_port=0)) as srv:
         yield srv
 
 

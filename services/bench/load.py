@@ -6,6 +6,13 @@ alone, plain); errors, truncated or altered outputs are counted, and the
 latency percentiles recorded.
 
     arserve bench --suite load [--requests 1000] [--clients 16]
+
+``--wirings http`` runs the front doors against each other on one embedded
+server instead: short greedy chat requests from C concurrent ``openai``
+async clients to the OpenAI-compatible HTTP API, then from C gRPC clients
+(requests/s, p50/p99 latency, and the two doors' texts compared).
+
+    arserve bench --suite load --wirings http --requests 500 --out bench-results/load-http.json
 """
 
 from __future__ import annotations
@@ -65,6 +72,73 @@ async def run_load(target: str, prompts: list[dict], refs: dict, n: int, clients
                           "mean": statistics.mean(latencies) if latencies else None}}
 
 
+DOOR_MAX_TOKENS = 8  # short chat requests: the front door's cost shows, not the decode's
+
+
+async def run_door(door: str, target: str, http_url: str, jobs: list[dict], clients: int) -> tuple[dict, dict]:
+    """``jobs`` (prompts) through one front door from ``clients`` concurrent
+    clients, each its own connection: gRPC's AsyncClient or openai's
+    AsyncOpenAI. Returns the figures and each job's text."""
+    import openai
+
+    from arserve_client import AsyncClient
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, job in enumerate(jobs):
+        queue.put_nowait((i, job))
+    latencies, errors, texts = [], [], {}
+
+    async def worker():
+        if door == "grpc":
+            client = AsyncClient(target, timeout=600)
+            ask = lambda p: client.generate(messages=p["messages"], max_tokens=DOOR_MAX_TOKENS,  # noqa: E731
+                                            temperature=0.0)
+        else:
+            client = openai.AsyncOpenAI(base_url=http_url, api_key="unused", max_retries=0, timeout=600)
+            ask = lambda p: client.chat.completions.create(  # noqa: E731
+                model="smollm2-135m-instruct", messages=p["messages"], max_tokens=DOOR_MAX_TOKENS, temperature=0)
+        async with client:
+            while not queue.empty():
+                i, p = queue.get_nowait()
+                t = time.perf_counter()
+                try:
+                    out = await ask(p)
+                except Exception as e:  # noqa: BLE001 - counted, the run goes on
+                    errors.append(f"{p['id']}: {type(e).__name__}: {e}")
+                    continue
+                latencies.append(time.perf_counter() - t)
+                texts[i] = out.text if door == "grpc" else out.choices[0].message.content
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t
+    return {"requests": len(jobs), "clients": clients, "wall_s": wall, "requests_per_s": len(jobs) / wall,
+            "errors": len(errors), "error_samples": errors[:5],
+            "latency_s": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+                          "mean": statistics.mean(latencies) if latencies else None}}, texts
+
+
+def run_doors(srv, prompts: list[dict], n: int, clients: int, seed: int = 0) -> dict:
+    """gRPC, then HTTP, on the same server and the same request mix (after
+    one warm-up round through each door)."""
+    rng = random.Random(seed)
+    jobs = [rng.choice(prompts) for _ in range(n)]
+    out: dict = {"max_tokens": DOOR_MAX_TOKENS}
+    for door in ("grpc", "http"):
+        asyncio.run(run_door(door, srv.target, srv.http_url, jobs[:clients], clients))  # warm-up
+    texts = {}
+    for door in ("grpc", "http"):
+        log(f"{door}: {n} chat requests from {clients} clients ...")
+        out[door], texts[door] = asyncio.run(run_door(door, srv.target, srv.http_url, jobs, clients))
+        r = out[door]
+        log(f"{door}: {r['errors']} errors, p50 {r['latency_s']['p50'] * 1e3:.0f} ms, "
+            f"p99 {r['latency_s']['p99'] * 1e3:.0f} ms, {r['requests_per_s']:.1f} req/s")
+    out["texts_differ"] = sum(texts["grpc"].get(i) != texts["http"].get(i) for i in range(n))
+    out["http_over_grpc_throughput"] = out["http"]["requests_per_s"] / out["grpc"]["requests_per_s"]
+    log(f"HTTP / gRPC throughput: {out['http_over_grpc_throughput']:.2f}x; {out['texts_differ']} texts differ")
+    return out
+
+
 def references(target: str, prompts: list[dict]) -> dict:
     """Each prompt decoded alone, plain greedy, to the longest output length."""
     from arserve_client import Client
@@ -83,7 +157,7 @@ def main(args) -> None:
     results = {"benchmark": "load", "machine": machine_info(), "max_tokens": MAX_TOKENS, "methods": METHODS,
                "wirings": {}}
     model = ModelSettings(speculative_methods=["none", "ngram"])
-    if "embedded" in args.wirings:
+    if "embedded" in args.wirings.split(","):
         with EmbeddedServer(ServerSettings(port=0, models=[model])) as srv:
             refs = references(srv.target, prompts)
             log(f"embedded: {n} requests from {clients} clients ...")
@@ -102,6 +176,9 @@ def main(args) -> None:
             results["wirings"]["ray"] = r = asyncio.run(run_load(srv.target, prompts, refs, n, clients))
             log(f"ray: {r['errors']} errors, {r['altered']} altered, p50 {r['latency_s']['p50']:.2f} s, "
                 f"p99 {r['latency_s']['p99']:.2f} s, {r['requests_per_s']:.1f} req/s")
+    if "http" in args.wirings:
+        with EmbeddedServer(ServerSettings(port=0, http_port=0, models=[model])) as srv:
+            results["doors"] = run_doors(srv, prompts, n, clients)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

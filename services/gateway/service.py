@@ -77,8 +77,10 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
         if not finished:  # the caller left early: stop the verifier
             task.cancel()
         # after the last event the verifier releases the request's state (and its KV blocks reach
-        # the tiers) before its stream ends: the request completes after that, not before
-        await asyncio.gather(task, return_exceptions=True)
+        # the tiers) before its stream ends: the request completes after that, not before. asyncio.wait,
+        # not gather: a caller cancelled again while it waits (Starlette cancels repeatedly) must not
+        # cancel the verifier's cleanup a second time, which left drafter state behind
+        await asyncio.wait([task])
         await events.aclose()
 
 

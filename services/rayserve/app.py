@@ -1,6 +1,7 @@
 """The Ray Serve application: one deployment per service.
 
-    gateway (ingress: Ray Serve's gRPC proxy calls it with arserve.v1.Generation)
+    gateway (ingress: Ray Serve's gRPC proxy calls it with arserve.v1.Generation, its HTTP
+             proxy with the OpenAI-compatible API of arserve.gateway.http)
       -> tokenizer      Encode / DecodeIncremental        (stateless)
       -> verifier       Run: the decode loop of a request (stateless between requests),
                         or vLLM's engine for the models that name it (engine: vllm)
@@ -38,6 +39,7 @@ from arserve_client.v1 import (
 
 from .. import assemble, metrics
 from ..errors import Unauthenticated
+from ..gateway import http
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs
@@ -99,9 +101,12 @@ def _fail(grpc_context, e: Exception) -> None:
         grpc_context.set_details(status[1])
 
 
+@serve.ingress()  # the app is built per replica, around its GenerationService (__serve_build_asgi_app__)
 class Gateway:
     """The ingress: Ray Serve's gRPC proxy calls these methods with the
-    messages of ``arserve.v1.Generation``."""
+    messages of ``arserve.v1.Generation``; its HTTP proxy calls the
+    OpenAI-compatible app of ``arserve.gateway.http`` around the same
+    GenerationService (docs/decisions.md: one deployment, two doors)."""
 
     async def __init__(self, args: dict, directory, *services):
         args = AppArgs.model_validate(args)
@@ -110,6 +115,10 @@ class Gateway:
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
         self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier)
         self.token = args.resolved_auth_token()
+        self.open_health = args.auth_open_health
+
+    def __serve_build_asgi_app__(self):
+        return http.build_app(self.service, self.token, self.open_health)
 
     def _authenticate(self, grpc_context) -> None:
         """The bearer token, when the settings ask for one (Ray's proxy hands

@@ -56,10 +56,11 @@ class RayServer:
 
     def __init__(self, args: AppArgs, grpc_port: int = 9000, host: str = "127.0.0.1", address: str | None = None,
                  num_cpus: float | None = None, temp_dir: str | None = None, http_port: int | None = None,
-                 metrics_export_port: int | None = None):
+                 metrics_export_port: int | None = None, http_tls: tuple[Path, Path] | None = None):
         self.args = args
         self.grpc_port = grpc_port
-        self.http_port = http_port if http_port is not None else free_port(host)  # Ray's HTTP proxy (unused by arserve)
+        self.http_port = http_port if http_port is not None else free_port(host)  # Ray's HTTP proxy: the OpenAI API
+        self.http_tls = http_tls  # (certificate chain, private key) PEM files: the HTTP proxy serves HTTPS
         self.host = host
         self.address = address
         self.num_cpus = num_cpus
@@ -70,6 +71,11 @@ class RayServer:
     @property
     def target(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (``OpenAI(base_url=...)``)."""
+        return f"{'https' if self.http_tls else 'http'}://{self.host}:{self.http_port}/v1"
 
     def start(self) -> "RayServer":
         t = time.perf_counter()
@@ -84,9 +90,12 @@ class RayServer:
             self._started_ray = True
         serve.start(proxy_location="HeadOnly",
                     grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
-                    http_options={"host": self.host, "port": self.http_port})
+                    http_options={"host": self.host, "port": self.http_port,
+                                  **({"ssl_certfile": str(self.http_tls[0]), "ssl_keyfile": str(self.http_tls[1])}
+                                     if self.http_tls else {})})
         serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
-        log.info("arserve on Ray Serve: gRPC %s (%.0fs to start)", self.target, time.perf_counter() - t)
+        log.info("arserve on Ray Serve: gRPC %s, HTTP %s (%.0fs to start)", self.target, self.http_url,
+                 time.perf_counter() - t)
         return self
 
     def _init_local_ray(self, attempts: int = 3) -> None:

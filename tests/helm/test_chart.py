@@ -600,10 +600,13 @@ def test_network_policies_open_only_the_public_port_to_the_outside():
     assert not selects(peer["podSelector"], redis)
     assert not selects(peer["podSelector"], {**pods[""], "app.kubernetes.io/instance": "other"})
 
-    # The public gRPC port from anyone, on the head (where the proxy runs).
+    # The public ports from anyone, on the head (where the proxies run): gRPC, and the HTTP door
+    # unless serve.exposeHttp is off.
     public = p["public"]
     assert [g for g, labels in pods.items() if selects(public["podSelector"], labels)] == [""]
     (rule,) = public["ingress"]
+    assert rule == {"ports": [{"port": 9000, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}
+    (rule,) = policies(documents({"serve": {"exposeHttp": False}}))["public"]["ingress"]
     assert rule == {"ports": [{"port": 9000, "protocol": "TCP"}]}
 
     # The dashboard (job submission): the head's port 8265, from the KubeRay operator only.
@@ -628,7 +631,8 @@ def test_network_policy_options():
                       "serve": {"proxyLocation": "EveryNode", "grpcPort": 9443}, **NO_STEERING})
     pods = {group: pod["metadata"]["labels"] for group, pod in ray_pods(docs).items()}
     p = policies(docs)
-    assert p["public"]["ingress"] == [{"ports": [{"port": 9443, "protocol": "TCP"}], "from": web}]
+    assert p["public"]["ingress"] == [{"ports": [{"port": 9443, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}],
+                                       "from": web}]
     assert all(selects(p["public"]["podSelector"], labels) for labels in pods.values())  # a proxy on every pod
     assert p["ray"]["ingress"][1] == {"from": prometheus, "ports": [{"port": 8080, "protocol": "TCP"}]}
     (peer,) = p["redis"]["ingress"][0]["from"]  # without steering a backbone may run on any Ray pod

@@ -182,6 +182,60 @@ def test_every_service_reports_metrics_through_ray(ray_server, ray_client):
     assert not missing, f"not exported: {missing}"
 
 
+def _cancelled(http_url: str) -> float:
+    """Requests the gateway replica counted as cancelled (its /metrics on the HTTP door)."""
+    import urllib.request
+
+    body = urllib.request.urlopen(http_url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("arserve_requests_total{") and 'outcome="cancelled"' in line)
+
+
+def test_the_openai_api_through_rays_http_proxy(ray_server, ray_client):
+    """The gateway deployment is also a Serve ingress: the openai package
+    through Ray Serve's HTTP proxy gets the gRPC API's text and token
+    counts, the gateway's errors, and an abandoned stream is cancelled."""
+    import openai
+
+    model = "smollm2-135m-instruct"
+    with openai.OpenAI(base_url=ray_server.http_url, api_key="unused", max_retries=0, timeout=600) as oai:
+        for p in bench_prompts()[:2]:
+            want = ray_client.generate(messages=p["messages"], max_tokens=12, temperature=0.0)
+            chat = oai.chat.completions.create(model=model, messages=p["messages"], max_tokens=12, temperature=0)
+            assert chat.choices[0].message.content == want.text and chat.usage.completion_tokens == 12
+            chunks = list(oai.chat.completions.create(model=model, messages=p["messages"], max_tokens=12,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True}))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+            assert chunks[-1].usage.completion_tokens == want.stats.completion_tokens
+        want = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=12, temperature=0.0)
+        done = oai.completions.create(model=model, prompt="Count from 1 to 10:", max_tokens=12, temperature=0)
+        streamed = list(oai.completions.create(model=model, prompt="Count from 1 to 10:", max_tokens=12,
+                                               temperature=0, stream=True))
+        assert done.choices[0].text == want.text == "".join(c.choices[0].text for c in streamed)
+        assert [m.id for m in oai.models.list()] == [model]
+
+        with pytest.raises(openai.BadRequestError, match="top_p"):
+            oai.completions.create(model=model, prompt="Hi", top_p=1.5)
+        with pytest.raises(openai.NotFoundError, match="no-such-model"):
+            oai.completions.create(model="no-such-model", prompt="Hi")
+        with pytest.raises(openai.APIStatusError) as e:
+            oai.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=500,
+                                   extra_headers={"X-Request-Timeout": "0.5"}, extra_body={"speculative": "none"})
+        assert e.value.status_code == 504
+
+        before = _cancelled(ray_server.http_url)
+        stream = oai.completions.create(model=model, prompt="one two three four one two three four",
+                                        max_tokens=300, stream=True, extra_body={"speculative": "ngram"})
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+        stream.close()  # the client goes away mid-stream: the gateway's admission counts it cancelled
+        deadline = time.time() + 30
+        while _cancelled(ray_server.http_url) <= before and time.time() < deadline:
+            time.sleep(0.2)
+        assert _cancelled(ray_server.http_url) > before
+
+
 def long_prompt(seed: int = 0) -> str:
     """~1,150 tokens (the benchmark's generator, longer)."""
     return bench_long_prompt(seed, n_words=400)

@@ -451,7 +451,9 @@ The container ports the public NetworkPolicy opens, as a JSON list: Ray
 Serve's gRPC proxy port (a second front door adds its port here).
 */}}
 {{- define "arserve.publicPorts" -}}
-{{- list (int .Values.serve.grpcPort) | toJson }}
+{{- $ports := list (int .Values.serve.grpcPort) }}
+{{- if .Values.serve.exposeHttp }}{{ $ports = append $ports (int .Values.serve.httpPort) }}{{ end }}
+{{- $ports | toJson }}
 {{- end }}
 
 {{/* Labels of the pods that may open the Redis KV tier (those that may host the backbone). */}}

@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP front door, beside the gRPC API.
+
+It translates the OpenAI HTTP API (the one vLLM, SGLang, TGI and Ray Serve
+LLM answer) to and from the same ``GenerationService`` that serves
+``arserve.v1.Generation``: validation, admission limits, speculation,
+metrics and errors are the gateway's, and this module only converts.
+
+    POST /v1/chat/completions   -> GenerateStream   (stream: server-sent events, ending in ``data: [DONE]``)
+    POST /v1/completions        -> GenerateStream
+    POST /v1/images/generations -> GenerateImage    (the prompt names the class: "7")
+    GET  /v1/models             -> ListModels       (text and image models)
+    GET  /health, GET /metrics                      (prometheus_client's registry, as --metrics-port)
+
+Errors come in OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``, with the HTTP status of the gRPC code the gateway raised
+(``STATUS``, the one map). A request may carry a deadline in the
+``X-Request-Timeout`` header (seconds), as a gRPC call carries one: past it
+the request is cancelled and answered 504. A client that disconnects
+mid-stream cancels its request, as on gRPC.
+
+The embedded wiring serves the app with uvicorn on the gRPC server's event
+loop (``start_http_server``); the Ray wiring's gateway deployment is a
+Ray Serve ingress that builds the same app (``serve.ingress``), reached
+through Ray Serve's HTTP proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException
+
+from arserve_client.v1 import generation_pb2 as pb
+
+from ..errors import InvalidArgument, Unauthenticated
+from ..rpc import AUTH_FAILED, status_of, token_ok
+from .openai_models import ChatCompletionBody, CompletionBody, ImageBody
+
+log = logging.getLogger("arserve.http")
+
+# gRPC status code -> (HTTP status, OpenAI error type). Anything else is 500.
+STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+TIMEOUT_HEADER = "x-request-timeout"
+AUTH_FAILED_HTTP = AUTH_FAILED.replace("metadata 'authorization: Bearer <token>'", "header 'Authorization: Bearer <token>'")
+FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop"}
+
+
+def error_body(e: BaseException) -> tuple[int, dict]:
+    """The HTTP status and OpenAI error body an exception stands for: the
+    gRPC status the gateway's interceptor would give it (``rpc.status_of``),
+    a passed deadline as DEADLINE_EXCEEDED, anything else INTERNAL."""
+    status = status_of(e)
+    if status is None and isinstance(e, TimeoutError):
+        status = grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline (X-Request-Timeout) passed"
+    if status is None:
+        log.error("request failed", exc_info=e)
+        status = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    code, message = status
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        message = AUTH_FAILED_HTTP if message == AUTH_FAILED else message
+    http, kind = STATUS.get(code, (500, "internal_error"))
+    return http, {"error": {"message": message, "type": kind, "param": getattr(e, "param", None),
+                            "code": code.name.lower()}}
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    http, body = error_body(e)
+    return JSONResponse(body, status_code=http)
+
+
+def validation_error(e: RequestValidationError) -> JSONResponse:
+    """pydantic's errors as one INVALID_ARGUMENT naming the field (400, as OpenAI answers a bad parameter)."""
+    first = e.errors()[0] if e.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
+                for err in e.errors()]
+    err = InvalidArgument("; ".join(messages) or "request body does not parse")
+    err.param = param
+    return error_response(err)
+
+
+def usage(u: pb.Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
+def deadline_of(request: Request) -> float | None:
+    """The loop time the request must end by (X-Request-Timeout: seconds), or None."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidArgument(f"header X-Request-Timeout must be a positive number of seconds, got {raw[:32]!r}")
+    return asyncio.get_running_loop().time() + seconds
+
+
+class Shape:
+    """How one kind of completion looks on the wire (chat or text)."""
+
+    def __init__(self, chat: bool, request_id: str, model: str):
+        self.chat, self.created, self.model = chat, int(time.time()), model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self, out: pb.GenerateResponse) -> dict:
+        finish = FINISH.get(out.finish_reason)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}
+        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
+        body["usage"] = usage(out.usage)
+        return body
+
+    def chunk(self, text: str, finish: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+
+    def usage_chunk(self, u: pb.Usage) -> dict:
+        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = usage(u)
+        return body
+
+
+def sse(body: dict | str) -> bytes:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream whose body runs in a task of its own.
+    When the client disconnects, that task is cancelled exactly once, as a
+    gRPC server cancels a call: Starlette's StreamingResponse cancels
+    through an anyio scope, which re-cancels until the body exits, and a
+    second cancellation can interrupt the cleanup that frees a request's
+    state (the gateway's stream awaits its verifier's release)."""
+
+    def __init__(self, body: AsyncIterator[bytes]):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+        async def stream() -> None:
+            try:
+                async for data in self.body_iterator:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                await self.body_iterator.aclose()
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        body, gone = asyncio.create_task(stream()), asyncio.create_task(disconnected())
+        try:
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (body, gone):
+                task.cancel()  # a no-op for the one that finished
+            await asyncio.wait({body, gone})  # not gather: a cancelled wait does not cancel them again
+        if not body.cancelled() and body.exception() is not None:
+            raise body.exception()
+
+
+class BearerAuth:
+    """Requests without ``Authorization: Bearer <token>`` get 401 (a plain
+    ASGI middleware: streamed responses pass through untouched)."""
+
+    def __init__(self, app, token: str, open_paths: tuple[str, ...] = ()):
+        self.app, self.token, self.open_paths = app, token, open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            if not token_ok(headers, self.token):
+                await error_response(Unauthenticated(AUTH_FAILED))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(service, auth_token: str | None = None, open_health: bool = True) -> FastAPI:
+    """The HTTP door of ``service`` (a ``GenerationService``). auth_token:
+    every route but an open /health requires ``Authorization: Bearer``
+    (the gRPC port's token and comparison, ``rpc.token_ok``)."""
+    app = FastAPI(title="arserve (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+
+    if auth_token:
+        app.add_middleware(BearerAuth, token=auth_token, open_paths=("/health",) if open_health else ())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return validation_error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # unknown route, wrong method
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {e.detail}", "type": kind,
+                                       "param": None, "code": None}}, status_code=e.status_code)
+
+    async def complete(body: ChatCompletionBody | CompletionBody, request: Request, chat: bool):
+        try:
+            deadline = deadline_of(request)
+            req = body.to_generate_request()
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            return error_response(e)
+        model = req.model or service.default_model
+        if not body.stream:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    out = await service.Generate(req)
+            except Exception as e:  # noqa: BLE001
+                return error_response(e)
+            return JSONResponse(Shape(chat, out.request_id, model).whole(out))
+        chunks = service.GenerateStream(req)
+        try:  # the first chunk before the 200: a refused request gets its status, not a broken stream
+            async with asyncio.timeout_at(deadline):
+                first = await anext(chunks)
+        except Exception as e:  # noqa: BLE001
+            await chunks.aclose()
+            return error_response(e)
+        return EventStream(events(first, chunks, Shape(chat, first.request_id, model), body.include_usage(), deadline))
+
+    async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,
+                     deadline: float | None) -> AsyncIterator[bytes]:
+        chunk, opened = first, False
+        try:
+            while True:
+                finish = FINISH.get(chunk.finish_reason)
+                if chunk.text or finish or not opened:
+                    body = shape.chunk(chunk.text, finish, first=not opened)
+                    if include_usage:
+                        body["usage"] = None
+                    yield sse(body)
+                    opened = True
+                if chunk.finish_reason:
+                    if include_usage:
+                        yield sse(shape.usage_chunk(chunk.usage))
+                    break
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+        except Exception as e:  # noqa: BLE001 - after the 200 an error is an event (as vLLM sends it)
+            yield sse(error_body(e)[1])
+        finally:
+            await chunks.aclose()
+        yield sse("[DONE]")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody, request: Request):
+        return await complete(body, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        return await complete(body, request, chat=False)
+
+    @app.post("/v1/images/generations")
+    async def images(body: ImageBody, request: Request):
+        try:
+            deadline = deadline_of(request)
+            req = body.to_generate_image_request()
+            async with asyncio.timeout_at(deadline):
+                out = await service.GenerateImage(req)
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": base64.b64encode(im.png).decode()} for im in out.images]})
+
+    @app.get("/v1/models")
+    async def models():
+        try:
+            listed = await service.ListModels(pb.ListModelsRequest())
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+        return {"object": "list", "data": [
+            {"id": m.id, "object": "model", "created": 0, "owned_by": "arserve", "kind": m.kind,
+             "max_model_len": m.context_length, "is_default": m.is_default,
+             "speculative_methods": list(m.speculative_methods),
+             "default_speculative_method": m.default_speculative_method}
+            for m in listed.models]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn serving ``build_app`` on the running event loop (the embedded
+    wiring: the same loop, and so the same GenerationService, as the gRPC
+    server)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def capture_signals(self):  # the embedding process handles its signals
+                return contextlib.nullcontext()
+
+        ssl = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+        self.config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
+                                     access_log=False, timeout_graceful_shutdown=1, **ssl)
+        self.server = Server(self.config)
+        self.port = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        sock = self.config.bind_socket()  # bound here, so port 0 yields the port it picked
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"HTTP server on {self.config.host}:{self.port} did not start")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self.server.should_exit = True
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+async def start_http_server(service, settings) -> HttpServer:
+    """The HTTP door of the embedded server on ``settings.http_port`` (0:
+    a free one), with the gRPC port's token and TLS certificate."""
+    tls = (str(settings.tls_cert_file), str(settings.tls_key_file)) if settings.tls_cert_file else None
+    app = build_app(service, settings.resolved_auth_token(), settings.auth_open_health)
+    server = HttpServer(app, settings.host, settings.http_port, tls)
+    await server.start()
+    return server

@@ -1,0 +1,176 @@
+"""The OpenAI HTTP API's request bodies (chat completions, completions,
+image generations) as pydantic models, and their translation to the
+gateway's protobuf requests.
+
+Only what the wire needs is checked here (types, and integer ranges that
+must fit the protobuf fields); every limit the gateway knows (top_p range,
+stop strings, speculative methods, context window, ...) stays in
+``gateway.validate`` so both front doors refuse the same requests with the
+same messages. arserve's own options ride as extra body fields, as vLLM
+takes its extra sampling parameters (the ``openai`` package's
+``extra_body``): ``top_k``, ``speculative`` (the method), ``num_draft_tokens``;
+for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from arserve_client.v1 import generation_pb2 as pb
+
+from ..errors import InvalidArgument
+
+UINT32 = (1 << 32) - 1
+UINT64 = (1 << 64) - 1
+MAX_IMAGES_ASKED = 1 << 16  # bounds n before the gateway's own limit (max_images_per_request) answers
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send one more chunk before [DONE] with the usage.")
+
+
+class GenerationBody(BaseModel):
+    """Fields chat completions and completions share. Unknown fields are
+    ignored (OpenAI clients send ``user`` and the like); the ones that would
+    change the answer and are not served are refused by ``refuse_unserved``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Model id (default: the server's first text model).")
+    max_tokens: int | None = Field(None, ge=0, le=UINT32, description="Most completion tokens.")
+    temperature: float | None = Field(None, description="0 is greedy; unset: arserve's default, greedy.")
+    top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
+    seed: int | None = Field(None, ge=0, le=UINT64, description="Seed of the request's sampler.")
+    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text).")
+    n: int = Field(1, description="Choices per request: only 1.")
+    stream: bool = Field(False, description="Answer with server-sent events, ending in data: [DONE].")
+    stream_options: StreamOptions | None = None
+    # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
+    logprobs: bool | int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    # arserve's own (extra_body)
+    top_k: int | None = Field(None, ge=-1, le=UINT32, description="Top-k sampling; 0 or -1: off (vLLM's spelling).")
+    speculative: str | None = Field(None, description="Speculative method (none, ngram, draft_model, heads; "
+                                    "default: the model's).")
+    num_draft_tokens: int | None = Field(None, ge=0, le=UINT32, description="Draft length (the adaptive bound).")
+
+    def refuse_unserved(self) -> None:
+        if self.n != 1:
+            raise InvalidArgument(f"n: arserve returns one choice per request (n=1), got n={self.n}; "
+                                  f"send {self.n} requests instead")
+        if self.logprobs:
+            raise InvalidArgument("logprobs: not served by arserve")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidArgument(f"{name}: not served by arserve (leave it unset or 0)")
+        if self.logit_bias:
+            raise InvalidArgument("logit_bias: not served by arserve")
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_proto(self, max_tokens: int | None) -> pb.GenerateRequest:
+        """The gateway's request, without prompt or messages."""
+        self.refuse_unserved()
+        sampling = pb.SamplingParams()
+        if max_tokens is not None:
+            sampling.max_tokens = max_tokens
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(self, name) is not None:
+                setattr(sampling, name, getattr(self, name))
+        if self.top_k is not None and self.top_k > 0:
+            sampling.top_k = self.top_k
+        if self.stop is not None:
+            sampling.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        speculative = pb.SpeculativeParams(method=self.speculative or "")
+        if self.num_draft_tokens is not None:
+            speculative.num_draft_tokens = self.num_draft_tokens
+        return pb.GenerateRequest(model=self.model or "", sampling=sampling, speculative=speculative)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = Field(..., description="Only text parts are served.")
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, ...
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionBody(GenerationBody):
+    messages: list[Message] = Field(..., description="The conversation; the chat template is applied.")
+    max_completion_tokens: int | None = Field(None, ge=0, le=UINT32, description="max_tokens' newer name; "
+                                              "wins when both are set.")
+    tools: list | None = None
+
+    def to_generate_request(self) -> pb.GenerateRequest:
+        if self.tools:
+            raise InvalidArgument("tools: not served by arserve")
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        req = self.to_proto(limit)
+        # OpenAI's newer "developer" role is the system role of older chat templates
+        req.messages.extend(pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+                            for m in self.messages)
+        return req
+
+
+class CompletionBody(GenerationBody):
+    prompt: str | list[str] = Field(..., description="One prompt (a list holding one string is taken too).")
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def to_generate_request(self) -> pb.GenerateRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise InvalidArgument(f"prompt: one prompt per request, got a list of {len(self.prompt)}")
+        if self.echo or (self.best_of or 1) != 1 or self.suffix:
+            raise InvalidArgument("echo, best_of and suffix: not served by arserve")
+        req = self.to_proto(self.max_tokens)
+        req.prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+        return req
+
+
+class ImageBody(BaseModel):
+    """``POST /v1/images/generations`` for a class-conditional image model:
+    the prompt names the class (``"7"``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., description="The class label, as a number (e.g. '7').")
+    model: str | None = Field(None, description="Image model id (default: the first image model).")
+    n: int = Field(1, ge=1, le=MAX_IMAGES_ASKED, description="Images of that class.")
+    response_format: str | None = Field("b64_json", description="Only b64_json (PNG bytes in base64).")
+    seed: int | None = Field(None, ge=0, le=UINT64)
+    steps: int | None = Field(None, ge=0, le=UINT32, description="Denoising steps of the diffusion head.")
+    guidance: float | None = Field(None, description="Classifier-free guidance scale.")
+    temperature: float | None = Field(None, description="Diffusion temperature.")
+    speculative: str | None = Field(None, description="none or draft_model (default: the model's).")
+    num_draft_tokens: int | None = Field(None, ge=0, le=UINT32)
+
+    def to_generate_image_request(self) -> pb.GenerateImageRequest:
+        if self.response_format not in (None, "b64_json"):
+            raise InvalidArgument(f"response_format: only b64_json is served, got {self.response_format!r}")
+        label = self.prompt.strip()
+        if not label.isdecimal() or int(label) > UINT32:
+            raise InvalidArgument(f"prompt: name the class to draw as a number (e.g. '7'), got {self.prompt[:40]!r}")
+        req = pb.GenerateImageRequest(model=self.model or "", labels=[int(label)] * self.n,
+                                      speculative=pb.SpeculativeParams(method=self.speculative or ""))
+        for name, field in (("seed", "seed"), ("steps", "num_steps"), ("guidance", "cfg_scale"),
+                            ("temperature", "temperature")):
+            if getattr(self, name) is not None:
+                setattr(req, field, getattr(self, name))
+        if self.num_draft_tokens is not None:
+            req.speculative.num_draft_tokens = self.num_draft_tokens
+        return req

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP door of the embedded server, through the
+official ``openai`` package over real sockets: the same text as the gRPC
+API, errors as the openai package's exception types, a stream the client
+abandons is cancelled, images as PNGs of the asked class. Doors with their
+own settings (token, admission limit, a failing verifier) share the
+session server's services (one copy of the model)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from arserve.errors import Unavailable
+from arserve.gateway.http import start_http_server
+from arserve.gateway.service import GenerationService
+from arserve.image.quality import judge
+from arserve.settings import ServerSettings
+from conftest import bench_prompts
+
+PROMPTS = [p for p in bench_prompts() if p["id"] in ("dev-00", "dev-03")] + [bench_prompts()[-1]]
+MAX_TOKENS = 12
+
+
+def api(base_url: str, token: str = "unused", **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=300, **options)
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with api(server.http_url) as c:
+        yield c
+
+
+class door:
+    """Another HTTP door (its own settings) in front of the session
+    server's tokenizer, verifier and images, on the session server's loop."""
+
+    def __init__(self, server, verifier=None, **options):
+        self.server = server
+        settings = ServerSettings(**{"port": 0, "http_port": 0, "models": server.settings.models, **options})
+        s = server.service
+        self.service = GenerationService(settings, s.tokenizer, verifier or s.verifier, s.windows, s.images)
+        self.settings, self.http = settings, None
+
+    def __enter__(self) -> "door":
+        self.http = asyncio.run_coroutine_threadsafe(start_http_server(self.service, self.settings),
+                                                     self.server._loop).result(30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.http.stop(), self.server._loop).result(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http.port}/v1"
+
+    @property
+    def tls_url(self) -> str:
+        return f"https://localhost:{self.http.port}/v1"
+
+
+def wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_chat_and_completions_say_what_grpc_says(oai, client):
+    """Greedy: unary and streamed text equal the gRPC API's for the same
+    request, and the streamed usage chunk counts the same tokens."""
+    for p in PROMPTS:
+        want = client.generate(messages=p["messages"], max_tokens=MAX_TOKENS, temperature=0.0)
+        chat = oai.chat.completions.create(model="smollm2-135m-instruct", messages=p["messages"],
+                                           max_tokens=MAX_TOKENS, temperature=0)
+        assert chat.choices[0].message.content == want.text, p["id"]
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == MAX_TOKENS
+        chunks = list(oai.chat.completions.create(model="smollm2-135m-instruct", messages=p["messages"],
+                                                  max_completion_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}))
+        assert len(chunks) > 2 and chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text, p["id"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.stats.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == want.stats.prompt_tokens
+    prompt = PROMPTS[0]["messages"][0]["content"]
+    want = client.generate(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, speculative="none")
+    extra = {"speculative": "none", "top_k": 0}
+    done = oai.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=MAX_TOKENS,
+                                  temperature=0, extra_body=extra)
+    streamed = list(oai.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, extra_body=extra))
+    assert done.choices[0].text == want.text == "".join(c.choices[0].text for c in streamed)
+    assert done.usage.prompt_tokens == want.stats.prompt_tokens
+
+
+def test_arserve_options_ride_in_extra_body(oai):
+    """A speculative method the model lacks is refused by the gateway's own check."""
+    with pytest.raises(openai.BadRequestError, match="speculative.method 'no-such'"):
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2,
+                               extra_body={"speculative": "no-such"})
+    out = oai.completions.create(model="smollm2-135m-instruct", prompt="1, 2, 3, 1, 2, 3, 1, 2,", max_tokens=6,
+                                 temperature=0, extra_body={"speculative": "ngram", "num_draft_tokens": 4})
+    assert out.usage.completion_tokens == 6
+
+
+def test_models_health_and_metrics(oai, server):
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {"smollm2-135m-instruct", "digits-mar"}
+    assert models["smollm2-135m-instruct"].kind == "text" and models["digits-mar"].kind == "image"
+    base = server.http_url.removesuffix("/v1")
+    assert urllib.request.urlopen(f"{base}/health", timeout=10).status == 200
+    body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    assert "arserve_requests_total" in body
+
+
+def test_every_error_has_its_status_and_openai_exception(oai, server):
+    chat = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="top_p") as e:
+        oai.chat.completions.create(**{**chat, "top_p": 1.5})
+    assert e.value.body["code"] == "invalid_argument" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        oai.chat.completions.create(**{**chat, "n": 2})
+    with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
+        oai.chat.completions.create(**{**chat, "messages": [{"content": "Hi"}]})
+    assert e.value.body["param"] == "messages.0.role"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the gateway's check, not a second one
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=100_000)
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError, match="no-such-model"):
+            oai.chat.completions.create(**{**chat, "model": "no-such-model"}, stream=stream)
+    with pytest.raises(openai.APIStatusError) as e:  # the deadline passes: cancelled, 504
+        oai.completions.create(model="smollm2-135m-instruct", prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=500,
+                               extra_headers={"X-Request-Timeout": "0.3"}, extra_body={"speculative": "none"})
+    assert e.value.status_code == 504 and e.value.body["code"] == "deadline_exceeded"
+    backbone = server.service.verifier.backbone
+    assert wait_until(lambda: not backbone.requests and server.service.active == 0)
+
+    with door(server, auth_token="s3cret") as d:
+        with api(d.url, token="wrong") as c, pytest.raises(openai.AuthenticationError, match="bearer token"):
+            c.chat.completions.create(**chat)
+        with pytest.raises(urllib.error.HTTPError) as e:  # no token at all (the openai package always sends one)
+            urllib.request.urlopen(f"{d.url}/models", timeout=10)
+        assert e.value.code == 401 and json.loads(e.value.read())["error"]["type"] == "authentication_error"
+        with api(d.url, token="s3cret") as c:
+            assert c.chat.completions.create(**chat).usage.completion_tokens == 2
+        assert urllib.request.urlopen(f"{d.url.removesuffix('/v1')}/health", timeout=10).status == 200  # open
+
+    with door(server, max_active_requests=1) as d, api(d.url) as c:
+        running = c.completions.create(model="smollm2-135m-instruct", prompt="Count slowly to one hundred.",
+                                       max_tokens=40, stream=True)
+        next(iter(running))
+        with pytest.raises(openai.RateLimitError, match="max_active_requests"):
+            c.chat.completions.create(**chat)
+        assert list(running)[-1].choices[0].finish_reason in ("length", "stop")  # the admitted one finishes
+
+    class Down:
+        async def Run(self, req):
+            raise Unavailable("the verifier is down")
+            yield  # pragma: no cover
+
+    with door(server, verifier=Down()) as d, api(d.url) as c:
+        with pytest.raises(openai.APIStatusError, match="verifier is down") as e:
+            c.chat.completions.create(**chat)
+        assert e.value.status_code == 503 and e.value.body["code"] == "unavailable"
+    assert oai.chat.completions.create(**chat).usage.completion_tokens == 2  # still serving
+
+
+def test_tls_and_token_as_on_the_grpc_port(server, tmp_path):
+    import ssl
+
+    import httpx2  # the openai package's HTTP client
+
+    from test_security import self_signed
+
+    cert, key = self_signed(tmp_path)
+    chat = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    with door(server, tls_cert_file=cert, tls_key_file=key, auth_token="t0ken") as d:
+        trusted = httpx2.Client(verify=ssl.create_default_context(cafile=str(cert)))
+        with api(d.tls_url, token="t0ken", http_client=trusted) as c:
+            assert c.chat.completions.create(**chat).usage.completion_tokens == 3
+        with api(d.tls_url, token="wrong", http_client=httpx2.Client(verify=ssl.create_default_context(
+                cafile=str(cert)))) as c, pytest.raises(openai.AuthenticationError):
+            c.chat.completions.create(**chat)
+        with api(d.url, token="t0ken") as c, pytest.raises(openai.APIConnectionError):  # plain HTTP: no answer
+            c.chat.completions.create(**chat)
+
+
+def test_an_abandoned_stream_is_cancelled(oai, server):
+    """The request ends as cancelled (not by running to its 2,000 tokens):
+    its admission slot, KV cache and drafter state are freed."""
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "smollm2-135m-instruct", "method": "ngram", "outcome": "cancelled"}
+    cancelled = lambda: REGISTRY.get_sample_value("arserve_requests_total", labels) or 0.0  # noqa: E731
+    before = cancelled()
+    verifier = server.service.verifier
+    stream = oai.completions.create(model="smollm2-135m-instruct", prompt="one two three four one two three four",
+                                    max_tokens=2000, stream=True, extra_body={"speculative": "ngram"})
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    assert verifier.backbone.requests and server.service.active == 1  # running: it holds a KV cache
+    stream.close()  # the client goes away mid-stream
+    assert wait_until(lambda: not verifier.backbone.requests and server.service.active == 0), \
+        (verifier.backbone.requests, server.service.active)
+    assert wait_until(lambda: not verifier.drafter.contexts), verifier.drafter.contexts
+    assert cancelled() == before + 1
+
+
+def test_images_are_pngs_of_the_asked_class(oai, client):
+    out = oai.images.generate(model="digits-mar", prompt="7", n=8, response_format="b64_json",
+                              extra_body={"seed": 3, "steps": 50, "speculative": "draft_model"})
+    pngs = [base64.b64decode(d.b64_json) for d in out.data]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(b)), dtype=np.float32)[None] / 255 for b in pngs])
+    assert images.shape == (8, 1, 8, 8)
+    assert judge().recognized_rate(images, np.full(8, 7)) >= 0.75  # the model: 94-95% recognized
+    same = client.generate_image([7] * 8, seed=3, num_steps=50, speculative="draft_model")
+    assert pngs == [im.png for im in same.images]  # the same request as on gRPC
+    with pytest.raises(openai.BadRequestError, match="prompt: name the class"):
+        oai.images.generate(model="digits-mar", prompt="a cat")
+    with pytest.raises(openai.BadRequestError, match="labels\\[0\\] = 12"):
+        oai.images.generate(model="digits-mar", prompt="12")
