@@ -186,7 +186,9 @@ def _cancelled(http_url: str) -> float:
     """Requests the gateway replica counted as cancelled (its /metrics on the HTTP door)."""
     import urllib.request
 
-    body = urllib.request.urlopen(http_url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    req = urllib.request.Request(http_url.removesuffix("/v1") + "/metrics",
+                                 headers={"Authorization": f"Bearer {PUBLIC_TOKEN}"})  # /metrics takes the token too
+    body = urllib.request.urlopen(req, timeout=30).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
                if line.startswith("arserve_requests_total{") and 'outcome="cancelled"' in line)
 
@@ -198,7 +200,7 @@ def test_the_openai_api_through_rays_http_proxy(ray_server, ray_client):
     import openai
 
     model = "smollm2-135m-instruct"
-    with openai.OpenAI(base_url=ray_server.http_url, api_key="unused", max_retries=0, timeout=600) as oai:
+    with openai.OpenAI(base_url=ray_server.http_url, api_key=PUBLIC_TOKEN, max_retries=0, timeout=600) as oai:
         for p in bench_prompts()[:2]:
             want = ray_client.generate(messages=p["messages"], max_tokens=12, temperature=0.0)
             chat = oai.chat.completions.create(model=model, messages=p["messages"], max_tokens=12, temperature=0)
