@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator, Iterator
 
 from arserve_client.v1 import generation_pb2 as pb
 from arserve_client.v1 import generation_pb2_grpc
-from arserve_client.v1 import tokenizer_pb2 as tpb
-from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import deadlines, metrics
 from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..pb.v1 import tokenizer_pb2 as tpb
+from ..pb.v1 import verifier_pb2 as vpb
 from ..rpc import status_of
 from ..settings import ServerSettings
 from ..tokenizer.text import TextTokenizer

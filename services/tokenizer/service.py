@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from arserve_client.v1 import tokenizer_pb2 as pb
-
 from ..errors import InvalidArgument, NotFound
+from ..pb.v1 import tokenizer_pb2 as pb
 from ..wire import from_proto, to_proto
 from .image import Patchifier
 from .text import TextTokenizer

@@ -10,8 +10,8 @@ import torch
 from arserve.core.diffusion_head import DiffusionHead, HeadConfig
 from arserve.diffusion_head.service import DiffusionHeadService
 from arserve.errors import InvalidArgument, NotFound
+from arserve.pb.v1 import diffusion_head_pb2 as pb
 from arserve.wire import from_proto, to_proto
-from arserve_client.v1 import diffusion_head_pb2 as pb
 
 CONFIG = HeadConfig(token_dim=4, z_dim=16, width=32, blocks=2)
 STEPS = 6
