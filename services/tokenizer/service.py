@@ -29,7 +29,8 @@ class TokenizerService:
                 raise InvalidArgument(str(e)) from None
         else:
             ids = tok.encode(req.prompt)
-        return pb.EncodeResponse(token_ids=ids)
+        window, read_offset = tok.initial_window(ids)
+        return pb.EncodeResponse(token_ids=ids, state=pb.DetokenizerState(window=window, read_offset=read_offset))
 
     async def DecodeIncremental(self, req: pb.DecodeIncrementalRequest, context=None) -> pb.DecodeIncrementalResponse:
         tok = self._get(req.model)
