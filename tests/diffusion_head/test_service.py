@@ -59,7 +59,7 @@ def test_proto_methods(head):
                                                       num_steps=STEPS, seed=1))
         tokens = from_proto(out.tokens)
         assert tokens.shape == (3, 4) and torch.equal(tokens, from_proto(again.tokens))
-        _, states, log_q = head.sample(z, 1.0, 1.0, STEPS, torch.Generator().manual_seed(2), trajectory=True)
+        _, states, log_q = head.sample_trajectory(z, 1.0, 1.0, STEPS, torch.Generator().manual_seed(2))
         dens = await service.LogDensity(pb.LogDensityRequest(model="m", z=to_proto(z), states=to_proto(states),
                                                              temperature=1.0))
         assert torch.allclose(from_proto(dens.log_density), log_q, atol=1e-4)
