@@ -36,7 +36,7 @@ def tiny_target():
 async def run(verifier, method, **sampling):
     """Decode PROMPT (24 tokens) through a VerifierService -> (tokens, last event)."""
     from arserve_client.v1 import generation_pb2 as gpb
-    from arserve_client.v1 import verifier_pb2 as vpb
+    from arserve.pb.v1 import verifier_pb2 as vpb
 
     req = vpb.VerifyRequest(request_id="r", model="tiny", prompt_token_ids=PROMPT,
                             sampling=gpb.SamplingParams(max_tokens=24, **sampling),

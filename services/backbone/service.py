@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arserve_client.v1 import backbone_pb2 as pb
-
 from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
 from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
+from ..pb.v1 import backbone_pb2 as pb
 from ..wire import to_proto
 from .budget import BudgetConfig, KVBudget
 

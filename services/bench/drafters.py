@@ -102,8 +102,8 @@ def goals(per_category: dict) -> dict:
 
 
 def checkpoints_info() -> dict:
+    from arserve.checkpoint_files import checkpoint_info
     from arserve.drafter.checkpoints import resolve
-    from arserve.image.checkpoints import checkpoint_info
 
     return {name: checkpoint_info(resolve(name)[0]) for name in ("smollm2-draft", "smollm2-heads")}
 

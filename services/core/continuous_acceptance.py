@@ -151,8 +151,8 @@ def sample_residual(
         if pending.numel() == 0:
             break
         zt, zd = pick(z_target, pending, proposals), pick(z_draft, pending, proposals)
-        x0, states, log_p = target_head.sample(zt, temperature, cfg, steps, generator,
-                                               z_uncond=pick(z_target_uncond, pending, proposals), trajectory=True)
+        x0, states, log_p = target_head.sample_trajectory(zt, temperature, cfg, steps, generator,
+                                                          z_uncond=pick(z_target_uncond, pending, proposals))
         log_q = draft_head.trajectory_log_density(states, zd, temperature, cfg,
                                                   z_uncond=pick(z_draft_uncond, pending, proposals))
         kept = accept_residual(log_p, log_q, generator).view(-1, proposals)  # [pending, proposals]

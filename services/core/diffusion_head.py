@@ -8,8 +8,10 @@ schedule of "Improved DDPM" (Nichol & Dhariwal 2021), T = 1000 steps for
 training, sampled on a respaced subset of ``steps`` timesteps.
 
 Two exposed methods, as MAR has them: ``loss(target, z)`` and
-``sample(z, temperature, cfg, steps, generator)``. Continuous speculative
-decoding needs one more thing: the density of a whole denoising trajectory.
+``sample(z, temperature, cfg, steps, generator)``, which returns the tokens.
+Continuous speculative decoding needs one more thing: the density of a whole
+denoising trajectory (``sample_trajectory``: the same draws, with the states
+and their density).
 
 A trajectory is ``x_S, x_{S-1}, ..., x_0`` with ``x_S ~ N(0, I)`` and each
 transition Gaussian::
@@ -39,6 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +110,14 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Trajectory(NamedTuple):
+    """What ``DiffusionHead.sample_trajectory`` returns (unpacks as tokens, states, log_density)."""
+
+    tokens: torch.Tensor  # [n, token_dim] x_0, what ``sample`` returns for the same draws
+    states: torch.Tensor  # [S + 1, n, token_dim] x_S first, x_0 last
+    log_density: torch.Tensor | None  # [n] log q(x_{S-1..0} | x_S, z) under the head; None if not asked
 
 
 class DiffusionHead(nn.Module):
@@ -184,13 +195,32 @@ class DiffusionHead(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0, cfg: float | torch.Tensor = 1.0,
                steps: int = 50, generator: torch.Generator | None = None, z_uncond: torch.Tensor | None = None,
-               trajectory: bool = False, noise: torch.Tensor | None = None, density: bool = True):
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample tokens [n, token_dim] given z [n, z_dim] (with guidance, also
         z_uncond [n, z_dim]). temperature and cfg: floats or [n] per row.
         ``noise`` [S + 1, n, token_dim] (x_S, then each step's noise) replaces
-        draws from ``generator``. With ``trajectory``, also return the states
-        [S + 1, n, token_dim] (x_S first, x_0 last) and their log-density [n]
-        under this head (``trajectory_log_density``; None without ``density``)."""
+        draws from ``generator``."""
+        return self._denoise(z, temperature, cfg, steps, generator, z_uncond, noise, keep_states=False)[0]
+
+    @torch.no_grad()
+    def sample_trajectory(self, z: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                          cfg: float | torch.Tensor = 1.0, steps: int = 50, generator: torch.Generator | None = None,
+                          z_uncond: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                          density: bool = True) -> Trajectory:
+        """``sample``, with the way there: the tokens, the states [S + 1, n, token_dim] (x_S
+        first, x_0 last) and their log-density [n] under this head
+        (``trajectory_log_density``; None without ``density``). Same draws as ``sample``."""
+        x, states = self._denoise(z, temperature, cfg, steps, generator, z_uncond, noise, keep_states=True)
+        if not density:
+            return Trajectory(x, states, None)
+        t = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1)  # [n or 1]
+        w = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1)  # [n or 1]
+        return Trajectory(x, states, self.trajectory_log_density(states, z, t, w, z_uncond))
+
+    def _denoise(self, z, temperature, cfg, steps, generator, z_uncond, noise,
+                 keep_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x_0 [n, token_dim], and with ``keep_states`` the states [S + 1, n, token_dim]
+        (the density of the states as stored, float32, is computed from these)."""
         sched, t_embed = self.schedule(steps)
         n, d = z.shape[0], self.config.token_dim
         if noise is None:
@@ -199,18 +229,13 @@ class DiffusionHead(nn.Module):
         cfg = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
         zc = self.embed(z, z_uncond)
         x = noise[0]
-        states = [x] if trajectory else None
+        states = [x] if keep_states else None
         for i in range(steps):
             mean = sched.mean(i, x, self.guided_eps(x, t_embed[i:i + 1], zc, cfg))
             x = torch.addcmul(mean, temperature * sched.sigma[i], noise[i + 1])
-            if trajectory:
+            if keep_states:
                 states.append(x)
-        if trajectory:  # the density of the states as stored (float32), in one batched call
-            states = torch.stack(states)
-            if not density:
-                return x, states, None
-            return x, states, self.trajectory_log_density(states, z, temperature[:, 0], cfg[:, 0], z_uncond)
-        return x
+        return x, (torch.stack(states) if keep_states else None)
 
     @torch.no_grad()
     def trajectory_log_density(self, states: torch.Tensor, z: torch.Tensor, temperature: float | torch.Tensor = 1.0,

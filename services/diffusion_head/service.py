@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from arserve_client.v1 import diffusion_head_pb2 as pb
-
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead
 from ..errors import InvalidArgument, NotFound
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
+from ..pb.v1 import diffusion_head_pb2 as pb
 from ..wire import from_proto, to_proto
 
 

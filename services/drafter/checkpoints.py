@@ -4,7 +4,9 @@ method ``heads``). Each file holds only the drafter's own weights (float16)
 and its restricted output vocabulary; the embedding matrix is the target's,
 read from the target's weights where the drafter loads. A file whose sha256
 is not the recorded one is refused (``arserve train smollm2-draft`` /
-``arserve train smollm2-heads`` rebuild them; record the printed hash).
+``arserve train smollm2-heads`` rebuild them; record the printed hash); the
+hash-checked reading and writing are ``arserve.checkpoint_files``', shared with
+the image models' checkpoints.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint_files import CHECKPOINT_DIR, CheckpointError, read_checked, resolve as resolve_ref, write
 from ..core.config import LlamaConfig
 from ..core.hydra import HydraHeads
 from ..core.model import Llama
-from ..image.checkpoints import CHECKPOINT_DIR, CheckpointError, check_sha256, checkpoint_info, sha256
+
+__all__ = ["CHECKPOINT_DIR", "HASHES", "CheckpointError", "load_draft_model", "load_heads", "resolve",
+           "save_draft_model", "save_heads"]
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
 HASHES: dict[str, str] = {
@@ -30,34 +34,19 @@ HASHES: dict[str, str] = {
 
 def resolve(ref: str) -> tuple[Path, str | None]:
     """A committed name (its file and recorded hash) or a path (no hash)."""
-    if ref.endswith(".safetensors") or "/" in ref:
-        return Path(ref).expanduser(), None
-    if ref not in HASHES:
-        raise CheckpointError(f"no committed drafter checkpoint {ref!r}; known: {sorted(HASHES)} "
-                              f"(or give a path to a .safetensors file)")
-    return CHECKPOINT_DIR / f"{ref}.safetensors", HASHES[ref]
+    return resolve_ref(ref, HASHES, "drafter checkpoint")
 
 
 def _checked(ref: str, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path, expected = resolve(ref)
-    if not path.is_file():
-        raise CheckpointError(f"drafter checkpoint {path} does not exist; `arserve train {path.stem}` makes it")
-    if expected is not None:
-        check_sha256(path, expected, "drafter checkpoint")
-    info = checkpoint_info(path)
+    tensors, info = read_checked(path, expected, "drafter checkpoint")
     if info.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {info.get('kind')!r} drafter, not {kind!r}")
-    return load_file(str(path)), info
+    return tensors, info
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    save_file(out, str(path), metadata=meta)
-    digest = sha256(path)
-    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, sha256 {digest} "
-          f"(record it in arserve/drafter/checkpoints.py HASHES[{path.stem!r}])")
-    return digest
+    return write(tensors, path, meta, "arserve/drafter/checkpoints.py")
 
 
 def save_draft_model(model: Llama, path: Path, info: dict[str, str]) -> str:

@@ -13,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from arserve_client.v1 import drafter_pb2 as pb
-
 from ..core.sampling import Sampling
 from ..errors import FailedPrecondition, InvalidArgument
 from ..leases import Leases, leased
+from ..pb.v1 import drafter_pb2 as pb
 from ..wire import from_proto, to_proto
 from .proposer import DraftRequest, Proposer
 

@@ -11,12 +11,12 @@ import uuid
 import torch
 
 from arserve_client.v1 import generation_pb2 as pb
-from arserve_client.v1 import tokenizer_pb2 as tpb
 
 from .. import metrics
 from ..core.image_model import ImageConfig
 from ..errors import NotFound
 from ..image.grid import png_bytes
+from ..pb.v1 import tokenizer_pb2 as tpb
 from ..settings import ServerSettings
 from ..verifier.image import ImageJob
 from ..wire import from_proto, to_proto

@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator, Iterator
 
 from arserve_client.v1 import generation_pb2 as pb
 from arserve_client.v1 import generation_pb2_grpc
-from arserve_client.v1 import tokenizer_pb2 as tpb
-from arserve_client.v1 import verifier_pb2 as vpb
 
 from .. import deadlines, metrics
 from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..pb.v1 import tokenizer_pb2 as tpb
+from ..pb.v1 import verifier_pb2 as vpb
 from ..rpc import status_of
 from ..settings import ServerSettings
-from ..tokenizer.text import TextTokenizer
 from .images import ImageFront
 from .stops import StopMatcher, tokens_through_stop
 from .validate import check_request, check_size, resolve_max_tokens, resolve_model
@@ -213,8 +212,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         log.debug("request %s (client request_id %r): model %s, method %s, %d prompt tokens, max_tokens %d",
                   request_id, req.request_id, model.id, speculative.method, len(prompt_ids), sampling.max_tokens)
 
-        window, read_offset = TextTokenizer.initial_window(prompt_ids)
-        state = tpb.DetokenizerState(window=window, read_offset=read_offset)
+        state = encoded.state  # the detokenizer's, before the first generated id
         stops = StopMatcher(list(sampling.stop))
         completion = cached = 0
         first_token_at = None

@@ -26,7 +26,10 @@ import torch
 from ray import serve
 from ray.serve import Application
 
-from arserve_client.v1 import (
+from .. import assemble, metrics
+from ..errors import Unauthenticated
+from ..gateway import http
+from ..pb.v1 import (
     backbone_pb2,
     backbone_pb2_grpc,
     drafter_pb2,
@@ -36,10 +39,6 @@ from arserve_client.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-
-from .. import assemble, metrics
-from ..errors import Unauthenticated
-from ..gateway import http
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from arserve_client.v1 import tokenizer_pb2 as pb
-
 from ..errors import InvalidArgument, NotFound
+from ..pb.v1 import tokenizer_pb2 as pb
 from ..wire import from_proto, to_proto
 from .image import Patchifier
 from .text import TextTokenizer
@@ -30,7 +29,8 @@ class TokenizerService:
                 raise InvalidArgument(str(e)) from None
         else:
             ids = tok.encode(req.prompt)
-        return pb.EncodeResponse(token_ids=ids)
+        window, read_offset = tok.initial_window(ids)
+        return pb.EncodeResponse(token_ids=ids, state=pb.DetokenizerState(window=window, read_offset=read_offset))
 
     async def DecodeIncremental(self, req: pb.DecodeIncrementalRequest, context=None) -> pb.DecodeIncrementalResponse:
         tok = self._get(req.model)

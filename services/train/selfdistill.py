@@ -53,7 +53,7 @@ async def _answers(model: Llama, prompts: list[list[int]], max_new: int, concurr
     """Answers through arserve's backbone and decode loop (continuous batching):
     greedy, or sampled at ``temperature`` with seed ``seed + i`` for prompt i."""
     from arserve_client.v1 import generation_pb2 as gpb
-    from arserve_client.v1 import verifier_pb2 as vpb
+    from ..pb.v1 import verifier_pb2 as vpb
 
     from ..backbone.service import BackboneService
     from ..verifier.service import VerifierService

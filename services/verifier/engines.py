@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from arserve_client.v1 import verifier_pb2 as pb
-
 from ..errors import NotFound
+from ..pb.v1 import verifier_pb2 as pb
 
 
 class EngineRouter:

@@ -249,8 +249,8 @@ def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, 
         z = draft(x, kv)[:, 0]  # [rows, dim]
         kv.lengths += 1  # the next input goes after this one
         zc, zu = _split(z, n, job.guided)
-        tok, traj, _ = draft.head.sample(zc, job.temperature, job.cfg, job.steps, generator, zu, trajectory=True,
-                                         density=False)
+        tok, traj, _ = draft.head.sample_trajectory(zc, job.temperature, job.cfg, job.steps, generator, zu,
+                                                    density=False)
         toks.append(tok)
         states.append(traj)
         zs.append(z)

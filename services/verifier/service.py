@@ -34,15 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from arserve_client.v1 import backbone_pb2 as bpb
-from arserve_client.v1 import drafter_pb2 as dpb
 from arserve_client.v1 import generation_pb2 as gpb
-from arserve_client.v1 import verifier_pb2 as pb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
 from ..errors import ReplicaLost
 from ..metrics import RESUMED
+from ..pb.v1 import backbone_pb2 as bpb
+from ..pb.v1 import drafter_pb2 as dpb
+from ..pb.v1 import verifier_pb2 as pb
 from ..rpc import status_of
 from ..wire import from_proto, proto_row
 from .draft_length import DraftLength

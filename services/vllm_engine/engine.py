@@ -19,9 +19,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 from arserve_client.v1 import generation_pb2 as gpb
-from arserve_client.v1 import verifier_pb2 as pb
 
 from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ModelSettings
 from ..verifier.service import count_positions
 from .export import hf_dir

@@ -13,9 +13,9 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from arserve_client.v1 import backbone_pb2 as bpb
+from arserve.pb.v1 import backbone_pb2 as bpb
+from arserve.pb.v1 import verifier_pb2 as vpb
 from arserve_client.v1 import generation_pb2 as gpb
-from arserve_client.v1 import verifier_pb2 as vpb
 from arserve.backbone.budget import BudgetConfig, KVBudget, bytes_per_position
 from arserve.backbone.service import BackboneService
 from arserve.drafter.ngram import NgramProposer

@@ -10,7 +10,7 @@ import pytest
 import arserve.backbone.service as service
 from arserve.backbone.service import BackboneService
 from arserve.errors import InvalidArgument
-from arserve_client.v1 import backbone_pb2 as pb
+from arserve.pb.v1 import backbone_pb2 as pb
 from conftest import tiny_target
 
 HUGE = 1 << 20  # a [HUGE, HUGE] bool mask would be 1 TiB

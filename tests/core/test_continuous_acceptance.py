@@ -73,7 +73,7 @@ def speculative_step(seed: int, rule: str = "lossless", rows: int = ROWS, cfg: f
     z_target, z_draft = z_target[:rows], z_draft[:rows]
     zt_u = None if z_target_uncond is None else z_target_uncond[:rows]
     zd_u = None if z_draft_uncond is None else z_draft_uncond[:rows]
-    tokens, states, log_q = draft.sample(z_draft, TEMPERATURE, cfg, STEPS, g, z_uncond=zd_u, trajectory=True)
+    tokens, states, log_q = draft.sample_trajectory(z_draft, TEMPERATURE, cfg, STEPS, g, z_uncond=zd_u)
     if rule == "accept_all":  # the wrong rule: every draft kept
         return tokens, torch.ones(rows, dtype=torch.long), None
     log_p = target.trajectory_log_density(states, z_target, TEMPERATURE, cfg, z_uncond=zt_u)

@@ -54,7 +54,7 @@ def test_trajectory_density_batched_equals_sequential():
     g = torch.Generator().manual_seed(2)
     z, zu = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     for cfg, z_uncond in ((1.0, None), (2.5, zu)):
-        tokens, states, log_q = head.sample(z, 0.8, cfg, 12, g, z_uncond, trajectory=True)
+        tokens, states, log_q = head.sample_trajectory(z, 0.8, cfg, 12, g, z_uncond)
         assert states.shape == (13, 5, 3) and torch.equal(states[-1], tokens)
         again = head.trajectory_log_density(states, z, 0.8, cfg, z_uncond)
         assert torch.allclose(again, log_q, atol=1e-3), (again, log_q)

@@ -10,8 +10,8 @@ import torch
 from arserve.core.diffusion_head import DiffusionHead, HeadConfig
 from arserve.diffusion_head.service import DiffusionHeadService
 from arserve.errors import InvalidArgument, NotFound
+from arserve.pb.v1 import diffusion_head_pb2 as pb
 from arserve.wire import from_proto, to_proto
-from arserve_client.v1 import diffusion_head_pb2 as pb
 
 CONFIG = HeadConfig(token_dim=4, z_dim=16, width=32, blocks=2)
 STEPS = 6
@@ -59,7 +59,7 @@ def test_proto_methods(head):
                                                       num_steps=STEPS, seed=1))
         tokens = from_proto(out.tokens)
         assert tokens.shape == (3, 4) and torch.equal(tokens, from_proto(again.tokens))
-        _, states, log_q = head.sample(z, 1.0, 1.0, STEPS, torch.Generator().manual_seed(2), trajectory=True)
+        _, states, log_q = head.sample_trajectory(z, 1.0, 1.0, STEPS, torch.Generator().manual_seed(2))
         dens = await service.LogDensity(pb.LogDensityRequest(model="m", z=to_proto(z), states=to_proto(states),
                                                              temperature=1.0))
         assert torch.allclose(from_proto(dens.log_density), log_q, atol=1e-4)
@@ -72,3 +72,19 @@ def test_proto_methods(head):
             await service.Sample(pb.SampleRequest(model="x", z=to_proto(z), temperature=1.0, num_steps=STEPS))
 
     asyncio.run(main())
+
+
+def test_sample_and_sample_trajectory_draw_the_same_tokens(head):
+    """``sample`` returns the tokens [n, token_dim] only, for every option; ``sample_trajectory``
+    takes the same draws and adds the states (x_S first, x_0 last) and, if asked, their density."""
+    z, z_uncond = torch.randn(3, CONFIG.z_dim), torch.randn(3, CONFIG.z_dim)
+    for temperature, cfg, zu in ((0.7, 1.0, None), (torch.tensor([0.5, 1.0, 1.3]), 2.5, z_uncond)):
+        tokens = head.sample(z, temperature, cfg, STEPS, torch.Generator().manual_seed(3), zu)
+        assert isinstance(tokens, torch.Tensor) and tokens.shape == (3, CONFIG.token_dim)
+        traj = head.sample_trajectory(z, temperature, cfg, STEPS, torch.Generator().manual_seed(3), zu)
+        assert torch.equal(traj.tokens, tokens) and torch.equal(traj.states[-1], tokens)
+        assert traj.states.shape == (STEPS + 1, 3, CONFIG.token_dim)
+        t = torch.as_tensor(temperature).reshape(-1)
+        assert torch.equal(traj.log_density, head.trajectory_log_density(traj.states, z, t, cfg, zu))
+        bare = head.sample_trajectory(z, temperature, cfg, STEPS, torch.Generator().manual_seed(3), zu, density=False)
+        assert torch.equal(bare.states, traj.states) and bare.log_density is None

@@ -13,9 +13,9 @@ from arserve.core.sampling import Sampling
 from arserve.drafter.heads import HeadsProposer
 from arserve.drafter.proposer import DraftRequest
 from arserve.drafter.service import DrafterService
+from arserve.pb.v1 import backbone_pb2 as bpb
 from arserve.verifier.service import VerifierService
 from arserve.wire import from_proto
-from arserve_client.v1 import backbone_pb2 as bpb
 from conftest import PROMPT, run, tiny_target
 
 VOCAB = 512

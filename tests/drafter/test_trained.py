@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from arserve.drafter import checkpoints
+from arserve import checkpoint_files
 from arserve.drafter.checkpoints import CheckpointError, load_draft_model, load_heads
 from arserve.settings import ModelSettings
 
@@ -23,18 +23,18 @@ def embed():
 def test_a_checkpoint_whose_hash_differs_is_refused(tmp_path, monkeypatch, embed, name, load):
     assert load(name, embed) is not None  # the committed file matches its recorded hash
     bad = tmp_path / f"{name}.safetensors"
-    shutil.copy(checkpoints.CHECKPOINT_DIR / f"{name}.safetensors", bad)
+    shutil.copy(checkpoint_files.CHECKPOINT_DIR / f"{name}.safetensors", bad)
     data = bytearray(bad.read_bytes())
     data[-1] ^= 1  # one bit of one weight
     bad.write_bytes(bytes(data))
-    monkeypatch.setattr(checkpoints, "CHECKPOINT_DIR", tmp_path)
+    monkeypatch.setattr(checkpoint_files, "CHECKPOINT_DIR", tmp_path)  # where committed names resolve
     with pytest.raises(CheckpointError, match="refusing to load a checkpoint that is not the recorded one"):
         load(name, embed)
 
 
 def test_a_checkpoint_of_the_other_kind_or_an_unknown_name_is_refused(embed):
     with pytest.raises(CheckpointError, match="holds a 'heads' drafter, not 'draft_model'"):
-        load_draft_model(str(checkpoints.CHECKPOINT_DIR / "smollm2-heads.safetensors"), embed)
+        load_draft_model(str(checkpoint_files.CHECKPOINT_DIR / "smollm2-heads.safetensors"), embed)
     with pytest.raises(CheckpointError, match="no committed drafter checkpoint 'nope'"):
         load_heads("nope", embed)
 
@@ -43,7 +43,7 @@ def test_the_drafters_share_the_targets_embedding_and_fit_the_size_limit(embed):
     heads = load_heads("smollm2-heads", embed)
     assert torch.equal(heads.embed, embed) and heads.out_matrix.shape == (len(heads.head_ids), embed.shape[1])
     for name in ("smollm2-draft", "smollm2-heads"):
-        assert (checkpoints.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size <= 40 * 2**20
+        assert (checkpoint_files.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size <= 40 * 2**20
 
 
 def test_the_default_model_serves_the_trained_drafters():

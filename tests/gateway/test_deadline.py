@@ -11,9 +11,9 @@ import pytest
 from arserve import deadlines
 from arserve.errors import DeadlineExceeded
 from arserve.gateway.service import GenerationService
+from arserve.pb.v1 import tokenizer_pb2 as tpb
 from arserve.settings import ServerSettings
 from arserve_client.v1 import generation_pb2 as pb
-from arserve_client.v1 import tokenizer_pb2 as tpb
 
 
 class Tokenizer:

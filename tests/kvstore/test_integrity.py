@@ -20,8 +20,8 @@ from arserve.core.model import Llama
 from arserve.kvstore.local import LocalTier
 from arserve.kvstore.redis_tier import RedisTier
 from arserve.kvstore.tiers import TieredStore
+from arserve.pb.v1 import backbone_pb2 as bpb
 from arserve.secrets import derive_key, new_secret
-from arserve_client.v1 import backbone_pb2 as bpb
 
 SPACE = BlockSpace("tiny", "seed0", "float32", 2, 2, 16, block_size=8)  # the tiny config's cache
 KEY = derive_key(new_secret(), "kv-blocks")  # the deployment's KV-block key

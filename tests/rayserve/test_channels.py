@@ -13,12 +13,13 @@ import pytest
 
 from arserve import deadlines
 from arserve.backbone.service import BackboneService
+from arserve.pb.v1 import backbone_pb2, backbone_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from arserve.rayserve import directory as d
 from arserve.rayserve.directory import Directory, Link, Peers, Remote
 from arserve.rpc import internal_token, service_name, start_grpc_server
 from arserve.settings import ServiceSettings
 from arserve.verifier.service import VerifierService
-from arserve_client.v1 import backbone_pb2, backbone_pb2_grpc, generation_pb2, verifier_pb2, verifier_pb2_grpc
+from arserve_client.v1 import generation_pb2
 from conftest import PROMPT, run, tiny_target
 
 SECRET = "channels-secret"

@@ -108,8 +108,9 @@ def test_replica_ports_take_the_internal_credential_only(ray_server, ray_client)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from arserve.rpc import bearer, internal_token
-    from arserve_client.v1 import (backbone_pb2, backbone_pb2_grpc, generation_pb2, tokenizer_pb2,
-                                   tokenizer_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
+    from arserve.pb.v1 import (backbone_pb2, backbone_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc, verifier_pb2,
+                               verifier_pb2_grpc)
+    from arserve_client.v1 import generation_pb2
 
     internal = bearer(internal_token(INTERNAL_SECRET))
     model = "smollm2-135m-instruct"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from arserve.errors import InvalidArgument, NotFound
+from arserve.pb.v1 import tokenizer_pb2 as pb
 from arserve.tokenizer.image import DIGITS, load_digits_images
 from arserve.tokenizer.service import TokenizerService
 from arserve.wire import from_proto, to_proto
-from arserve_client.v1 import tokenizer_pb2 as pb
 
 
 def test_patches_are_raster_order_2x2_squares_and_round_trip():

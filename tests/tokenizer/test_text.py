@@ -51,3 +51,24 @@ def test_chat_template_and_unknown_role(tok):
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
     with pytest.raises(ValueError, match=r"messages\[0\].role 'robot'"):
         tok.encode_chat([{"role": "robot", "content": "Hi"}])
+
+
+def test_encode_returns_the_first_detokenizer_state(tok):
+    """The tokenizer service's Encode hands back the state the first DecodeIncremental starts
+    from (the prompt's last CONTEXT_IDS ids, all read), so the gateway need not build it."""
+    import asyncio
+
+    from arserve.pb.v1 import tokenizer_pb2 as pb
+    from arserve.tokenizer.service import TokenizerService
+    from arserve.tokenizer.text import CONTEXT_IDS
+
+    service = TokenizerService({"m": tok})
+    prompt = "The quick brown fox jumps over the lazy dog, then"
+    encoded = asyncio.run(service.Encode(pb.EncodeRequest(model="m", prompt=prompt)))
+    ids = list(encoded.token_ids)
+    assert len(ids) > CONTEXT_IDS
+    assert list(encoded.state.window) == ids[-CONTEXT_IDS:] and encoded.state.read_offset == CONTEXT_IDS
+    answer = tok.hf(" naps in the sun 🙂.", add_special_tokens=False)["input_ids"]
+    decoded = asyncio.run(service.DecodeIncremental(pb.DecodeIncrementalRequest(
+        model="m", state=encoded.state, token_ids=answer, final=True)))
+    assert decoded.text == tok.decode(ids + answer)[len(tok.decode(ids)):] == " naps in the sun 🙂."

@@ -8,9 +8,9 @@ import pytest
 from arserve.backbone.service import BackboneService
 from arserve.drafter.ngram import NgramProposer
 from arserve.drafter.service import DrafterService
+from arserve.pb.v1 import verifier_pb2 as vpb
 from arserve.verifier.service import VerifierService
 from arserve_client.v1 import generation_pb2 as gpb
-from arserve_client.v1 import verifier_pb2 as vpb
 from conftest import PROMPT, tiny_target
 
 PROMPTS = [PROMPT, [9, 10, 11, 12, 13, 9, 10, 11, 12]]

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from arserve_client.v1 import diffusion_head_pb2 as arserve_dot_v1_dot_diffusion__head__pb2
+from arserve.pb.v1 import diffusion_head_pb2 as arserve_dot_v1_dot_diffusion__head__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -19,10 +19,12 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_generation_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("token_ids",)
+    __slots__ = ("token_ids", "state")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    state: DetokenizerState
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ...) -> None: ...
 
 class DetokenizerState(_message.Message):
     __slots__ = ("window", "read_offset")
