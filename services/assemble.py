@@ -94,8 +94,8 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     """The drafter, or None when no model asks for a drafting method."""
     proposers = {}
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
-        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model,
-                                         m.draft_heads, m.weights_path()))
+        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.model_dump(),
+                                         m.weights_path()))
     return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 

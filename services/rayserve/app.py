@@ -38,6 +38,7 @@ from arserve_client.v1 import (
 )
 
 from .. import assemble, metrics
+from ..drafter.registry import method_spec
 from ..errors import Unauthenticated
 from ..gateway import http
 from ..rpc import AUTH_FAILED, status_of, token_ok
@@ -155,7 +156,7 @@ class Gateway:
 
 def drafting(args: AppArgs) -> bool:
     """Whether any model arserve decodes drafts (else there is no drafter deployment)."""
-    return any(set(m.speculative_methods) - {"none"} for m in args.decoded_by("arserve"))
+    return any(method_spec(name).drafts for m in args.decoded_by("arserve") for name in m.speculative_methods)
 
 
 def build_app(args: dict) -> Application:

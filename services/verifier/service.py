@@ -41,15 +41,14 @@ from arserve_client.v1 import verifier_pb2 as pb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
-from ..errors import ReplicaLost
+from ..drafter.registry import METHODS
+from ..errors import InvalidArgument, ReplicaLost
 from ..metrics import RESUMED
 from ..rpc import status_of
 from ..wire import from_proto, proto_row
 from .draft_length import DraftLength
 
 log = logging.getLogger("arserve.verifier")
-
-HIDDEN_METHODS = frozenset({"heads"})  # methods that draft from the target's hidden state (Score returns it)
 
 
 @dataclass(frozen=True)
@@ -213,10 +212,13 @@ class VerifierService:
         generator = request_generator(s)
         eos = set(self.eos_ids.get(req.model, ()))
         method = req.speculative.method or "none"
+        if method not in METHODS:
+            raise InvalidArgument(f"speculative.method {method!r} is unknown; known: {list(METHODS)}")
+        needs = METHODS[method]
         spec = req.speculative
         k_max = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else self.defaults.num_draft_tokens
-        candidates = spec.num_candidates if spec.HasField("num_candidates") else 1
-        drafting = method != "none" and self.drafter is not None
+        candidates = spec.num_candidates if spec.HasField("num_candidates") and needs.trees else 1
+        drafting = needs.drafts and self.drafter is not None
         length = DraftLength(k_max if drafting else 0,
                              adaptive=spec.adaptive if spec.HasField("adaptive") else True,
                              cost_per_token=self.defaults.cost_per_token)
@@ -224,7 +226,7 @@ class VerifierService:
         ids = dict(request_id=run_id(req.request_id), model=req.model)  # keys this Run's state downstream
         log.debug("request %s runs as %s", req.request_id, ids["request_id"])
         kv = KVSession(self.backbone, ids["request_id"], req.model)
-        heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
+        heads = needs.hidden and self.drafter is not None  # drafts from the target's hidden state
         # the most positions the cache holds (reserved from the backbone's KV budget): a chain round ends
         # at most at prompt + max_tokens - 1; a tree of c branches has up to (c - 1) * k more nodes than a chain
         tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
@@ -306,7 +308,7 @@ class VerifierService:
                     return
         finally:
             await kv.release()
-            if self.drafter is not None and method != "none":
+            if self.drafter is not None and needs.drafts:
                 try:
                     await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=ids["request_id"], method=method))
                 except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
