@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from arserve_client.v1 import drafter_pb2 as pb
 
-from ..core.sampling import Sampling
+from ..core.sampling import Sampling, seeded
 from ..errors import FailedPrecondition, InvalidArgument
 from ..leases import Leases, leased
 from ..wire import from_proto, to_proto
@@ -42,12 +40,10 @@ class DrafterService:
                 f"drafter holds {len(tokens)} tokens of request {req.request_id!r}; the call assumes {known}")
         del tokens[known:]
         tokens.extend(req.new_token_ids)
-        s = req.sampling
         draft_req = DraftRequest(
             request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
             candidates=max(1, req.num_candidates),
-            sampling=Sampling(s.temperature, s.top_p if s.HasField("top_p") else 1.0, s.top_k),
-            generator=torch.Generator().manual_seed(req.seed & (2**63 - 1)),
+            sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed),
             hidden=from_proto(req.hidden) if req.hidden.shape else None,
         )
         draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
