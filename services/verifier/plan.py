@@ -20,15 +20,28 @@ from arserve_client.v1 import verifier_pb2 as pb
 from ..core.sampling import Sampling, seeded
 from ..drafter.registry import METHODS, MethodSpec
 from ..errors import InvalidArgument
+from ..settings import ServiceSettings
 from ..wire import TensorProto, proto_row
 from .draft_length import DraftLength
 
 
+def _default(name: str):
+    return ServiceSettings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class SpeculationDefaults:
-    num_draft_tokens: int = 8  # draft length when a request leaves it unset (the adaptive upper bound)
-    draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
-    cost_per_token: float = 0.03  # DraftLength's cost model (docs/decisions.md)
+    """What a request leaves unset, from the settings (their one home: ``ServiceSettings``)."""
+
+    num_draft_tokens: int = _default("num_draft_tokens")  # draft length (the adaptive upper bound)
+    adaptive: bool = _default("adaptive_draft_length")  # the draft length follows the acceptance rate
+    cost_per_token: float = _default("draft_cost_per_token")  # DraftLength's cost model (docs/decisions.md)
+    draft_timeout_s: float = _default("draft_timeout_s")  # a proposal slower than this costs a plain round
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> "SpeculationDefaults":
+        return cls(settings.num_draft_tokens, settings.adaptive_draft_length, settings.draft_cost_per_token,
+                   settings.draft_timeout_s)
 
 
 def run_id(request_id: str) -> str:
@@ -85,7 +98,7 @@ class RequestPlan:
             prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
             sampling=Sampling.from_params(s), generator=request_generator(s), eos=frozenset(eos), method=method,
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
-            adaptive=spec.adaptive if spec.HasField("adaptive") else True, cost_per_token=defaults.cost_per_token,
+            adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt)
 
     @property

@@ -34,3 +34,17 @@ def test_the_plan_reads_defaults_and_the_methods_needs_once():
 def test_an_unknown_method_is_invalid_argument_naming_it():
     with pytest.raises(InvalidArgument, match="speculative.method 'nope' is unknown"):
         RequestPlan.from_proto(request("nope"), DEFAULTS)
+
+
+def test_speculation_defaults_come_from_the_settings_alone():
+    from arserve.settings import ServiceSettings
+
+    assert SpeculationDefaults() == SpeculationDefaults.from_settings(ServiceSettings())
+    settings = ServiceSettings(num_draft_tokens=3, adaptive_draft_length=False, draft_cost_per_token=0.1,
+                               draft_timeout_s=2.0)
+    defaults = SpeculationDefaults.from_settings(settings)
+    assert defaults == SpeculationDefaults(3, False, 0.1, 2.0)
+    plan = RequestPlan.from_proto(request("ngram"), defaults)
+    length = plan.draft_length()
+    assert (plan.k_max, plan.adaptive, length.adaptive, length.cost_per_token) == (3, False, False, 0.1)
+    assert RequestPlan.from_proto(request("ngram", adaptive=True), defaults).adaptive  # the request's own wins
