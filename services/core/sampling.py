@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 
 
+SEED_MASK = 2**63 - 1  # torch generators take seeds below 2**63; a request's uint64 seed is masked to fit
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A generator of its own for ``seed`` (any uint64: a request's seed, or one drawn for a service call)."""
+    return torch.Generator().manual_seed(seed & SEED_MASK)
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # softmax temperature; 0 = greedy (argmax)
@@ -23,6 +31,12 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def from_params(cls, params) -> "Sampling":
+        """From ``arserve.v1.SamplingParams`` (read by its fields: core imports no protos); an unset top_p
+        is 1 (off)."""
+        return cls(params.temperature, params.top_p if params.HasField("top_p") else 1.0, params.top_k)
 
 
 def warp(logits: Tensor, s: Sampling) -> Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead
+from ..core.sampling import seeded
 from ..errors import InvalidArgument, NotFound
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..pb.v1 import diffusion_head_pb2 as pb
@@ -114,7 +115,7 @@ class DiffusionHeadService:
         if z_uncond is not None and z_uncond.shape != z.shape:
             raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
         _check_sampling(req.temperature, req.cfg or 1.0, req.num_steps)
-        g = torch.Generator().manual_seed(req.seed & (2**63 - 1))
+        g = seeded(req.seed)
         noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g)
         out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise)
         return pb.SampleResponse(tokens=to_proto(out))

@@ -1,6 +1,6 @@
 """The proposer interface: every drafter (n-gram lookup, a draft model, draft
 heads, continuous-token drafts) proposes through it, and the drafter service
-chooses one by ``speculative.method`` in one place (``arserve.drafter.registry``).
+chooses one by ``speculative.method`` in one place (``arserve.drafter.registry.METHODS``).
 
 Proposers only propose: acceptance lives in ``arserve.core.acceptance``. A
 proposer is handed its inputs (the request's committed tokens), never a

@@ -1,6 +1,17 @@
-"""The one place where a speculative method becomes a proposer."""
+"""The speculative methods: what each needs, and where it becomes a proposer.
+
+``METHODS`` is the one table (vLLM's ``SpeculativeConfig.method`` chooses a
+proposer the same way): the settings validate a model's methods against it,
+the verifier reads what a method asks of the target (its hidden rows) and of
+the draft (chains or trees), the wirings read whether a drafter runs at all,
+and ``build_proposers`` builds each method's proposer from its entry. Adding a
+method is one entry here and one proposer module.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +23,34 @@ from .draft_model import DraftModelProposer
 from .heads import HeadsProposer
 from .ngram import NgramProposer
 from .proposer import Proposer
+
+
+@dataclass(frozen=True)
+class DraftInputs:
+    """What a method's builder is handed to make its proposer."""
+
+    target: LlamaConfig  # the target's config (the draft shares its vocabulary)
+    dtype: torch.dtype  # compute dtype of the draft's weights
+    weights: str | None = None  # the method's weights (the ModelSettings field MethodSpec.weights names)
+    target_source: object = None  # the target's weights path (trained drafters share its embedding)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What one speculative method needs."""
+
+    name: str  # what SpeculativeParams.method and ModelSettings.speculative_methods call it
+    build: Callable[[DraftInputs], Proposer] | None = None  # its proposer; None: no drafts (plain decoding)
+    weights: str | None = None  # the ModelSettings field naming its weights (required when offered); None: none
+    hidden: bool = False  # drafts from the target's hidden state: Score returns the hidden rows (return_hidden)
+    request_cache: bool = False  # keeps state per request in the drafter (a draft KV cache, n-gram tables)
+    trees: bool = False  # can propose a tree (num_candidates > 1); False: a chain, whatever the request asks
+    sampled: bool = False  # sampled drafts carry their distribution q (else deterministic, one-hot)
+
+    @property
+    def drafts(self) -> bool:
+        """Whether the method asks the drafter for drafts at all."""
+        return self.build is not None
 
 
 def is_checkpoint(source: str) -> bool:
@@ -33,23 +72,44 @@ def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, targe
     return draft
 
 
-def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype, draft_model: str | None,
-                    draft_heads: str | None = None, target_source=None) -> dict[str, Proposer]:
-    """target_source: the target's weights (trained drafters share its embedding)."""
+def _draft_model(i: DraftInputs) -> Proposer:
+    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source), i.target.vocab_size)
+
+
+def _heads(i: DraftInputs) -> Proposer:
+    return HeadsProposer(checkpoints.load_heads(i.weights, read_embedding(i.target_source), i.dtype),
+                         i.target.vocab_size)
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("none"),
+    MethodSpec("ngram", build=lambda i: NgramProposer(), request_cache=True, trees=True),
+    MethodSpec("draft_model", build=_draft_model, weights="draft_model", request_cache=True, trees=True,
+               sampled=True),
+    MethodSpec("heads", build=_heads, weights="draft_heads", hidden=True, trees=True, sampled=True),
+)}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The entry of ``name`` ("" is "none"); ValueError names the known ones."""
+    spec = METHODS.get(name or "none")
+    if spec is None:
+        raise ValueError(f"unknown speculative method {name!r}; known: {list(METHODS)}")
+    return spec
+
+
+def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
+                    weights: dict[str, str | None] | None = None, target_source=None) -> dict[str, Proposer]:
+    """The proposer of each drafting method. weights: ModelSettings field ->
+    value (``MethodSpec.weights``); target_source: the target's weights
+    (trained drafters share its embedding)."""
     proposers: dict[str, Proposer] = {}
-    for method in methods:
-        if method == "ngram":
-            proposers[method] = NgramProposer()
-        elif method == "draft_model":
-            if not draft_model:
-                raise ValueError("method draft_model needs draft_model weights")
-            draft = load_draft_model(draft_model, target, dtype, target_source)
-            proposers[method] = DraftModelProposer(draft, target.vocab_size)
-        elif method == "heads":
-            if not draft_heads:
-                raise ValueError("method heads needs draft_heads weights")
-            heads = checkpoints.load_heads(draft_heads, read_embedding(target_source), dtype)
-            proposers[method] = HeadsProposer(heads, target.vocab_size)
-        elif method != "none":
-            raise ValueError(f"unknown speculative method {method!r}")
+    for name in methods:
+        spec = method_spec(name)
+        if not spec.drafts:
+            continue
+        source = (weights or {}).get(spec.weights) if spec.weights else None
+        if spec.weights and not source:
+            raise ValueError(f"method {name} needs {spec.weights} weights")
+        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source))
     return proposers

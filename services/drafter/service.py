@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from ..core.sampling import Sampling
+from ..core.sampling import Sampling, seeded
 from ..errors import FailedPrecondition, InvalidArgument
 from ..leases import Leases, leased
 from ..pb.v1 import drafter_pb2 as pb
@@ -41,12 +39,10 @@ class DrafterService:
                 f"drafter holds {len(tokens)} tokens of request {req.request_id!r}; the call assumes {known}")
         del tokens[known:]
         tokens.extend(req.new_token_ids)
-        s = req.sampling
         draft_req = DraftRequest(
             request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
             candidates=max(1, req.num_candidates),
-            sampling=Sampling(s.temperature, s.top_p if s.HasField("top_p") else 1.0, s.top_k),
-            generator=torch.Generator().manual_seed(req.seed & (2**63 - 1)),
+            sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed),
             hidden=from_proto(req.hidden) if req.hidden.shape else None,
         )
         draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)

@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 
 from .. import assemble, metrics
+from ..drafter.registry import method_spec
 from ..errors import Unauthenticated
 from ..gateway import http
 from ..pb.v1 import (
@@ -154,7 +155,7 @@ class Gateway:
 
 def drafting(args: AppArgs) -> bool:
     """Whether any model arserve decodes drafts (else there is no drafter deployment)."""
-    return any(set(m.speculative_methods) - {"none"} for m in args.decoded_by("arserve"))
+    return any(method_spec(name).drafts for m in args.decoded_by("arserve") for name in m.speculative_methods)
 
 
 def build_app(args: dict) -> Application:

@@ -36,10 +36,10 @@ def expected_speedup_without_bonus(a: float, k: int, cost_per_token: float, veri
 @dataclass
 class DraftLength:
     k_max: int  # upper bound (the request's num_draft_tokens)
-    adaptive: bool = True  # False: always k_max
+    adaptive: bool  # False: always k_max (default: settings' adaptive_draft_length)
+    cost_per_token: float  # extra forward cost per scored draft token (settings' draft_cost_per_token)
     rate: float = 0.7  # running acceptance rate estimate (prior)
     smoothing: float = 0.3  # weight of the newest round in the moving average
-    cost_per_token: float = 0.03  # extra forward cost per scored draft token (measured, see docs/decisions.md)
     probe_every: int = 8  # rounds between 1-token probes while k is 0
     idle: int = 0  # rounds since the last draft while k is 0
     speedup: Callable[[float, int, float], float] = expected_speedup  # the cost model

@@ -39,6 +39,7 @@ import torch
 
 from ..core.continuous_acceptance import accept_trajectories, sample_residual
 from ..core.image_model import ImageAR, ImageKV
+from ..core.sampling import seeded
 from .draft_length import DraftLength, expected_speedup_without_bonus
 
 
@@ -157,7 +158,7 @@ class ImageVerifier:
                       job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
-        generator = torch.Generator().manual_seed(job.seed & (2**63 - 1))
+        generator = seeded(job.seed)
         c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens if draft else 0
         rows = _rows(job, c.num_classes)
         capacity = c.seq_len + k  # a round writes at most k positions from a committed length below seq_len

@@ -8,6 +8,11 @@ rest), and the committed tokens stream out. Without a draft (method "none",
 an empty proposal, or a drafter that failed or missed its deadline) a round
 is plain decoding: one position scored, one token sampled.
 
+``Run`` reads like gpt-fast's ``generate``: a plan read once from the request
+(``arserve.verifier.plan``), a prefill, then ``_round`` until a finish, each
+round's tokens streamed. The backbone and drafter it calls are the
+``Backbone`` and ``Drafter`` protocols below.
+
 The last sampled token (``pending``) is not in the KV cache yet: it is
 scored at the root of the next round, so every round is one forward.
 The loop owns the request's random generator: a seeded request gives the
@@ -27,10 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -44,19 +48,30 @@ from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as pb
 from ..rpc import status_of
-from ..wire import from_proto, proto_row
+from ..wire import TensorProto, from_proto
 from .draft_length import DraftLength
+from .plan import RequestPlan, SpeculationDefaults
+from .stats import count_draft, update_mean
 
 log = logging.getLogger("arserve.verifier")
 
-HIDDEN_METHODS = frozenset({"heads"})  # methods that draft from the target's hidden state (Score returns it)
+
+class Backbone(Protocol):
+    """The backbone calls the loop makes (``BackboneService`` in process, or a gRPC stub to a replica)."""
+
+    async def Score(self, req: bpb.ScoreRequest) -> bpb.ScoreResponse: ...
+
+    async def Commit(self, req: bpb.CommitRequest) -> bpb.CommitResponse: ...
+
+    async def Release(self, req: bpb.ReleaseRequest) -> bpb.ReleaseResponse: ...
 
 
-@dataclass(frozen=True)
-class SpeculationDefaults:
-    num_draft_tokens: int = 8  # draft length when a request leaves it unset (the adaptive upper bound)
-    draft_timeout_s: float = 1.0  # a proposal slower than this costs one plain round instead
-    cost_per_token: float = 0.03  # DraftLength's cost model (docs/decisions.md)
+class Drafter(Protocol):
+    """The drafter calls the loop makes (``DrafterService`` in process, or a gRPC stub to a replica)."""
+
+    async def Propose(self, req: dpb.ProposeRequest) -> dpb.ProposeResponse: ...
+
+    async def Release(self, req: dpb.DrafterReleaseRequest) -> dpb.DrafterReleaseResponse: ...
 
 
 class KVSession:
@@ -70,7 +85,7 @@ class KVSession:
     RETRIES = 3
     BACKOFF_S = 0.2
 
-    def __init__(self, backbone, request_id: str, model: str):
+    def __init__(self, backbone: Backbone, request_id: str, model: str):
         self.backbone = backbone
         self.ids = dict(request_id=request_id, model=model)
         self.lost: str | bool = False  # why the cache was lost: the next Score rebuilds it
@@ -136,30 +151,6 @@ def failed_with(e: Exception, code: str) -> bool:
     return status is not None and status[0].name == code
 
 
-def count_positions(stats: gpb.SpeculativeStats, depth: int, accepted: int) -> None:
-    """Per draft position: one more round drafted there (i < depth), and
-    accepted there (i < accepted)."""
-    for field, upto in ((stats.drafted_at, depth), (stats.accepted_at, accepted)):
-        field.extend([0] * max(0, upto - len(field)))
-        for i in range(upto):
-            field[i] += 1
-
-
-def run_id(request_id: str) -> str:
-    """The id a Run keys its state on (the backbone's KV session, the
-    drafter's context, a sticky replica): the caller's id, for logs, and a
-    random suffix, so that two Runs never share state even when their callers
-    send the same id (the gateway sends a fresh one per request; the Run RPC
-    trusts no caller for that). vLLM's engine asks the same of request ids."""
-    return f"{request_id}-{secrets.token_hex(8)}"
-
-
-def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
-    """The request's own random generator (seeded, or from os.urandom)."""
-    seed = sampling.seed if sampling.HasField("seed") else int.from_bytes(os.urandom(8), "little")
-    return torch.Generator().manual_seed(seed & (2**63 - 1))
-
-
 def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor:
     """What the acceptance rules read of a Score call: greedy requests ask
     for the argmax ids only ([m] int64); others get [m, vocab] distributions."""
@@ -180,14 +171,106 @@ def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: tor
     return verify_tree(tokens, list(draft.parents), p, q, generator, greedy=sampling.greedy)
 
 
+@dataclass
+class Decoding:
+    """A Run's state between rounds."""
+
+    tokens: list[int]  # [L + generated] committed: prompt, then output (the pending token once streamed)
+    length: DraftLength  # the adaptive draft length
+    stats: gpb.SpeculativeStats  # what the request reports (arserve.verifier.stats)
+    pending: int = -1  # the last sampled token: decided, not streamed yet, scored at the next round's root
+    anchor: TensorProto | None = None  # hidden-state methods: the hidden state [dim] that decided `pending`
+    in_cache: int = 0  # positions in the backbone's KV cache
+    told: int = 0  # tokens the drafter has been told about
+    generated: int = 0  # output tokens committed
+    cached: int = 0  # prompt positions the KV tiers served, reported on the first event
+
+
 class VerifierService:
-    def __init__(self, backbone, drafter=None, eos_ids: dict[str, tuple[int, ...]] | None = None,
+    def __init__(self, backbone: Backbone, drafter: Drafter | None = None,
+                 eos_ids: dict[str, tuple[int, ...]] | None = None,
                  defaults: SpeculationDefaults = SpeculationDefaults()):
-        self.backbone = backbone  # async Score / Commit / Release (in-process or a gRPC stub)
-        self.drafter = drafter  # async Propose / Release, or None
+        self.backbone = backbone  # in process or a gRPC stub
+        self.drafter = drafter  # or None: every round is plain
         self.eos_ids = eos_ids or {}  # model id -> end-of-sequence token ids
         self.defaults = defaults
         self._drafter_failing = False  # log a failing drafter once, not every round
+
+    async def Run(self, req: pb.VerifyRequest, context=None) -> AsyncIterator[pb.VerifyEvent]:
+        """gpt-fast's ``generate``: plan, prefill, then rounds until a finish, each streamed."""
+        plan = RequestPlan.from_proto(req, self.defaults, self.eos_ids.get(req.model, ()), self.drafter is not None)
+        log.debug("request %s runs as %s", plan.request_id, plan.ids["request_id"])
+        kv = KVSession(self.backbone, plan.ids["request_id"], req.model)
+        state = Decoding(list(plan.prompt), plan.draft_length(), gpb.SpeculativeStats(method=plan.method.name))
+        try:
+            out = await kv.score(plan.score(state.tokens, 0, outputs_from=len(state.tokens) - 1, commit=True),
+                                 state.tokens)
+            state.in_cache, state.cached = len(state.tokens), out.cached
+            state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
+            finish = gpb.FINISH_REASON_UNSPECIFIED
+            while not finish:
+                new_tokens, finish = await self._round(plan, state, kv)
+                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=state.stats,
+                                     cached_prompt_tokens=state.cached)
+                state.cached = 0
+        finally:
+            await self._release(plan, kv)
+
+    async def _round(self, plan: RequestPlan, state: Decoding, kv: KVSession) -> tuple[list[int], int]:
+        """Stream the pending token, draft, score, accept, commit -> (the tokens to stream, the finish)."""
+        pending = state.pending
+        if pending in plan.eos:
+            return [], gpb.FINISH_REASON_EOS
+        state.tokens.append(pending)
+        state.generated += 1
+        if state.generated >= plan.max_tokens:
+            return [pending], gpb.FINISH_REASON_LENGTH
+        draft = await self._draft(plan, state)
+        state.stats.rounds += 1
+        if draft is None:  # plain round: score the pending token alone
+            out = await kv.score(plan.score([pending], state.in_cache, commit=True), state.tokens)
+            state.in_cache += 1
+            state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
+            accepted: list[int] = []
+        else:  # the pending token at the root, the draft after it, in one forward
+            parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
+            out = await kv.score(plan.score([pending, *draft.token_ids], state.in_cache, parents=parents),
+                                 state.tokens)
+            verdict = verify(draft, target(out, plan.sampling), plan.sampling, plan.generator)
+            await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **plan.ids))
+            state.in_cache += 1 + len(verdict.accepted)
+            depth = self._depth(draft) if draft.parents else len(draft.token_ids)
+            state.length.update(depth, len(verdict.accepted))
+            count_draft(state.stats, len(draft.token_ids), depth, len(verdict.accepted))
+            state.pending = verdict.token
+            state.anchor = plan.anchor(out, verdict.accepted[-1] + 1 if verdict.accepted else 0)
+            accepted = [int(draft.token_ids[i]) for i in verdict.accepted]
+        update_mean(state.stats)
+        new_tokens, finish = [pending], gpb.FINISH_REASON_UNSPECIFIED
+        for t in accepted:
+            if t in plan.eos:
+                return new_tokens, gpb.FINISH_REASON_EOS
+            new_tokens.append(t)
+            state.tokens.append(t)
+            state.generated += 1
+        if state.generated >= plan.max_tokens:  # k <= max_tokens - generated - 1 keeps this rare
+            finish = gpb.FINISH_REASON_LENGTH
+        return new_tokens, finish
+
+    async def _draft(self, plan: RequestPlan, state: Decoding) -> dpb.Draft | None:
+        """This round's draft, or None: a plain round (no draft asked, none proposed, or a failed drafter)."""
+        k = min(state.length.next(), plan.max_tokens - state.generated - 1)
+        if k <= 0:
+            return None
+        draft = await self._propose(dpb.ProposeRequest(
+            method=plan.method.name, new_token_ids=state.tokens[state.told:], committed_length=len(state.tokens),
+            num_draft_tokens=k, num_candidates=plan.candidates, sampling=plan.params,
+            seed=int(torch.randint(0, 2**62, (), generator=plan.generator)), hidden=state.anchor, **plan.ids))
+        state.told = len(state.tokens)
+        if draft is False:  # the drafter failed: a plain round, and the whole context next time
+            state.told = 0
+            return None
+        return draft
 
     async def _propose(self, req: dpb.ProposeRequest) -> dpb.Draft | None | bool:
         """The draft; None: no proposal; False: the drafter failed (the next
@@ -207,117 +290,22 @@ class VerifierService:
             self._drafter_failing = False
         return out.draft if out.draft.token_ids else None
 
-    async def Run(self, req: pb.VerifyRequest, context=None) -> AsyncIterator[pb.VerifyEvent]:
-        s = req.sampling
-        sampling = Sampling(temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k)
-        generator = request_generator(s)
-        eos = set(self.eos_ids.get(req.model, ()))
-        method = req.speculative.method or "none"
-        spec = req.speculative
-        k_max = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else self.defaults.num_draft_tokens
-        candidates = spec.num_candidates if spec.HasField("num_candidates") else 1
-        drafting = method != "none" and self.drafter is not None
-        length = DraftLength(k_max if drafting else 0,
-                             adaptive=spec.adaptive if spec.HasField("adaptive") else True,
-                             cost_per_token=self.defaults.cost_per_token)
-        stats = gpb.SpeculativeStats(method=method)
-        ids = dict(request_id=run_id(req.request_id), model=req.model)  # keys this Run's state downstream
-        log.debug("request %s runs as %s", req.request_id, ids["request_id"])
-        kv = KVSession(self.backbone, ids["request_id"], req.model)
-        heads = method in HIDDEN_METHODS and self.drafter is not None  # drafts from the target's hidden state
-        # the most positions the cache holds (reserved from the backbone's KV budget): a chain round ends
-        # at most at prompt + max_tokens - 1; a tree of c branches has up to (c - 1) * k more nodes than a chain
-        tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
-        max_positions = len(req.prompt_token_ids) + s.max_tokens + tree_nodes
-        scoring = dict(ids, argmax_only=sampling.greedy, return_hidden=heads,  # greedy reads only the argmax
-                       max_positions=max_positions, cache_salt=req.cache_salt)  # the salt: a resume on another replica reads it
-        anchor = None  # heads: the hidden state [dim] at the position that decided `pending`
-        tokens = list(req.prompt_token_ids)  # committed: prompt, then output (pending included)
-        drafter_seen = 0  # tokens the drafter has been told about
-        committed_kv = len(tokens)  # positions in the backbone's cache
-        generated = 0
-        try:
-            out = await kv.score(bpb.ScoreRequest(
-                token_ids=tokens, start=0, outputs_from=len(tokens) - 1, commit=True, **scoring), tokens)
-            pending = self._sample(out, sampling, generator)
-            anchor = proto_row(out.hidden, 0) if heads else None
-            cached = out.cached  # reported once, on the first event
-            while True:
-                # the pending token is decided: stream it, unless it ends the request
-                if pending in eos:
-                    yield pb.VerifyEvent(finish_reason=gpb.FINISH_REASON_EOS, speculative=stats,
-                                         cached_prompt_tokens=cached)
-                    return
-                tokens.append(pending)
-                generated += 1
-                if generated >= s.max_tokens:
-                    yield pb.VerifyEvent(token_ids=[pending], finish_reason=gpb.FINISH_REASON_LENGTH,
-                                         speculative=stats, cached_prompt_tokens=cached)
-                    return
-                new_tokens = [pending]
-                k = min(length.next(), s.max_tokens - generated - 1)
-                draft = None
-                if k > 0:
-                    draft = await self._propose(dpb.ProposeRequest(
-                        method=method, new_token_ids=tokens[drafter_seen:], committed_length=len(tokens),
-                        num_draft_tokens=k, num_candidates=candidates, sampling=s,
-                        seed=int(torch.randint(0, 2**62, (), generator=generator)), hidden=anchor, **ids))
-                    drafter_seen = len(tokens)
-                    if draft is False:  # the drafter failed: a plain round, and the whole context next time
-                        draft, drafter_seen = None, 0
-                stats.rounds += 1
-                finish = gpb.FINISH_REASON_UNSPECIFIED
-                if draft is None:  # plain round: score the pending token alone
-                    out = await kv.score(bpb.ScoreRequest(
-                        token_ids=[pending], start=committed_kv, commit=True, **scoring), tokens)
-                    committed_kv += 1
-                    pending = self._sample(out, sampling, generator)
-                    anchor = proto_row(out.hidden, 0) if heads else None
-                else:
-                    n = len(draft.token_ids)
-                    parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
-                    out = await kv.score(bpb.ScoreRequest(
-                        token_ids=[pending, *draft.token_ids], parents=parents, start=committed_kv, **scoring), tokens)
-                    verdict = verify(draft, target(out, sampling), sampling, generator)
-                    await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **ids))
-                    committed_kv += 1 + len(verdict.accepted)
-                    depth = self._depth(draft) if draft.parents else n
-                    length.update(depth, len(verdict.accepted))
-                    stats.drafted_tokens += n
-                    stats.accepted_tokens += len(verdict.accepted)
-                    count_positions(stats, depth, len(verdict.accepted))
-                    pending = verdict.token
-                    anchor = proto_row(out.hidden, verdict.accepted[-1] + 1 if verdict.accepted else 0) if heads else None
-                    for i in verdict.accepted:
-                        t = int(draft.token_ids[i])
-                        if t in eos:
-                            finish = gpb.FINISH_REASON_EOS
-                            break
-                        new_tokens.append(t)
-                        tokens.append(t)
-                        generated += 1
-                    if not finish and generated >= s.max_tokens:  # k <= max_tokens - generated - 1 keeps this rare
-                        finish = gpb.FINISH_REASON_LENGTH
-                stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
-                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=stats,
-                                     cached_prompt_tokens=cached)
-                cached = 0
-                if finish:
-                    return
-        finally:
-            await kv.release()
-            if self.drafter is not None and method != "none":
-                try:
-                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=ids["request_id"], method=method))
-                except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
-                    log.debug("drafter release failed", exc_info=True)
+    async def _release(self, plan: RequestPlan, kv: KVSession) -> None:
+        """Free the request's state: its KV cache, and its context in the drafter."""
+        await kv.release()
+        if self.drafter is not None and plan.method.drafts:
+            try:
+                await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=plan.ids["request_id"],
+                                                                     method=plan.method.name))
+            except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
+                log.debug("drafter release failed", exc_info=True)
 
     @staticmethod
-    def _sample(out: bpb.ScoreResponse, sampling: Sampling, generator: torch.Generator) -> int:
+    def _sample(out: bpb.ScoreResponse, plan: RequestPlan) -> int:
         """The next token from a Score call with one output position."""
-        if sampling.greedy:
+        if plan.sampling.greedy:
             return int(out.argmax[0])
-        return int(sample(from_proto(out.logits), sampling, generator)[0])
+        return int(sample(from_proto(out.logits), plan.sampling, plan.generator)[0])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:

@@ -23,7 +23,7 @@ from arserve_client.v1 import generation_pb2 as gpb
 from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ModelSettings
-from ..verifier.service import count_positions
+from ..verifier.stats import count_positions, update_mean
 from .export import hf_dir
 from .params import sampling_kwargs
 
@@ -59,8 +59,7 @@ def speculative_stats(method: str, generated: int, metrics: dict | None) -> gpb.
     else:
         steps = 0
     stats.rounds = max(steps, generated - 1 - stats.accepted_tokens, 0)
-    if stats.rounds:
-        stats.mean_accepted_length = (stats.accepted_tokens + stats.rounds) / stats.rounds
+    update_mean(stats)
     return stats
 
 

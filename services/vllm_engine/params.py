@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from arserve_client.v1 import generation_pb2 as gpb
 
+from ..core.sampling import SEED_MASK, Sampling
 from ..errors import InvalidArgument
 from ..settings import ModelSettings
-
-SEED_MASK = 2**63 - 1  # torch generators take seeds below 2**63
 
 
 def check_request(req: gpb.GenerateRequest, model: ModelSettings) -> None:
@@ -49,7 +48,7 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
     """Keyword arguments of ``vllm.SamplingParams`` for a request whose
     ``max_tokens`` and ``temperature`` the gateway has resolved."""
     out = dict(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-               top_p=sampling.top_p if sampling.HasField("top_p") else 1.0, top_k=sampling.top_k,
+               top_p=Sampling.from_params(sampling).top_p, top_k=sampling.top_k,
                stop_token_ids=list(eos_ids), detokenize=False)
     if sampling.HasField("seed"):
         out["seed"] = sampling.seed & SEED_MASK

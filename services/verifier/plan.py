@@ -1,0 +1,122 @@
+"""What one Run decodes, read once from its ``VerifyRequest``: the
+request's sampling and randomness, its end-of-sequence ids, its speculative
+method (``arserve.drafter.registry.METHODS``) and draft length, the ids that
+key its state downstream, and what every Score call carries. The decode loop
+(``arserve.verifier.service``) reads the plan and never the proto's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from arserve_client.v1 import generation_pb2 as gpb
+
+from ..core.sampling import Sampling, seeded
+from ..drafter.registry import METHODS, MethodSpec
+from ..errors import InvalidArgument
+from ..pb.v1 import backbone_pb2 as bpb
+from ..pb.v1 import verifier_pb2 as pb
+from ..settings import ServiceSettings
+from ..wire import TensorProto, proto_row
+from .draft_length import DraftLength
+
+
+def _default(name: str):
+    return ServiceSettings.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class SpeculationDefaults:
+    """What a request leaves unset, from the settings (their one home: ``ServiceSettings``)."""
+
+    num_draft_tokens: int = _default("num_draft_tokens")  # draft length (the adaptive upper bound)
+    adaptive: bool = _default("adaptive_draft_length")  # the draft length follows the acceptance rate
+    cost_per_token: float = _default("draft_cost_per_token")  # DraftLength's cost model (docs/decisions.md)
+    draft_timeout_s: float = _default("draft_timeout_s")  # a proposal slower than this costs a plain round
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> "SpeculationDefaults":
+        return cls(settings.num_draft_tokens, settings.adaptive_draft_length, settings.draft_cost_per_token,
+                   settings.draft_timeout_s)
+
+
+def run_id(request_id: str) -> str:
+    """The id a Run keys its state on (the backbone's KV session, the
+    drafter's context, a sticky replica): the caller's id, for logs, and a
+    random suffix, so that two Runs never share state even when their callers
+    send the same id (the gateway sends a fresh one per request; the Run RPC
+    trusts no caller for that). vLLM's engine asks the same of request ids."""
+    return f"{request_id}-{secrets.token_hex(8)}"
+
+
+def request_generator(sampling: gpb.SamplingParams) -> torch.Generator:
+    """The request's own random generator (seeded, or from os.urandom)."""
+    return seeded(sampling.seed if sampling.HasField("seed") else int.from_bytes(os.urandom(8), "little"))
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One Run, decided before its first round."""
+
+    request_id: str  # the caller's id (logs only)
+    ids: dict  # request_id (run_id: keys this Run's state downstream) and model, on every downstream call
+    prompt: tuple[int, ...]  # [L] prompt token ids
+    max_tokens: int  # tokens to generate at most (end-of-sequence ends sooner)
+    params: gpb.SamplingParams  # the request's sampling fields, as sent (the drafter reads them too)
+    sampling: Sampling  # the same, as the acceptance rules read them
+    generator: torch.Generator  # the request's randomness: sampling, acceptance and draft seeds
+    eos: frozenset[int]  # end-of-sequence token ids of the model
+    method: MethodSpec  # the speculative method and what it needs
+    drafting: bool  # the method drafts and a drafter is there (else every round is plain)
+    k_max: int  # draft length, the adaptive length's upper bound; 0 when not drafting
+    candidates: int  # draft chains per round (> 1: a tree, where the method drafts trees)
+    adaptive: bool  # the draft length follows the acceptance rate (DraftLength)
+    cost_per_token: float  # DraftLength's cost model
+    max_positions: int  # the most KV positions the request holds (reserved from the backbone's budget)
+    cache_salt: str  # the caller's KV namespace ("" = shared)
+
+    @classmethod
+    def from_proto(cls, req: pb.VerifyRequest, defaults: SpeculationDefaults, eos: tuple[int, ...] = (),
+                   drafter: bool = True) -> "RequestPlan":
+        """drafter: whether a drafter is there to ask."""
+        method = METHODS.get(req.speculative.method or "none")
+        if method is None:
+            raise InvalidArgument(f"speculative.method {req.speculative.method!r} is unknown; known: {list(METHODS)}")
+        spec, s = req.speculative, req.sampling
+        drafting = method.drafts and drafter
+        k_max = spec.num_draft_tokens if spec.HasField("num_draft_tokens") else defaults.num_draft_tokens
+        candidates = spec.num_candidates if spec.HasField("num_candidates") and method.trees else 1
+        # the most positions the cache holds: a chain round ends at most at prompt + max_tokens - 1;
+        # a tree of c branches has up to (c - 1) * k more nodes than a chain
+        tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
+        return cls(
+            request_id=req.request_id, ids=dict(request_id=run_id(req.request_id), model=req.model),
+            prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
+            sampling=Sampling.from_params(s), generator=request_generator(s), eos=frozenset(eos), method=method,
+            drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
+            adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
+            max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt)
+
+    @property
+    def hidden(self) -> bool:
+        """The drafter drafts from the target's hidden state (Score returns it)."""
+        return self.drafting and self.method.hidden
+
+    def draft_length(self) -> DraftLength:
+        return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token)
+
+    def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
+        """A Score call of this request: greedy asks only for the argmax; max_positions and the salt go
+        with every call (a resume on another replica reserves and reads by them)."""
+        return bpb.ScoreRequest(token_ids=token_ids, start=start, argmax_only=self.sampling.greedy,
+                                return_hidden=self.hidden, max_positions=self.max_positions,
+                                cache_salt=self.cache_salt, **self.ids, **fields)
+
+    def anchor(self, out: bpb.ScoreResponse, row: int) -> TensorProto | None:
+        """The hidden state [dim] at scored row ``row`` (the position that decided the pending token),
+        for methods that draft from it; else None."""
+        return proto_row(out.hidden, row) if self.hidden else None
