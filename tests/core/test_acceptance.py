@@ -4,8 +4,22 @@ test_rejection_sampling_approximates_target_distribution, written our way).
 A seeded tiny target and a different tiny draft model over a 5-token
 vocabulary define p and q for every prefix. Speculative decoding with each
 rule generates 20,000 sequences of 3 tokens; a chi-square test compares their
-frequencies with the exact target probabilities of the 125 sequences. A
-deliberately wrong rule (accept every draft token) must fail the same test.
+frequencies with the exact target probabilities of the 125 sequences.
+
+Deliberately wrong rules must fail, each where a subtle error shows:
+accepting every draft token (gross); recovering a rejected position from p
+instead of the residual norm(max(p - q, 0)) (the chi-square test); SpecTr's
+K-SEQ without its rho (the single-position test of K-SEQ); and a rule that
+ignores the draft and samples p, accepting a draft token only where its own
+sample equals it. That last one keeps the target distribution exactly, so no
+distribution test sees it; the first-position acceptance rate, whose exact
+value is sum(min(p, q)) (Leviathan et al. 2023, Theorem 3.5: beta = 1 -
+TV(p, q)), does.
+
+Thresholds. A lossless rule must give a chi-square p-value > 0.01 and an
+acceptance rate within 5 standard errors of the exact one (two-sided false
+failure 6e-7 per prefix); every draw is seeded, so each outcome is fixed. A
+wrong rule must give p < 1e-6 or miss the rate by more than 5 standard errors.
 """
 
 from __future__ import annotations
@@ -16,7 +30,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from arserve.core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
+import arserve.core.acceptance as acceptance
+from arserve.core.acceptance import Verdict, greedy_match, kseq_select, speculative_sampling, verify_tree
 from arserve.core.config import LlamaConfig
 from arserve.core.model import Llama
 from arserve.core.sampling import Sampling, probs
@@ -51,8 +66,16 @@ def exact_target() -> dict[tuple[int, ...], float]:
     return out
 
 
-def chi_square_p_value(samples: list[tuple[int, ...]]) -> float:
-    expected = {s: pr * len(samples) for s, pr in exact_target().items()}
+def chi_square_p_value(samples: list, exact: dict | None = None) -> float:
+    """Pearson's chi-square test of samples against the exact probabilities
+    (by default the target's over the 125 sequences); outcomes expected
+    fewer than 5 times are pooled into one bin."""
+    return chi_square(samples, exact)[1]
+
+
+def chi_square(samples: list, exact: dict | None = None) -> tuple[float, float]:
+    """-> (statistic, p-value); see ``chi_square_p_value``."""
+    expected = {s: pr * len(samples) for s, pr in (exact or exact_target()).items()}
     counts = {s: 0 for s in expected}
     for s in samples:
         counts[s] += 1
@@ -63,18 +86,19 @@ def chi_square_p_value(samples: list[tuple[int, ...]]) -> float:
         obs, exp = obs[:-1], exp[:-1]
     stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
     df = len(exp) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                               torch.tensor(stat / 2, dtype=torch.float64)))
 
 
 def draw(dist: torch.Tensor, g: torch.Generator) -> int:
     return int(torch.multinomial(dist, 1, generator=g))
 
 
-def generate(round_fn, seed: int) -> list[tuple[int, ...]]:
+def generate(round_fn, seed: int, samples: int = SAMPLES) -> list[tuple[int, ...]]:
     """round_fn(prefix, generator) -> committed tokens of one round."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(SAMPLES):
+    for _ in range(samples):
         seq: tuple[int, ...] = ()
         while len(seq) < LENGTH:
             seq += tuple(round_fn(seq, g))
@@ -96,6 +120,30 @@ def chain_round(rule, k=2, sampled=True):
 
 
 def accept_all(draft, p, q, g):  # the wrong rule: every draft token kept
+    return Verdict(list(range(len(draft))), draw(p[-1], g))
+
+
+def recover_from_p(draft, p, q, g):
+    """A subtly wrong rule: speculative sampling whose recovered token comes
+    from p instead of the residual norm(max(p - q, 0)): it yields min(p, q) +
+    TV(p, q) p, not p."""
+    for i in range(len(draft)):
+        x = int(draft[i])
+        q_x = 1.0 if q is None else float(q[i, x])
+        if q_x > 0 and float(torch.rand((), generator=g)) < min(1.0, float(p[i, x]) / q_x):
+            continue
+        return Verdict(list(range(i)), draw(p[i], g))
+    return Verdict(list(range(len(draft))), draw(p[-1], g))
+
+
+def samples_p(draft, p, q, g):
+    """A rule that ignores the draft and samples p: it keeps the target's
+    distribution exactly (every token is a fresh draw from p), and accepts a
+    draft token only when its draw equals it, at rate sum(p q), not sum(min(p, q))."""
+    for i in range(len(draft)):
+        y = draw(p[i], g)
+        if y != int(draft[i]):
+            return Verdict(list(range(i)), y)
     return Verdict(list(range(len(draft))), draw(p[-1], g))
 
 
@@ -150,6 +198,84 @@ def test_rule_keeps_the_target_distribution(name):
 
 def test_a_wrong_rule_fails_the_test():
     assert chi_square_p_value(generate(chain_round(accept_all), seed=3)) < 1e-6
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled draft", "deterministic draft"])
+def test_recovering_from_p_instead_of_the_residual_fails_the_test(sampled):
+    # measured: chi-square 1,000+ on ~40 bins at 5,000 sequences (p underflows to 0)
+    stat, p = chi_square(generate(chain_round(recover_from_p, sampled=sampled), seed=3, samples=5_000))
+    assert p < 1e-6, (stat, p)
+
+
+PREFIXES = [()] + [(x,) for x in range(VOCAB)]  # the first position after each
+RATE_ROUNDS = 3_000  # rounds per prefix
+
+
+def first_position_acceptance(rule, prefix: tuple[int, ...], seed: int) -> float:
+    """The fraction of RATE_ROUNDS one-token drafts, sampled from q after
+    ``prefix``, that ``rule`` accepts."""
+    g = torch.Generator().manual_seed(seed)
+    p, q = torch.stack([P(prefix), P(prefix)]), Q(prefix)[None]  # [2, vocab], [1, vocab]
+    accepted = 0
+    for _ in range(RATE_ROUNDS):
+        x = draw(q[0], g)
+        accepted += len(rule(torch.tensor([x]), p, q, g).accepted)
+    return accepted / RATE_ROUNDS
+
+
+def rate_misses(rule) -> list[tuple]:
+    """(prefix, measured, exact, standard errors off) where the acceptance rate
+    is more than 5 standard errors from sum(min(p, q))."""
+    misses = []
+    for seed, prefix in enumerate(PREFIXES):
+        exact = float(torch.minimum(P(prefix), Q(prefix)).sum())
+        rate = first_position_acceptance(rule, prefix, seed)
+        se = (exact * (1 - exact) / RATE_ROUNDS) ** 0.5
+        if abs(rate - exact) > 5 * se:
+            misses.append((prefix, rate, exact, (rate - exact) / se))
+    return misses
+
+
+def test_first_position_acceptance_rate_is_sum_min_p_q():
+    assert rate_misses(speculative_sampling) == []
+
+
+def test_a_rule_that_ignores_the_draft_misses_the_acceptance_rate():
+    # measured after (2,): rate ~0.19 (sum p q) against sum(min(p, q)) = 0.53, about 35 standard errors
+    misses = rate_misses(samples_p)
+    assert any(abs(m[3]) > 10 for m in misses), misses
+
+
+KSEQ_K, KSEQ_SAMPLES = 3, 2_000
+
+
+def kseq_tokens(seed: int) -> list[tuple[int]]:
+    """K-SEQ at the first position: KSEQ_K candidates i.i.d. from q, one token out."""
+    g = torch.Generator().manual_seed(seed)
+    p, q = P(()), Q(())
+    out = []
+    for _ in range(KSEQ_SAMPLES):
+        candidates = torch.multinomial(q, KSEQ_K, replacement=True, generator=g)
+        out.append((kseq_select(candidates, p, q, g)[1],))
+    return out
+
+
+def first_token_target() -> dict[tuple[int], float]:
+    return {(x,): float(P(())[x]) for x in range(VOCAB)}
+
+
+def test_kseq_keeps_the_target_distribution_at_one_position():
+    # rho here is 2.4: q puts 0.999 on a token p gives 0.52, so the division by rho matters
+    assert acceptance.kseq_rho(P(()), Q(()), KSEQ_K) > 2
+    assert chi_square_p_value(kseq_tokens(seed=5), first_token_target()) > 0.01
+
+
+def test_kseq_without_rho_fails_the_test(monkeypatch):
+    # rho = 1: each of the k candidates is accepted with min(1, p/q), so a token q favours
+    # is kept far too often (~0.89 instead of p = 0.52)
+    monkeypatch.setattr(acceptance, "kseq_rho", lambda p, q, k, iters=30: 1.0)
+    stat, p = chi_square(kseq_tokens(seed=5), first_token_target())
+    assert p < 1e-6, (stat, p)
 
 
 def test_greedy_match():

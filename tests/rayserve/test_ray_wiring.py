@@ -303,17 +303,32 @@ def test_a_backbone_killed_mid_stream_its_requests_resume_on_the_other(ray_serve
     for got, s in zip(chunks, streams):
         got += list(s)
     assert [[t for c in got for t in c.token_ids] for got in chunks] == reference
-    time.sleep(1)  # let the verifier's stderr reach its log file
-    after = _resumes(ray_server)
+    after = _resumes(ray_server, at_least=len(before) + 1)  # the verifier's stderr reaches its log file
     assert len(after) == len(before) + 1, after
     assert all(n >= 1024 for n in after)  # the prompt's blocks came from Redis, not recomputed
 
 
-def _resumes(ray_server) -> list[int]:
-    """Positions loaded from the KV tiers by each resume the verifiers logged."""
+def _resumes(ray_server, at_least: int = 0, timeout_s: float = 30.0) -> list[int]:
+    """Positions loaded from the KV tiers by each resume the verifiers logged,
+    read again until there are ``at_least`` of them (log lines reach the
+    workers' files a moment after the event) or ``timeout_s`` passes."""
     pattern = r"resumed on another backbone replica at position \d+, (\d+) positions from the KV tiers"
-    return [int(n) for f in Path(ray_server.logs).glob("worker-*.err")
-            for n in re.findall(pattern, f.read_text(errors="replace"))]
+
+    def read() -> list[int]:
+        return [int(n) for f in Path(ray_server.logs).glob("worker-*.err")
+                for n in re.findall(pattern, f.read_text(errors="replace"))]
+
+    return _poll(read, lambda found: len(found) >= at_least, timeout_s)
+
+
+def _poll(read, done, timeout_s: float):
+    """``read()`` until ``done(value)`` or ``timeout_s`` passes -> the last value (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = read()
+    return value
 
 
 def test_a_stopped_backbone_replica_fails_over_instead_of_hanging(ray_server, plain_greedy):
@@ -363,8 +378,8 @@ def test_a_stopped_backbone_replica_fails_over_instead_of_hanging(ray_server, pl
         assert tokens == list(plain_greedy[p["id"]].token_ids)[:n]
     gaps = [b - a for chunks in later for a, b in zip([stopped] + [t for t, _ in chunks], [t for t, _ in chunks])]
     assert max(gaps) < 45, f"a stream waited {max(gaps):.0f}s for its next tokens"  # Ray's own cure: ~100 s
-    time.sleep(1)  # let the verifier's stderr reach its log file
-    assert len(_resumes(ray_server)) == len(before) + 1, "the stopped replica's request did not resume"
+    resumes = _resumes(ray_server, at_least=len(before) + 1)  # the verifier's stderr reaches its log file
+    assert len(resumes) == len(before) + 1, "the stopped replica's request did not resume"
 
 
 def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_client, redis_for_ray):
@@ -372,18 +387,22 @@ def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_
     outs = [ray_client.generate(prompt=long_prompt(seed=s), max_tokens=8) for s in (1, 2, 1, 2)]
     assert all(o.stats.completion_tokens == 8 and o.stats.cached_prompt_tokens == 0 for o in outs)
     assert list(outs[0].token_ids) == list(outs[2].token_ids)
-    time.sleep(1)  # let the replicas' stderr reach the log files
-    warnings = {}
-    for f in Path(ray_server.logs).glob("worker-*.err"):
-        n = len(re.findall(r"Redis KV tier unavailable", f.read_text(errors="replace")))
-        if n:
-            warnings[f.name] = n
+    def read_warnings() -> dict[str, int]:  # worker log file -> warnings in it
+        counts = {f.name: len(re.findall(r"Redis KV tier unavailable", f.read_text(errors="replace")))
+                  for f in Path(ray_server.logs).glob("worker-*.err")}
+        return {name: n for name, n in counts.items() if n}
+
+    warnings = _poll(read_warnings, bool, 30.0)  # the replicas' stderr reaches the log files
     assert warnings, "no backbone replica warned that Redis is down"
     assert all(n == 1 for n in warnings.values()), warnings
 
     redis_for_ray.start()  # back on the same port: the tiers reconnect by themselves
-    time.sleep(1.5)  # past the tiers' retry interval
     prompt = long_prompt(seed=3)
-    ray_client.generate(prompt=prompt, max_tokens=8)  # computed, stored again
+
+    def stored_and_found() -> bool:  # computed, stored again once the tiers are back, then found
+        ray_client.generate(prompt=prompt, max_tokens=8)
+        return ray_client.generate(prompt=prompt, max_tokens=8).stats.cached_prompt_tokens > 0
+
+    assert _poll(stored_and_found, bool, 30.0), "the KV tiers did not reconnect to Redis"  # they retry every ~1 s
     again = [ray_client.generate(prompt=prompt, max_tokens=8) for _ in range(2)]
     assert all(a.stats.cached_prompt_tokens > 0 for a in again)
