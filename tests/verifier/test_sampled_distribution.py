@@ -38,7 +38,7 @@ from arserve.drafter.service import DrafterService
 from arserve.verifier import service
 from arserve.verifier.service import SpeculationDefaults, VerifierService
 from arserve_client.v1 import generation_pb2 as gpb
-from arserve_client.v1 import verifier_pb2 as vpb
+from arserve.pb.v1 import verifier_pb2 as vpb
 from conftest import PROMPT, tiny_target
 
 N_REQUESTS = 600
