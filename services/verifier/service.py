@@ -95,8 +95,7 @@ class KVSession:
         """committed: the request's committed tokens (at least ``req.start``)."""
         for attempt in range(self.RETRIES + 1):
             if self.lost:
-                del req.context[:]
-                req.context.extend(committed[:req.start])
+                self._resend(req, committed)
             try:
                 out = await self.backbone.Score(req)
             except ReplicaLost as e:
@@ -122,6 +121,12 @@ class KVSession:
             self.lost = self.freed = False
             return out
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _resend(req: bpb.ScoreRequest, committed) -> None:
+        """Put what a replica needs to rebuild the cache into ``req``: the committed token ids."""
+        del req.context[:]
+        req.context.extend(committed[:req.start])
 
     async def commit(self, req: bpb.CommitRequest) -> None:
         try:
