@@ -42,7 +42,7 @@ from ..wire import from_proto, to_proto
 log = logging.getLogger("arserve.backbone")
 
 MAX_DRAFT = 16  # the longest image draft (ImageModelSettings.num_draft_tokens): capacity = seq_len + this at most
-MAX_ROWS = 256  # rows one request may hold (max_images_per_request's bound, twice for guidance)
+MAX_ROWS = 2048  # rows one request may hold (the gateway allows max_images_per_request, twice with guidance)
 
 
 @dataclass
