@@ -429,11 +429,16 @@ def test_images_equal_the_embedded_wiring(ray_client, client, options):
         assert 0 < ray.stats.accepted_tokens < ray.stats.drafted_tokens  # drafts kept and residual tokens sampled
 
 
-def test_a_diffusion_head_replica_killed_mid_request_costs_nothing(ray_client):
+def test_a_diffusion_head_replica_killed_mid_request_costs_nothing(ray_server, ray_client):
     """The head holds no request state and every call carries its noise: a
     request whose head replica is killed under it completes on the other
-    replica with the image it gives uninterrupted."""
+    replica with the image it gives uninterrupted (the verifier logs the
+    calls it moved)."""
     import ray
+
+    def moved() -> int:
+        return sum(len(re.findall(r"diffusion_head replica \S+ unavailable \(.*\); trying another",
+                                  f.read_text(errors="replace"))) for f in Path(ray_server.logs).glob("worker-*.err"))
 
     options = dict(seed=33, num_steps=50, speculative="draft_model", num_draft_tokens=3, adaptive=False)
     labels = list(range(10)) * 3
@@ -441,9 +446,11 @@ def test_a_diffusion_head_replica_killed_mid_request_costs_nothing(ray_client):
     heads = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == "serve" and "#diffusion_head#" in a["name"]]
     assert len(heads) == 2
+    before = moved()
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(ray_client.generate_image, labels, **options)
         ray.kill(ray.get_actor(heads[0]["name"], namespace="serve"), no_restart=False)
         assert running.running(), "the request ended before the replica was killed: make it longer"
         again = running.result()
     assert [im.png for im in again.images] == [im.png for im in reference.images]
+    assert _poll(moved, lambda n: n > before, 30) > before  # a call did meet the dead replica
