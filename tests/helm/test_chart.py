@@ -137,7 +137,7 @@ def test_core_kinds_validate_with_kubernetes_validate(variant):
 
 def test_the_default_release_has_every_kind():
     kinds = sorted(d["kind"] for d in documents({}))
-    assert kinds == ["ConfigMap", *["NetworkPolicy"] * 4, *["PodDisruptionBudget"] * 3,
+    assert kinds == ["ConfigMap", *["NetworkPolicy"] * 4, *["PodDisruptionBudget"] * 4,  # one per worker group
                      "RayService", "Secret", "Secret", "Service", "Service", "StatefulSet"]
     assert "NOTES.txt" in " ".join(render({}))
 
