@@ -42,7 +42,7 @@ from arserve_client.v1 import generation_pb2 as gpb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
-from ..errors import ReplicaLost
+from ..errors import NotFound, ReplicaLost
 from ..metrics import RESUMED
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import drafter_pb2 as dpb
@@ -220,6 +220,10 @@ class VerifierService:
                 state.cached = 0
         finally:
             await self._release(plan, kv)
+
+    async def RunImage(self, req: pb.VerifyImageRequest, context=None) -> pb.VerifyImageResponse:
+        """Image requests run on the image loop (``arserve.verifier.image.WithImages``), not here."""
+        raise NotFound(f"this verifier serves no image models (asked for {req.model!r})")
 
     async def _round(self, plan: RequestPlan, state: Decoding, kv: KVSession) -> tuple[list[int], int]:
         """Stream the pending token, draft, score, accept, commit -> (the tokens to stream, the finish)."""
