@@ -51,6 +51,7 @@ from ..core.continuous_acceptance import DraftDensity, TargetTry, accept_traject
 from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
+from ..errors import InvalidArgument, NotFound
 from ..drafter.image import twice as _twice
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
@@ -62,6 +63,8 @@ from .plan import run_id
 from .service import Backbone, KVSession
 
 log = logging.getLogger("arserve.verifier")
+
+MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max_images_per_request)
 
 # Target trajectories drawn at once per residual try, over all rejected rows: rows are nearly free
 # at batch 1 (a try costs `steps` head calls whatever its batch), so one row gets 16 and one try
@@ -188,7 +191,11 @@ class ImageVerifier:
 
     async def generate(self, model_id: str, job: ImageJob, request_id: str = "image") -> tuple[torch.Tensor, ImageStats]:
         """-> tokens [n, seq_len, token_dim] and the speculative counters."""
-        c = self.configs[model_id]
+        c = self.configs.get(model_id)
+        if c is None:
+            raise NotFound(f"image model {model_id!r} is not served; known: {sorted(self.configs)}")
+        if not 1 <= job.labels.shape[0] <= MAX_IMAGES or not 0 <= int(job.labels.min()) <= int(job.labels.max()) < c.num_classes:
+            raise InvalidArgument(f"labels: 1 to {MAX_IMAGES} classes in 0..{c.num_classes - 1}, got {job.labels.tolist()}")
         k = job.num_draft_tokens if job.method == "draft_model" and self.drafter is not None else 0
         r = _Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
                      c.seq_len + k, seeded(job.seed))
