@@ -219,7 +219,7 @@ def test_the_openai_api_through_rays_http_proxy(ray_server, ray_client):
         streamed = list(oai.completions.create(model=model, prompt="Count from 1 to 10:", max_tokens=12,
                                                temperature=0, stream=True))
         assert done.choices[0].text == want.text == "".join(c.choices[0].text for c in streamed)
-        assert [m.id for m in oai.models.list()] == [model]
+        assert [m.id for m in oai.models.list()] == [model, "digits-mar"]  # the image model is served too
 
         with pytest.raises(openai.BadRequestError, match="top_p"):
             oai.completions.create(model=model, prompt="Hi", top_p=1.5)
