@@ -26,7 +26,6 @@ committed tokens in one forward.
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,8 +37,6 @@ from ..leases import Leases, leased
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import from_proto, to_proto
-
-log = logging.getLogger("arserve.backbone")
 
 MAX_DRAFT = 16  # the longest image draft (ImageModelSettings.num_draft_tokens): capacity = seq_len + this at most
 MAX_ROWS = 2048  # rows one request may hold (the gateway allows max_images_per_request, twice with guidance)
@@ -85,7 +82,8 @@ def _forward(batch: list[_Call]) -> list[torch.Tensor]:
     if len(batch) == 1:
         return [model(xs[0], batch[0].session.kv)]
     kvs = [c.session.kv for c in batch]
-    kv = ImageKV(torch.cat([k.k for k in kvs], 1), torch.cat([k.v for k in kvs], 1), torch.cat([k.lengths for k in kvs]))
+    kv = ImageKV(torch.cat([k.k for k in kvs], 1), torch.cat([k.v for k in kvs], 1),
+                 torch.cat([k.lengths for k in kvs]))
     z = model(torch.cat(xs), kv)
     out, start = [], 0
     for c, x in zip(batch, xs):
@@ -114,7 +112,8 @@ class ImageBackboneService:
         try:
             return self.models[model]
         except KeyError:
-            raise NotFound(f"image model {model!r} is not served by this backbone; known: {sorted(self.models)}") from None
+            raise NotFound(f"image model {model!r} is not served by this backbone; "
+                           f"known: {sorted(self.models)}") from None
 
     @leased(lambda req: (req.model, req.request_id))
     async def Score(self, req: pb.ScoreRequest, context=None) -> pb.ScoreResponse:
@@ -235,7 +234,8 @@ def _parse(image: pb.ImageScore, c) -> tuple[torch.Tensor, torch.Tensor, torch.T
     labels = torch.tensor(list(image.labels), dtype=torch.long)
     lengths = torch.tensor(list(image.lengths), dtype=torch.long)
     if int(labels.max()) > c.num_classes:
-        raise InvalidArgument(f"image.labels must be 0 to {c.num_classes} (the last: no class), got {int(labels.max())}")
+        raise InvalidArgument(f"image.labels must be 0 to {c.num_classes} (the last: no class), "
+                              f"got {int(labels.max())}")
     if int(lengths.max()) > c.seq_len:
         raise InvalidArgument(f"image.lengths must be at most seq_len {c.seq_len}, got {int(lengths.max())}")
     if image.HasField("tokens"):

@@ -150,7 +150,8 @@ class ImageDrafter:
                 or not 1 <= (im.cfg or 1.0) <= MAX_CFG:
             raise InvalidArgument(f"image: num_steps {im.num_steps} (noise has {steps}), temperature {im.temperature} "
                                   f"or cfg {im.cfg} out of range")
-        if (last is None) != bool((lengths == 0).all()) or (last is not None and list(last.shape) != [rows, c.token_dim]):
+        if (last is None) != bool((lengths == 0).all()) or (
+                last is not None and list(last.shape) != [rows, c.token_dim]):
             raise InvalidArgument(f"image.pending: [{rows}, {c.token_dim}] after the first call, unset on it")
         capacity = im.capacity or c.seq_len + MAX_DRAFT
         if int(lengths.max()) + max(k, 1) > capacity:

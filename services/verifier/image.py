@@ -51,8 +51,8 @@ from ..core.continuous_acceptance import DraftDensity, TargetTry, accept_traject
 from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
-from ..errors import InvalidArgument, NotFound
 from ..drafter.image import twice as _twice
+from ..errors import InvalidArgument, NotFound
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
 from ..pb.v1 import drafter_pb2 as dpb
@@ -189,13 +189,16 @@ class ImageVerifier:
         return vpb.VerifyImageResponse(tokens=to_proto(tokens), drafted=stats.drafted, accepted=stats.accepted,
                                        rounds=stats.rounds, mean_accepted_length=stats.mean_accepted_length)
 
-    async def generate(self, model_id: str, job: ImageJob, request_id: str = "image") -> tuple[torch.Tensor, ImageStats]:
+    async def generate(self, model_id: str, job: ImageJob,
+                       request_id: str = "image") -> tuple[torch.Tensor, ImageStats]:
         """-> tokens [n, seq_len, token_dim] and the speculative counters."""
         c = self.configs.get(model_id)
         if c is None:
             raise NotFound(f"image model {model_id!r} is not served; known: {sorted(self.configs)}")
-        if not 1 <= job.labels.shape[0] <= MAX_IMAGES or not 0 <= int(job.labels.min()) <= int(job.labels.max()) < c.num_classes:
-            raise InvalidArgument(f"labels: 1 to {MAX_IMAGES} classes in 0..{c.num_classes - 1}, got {job.labels.tolist()}")
+        n = job.labels.shape[0]
+        if not 1 <= n <= MAX_IMAGES or not 0 <= int(job.labels.min()) <= int(job.labels.max()) < c.num_classes:
+            raise InvalidArgument(f"labels: 1 to {MAX_IMAGES} classes in 0..{c.num_classes - 1}, "
+                                  f"got {job.labels.tolist()}")
         k = job.num_draft_tokens if job.method == "draft_model" and self.drafter is not None else 0
         r = _Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
                      c.seq_len + k, seeded(job.seed))
@@ -211,7 +214,8 @@ class ImageVerifier:
                 except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
                     log.debug("image drafter release failed", exc_info=True)
 
-    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession, k: int) -> tuple[torch.Tensor, ImageStats]:
+    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession,
+                      k: int) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
         job, generator = r.job, r.generator
@@ -292,7 +296,8 @@ class ImageVerifier:
         job, n = r.job, r.job.labels.shape[0]
         # the draft head's noise, token by token, from the request's generator
         shape = (job.steps + 1, n, self.configs[r.ids["model"]].token_dim)
-        noise = torch.stack([torch.randn(shape, generator=r.generator) for _ in range(k)]) if k else torch.empty(0, *shape)
+        noise = (torch.stack([torch.randn(shape, generator=r.generator) for _ in range(k)]) if k
+                 else torch.empty(0, *shape))
         image = dpb.ImageDraftRequest(labels=r.rows.tolist(), lengths=lengths.tolist(), noise=to_proto(noise),
                                       temperature=job.temperature, cfg=job.cfg, num_steps=job.steps,
                                       capacity=r.capacity)
