@@ -105,32 +105,99 @@ def tokenizer(settings: ServiceSettings) -> TokenizerService:
 
 
 def image_models(settings: ServiceSettings) -> dict:
-    """Image model id -> ImagePair (target and draft, from hash-checked checkpoints)."""
+    """Image model id -> (target ImageAR, draft ImageAR or None), from hash-checked checkpoints."""
     from .image.checkpoints import load_checkpoint
-    from .verifier.image import ImagePair
 
     pairs = {}
     for m in settings.image_models:
         t = time.perf_counter()
         draft = load_checkpoint(m.draft_checkpoint) if m.draft_checkpoint else None
-        pairs[m.id] = ImagePair(load_checkpoint(m.checkpoint), draft)
+        pairs[m.id] = (load_checkpoint(m.checkpoint), draft)
         log.info("loaded image model %s (%s, draft %s) in %.1fs", m.id, m.checkpoint, m.draft_checkpoint,
                  time.perf_counter() - t)
     return pairs
 
 
-def image_front(settings: ServiceSettings, tokenizer, pairs: dict):
-    """The gateway's GenerateImage side over in-process image models (None without any)."""
+def image_configs(settings: ServiceSettings) -> dict:
+    """Image model id -> the target's ImageConfig (what the verifier and gateway read of a model)."""
+    from .image.checkpoints import load_checkpoint
+
+    return {m.id: load_checkpoint(m.checkpoint).config for m in settings.image_models}
+
+
+def image_backbone(settings: ServiceSettings, pairs: dict, executor: ThreadPoolExecutor | None = None):
+    """The backbone of the image targets (None without image models)."""
     if not pairs:
         return None
+    from .backbone.image import ImageBackboneService
+
+    return ImageBackboneService({k: t for k, (t, _) in pairs.items()}, executor, lease_s=settings.state_lease_s)
+
+
+def image_drafter(settings: ServiceSettings, pairs: dict, executor: ThreadPoolExecutor | None = None):
+    """The drafter of the image drafts (None without any)."""
+    drafts = {k: d for k, (_, d) in pairs.items() if d is not None}
+    if not drafts:
+        return None
+    from .drafter.image import ImageDrafter
+
+    return ImageDrafter(drafts, executor, lease_s=settings.state_lease_s)
+
+
+def diffusion_head(pairs: dict, executor: ThreadPoolExecutor | None = None):
+    """The diffusion-head service: every image model's target head, and its draft's (the residual sampler)."""
     from .diffusion_head.service import DiffusionHeadService
-    from .gateway.images import ImageFront
+
+    return DiffusionHeadService({k: t.head for k, (t, _) in pairs.items()}, executor,
+                                draft_heads={k: d.head for k, (_, d) in pairs.items() if d is not None})
+
+
+def image_verifier(settings: ServiceSettings, backbone, drafter, heads, configs: dict):
+    """The image decode loop over the three services (None without image models)."""
+    if not settings.image_models:
+        return None
     from .verifier.image import ImageVerifier
 
+    return ImageVerifier(backbone, drafter, heads, configs)
+
+
+def with_images(text_verifier, image_verifier):
+    """The verifier's servicer: text's Run, and RunImage where image models are served."""
+    if image_verifier is None:
+        return text_verifier
+    from .verifier.image import WithImages
+
+    return WithImages(text_verifier, image_verifier)
+
+
+def by_model(text_service, image_service, settings: ServiceSettings):
+    """One servicer for text and image models (image models to ``image_service``)."""
+    if image_service is None:
+        return text_service
+    from .by_model import ByModel
+
+    return ByModel(text_service, {m.id: image_service for m in settings.image_models})
+
+
+def image_front(settings: ServiceSettings, tokenizer, verifier, configs: dict):
+    """The gateway's GenerateImage side (None without image models): ``verifier`` answers RunImage."""
+    if not settings.image_models:
+        return None
+    from .gateway.images import ImageFront
+
+    return ImageFront(settings, tokenizer, verifier, configs)
+
+
+def embedded_images(settings: ServiceSettings, tokenizer):
+    """The image half in one process: its three services and the loop, on one compute thread."""
+    pairs = image_models(settings)
+    if not pairs:
+        return None
     executor = ThreadPoolExecutor(1, thread_name_prefix="arserve-image")  # one compute thread for image work
-    heads = DiffusionHeadService({k: p.target.head for k, p in pairs.items()}, executor)
-    verifier = ImageVerifier(pairs, heads, executor)
-    return ImageFront(settings, tokenizer, verifier, {k: p.target.config for k, p in pairs.items()})
+    configs = {k: t.config for k, (t, _) in pairs.items()}
+    loop = image_verifier(settings, image_backbone(settings, pairs, executor), image_drafter(settings, pairs, executor),
+                          diffusion_head(pairs, executor), configs)
+    return image_front(settings, tokenizer, loop, configs)
 
 
 def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone, drafter):

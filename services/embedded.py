@@ -26,7 +26,7 @@ def build(settings: ServerSettings) -> GenerationService:
     backbone = assemble.backbone(settings) if settings.decoded_by("arserve") else None
     verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))
     tokenizer = assemble.tokenizer(settings)
-    images = assemble.image_front(settings, tokenizer, assemble.image_models(settings))
+    images = assemble.embedded_images(settings, tokenizer)
     return assemble.gateway(settings, config, tokenizer, verifier, images)
 
 

@@ -107,6 +107,67 @@ class Residual:
         return int(self.capped.sum())
 
 
+@dataclass
+class TargetTry:
+    """What a residual try asks of the target head: trajectories for ``rows``
+    (indices into the rejected positions), with this noise. Answer: (tokens
+    [r, token_dim], states [S + 1, r, token_dim], log_p [r])."""
+
+    rows: Tensor  # [r] int64, each rejected position once per proposal
+    noise: Tensor  # [S + 1, r, token_dim] the sampler's draws
+
+
+@dataclass
+class DraftDensity:
+    """What a residual try asks of the draft head: the log-density [r] of
+    these target trajectories at ``rows``."""
+
+    rows: Tensor  # [r] int64
+    states: Tensor  # [S + 1, r, token_dim]
+
+
+@dataclass
+class TargetSample:
+    """The cap's fallback: plain target tokens [r, token_dim] for ``rows``."""
+
+    rows: Tensor  # [r] int64
+    noise: Tensor  # [S + 1, r, token_dim]
+
+
+def residual_steps(m: int, token_dim: int, steps: int, generator: torch.Generator | None, proposals: int = 4,
+                   max_tries: int = 64):
+    """``sample_residual`` without the heads: a generator that yields what it
+    needs computed (``TargetTry``, ``DraftDensity``, ``TargetSample``), is
+    sent the answers, and returns the ``Residual``. Whoever holds the heads
+    (in process, or the diffusion-head service over gRPC) drives it; the
+    random draws, all from ``generator``, are the same either way."""
+    if proposals < 1 or max_tries < 0:
+        raise ValueError(f"need proposals >= 1 and max_tries >= 0, got {proposals}, {max_tries}")
+    tokens = torch.zeros((m, token_dim))
+    tries = torch.zeros(m, dtype=torch.long)
+    pending = torch.arange(m)  # rows without a recovered token yet
+    for _ in range(max_tries):
+        if pending.numel() == 0:
+            break
+        rows = pending.repeat_interleave(proposals)  # each pending row once per proposal
+        noise = torch.randn((steps + 1, rows.numel(), token_dim), generator=generator)
+        x0, states, log_p = yield TargetTry(rows, noise)
+        log_q = yield DraftDensity(rows, states)
+        kept = accept_residual(log_p, log_q, generator).view(-1, proposals)  # [pending, proposals]
+        done = kept.any(dim=1)
+        first = kept.long().argmax(dim=1)  # index of the first kept proposal (0 where none)
+        tries[pending] += torch.where(done, first + 1, torch.full_like(first, proposals))
+        tokens[pending[done]] = x0.view(-1, proposals, token_dim)[done, first[done]]
+        pending = pending[~done]
+
+    capped = torch.zeros(m, dtype=torch.bool)
+    if pending.numel():  # the cap: a plain target sample, reported
+        capped[pending] = True
+        tokens[pending] = yield TargetSample(pending, torch.randn((steps + 1, pending.numel(), token_dim),
+                                                                  generator=generator))
+    return Residual(tokens, tries, capped)
+
+
 def sample_residual(
     target_head: DiffusionHead,
     z_target: Tensor,  # [m, z_dim target] the target's condition at each rejected position
@@ -129,43 +190,27 @@ def sample_residual(
     batched draft density call) and a row takes its first kept proposal.
     After ``max_tries`` tries, pending rows get a fresh plain target sample
     and are marked ``capped`` (probability ``(1 - TV)^(proposals * max_tries)``
-    per row). All randomness comes from ``generator``.
+    per row). All randomness comes from ``generator``. The heads run here
+    (``residual_steps`` is the same procedure for heads elsewhere).
     """
     if cfg != 1.0 and (z_target_uncond is None or z_draft_uncond is None):
         raise ValueError("cfg != 1 needs the unconditional z of both heads")
-    if proposals < 1 or max_tries < 0:
-        raise ValueError(f"need proposals >= 1 and max_tries >= 0, got {proposals}, {max_tries}")
-    m = z_target.shape[0]
-    tokens = torch.zeros((m, target_head.config.token_dim))
-    tries = torch.zeros(m, dtype=torch.long)
-    pending = torch.arange(m)  # rows without a recovered token yet
-
     if cfg == 1.0:  # unguided: the unconditional z play no part
         z_target_uncond = z_draft_uncond = None
-
-    def pick(z: Tensor | None, rows: Tensor, repeat: int) -> Tensor | None:
-        """The given rows of z, each repeated (one per proposal)."""
-        return None if z is None else z[rows].repeat_interleave(repeat, dim=0)
-
-    for _ in range(max_tries):
-        if pending.numel() == 0:
-            break
-        zt, zd = pick(z_target, pending, proposals), pick(z_draft, pending, proposals)
-        x0, states, log_p = target_head.sample_trajectory(zt, temperature, cfg, steps, generator,
-                                                          z_uncond=pick(z_target_uncond, pending, proposals))
-        log_q = draft_head.trajectory_log_density(states, zd, temperature, cfg,
-                                                  z_uncond=pick(z_draft_uncond, pending, proposals))
-        kept = accept_residual(log_p, log_q, generator).view(-1, proposals)  # [pending, proposals]
-        done = kept.any(dim=1)
-        first = kept.long().argmax(dim=1)  # index of the first kept proposal (0 where none)
-        tries[pending] += torch.where(done, first + 1, torch.full_like(first, proposals))
-        rows = pending[done]
-        tokens[rows] = x0.view(-1, proposals, x0.shape[-1])[done, first[done]]
-        pending = pending[~done]
-
-    capped = torch.zeros(m, dtype=torch.bool)
-    if pending.numel():  # the cap: a plain target sample, reported
-        capped[pending] = True
-        tokens[pending] = target_head.sample(z_target[pending], temperature, cfg, steps, generator,
-                                             z_uncond=pick(z_target_uncond, pending, 1))
-    return Residual(tokens, tries, capped)
+    pick = lambda z, rows: None if z is None else z[rows]  # noqa: E731 - [r, z_dim]
+    steps_ = residual_steps(z_target.shape[0], target_head.config.token_dim, steps, generator, proposals, max_tries)
+    answer = None
+    while True:
+        try:
+            ask = steps_.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(ask, TargetTry):
+            answer = target_head.sample_trajectory(pick(z_target, ask.rows), temperature, cfg, steps,
+                                                   z_uncond=pick(z_target_uncond, ask.rows), noise=ask.noise)
+        elif isinstance(ask, DraftDensity):
+            answer = draft_head.trajectory_log_density(ask.states, pick(z_draft, ask.rows), temperature, cfg,
+                                                       z_uncond=pick(z_draft_uncond, ask.rows))
+        else:
+            answer = target_head.sample(pick(z_target, ask.rows), temperature, cfg, steps,
+                                        z_uncond=pick(z_target_uncond, ask.rows), noise=ask.noise)

@@ -9,9 +9,14 @@ was batched with, up to floating-point rounding of the batched products.
 Calls join when they share the head and the step count, and guidance is on for
 all of them or off for all.
 
-The ``arserve.v1.DiffusionHead`` methods serve callers in other processes:
-``Sample`` through the same batcher, ``LogDensity`` (one batched forward
-already) directly.
+The ``arserve.v1.DiffusionHead`` methods are what the image decode loop
+(``arserve.verifier.image``) calls, in process or over gRPC: ``Sample``
+through the same batcher (with ``trajectory``, also the states and their
+log-density, for the residual sampler), ``LogDensity`` (one batched forward
+already) directly, of the target head or, with ``draft``, of the model's
+draft head. The service holds no per-request state: any replica answers any
+call, and a call carries its request's noise, so the answer does not depend
+on the replica.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead
+from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead, Trajectory
 from ..core.sampling import seeded
 from ..errors import InvalidArgument, NotFound
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
@@ -32,7 +37,7 @@ from ..wire import from_proto, to_proto
 
 @dataclass
 class _Call:
-    key: tuple  # (model id, head, steps, guided): calls with equal keys share a run
+    key: tuple  # (model id, head, steps, guided, trajectory): calls with equal keys share a run
     head: DiffusionHead
     z: torch.Tensor  # [n, z_dim]
     z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
@@ -41,11 +46,14 @@ class _Call:
     steps: int
     noise: torch.Tensor  # [S + 1, n, token_dim]
     done: asyncio.Future
+    trajectory: bool = False  # also the states and their log-density
 
 
 class DiffusionHeadService:
-    def __init__(self, heads: dict[str, DiffusionHead] | None = None, executor: ThreadPoolExecutor | None = None):
+    def __init__(self, heads: dict[str, DiffusionHead] | None = None, executor: ThreadPoolExecutor | None = None,
+                 draft_heads: dict[str, DiffusionHead] | None = None):
         self.heads = heads or {}  # model id -> head, for the proto methods
+        self.draft_heads = draft_heads or {}  # model id -> its draft model's head (LogDensity with `draft`)
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-head")
         self.queue: list[_Call] = []
         self.worker: asyncio.Task | None = None
@@ -55,12 +63,14 @@ class DiffusionHeadService:
         self.batch_items = BATCH_ITEMS.labels("diffusion_head")
 
     async def sample(self, model: str, head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
-                     temperature: float, cfg: float, steps: int, noise: torch.Tensor) -> torch.Tensor:
+                     temperature: float, cfg: float, steps: int, noise: torch.Tensor, trajectory: bool = False):
         """Tokens [n, token_dim] for z [n, z_dim] (z_uncond [n, z_dim]: guidance on),
-        with the request's noise [S + 1, n, token_dim]."""
+        with the request's noise [S + 1, n, token_dim]; with ``trajectory`` a
+        ``Trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n])."""
         n = z.shape[0]
-        call = _Call((model, id(head), steps, z_uncond is not None), head, z, z_uncond, torch.full((n,), float(temperature)),
-                     torch.full((n,), float(cfg)), steps, noise, asyncio.get_running_loop().create_future())
+        call = _Call((model, id(head), steps, z_uncond is not None, trajectory), head, z, z_uncond,
+                     torch.full((n,), float(temperature)), torch.full((n,), float(cfg)), steps, noise,
+                     asyncio.get_running_loop().create_future(), trajectory)
         self.queue.append(call)
         self.queue_depth.set(len(self.queue))
         if self.worker is None or self.worker.done():
@@ -91,17 +101,20 @@ class DiffusionHeadService:
             for c in batch:
                 n = c.z.shape[0]
                 if not c.done.done():  # a cancelled caller's rows are dropped
-                    c.done.set_result(out[start:start + n])
+                    c.done.set_result(out[start:start + n] if not c.trajectory else Trajectory(
+                        out.tokens[start:start + n], out.states[:, start:start + n], out.log_density[start:start + n]))
                 start += n
                 self.rows += n
 
     # ---- arserve.v1.DiffusionHead -------------------------------------------------
 
-    def _head(self, model: str) -> DiffusionHead:
+    def _head(self, model: str, draft: bool = False) -> DiffusionHead:
+        heads = self.draft_heads if draft else self.heads
         try:
-            return self.heads[model]
+            return heads[model]
         except KeyError:
-            raise NotFound(f"model {model!r} has no diffusion head here; known: {sorted(self.heads)}") from None
+            what = "draft diffusion head" if draft else "diffusion head"
+            raise NotFound(f"model {model!r} has no {what} here; known: {sorted(heads)}") from None
 
     async def Sample(self, req: pb.SampleRequest, context=None) -> pb.SampleResponse:
         head = self._head(req.model)
@@ -115,15 +128,28 @@ class DiffusionHeadService:
         if z_uncond is not None and z_uncond.shape != z.shape:
             raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
         _check_sampling(req.temperature, req.cfg or 1.0, req.num_steps)
-        g = seeded(req.seed)
-        noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g)
-        out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise)
-        return pb.SampleResponse(tokens=to_proto(out))
+        shape = (req.num_steps + 1, z.shape[0], head.config.token_dim)
+        if req.HasField("noise"):
+            try:
+                noise = from_proto(req.noise).float()
+            except ValueError as e:
+                raise InvalidArgument(f"noise: {e}") from None
+            if tuple(noise.shape) != shape:
+                raise InvalidArgument(f"noise must be [S + 1, n, token_dim] = {list(shape)}, got {list(noise.shape)}")
+        else:
+            noise = torch.randn(shape, generator=seeded(req.seed))
+        out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise,
+                                trajectory=req.trajectory)
+        if not req.trajectory:
+            return pb.SampleResponse(tokens=to_proto(out))
+        return pb.SampleResponse(tokens=to_proto(out.tokens), states=to_proto(out.states),
+                                 log_density=to_proto(out.log_density))
 
     async def LogDensity(self, req: pb.LogDensityRequest, context=None) -> pb.LogDensityResponse:
-        head = self._head(req.model)
+        head = self._head(req.model, req.draft)
         try:
             states, z = from_proto(req.states).float(), from_proto(req.z).float()
+            z_uncond = from_proto(req.z_uncond).float() if req.z_uncond.shape else None
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         c = head.config
@@ -131,9 +157,15 @@ class DiffusionHeadService:
                 or z.shape[1] != c.z_dim):
             raise InvalidArgument(f"states must be [S + 1, n, {c.token_dim}] and z [n, {c.z_dim}]; got "
                                   f"{list(states.shape)} and {list(z.shape)}")
-        _check_sampling(req.temperature, 1.0, states.shape[0] - 1)
+        if z_uncond is not None and z_uncond.shape != z.shape:
+            raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
+        cfg = req.cfg or 1.0
+        if cfg != 1.0 and z_uncond is None:
+            raise InvalidArgument("cfg != 1 needs z_uncond")
+        _check_sampling(req.temperature, cfg, states.shape[0] - 1)
         out = await asyncio.get_running_loop().run_in_executor(
-            self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0)
+            self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0, cfg,
+            z_uncond if cfg != 1.0 else None)
         return pb.LogDensityResponse(log_density=to_proto(out))
 
 
@@ -149,9 +181,11 @@ def _check_sampling(temperature: float, cfg: float, steps: int) -> None:
 
 @torch.no_grad()
 def _run(batch: list[_Call]) -> torch.Tensor:
-    """One head run over the rows of every call -> [sum n, token_dim]."""
+    """One head run over the rows of every call -> [sum n, token_dim] (a
+    ``Trajectory`` over them for trajectory calls)."""
     cat = lambda f: torch.cat([f(c) for c in batch])  # noqa: E731
     guided = batch[0].z_uncond is not None
-    return batch[0].head.sample(
+    sample = batch[0].head.sample_trajectory if batch[0].trajectory else batch[0].head.sample
+    return sample(
         cat(lambda c: c.z), cat(lambda c: c.temperature), cat(lambda c: c.cfg), batch[0].steps,
         z_uncond=cat(lambda c: c.z_uncond) if guided else None, noise=torch.cat([c.noise for c in batch], dim=1))

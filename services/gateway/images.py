@@ -1,14 +1,12 @@
 """The gateway's image side: ``GenerateImage`` requests validated, run on the
-image verifier, turned into pixels by the tokenizer's image path, and
-answered as PNGs."""
+verifier (``RunImage``, in process or over gRPC), turned into pixels by the
+tokenizer's image path, and answered as PNGs."""
 
 from __future__ import annotations
 
 import os
 import time
 import uuid
-
-import torch
 
 from arserve_client.v1 import generation_pb2 as pb
 
@@ -18,7 +16,7 @@ from ..errors import NotFound
 from ..image.grid import png_bytes
 from ..pb.v1 import tokenizer_pb2 as tpb
 from ..settings import ServerSettings
-from ..verifier.image import ImageJob
+from ..pb.v1 import verifier_pb2 as vpb
 from ..wire import from_proto, to_proto
 from .validate import check_image_request
 
@@ -28,7 +26,7 @@ class ImageFront:
         self.settings = settings
         self.models = {m.id: m for m in settings.image_models}
         self.tokenizer = tokenizer  # async Unpatchify
-        self.verifier = verifier  # ImageVerifier
+        self.verifier = verifier  # RunImage: ImageVerifier in process, or the verifier over gRPC
         self.configs = configs  # model id -> ImageConfig
 
     def model_infos(self) -> list[pb.ModelInfo]:
@@ -54,16 +52,17 @@ class ImageFront:
         config = self.configs[model.id]
         check_image_request(req, model, config.num_classes, self.settings.max_images_per_request)
         spec = req.speculative
-        job = ImageJob(
-            labels=torch.tensor(list(req.labels), dtype=torch.long),
+        run = vpb.VerifyImageRequest(
+            request_id=uuid.uuid4().hex, model=model.id, labels=list(req.labels),
             temperature=req.temperature if req.HasField("temperature") else model.default_temperature,
             cfg=req.cfg_scale if req.HasField("cfg_scale") else model.default_cfg_scale,
-            steps=req.num_steps if req.HasField("num_steps") else model.default_num_steps,
+            num_steps=req.num_steps if req.HasField("num_steps") else model.default_num_steps,
             method=method,
             num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
             seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
             adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance)
-        tokens, stats = await self.verifier.generate(model.id, job)  # [n, seq_len, token_dim]
+        stats = await self.verifier.RunImage(run)
+        tokens = from_proto(stats.tokens)  # [n, seq_len, token_dim]
         decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))
         images = from_proto(decoded.image)  # [n, channels, height, width]
         # the client's request_id is only echoed; without one, the server's id for the request

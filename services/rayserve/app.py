@@ -5,8 +5,10 @@
       -> tokenizer      Encode / DecodeIncremental        (stateless)
       -> verifier       Run: the decode loop of a request (stateless between requests),
                         or vLLM's engine for the models that name it (engine: vllm)
+                        and RunImage: the image decode loop of a request (arserve.verifier.image)
            -> drafter   Propose / Release                 (per-request context: sticky)
            -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
+           -> diffusion_head  Sample / LogDensity         (stateless: any replica, retried on another)
     directory: where the replicas above announce their gRPC addresses (signed with the internal secret)
 
 Each deployment has its own replicas, resources and autoscaling
@@ -33,6 +35,8 @@ from ..gateway import http
 from ..pb.v1 import (
     backbone_pb2,
     backbone_pb2_grpc,
+    diffusion_head_pb2,
+    diffusion_head_pb2_grpc,
     drafter_pb2,
     drafter_pb2_grpc,
     tokenizer_pb2,
@@ -71,7 +75,8 @@ class Backbone(ServiceReplica):
 
     def build(self, args: AppArgs, directory):
         _threads(args, self.service)
-        return assemble.backbone(args)
+        images = assemble.image_backbone(args, assemble.image_models(args))
+        return assemble.by_model(assemble.backbone(args), images, args)
 
 
 class Drafter(ServiceReplica):
@@ -79,7 +84,16 @@ class Drafter(ServiceReplica):
 
     def build(self, args: AppArgs, directory):
         _threads(args, self.service)
-        return assemble.drafter(args, assemble.configs(args))
+        text = assemble.drafter(args, assemble.configs(args)) if text_drafting(args) else None
+        return assemble.by_model(text, assemble.image_drafter(args, assemble.image_models(args)), args)
+
+
+class DiffusionHead(ServiceReplica):
+    service, proto = "diffusion_head", (diffusion_head_pb2, diffusion_head_pb2_grpc, "DiffusionHead")
+
+    def build(self, args: AppArgs, directory):
+        _threads(args, self.service)
+        return assemble.diffusion_head(assemble.image_models(args))
 
 
 class Verifier(ServiceReplica):
@@ -89,7 +103,13 @@ class Verifier(ServiceReplica):
         backbone = _remote(args, directory, "backbone", backbone_pb2_grpc.BackboneStub, sticky=True)
         drafter = (_remote(args, directory, "drafter", drafter_pb2_grpc.DrafterStub, sticky=True)
                    if drafting(args) else None)
-        return assemble.verifier(args, assemble.configs(args), backbone, drafter)
+        text = assemble.verifier(args, assemble.configs(args), backbone, drafter if text_drafting(args) else None)
+        if not args.image_models:
+            return text
+        heads = _remote(args, directory, "diffusion_head", diffusion_head_pb2_grpc.DiffusionHeadStub)
+        images = assemble.image_verifier(args, backbone, drafter if image_drafting(args) else None, heads,
+                                         assemble.image_configs(args))
+        return assemble.with_images(text, images)
 
 
 def _fail(grpc_context, e: Exception) -> None:
@@ -113,7 +133,8 @@ class Gateway:
         metrics.export_to_ray()
         tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
-        self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier)
+        images = assemble.image_front(args, tokenizer, verifier, assemble.image_configs(args))
+        self.service = assemble.gateway(args, assemble.configs(args), tokenizer, verifier, images)
         self.token = args.resolved_auth_token()
         self.open_health = args.auth_open_health
 
@@ -140,7 +161,7 @@ class Gateway:
     async def ListModels(self, request, grpc_context=None):
         return await self._unary("ListModels", request, grpc_context)
 
-    async def GenerateImage(self, request, grpc_context=None):  # NOT_FOUND with a message: no image models here
+    async def GenerateImage(self, request, grpc_context=None):  # NOT_FOUND with a message where no image models are
         return await self._unary("GenerateImage", request, grpc_context)
 
     async def GenerateStream(self, request, grpc_context=None):
@@ -153,9 +174,19 @@ class Gateway:
             raise
 
 
-def drafting(args: AppArgs) -> bool:
-    """Whether any model arserve decodes drafts (else there is no drafter deployment)."""
+def text_drafting(args: AppArgs) -> bool:
+    """Whether any text model arserve decodes drafts."""
     return any(method_spec(name).drafts for m in args.decoded_by("arserve") for name in m.speculative_methods)
+
+
+def image_drafting(args: AppArgs) -> bool:
+    """Whether any image model has a draft model (continuous speculative decoding)."""
+    return any(m.draft_checkpoint for m in args.image_models)
+
+
+def drafting(args: AppArgs) -> bool:
+    """Whether any model drafts (else there is no drafter deployment)."""
+    return text_drafting(args) or image_drafting(args)
 
 
 def build_app(args: dict) -> Application:
@@ -173,8 +204,10 @@ def build_app(args: dict) -> Application:
                                  max_ongoing_requests=1024)(Directory).bind(cfg.internal_secret)
     services = [deployment(Tokenizer, "tokenizer").bind(raw, directory),
                 deployment(Verifier, "verifier").bind(raw, directory)]  # vLLM's engines run in its replicas
-    if cfg.decoded_by("arserve"):
+    if cfg.decoded_by("arserve") or cfg.image_models:
         services.append(deployment(Backbone, "backbone").bind(raw, directory))
     if drafting(cfg):
         services.append(deployment(Drafter, "drafter").bind(raw, directory))
+    if cfg.image_models:
+        services.append(deployment(DiffusionHead, "diffusion_head").bind(raw, directory))
     return deployment(Gateway, "gateway").bind(raw, directory, *services)

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..settings import ImageModelSettings, ServiceSettings
 
-SERVICES = ("gateway", "tokenizer", "verifier", "drafter", "backbone")
-Service = Literal["gateway", "tokenizer", "verifier", "drafter", "backbone"]
+SERVICES = ("gateway", "tokenizer", "verifier", "drafter", "backbone", "diffusion_head")
+Service = Literal["gateway", "tokenizer", "verifier", "drafter", "backbone", "diffusion_head"]
 
 
 class ActorOptions(BaseModel):
@@ -81,7 +81,8 @@ class DeploymentOptions(BaseModel):
 
 def _defaults() -> dict[str, DeploymentOptions]:
     """Sized for one small machine; a cluster sets its own in the config."""
-    cpus = {"gateway": 0.25, "tokenizer": 0.25, "verifier": 0.25, "drafter": 0.25, "backbone": 1.0}
+    cpus = {"gateway": 0.25, "tokenizer": 0.25, "verifier": 0.25, "drafter": 0.25, "backbone": 1.0,
+            "diffusion_head": 0.25}
     return {name: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=c)) for name, c in cpus.items()}
 
 
@@ -97,15 +98,13 @@ class AppArgs(ServiceSettings):
         "(ray.util.get_node_ip_address(), the pod IP on Kubernetes), which is also the address announced. "
         "0.0.0.0 binds every interface (the node's address is still announced).")
     image_models: list[ImageModelSettings] = Field(
-        default_factory=list, description="Not served by the Ray Serve wiring yet: leave empty (the embedded "
-        "server serves image models).")
+        default_factory=list, description="Served continuous-token image models (GenerateImage); the first is "
+        "the default. Their targets live in the backbone deployment, their drafts in the drafter, their heads in "
+        "the diffusion_head deployment (which exists only when this list is not empty). [] serves none.")
 
     @model_validator(mode="after")
     def _fill_deployments(self) -> "AppArgs":
         self.deployments = {**_defaults(), **self.deployments}
-        if self.image_models:
-            raise ValueError("image_models: the Ray Serve wiring does not serve image models yet; "
-                             "serve them with the embedded server (arserve serve)")
         return self
 
     def deployment_options(self) -> dict[str, dict]:

@@ -21,6 +21,10 @@ class EngineRouter:
         async for event in engine.Run(req, context):
             yield event
 
+    async def RunImage(self, req: pb.VerifyImageRequest, context=None) -> pb.VerifyImageResponse:
+        """Image requests run on the image loop (``arserve.verifier.image.WithImages``), not here."""
+        raise NotFound(f"this verifier serves no image models (asked for {req.model!r})")
+
     def shutdown(self) -> None:
         """Stop the engines that run processes of their own (vLLM's)."""
         for engine in set(self.engines.values()):

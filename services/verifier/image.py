@@ -27,21 +27,44 @@ caches commit the same number of positions.
 
 With classifier-free guidance (cfg > 1) each model runs twice the rows: the
 conditional rows, then the same images with the "no class" label.
+
+The models live in their services and the loop reaches them through three
+protocols, in process (embedded wiring) or over gRPC (Ray wiring): the
+backbone (``ImageScore``: each call commits the rows' lengths and scores the
+next inputs, ``arserve.backbone.image``), the drafter (``ImageDraftRequest``,
+``arserve.drafter.image``) and the diffusion head (``Sample``, ``LogDensity``,
+``arserve.diffusion_head.service``). The loop owns the request's random
+generator and sends every draw it makes (the heads' noise), so a seeded
+request gives the same images in every wiring. The loop holds no model.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from ..core.continuous_acceptance import accept_trajectories, sample_residual
-from ..core.image_model import ImageAR, ImageKV
+from ..core.continuous_acceptance import DraftDensity, TargetTry, accept_trajectories, residual_steps
+from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
+from ..drafter.image import split as _split
+from ..drafter.image import twice as _twice
+from ..errors import InvalidArgument, NotFound
+from ..pb.v1 import backbone_pb2 as bpb
+from ..pb.v1 import diffusion_head_pb2 as hpb
+from ..pb.v1 import drafter_pb2 as dpb
+from ..pb.v1 import verifier_pb2 as vpb
+from ..wire import from_proto, to_proto
 from .draft_length import DraftLength, expected_speedup_without_bonus
+from .plan import run_id
+from .service import Backbone, KVSession
 
+log = logging.getLogger("arserve.verifier")
+
+MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max_images_per_request)
 
 # Target trajectories drawn at once per residual try, over all rejected rows: rows are nearly free
 # at batch 1 (a try costs `steps` head calls whatever its batch), so one row gets 16 and one try
@@ -93,10 +116,29 @@ class ImageStats:
         return (self.accepted + self.recovered + self.plain) / self.row_rounds if self.row_rounds else 0.0
 
 
-@dataclass
-class ImagePair:
-    target: ImageAR
-    draft: ImageAR | None = None
+class Drafter(Protocol):
+    """The drafter calls the loop makes (``ImageDrafter`` in process, or a gRPC stub to a replica)."""
+
+    async def Propose(self, req: dpb.ProposeRequest) -> dpb.ProposeResponse: ...
+
+    async def Release(self, req: dpb.DrafterReleaseRequest) -> dpb.DrafterReleaseResponse: ...
+
+
+class DiffusionHead(Protocol):
+    """The diffusion-head calls the loop makes (``DiffusionHeadService`` in process, or a gRPC stub)."""
+
+    async def Sample(self, req: hpb.SampleRequest) -> hpb.SampleResponse: ...
+
+    async def LogDensity(self, req: hpb.LogDensityRequest) -> hpb.LogDensityResponse: ...
+
+
+class ImageKVSession(KVSession):
+    """The request's cache on the image backbone: resumes as text's does
+    (``KVSession``), resending the committed tokens of every row."""
+
+    @staticmethod
+    def _resend(req: bpb.ScoreRequest, committed: torch.Tensor) -> None:
+        req.image.context.CopyFrom(to_proto(committed))  # [rows, seq_len, token_dim]
 
 
 def _rows(job: ImageJob, num_classes: int) -> torch.Tensor:
@@ -106,18 +148,9 @@ def _rows(job: ImageJob, num_classes: int) -> torch.Tensor:
     return torch.cat([job.labels, torch.full_like(job.labels, num_classes)])
 
 
-def _split(z: torch.Tensor, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[rows, ...] -> conditional [n, ...] and unconditional [n, ...] (or None)."""
-    return (z[:n], z[n:]) if guided else (z, None)
-
-
-def _twice(x: torch.Tensor, guided: bool) -> torch.Tensor:
-    return torch.cat([x, x]) if guided else x
-
-
 @dataclass
 class _Draft:
-    """One round's drafts of every row."""
+    """One round's drafts of every image, as the drafter answered them."""
 
     tokens: torch.Tensor  # [n, k, token_dim]
     states: torch.Tensor  # [S + 1, n, k, token_dim] their denoising trajectories
@@ -125,45 +158,69 @@ class _Draft:
     z: torch.Tensor  # [rows, k, draft dim] the draft's conditions (residual sampling needs them)
 
 
+@dataclass
+class _Request:
+    """What every call of one request carries."""
+
+    ids: dict  # request_id (run_id) and model
+    job: ImageJob
+    rows: torch.Tensor  # [rows] labels of the model rows
+    capacity: int  # positions per row cache: seq_len + k
+    generator: torch.Generator  # the request's randomness: every noise draw, acceptance and residual
+
+
 class ImageVerifier:
-    """Runs GenerateImage jobs on in-process image models (plain decoding is
-    the same loop with no draft model). ``heads`` samples
-    plain tokens (the diffusion-head service: ``sample(model, head, z,
-    z_uncond, temperature, cfg, steps, noise)``)."""
+    """Runs image requests (``RunImage``; ``generate`` in process) against the
+    backbone, drafter and diffusion-head protocols. ``configs``: model id ->
+    the target's ``ImageConfig`` (shapes only; the weights live in the services)."""
 
-    def __init__(self, models: dict[str, ImagePair], heads, executor: ThreadPoolExecutor | None = None):
-        self.models = models
+    def __init__(self, backbone: Backbone, drafter: Drafter | None, heads: DiffusionHead,
+                 configs: dict[str, ImageConfig]):
+        self.backbone = backbone
+        self.drafter = drafter  # None: every request decodes plainly
         self.heads = heads
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image")
+        self.configs = configs
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
+        job = ImageJob(torch.tensor(list(req.labels), dtype=torch.long), req.temperature, req.cfg or 1.0,
+                       req.num_steps, req.method or "none", req.num_draft_tokens, req.seed, req.adaptive,
+                       req.prior_rate)
+        tokens, stats = await self.generate(req.model, job, req.request_id)
+        return vpb.VerifyImageResponse(tokens=to_proto(tokens), drafted=stats.drafted, accepted=stats.accepted,
+                                       rounds=stats.rounds, mean_accepted_length=stats.mean_accepted_length)
 
-    async def generate(self, model_id: str, job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
+    async def generate(self, model_id: str, job: ImageJob,
+                       request_id: str = "image") -> tuple[torch.Tensor, ImageStats]:
         """-> tokens [n, seq_len, token_dim] and the speculative counters."""
-        pair = self.models[model_id]
-        draft = pair.draft if job.method == "draft_model" else None
-        return await self._decode(model_id, pair.target, draft, job)
+        c = self.configs.get(model_id)
+        if c is None:
+            raise NotFound(f"image model {model_id!r} is not served; known: {sorted(self.configs)}")
+        n = job.labels.shape[0]
+        if not 1 <= n <= MAX_IMAGES or not 0 <= int(job.labels.min()) <= int(job.labels.max()) < c.num_classes:
+            raise InvalidArgument(f"labels: 1 to {MAX_IMAGES} classes in 0..{c.num_classes - 1}, "
+                                  f"got {job.labels.tolist()}")
+        k = job.num_draft_tokens if job.method == "draft_model" and self.drafter is not None else 0
+        r = _Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
+                     c.seq_len + k, seeded(job.seed))
+        kv = ImageKVSession(self.backbone, r.ids["request_id"], model_id)
+        try:
+            return await self._decode(r, c, kv, k)
+        finally:
+            await kv.release()
+            if k:
+                try:
+                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=r.ids["request_id"],
+                                                                         method="draft_model", model=model_id))
+                except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
+                    log.debug("image drafter release failed", exc_info=True)
 
-    async def _sample(self, model_id: str, model: ImageAR, z: torch.Tensor, job: ImageJob,
-                      generator: torch.Generator) -> torch.Tensor:
-        """Target tokens [n, token_dim] for conditions z [rows, dim] (rows = n, or 2n
-        guided), through the head service."""
-        n = z.shape[0] // 2 if job.guided else z.shape[0]
-        zc, zu = _split(z, n, job.guided)
-        noise = torch.randn((job.steps + 1, n, model.config.token_dim), generator=generator)
-        return await self.heads.sample(model_id, model.head, zc, zu, job.temperature, job.cfg, job.steps, noise)
-
-    async def _decode(self, model_id: str, target: ImageAR, draft: ImageAR | None,
-                      job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
+    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession,
+                      k: int) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
-        generator = seeded(job.seed)
-        c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens if draft else 0
-        rows = _rows(job, c.num_classes)
-        capacity = c.seq_len + k  # a round writes at most k positions from a committed length below seq_len
-        kv_t = ImageKV.empty(c, rows.shape[0], capacity)
-        kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity) if draft else None
+        job, generator = r.job, r.generator
+        n = job.labels.shape[0]
+        drafting = k > 0
         tokens = torch.empty(n, c.seq_len, c.token_dim)
         done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
@@ -174,28 +231,36 @@ class ImageVerifier:
                              speedup=_speedup_model)
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
-            k = min(length.next(), int((c.seq_len - done).max()))  # no draft past the longest remainder
+            lengths = _twice(done, job.guided)  # [rows] committed inputs of each row (the commit of the last round)
+            committed = _twice(tokens, job.guided)  # what a backbone replica that lost the cache rebuilds from
+            k = min(length.next(), int((c.seq_len - done).max())) if drafting else 0
             if k == 0:  # a plain round (a draft model keeps its cache in step)
-                z_t = await self._run(_forward, target, _pending(target, rows, last), kv_t)  # [rows, 1, dim]
-                if draft:
-                    await self._run(_forward, draft, _pending(draft, rows, last), kv_d)
+                score = self._score(r, kv, lengths, last, None, committed)
+                if drafting:
+                    z_t, advanced = await asyncio.gather(score, self._propose(r, lengths, last, 0))
+                    drafting = advanced is not False
+                else:
+                    z_t = await score  # [rows, 1, dim]
                 grow = active.long()
-                new = await self._sample(model_id, target, z_t[:, 0], job, generator)  # [n, token_dim]
+                new = await self._sample(r, z_t[:, 0], c.token_dim)  # [n, token_dim]
                 idx = active.nonzero()[:, 0]
                 tokens[idx, done[idx]] = new[idx]
                 stats.plain += len(idx)
             else:
                 usable = torch.where(active, (c.seq_len - done).clamp(max=k), 0)  # [n] drafts an image can use
-                d = await self._run(_propose, draft, kv_d, _pending(draft, rows, last), job, k, generator)
-                z_t = await self._run(_score, target, kv_t, _pending(target, rows, last), d.tokens, job.guided)
-                log_p = await self._run(_log_density, target, d.states, z_t, job)  # [n, k] the target's densities
+                d = await self._propose(r, lengths, last, k)
+                if d is False:  # the drafter failed: this round and the rest of the request are plain
+                    drafting = False
+                    continue
+                z_t = await self._score(r, kv, lengths, last, d.tokens, committed)  # [rows, k, dim]
+                log_p = await self._log_density(r, d.states, z_t)  # [n, k] the target's densities
                 accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
                 rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
-                r, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
-                tokens[r, done[r] + j] = d.tokens[r, j]
+                rr, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
+                tokens[rr, done[rr] + j] = d.tokens[rr, j]
                 if bool(rejected.any()):  # the recovered token at the first rejected position
                     idx = rejected.nonzero()[:, 0]
-                    res = await self._run(_residual, target, draft, z_t, d.z, idx, accepted, job, generator)
+                    res = await self._residual(r, z_t, d.z, idx, accepted, c.token_dim)
                     tokens[idx, done[idx] + accepted[idx]] = res.tokens
                     stats.residual_proposals += int(res.tries.sum())
                     stats.residual_capped += int(res.capped.sum())
@@ -205,89 +270,129 @@ class ImageVerifier:
                 stats.accepted += int(accepted.sum())
                 length.observe(int(accepted.sum()), int(grow.sum()))  # trials: the accepted and the first rejected
             # both caches keep the pending input and the inputs of the committed tokens but the last,
-            # which is the next pending token
-            kv_t.commit(_twice(grow, job.guided))
-            if draft:
-                kv_d.commit(_twice(grow, job.guided))
-                assert torch.equal(kv_t.lengths, kv_d.lengths)
+            # which is the next pending token (committed by the next round's calls)
             done += grow
-            assert torch.equal(kv_t.lengths, _twice(done, job.guided))  # each row's committed inputs
             last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
             stats.rounds += 1
             stats.row_rounds += int(active.sum())
         stats.draft_rate = length.rate
         return tokens, stats
 
+    async def _score(self, r: _Request, kv: ImageKVSession, lengths: torch.Tensor, last: torch.Tensor | None,
+                     drafts: torch.Tensor | None, committed: torch.Tensor) -> torch.Tensor:
+        """One backbone call: commit ``lengths`` [rows], then score the pending
+        input and the first k - 1 drafts [n, k, token_dim] -> z [rows, p, dim]."""
+        parts = [] if last is None else [last[:, None]]
+        if drafts is not None:
+            parts.append(_twice(drafts[:, :-1], r.job.guided))
+        inputs = torch.cat(parts, 1) if parts else torch.empty(r.rows.shape[0], 0, committed.shape[-1])
+        image = bpb.ImageScore(labels=r.rows.tolist(), lengths=lengths.tolist(), tokens=to_proto(inputs))
+        out = await kv.score(bpb.ScoreRequest(image=image, max_positions=r.capacity, **r.ids), committed)
+        return from_proto(out.z)
 
-@torch.no_grad()
-def _forward(model: ImageAR, x: torch.Tensor, kv: ImageKV) -> torch.Tensor:
-    return model(x, kv)
+    async def _propose(self, r: _Request, lengths: torch.Tensor, last: torch.Tensor | None, k: int):
+        """k drafts per image (k = 0: the drafter's cache takes the pending input
+        alone) -> _Draft, None for k = 0, or False: the drafter failed."""
+        job, n = r.job, r.job.labels.shape[0]
+        # the draft head's noise, token by token, from the request's generator
+        shape = (job.steps + 1, n, self.configs[r.ids["model"]].token_dim)
+        noise = (torch.stack([torch.randn(shape, generator=r.generator) for _ in range(k)]) if k
+                 else torch.empty(0, *shape))
+        image = dpb.ImageDraftRequest(labels=r.rows.tolist(), lengths=lengths.tolist(), noise=to_proto(noise),
+                                      temperature=job.temperature, cfg=job.cfg, num_steps=job.steps,
+                                      capacity=r.capacity)
+        if last is not None:
+            image.pending.CopyFrom(to_proto(last))
+        try:
+            out = await self.drafter.Propose(dpb.ProposeRequest(method="draft_model", image=image, **r.ids))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed drafter costs the speedup, never the request
+            log.warning("image request %s: drafter failed (%s: %s); decoding the rest without drafts",
+                        r.ids["request_id"], type(e).__name__, e)
+            return False
+        if not k:
+            return None
+        d = out.draft
+        return _Draft(from_proto(d.tokens), from_proto(d.states), from_proto(d.log_density), from_proto(d.z))
+
+    async def _sample(self, r: _Request, z: torch.Tensor, token_dim: int) -> torch.Tensor:
+        """Target tokens [n, token_dim] for conditions z [rows, dim], through the head service."""
+        job, n = r.job, r.job.labels.shape[0]
+        zc, zu = _split(z, n)
+        noise = torch.randn((job.steps + 1, n, token_dim), generator=r.generator)
+        out = await self.heads.Sample(self._sample_req(r, zc, zu, noise))
+        return from_proto(out.tokens)
+
+    def _sample_req(self, r: _Request, zc, zu, noise, trajectory: bool = False) -> hpb.SampleRequest:
+        req = hpb.SampleRequest(model=r.ids["model"], z=to_proto(zc), temperature=r.job.temperature, cfg=r.job.cfg,
+                                num_steps=r.job.steps, noise=to_proto(noise), trajectory=trajectory)
+        if zu is not None:
+            req.z_uncond.CopyFrom(to_proto(zu))
+        return req
+
+    async def _log_density(self, r: _Request, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log-density under the target head of trajectories
+        [S + 1, n, k, token_dim] given z [rows, k, dim], in one call -> [n, k]."""
+        steps1, n, k, dim = states.shape
+        zc, zu = _split(z, n)  # [n, k, dim] each
+        req = hpb.LogDensityRequest(model=r.ids["model"], z=to_proto(zc.reshape(n * k, -1)),
+                                    states=to_proto(states.reshape(steps1, n * k, dim)),
+                                    temperature=r.job.temperature, cfg=r.job.cfg)
+        if zu is not None:
+            req.z_uncond.CopyFrom(to_proto(zu.reshape(n * k, -1)))
+        return from_proto((await self.heads.LogDensity(req)).log_density).reshape(n, k)
+
+    async def _residual(self, r: _Request, z_t: torch.Tensor, z_d: torch.Tensor, idx: torch.Tensor,
+                        accepted: torch.Tensor, token_dim: int):
+        """Recovered tokens of the images idx, at their first rejected position
+        (``residual_steps`` driven over the head service)."""
+        job, n, pos = r.job, r.job.labels.shape[0], accepted[idx]
+        zt_c, zt_u = _split(z_t, n)
+        zd_c, zd_u = _split(z_d, n)
+        pick = lambda z, rows: None if z is None else z[idx, pos][rows]  # noqa: E731 - [r, dim]
+        steps = residual_steps(len(idx), token_dim, job.steps, r.generator,
+                               proposals=max(2, min(16, RESIDUAL_ROWS // len(idx))))
+        answer = None
+        while True:
+            try:
+                ask = steps.send(answer)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(ask, DraftDensity):  # q's density of the target's trajectories
+                req = hpb.LogDensityRequest(model=r.ids["model"], z=to_proto(pick(zd_c, ask.rows)),
+                                            states=to_proto(ask.states), temperature=job.temperature, cfg=job.cfg,
+                                            draft=True)
+                if zd_u is not None:
+                    req.z_uncond.CopyFrom(to_proto(pick(zd_u, ask.rows)))
+                answer = from_proto((await self.heads.LogDensity(req)).log_density)
+                continue
+            out = await self.heads.Sample(self._sample_req(r, pick(zt_c, ask.rows), pick(zt_u, ask.rows), ask.noise,
+                                                           trajectory=isinstance(ask, TargetTry)))
+            tokens = from_proto(out.tokens)
+            answer = (tokens, from_proto(out.states), from_proto(out.log_density)) if isinstance(ask, TargetTry) \
+                else tokens
 
 
 def _speedup_model(a: float, k: int, draft_cost: float) -> float:
     return expected_speedup_without_bonus(a, k, draft_cost, VERIFY_COST, RESIDUAL_COST)
 
 
-@torch.no_grad()
-def _pending(model: ImageAR, rows: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
-    """The pending input of every row [rows, 1, dim]: the class (labels ``rows``)
-    before the first token, then the last committed token ``last`` [rows, token_dim]."""
-    return (model.class_embed(rows) if last is None else model.token_embed(last))[:, None]
+class WithImages:
+    """The verifier's servicer where image models are served too: ``Run``
+    (text, arserve's loop or vLLM's) and ``RunImage`` (this module's loop)."""
 
+    def __init__(self, text, images: ImageVerifier):
+        self.text = text
+        self.images = images
 
-@torch.no_grad()
-def _propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, job: ImageJob, k: int,
-             generator: torch.Generator) -> _Draft:
-    """k draft tokens per image, each along a recorded denoising trajectory.
-    pending: [rows, 1, dim] the input not yet in the draft cache. It writes k
-    positions (the pending input and the first k - 1 drafts) past the committed
-    lengths and leaves those as they were: the round commits."""
-    n = job.labels.shape[0]
-    committed = kv.lengths.clone()
-    x = pending
-    toks, states, zs = [], [], []
-    for _ in range(k):
-        z = draft(x, kv)[:, 0]  # [rows, dim]
-        kv.lengths += 1  # the next input goes after this one
-        zc, zu = _split(z, n, job.guided)
-        tok, traj, _ = draft.head.sample_trajectory(zc, job.temperature, job.cfg, job.steps, generator, zu,
-                                                    density=False)
-        toks.append(tok)
-        states.append(traj)
-        zs.append(z)
-        x = _pending(draft, None, _twice(tok, job.guided))
-    kv.lengths = committed
-    states = torch.stack(states, 2)  # [S + 1, n, k, token_dim]
-    z = torch.stack(zs, 1)  # [rows, k, dim]
-    return _Draft(torch.stack(toks, 1), states, _log_density(draft, states, z, job), z)
+    async def Run(self, req, context=None):
+        async for event in self.text.Run(req, context):
+            yield event
 
+    async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
+        return await self.images.RunImage(req, context)
 
-@torch.no_grad()
-def _log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, job: ImageJob) -> torch.Tensor:
-    """log-density of trajectories [S + 1, n, k, token_dim] under the model's head
-    given its z [rows, k, dim], all in one batched call -> [n, k]."""
-    steps1, n, k, dim = states.shape
-    zc, zu = _split(z, n, job.guided)  # [n, k, dim] each
-    lp = model.head.trajectory_log_density(states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1),
-                                           job.temperature, job.cfg, None if zu is None else zu.reshape(n * k, -1))
-    return lp.reshape(n, k)
-
-
-@torch.no_grad()
-def _score(target: ImageAR, kv: ImageKV, pending: torch.Tensor, drafts: torch.Tensor, guided: bool) -> torch.Tensor:
-    """One target forward over [pending, drafts 1..k-1] of every row -> z of every
-    drafted position [rows, k, dim]."""
-    return target(torch.cat([pending, target.token_embed(_twice(drafts[:, :-1], guided))], 1), kv)
-
-
-@torch.no_grad()
-def _residual(target: ImageAR, draft: ImageAR, z_t: torch.Tensor, z_d: torch.Tensor, idx: torch.Tensor,
-              accepted: torch.Tensor, job: ImageJob, generator: torch.Generator):
-    """Recovered tokens of the images idx, at their first rejected position."""
-    n, pos = job.labels.shape[0], accepted[idx]
-    zt_c, zt_u = _split(z_t, n, job.guided)
-    zd_c, zd_u = _split(z_d, n, job.guided)
-    pick = lambda z: None if z is None else z[idx, pos]  # noqa: E731 - [m, dim]
-    return sample_residual(target.head, pick(zt_c), draft.head, pick(zd_c), temperature=job.temperature,
-                           cfg=job.cfg, steps=job.steps, generator=generator, z_target_uncond=pick(zt_u),
-                           z_draft_uncond=pick(zd_u), proposals=max(2, min(16, RESIDUAL_ROWS // len(idx))))
+    def shutdown(self) -> None:
+        if hasattr(self.text, "shutdown"):
+            self.text.shutdown()

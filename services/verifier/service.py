@@ -42,7 +42,7 @@ from arserve_client.v1 import generation_pb2 as gpb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
-from ..errors import ReplicaLost
+from ..errors import NotFound, ReplicaLost
 from ..metrics import RESUMED
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import drafter_pb2 as dpb
@@ -95,8 +95,7 @@ class KVSession:
         """committed: the request's committed tokens (at least ``req.start``)."""
         for attempt in range(self.RETRIES + 1):
             if self.lost:
-                del req.context[:]
-                req.context.extend(committed[:req.start])
+                self._resend(req, committed)
             try:
                 out = await self.backbone.Score(req)
             except ReplicaLost as e:
@@ -122,6 +121,12 @@ class KVSession:
             self.lost = self.freed = False
             return out
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _resend(req: bpb.ScoreRequest, committed) -> None:
+        """Put what a replica needs to rebuild the cache into ``req``: the committed token ids."""
+        del req.context[:]
+        req.context.extend(committed[:req.start])
 
     async def commit(self, req: bpb.CommitRequest) -> None:
         try:
@@ -215,6 +220,10 @@ class VerifierService:
                 state.cached = 0
         finally:
             await self._release(plan, kv)
+
+    async def RunImage(self, req: pb.VerifyImageRequest, context=None) -> pb.VerifyImageResponse:
+        """Image requests run on the image loop (``arserve.verifier.image.WithImages``), not here."""
+        raise NotFound(f"this verifier serves no image models (asked for {req.model!r})")
 
     async def _round(self, plan: RequestPlan, state: Decoding, kv: KVSession) -> tuple[list[int], int]:
         """Stream the pending token, draft, score, accept, commit -> (the tokens to stream, the finish)."""

@@ -88,3 +88,39 @@ def test_sample_and_sample_trajectory_draw_the_same_tokens(head):
         assert torch.equal(traj.log_density, head.trajectory_log_density(traj.states, z, t, cfg, zu))
         bare = head.sample_trajectory(z, temperature, cfg, STEPS, torch.Generator().manual_seed(3), zu, density=False)
         assert torch.equal(bare.states, traj.states) and bare.log_density is None
+
+
+def test_calls_carry_their_noise_and_ask_for_trajectories_or_the_draft_head(head):
+    """What the image loop asks over the wire: its own noise (so any replica
+    gives the same tokens), the trajectory with its density (the residual
+    sampler), and the draft head's density of given states."""
+    torch.manual_seed(5)
+    draft = DiffusionHead(CONFIG).eval()
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.2)
+    z, zu = torch.randn(3, CONFIG.z_dim), torch.randn(3, CONFIG.z_dim)
+    noise = torch.randn(STEPS + 1, 3, 4)
+
+    async def main():
+        service = DiffusionHeadService({"m": head}, draft_heads={"m": draft})
+        out = await service.Sample(pb.SampleRequest(model="m", z=to_proto(z), z_uncond=to_proto(zu), temperature=0.9,
+                                                    cfg=2.0, num_steps=STEPS, noise=to_proto(noise), trajectory=True))
+        expected = head.sample_trajectory(z, 0.9, 2.0, STEPS, z_uncond=zu, noise=noise)
+        assert torch.allclose(from_proto(out.tokens), expected.tokens, atol=1e-6)
+        assert torch.allclose(from_proto(out.states), expected.states, atol=1e-6)
+        assert torch.allclose(from_proto(out.log_density), expected.log_density, atol=1e-4)
+        q = await service.LogDensity(pb.LogDensityRequest(model="m", z=to_proto(z), z_uncond=to_proto(zu), cfg=2.0,
+                                                          states=to_proto(expected.states), temperature=0.9, draft=True))
+        assert torch.equal(from_proto(q.log_density), draft.trajectory_log_density(expected.states, z, 0.9, 2.0, zu))
+        with pytest.raises(InvalidArgument, match=r"noise must be \[S \+ 1, n, token_dim\]"):
+            await service.Sample(pb.SampleRequest(model="m", z=to_proto(z), temperature=1.0, num_steps=STEPS,
+                                                  noise=to_proto(torch.zeros(STEPS, 3, 4))))
+        with pytest.raises(InvalidArgument, match="cfg != 1 needs z_uncond"):
+            await service.LogDensity(pb.LogDensityRequest(model="m", z=to_proto(z), cfg=2.0, temperature=1.0,
+                                                          states=to_proto(expected.states)))
+        with pytest.raises(NotFound, match="no draft diffusion head"):
+            await service.LogDensity(pb.LogDensityRequest(model="x", z=to_proto(z), temperature=1.0, draft=True,
+                                                          states=to_proto(expected.states)))
+
+    asyncio.run(main())

@@ -176,7 +176,7 @@ class Hung:
             self.cancelled.set()
             raise
 
-    Propose = sample = _hang
+    Propose = Sample = _hang
 
     async def Release(self, req):
         return None
@@ -194,7 +194,8 @@ def test_a_hung_drafter_or_diffusion_head_ends_at_the_clients_deadline(server, c
     drafter, head = Hung(), Hung()
     verifier = VerifierService(s.verifier.backbone, drafter, s.verifier.eos_ids,
                                SpeculationDefaults(draft_timeout_s=60.0))
-    images = ImageVerifier(s.images.verifier.models, head)
+    loop = s.images.verifier
+    images = ImageVerifier(loop.backbone, loop.drafter, head, loop.configs)
     with public(server, verifier=verifier, image_verifier=images) as srv, Client(srv.target, timeout=1.0) as c:
         for call in (lambda: c.generate(prompt="1, 2, 3, 1, 2, 3,", max_tokens=64, speculative="ngram"),
                      lambda: c.generate_image(labels=[3], seed=0)):

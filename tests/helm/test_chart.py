@@ -137,7 +137,7 @@ def test_core_kinds_validate_with_kubernetes_validate(variant):
 
 def test_the_default_release_has_every_kind():
     kinds = sorted(d["kind"] for d in documents({}))
-    assert kinds == ["ConfigMap", *["NetworkPolicy"] * 4, *["PodDisruptionBudget"] * 3,
+    assert kinds == ["ConfigMap", *["NetworkPolicy"] * 4, *["PodDisruptionBudget"] * 4,  # one per worker group
                      "RayService", "Secret", "Secret", "Service", "Service", "StatefulSet"]
     assert "NOTES.txt" in " ".join(render({}))
 
@@ -207,6 +207,7 @@ def test_serve_config_validates_with_arserves_own_loader(variant, tmp_path):
     assert config["proxy_location"] == v["serve"]["proxyLocation"]
     assert set(args.deployments) == set(SERVICES)
     assert args.models[0].id == v["model"]["id"]
+    assert [m.id for m in args.image_models] == [m["id"] for m in v["imageModels"]]
     options = args.deployment_options()
     for name in SERVICES:
         d = v[name]
@@ -265,7 +266,7 @@ def test_autoscaling_off_means_fixed_replicas_everywhere():
     deployments = app_args(serve_config(docs))["deployments"]
     assert all("autoscaling" not in d for d in deployments.values())
     assert {k: d["num_replicas"] for k, d in deployments.items()} == \
-        {"gateway": 2, "tokenizer": 2, "verifier": 3, "drafter": 4, "backbone": 2}
+        {"gateway": 2, "tokenizer": 2, "verifier": 3, "drafter": 4, "backbone": 2, "diffusion_head": 2}
 
 
 def test_the_configmap_holds_the_serve_config_with_the_password_masked():
@@ -302,25 +303,32 @@ def without_generated(docs: list[dict]) -> list[dict]:
     return json.loads(text)
 
 
-def test_drafter_replicas_change_only_the_drafter_deployment():
+@pytest.mark.parametrize("service", ["drafter", "diffusion_head"])
+def test_one_services_replicas_change_only_its_deployment(service):
     before_docs = without_generated(documents({}))
-    after_docs = without_generated(documents({"drafter": {"replicas": 4}}))
+    after_docs = without_generated(documents({service: {"replicas": 4}}))
     before, after = serve_config(before_docs), serve_config(after_docs)
 
-    # Only args.deployments.drafter.num_replicas differs in serveConfigV2 ...
+    # Only args.deployments.<service>.num_replicas differs in serveConfigV2 ...
     d_before, d_after = app_args(before)["deployments"], app_args(after)["deployments"]
-    assert d_after["drafter"]["num_replicas"] == 4 and d_before["drafter"]["num_replicas"] == 1
+    assert d_after[service]["num_replicas"] == 4 and d_before[service]["num_replicas"] == 1
     for name in SERVICES:
-        if name != "drafter":
+        if name != service:
             assert d_after[name] == d_before[name]
-    d_after["drafter"]["num_replicas"] = 1
+    d_after[service]["num_replicas"] = 1
     assert after == before
 
-    # ... and, as parsed by arserve, only the drafter's options change.
+    # ... and, as parsed by arserve, only that service's options change.
     o_before = parsed_args({}).deployment_options()
-    o_after = parsed_args({"drafter": {"replicas": 4}}).deployment_options()
-    assert {k: v for k, v in o_after.items() if k != "drafter"} == {k: v for k, v in o_before.items() if k != "drafter"}
-    assert o_after["drafter"] == {**o_before["drafter"], "num_replicas": 4}
+    o_after = parsed_args({service: {"replicas": 4}}).deployment_options()
+    assert {k: v for k, v in o_after.items() if k != service} == {k: v for k, v in o_before.items() if k != service}
+    changed = o_after[service]
+    if "autoscaling_config" in changed:  # autoscaling: replicas is the starting count
+        assert changed["autoscaling_config"]["initial_replicas"] == 4
+        changed = {**changed, "autoscaling_config": {**changed["autoscaling_config"], "initial_replicas": 1}}
+    else:
+        changed = {**changed, "num_replicas": 1}
+    assert changed == o_before[service]
 
     # Nothing else in the release changes: not rayClusterConfig (which would
     # make KubeRay build a new cluster), no other object; the ConfigMap's
@@ -385,7 +393,7 @@ def test_gpu_groups():
     docs = documents(VARIANTS["gpu"])
     rayservice = one(docs, "RayService")
     groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    for name in ("backbone", "drafter"):
+    for name in ("backbone", "drafter", "diffusion"):
         pod = groups[name]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -396,13 +404,14 @@ def test_gpu_groups():
     deployments = app_args(serve_config(docs))["deployments"]
     assert deployments["backbone"]["ray_actor_options"]["num_gpus"] == 1
     assert deployments["drafter"]["ray_actor_options"]["num_gpus"] == 0.25
+    assert deployments["diffusion_head"]["ray_actor_options"]["num_gpus"] == 0.5
 
 
 def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_path):
     docs = documents({})  # steering.customResources is on by default
     rayservice = one(docs, "RayService")
     nodes = autoscaler_node_types(rayservice)
-    for group in ("cpu", "backbone", "drafter"):
+    for group in ("cpu", "backbone", "drafter", "diffusion"):
         assert nodes[group]["resources"][f"arserve_{group}"] == 100
     assert not any(k.startswith("arserve_") for k in nodes["headgroup"]["resources"])
     deployments = app_args(serve_config(docs))["deployments"]
@@ -534,7 +543,7 @@ def test_every_ray_pod_gets_the_internal_secret_and_redis_does_not():
     assert len(secret) == 32 and secret not in json.dumps(one(docs, "RayService"))
     assert app_args(serve_config(docs))["internal_secret"] == "env:ARSERVE_INTERNAL_SECRET"
     pods = ray_pods(docs)
-    assert set(pods) == {"", "cpu", "backbone", "drafter"}
+    assert set(pods) == {"", "cpu", "backbone", "drafter", "diffusion"}
     for group, pod in pods.items():
         assert env_of(pod)["ARSERVE_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"] == \
             {"name": f"{RELEASE}-internal", "key": "secret"}, group

@@ -32,16 +32,29 @@ def test_the_shipped_serve_config_validates():
     assert options["drafter"]["num_replicas"] == 1
 
 
-def test_changing_the_drafter_replicas_changes_nothing_else():
+@pytest.mark.parametrize("service", ["drafter", "diffusion_head"])
+def test_changing_one_services_replicas_changes_nothing_else(service):
     raw = yaml.safe_load(CONFIG.read_text())
     before = AppArgs.model_validate(app_args(raw)).deployment_options()
     changed = copy.deepcopy(raw)
-    app_args(changed)["deployments"]["drafter"]["num_replicas"] = 3
+    options = app_args(changed)["deployments"][service]
+    options.pop("autoscaling", None)
+    options["num_replicas"] = 3
     after = AppArgs.model_validate(app_args(changed)).deployment_options()
-    assert after["drafter"]["num_replicas"] == 3
-    assert {k: v for k, v in after.items() if k != "drafter"} == {k: v for k, v in before.items() if k != "drafter"}
-    assert {k: v for k, v in after["drafter"].items() if k != "num_replicas"} == \
-        {k: v for k, v in before["drafter"].items() if k != "num_replicas"}
+    assert after[service]["num_replicas"] == 3
+    assert {k: v for k, v in after.items() if k != service} == {k: v for k, v in before.items() if k != service}
+    assert {k: v for k, v in after[service].items() if k not in ("num_replicas", "autoscaling_config")} == \
+        {k: v for k, v in before[service].items() if k not in ("num_replicas", "autoscaling_config")}
+
+
+def test_the_shipped_config_serves_the_image_model_with_its_own_head_deployment():
+    from arserve.rayserve.app import drafting, image_drafting
+
+    args, _ = load_serve_config(CONFIG)
+    assert [m.id for m in args.image_models] == ["digits-mar"] and image_drafting(args) and drafting(args)
+    head = args.deployment_options()["diffusion_head"]
+    assert head["autoscaling_config"]["max_replicas"] == 4 and head["ray_actor_options"]["num_cpus"] == 0.5
+    assert args.deployments["diffusion_head"].torch_threads == 1
 
 
 @pytest.mark.parametrize("change, field", [

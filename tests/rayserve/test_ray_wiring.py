@@ -2,8 +2,9 @@
 fractional CPUs), every service a deployment, a real redis-server, the SDK
 through Ray Serve's gRPC proxy. Two backbone replicas share KV blocks
 through Redis only (no process-memory tier), so every KV hit is a Redis hit.
-The public port takes a bearer token, the replicas' ports the internal
-credential only."""
+The digits image model is served too: its target in the backbone, its draft
+in the drafter, its heads in two diffusion-head replicas. The public port
+takes a bearer token, the replicas' ports the internal credential only."""
 
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ def ray_server(tmp_path_factory, redis_for_ray):
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     args = AppArgs.model_validate({
         "models": [{"speculative_methods": ["none", "ngram"]}],
+        "image_models": [{}],  # digits-mar with its draft (the committed checkpoints)
         "auth_token": PUBLIC_TOKEN, "internal_secret": INTERNAL_SECRET,
         "keepalive_s": 2, "keepalive_timeout_s": 2,  # a stopped replica is found out within seconds
         "redis_url": redis_for_ray.url, "kv_local_bytes": 0, "kv_block_size": 64,
         "report_cached_tokens": True,  # the tests below read cached_prompt_tokens of unsalted requests too
         "deployments": {"gateway": small, "tokenizer": small, "verifier": small,
                         "drafter": {**small, "torch_threads": 1},
-                        "backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2}},
+                        "backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2},
+                        "diffusion_head": {"num_replicas": 2, **small, "torch_threads": 1}},
     })
     temp = tmp_path_factory.mktemp("ray")
     with RayServer(args, grpc_port=free_port(), num_cpus=2, temp_dir=str(temp),
@@ -217,7 +220,7 @@ def test_the_openai_api_through_rays_http_proxy(ray_server, ray_client):
         streamed = list(oai.completions.create(model=model, prompt="Count from 1 to 10:", max_tokens=12,
                                                temperature=0, stream=True))
         assert done.choices[0].text == want.text == "".join(c.choices[0].text for c in streamed)
-        assert [m.id for m in oai.models.list()] == [model]
+        assert [m.id for m in oai.models.list()] == [model, "digits-mar"]  # the image model is served too
 
         with pytest.raises(openai.BadRequestError, match="top_p"):
             oai.completions.create(model=model, prompt="Hi", top_p=1.5)
@@ -438,3 +441,48 @@ def test_redis_stopped_mid_run_requests_recompute_and_warn_once(ray_server, ray_
     assert _poll(stored_and_found, bool, 30.0), "the KV tiers did not reconnect to Redis"  # they retry every ~1 s
     again = [ray_client.generate(prompt=prompt, max_tokens=8) for _ in range(2)]
     assert all(a.stats.cached_prompt_tokens > 0 for a in again)
+
+
+IMAGE_CASES = [dict(speculative="none"), dict(speculative="draft_model", num_draft_tokens=3, adaptive=False),
+               dict(speculative="draft_model", num_draft_tokens=3, adaptive=False, cfg_scale=2.0)]
+
+
+@pytest.mark.parametrize("options", IMAGE_CASES, ids=["plain", "cspd", "cspd-guided"])
+def test_images_equal_the_embedded_wiring(ray_client, client, options):
+    """Backbone, drafter and two diffusion-head replicas as separate
+    deployments give the embedded wiring's PNGs, byte for byte, for the same seed."""
+    assert len(listed("diffusion_head")) == 2
+    ray = ray_client.generate_image([1, 4, 7, 9], seed=21, num_steps=20, **options)
+    embedded = client.generate_image([1, 4, 7, 9], seed=21, num_steps=20, **options)
+    assert [im.png for im in ray.images] == [im.png for im in embedded.images]
+    assert (ray.stats.drafted_tokens, ray.stats.accepted_tokens) == \
+        (embedded.stats.drafted_tokens, embedded.stats.accepted_tokens)
+    if options["speculative"] == "draft_model":
+        assert 0 < ray.stats.accepted_tokens < ray.stats.drafted_tokens  # drafts kept and residual tokens sampled
+
+
+def test_a_diffusion_head_replica_killed_mid_request_costs_nothing(ray_server, ray_client):
+    """The head holds no request state and every call carries its noise: a
+    request whose head replica is killed under it completes on the other
+    replica with the image it gives uninterrupted (the verifier logs the
+    calls it moved)."""
+    import ray
+
+    def moved() -> int:
+        return sum(len(re.findall(r"diffusion_head replica \S+ unavailable \(.*\); trying another",
+                                  f.read_text(errors="replace"))) for f in Path(ray_server.logs).glob("worker-*.err"))
+
+    options = dict(seed=33, num_steps=50, speculative="draft_model", num_draft_tokens=3, adaptive=False)
+    labels = list(range(10)) * 3
+    reference = ray_client.generate_image(labels, **options)
+    heads = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "#diffusion_head#" in a["name"]]
+    assert len(heads) == 2
+    before = moved()
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(ray_client.generate_image, labels, **options)
+        ray.kill(ray.get_actor(heads[0]["name"], namespace="serve"), no_restart=False)
+        assert running.running(), "the request ended before the replica was killed: make it longer"
+        again = running.result()
+    assert [im.png for im in again.images] == [im.png for im in reference.images]
+    assert _poll(moved, lambda n: n > before, 30) > before  # a call did meet the dead replica

@@ -1,21 +1,38 @@
-"""The image decode loop on tiny seeded models: seeded requests reproduce,
-a draft equal to the target is always accepted, and continuous speculative
-decoding draws from the same distribution as plain decoding (a two-sample
-test that a deliberately broken acceptance rule fails)."""
+"""The image decode loop on tiny seeded models, against the backbone, drafter
+and diffusion-head services (in process, through their proto methods):
+seeded requests reproduce, a draft equal to the target is always accepted,
+and continuous speculative decoding draws from the same distribution as
+plain decoding (a two-sample test that a deliberately broken acceptance rule
+fails)."""
 
 import asyncio
 import copy
+from typing import NamedTuple
 
 import pytest
 import torch
 
+from arserve.backbone.image import ImageBackboneService
 from arserve.core.image_model import ImageAR, ImageConfig
 from arserve.diffusion_head.service import DiffusionHeadService
+from arserve.drafter.image import ImageDrafter
 from arserve.verifier import image as image_loop
-from arserve.verifier.image import ImageJob, ImagePair, ImageVerifier
+from arserve.verifier.image import ImageJob, ImageVerifier
 from conftest import energy_test
 
 CONFIG = ImageConfig.from_name("tiny").with_(seq_len=5, token_dim=2)
+
+
+class ImagePair(NamedTuple):
+    target: ImageAR
+    draft: ImageAR
+
+
+def services(pair: ImagePair) -> ImageVerifier:
+    """The loop over the three services holding the pair's models, as the embedded wiring builds it."""
+    return ImageVerifier(ImageBackboneService({"m": pair.target}), ImageDrafter({"m": pair.draft}),
+                         DiffusionHeadService({"m": pair.target.head}, draft_heads={"m": pair.draft.head}),
+                         {"m": pair.target.config})
 
 
 def random_model(seed: int, scale: float) -> ImageAR:
@@ -42,7 +59,7 @@ def pair() -> ImagePair:
 
 def run(pair: ImagePair, labels, method="none", seed=0, k=3, cfg=1.0, steps=8, adaptive=False, verifier=None,
         prior=0.8):
-    verifier = verifier or ImageVerifier({"m": pair}, DiffusionHeadService())
+    verifier = verifier or services(pair)
     job = ImageJob(torch.as_tensor(labels), temperature=1.0, cfg=cfg, steps=steps, method=method,
                    num_draft_tokens=k, seed=seed, adaptive=adaptive, prior_rate=prior)
     return asyncio.run(verifier.generate("m", job))
@@ -89,12 +106,12 @@ def test_adaptive_draft_length_follows_acceptance(pair):
     one that is never accepted is dropped for plain rounds, and the output
     stays complete."""
     same = ImagePair(pair.target, copy.deepcopy(pair.target))
-    verifier = ImageVerifier({"m": same}, DiffusionHeadService())
+    verifier = services(same)
     _, stats = run(same, [1, 2], "draft_model", k=4, adaptive=True, verifier=verifier)
     assert stats.draft_rate > 0.8 and stats.plain == 0 and stats.accepted == stats.drafted
 
     far = ImagePair(pair.target, random_model(5, 0.25))  # an unrelated draft: nothing is accepted
-    verifier = ImageVerifier({"m": far}, DiffusionHeadService())
+    verifier = services(far)
     tokens, stats = run(far, [1, 2], "draft_model", k=4, adaptive=True, verifier=verifier)
     assert stats.draft_rate < 0.8 - 0.2  # it fell from its prior and drafting stopped
     assert stats.plain > stats.recovered and torch.isfinite(tokens).all() and tokens.shape[1] == CONFIG.seq_len
@@ -108,7 +125,7 @@ def test_a_low_prior_starts_with_plain_rounds(pair):
 
 
 def test_adaptive_seeded_requests_do_not_depend_on_earlier_requests(pair):
-    verifier = ImageVerifier({"m": pair}, DiffusionHeadService())
+    verifier = services(pair)
     first, _ = run(pair, [3, 4], "draft_model", seed=9, adaptive=True, verifier=verifier)
     for seed in range(3):  # other requests move any shared state there might be
         run(pair, [0] * 4, "draft_model", seed=seed, adaptive=True, verifier=verifier)

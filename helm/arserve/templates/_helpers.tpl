@@ -49,9 +49,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The five services, in the order of arserve.rayserve.config.SERVICES. */}}
+{{/* The six services, in the order of arserve.rayserve.config.SERVICES. */}}
 {{- define "arserve.services" -}}
-{{- list "gateway" "tokenizer" "verifier" "drafter" "backbone" | toJson }}
+{{- list "gateway" "tokenizer" "verifier" "drafter" "backbone" "diffusion_head" | toJson }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- Redis */}}
@@ -432,7 +432,7 @@ Call with (dict "root" $ "mask" BOOL).
 {{- with $v.model.draftModel }}{{ $_ := set $model "draft_model" . }}{{ end }}
 {{- with $v.model.draftHeads }}{{ $_ := set $model "draft_heads" . }}{{ end }}
 {{- $redisUrl := include "arserve.redis.url" (dict "root" $root "mask" .mask) }}
-{{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments }}
+{{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments "image_models" (deepCopy $v.imageModels) }}
 {{- /* Secrets by name only: each replica reads the variable where it starts (ServiceSettings env:NAME). */}}
 {{- $_ := set $args "internal_secret" "env:ARSERVE_INTERNAL_SECRET" }}
 {{- if $v.auth.enabled }}{{ $_ := set $args "auth_token" "env:ARSERVE_AUTH_TOKEN" }}{{ end }}

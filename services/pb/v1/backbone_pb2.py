@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/backbone.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\x96\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x12\"\n\x06tokens\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x14\n\x0coutputs_from\x18\x08 \x01(\r\x12\x0e\n\x06\x63ommit\x18\t \x01(\x08\x12\x13\n\x0b\x61rgmax_only\x18\n \x01(\x08\x12\x15\n\rreturn_hidden\x18\x0b \x01(\x08\x12\x12\n\ncache_salt\x18\x0c \x01(\t\x12\x15\n\rmax_positions\x18\r \x01(\r\"\xa6\x01\n\rScoreResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\r\x12\x0e\n\x06\x61rgmax\x18\x05 \x03(\r\x12\"\n\x06hidden\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\"@\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\r\" \n\x0e\x43ommitResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xcd\x01\n\x08\x42\x61\x63kbone\x12<\n\x05Score\x12\x18.arserve.v1.ScoreRequest\x1a\x19.arserve.v1.ScoreResponse\x12?\n\x06\x43ommit\x12\x19.arserve.v1.CommitRequest\x1a\x1a.arserve.v1.CommitResponse\x12\x42\n\x07Release\x12\x1a.arserve.v1.ReleaseRequest\x1a\x1b.arserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/backbone.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\xa7\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x03(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x12\x14\n\x0coutputs_from\x18\x08 \x01(\r\x12\x0e\n\x06\x63ommit\x18\t \x01(\x08\x12\x13\n\x0b\x61rgmax_only\x18\n \x01(\x08\x12\x15\n\rreturn_hidden\x18\x0b \x01(\x08\x12\x12\n\ncache_salt\x18\x0c \x01(\t\x12\x15\n\rmax_positions\x18\r \x01(\r\x12%\n\x05image\x18\x0e \x01(\x0b\x32\x16.arserve.v1.ImageScoreJ\x04\x08\x07\x10\x08R\x06tokens\"v\n\nImageScore\x12\x0e\n\x06labels\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12\"\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12#\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\"\xa6\x01\n\rScoreResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\r\x12\x0e\n\x06\x61rgmax\x18\x05 \x03(\r\x12\"\n\x06hidden\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\"@\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x03(\r\" \n\x0e\x43ommitResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse2\xcd\x01\n\x08\x42\x61\x63kbone\x12<\n\x05Score\x12\x18.arserve.v1.ScoreRequest\x1a\x19.arserve.v1.ScoreResponse\x12?\n\x06\x43ommit\x12\x19.arserve.v1.CommitRequest\x1a\x1a.arserve.v1.CommitResponse\x12\x42\n\x07Release\x12\x1a.arserve.v1.ReleaseRequest\x1a\x1b.arserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve.pb.v1.backbone_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST']._serialized_start=67
-  _globals['_SCOREREQUEST']._serialized_end=345
-  _globals['_SCORERESPONSE']._serialized_start=348
-  _globals['_SCORERESPONSE']._serialized_end=514
-  _globals['_COMMITREQUEST']._serialized_start=516
-  _globals['_COMMITREQUEST']._serialized_end=580
-  _globals['_COMMITRESPONSE']._serialized_start=582
-  _globals['_COMMITRESPONSE']._serialized_end=614
-  _globals['_RELEASEREQUEST']._serialized_start=616
-  _globals['_RELEASEREQUEST']._serialized_end=667
-  _globals['_RELEASERESPONSE']._serialized_start=669
-  _globals['_RELEASERESPONSE']._serialized_end=686
-  _globals['_BACKBONE']._serialized_start=689
-  _globals['_BACKBONE']._serialized_end=894
+  _globals['_SCOREREQUEST']._serialized_end=362
+  _globals['_IMAGESCORE']._serialized_start=364
+  _globals['_IMAGESCORE']._serialized_end=482
+  _globals['_SCORERESPONSE']._serialized_start=485
+  _globals['_SCORERESPONSE']._serialized_end=651
+  _globals['_COMMITREQUEST']._serialized_start=653
+  _globals['_COMMITREQUEST']._serialized_end=717
+  _globals['_COMMITRESPONSE']._serialized_start=719
+  _globals['_COMMITRESPONSE']._serialized_end=751
+  _globals['_RELEASEREQUEST']._serialized_start=753
+  _globals['_RELEASEREQUEST']._serialized_end=804
+  _globals['_RELEASERESPONSE']._serialized_start=806
+  _globals['_RELEASERESPONSE']._serialized_end=823
+  _globals['_BACKBONE']._serialized_start=826
+  _globals['_BACKBONE']._serialized_end=1031
 # @@protoc_insertion_point(module_scope)

@@ -8,34 +8,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "tokens", "outputs_from", "commit", "argmax_only", "return_hidden", "cache_salt", "max_positions")
+    __slots__ = ("request_id", "model", "start", "context", "token_ids", "parents", "outputs_from", "commit", "argmax_only", "return_hidden", "cache_salt", "max_positions", "image")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FROM_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_ONLY_FIELD_NUMBER: _ClassVar[int]
     RETURN_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     start: int
     context: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
-    tokens: _tensor_pb2.Tensor
     outputs_from: int
     commit: bool
     argmax_only: bool
     return_hidden: bool
     cache_salt: str
     max_positions: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ..., return_hidden: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    image: ImageScore
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., start: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., outputs_from: _Optional[int] = ..., commit: _Optional[bool] = ..., argmax_only: _Optional[bool] = ..., return_hidden: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., max_positions: _Optional[int] = ..., image: _Optional[_Union[ImageScore, _Mapping]] = ...) -> None: ...
+
+class ImageScore(_message.Message):
+    __slots__ = ("labels", "lengths", "tokens", "context")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _tensor_pb2.Tensor
+    context: _tensor_pb2.Tensor
+    def __init__(self, labels: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., context: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("logits", "z", "length", "cached", "argmax", "hidden")

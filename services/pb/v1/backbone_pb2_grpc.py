@@ -59,7 +59,7 @@ class BackboneServicer:
     def Score(self, request, context):
         """Score new positions (a prompt, one token, a draft chain or a draft tree)
         in one forward: per-position logits (discrete tokens) or conditions z
-        (continuous tokens).
+        (continuous tokens: see `image` below).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

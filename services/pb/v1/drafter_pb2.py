@@ -26,7 +26,7 @@ from arserve_client.v1 import generation_pb2 as arserve_dot_v1_dot_generation__p
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61rserve/v1/drafter.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\x86\x02\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rnew_token_ids\x18\x04 \x03(\r\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\r\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\"\n\x06hidden\x18\n \x01(\x0b\x32\x12.arserve.v1.Tensor\"r\n\x05\x44raft\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12!\n\x05probs\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\"3\n\x0fProposeResponse\x12 \n\x05\x64raft\x18\x01 \x01(\x0b\x32\x11.arserve.v1.Draft\";\n\x15\x44rafterReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\"\x18\n\x16\x44rafterReleaseResponse2\x9f\x01\n\x07\x44rafter\x12\x42\n\x07Propose\x12\x1a.arserve.v1.ProposeRequest\x1a\x1b.arserve.v1.ProposeResponse\x12P\n\x07Release\x12!.arserve.v1.DrafterReleaseRequest\x1a\".arserve.v1.DrafterReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61rserve/v1/drafter.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\xb4\x02\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rnew_token_ids\x18\x04 \x03(\r\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\r\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\"\n\x06hidden\x18\n \x01(\x0b\x32\x12.arserve.v1.Tensor\x12,\n\x05image\x18\x0b \x01(\x0b\x32\x1d.arserve.v1.ImageDraftRequest\"\xc3\x01\n\x11ImageDraftRequest\x12\x0e\n\x06labels\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12#\n\x07pending\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12!\n\x05noise\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x06 \x01(\x02\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x08 \x01(\r\"\xde\x01\n\x05\x44raft\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12!\n\x05probs\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\'\n\x0blog_density\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\"3\n\x0fProposeResponse\x12 \n\x05\x64raft\x18\x01 \x01(\x0b\x32\x11.arserve.v1.Draft\"J\n\x15\x44rafterReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x18\n\x16\x44rafterReleaseResponse2\x9f\x01\n\x07\x44rafter\x12\x42\n\x07Propose\x12\x1a.arserve.v1.ProposeRequest\x1a\x1b.arserve.v1.ProposeResponse\x12P\n\x07Release\x12!.arserve.v1.DrafterReleaseRequest\x1a\".arserve.v1.DrafterReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve.pb.v1.drafter_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEREQUEST']._serialized_start=95
-  _globals['_PROPOSEREQUEST']._serialized_end=357
-  _globals['_DRAFT']._serialized_start=359
-  _globals['_DRAFT']._serialized_end=473
-  _globals['_PROPOSERESPONSE']._serialized_start=475
-  _globals['_PROPOSERESPONSE']._serialized_end=526
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=528
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=587
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=589
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=613
-  _globals['_DRAFTER']._serialized_start=616
-  _globals['_DRAFTER']._serialized_end=775
+  _globals['_PROPOSEREQUEST']._serialized_end=403
+  _globals['_IMAGEDRAFTREQUEST']._serialized_start=406
+  _globals['_IMAGEDRAFTREQUEST']._serialized_end=601
+  _globals['_DRAFT']._serialized_start=604
+  _globals['_DRAFT']._serialized_end=826
+  _globals['_PROPOSERESPONSE']._serialized_start=828
+  _globals['_PROPOSERESPONSE']._serialized_end=879
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=881
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=955
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=957
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=981
+  _globals['_DRAFTER']._serialized_start=984
+  _globals['_DRAFTER']._serialized_end=1143
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from arserve_client.v1 import generation_pb2 as _generation_pb2
+from arserve_client.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -34,3 +35,43 @@ class VerifyEvent(_message.Message):
     speculative: _generation_pb2.SpeculativeStats
     cached_prompt_tokens: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class VerifyImageRequest(_message.Message):
+    __slots__ = ("request_id", "model", "labels", "temperature", "cfg", "num_steps", "method", "num_draft_tokens", "seed", "adaptive", "prior_rate")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    CFG_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_RATE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    temperature: float
+    cfg: float
+    num_steps: int
+    method: str
+    num_draft_tokens: int
+    seed: int
+    adaptive: bool
+    prior_rate: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., method: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., adaptive: _Optional[bool] = ..., prior_rate: _Optional[float] = ...) -> None: ...
+
+class VerifyImageResponse(_message.Message):
+    __slots__ = ("tokens", "drafted", "accepted", "rounds", "mean_accepted_length")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    tokens: _tensor_pb2.Tensor
+    drafted: int
+    accepted: int
+    rounds: int
+    mean_accepted_length: float
+    def __init__(self, tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., rounds: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ...) -> None: ...

@@ -40,6 +40,11 @@ class VerifierStub:
                 request_serializer=arserve_dot_v1_dot_verifier__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_verifier__pb2.VerifyEvent.FromString,
                 _registered_method=True)
+        self.RunImage = channel.unary_unary(
+                '/arserve.v1.Verifier/RunImage',
+                request_serializer=arserve_dot_v1_dot_verifier__pb2.VerifyImageRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_verifier__pb2.VerifyImageResponse.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -53,6 +58,14 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunImage(self, request, context):
+        """Run one image request (continuous tokens, plain or continuous
+        speculative decoding) to its end: every token of every image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=arserve_dot_v1_dot_verifier__pb2.VerifyRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_verifier__pb2.VerifyEvent.SerializeToString,
+            ),
+            'RunImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunImage,
+                    request_deserializer=arserve_dot_v1_dot_verifier__pb2.VerifyImageRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_verifier__pb2.VerifyImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class Verifier:
             '/arserve.v1.Verifier/Run',
             arserve_dot_v1_dot_verifier__pb2.VerifyRequest.SerializeToString,
             arserve_dot_v1_dot_verifier__pb2.VerifyEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.Verifier/RunImage',
+            arserve_dot_v1_dot_verifier__pb2.VerifyImageRequest.SerializeToString,
+            arserve_dot_v1_dot_verifier__pb2.VerifyImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,191 @@
+"""The image draft model of continuous speculative decoding, served by the
+drafter (``arserve.v1.Drafter`` Propose and Release with
+``ProposeRequest.image``), as ``draft_model`` serves text.
+
+Per request it keeps the draft's KV cache (``ImageKV``, a committed length
+per row). Each Propose names the committed length of every row
+(``ImageDraftRequest.lengths``): the cache keeps those and rolls back the
+rest, so it follows the target's commits without a call of its own. Then it
+drafts k tokens per image, each sampled by the draft's own diffusion head
+along a recorded denoising trajectory (CSpD, Wang et al. 2024), with noise
+the verifier drew from the request's generator, and answers the tokens,
+trajectories, their draft log-density and the draft's conditions z. k = 0 is
+a plain round: only the pending input enters the cache.
+
+A request whose cache this replica does not hold (a new replica, an expired
+lease) gets FAILED_PRECONDITION; the verifier then decodes the rest of the
+request without drafts (``arserve.verifier.image``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
+from ..core.image_model import ImageAR, ImageKV
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..leases import Leases, leased
+from ..pb.v1 import drafter_pb2 as pb
+from ..wire import from_proto, to_proto
+
+MAX_DRAFT = 16  # drafts per round at most (ImageModelSettings.num_draft_tokens)
+
+
+@dataclass
+class DraftSession:
+    kv: ImageKV  # the draft's cache: [n_layers, rows, capacity, ...], lengths [rows]
+    labels: torch.Tensor  # [rows] int64
+    written: torch.Tensor  # [rows] int64 positions holding values (committed plus the last call's)
+
+
+@dataclass
+class ImageDraft:
+    """One round's drafts of every image."""
+
+    tokens: torch.Tensor  # [n, k, token_dim]
+    states: torch.Tensor  # [S + 1, n, k, token_dim] their denoising trajectories
+    log_q: torch.Tensor  # [n, k] the draft head's log-density of each trajectory
+    z: torch.Tensor  # [rows, k, draft dim] the draft's conditions (residual sampling needs them)
+
+
+def split(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[rows, ...] -> conditional [n, ...] and unconditional [n, ...] (None when rows = n: unguided)."""
+    return (z[:n], z[n:]) if z.shape[0] > n else (z, None)
+
+
+def twice(x: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The rows of the conditional images, then again for their "no class" rows (guided)."""
+    return torch.cat([x, x]) if guided else x
+
+
+@torch.no_grad()
+def pending_input(model: ImageAR, labels: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
+    """The pending input of every row [rows, 1, dim]: the class (``labels``)
+    before the first token, then the last committed token ``last`` [rows, token_dim]."""
+    return (model.class_embed(labels) if last is None else model.token_embed(last))[:, None]
+
+
+@torch.no_grad()
+def trajectory_log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, temperature: float,
+                           cfg: float) -> torch.Tensor:
+    """log-density of trajectories [S + 1, n, k, token_dim] under the model's head
+    given its z [rows, k, dim], all in one batched call -> [n, k]."""
+    steps1, n, k, dim = states.shape
+    zc, zu = split(z, n)  # [n, k, dim] each
+    lp = model.head.trajectory_log_density(states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1), temperature,
+                                           cfg, None if zu is None else zu.reshape(n * k, -1))
+    return lp.reshape(n, k)
+
+
+@torch.no_grad()
+def propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, noise: torch.Tensor, n: int, temperature: float,
+            cfg: float, steps: int) -> ImageDraft | None:
+    """k draft tokens per image (k = noise.shape[0]; none: the pending input
+    enters the cache alone), each along a recorded denoising trajectory.
+    pending: [rows, 1, dim] the input not yet in the cache; noise [k, S + 1, n,
+    token_dim]. It writes k positions (the pending input and the first k - 1
+    drafts) past the committed lengths and leaves those as they were."""
+    if noise.shape[0] == 0:
+        draft(pending, kv)
+        return None
+    guided = pending.shape[0] > n
+    committed = kv.lengths.clone()
+    x = pending
+    toks, states, zs = [], [], []
+    for i in range(noise.shape[0]):
+        z = draft(x, kv)[:, 0]  # [rows, dim]
+        kv.lengths += 1  # the next input goes after this one
+        zc, zu = split(z, n)
+        tok, traj, _ = draft.head.sample_trajectory(zc, temperature, cfg, steps, None, zu, noise=noise[i],
+                                                    density=False)
+        toks.append(tok)
+        states.append(traj)
+        zs.append(z)
+        x = pending_input(draft, None, twice(tok, guided))
+    kv.lengths = committed
+    states = torch.stack(states, 2)  # [S + 1, n, k, token_dim]
+    z = torch.stack(zs, 1)  # [rows, k, dim]
+    return ImageDraft(torch.stack(toks, 1), states, trajectory_log_density(draft, states, z, temperature, cfg), z)
+
+
+class ImageDrafter:
+    """``arserve.v1.Drafter`` for image models: Propose and Release."""
+
+    def __init__(self, drafts: dict[str, ImageAR], executor: ThreadPoolExecutor | None = None, lease_s: float = 300.0):
+        self.drafts = drafts  # image model id -> its draft ImageAR
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image-drafter")
+        self.sessions: dict[tuple[str, str], DraftSession] = {}
+        self.leases = Leases(lease_s, self._free, "image_drafter")
+
+    @leased(lambda req: (req.model, req.request_id))
+    async def Propose(self, req: pb.ProposeRequest, context=None) -> pb.ProposeResponse:
+        draft = self.drafts.get(req.model)
+        if draft is None:
+            raise NotFound(f"image model {req.model!r} has no draft model here; known: {sorted(self.drafts)}")
+        if not req.HasField("image"):
+            raise InvalidArgument(f"model {req.model!r} is an image model: Propose needs `image` (ImageDraftRequest)")
+        im, c = req.image, draft.config
+        labels = torch.tensor(list(im.labels), dtype=torch.long)
+        lengths = torch.tensor(list(im.lengths), dtype=torch.long)
+        rows = labels.shape[0]
+        if rows == 0 or len(im.lengths) != rows or int(labels.max()) > c.num_classes or int(lengths.max()) > c.seq_len:
+            raise InvalidArgument(f"image.labels (0 to {c.num_classes}) and image.lengths (at most {c.seq_len}) need "
+                                  f"one entry per row; got {len(im.labels)} and {len(im.lengths)}")
+        try:
+            noise = from_proto(im.noise).float()
+            last = from_proto(im.pending).float() if im.HasField("pending") else None
+        except ValueError as e:
+            raise InvalidArgument(f"image: {e}") from None
+        n = rows // 2 if im.cfg not in (0.0, 1.0) else rows
+        if noise.dim() != 4 or noise.shape[0] > MAX_DRAFT or noise.shape[2] != n or noise.shape[3] != c.token_dim:
+            raise InvalidArgument(f"image.noise must be [k <= {MAX_DRAFT}, S + 1, {n}, {c.token_dim}], got "
+                                  f"{list(noise.shape)}")
+        k, steps = noise.shape[0], noise.shape[1] - 1
+        low, high = TEMPERATURE_RANGE
+        if steps != im.num_steps or not 1 <= steps <= TRAIN_STEPS or not low <= im.temperature <= high \
+                or not 1 <= (im.cfg or 1.0) <= MAX_CFG:
+            raise InvalidArgument(f"image: num_steps {im.num_steps} (noise has {steps}), temperature {im.temperature} "
+                                  f"or cfg {im.cfg} out of range")
+        if (last is None) != bool((lengths == 0).all()) or (
+                last is not None and list(last.shape) != [rows, c.token_dim]):
+            raise InvalidArgument(f"image.pending: [{rows}, {c.token_dim}] after the first call, unset on it")
+        capacity = im.capacity or c.seq_len + MAX_DRAFT
+        if int(lengths.max()) + max(k, 1) > capacity:
+            raise InvalidArgument(f"image: {max(k, 1)} positions after lengths up to {int(lengths.max())} pass the "
+                                  f"cache's {capacity}")
+        key = (req.model, req.request_id)
+        session = self.sessions.get(key)
+        if session is None:
+            if last is not None:
+                raise FailedPrecondition(f"request {req.request_id!r} has no draft cache on this drafter replica")
+            session = self.sessions[key] = DraftSession(ImageKV.empty(c, rows, capacity), labels,
+                                                        torch.zeros_like(lengths))
+        if not torch.equal(session.labels, labels) or bool((lengths > session.written).any()):
+            raise InvalidArgument(f"request {req.request_id!r}: labels must stay those of its first call and lengths "
+                                  f"{lengths.tolist()} may not pass the positions drafted {session.written.tolist()}")
+        session.kv.lengths = lengths.clone()  # commit what the target kept, roll back the rest
+        out = await asyncio.get_running_loop().run_in_executor(
+            self.executor, _propose, draft, session.kv, labels, last, noise, n, im.temperature, im.cfg or 1.0, steps)
+        session.written = lengths + max(k, 1)
+        if out is None:
+            return pb.ProposeResponse()
+        return pb.ProposeResponse(draft=pb.Draft(tokens=to_proto(out.tokens), states=to_proto(out.states),
+                                                 log_density=to_proto(out.log_q), z=to_proto(out.z)))
+
+    async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
+        key = (req.model, req.request_id)
+        self.leases.drop(key)
+        await self._free(key)
+        return pb.DrafterReleaseResponse()
+
+    async def _free(self, key: tuple[str, str]) -> None:
+        self.sessions.pop(key, None)
+
+
+def _propose(draft, kv, labels, last, noise, n, temperature, cfg, steps):
+    return propose(draft, kv, pending_input(draft, labels if last is None else None, last), noise, n, temperature,
+                   cfg, steps)
