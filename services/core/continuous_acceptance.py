@@ -63,9 +63,10 @@ from torch import Tensor
 from .diffusion_head import DiffusionHead
 
 
-def _log_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    """log u, u ~ U[0, 1) in float64 (u = 0 gives -inf: every finite ratio passes)."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64).log()
+def _log_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """log u, u ~ U[0, 1) in float64, of ``like``'s shape and device (u = 0 gives -inf: every finite ratio
+    passes)."""
+    return torch.rand(like.shape, generator=generator, dtype=torch.float64, device=like.device).log()
 
 
 def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -78,7 +79,7 @@ def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator
     accepted: [rows] int64 in 0..k. A NaN ratio (both -inf) is a rejection.
     """
     log_ratio = log_p.double() - log_q.double()  # [rows, k]
-    ok = _log_uniform(tuple(log_ratio.shape), generator) < log_ratio  # u < min(1, p/q)
+    ok = _log_uniform(log_ratio, generator) < log_ratio  # u < min(1, p/q)
     return ok.long().cumprod(dim=-1).sum(dim=-1)
 
 
@@ -91,7 +92,7 @@ def accept_residual(log_p: Tensor, log_q: Tensor, generator: torch.Generator | N
     from the target -> [n] bool kept. A NaN ratio is a refusal.
     """
     keep_prob = -torch.expm1(log_q.double() - log_p.double())  # <= 0 where q >= p
-    return torch.rand(keep_prob.shape, generator=generator, dtype=torch.float64) < keep_prob
+    return torch.rand(keep_prob.shape, generator=generator, dtype=torch.float64, device=keep_prob.device) < keep_prob
 
 
 @dataclass
@@ -136,9 +137,10 @@ def sample_residual(
     if proposals < 1 or max_tries < 0:
         raise ValueError(f"need proposals >= 1 and max_tries >= 0, got {proposals}, {max_tries}")
     m = z_target.shape[0]
-    tokens = torch.zeros((m, target_head.config.token_dim))
-    tries = torch.zeros(m, dtype=torch.long)
-    pending = torch.arange(m)  # rows without a recovered token yet
+    dev = z_target.device
+    tokens = torch.zeros((m, target_head.config.token_dim), device=dev)
+    tries = torch.zeros(m, dtype=torch.long, device=dev)
+    pending = torch.arange(m, device=dev)  # rows without a recovered token yet
 
     if cfg == 1.0:  # unguided: the unconditional z play no part
         z_target_uncond = z_draft_uncond = None
@@ -163,7 +165,7 @@ def sample_residual(
         tokens[rows] = x0.view(-1, proposals, x0.shape[-1])[done, first[done]]
         pending = pending[~done]
 
-    capped = torch.zeros(m, dtype=torch.bool)
+    capped = torch.zeros(m, dtype=torch.bool, device=dev)
     if pending.numel():  # the cap: a plain target sample, reported
         capped[pending] = True
         tokens[pending] = target_head.sample(z_target[pending], temperature, cfg, steps, generator,

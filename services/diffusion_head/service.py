@@ -115,8 +115,11 @@ class DiffusionHeadService:
         if z_uncond is not None and z_uncond.shape != z.shape:
             raise InvalidArgument(f"z_uncond must have z's shape {list(z.shape)}, got {list(z_uncond.shape)}")
         _check_sampling(req.temperature, req.cfg or 1.0, req.num_steps)
-        g = seeded(req.seed)
-        noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g)
+        device = head.final.weight.device  # the service boundary: inputs move to the head's device
+        z = z.to(device)
+        z_uncond = None if z_uncond is None else z_uncond.to(device)
+        g = seeded(req.seed, device)
+        noise = torch.randn((req.num_steps + 1, z.shape[0], head.config.token_dim), generator=g, device=device)
         out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise)
         return pb.SampleResponse(tokens=to_proto(out))
 
@@ -132,6 +135,8 @@ class DiffusionHeadService:
             raise InvalidArgument(f"states must be [S + 1, n, {c.token_dim}] and z [n, {c.z_dim}]; got "
                                   f"{list(states.shape)} and {list(z.shape)}")
         _check_sampling(req.temperature, 1.0, states.shape[0] - 1)
+        device = head.final.weight.device
+        states, z = states.to(device), z.to(device)
         out = await asyncio.get_running_loop().run_in_executor(
             self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0)
         return pb.LogDensityResponse(log_density=to_proto(out))

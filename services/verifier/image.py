@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -151,21 +151,23 @@ class ImageVerifier:
         guided), through the head service."""
         n = z.shape[0] // 2 if job.guided else z.shape[0]
         zc, zu = _split(z, n, job.guided)
-        noise = torch.randn((job.steps + 1, n, model.config.token_dim), generator=generator)
+        noise = torch.randn((job.steps + 1, n, model.config.token_dim), generator=generator, device=z.device)
         return await self.heads.sample(model_id, model.head, zc, zu, job.temperature, job.cfg, job.steps, noise)
 
     async def _decode(self, model_id: str, target: ImageAR, draft: ImageAR | None,
                       job: ImageJob) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
-        generator = seeded(job.seed)
+        device = target.pos_embed.device  # the image models' device (assemble.image_models placed them)
+        job = replace(job, labels=job.labels.to(device))
+        generator = seeded(job.seed, device)
         c, n, k = target.config, job.labels.shape[0], job.num_draft_tokens if draft else 0
         rows = _rows(job, c.num_classes)
         capacity = c.seq_len + k  # a round writes at most k positions from a committed length below seq_len
-        kv_t = ImageKV.empty(c, rows.shape[0], capacity)
-        kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity) if draft else None
-        tokens = torch.empty(n, c.seq_len, c.token_dim)
-        done = torch.zeros(n, dtype=torch.long)  # tokens committed per image
+        kv_t = ImageKV.empty(c, rows.shape[0], capacity, device)
+        kv_d = ImageKV.empty(draft.config, rows.shape[0], capacity, device) if draft else None
+        tokens = torch.empty(n, c.seq_len, c.token_dim, device=device)
+        done = torch.zeros(n, dtype=torch.long, device=device)  # tokens committed per image
         last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
         stats = ImageStats()
         # the request's own draft length (a seeded request must not depend on others): it learns the
@@ -191,7 +193,7 @@ class ImageVerifier:
                 log_p = await self._run(_log_density, target, d.states, z_t, job)  # [n, k] the target's densities
                 accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
                 rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
-                r, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
+                r, j = (torch.arange(k, device=device)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
                 tokens[r, done[r] + j] = d.tokens[r, j]
                 if bool(rejected.any()):  # the recovered token at the first rejected position
                     idx = rejected.nonzero()[:, 0]
@@ -212,11 +214,11 @@ class ImageVerifier:
                 assert torch.equal(kv_t.lengths, kv_d.lengths)
             done += grow
             assert torch.equal(kv_t.lengths, _twice(done, job.guided))  # each row's committed inputs
-            last = _twice(tokens[torch.arange(n), (done - 1).clamp(min=0)], job.guided)
+            last = _twice(tokens[torch.arange(n, device=device), (done - 1).clamp(min=0)], job.guided)
             stats.rounds += 1
             stats.row_rounds += int(active.sum())
         stats.draft_rate = length.rate
-        return tokens, stats
+        return tokens.cpu(), stats  # the boundary: tokens leave on the host
 
 
 @torch.no_grad()
