@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_PROMPTS = ROOT.parent / "shared" / "bench" / "prompts.jsonl"
 
 torch.set_num_threads(2)
+
+# The device every model-exercising test computes on: cpu here and in CI, cuda on a GPU machine
+# (`make test-gpu`). One knob, read once; fixtures and helpers below take it from here.
+TEST_DEVICE = os.environ.get("ARSERVE_TEST_DEVICE", "cpu")
+
+
+def on_test_device(model):
+    """A loaded Llama, placed on the test device as a service places it (``core.devices.prepare``:
+    packed on CPU, CUDA graphs on CUDA)."""
+    from arserve.core.devices import prepare, resolve
+
+    return prepare(model, resolve(TEST_DEVICE, "ARSERVE_TEST_DEVICE"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The test device (``ARSERVE_TEST_DEVICE``), checked: a GPU run without a GPU fails here."""
+    from arserve.core.devices import resolve
+
+    return resolve(TEST_DEVICE, "ARSERVE_TEST_DEVICE")
 
 # The vLLM engine's tests that start real vLLM engines (tests/vllm_engine/test_with_vllm_*) are
 # collected only where vLLM is installed: `make test-vllm` builds that environment and runs them.
@@ -30,7 +51,7 @@ def tiny_target():
     from arserve.core.config import LlamaConfig
     from arserve.core.model import Llama
 
-    return Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval().pack()
+    return on_test_device(Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval())
 
 
 async def run(verifier, method, **sampling):
@@ -54,14 +75,17 @@ def bench_prompts() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def server():
-    """The embedded server with SmolLM2-135M-Instruct in float32, with the
-    ngram drafter and its trained drafters (draft model, Hydra heads), and
-    the OpenAI-compatible HTTP API on a port of its own (``srv.http_url``)."""
+    """The embedded server with SmolLM2-135M-Instruct in float32 on the test
+    device, with the ngram drafter and its trained drafters (draft model,
+    Hydra heads), the digits image model, and the OpenAI-compatible HTTP API
+    on a port of its own (``srv.http_url``)."""
     from arserve.embedded import EmbeddedServer
-    from arserve.settings import ModelSettings, ServerSettings
+    from arserve.settings import ImageModelSettings, ModelSettings, ServerSettings
 
-    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"])
-    with EmbeddedServer(ServerSettings(port=0, models=[model], http_port=0)) as srv:
+    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"], device=TEST_DEVICE,
+                          dtype="float32")
+    images = [ImageModelSettings(device=TEST_DEVICE)]
+    with EmbeddedServer(ServerSettings(port=0, models=[model], image_models=images, http_port=0)) as srv:
         yield srv
 
 
