@@ -43,6 +43,32 @@ def device() -> torch.device:
 collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm_engine/test_with_vllm_*.py"]
 
 
+# What reaches the SmolLM2 GGUF: these fixtures, or these words in a test's or its fixtures' source.
+SMOLLM2_FIXTURES = {"server", "client", "smollm2_hf", "plain_greedy"}
+SMOLLM2_HINTS = ("smollm2_gguf_path", "ModelSettings()", "EmbeddedServer(", "weights_path()", "smollm2-", "make_data(")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the SmolLM2 GGUF ``smollm2``, so a machine
+    without it (the device machine: scripts/device-check.sh) deselects
+    exactly those with ``-m 'not smollm2'`` and runs the rest."""
+    import inspect
+
+    def source(fn) -> str:
+        try:
+            return inspect.getsource(fn)
+        except (OSError, TypeError):
+            return ""
+
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        funcs = [getattr(item, "function", None)]
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs += [d.func for name in names for d in defs.get(name, ()) if name not in ("request",)]
+        if names & SMOLLM2_FIXTURES or any(h in source(f) for f in funcs if f for h in SMOLLM2_HINTS):
+            item.add_marker(pytest.mark.smollm2)
+
+
 # Tiny seeded models for the decode loop's logic (tests/verifier, tests/drafter)
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
 

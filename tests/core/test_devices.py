@@ -16,7 +16,7 @@ from conftest import TEST_DEVICE
 
 
 def test_settings_take_a_device_and_default_the_dtype_to_it():
-    assert ModelSettings().device == "cpu" and ModelSettings().dtype == "float32"
+    assert ModelSettings(id="a").device == "cpu" and ModelSettings(id="a").dtype == "float32"
     assert ModelSettings(device="cuda").dtype == "bfloat16"  # tensor cores: the GPU default
     assert ModelSettings(device="cuda:1", dtype="float32").dtype == "float32"  # given wins
     assert ImageModelSettings(device="cuda:0").device == "cuda:0"
