@@ -67,7 +67,8 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
         c = config[m.id]
         spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype, c.n_layers, c.n_kv_heads,
                                   c.head_dim, settings.kv_block_size)
-    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis, mac_key), "spaces": spaces}
+    pin = any(m.device.startswith("cuda") for m in settings.decoded_by("arserve"))  # host blocks for a GPU
+    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis, mac_key, pin=pin), "spaces": spaces}
 
 
 def kv_secret(settings: ServiceSettings) -> str:
