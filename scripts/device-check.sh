@@ -21,8 +21,8 @@ OUT=${OUT:-$ROOT/bench-results/device-check}
 SITE=${DEVICE_SITE:-/tmp/arserve-device-site}
 PY=${PYTHON:-python3}
 TEST_DEVICE=${ARSERVE_TEST_DEVICE:-cuda}
-TEST_TIMEOUT=${TEST_TIMEOUT:-270}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-180}
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 BENCH_ARGS=${BENCH_ARGS:---device cuda}
 mkdir -p "$OUT" "$SITE"
 start=$(date +%s)

@@ -235,6 +235,12 @@ def bench_shape(name: str, config: LlamaConfig, device: torch.device, dtype: tor
            "ratio": tok_s["arserve"] / tok_s["transformers"],
            "first_difference_vs_transformers": first_difference(runs["arserve"][0][0], runs["transformers"][0][0]),
            "cuda_graphs": model.graphs is not None}
+    if model.graphs is not None:  # the same engine with its graphs off: what the graphs buy
+        graphs, model.graphs = model.graphs, None
+        arserve_greedy(model, prompt, min(n, 8))
+        out["arserve_eager_tok_s"] = n / statistics.median(arserve_greedy(model, prompt, n)[1]
+                                                           for _ in range(args.repeats))
+        model.graphs = graphs
     log(f"{name}: arserve {tok_s['arserve']:.1f} tok/s, transformers {tok_s['transformers']:.1f} tok/s "
         f"({out['ratio']:.2f}x)")
     del hf
