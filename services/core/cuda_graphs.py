@@ -33,6 +33,7 @@ without graphs, on any device (the CPU tests check the decomposition).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ class PiecewiseGraphs:
         self.buckets = buckets
         self.capture = capture
         self.by_rows: dict[int, Bucket] = {}
+        self.lock = threading.Lock()  # one forward at a time through the static buffers (any thread)
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every graph
 
     # -- the pieces: Block.forward's arithmetic, split at attention
@@ -151,6 +153,10 @@ class PiecewiseGraphs:
         rows = next((r for r in self.buckets if r >= total), None)
         if rows is None:
             return None
+        with self.lock:
+            return self._forward(items, rows, total)
+
+    def _forward(self, items, rows: int, total: int) -> list[Tensor]:
         m = self.model
         dev = m.device
         b = self._bucket(rows)
