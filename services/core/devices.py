@@ -18,7 +18,7 @@ import re
 
 import torch
 
-DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"  # what ModelSettings.device accepts
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # what ModelSettings.device accepts
 
 
 class DeviceUnavailable(RuntimeError):
@@ -28,7 +28,7 @@ class DeviceUnavailable(RuntimeError):
 
 def check_name(name: str) -> str:
     """Syntax only (settings validate it on any machine): ``cpu``, ``cuda`` or ``cuda:N``."""
-    if not re.match(DEVICE_PATTERN, name):
+    if not re.fullmatch(DEVICE_PATTERN, name):
         raise ValueError(f"device {name!r} is not cpu, cuda or cuda:N")
     return name
 
