@@ -75,7 +75,7 @@ bench-gpu: install
 # prometheus-client, pytest, matplotlib; no network), for its Python (3.12), at the versions this
 # environment runs; scripts/device-check.sh installs them from .device-wheels/ (ignored by git).
 DEVICE_WHEELS := pydantic pydantic-core annotated-types typing-inspection grpcio protobuf grpcio-health-checking \
-	grpcio-reflection redis fastapi starlette uvicorn
+	grpcio-reflection redis fastapi starlette uvicorn opentelemetry-api
 DEVICE_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 DEVICE_PYTHON ?= 3.12
 DEVICE_WHEELS_DIR ?= .device-wheels
