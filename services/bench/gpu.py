@@ -307,7 +307,7 @@ def main(args) -> None:
                                    args.draft_tokens or 3)
     results["figures"] = {
         **{f"{k}_vs_transformers": v["ratio"] for k, v in results["shapes"].items()},
-        "streams32_over_1": small.get("streams", {}).get("ratio"),
+        f"streams{args.streams}_over_1": small.get("streams", {}).get("ratio"),
         "verify8_over_decode": small.get("verify", {}).get("ratio"),
     }
     results["goals"] = GOALS

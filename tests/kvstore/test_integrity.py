@@ -163,6 +163,7 @@ def test_salts_are_namespaces(redis_server, model):
     asyncio.run(go())
 
 
+@pytest.mark.smollm2  # kv_tiers names blocks by the default model's weights revision (the GGUF's sha256)
 def test_replicas_share_blocks_through_the_configured_secret_only(redis_server, caplog):
     """assemble.kv_tiers as every wiring builds it: the KV-block key comes
     from internal_secret; without one, a process's blocks are its own."""
