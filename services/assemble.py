@@ -14,6 +14,7 @@ import torch
 
 from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
+from .core import devices
 from .core.config import LlamaConfig
 from .core.model import Llama
 from .core.weights import load_llama, read_config
@@ -35,8 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def load_target(m: ModelSettings) -> Llama:
     t = time.perf_counter()
-    model = load_llama(m.weights_path(), DTYPES[m.dtype]).pack()
-    log.info("loaded %s (%s, %s) in %.1fs", m.id, m.source, m.dtype, time.perf_counter() - t)
+    device = devices.resolve(m.device, f"model {m.id!r}")  # before reading weights: a missing GPU fails at once
+    model = devices.prepare(load_llama(m.weights_path(), DTYPES[m.dtype]), device)
+    log.info("loaded %s (%s, %s, %s) in %.1fs", m.id, m.source, m.dtype, device, time.perf_counter() - t)
     return model
 
 
@@ -65,7 +67,8 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
         c = config[m.id]
         spaces[m.id] = BlockSpace(m.id, weights_revision(m.weights_path()), m.dtype, c.n_layers, c.n_kv_heads,
                                   c.head_dim, settings.kv_block_size)
-    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis, mac_key), "spaces": spaces}
+    pin = any(m.device.startswith("cuda") for m in settings.decoded_by("arserve"))  # host blocks for a GPU
+    return {"kv_store": TieredStore(LocalTier(settings.kv_local_bytes), redis, mac_key, pin=pin), "spaces": spaces}
 
 
 def kv_secret(settings: ServiceSettings) -> str:
@@ -95,7 +98,7 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     proposers = {}
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
         proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.model_dump(),
-                                         m.weights_path()))
+                                         m.weights_path(), devices.resolve(m.device, f"model {m.id!r}'s drafter")))
     return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 
@@ -111,8 +114,9 @@ def image_models(settings: ServiceSettings) -> dict:
     pairs = {}
     for m in settings.image_models:
         t = time.perf_counter()
-        draft = load_checkpoint(m.draft_checkpoint) if m.draft_checkpoint else None
-        pairs[m.id] = (load_checkpoint(m.checkpoint), draft)
+        device = devices.resolve(m.device, f"image model {m.id!r}")
+        draft = load_checkpoint(m.draft_checkpoint).to(device) if m.draft_checkpoint else None
+        pairs[m.id] = (load_checkpoint(m.checkpoint).to(device), draft)
         log.info("loaded image model %s (%s, draft %s) in %.1fs", m.id, m.checkpoint, m.draft_checkpoint,
                  time.perf_counter() - t)
     return pairs

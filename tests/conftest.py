@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,60 @@ BENCH_PROMPTS = ROOT.parent / "shared" / "bench" / "prompts.jsonl"
 
 torch.set_num_threads(2)
 
+# The device every model-exercising test computes on: cpu here and in CI, cuda on a GPU machine
+# (`make test-gpu`). One knob, read once; fixtures and helpers below take it from here.
+TEST_DEVICE = os.environ.get("ARSERVE_TEST_DEVICE", "cpu")
+
+
+def on_test_device(model):
+    """A loaded Llama, placed on the test device as a service places it (``core.devices.prepare``:
+    packed on CPU, CUDA graphs on CUDA)."""
+    from arserve.core.devices import prepare, resolve
+
+    return prepare(model, resolve(TEST_DEVICE, "ARSERVE_TEST_DEVICE"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The test device (``ARSERVE_TEST_DEVICE``), checked: a GPU run without a GPU fails here."""
+    from arserve.core.devices import resolve
+
+    return resolve(TEST_DEVICE, "ARSERVE_TEST_DEVICE")
+
 # The vLLM engine's tests that start real vLLM engines (tests/vllm_engine/test_with_vllm_*) are
 # collected only where vLLM is installed: `make test-vllm` builds that environment and runs them.
 collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm_engine/test_with_vllm_*.py"]
+# The OpenAI SDK comes with the dev extra; a machine without it (the device machine of
+# scripts/device-check.sh) skips collecting the module that imports it, whose tests all need the
+# SmolLM2 server anyway (marked smollm2).
+if not importlib.util.find_spec("openai"):
+    collect_ignore_glob.append("gateway/test_http_api.py")
+
+
+# What reaches the SmolLM2 GGUF: these fixtures, or these words in a test's or its fixtures' source.
+SMOLLM2_FIXTURES = {"server", "client", "smollm2_hf", "plain_greedy"}
+SMOLLM2_HINTS = ("smollm2_gguf_path", "ModelSettings()", "EmbeddedServer(", "weights_path()", "smollm2-", "make_data(")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the SmolLM2 GGUF ``smollm2``, so a machine
+    without it (the device machine: scripts/device-check.sh) deselects
+    exactly those with ``-m 'not smollm2'`` and runs the rest."""
+    import inspect
+
+    def source(fn) -> str:
+        try:
+            return inspect.getsource(fn)
+        except (OSError, TypeError):
+            return ""
+
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        funcs = [getattr(item, "function", None)]
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        funcs += [d.func for name in names for d in defs.get(name, ()) if name not in ("request",)]
+        if names & SMOLLM2_FIXTURES or any(h in source(f) for f in funcs if f for h in SMOLLM2_HINTS):
+            item.add_marker(pytest.mark.smollm2)
 
 
 # Tiny seeded models for the decode loop's logic (tests/verifier, tests/drafter)
@@ -30,7 +82,7 @@ def tiny_target():
     from arserve.core.config import LlamaConfig
     from arserve.core.model import Llama
 
-    return Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval().pack()
+    return on_test_device(Llama(LlamaConfig.from_name("tiny").with_(eos_ids=(300,))).init_random(0, std=0.2).eval())
 
 
 async def run(verifier, method, **sampling):
@@ -54,14 +106,17 @@ def bench_prompts() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def server():
-    """The embedded server with SmolLM2-135M-Instruct in float32, with the
-    ngram drafter and its trained drafters (draft model, Hydra heads), and
-    the OpenAI-compatible HTTP API on a port of its own (``srv.http_url``)."""
+    """The embedded server with SmolLM2-135M-Instruct in float32 on the test
+    device, with the ngram drafter and its trained drafters (draft model,
+    Hydra heads), the digits image model, and the OpenAI-compatible HTTP API
+    on a port of its own (``srv.http_url``)."""
     from arserve.embedded import EmbeddedServer
-    from arserve.settings import ModelSettings, ServerSettings
+    from arserve.settings import ImageModelSettings, ModelSettings, ServerSettings
 
-    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"])
-    with EmbeddedServer(ServerSettings(port=0, models=[model], http_port=0)) as srv:
+    model = ModelSettings(speculative_methods=["none", "ngram", "draft_model", "heads"], device=TEST_DEVICE,
+                          dtype="float32")
+    images = [ImageModelSettings(device=TEST_DEVICE)]
+    with EmbeddedServer(ServerSettings(port=0, models=[model], image_models=images, http_port=0)) as srv:
         yield srv
 
 

@@ -78,7 +78,8 @@ def embed(model: ImageAR, labels: torch.Tensor | None, tokens: torch.Tensor) -> 
 def _forward(batch: list[_Call]) -> list[torch.Tensor]:
     """One forward over every call's rows -> z [rows, p, dim] of each call."""
     model = batch[0].model
-    xs = [embed(model, c.labels, c.tokens) for c in batch]
+    dev = model.pos_embed.device  # the service boundary: inputs move to the model's device
+    xs = [embed(model, None if c.labels is None else c.labels.to(dev), c.tokens.to(dev)) for c in batch]
     if len(batch) == 1:
         return [model(xs[0], batch[0].session.kv)]
     kvs = [c.session.kv for c in batch]
@@ -142,7 +143,7 @@ class ImageBackboneService:
         if bool((lengths > session.written).any()):
             raise InvalidArgument(f"image.lengths {lengths.tolist()} commit positions never scored (the cache holds "
                                   f"{session.written.tolist()})")
-        session.kv.lengths = lengths.clone()  # commit what the verifier kept, roll back the rest
+        session.kv.lengths = lengths.to(session.kv.k.device)  # commit what the verifier kept, roll back the rest
         call = _Call((req.model, capacity, tokens.shape[1] + first), model, session, labels if first else None,
                      tokens, asyncio.get_running_loop().create_future())
         z = await self._enqueue(call)  # [rows, p, dim]
@@ -157,7 +158,7 @@ class ImageBackboneService:
         if not first and not req.image.HasField("context"):
             raise FailedPrecondition(f"request {req.request_id!r} has no KV cache on this backbone replica "
                                      "(released, freed after its lease, or another replica's): send image.context")
-        kv = ImageKV.empty(model.config, labels.shape[0], capacity)
+        kv = ImageKV.empty(model.config, labels.shape[0], capacity, model.pos_embed.device)
         session = ImageSession(kv, labels, torch.zeros_like(lengths))
         if not first:
             await self._rebuild(model, session, req.image.context, lengths)

@@ -24,6 +24,7 @@ import torch
 
 from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
+from ..core.kv_transfer import HostBlocks, to_host
 from ..core.model import Llama, ScoreItem
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
@@ -289,12 +290,16 @@ class BackboneService:
         if full <= state.stored_blocks:
             return
         keys = block_keys(space, state.tokens[:full * space.block_size], state.salt)
-        new = {keys[i]: state.cache.block(i, space.block_size) for i in range(state.stored_blocks, full)}
+        host = to_host(state.cache, range(state.stored_blocks, full), space.block_size)  # device -> host, async
+        task = asyncio.create_task(self._store(keys[state.stored_blocks:full], host))
         state.stored_blocks = full
-        task = asyncio.create_task(self.kv_store.store(new))
         self._storing.add(task)
         task.add_done_callback(self._stored)
         state.storing = [t for t in state.storing if not t.done()] + [task]
+
+    async def _store(self, keys: list[str], host: HostBlocks) -> None:
+        """Hand blocks to the KV tiers once their copies to the host are done."""
+        await self.kv_store.store(dict(zip(keys, await host.ready())))
 
     def _stored(self, task: asyncio.Task) -> None:
         self._storing.discard(task)

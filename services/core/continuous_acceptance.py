@@ -63,9 +63,10 @@ from torch import Tensor
 from .diffusion_head import DiffusionHead
 
 
-def _log_uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    """log u, u ~ U[0, 1) in float64 (u = 0 gives -inf: every finite ratio passes)."""
-    return torch.rand(shape, generator=generator, dtype=torch.float64).log()
+def _log_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """log u, u ~ U[0, 1) in float64, of ``like``'s shape and device (u = 0 gives -inf: every finite ratio
+    passes)."""
+    return torch.rand(like.shape, generator=generator, dtype=torch.float64, device=like.device).log()
 
 
 def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -78,7 +79,7 @@ def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator
     accepted: [rows] int64 in 0..k. A NaN ratio (both -inf) is a rejection.
     """
     log_ratio = log_p.double() - log_q.double()  # [rows, k]
-    ok = _log_uniform(tuple(log_ratio.shape), generator) < log_ratio  # u < min(1, p/q)
+    ok = _log_uniform(log_ratio, generator) < log_ratio  # u < min(1, p/q)
     return ok.long().cumprod(dim=-1).sum(dim=-1)
 
 
@@ -91,7 +92,7 @@ def accept_residual(log_p: Tensor, log_q: Tensor, generator: torch.Generator | N
     from the target -> [n] bool kept. A NaN ratio is a refusal.
     """
     keep_prob = -torch.expm1(log_q.double() - log_p.double())  # <= 0 where q >= p
-    return torch.rand(keep_prob.shape, generator=generator, dtype=torch.float64) < keep_prob
+    return torch.rand(keep_prob.shape, generator=generator, dtype=torch.float64, device=keep_prob.device) < keep_prob
 
 
 @dataclass

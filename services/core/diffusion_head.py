@@ -107,7 +107,7 @@ class HeadConfig:
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     """[n] timesteps -> [n, dim] sinusoidal features (DiT's TimestepEmbedder)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -137,7 +137,7 @@ class DiffusionHead(nn.Module):
         self.ada = nn.Linear(w, (3 * c.blocks + 2) * w)
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final = nn.Linear(w, c.token_dim)
-        self._schedules: dict[int, tuple[Schedule, torch.Tensor]] = {}
+        self._schedules: dict[tuple[int, torch.device], tuple[Schedule, torch.Tensor]] = {}
         nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.ada.bias)
         nn.init.zeros_(self.final.weight)
@@ -169,11 +169,13 @@ class DiffusionHead(nn.Module):
     def schedule(self, steps: int) -> tuple[Schedule, torch.Tensor]:
         """The respaced schedule and its timestep embeddings [S, width], made
         once per step count (they do not depend on the input)."""
-        if steps not in self._schedules:
-            s = Schedule.respaced(steps)
+        device = self.final.weight.device  # the schedule lives with the head (cached per device)
+        if (steps, device) not in self._schedules:
+            s = Schedule(*(v.to(device) for v in Schedule.respaced(steps).__dict__.values()))
             with torch.no_grad():
-                self._schedules[steps] = (s, self.time_mlp(timestep_features(s.timesteps, self.config.freq_dim)))
-        return self._schedules[steps]
+                self._schedules[steps, device] = (s, self.time_mlp(timestep_features(s.timesteps,
+                                                                                     self.config.freq_dim)))
+        return self._schedules[steps, device]
 
     def guided_eps(self, x: torch.Tensor, t_embed: torch.Tensor, zc: torch.Tensor,
                    cfg: float | torch.Tensor) -> torch.Tensor:
@@ -213,8 +215,8 @@ class DiffusionHead(nn.Module):
         x, states = self._denoise(z, temperature, cfg, steps, generator, z_uncond, noise, keep_states=True)
         if not density:
             return Trajectory(x, states, None)
-        t = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1)  # [n or 1]
-        w = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1)  # [n or 1]
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(-1)  # [n or 1]
+        w = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1)  # [n or 1]
         return Trajectory(x, states, self.trajectory_log_density(states, z, t, w, z_uncond))
 
     def _denoise(self, z, temperature, cfg, steps, generator, z_uncond, noise,
@@ -224,9 +226,9 @@ class DiffusionHead(nn.Module):
         sched, t_embed = self.schedule(steps)
         n, d = z.shape[0], self.config.token_dim
         if noise is None:
-            noise = torch.randn((steps + 1, n, d), generator=generator)
-        temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
-        cfg = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
+            noise = torch.randn((steps + 1, n, d), generator=generator, device=z.device)
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
+        cfg = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
         zc = self.embed(z, z_uncond)
         x = noise[0]
         states = [x] if keep_states else None
@@ -251,11 +253,11 @@ class DiffusionHead(nn.Module):
         zc = self.cond(z).repeat(steps, 1)  # [S n, width]
         if z_uncond is not None:
             zc = torch.cat([zc, self.cond(z_uncond).repeat(steps, 1)])  # then the unconditional rows
-        w = torch.as_tensor(cfg, dtype=torch.float32).reshape(-1, 1)  # [n or 1, 1]
+        w = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
         eps = self.guided_eps(states[:-1].reshape(steps * n, d), t_embed.repeat_interleave(n, 0), zc,
                               w.repeat(steps, 1) if w.shape[0] > 1 else w).reshape(steps, n, d)
         mean = sched.mean((slice(None), None, None), states[:-1], eps)  # [S, n, d]
-        temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(1, -1)  # [1, n or 1]
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(1, -1)  # [1, n or 1]
         std = temperature * sched.sigma[:, None]  # [S, n or 1]
         return gaussian_log_density((states[1:] - mean) / std[..., None], std).sum(0)
 

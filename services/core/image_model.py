@@ -77,9 +77,10 @@ class ImageKV:
     lengths: torch.Tensor  # [rows] int64 committed positions
 
     @classmethod
-    def empty(cls, c: ImageConfig, rows: int, capacity: int) -> "ImageKV":
+    def empty(cls, c: ImageConfig, rows: int, capacity: int, device: torch.device | str = "cpu") -> "ImageKV":
         shape = (c.n_layers, rows, capacity, c.n_heads, c.dim // c.n_heads)
-        return cls(torch.zeros(shape), torch.zeros(shape), torch.zeros(rows, dtype=torch.long))
+        return cls(torch.zeros(shape, device=device), torch.zeros(shape, device=device),
+                   torch.zeros(rows, dtype=torch.long, device=device))
 
     def commit(self, counts: torch.Tensor) -> None:
         """Keep the first counts[r] positions of row r's last forward ([rows] int64)."""
@@ -107,7 +108,7 @@ class Block(nn.Module):
         if kv is None:  # training: the whole sequence, causal
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         else:
-            r = torch.arange(rows)[:, None]
+            r = torch.arange(rows, device=x.device)[:, None]
             kv.k[layer, r, positions] = k
             kv.v[layer, r, positions] = v
             a = F.scaled_dot_product_attention(q.transpose(1, 2), kv.k[layer].transpose(1, 2),
@@ -146,10 +147,10 @@ class ImageAR(nn.Module):
         if kv is None:
             x = x + self.pos_embed[:m]
         else:
-            positions = kv.lengths[:, None] + torch.arange(m)  # [rows, m]
+            positions = kv.lengths[:, None] + torch.arange(m, device=x.device)  # [rows, m]
             x = x + self.pos_embed[positions.clamp(max=self.config.seq_len - 1)]
             capacity = kv.k.shape[2]
-            mask = (torch.arange(capacity)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+            mask = (torch.arange(capacity, device=x.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         for i, block in enumerate(self.blocks):
             x = block(x, kv, i, positions, mask)
         return self.norm(x)

@@ -21,15 +21,17 @@ class KVCache:
     k, v: [n_layers, n_kv_heads, capacity, head_dim]
     """
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype, chunk: int = 256, max_positions: int | None = None):
+    def __init__(self, config: LlamaConfig, dtype: torch.dtype, chunk: int = 256, max_positions: int | None = None,
+                 device: torch.device | str = "cpu"):
         self.config = config
         self.dtype = dtype
+        self.device = torch.device(device)  # where k and v live: the model's device
         self.chunk = chunk
         self.max_positions = min(config.max_seq_len, max_positions or config.max_seq_len)  # capacity's ceiling
         self.length = 0  # valid positions
         shape = (config.n_layers, config.n_kv_heads, 0, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
-        self.v = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, kv_heads, capacity, head_dim]
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, kv_heads, capacity, head_dim]
 
     @property
     def capacity(self) -> int:
@@ -52,7 +54,7 @@ class KVCache:
         cap = max(cap, min(self.max_positions, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype)
+            new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype, device=self.device)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
@@ -66,7 +68,7 @@ class KVCache:
     def keep(self, start: int, path: list[int]) -> None:
         """Commit a tree path: positions ``start + path[j]`` move to ``start + j``
         and everything after ``start + len(path)`` is rolled back."""
-        src = torch.tensor([start + i for i in path], dtype=torch.long)
+        src = torch.tensor([start + i for i in path], dtype=torch.long, device=self.device)
         dst = start + len(path)
         if path != list(range(len(path))):
             self.k[:, :, start:dst] = self.k[:, :, src]
@@ -74,7 +76,7 @@ class KVCache:
         self.rollback(dst)
 
     def block(self, index: int, block_size: int) -> torch.Tensor:
-        """A copy of block ``index``: kv [2, layers, kv_heads, block_size, head_dim]."""
+        """A copy of block ``index``, on the cache's device: kv [2, layers, kv_heads, block_size, head_dim]."""
         span = slice(index * block_size, (index + 1) * block_size)
         if span.stop > self.length:
             raise ValueError(f"block {index} is not complete: cache holds {self.length} positions")
@@ -82,8 +84,9 @@ class KVCache:
 
     @torch.inference_mode()
     def append_blocks(self, blocks: list[torch.Tensor]) -> None:
-        """Append blocks (each kv [2, layers, kv_heads, block_size, head_dim]) after ``length``."""
+        """Append blocks (each kv [2, layers, kv_heads, block_size, head_dim], on any device) after ``length``."""
         for kv in blocks:
+            kv = kv.to(self.device, non_blocking=True)  # a pinned host block copies asynchronously
             n = kv.shape[3]
             self.reserve(n)
             self.k[:, :, self.length:self.length + n] = kv[0]

@@ -181,6 +181,7 @@ class Llama(nn.Module):
         # A draft's restricted output vocabulary (FR-Spec, Zhao et al. 2025: the most frequent
         # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
         self.head_ids: Tensor | None = None
+        self.graphs = None  # CUDA only: the captured decode steps (arserve.core.cuda_graphs), set by devices.prepare
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("sin", sin, persistent=False)  # [max_seq_len, head_dim]
@@ -188,6 +189,10 @@ class Llama(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
 
     def pack(self) -> "Llama":
         """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)."""
@@ -204,7 +209,7 @@ class Llama(nn.Module):
 
     def new_cache(self, max_positions: int | None = None) -> KVCache:
         """An empty cache that holds at most ``max_positions`` (default: the context window)."""
-        return KVCache(self.config, self.dtype, max_positions=max_positions)
+        return KVCache(self.config, self.dtype, max_positions=max_positions, device=self.device)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Llama":
         """Seeded random weights (tests use tiny configs of the same classes)."""
@@ -244,22 +249,29 @@ class Llama(nn.Module):
         """Score the new tokens of several requests in one forward: the rows of
         all requests share each matrix product (the weights are read once),
         attention runs per request against its own cache. Returns, per item,
-        logits [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``)."""
+        logits [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``).
+        Inputs may be on any device; they move to the model's."""
+        if self.graphs is not None:  # CUDA: a captured step when the batch fits one (arserve.core.cuda_graphs)
+            out = self.graphs.forward_batch(items)
+            if out is not None:
+                return out
+        dev = self.device
         segments, cos, sin, row = [], [], [], 0
         for it in items:
             n = it.tokens.shape[0]
             start = it.cache.length
             it.cache.reserve(n)
-            pos = torch.arange(start, start + n) if it.depths is None else it.depths + start
+            pos = torch.arange(start, start + n, device=dev) if it.depths is None else it.depths.to(dev) + start
             cos.append(self.cos[pos])
             sin.append(self.sin[pos])
             mask = None
             if it.tree_mask is not None or (n > 1 and start > 0):
-                local = it.tree_mask if it.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
-                mask = torch.cat((torch.ones(n, start, dtype=torch.bool), local), dim=1)  # [n, start + n]
+                local = (it.tree_mask.to(dev) if it.tree_mask is not None
+                         else torch.ones(n, n, dtype=torch.bool, device=dev).tril_())
+                mask = torch.cat((torch.ones(n, start, dtype=torch.bool, device=dev), local), dim=1)  # [n, start + n]
             segments.append(Segment(row, n, start, it.cache, mask))
             row += n
-        tokens = items[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in items])  # [N]
+        tokens = (items[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in items])).to(dev)  # [N]
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
         sin_all = (sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype)  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
@@ -267,7 +279,7 @@ class Llama(nn.Module):
             x = layer(x, cos_all, sin_all, i, segments)
         for it, seg in zip(items, segments):
             it.cache.length = seg.start + seg.n
-        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n) for it, seg in zip(items, segments)]
+        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segments)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
         if self.packed_head is not None:

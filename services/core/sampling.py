@@ -17,9 +17,10 @@ from torch import Tensor
 SEED_MASK = 2**63 - 1  # torch generators take seeds below 2**63; a request's uint64 seed is masked to fit
 
 
-def seeded(seed: int) -> torch.Generator:
-    """A generator of its own for ``seed`` (any uint64: a request's seed, or one drawn for a service call)."""
-    return torch.Generator().manual_seed(seed & SEED_MASK)
+def seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of its own for ``seed`` (any uint64: a request's seed, or one drawn for a service call),
+    on ``device`` (where the tensors it samples from live)."""
+    return torch.Generator(device=device).manual_seed(seed & SEED_MASK)
 
 
 @dataclass(frozen=True)

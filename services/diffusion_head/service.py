@@ -138,6 +138,9 @@ class DiffusionHeadService:
                 raise InvalidArgument(f"noise must be [S + 1, n, token_dim] = {list(shape)}, got {list(noise.shape)}")
         else:
             noise = torch.randn(shape, generator=seeded(req.seed))
+        device = head.final.weight.device  # the service boundary: inputs move to the head's device
+        z, noise = z.to(device), noise.to(device)
+        z_uncond = None if z_uncond is None else z_uncond.to(device)
         out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise,
                                 trajectory=req.trajectory)
         if not req.trajectory:
@@ -163,6 +166,9 @@ class DiffusionHeadService:
         if cfg != 1.0 and z_uncond is None:
             raise InvalidArgument("cfg != 1 needs z_uncond")
         _check_sampling(req.temperature, cfg, states.shape[0] - 1)
+        device = head.final.weight.device
+        states, z = states.to(device), z.to(device)
+        z_uncond = None if z_uncond is None else z_uncond.to(device)
         out = await asyncio.get_running_loop().run_in_executor(
             self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0, cfg,
             z_uncond if cfg != 1.0 else None)

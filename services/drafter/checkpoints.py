@@ -64,7 +64,7 @@ def load_draft_model(ref: str, embed: torch.Tensor, dtype: torch.dtype = torch.f
     head_ids = tensors.pop("head_ids").long()
     model.load_state_dict({"embed": embed, **{k: v.float() for k, v in tensors.items()}})
     model.head_ids = head_ids
-    return model.to(dtype).eval().requires_grad_(False).pack()
+    return model.to(dtype).eval().requires_grad_(False)  # the caller places it (core.devices.prepare)
 
 
 def save_heads(heads: HydraHeads, path: Path, info: dict[str, str]) -> str:

@@ -40,6 +40,7 @@ class DraftModelProposer(Proposer):
         self.model = model  # its logits may cover a restricted vocabulary (model.head_ids)
         self.vocab_size = vocab_size or model.config.vocab_size  # the target's
         self.states: dict[str, DraftModelState] = {}
+        self.device = model.device
 
     @torch.inference_mode()
     def propose(self, req: DraftRequest) -> Draft:
@@ -51,7 +52,7 @@ class DraftModelProposer(Proposer):
         keep = min(common_prefix(st.tokens, req.tokens), len(req.tokens) - 1)
         st.cache.rollback(keep)
         st.tokens = st.tokens[:keep]
-        logits = self.model(torch.tensor(req.tokens[keep:]), st.cache, logits_from=len(req.tokens) - keep - 1)
+        logits = self.model(torch.tensor(req.tokens[keep:], device=self.device), st.cache, logits_from=len(req.tokens) - keep - 1)
         st.tokens = list(req.tokens)
         base = len(req.tokens)
         sampled = not req.sampling.greedy
@@ -75,7 +76,7 @@ class DraftModelProposer(Proposer):
                 parents.append(parent)
                 parent = len(tokens) - 1
                 if j + 1 < req.k:
-                    row = self.model(torch.tensor([t]), st.cache)
+                    row = self.model(torch.tensor([t], device=self.device), st.cache)
         st.cache.rollback(base)
         draft = Draft(tokens, None if req.candidates <= 1 else parents, torch.stack(qs) if sampled else None)
         return draft

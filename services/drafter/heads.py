@@ -27,6 +27,7 @@ class HeadsProposer(Proposer):
     def __init__(self, heads: HydraHeads, vocab_size: int):
         self.heads = heads
         self.vocab_size = vocab_size
+        self.device = heads.out_matrix.device
 
     @torch.inference_mode()
     def propose(self, req: DraftRequest) -> Draft:
@@ -35,7 +36,7 @@ class HeadsProposer(Proposer):
             return Draft([])
         c = max(1, req.candidates)
         hidden = req.hidden.to(self.heads.out_matrix.dtype).view(1, -1).expand(c, -1)  # [c, dim]
-        chains = torch.full((c, 1), req.tokens[-1], dtype=torch.long)  # [c, 1 + drafted]
+        chains = torch.full((c, 1), req.tokens[-1], dtype=torch.long, device=self.device)  # [c, 1 + drafted]
         qs = []
         for i in range(k):
             logits = self.heads.logits(i, hidden, chains).float()  # [c, V']

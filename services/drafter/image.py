@@ -159,17 +159,19 @@ class ImageDrafter:
                                   f"cache's {capacity}")
         key = (req.model, req.request_id)
         session = self.sessions.get(key)
+        dev = draft.pos_embed.device  # the service boundary: inputs move to the draft's device
         if session is None:
             if last is not None:
                 raise FailedPrecondition(f"request {req.request_id!r} has no draft cache on this drafter replica")
-            session = self.sessions[key] = DraftSession(ImageKV.empty(c, rows, capacity), labels,
+            session = self.sessions[key] = DraftSession(ImageKV.empty(c, rows, capacity, dev), labels,
                                                         torch.zeros_like(lengths))
         if not torch.equal(session.labels, labels) or bool((lengths > session.written).any()):
             raise InvalidArgument(f"request {req.request_id!r}: labels must stay those of its first call and lengths "
                                   f"{lengths.tolist()} may not pass the positions drafted {session.written.tolist()}")
-        session.kv.lengths = lengths.clone()  # commit what the target kept, roll back the rest
+        session.kv.lengths = lengths.to(dev)  # commit what the target kept, roll back the rest
         out = await asyncio.get_running_loop().run_in_executor(
-            self.executor, _propose, draft, session.kv, labels, last, noise, n, im.temperature, im.cfg or 1.0, steps)
+            self.executor, _propose, draft, session.kv, labels.to(dev), None if last is None else last.to(dev),
+            noise.to(dev), n, im.temperature, im.cfg or 1.0, steps)
         session.written = lengths + max(k, 1)
         if out is None:
             return pb.ProposeResponse()

@@ -53,6 +53,7 @@ class Proposer(ABC):
     """Proposes drafts; may keep a small state per request."""
 
     name: str = ""
+    device = torch.device("cpu")  # where it drafts: the service hands it inputs and a generator there
 
     @abstractmethod
     def propose(self, req: DraftRequest) -> Draft:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import devices
 from ..core.config import LlamaConfig
 from ..core.model import Llama
 from ..core.weights import load_llama, read_embedding
@@ -33,6 +34,7 @@ class DraftInputs:
     dtype: torch.dtype  # compute dtype of the draft's weights
     weights: str | None = None  # the method's weights (the ModelSettings field MethodSpec.weights names)
     target_source: object = None  # the target's weights path (trained drafters share its embedding)
+    device: torch.device = torch.device("cpu")  # where the draft computes (the target's device)
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,15 @@ def is_checkpoint(source: str) -> bool:
     return source in checkpoints.HASHES or source.endswith(".safetensors")
 
 
-def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, target_source=None) -> Llama:
-    """The draft model, checked against the target's config (same vocabulary)."""
+def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, target_source=None,
+                     device: torch.device | str = "cpu") -> Llama:
+    """The draft model on ``device``, checked against the target's config (same vocabulary)."""
     if source == "random-tiny":
         config = LlamaConfig.from_name("tiny").with_(vocab_size=target.vocab_size, max_seq_len=target.max_seq_len)
-        return Llama(config).init_random(seed=0).to(dtype).eval().requires_grad_(False).pack()
+        return devices.prepare(Llama(config).init_random(seed=0).to(dtype).eval().requires_grad_(False), device)
     if is_checkpoint(source):
-        return checkpoints.load_draft_model(source, read_embedding(target_source), dtype)
-    draft = load_llama(source, dtype).pack()
+        return devices.prepare(checkpoints.load_draft_model(source, read_embedding(target_source), dtype), device)
+    draft = devices.prepare(load_llama(source, dtype), device)
     if draft.config.vocab_size != target.vocab_size:
         raise ValueError(f"draft model {source!r} has {draft.config.vocab_size} tokens; the target has "
                          f"{target.vocab_size}: they must share the tokenizer")
@@ -73,12 +76,14 @@ def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, targe
 
 
 def _draft_model(i: DraftInputs) -> Proposer:
-    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source), i.target.vocab_size)
+    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source, i.device),
+                              i.target.vocab_size)
 
 
 def _heads(i: DraftInputs) -> Proposer:
-    return HeadsProposer(checkpoints.load_heads(i.weights, read_embedding(i.target_source), i.dtype),
-                         i.target.vocab_size)
+    heads = checkpoints.load_heads(i.weights, read_embedding(i.target_source), i.dtype).to(i.device)
+    heads.set_embedding(heads.embed.to(i.device))  # the target's embedding is an attribute, not a parameter
+    return HeadsProposer(heads, i.target.vocab_size)
 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
@@ -99,10 +104,11 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
-                    weights: dict[str, str | None] | None = None, target_source=None) -> dict[str, Proposer]:
+                    weights: dict[str, str | None] | None = None, target_source=None,
+                    device: torch.device | str = "cpu") -> dict[str, Proposer]:
     """The proposer of each drafting method. weights: ModelSettings field ->
     value (``MethodSpec.weights``); target_source: the target's weights
-    (trained drafters share its embedding)."""
+    (trained drafters share its embedding); device: where drafts compute."""
     proposers: dict[str, Proposer] = {}
     for name in methods:
         spec = method_spec(name)
@@ -111,5 +117,5 @@ def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
         source = (weights or {}).get(spec.weights) if spec.weights else None
         if spec.weights and not source:
             raise ValueError(f"method {name} needs {spec.weights} weights")
-        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source))
+        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source, torch.device(device)))
     return proposers

@@ -42,8 +42,8 @@ class DrafterService:
         draft_req = DraftRequest(
             request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
             candidates=max(1, req.num_candidates),
-            sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed),
-            hidden=from_proto(req.hidden) if req.hidden.shape else None,
+            sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed, proposer.device),
+            hidden=from_proto(req.hidden).to(proposer.device) if req.hidden.shape else None,
         )
         draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
         out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [])

@@ -23,10 +23,12 @@ log = logging.getLogger("arserve.kvstore")
 
 
 class TieredStore:
-    def __init__(self, local: LocalTier, redis: RedisTier | None = None, mac_key: bytes | None = None):
+    def __init__(self, local: LocalTier, redis: RedisTier | None = None, mac_key: bytes | None = None,
+                 pin: bool = False):
         if redis is not None and not mac_key:
             raise ValueError("a Redis KV tier needs mac_key (derive_key(secret, 'kv-blocks'))")
         self.local = local
+        self.pin = pin  # pin blocks read from Redis (caches on cuda: their copy to the GPU is then asynchronous)
         self.redis = redis
         self.mac_key = mac_key  # authenticates blocks in Redis; Redis never holds it
         self.hits: Counter[str] = Counter()  # tier -> blocks found ("local", "redis"); "miss" and "rejected" too
@@ -50,6 +52,7 @@ class TieredStore:
                     break
                 try:
                     kv = decode_block(key, data, space, self.mac_key)
+                    kv = kv.pin_memory() if self.pin else kv
                 except BadBlock as e:
                     log.warning("rejected KV block %s from Redis: %s", key[:12], e)
                     self.hits["rejected"] += 1

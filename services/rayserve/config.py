@@ -5,6 +5,7 @@ typo or a bad value fails the deploy with a message naming the field."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -105,7 +106,38 @@ class AppArgs(ServiceSettings):
     @model_validator(mode="after")
     def _fill_deployments(self) -> "AppArgs":
         self.deployments = {**_defaults(), **self.deployments}
+        self._devices_agree()
         return self
+
+    def _devices_agree(self) -> None:
+        """Each model-holding deployment's GPUs and its models' devices agree.
+        Ray gives a replica with num_gpus the GPUs it reserved as cuda:0..
+        (CUDA_VISIBLE_DEVICES, Ray's GPU support), so a model on cuda needs a
+        deployment with num_gpus > 0 (a fraction shares one GPU: the drafter
+        beside the backbone), cuda:N needs N < num_gpus, and a GPU reserved
+        for models that all run on cpu is a GPU wasted."""
+        from ..drafter.registry import method_spec
+
+        held = {"backbone": [*self.decoded_by("arserve"), *self.image_models],
+                "drafter": [m for m in self.decoded_by("arserve")
+                            if any(method_spec(x).drafts for x in m.speculative_methods)]
+                + [m for m in self.image_models if m.draft_checkpoint],
+                "diffusion_head": list(self.image_models)}
+        for service, models in held.items():
+            gpus = self.deployments[service].ray_actor_options.num_gpus
+            for m in models:
+                index = int(m.device.partition(":")[2] or 0)
+                if m.device.startswith("cuda") and gpus == 0:
+                    raise ValueError(f"model {m.id!r} has device {m.device!r} but deployment {service!r} has "
+                                     f"ray_actor_options.num_gpus 0: give {service} GPUs (num_gpus: 1, or a "
+                                     f"fraction to share one) or set the model's device to cpu")
+                if m.device.startswith("cuda") and index >= max(1, math.ceil(gpus)):
+                    raise ValueError(f"model {m.id!r} has device {m.device!r} but deployment {service!r} reserves "
+                                     f"num_gpus {gpus}: a replica sees its GPUs as cuda:0..cuda:"
+                                     f"{max(1, math.ceil(gpus)) - 1}")
+            if gpus > 0 and models and not any(m.device.startswith("cuda") for m in models):
+                raise ValueError(f"deployment {service!r} has ray_actor_options.num_gpus {gpus} but its models "
+                                 f"{[m.id for m in models]} have device cpu: set their device to cuda or num_gpus 0")
 
     def deployment_options(self) -> dict[str, dict]:
         """Service -> ``Deployment.options`` keyword arguments."""

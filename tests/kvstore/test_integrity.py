@@ -22,6 +22,7 @@ from arserve.kvstore.redis_tier import RedisTier
 from arserve.kvstore.tiers import TieredStore
 from arserve.pb.v1 import backbone_pb2 as bpb
 from arserve.secrets import derive_key, new_secret
+from conftest import on_test_device
 
 SPACE = BlockSpace("tiny", "seed0", "float32", 2, 2, 16, block_size=8)  # the tiny config's cache
 KEY = derive_key(new_secret(), "kv-blocks")  # the deployment's KV-block key
@@ -31,7 +32,7 @@ OTHER = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(2))
 
 @pytest.fixture(scope="module")
 def model():
-    return Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval().pack()
+    return on_test_device(Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval())
 
 
 def header(key: str, dtype: str, shape: tuple[int, ...], size: int) -> bytes:
@@ -162,6 +163,7 @@ def test_salts_are_namespaces(redis_server, model):
     asyncio.run(go())
 
 
+@pytest.mark.smollm2  # kv_tiers names blocks by the default model's weights revision (the GGUF's sha256)
 def test_replicas_share_blocks_through_the_configured_secret_only(redis_server, caplog):
     """assemble.kv_tiers as every wiring builds it: the KV-block key comes
     from internal_secret; without one, a process's blocks are its own."""

@@ -17,6 +17,7 @@ from arserve.kvstore.redis_tier import RedisTier
 from arserve.kvstore.tiers import TieredStore
 from arserve.pb.v1 import backbone_pb2 as bpb
 from arserve.secrets import derive_key, new_secret
+from conftest import on_test_device
 
 SPACE = BlockSpace("tiny", "rev0", "float32", 2, 2, 16, block_size=8)
 KEY = derive_key(new_secret(), "kv-blocks")  # the deployment's KV-block key
@@ -105,7 +106,7 @@ def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
 
 
 def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
-    model = Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval().pack()
+    model = on_test_device(Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval())
     space = BlockSpace("tiny", "seed0", "float32", 2, 2, 16, block_size=8)
     prompt = torch.randint(0, 256, (45,), generator=torch.Generator().manual_seed(1)).tolist()
 

@@ -149,3 +149,26 @@ def test_redis_url_can_come_from_the_environment(monkeypatch):
     assert args.resolved_redis_url() == "redis://:pw@redis:6379/0"
     with pytest.raises(ValidationError, match="redis_url must start with"):
         AppArgs.model_validate({"redis_url": "http://redis:6379"})
+
+
+def gpu_args(device: str, backbone_gpus: float, drafter_gpus: float) -> dict:
+    opts = lambda g: {"ray_actor_options": {"num_cpus": 1, "num_gpus": g}}  # noqa: E731
+    return {"models": [{"id": "m", "device": device}],
+            "deployments": {"backbone": opts(backbone_gpus), "drafter": opts(drafter_gpus)}}
+
+
+def test_model_devices_and_deployment_gpus_agree():
+    # the drafter on a quarter of the backbone's GPU: fine
+    args = AppArgs.model_validate(gpu_args("cuda", 1, 0.25))
+    assert args.models[0].dtype == "bfloat16"
+    assert args.deployment_options()["drafter"]["ray_actor_options"]["num_gpus"] == 0.25
+    AppArgs.model_validate(gpu_args("cpu", 0, 0))
+    for change, words in [
+        (gpu_args("cuda", 0, 0.25), ["model 'm' has device 'cuda'", "deployment 'backbone'", "num_gpus 0"]),
+        (gpu_args("cuda", 1, 0), ["model 'm' has device 'cuda'", "deployment 'drafter'", "num_gpus 0"]),
+        (gpu_args("cuda:1", 1, 1), ["device 'cuda:1'", "num_gpus 1", "cuda:0..cuda:0"]),
+        (gpu_args("cpu", 1, 0), ["deployment 'backbone' has ray_actor_options.num_gpus 1", "device cpu"]),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            AppArgs.model_validate(change)
+        assert all(w in str(e.value) for w in words), (words, str(e.value))

@@ -18,7 +18,7 @@ from arserve.diffusion_head.service import DiffusionHeadService
 from arserve.drafter.image import ImageDrafter
 from arserve.verifier import image as image_loop
 from arserve.verifier.image import ImageJob, ImageVerifier
-from conftest import energy_test
+from conftest import TEST_DEVICE, energy_test
 
 CONFIG = ImageConfig.from_name("tiny").with_(seq_len=5, token_dim=2)
 
@@ -41,7 +41,7 @@ def random_model(seed: int, scale: float) -> ImageAR:
     with torch.no_grad():  # non-zero everywhere (adaLN-Zero would make every head predict 0)
         for p in m.parameters():
             p.normal_(0, scale)
-    return m
+    return m.to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_speculative_keeps_the_target_distribution(pair, cfg, monkeypatch):
     p_ok, _ = energy_test(plain.flatten(1), spec.flatten(1), permutations=2000)
     # the same test catches a rule that keeps every draft: the draft's distribution, not the target's
     monkeypatch.setattr(image_loop, "accept_trajectories",
-                        lambda log_p, log_q, g: torch.full((log_p.shape[0],), log_p.shape[1], dtype=torch.long))
+                        lambda log_p, log_q, g: torch.full((log_p.shape[0],), log_p.shape[1], dtype=torch.long,
+                                                           device=log_p.device))
     broken, _ = run(pair, labels, "draft_model", seed=2, cfg=cfg)
     p_broken, _ = energy_test(plain.flatten(1), broken.flatten(1), permutations=2000)
     assert p_ok > 0.01, p_ok

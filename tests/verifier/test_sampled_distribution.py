@@ -39,7 +39,7 @@ from arserve.verifier import service
 from arserve.verifier.service import SpeculationDefaults, VerifierService
 from arserve_client.v1 import generation_pb2 as gpb
 from arserve.pb.v1 import verifier_pb2 as vpb
-from conftest import PROMPT, tiny_target
+from conftest import PROMPT, on_test_device, tiny_target
 
 N_REQUESTS = 600
 BATCH = 100  # requests in flight together
@@ -54,7 +54,7 @@ def draft_model() -> Llama:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * DRAFT_DELTA)
-    return model.eval().pack()
+    return on_test_device(model.eval())
 
 
 @torch.inference_mode()

@@ -45,8 +45,27 @@ app.kubernetes.io/name: {{ include "arserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The serving image of a pod: the CUDA image (deploy/Dockerfile.cuda) where it has GPUs. Call with (dict "root" $ "gpus" N). */}}
 {{- define "arserve.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $i := .root.Values.image }}
+{{- if .gpus }}
+{{- printf "%s:%s" $i.cuda.repository (default .root.Chart.AppVersion $i.cuda.tag) }}
+{{- else }}
+{{- printf "%s:%s" $i.repository (default .root.Chart.AppVersion $i.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The models' device: model.device, or cuda when the backbone asks for GPUs. */}}
+{{- define "arserve.device" -}}
+{{- $v := .Values }}
+{{- $device := $v.model.device | default (ternary "cuda" "cpu" (gt (float64 $v.backbone.numGpus) 0.0)) }}
+{{- if and (hasPrefix "cuda" $device) (not (gt (float64 $v.backbone.numGpus) 0.0)) }}
+{{- fail (printf "model.device is %q but backbone.numGpus is 0: give the backbone GPUs (backbone.numGpus, on a worker group with gpus)" $device) }}
+{{- end }}
+{{- if and (hasPrefix "cuda" $device) (not (gt (float64 $v.drafter.numGpus) 0.0)) }}
+{{- fail (printf "model.device is %q (the drafters compute there too) but drafter.numGpus is 0: give the drafter a GPU share (e.g. drafter.numGpus: 0.25 on a worker group with gpus)" $device) }}
+{{- end }}
+{{- $device }}
 {{- end }}
 
 {{/* The six services, in the order of arserve.rayserve.config.SERVICES. */}}
@@ -272,7 +291,7 @@ sockets, spilled objects) under /tmp/ray and Python libraries write under
 {{- $root := .root }}
 {{- $v := $root.Values -}}
 - name: {{ .name }}
-  image: {{ include "arserve.image" $root | quote }}
+  image: {{ include "arserve.image" (dict "root" $root "gpus" .gpus) | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
   {{- with .ports }}
   ports:
@@ -428,11 +447,20 @@ Call with (dict "root" $ "mask" BOOL).
 {{- end }}
 {{- $_ := set $deployments $name $opts }}
 {{- end }}
-{{- $model := dict "id" $v.model.id "source" $v.model.source "dtype" $v.model.dtype "default_max_tokens" (int $v.model.defaultMaxTokens) "speculative_methods" $v.model.speculativeMethods "default_speculative_method" $v.model.defaultSpeculativeMethod }}
+{{- $model := dict "id" $v.model.id "source" $v.model.source "device" (include "arserve.device" $root) "default_max_tokens" (int $v.model.defaultMaxTokens) "speculative_methods" $v.model.speculativeMethods "default_speculative_method" $v.model.defaultSpeculativeMethod }}
+{{- with $v.model.dtype }}{{ $_ := set $model "dtype" . }}{{ end }}
 {{- with $v.model.draftModel }}{{ $_ := set $model "draft_model" . }}{{ end }}
 {{- with $v.model.draftHeads }}{{ $_ := set $model "draft_heads" . }}{{ end }}
+{{- /* Image models compute on cuda when the diffusion heads ask for GPUs (their backbone and draft then need GPUs too). */}}
+{{- $imageDevice := ternary "cuda" "cpu" (gt (float64 $v.diffusion_head.numGpus) 0.0) }}
+{{- $imageModels := list }}
+{{- range $v.imageModels }}
+{{- $m := deepCopy . }}
+{{- if not (hasKey $m "device") }}{{ $_ := set $m "device" $imageDevice }}{{ end }}
+{{- $imageModels = append $imageModels $m }}
+{{- end }}
 {{- $redisUrl := include "arserve.redis.url" (dict "root" $root "mask" .mask) }}
-{{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments "image_models" (deepCopy $v.imageModels) }}
+{{- $args := dict "models" (prepend (deepCopy $v.extraModels) $model) "num_draft_tokens" (int $v.speculation.numDraftTokens) "draft_timeout_s" $v.speculation.draftTimeoutS "kv_block_size" (int $v.kv.blockSize) "kv_local_bytes" (int64 $v.kv.localBytes) "kv_ttl_s" (int $v.kv.ttlS) "redis_url" (ternary $redisUrl nil (ne $redisUrl "")) "deployments" $deployments "image_models" $imageModels }}
 {{- /* Secrets by name only: each replica reads the variable where it starts (ServiceSettings env:NAME). */}}
 {{- $_ := set $args "internal_secret" "env:ARSERVE_INTERNAL_SECRET" }}
 {{- if $v.auth.enabled }}{{ $_ := set $args "auth_token" "env:ARSERVE_AUTH_TOKEN" }}{{ end }}
