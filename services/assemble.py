@@ -15,6 +15,7 @@ import torch
 from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
 from .core.config import LlamaConfig
+from .core.cpu import describe
 from .core.model import Llama
 from .core.weights import load_llama, read_config
 from .drafter.registry import build_proposers
@@ -37,6 +38,7 @@ def load_target(m: ModelSettings) -> Llama:
     t = time.perf_counter()
     model = load_llama(m.weights_path(), DTYPES[m.dtype]).pack()
     log.info("loaded %s (%s, %s) in %.1fs", m.id, m.source, m.dtype, time.perf_counter() - t)
+    log.info("%s: %s", m.id, describe(model.dtype))
     return model
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .cpu import PACKED, weight_layout
 from .kv_cache import KVCache
 
 
@@ -190,8 +191,10 @@ class Llama(nn.Module):
         return self.embed.dtype
 
     def pack(self) -> "Llama":
-        """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)."""
-        if torch.backends.mkldnn.is_available():
+        """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)
+        where this CPU can pack this dtype (``cpu.weight_layout``); elsewhere
+        the weights stay plain and ``F.linear`` serves them."""
+        if weight_layout(self.dtype) == PACKED:
             for layer in self.layers:
                 layer.pack()
             self.packed_head = pack_weight(self.output_matrix())
