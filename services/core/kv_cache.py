@@ -16,7 +16,9 @@ from .config import LlamaConfig
 class KVCache:
     """Keys and values of one request, grown in chunks of ``chunk`` positions,
     never past ``max_positions`` (the context window, or less: what the
-    request reserved from a KV budget).
+    request reserved from a KV budget). Storage is zeroed, so positions past
+    ``length`` hold finite values (zeros, or rolled-back keys) that attention
+    may read masked out (``decode_attention``).
 
     k, v: [n_layers, n_kv_heads, capacity, head_dim]
     """
@@ -52,7 +54,7 @@ class KVCache:
         cap = max(cap, min(self.max_positions, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype)
+            new = torch.zeros(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 

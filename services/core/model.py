@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .cpu import PACKED, weight_layout
+from .decode_attention import DecodeRows, attend_one
 from .kv_cache import KVCache
 
 
@@ -93,7 +94,8 @@ class Block(nn.Module):
         cos: Tensor,  # [N, head_dim]
         sin: Tensor,  # [N, head_dim]
         layer: int,  # this block's index (selects each cache's layer)
-        segments: list["Segment"],  # which rows belong to which request
+        segments: list["Segment"],  # which rows belong to which request (rows past the decode rows)
+        decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
     ) -> Tensor:  # [N, dim]
         N = x.shape[0]
         h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
@@ -102,12 +104,18 @@ class Block(nn.Module):
         k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)  # [K, N, hd]
         v = v.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, N, hd]
         outs = []
-        for seg in segments:  # attention is per request; the matrix products above and below are shared
+        if decode is not None:  # one attention call for all decode rows
+            rows = slice(decode.row, decode.row + decode.n)
+            outs.append(decode.attend(layer, q[:, rows], k[:, rows], v[:, rows]))
+        for seg in segments:  # the other requests' attention, one at a time; the matrix products are shared
             rows = slice(seg.row, seg.row + seg.n)
             end = seg.start + seg.n
             cache_k, cache_v = seg.cache.k[layer], seg.cache.v[layer]  # [K, capacity, hd]
             cache_k[:, seg.start:end] = k[:, rows]
             cache_v[:, seg.start:end] = v[:, rows]
+            if seg.n == 1 and seg.mask is None:  # a decode row alone: the same arithmetic as in a batch
+                outs.append(attend_one(q[:, rows], seg.cache, layer, end))
+                continue
             outs.append(F.scaled_dot_product_attention(
                 q[:, rows].unsqueeze(0),
                 cache_k[:, :end].unsqueeze(0),
@@ -245,11 +253,19 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def forward_batch(self, items: list[ScoreItem]) -> list[Tensor]:
         """Score the new tokens of several requests in one forward: the rows of
-        all requests share each matrix product (the weights are read once),
-        attention runs per request against its own cache. Returns, per item,
-        logits [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``)."""
-        segments, cos, sin, row = [], [], [], 0
-        for it in items:
+        all requests share each matrix product (the weights are read once);
+        decode rows (one new token on a chain) of two or more requests are
+        attended together (``decode_attention``), the other requests each
+        against its own cache. Returns, per item, logits
+        [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``)."""
+        is_decode = [it.tokens.shape[0] == 1 and it.tree_mask is None for it in items]
+        if sum(is_decode) < 2:
+            is_decode = [False] * len(items)
+        order = [i for i in range(len(items)) if is_decode[i]] + [i for i in range(len(items)) if not is_decode[i]]
+        n_decode = sum(is_decode)
+        row_of, segments, cos, sin, row = {}, [], [], [], 0
+        for i in order:
+            it = items[i]
             n = it.tokens.shape[0]
             start = it.cache.length
             it.cache.reserve(n)
@@ -261,16 +277,24 @@ class Llama(nn.Module):
                 local = it.tree_mask if it.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril_()
                 mask = torch.cat((torch.ones(n, start, dtype=torch.bool), local), dim=1)  # [n, start + n]
             segments.append(Segment(row, n, start, it.cache, mask))
+            row_of[i] = len(segments) - 1
             row += n
-        tokens = items[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in items])  # [N]
+        decode = None
+        if n_decode:
+            decode = DecodeRows(0, [s.cache for s in segments[:n_decode]], [s.start for s in segments[:n_decode]])
+        ordered = [items[i] for i in order]
+        tokens = ordered[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in ordered])  # [N]
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
         sin_all = (sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype)  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos_all, sin_all, i, segments)
-        for it, seg in zip(items, segments):
-            it.cache.length = seg.start + seg.n
-        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n) for it, seg in zip(items, segments)]
+            x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode)
+        if decode is not None:
+            decode.write_back()
+        for seg in segments:
+            seg.cache.length = seg.start + seg.n
+        segs = [segments[row_of[i]] for i in range(len(items))]  # in the items' order
+        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n) for it, seg in zip(items, segs)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
         if self.packed_head is not None:
