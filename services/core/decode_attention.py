@@ -19,15 +19,18 @@ equal). So a row attended alone (padded to its own last key group) and the
 same row padded to the longest row of a batch agree bit for bit: joining a
 batch does not change a request's attention output.
 
-A batch of decode rows gathers its caches into one padded KV
-``[layers, B, kv_heads, P, head_dim]`` per forward (one copy per request for
-all layers), writes each layer's new key and value into it with one
-indexed store, attends with one ``scaled_dot_product_attention`` call per
-layer, and writes the new positions back into each cache once at the end:
-a fixed number of operations per layer, where attention per request cost
-some fifteen per request per layer (vLLM and TGI batch decode attention
-over paged KV with their own kernels; PyTorch on CPU has no varlen kernel,
-so this pads).
+The decode rows of a forward attend against one padded KV
+``[layers, B, kv_heads, P, head_dim]`` (``DecodeKV``), kept from one forward
+to the next: while the same requests decode together, as they do in steady
+state, each forward only writes each layer's new keys and values into it
+with one indexed store and attends with one ``scaled_dot_product_attention``
+call per layer; each request's cache gets its new position once at the end.
+A fixed number of operations per layer, where attention per request cost
+some fifteen per request per layer. When the set of requests changes, or a
+cache was rolled back (``KVCache.version``), the rows are gathered again
+from the caches. vLLM and TGI batch decode attention over paged KV with
+their own kernels; PyTorch on CPU has no variable-length kernel, so this
+pads. The price is memory: a second copy of the decode rows' KV.
 """
 
 from __future__ import annotations
@@ -66,22 +69,51 @@ def attend_one(q: Tensor, cache: KVCache, layer: int, length: int) -> Tensor:
     return attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)[0]
 
 
+class DecodeKV:
+    """The padded KV of the decode rows of the last forward, kept for the next
+    (one per model; forwards of a model run one at a time)."""
+
+    HEADROOM = 64  # positions allocated past the longest row, so steady decoding rarely reallocates
+
+    def __init__(self):
+        self.caches: list[KVCache] = []  # [B] the rows' caches, in row order
+        self.versions: list[int] = []  # [B] each cache's version when gathered
+        self.valid: list[int] = []  # [B] positions of each row held here
+        self.k: Tensor | None = None  # [layers, B, K, capacity, hd]
+        self.v: Tensor | None = None  # [layers, B, K, capacity, hd]
+
+    def rows(self, row: int, caches: list[KVCache], starts: list[int]) -> "DecodeRows":
+        """The decode rows ``[row, row + B)`` of a forward; ``starts[b]``: positions in ``caches[b]``."""
+        P = padded_length(max(starts) + 1)
+        same = (len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches))
+                and all(c.version == ver and start >= n for c, ver, start, n in
+                        zip(caches, self.versions, starts, self.valid))
+                and self.k is not None and self.k.shape[3] >= P and self.k.dtype == caches[0].dtype)
+        if not same:
+            c = caches[0]
+            L, K, hd = c.k.shape[0], c.k.shape[1], c.k.shape[3]
+            shape = (L, len(caches), K, padded_length(P + self.HEADROOM), hd)
+            self.k, self.v = torch.zeros(shape, dtype=c.dtype), torch.zeros(shape, dtype=c.dtype)
+            self.valid = [0] * len(caches)
+        for b, (cache, start) in enumerate(zip(caches, starts)):
+            if self.valid[b] < start:  # positions the cache gained outside this buffer
+                self.k[:, b, :, self.valid[b]:start] = cache.k[:, :, self.valid[b]:start]
+                self.v[:, b, :, self.valid[b]:start] = cache.v[:, :, self.valid[b]:start]
+        self.caches, self.versions = list(caches), [c.version for c in caches]
+        self.valid = [start + 1 for start in starts]  # after this forward: the new position too
+        return DecodeRows(row, caches, starts, self.k[:, :, :, :P], self.v[:, :, :, :P])
+
+
 class DecodeRows:
     """The decode rows of one forward, rows ``[row, row + B)`` of its batch."""
 
-    def __init__(self, row: int, caches: list[KVCache], starts: list[int]):
+    def __init__(self, row: int, caches: list[KVCache], starts: list[int], k: Tensor, v: Tensor):
         self.row = row  # first batch row
         self.caches = caches  # [B] each row's cache
         self.starts = starts  # [B] positions already in each cache (the new token goes there)
-        B = len(caches)
-        c = caches[0]
-        L, K, hd = c.k.shape[0], c.k.shape[1], c.k.shape[3]
-        P = padded_length(max(starts) + 1)
-        self.k = torch.zeros(L, B, K, P, hd, dtype=c.dtype)  # [layers, B, K, P, hd]
-        self.v = torch.zeros(L, B, K, P, hd, dtype=c.dtype)  # [layers, B, K, P, hd]
-        for b, (cache, start) in enumerate(zip(caches, starts)):
-            self.k[:, b, :, :start] = cache.k[:, :, :start]
-            self.v[:, b, :, :start] = cache.v[:, :, :start]
+        self.k = k  # [layers, B, K, P, hd]: each row's positions [0, starts[b]) filled
+        self.v = v  # [layers, B, K, P, hd]
+        B, P = len(caches), k.shape[3]
         self.at = torch.tensor(starts)  # [B]
         self.batch = torch.arange(B)  # [B]
         self.mask = (torch.arange(P) <= self.at[:, None]).view(B, 1, 1, P)  # [B, 1, 1, P]

@@ -29,6 +29,7 @@ class KVCache:
         self.chunk = chunk
         self.max_positions = min(config.max_seq_len, max_positions or config.max_seq_len)  # capacity's ceiling
         self.length = 0  # valid positions
+        self.version = 0  # bumped whenever positions below ``length`` may change (rollback, keep)
         shape = (config.n_layers, config.n_kv_heads, 0, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
         self.v = torch.empty(shape, dtype=dtype)  # [layers, kv_heads, capacity, head_dim]
@@ -62,6 +63,8 @@ class KVCache:
         """Forget every position at or after ``length``."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
+        if length < self.length:
+            self.version += 1
         self.length = length
 
     @torch.inference_mode()
@@ -73,6 +76,7 @@ class KVCache:
         if path != list(range(len(path))):
             self.k[:, :, start:dst] = self.k[:, :, src]
             self.v[:, :, start:dst] = self.v[:, :, src]
+            self.version += 1
         self.rollback(dst)
 
     def block(self, index: int, block_size: int) -> torch.Tensor:

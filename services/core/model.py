@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .cpu import PACKED, weight_layout
-from .decode_attention import DecodeRows, attend_one
+from .decode_attention import DecodeKV, DecodeRows, attend_one
 from .kv_cache import KVCache
 
 
@@ -190,6 +190,7 @@ class Llama(nn.Module):
         # A draft's restricted output vocabulary (FR-Spec, Zhao et al. 2025: the most frequent
         # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
         self.head_ids: Tensor | None = None
+        self.decode_kv = DecodeKV()  # the padded KV of the last forward's decode rows (``decode_attention``)
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("sin", sin, persistent=False)  # [max_seq_len, head_dim]
@@ -281,7 +282,7 @@ class Llama(nn.Module):
             row += n
         decode = None
         if n_decode:
-            decode = DecodeRows(0, [s.cache for s in segments[:n_decode]], [s.start for s in segments[:n_decode]])
+            decode = self.decode_kv.rows(0, [s.cache for s in segments[:n_decode]], [s.start for s in segments[:n_decode]])
         ordered = [items[i] for i in order]
         tokens = ordered[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in ordered])  # [N]
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]

@@ -198,7 +198,7 @@ def test_a_decode_row_attends_bitwise_the_same_alone_and_in_a_batch(dtype):
 
 
 def check_bitwise(model, dtype):
-    from arserve.core.decode_attention import DecodeRows, attend_one
+    from arserve.core.decode_attention import DecodeKV, attend_one
 
     g = torch.Generator().manual_seed(14)
     lengths = [5, 37, 130, 200, 16, 1]
@@ -214,9 +214,42 @@ def check_bitwise(model, dtype):
     q = torch.randn(H, len(lengths), hd, generator=g).to(dtype)  # [H, B, hd]
     k = torch.randn(K, len(lengths), hd, generator=g).to(dtype)  # [K, B, hd]
     v = torch.randn(K, len(lengths), hd, generator=g).to(dtype)
-    rows = DecodeRows(0, caches, lengths)
+    rows = DecodeKV().rows(0, caches, lengths)
     batched = rows.attend(0, q, k, v)  # [H, B, hd]
     rows.write_back()
     for b, (c, n) in enumerate(zip(caches, lengths)):
         assert torch.equal(c.k[0, :, n], k[:, b]) and torch.equal(c.v[0, :, n], v[:, b])
         assert torch.equal(batched[:, b:b + 1], attend_one(q[:, b:b + 1], c, 0, n + 1))
+
+
+def test_decode_rows_kept_across_forwards_follow_rollbacks_and_changing_batches():
+    """The decode rows' padded KV is kept from one forward to the next; a
+    rollback, a request decoding alone in between, or one leaving the batch
+    must not leave stale keys in it: every step's logits equal those of one
+    whole-sequence forward."""
+    from arserve.core.model import ScoreItem
+
+    model = tiny(seed=15, packed=True)
+    g = torch.Generator().manual_seed(16)
+    seqs = [torch.randint(0, 256, (n + 8,), generator=g) for n in (5, 21, 12, 40)]
+    full = [model(s, model.new_cache()) for s in seqs]  # [n + 8, vocab] each
+    prompt = [len(s) - 8 for s in seqs]
+    caches = [model.new_cache() for _ in seqs]
+    for s, c, n in zip(seqs, caches, prompt):
+        model(s[:n], c)
+
+    def step(which):
+        outs = model.forward_batch([ScoreItem(seqs[i][caches[i].length:caches[i].length + 1], caches[i])
+                                    for i in which])
+        for i, out in zip(which, outs):
+            assert torch.allclose(out, full[i][caches[i].length - 1:caches[i].length], atol=1e-5), (which, i)
+
+    step([0, 1, 2, 3])
+    step([0, 1, 2, 3])  # the kept rows
+    caches[1].rollback(caches[1].length - 2)  # a rejected draft's worth
+    step([0, 1, 2, 3])
+    step([2])  # alone: its cache gains a position the kept rows lack
+    step([0, 1, 2, 3])
+    step([3, 1])  # fewer rows, another order
+    step([0, 1, 2, 3])
+    assert [c.length for c in caches] == [n + k for n, k in zip(prompt, (5, 4, 6, 6))]
