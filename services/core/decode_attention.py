@@ -79,29 +79,37 @@ class DecodeKV:
         self.caches: list[KVCache] = []  # [B] the rows' caches, in row order
         self.versions: list[int] = []  # [B] each cache's version when gathered
         self.valid: list[int] = []  # [B] positions of each row held here
-        self.k: Tensor | None = None  # [layers, B, K, capacity, hd]
-        self.v: Tensor | None = None  # [layers, B, K, capacity, hd]
+        self.k: Tensor | None = None  # [layers, rows, K, capacity, hd]: rows >= B; positions past a row's valid
+        self.v: Tensor | None = None  # [layers, rows, K, capacity, hd]   ones hold finite values (zeros, stale keys)
+
+    def order(self, caches: list[KVCache]) -> list[int]:
+        """Indices of ``caches``, the ones held here first and in the order of
+        their rows here: the same requests arriving in another order reuse
+        their rows."""
+        slot = {id(c): b for b, c in enumerate(self.caches)}  # held caches stay alive, so ids are theirs
+        return sorted(range(len(caches)), key=lambda i: slot.get(id(caches[i]), len(slot) + i))
 
     def rows(self, row: int, caches: list[KVCache], starts: list[int]) -> "DecodeRows":
         """The decode rows ``[row, row + B)`` of a forward; ``starts[b]``: positions in ``caches[b]``."""
-        P = padded_length(max(starts) + 1)
-        same = (len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches))
-                and all(c.version == ver and start >= n for c, ver, start, n in
-                        zip(caches, self.versions, starts, self.valid))
-                and self.k is not None and self.k.shape[3] >= P and self.k.dtype == caches[0].dtype)
-        if not same:
-            c = caches[0]
-            L, K, hd = c.k.shape[0], c.k.shape[1], c.k.shape[3]
-            shape = (L, len(caches), K, padded_length(P + self.HEADROOM), hd)
-            self.k, self.v = torch.zeros(shape, dtype=c.dtype), torch.zeros(shape, dtype=c.dtype)
-            self.valid = [0] * len(caches)
+        B, P, c = len(caches), padded_length(max(starts) + 1), caches[0]
+        L, K, hd = c.k.shape[0], c.k.shape[1], c.k.shape[3]
+        if self.k is None or self.k.shape[1] < B or self.k.shape[3] < P or self.k.dtype != c.dtype or \
+                (self.k.shape[0], self.k.shape[2], self.k.shape[4]) != (L, K, hd):
+            B_cap = max(B, 0 if self.k is None else self.k.shape[1])
+            shape = (L, B_cap, K, padded_length(P + self.HEADROOM), hd)
+            self.k, self.v = torch.zeros(shape, dtype=c.dtype), torch.zeros(shape, dtype=c.dtype)  # finite
+            self.caches = []
+        valid = []
         for b, (cache, start) in enumerate(zip(caches, starts)):
-            if self.valid[b] < start:  # positions the cache gained outside this buffer
-                self.k[:, b, :, self.valid[b]:start] = cache.k[:, :, self.valid[b]:start]
-                self.v[:, b, :, self.valid[b]:start] = cache.v[:, :, self.valid[b]:start]
-        self.caches, self.versions = list(caches), [c.version for c in caches]
-        self.valid = [start + 1 for start in starts]  # after this forward: the new position too
-        return DecodeRows(row, caches, starts, self.k[:, :, :, :P], self.v[:, :, :, :P])
+            kept = (b < len(self.caches) and self.caches[b] is cache and self.versions[b] == cache.version
+                    and start >= self.valid[b])
+            n = self.valid[b] if kept else 0
+            if n < start:  # positions the cache has and this row lacks
+                self.k[:, b, :, n:start] = cache.k[:, :, n:start]
+                self.v[:, b, :, n:start] = cache.v[:, :, n:start]
+            valid.append(start + 1)  # after this forward: the new position too
+        self.caches, self.versions, self.valid = list(caches), [c.version for c in caches], valid
+        return DecodeRows(row, caches, starts, self.k[:, :B, :, :P], self.v[:, :B, :, :P])
 
 
 class DecodeRows:

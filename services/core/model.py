@@ -259,11 +259,13 @@ class Llama(nn.Module):
         attended together (``decode_attention``), the other requests each
         against its own cache. Returns, per item, logits
         [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``)."""
-        is_decode = [it.tokens.shape[0] == 1 and it.tree_mask is None for it in items]
-        if sum(is_decode) < 2:
-            is_decode = [False] * len(items)
-        order = [i for i in range(len(items)) if is_decode[i]] + [i for i in range(len(items)) if not is_decode[i]]
-        n_decode = sum(is_decode)
+        decoding = [i for i, it in enumerate(items) if it.tokens.shape[0] == 1 and it.tree_mask is None]
+        if len(decoding) < 2:
+            decoding = []
+        decoding = [decoding[j] for j in self.decode_kv.order([items[i].cache for i in decoding])]
+        rest = set(range(len(items))) - set(decoding)
+        order = decoding + sorted(rest)
+        n_decode = len(decoding)
         row_of, segments, cos, sin, row = {}, [], [], [], 0
         for i in order:
             it = items[i]
