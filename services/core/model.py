@@ -45,6 +45,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def fold_sign(sin: Tensor) -> Tensor:
+    """sin [n, head_dim] with rotate-half's negation folded into its first half,
+    for ``apply_rope_folded``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_folded(x: Tensor, cos: Tensor, sin_folded: Tensor) -> Tensor:
+    """``apply_rope`` in four elementwise calls instead of seven, bitwise the
+    same ((-a) * b == a * (-b) exactly): x [heads, n, head_dim]; cos,
+    sin_folded (``fold_sign(sin)``): [n, head_dim]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
+
+
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
@@ -92,17 +106,19 @@ class Block(nn.Module):
         self,
         x: Tensor,  # [N, dim]: the new rows of every request in the batch, concatenated
         cos: Tensor,  # [N, head_dim]
-        sin: Tensor,  # [N, head_dim]
+        sin: Tensor,  # [N, head_dim], sign-folded (``fold_sign``)
         layer: int,  # this block's index (selects each cache's layer)
         segments: list["Segment"],  # which rows belong to which request (rows past the decode rows)
         decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
     ) -> Tensor:  # [N, dim]
         N = x.shape[0]
         h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
-        q, k, v = self.linear(h, "wqkv").split(self.split, dim=-1)
-        q = apply_rope(q.view(N, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, N, hd]
-        k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)  # [K, N, hd]
-        v = v.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, N, hd]
+        qkv = self.linear(h, "wqkv")  # [N, (H+2K)*hd]
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1)  # [H+K, N, hd]: q and k rotate together
+        qk = apply_rope_folded(qk, cos, sin)
+        q, k = qk[:H], qk[H:]  # [H, N, hd], [K, N, hd]
+        v = qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)  # [K, N, hd]
         outs = []
         if decode is not None:  # one attention call for all decode rows
             rows = slice(decode.row, decode.row + decode.n)
@@ -288,7 +304,7 @@ class Llama(nn.Module):
         ordered = [items[i] for i in order]
         tokens = ordered[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in ordered])  # [N]
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
-        sin_all = (sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype)  # [N, head_dim]
+        sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode)

@@ -254,3 +254,13 @@ def test_decode_rows_kept_across_forwards_follow_rollbacks_and_changing_batches(
     step([0, 1, 2, 3])
     step([2, 0, 3, 1])  # the same rows in another order
     assert [c.length for c in caches] == [n + k for n, k in zip(prompt, (6, 5, 7, 7))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_rope_is_bitwise_rotate_half_rope(dtype):
+    from arserve.core.model import apply_rope, apply_rope_folded, fold_sign
+
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(12, 7, 64, generator=g).to(dtype)  # [heads, n, head_dim]
+    cos, sin = (torch.randn(7, 64, generator=g).to(dtype) for _ in range(2))
+    assert torch.equal(apply_rope_folded(x, cos, fold_sign(sin)), apply_rope(x, cos, sin))
