@@ -35,6 +35,8 @@ pads. The price is memory: a second copy of the decode rows' KV.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,11 +60,17 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _row_mask(P: int, length: int) -> Tensor:
+    """[1, 1, 1, P] bool: the first ``length`` of ``P`` keys (read-only; shared by every layer)."""
+    return (torch.arange(P) < length).view(1, 1, 1, P)
+
+
 def attend_one(q: Tensor, cache: KVCache, layer: int, length: int) -> Tensor:
     """One decode row alone: q [H, 1, hd] against positions [0, length) of
     ``cache`` (read in whole key groups) -> [H, 1, hd]."""
     P = padded_length(length)
-    mask = (torch.arange(P) < length).view(1, 1, 1, P)
+    mask = _row_mask(P, length)
     k, v = cache.k[layer, :, :P], cache.v[layer, :, :P]  # [K, P, hd]
     if k.shape[1] < P:  # capacity (the request's reservation) ends inside the last group
         k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
