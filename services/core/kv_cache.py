@@ -16,7 +16,9 @@ from .config import LlamaConfig
 class KVCache:
     """Keys and values of one request, grown in chunks of ``chunk`` positions,
     never past ``max_positions`` (the context window, or less: what the
-    request reserved from a KV budget).
+    request reserved from a KV budget). Storage is zeroed, so positions past
+    ``length`` hold finite values (zeros, or rolled-back keys) that attention
+    may read masked out (``decode_attention``).
 
     k, v: [n_layers, n_kv_heads, capacity, head_dim]
     """
@@ -29,6 +31,7 @@ class KVCache:
         self.chunk = chunk
         self.max_positions = min(config.max_seq_len, max_positions or config.max_seq_len)  # capacity's ceiling
         self.length = 0  # valid positions
+        self.version = 0  # bumped whenever positions below ``length`` may change (rollback, keep)
         shape = (config.n_layers, config.n_kv_heads, 0, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, kv_heads, capacity, head_dim]
         self.v = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, kv_heads, capacity, head_dim]
@@ -54,7 +57,7 @@ class KVCache:
         cap = max(cap, min(self.max_positions, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype, device=self.device)
+            new = torch.zeros(old.shape[:2] + (cap, old.shape[3]), dtype=self.dtype, device=self.device)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
@@ -62,6 +65,8 @@ class KVCache:
         """Forget every position at or after ``length``."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache holds {self.length} positions")
+        if length < self.length:
+            self.version += 1
         self.length = length
 
     @torch.inference_mode()
@@ -73,6 +78,7 @@ class KVCache:
         if path != list(range(len(path))):
             self.k[:, :, start:dst] = self.k[:, :, src]
             self.v[:, :, start:dst] = self.v[:, :, src]
+            self.version += 1
         self.rollback(dst)
 
     def block(self, index: int, block_size: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .cpu import PACKED, weight_layout
+from .decode_attention import DecodeKV, DecodeRows, attend_one
 from .kv_cache import KVCache
 
 
@@ -41,6 +43,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def fold_sign(sin: Tensor) -> Tensor:
+    """sin [n, head_dim] with rotate-half's negation folded into its first half,
+    for ``apply_rope_folded``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_folded(x: Tensor, cos: Tensor, sin_folded: Tensor) -> Tensor:
+    """``apply_rope`` in four elementwise calls instead of seven, bitwise the
+    same ((-a) * b == a * (-b) exactly): x [heads, n, head_dim]; cos,
+    sin_folded (``fold_sign(sin)``): [n, head_dim]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
 
 
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -90,23 +106,32 @@ class Block(nn.Module):
         self,
         x: Tensor,  # [N, dim]: the new rows of every request in the batch, concatenated
         cos: Tensor,  # [N, head_dim]
-        sin: Tensor,  # [N, head_dim]
+        sin: Tensor,  # [N, head_dim], sign-folded (``fold_sign``)
         layer: int,  # this block's index (selects each cache's layer)
-        segments: list["Segment"],  # which rows belong to which request
+        segments: list["Segment"],  # which rows belong to which request (rows past the decode rows)
+        decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
     ) -> Tensor:  # [N, dim]
         N = x.shape[0]
         h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
-        q, k, v = self.linear(h, "wqkv").split(self.split, dim=-1)
-        q = apply_rope(q.view(N, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, N, hd]
-        k = apply_rope(k.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)  # [K, N, hd]
-        v = v.view(N, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, N, hd]
+        qkv = self.linear(h, "wqkv")  # [N, (H+2K)*hd]
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qk = qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1)  # [H+K, N, hd]: q and k rotate together
+        qk = apply_rope_folded(qk, cos, sin)
+        q, k = qk[:H], qk[H:]  # [H, N, hd], [K, N, hd]
+        v = qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)  # [K, N, hd]
         outs = []
-        for seg in segments:  # attention is per request; the matrix products above and below are shared
+        if decode is not None:  # one attention call for all decode rows
+            rows = slice(decode.row, decode.row + decode.n)
+            outs.append(decode.attend(layer, q[:, rows], k[:, rows], v[:, rows]))
+        for seg in segments:  # the other requests' attention, one at a time; the matrix products are shared
             rows = slice(seg.row, seg.row + seg.n)
             end = seg.start + seg.n
             cache_k, cache_v = seg.cache.k[layer], seg.cache.v[layer]  # [K, capacity, hd]
             cache_k[:, seg.start:end] = k[:, rows]
             cache_v[:, seg.start:end] = v[:, rows]
+            if seg.n == 1 and seg.mask is None:  # a decode row alone: the same arithmetic as in a batch
+                outs.append(attend_one(q[:, rows], seg.cache, layer, end))
+                continue
             outs.append(F.scaled_dot_product_attention(
                 q[:, rows].unsqueeze(0),
                 cache_k[:, :end].unsqueeze(0),
@@ -182,6 +207,7 @@ class Llama(nn.Module):
         # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
         self.head_ids: Tensor | None = None
         self.graphs = None  # CUDA only: the captured decode steps (arserve.core.cuda_graphs), set by devices.prepare
+        self.decode_kv = DecodeKV()  # the padded KV of the last forward's decode rows (``decode_attention``)
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("sin", sin, persistent=False)  # [max_seq_len, head_dim]
@@ -195,8 +221,10 @@ class Llama(nn.Module):
         return self.embed.device
 
     def pack(self) -> "Llama":
-        """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)."""
-        if torch.backends.mkldnn.is_available():
+        """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)
+        where this CPU can pack this dtype (``cpu.weight_layout``); elsewhere
+        the weights stay plain and ``F.linear`` serves them."""
+        if weight_layout(self.dtype) == PACKED:
             for layer in self.layers:
                 layer.pack()
             self.packed_head = pack_weight(self.output_matrix())
@@ -247,17 +275,27 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def forward_batch(self, items: list[ScoreItem]) -> list[Tensor]:
         """Score the new tokens of several requests in one forward: the rows of
-        all requests share each matrix product (the weights are read once),
-        attention runs per request against its own cache. Returns, per item,
-        logits [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``).
+        all requests share each matrix product (the weights are read once);
+        decode rows (one new token on a chain) of two or more requests are
+        attended together (``decode_attention``), the other requests each
+        against its own cache. Returns, per item, logits
+        [n - logits_from, vocab] float32 ([..., V'] with ``head_ids``).
         Inputs may be on any device; they move to the model's."""
         if self.graphs is not None:  # CUDA: a captured step when the batch fits one (arserve.core.cuda_graphs)
             out = self.graphs.forward_batch(items)
             if out is not None:
                 return out
         dev = self.device
-        segments, cos, sin, row = [], [], [], 0
-        for it in items:
+        decoding = [i for i, it in enumerate(items) if it.tokens.shape[0] == 1 and it.tree_mask is None]
+        if len(decoding) < 2:
+            decoding = []
+        decoding = [decoding[j] for j in self.decode_kv.order([items[i].cache for i in decoding])]
+        rest = set(range(len(items))) - set(decoding)
+        order = decoding + sorted(rest)
+        n_decode = len(decoding)
+        row_of, segments, cos, sin, row = {}, [], [], [], 0
+        for i in order:
+            it = items[i]
             n = it.tokens.shape[0]
             start = it.cache.length
             it.cache.reserve(n)
@@ -270,16 +308,24 @@ class Llama(nn.Module):
                          else torch.ones(n, n, dtype=torch.bool, device=dev).tril_())
                 mask = torch.cat((torch.ones(n, start, dtype=torch.bool, device=dev), local), dim=1)  # [n, start + n]
             segments.append(Segment(row, n, start, it.cache, mask))
+            row_of[i] = len(segments) - 1
             row += n
-        tokens = (items[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in items])).to(dev)  # [N]
+        decode = None
+        if n_decode:
+            decode = self.decode_kv.rows(0, [s.cache for s in segments[:n_decode]], [s.start for s in segments[:n_decode]])
+        ordered = [items[i] for i in order]
+        tokens = (ordered[0].tokens if len(items) == 1 else torch.cat([it.tokens for it in ordered])).to(dev)  # [N]
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
-        sin_all = (sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype)  # [N, head_dim]
+        sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos_all, sin_all, i, segments)
-        for it, seg in zip(items, segments):
-            it.cache.length = seg.start + seg.n
-        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segments)]
+            x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode)
+        if decode is not None:
+            decode.write_back()
+        for seg in segments:
+            seg.cache.length = seg.start + seg.n
+        segs = [segments[row_of[i]] for i in range(len(items))]  # in the items' order
+        keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segs)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
         if self.packed_head is not None:

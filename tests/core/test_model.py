@@ -151,3 +151,116 @@ def test_packed_rows_are_batch_invariant():
     cache.rollback(12)
     one = torch.cat([model(ids[i:i + 1], cache) for i in range(12, 20)])
     assert (chain - one).abs().max().item() < 1e-6
+
+
+def test_decode_rows_of_many_requests_are_attended_in_one_call_per_layer(monkeypatch):
+    """Eight requests with caches of different lengths each add one token in
+    one forward: one attention call per layer for all eight, the logits and
+    the caches as when each request decodes alone."""
+    from arserve.core import decode_attention
+    from arserve.core.model import ScoreItem
+
+    model = tiny(seed=11, packed=True)
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in (3, 17, 40, 1, 16, 33, 64, 9)]
+    news = [torch.randint(0, 256, (1,), generator=g) for _ in prompts]
+    alone = []
+    for p, t in zip(prompts, news):
+        c = model.new_cache()
+        model(p, c)
+        alone.append((model(t, c), c))
+    caches = []
+    for p in prompts:
+        caches.append(model.new_cache())
+        model(p, caches[-1])
+    calls = []
+    real = decode_attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(decode_attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    chain = ScoreItem(torch.tensor([1, 2]), model.new_cache())  # a prompt beside them, attended on its own
+    batched = model.forward_batch([ScoreItem(t, c) for t, c in zip(news, caches)] + [chain])
+    monkeypatch.undo()
+    assert calls == [len(prompts), 1] * model.config.n_layers  # per layer: the eight decode rows, then the prompt
+    for out, (ref, ref_cache), cache, p in zip(batched, alone, caches, prompts):
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert cache.length == ref_cache.length == len(p) + 1
+        assert torch.allclose(cache.k[:, :, :cache.length], ref_cache.k[:, :, :cache.length], atol=1e-6)
+        assert torch.allclose(cache.v[:, :, :cache.length], ref_cache.v[:, :, :cache.length], atol=1e-6)
+    assert torch.allclose(batched[-1], model(torch.tensor([1, 2]), model.new_cache()), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_row_attends_bitwise_the_same_alone_and_in_a_batch(dtype):
+    """Keys read in whole key groups: padding a row to the longest row of a
+    batch does not change its attention output by a bit."""
+    with torch.inference_mode():
+        check_bitwise(tiny(seed=13).to(dtype), dtype)
+
+
+def check_bitwise(model, dtype):
+    from arserve.core.decode_attention import DecodeKV, attend_one
+
+    g = torch.Generator().manual_seed(14)
+    lengths = [5, 37, 130, 200, 16, 1]
+    caches = []
+    for i, n in enumerate(lengths):
+        c = model.new_cache(max_positions=n + 1 if i % 2 else None)  # some caches end inside a key group
+        c.reserve(n + 1)
+        c.k[:, :, :n] = torch.randn(c.k[:, :, :n].shape, generator=g).to(dtype)
+        c.v[:, :, :n] = torch.randn(c.v[:, :, :n].shape, generator=g).to(dtype)
+        c.length = n
+        caches.append(c)
+    H, K, hd = model.config.n_heads, model.config.n_kv_heads, model.config.head_dim
+    q = torch.randn(H, len(lengths), hd, generator=g).to(dtype)  # [H, B, hd]
+    k = torch.randn(K, len(lengths), hd, generator=g).to(dtype)  # [K, B, hd]
+    v = torch.randn(K, len(lengths), hd, generator=g).to(dtype)
+    rows = DecodeKV().rows(0, caches, lengths)
+    batched = rows.attend(0, q, k, v)  # [H, B, hd]
+    rows.write_back()
+    for b, (c, n) in enumerate(zip(caches, lengths)):
+        assert torch.equal(c.k[0, :, n], k[:, b]) and torch.equal(c.v[0, :, n], v[:, b])
+        assert torch.equal(batched[:, b:b + 1], attend_one(q[:, b:b + 1], c, 0, n + 1))
+
+
+def test_decode_rows_kept_across_forwards_follow_rollbacks_and_changing_batches():
+    """The decode rows' padded KV is kept from one forward to the next; a
+    rollback, a request decoding alone in between, or one leaving the batch
+    must not leave stale keys in it: every step's logits equal those of one
+    whole-sequence forward."""
+    from arserve.core.model import ScoreItem
+
+    model = tiny(seed=15, packed=True)
+    g = torch.Generator().manual_seed(16)
+    seqs = [torch.randint(0, 256, (n + 8,), generator=g) for n in (5, 21, 12, 40)]
+    full = [model(s, model.new_cache()) for s in seqs]  # [n + 8, vocab] each
+    prompt = [len(s) - 8 for s in seqs]
+    caches = [model.new_cache() for _ in seqs]
+    for s, c, n in zip(seqs, caches, prompt):
+        model(s[:n], c)
+
+    def step(which):
+        outs = model.forward_batch([ScoreItem(seqs[i][caches[i].length:caches[i].length + 1], caches[i])
+                                    for i in which])
+        for i, out in zip(which, outs):
+            assert torch.allclose(out, full[i][caches[i].length - 1:caches[i].length], atol=1e-5), (which, i)
+
+    step([0, 1, 2, 3])
+    step([0, 1, 2, 3])  # the kept rows
+    caches[1].rollback(caches[1].length - 2)  # a rejected draft's worth
+    step([0, 1, 2, 3])
+    step([2])  # alone: its cache gains a position the kept rows lack
+    step([0, 1, 2, 3])
+    step([3, 1])  # fewer rows, another order
+    step([0, 1, 2, 3])
+    step([2, 0, 3, 1])  # the same rows in another order
+    assert [c.length for c in caches] == [n + k for n, k in zip(prompt, (6, 5, 7, 7))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_rope_is_bitwise_rotate_half_rope(dtype):
+    from arserve.core.model import apply_rope, apply_rope_folded, fold_sign
+
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(12, 7, 64, generator=g).to(dtype)  # [heads, n, head_dim]
+    cos, sin = (torch.randn(7, 64, generator=g).to(dtype) for _ in range(2))
+    assert torch.equal(apply_rope_folded(x, cos, fold_sign(sin)), apply_rope(x, cos, sin))

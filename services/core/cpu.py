@@ -1,0 +1,73 @@
+"""Which kernels a CPU runs the matrix products with, chosen in one place
+from what the CPU can do (never assumed: machines of this project's class are
+Intel Xeons with AVX-512 BF16 and AMX, or AMD EPYCs with AVX2 only).
+
+Words used here:
+
+- **packed**: a weight matrix re-laid out by oneDNN for
+  ``torch.ops.mkldnn._linear_pointwise`` (``model.pack_weight``), the layout
+  torch.compile's CPU freezing pass emits; the fast path for small batches.
+- **plain**: the weight left as an ``[out, in]`` tensor and multiplied with
+  ``F.linear``: always available, slower (docs/decisions.md, "oneDNN-packed
+  weights").
+
+oneDNN packs float32 on any x86-64 CPU; it packs bfloat16 only where the CPU
+has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT. Elsewhere packing bfloat16 dies
+(``mkldnn_reorder_linear_weight: bf16 path needs the cpu support
+avx_ne_convert or avx512bw, avx512vl and avx512dq``), so bfloat16 weights stay
+plain there and are served by ``F.linear`` in bfloat16 (measured faster than
+float32 packed copies of the same bfloat16 weights: docs/decisions.md).
+``ONEDNN_MAX_CPU_ISA=AVX2`` makes an AVX-512 machine take the AVX2 choice
+(oneDNN's own switch; the tests use it).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+PACKED, PLAIN = "packed", "plain"
+
+# The /proc/cpuinfo flags that decide a kernel or explain a figure.
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+                     "avx512_fp16", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@functools.cache
+def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
+    """('Intel(R) Xeon(R) ...', ('avx2', 'avx512bw', ...)) from /proc/cpuinfo
+    (the flags of ``FLAGS_OF_INTEREST`` the CPU has); ('unknown', ()) elsewhere."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, tuple(f for f in FLAGS_OF_INTEREST if f in flags)
+
+
+def weight_layout(dtype: torch.dtype) -> str:
+    """PACKED where oneDNN can pack ``dtype`` on this CPU, else PLAIN."""
+    if not torch.backends.mkldnn.is_available():
+        return PLAIN
+    if dtype == torch.bfloat16:
+        return PACKED if torch.ops.mkldnn._is_mkldnn_bf16_supported() else PLAIN
+    if dtype == torch.float16:
+        return PACKED if torch.ops.mkldnn._is_mkldnn_fp16_supported() else PLAIN
+    return PACKED
+
+
+def describe(dtype: torch.dtype) -> str:
+    """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
+    name, flags = cpu_name_and_flags()
+    layout = weight_layout(dtype)
+    how = "oneDNN packed linears" if layout == PACKED else "plain F.linear (no oneDNN packing for this dtype here)"
+    return (f"{str(dtype).removeprefix('torch.')} matrix products: {how}; CPU {name}, ATen capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, flags {' '.join(flags) or 'none'}, "
+            f"{torch.get_num_threads()} threads")
