@@ -66,11 +66,11 @@ log = logging.getLogger("arserve.verifier")
 
 MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max_images_per_request)
 
-# Target trajectories drawn at once per residual try, over all rejected rows: rows are nearly free
-# at batch 1 (a try costs `steps` head calls whatever its batch), so one row gets 16 and one try
-# usually suffices (a rejection needs 1 / TV(p, q) proposals in expectation,
-# arserve.core.continuous_acceptance); many rejected rows share the budget (at least 2 each).
-RESIDUAL_ROWS = 32
+# Target trajectories drawn at once per residual try, over all rejected rows (at least 2 a row): a
+# rejection needs 1 / TV(p, q) proposals in expectation (arserve.core.continuous_acceptance), about 1.7 for
+# the digits models, and rows are not free at batch 1 (a try of 16 rows cost twice one of 1 row). Measured
+# at batch 1 (docs/decisions.md, "CSpD that pays"): 16 proposals 68 ms a try, 4 proposals 36 ms.
+RESIDUAL_ROWS = 4
 # The adaptive draft length's cost model, in target tokens at batch 1 (measured with the digits models,
 # docs/decisions.md #16: a target token 36 ms, a draft token 12.5 ms, the target forward and trajectory
 # densities of a round 6 ms, a residual sample 70 ms): drafting pays above about 0.75 acceptance.
@@ -352,7 +352,7 @@ class ImageVerifier:
         zd_c, zd_u = _split(z_d, n)
         pick = lambda z, rows: None if z is None else z[idx, pos][rows]  # noqa: E731 - [r, dim]
         steps = residual_steps(len(idx), token_dim, job.steps, r.generator,
-                               proposals=max(2, min(16, RESIDUAL_ROWS // len(idx))))
+                               proposals=residual_proposals(len(idx)))
         answer = None
         while True:
             try:
@@ -396,3 +396,8 @@ class WithImages:
     def shutdown(self) -> None:
         if hasattr(self.text, "shutdown"):
             self.text.shutdown()
+
+
+def residual_proposals(rejected: int) -> int:
+    """Target trajectories per rejected row in one residual try: RESIDUAL_ROWS over the rows, between 2 and 16."""
+    return max(2, min(16, RESIDUAL_ROWS // rejected))
