@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TRAIN_STEPS = 1000  # T, the training schedule's length; also the most sampling steps
+_MOD_ROWS = 4096  # steps x rows of adaLN modulation made at once (4096 x 38 x 128 floats: 80 MB)
 TEMPERATURE_RANGE = (1e-3, 10.0)  # sampling temperatures whose densities neither under- nor overflow
 MAX_CFG = 50.0  # largest classifier-free guidance scale served
 
@@ -210,33 +211,80 @@ class DiffusionHead(nn.Module):
                           z_uncond: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                           density: bool = True) -> Trajectory:
         """``sample``, with the way there: the tokens, the states [S + 1, n, token_dim] (x_S
-        first, x_0 last) and their log-density [n] under this head
-        (``trajectory_log_density``; None without ``density``). Same draws as ``sample``."""
+        first, x_0 last) and their log-density [n] under this head (None without
+        ``density``). Same draws as ``sample``.
+
+        The density is that of the draws themselves: x_{i-1} = mean_i +
+        std_i noise_i, so transition i contributes log N(noise_i; 0, I) - d log std_i,
+        and no forward is needed (``trajectory_log_density`` recomputes the means
+        from the states and agrees up to float32 rounding, about 1e-5 nats)."""
+        if noise is None:
+            noise = torch.randn((steps + 1, z.shape[0], self.config.token_dim), generator=generator, device=z.device)
         x, states = self._denoise(z, temperature, cfg, steps, generator, z_uncond, noise, keep_states=True)
         if not density:
             return Trajectory(x, states, None)
-        t = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(-1)  # [n or 1]
-        w = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1)  # [n or 1]
-        return Trajectory(x, states, self.trajectory_log_density(states, z, t, w, z_uncond))
+        return Trajectory(x, states, self.draws_log_density(noise, temperature))
+
+    def draws_log_density(self, noise: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """log p(x_{S-1}, ..., x_0 | x_S) of the trajectories this head's sampler
+        made from ``noise`` [S + 1, n, token_dim] at ``temperature`` (float or [n]) -> [n]."""
+        sched, _ = self.schedule(noise.shape[0] - 1)
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=noise.device).reshape(1, -1)  # [1, n or 1]
+        return gaussian_log_density(noise[1:], t * sched.sigma[:, None]).sum(0)  # std [S, n or 1]
 
     def _denoise(self, z, temperature, cfg, steps, generator, z_uncond, noise,
                  keep_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x_0 [n, token_dim], and with ``keep_states`` the states [S + 1, n, token_dim]
-        (the density of the states as stored, float32, is computed from these)."""
+        (the density of the states as stored, float32, is computed from these).
+
+        The loop is launch-bound at small n (a step is some 75 small kernels at
+        one row), so it runs fewer of them than ``forward``, with the same
+        arithmetic (docs/decisions.md, "CSpD that pays"): the adaLN modulation
+        depends on t and z only, so one product gives it for a chunk of steps;
+        each block's LayerNorm affine is folded into its modulation
+        (``shift + (1 + scale) (gamma LN(h) + beta)`` = ``shift' + scale' LN(h)``);
+        the schedule's coefficients are Python floats; linears are called bare."""
         sched, t_embed = self.schedule(steps)
-        n, d = z.shape[0], self.config.token_dim
+        n, d, w, blocks = z.shape[0], self.config.token_dim, self.config.width, self.config.blocks
         if noise is None:
             noise = torch.randn((steps + 1, n, d), generator=generator, device=z.device)
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
         cfg = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
-        zc = self.embed(z, z_uncond)
+        zc = self.embed(z, z_uncond)  # [m, width], m = n or 2n (guided: conditional rows, then unconditional)
+        m = zc.shape[0]
+        coef = [c.tolist() for c in (sched.recip_sqrt_ab, sched.sqrt_recip_m1, sched.coef_x0, sched.coef_x)]
+        noise_scale = temperature[None] * sched.sigma[:, None, None]  # [S, n or 1, 1]
+        lin = lambda mod: (mod.weight, mod.bias)  # noqa: E731
+        fc1, fc2 = [lin(f) for f in self.fc1], [lin(f) for f in self.fc2]
+        w_in, w_out = lin(self.input_proj), lin(self.final)
+        gamma = [(ln.weight, ln.bias) for ln in self.norms]
+        chunk = max(1, _MOD_ROWS // m)  # steps whose modulation is made in one product
         x = noise[0]
         states = [x] if keep_states else None
-        for i in range(steps):
-            mean = sched.mean(i, x, self.guided_eps(x, t_embed[i:i + 1], zc, cfg))
-            x = torch.addcmul(mean, temperature * sched.sigma[i], noise[i + 1])
-            if keep_states:
-                states.append(x)
+        for c0 in range(0, steps, chunk):
+            mod = self.ada(F.silu(t_embed[c0:c0 + chunk, None] + zc[None]))  # [c, m, (3 blocks + 2) width]
+            mod = mod.unflatten(-1, (3 * blocks + 2, w))  # [c, m, 3 blocks + 2, width]
+            shift, scale1, gate = mod[:, :, 0:3 * blocks:3], 1 + mod[:, :, 1:3 * blocks:3], mod[:, :, 2:3 * blocks:3]
+            g, b = torch.stack([g for g, _ in gamma]), torch.stack([b for _, b in gamma])  # [blocks, width]
+            shift, scale = (shift + scale1 * b).unbind(2), (scale1 * g).unbind(2)  # blocks x [c, m, width]
+            gate = gate.unbind(2)
+            f_shift, f_scale = mod[:, :, -2], 1 + mod[:, :, -1]  # [c, m, width]
+            for i in range(c0, min(steps, c0 + chunk)):
+                j = i - c0
+                xx = x if m == n else torch.cat([x, x])  # [m, token_dim]
+                h = F.linear(xx, *w_in)  # [m, width]
+                for bl in range(blocks):
+                    y = torch.addcmul(shift[bl][j], F.layer_norm(h, (w,), eps=1e-6), scale[bl][j])
+                    h = torch.addcmul(h, gate[bl][j], F.linear(F.silu(F.linear(y, *fc1[bl])), *fc2[bl]))
+                eps = F.linear(torch.addcmul(f_shift[j], F.layer_norm(h, (w,), eps=1e-6), f_scale[j]), *w_out)
+                if m != n:  # guidance: e_u + cfg (e_c - e_u)
+                    e_c, e_u = eps[:n], eps[n:]
+                    eps = torch.addcmul(e_u, cfg, e_c - e_u)
+                a, b_, c_x0, c_x = coef[0][i], coef[1][i], coef[2][i], coef[3][i]
+                x0 = x.mul(a).sub_(eps, alpha=b_).clamp_(-1, 1)  # the clipped clean-token estimate
+                x = torch.addcmul(x0.mul_(c_x0).add_(x, alpha=c_x), noise_scale[i], noise[i + 1])
+                if keep_states:
+                    states.append(x)
         return x, (torch.stack(states) if keep_states else None)
 
     @torch.no_grad()
@@ -266,7 +314,7 @@ def gaussian_log_density(standardized: torch.Tensor, std: torch.Tensor | float) 
     """log N(x; mean, std^2 I) from (x - mean) / std [..., d] and std (scalar or
     broadcastable to [...]) -> [...]."""
     d = standardized.shape[-1]
-    std = torch.as_tensor(std)
+    std = torch.as_tensor(std, device=standardized.device)
     return -0.5 * (standardized ** 2).sum(-1) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
 
 

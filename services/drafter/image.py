@@ -70,18 +70,6 @@ def pending_input(model: ImageAR, labels: torch.Tensor | None, last: torch.Tenso
 
 
 @torch.no_grad()
-def trajectory_log_density(model: ImageAR, states: torch.Tensor, z: torch.Tensor, temperature: float,
-                           cfg: float) -> torch.Tensor:
-    """log-density of trajectories [S + 1, n, k, token_dim] under the model's head
-    given its z [rows, k, dim], all in one batched call -> [n, k]."""
-    steps1, n, k, dim = states.shape
-    zc, zu = split(z, n)  # [n, k, dim] each
-    lp = model.head.trajectory_log_density(states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1), temperature,
-                                           cfg, None if zu is None else zu.reshape(n * k, -1))
-    return lp.reshape(n, k)
-
-
-@torch.no_grad()
 def propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, noise: torch.Tensor, n: int, temperature: float,
             cfg: float, steps: int) -> ImageDraft | None:
     """k draft tokens per image (k = noise.shape[0]; none: the pending input
@@ -95,21 +83,21 @@ def propose(draft: ImageAR, kv: ImageKV, pending: torch.Tensor, noise: torch.Ten
     guided = pending.shape[0] > n
     committed = kv.lengths.clone()
     x = pending
-    toks, states, zs = [], [], []
+    toks, states, zs, log_q = [], [], [], []  # log_q: of the draws (DiffusionHead.draws_log_density)
     for i in range(noise.shape[0]):
         z = draft(x, kv)[:, 0]  # [rows, dim]
         kv.lengths += 1  # the next input goes after this one
         zc, zu = split(z, n)
-        tok, traj, _ = draft.head.sample_trajectory(zc, temperature, cfg, steps, None, zu, noise=noise[i],
-                                                    density=False)
+        tok, traj, lq = draft.head.sample_trajectory(zc, temperature, cfg, steps, None, zu, noise=noise[i])
         toks.append(tok)
+        log_q.append(lq)
         states.append(traj)
         zs.append(z)
         x = pending_input(draft, None, twice(tok, guided))
     kv.lengths = committed
     states = torch.stack(states, 2)  # [S + 1, n, k, token_dim]
     z = torch.stack(zs, 1)  # [rows, k, dim]
-    return ImageDraft(torch.stack(toks, 1), states, trajectory_log_density(draft, states, z, temperature, cfg), z)
+    return ImageDraft(torch.stack(toks, 1), states, torch.stack(log_q, 1), z)
 
 
 class ImageDrafter:

@@ -41,7 +41,9 @@ request gives the same images in every wiring. The loop holds no model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,15 +68,19 @@ log = logging.getLogger("arserve.verifier")
 
 MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max_images_per_request)
 
-# Target trajectories drawn at once per residual try, over all rejected rows: rows are nearly free
-# at batch 1 (a try costs `steps` head calls whatever its batch), so one row gets 16 and one try
-# usually suffices (a rejection needs 1 / TV(p, q) proposals in expectation,
-# arserve.core.continuous_acceptance); many rejected rows share the budget (at least 2 each).
-RESIDUAL_ROWS = 32
-# The adaptive draft length's cost model, in target tokens at batch 1 (measured with the digits models,
-# docs/decisions.md #16: a target token 36 ms, a draft token 12.5 ms, the target forward and trajectory
-# densities of a round 6 ms, a residual sample 70 ms): drafting pays above about 0.75 acceptance.
-DRAFT_COST, VERIFY_COST, RESIDUAL_COST = 0.35, 0.17, 1.9
+# Target trajectories drawn at once per residual try, over all rejected rows (at least 2 a row): a
+# rejection needs 1 / TV(p, q) proposals in expectation (arserve.core.continuous_acceptance), about 1.7 for
+# the digits models, and rows are not free at batch 1 (a try of 16 rows cost twice one of 1 row). Measured
+# at batch 1 (docs/decisions.md, "CSpD that pays"): 16 proposals 68 ms a try, 4 proposals 36 ms.
+RESIDUAL_ROWS = 4
+# The adaptive draft length's cost model, in target tokens (a head sample and a backbone forward of the
+# request's rows): a draft token, a round's verification (target forward and the target's densities of
+# every draft trajectory) and a residual sample, measured with the digits models at 1 and at 32 images a
+# request (docs/decisions.md, "CSpD that pays": a target token 24 ms at 1, 69 ms at 32). The
+# verification grows with the rows (k trajectories of 50 steps each), so drafting pays at batch 1 above
+# about 0.6 acceptance and at 32 above about 0.85; between, the costs are interpolated in log2(images).
+COSTS_BATCH1 = (0.27, 0.29, 1.0)  # draft token, verification, residual
+COSTS_BATCH32 = (0.23, 1.4, 2.2)
 
 
 @dataclass(frozen=True)
@@ -227,13 +233,22 @@ class ImageVerifier:
         stats = ImageStats()
         # the request's own draft length (a seeded request must not depend on others): it learns the
         # acceptance rate from the model's measured one, as the text verifier's does from its prior
-        length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=DRAFT_COST,
-                             speedup=_speedup_model)
+        draft_cost, verify_cost, residual_cost = costs(n)
+        # an image request is short (seq_len tokens): a 1-token probe while k is 0 would cost more than
+        # the rounds left could earn, so none is made, and a request whose draft length starts at 0
+        # decodes plainly without the drafter (as vLLM's speculative_disable_by_batch_size turns
+        # speculation off where it does not pay)
+        length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=draft_cost,
+                             probe_every=c.seq_len + 1,
+                             speedup=functools.partial(expected_speedup_without_bonus, verify_cost=verify_cost,
+                                                       residual_cost=residual_cost))
+        drafting = drafting and length.next() > 0
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
             lengths = _twice(done, job.guided)  # [rows] committed inputs of each row (the commit of the last round)
             committed = _twice(tokens, job.guided)  # what a backbone replica that lost the cache rebuilds from
             k = min(length.next(), int((c.seq_len - done).max())) if drafting else 0
+            drafting = drafting and (k > 0 or not length.adaptive)  # at 0 the length stays 0: no probes
             if k == 0:  # a plain round (a draft model keeps its cache in step)
                 score = self._score(r, kv, lengths, last, None, committed)
                 if drafting:
@@ -352,7 +367,7 @@ class ImageVerifier:
         zd_c, zd_u = _split(z_d, n)
         pick = lambda z, rows: None if z is None else z[idx, pos][rows]  # noqa: E731 - [r, dim]
         steps = residual_steps(len(idx), token_dim, job.steps, r.generator,
-                               proposals=max(2, min(16, RESIDUAL_ROWS // len(idx))))
+                               proposals=residual_proposals(len(idx)))
         answer = None
         while True:
             try:
@@ -374,8 +389,11 @@ class ImageVerifier:
                 else tokens
 
 
-def _speedup_model(a: float, k: int, draft_cost: float) -> float:
-    return expected_speedup_without_bonus(a, k, draft_cost, VERIFY_COST, RESIDUAL_COST)
+def costs(images: int) -> tuple[float, float, float]:
+    """The cost model's (draft token, verification, residual) in target tokens for a request of
+    ``images`` images: COSTS_BATCH1 to COSTS_BATCH32, interpolated in log2(images)."""
+    f = min(1.0, math.log2(max(1, images)) / 5)
+    return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(COSTS_BATCH1, COSTS_BATCH32))
 
 
 class WithImages:
@@ -396,3 +414,8 @@ class WithImages:
     def shutdown(self) -> None:
         if hasattr(self.text, "shutdown"):
             self.text.shutdown()
+
+
+def residual_proposals(rejected: int) -> int:
+    """Target trajectories per rejected row in one residual try: RESIDUAL_ROWS over the rows, between 2 and 16."""
+    return max(2, min(16, RESIDUAL_ROWS // rejected))

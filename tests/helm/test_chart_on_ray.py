@@ -18,8 +18,9 @@ from arserve_client import Client, InvalidArgument, ResourceExhausted, Unauthent
 from test_chart import documents, one, ray_pods
 
 # Small enough for 2 cores: no drafting (so no drafter deployment), no
-# Redis, no autoscaling, no custom resources (a local Ray has no worker
-# groups), a proxy limit of 4 MiB.
+# image models (so no diffusion-head deployment), no Redis, no
+# autoscaling, no custom resources (a local Ray has no worker groups), a
+# proxy limit of 4 MiB.
 SMALL = {"numCpus": 0.1, "torchThreads": 1}
 VALUES = {
     "auth": {"enabled": True},
@@ -27,6 +28,7 @@ VALUES = {
     "autoscaling": {"enabled": False},
     "steering": {"customResources": False},
     "model": {"speculativeMethods": ["none"], "defaultSpeculativeMethod": "none"},
+    "imageModels": [],
     "serve": {"maxMessageBytes": 4 << 20},
     "gateway": SMALL, "tokenizer": SMALL, "verifier": SMALL,
     "backbone": {"numCpus": 0.5, "torchThreads": 1},
