@@ -75,5 +75,5 @@ def save_heads(heads: HydraHeads, path: Path, info: dict[str, str]) -> str:
 def load_heads(ref: str, embed: torch.Tensor, dtype: torch.dtype = torch.float32) -> HydraHeads:
     tensors, info = _checked(ref, "heads")
     heads = HydraHeads(int(info["dim"]), int(info["num_heads"]), embed.to(dtype), tensors["head_ids"].long())
-    heads.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()})
-    return heads.eval().requires_grad_(False)
+    heads.load_state_dict(tensors)  # copies into the float32 parameters; the dtype follows
+    return heads.to(dtype).eval().requires_grad_(False)

@@ -46,6 +46,20 @@ def test_the_drafters_share_the_targets_embedding_and_fit_the_size_limit(embed):
         assert (checkpoint_files.CHECKPOINT_DIR / f"{name}.safetensors").stat().st_size <= 40 * 2**20
 
 
+def test_the_heads_load_and_draft_in_bfloat16(embed):
+    """Every weight of the heads in the asked dtype: load_state_dict copies
+    into the parameters as built (float32), so a bf16 target's heads once held
+    float32 weights beside a bf16 embedding and failed at their first draft."""
+    from arserve.drafter.heads import HeadsProposer
+    from arserve.drafter.proposer import DraftRequest
+
+    heads = load_heads("smollm2-heads", embed, torch.bfloat16)
+    assert {p.dtype for p in heads.parameters()} == {torch.bfloat16} and heads.out_matrix.dtype == torch.bfloat16
+    draft = HeadsProposer(heads, embed.shape[0]).propose(
+        DraftRequest("r", tokens=[1, 2, 3], new=3, k=heads.num_heads, hidden=torch.randn(embed.shape[1])))
+    assert len(draft.tokens) == heads.num_heads
+
+
 def test_the_default_model_serves_the_trained_drafters():
     m = ModelSettings()
     assert {"draft_model", "heads"} <= set(m.speculative_methods)
