@@ -27,6 +27,7 @@ SmolLM2 served with plain decoding only (no text drafter is loaded).
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -100,17 +101,56 @@ async def _concurrency_trial(target: str, args, method: str) -> tuple[float, flo
         return serial_s, time.perf_counter() - t
 
 
+def replica_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process's Ray Serve
+    replicas, summed per deployment (``ray::ServeReplica:APP:NAME``
+    processes descending from this one; Linux /proc)."""
+    from pathlib import Path
+
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu, name = {}, {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        pid = int(d.name)
+        parent[pid], cpu[pid] = int(stat[1]), (int(stat[11]) + int(stat[12])) / tick
+        if "ServeReplica:" in cmd:
+            name[pid] = cmd.split("ServeReplica:", 1)[1].split(":")[-1].split()[0].split(".")[0]
+    out: dict[str, float] = {}
+    for pid, n in name.items():
+        p = pid
+        while p > 1 and p != os.getpid():
+            p = parent.get(p, 0)
+        if p == os.getpid():
+            out[n] = out.get(n, 0.0) + cpu[pid]
+    return out
+
+
 def concurrency(target: str, args, wiring: str, trials: int = 2) -> dict:
+    """``trials`` x (8 one after another, then 8 at once), per mode; on Ray,
+    the CPU seconds each deployment's replicas spent in the whole of it."""
     out: dict = {}
     for mode, method in MODES.items():
         runs = []
+        before = replica_cpu_seconds() if wiring == "ray" else {}
         for trial in range(trials):
             serial_s, parallel_s = asyncio.run(_concurrency_trial(target, args, method))
             runs.append({"one_images_per_s": CONCURRENT / serial_s,
-                         f"{CONCURRENT}_images_per_s": CONCURRENT / parallel_s, "gain": serial_s / parallel_s})
+                         f"{CONCURRENT}_images_per_s": CONCURRENT / parallel_s, "gain": serial_s / parallel_s,
+                         "wall_s": serial_s + parallel_s})
             log(f"[{wiring} concurrency {mode} {trial + 1}/{trials}] 1 at a time {CONCURRENT / serial_s:.2f} img/s, "
                 f"{CONCURRENT} at once {CONCURRENT / parallel_s:.2f} img/s, gain {serial_s / parallel_s:.2f}x")
+        if wiring == "ray":
+            after = replica_cpu_seconds()
+            used = {k: round(v - before.get(k, 0.0), 2) for k, v in sorted(after.items())}
+            log(f"[{wiring} concurrency {mode}] replica CPU s over {sum(r['wall_s'] for r in runs):.1f} s wall: {used}")
         out[mode] = {"trials": runs, "gain": statistics.median(r["gain"] for r in runs),
+                     **({"replica_cpu_s": used} if wiring == "ray" else {}),
                      "one_images_per_s": statistics.median(r["one_images_per_s"] for r in runs),
                      f"{CONCURRENT}_images_per_s": statistics.median(r[f"{CONCURRENT}_images_per_s"] for r in runs)}
     return out
