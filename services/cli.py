@@ -198,6 +198,8 @@ def cmd_bench(args) -> None:
 
     if args.out is None:
         args.out = Path(f"bench-results/{args.suite}.json")
+    if args.wirings is None:
+        args.wirings = {"image": "embedded"}.get(args.suite, "embedded,ray")
     if args.dtypes is None:
         args.dtypes = {"text": "float32,bfloat16", "gpu": "bfloat16"}.get(args.suite, "float32")
     importlib.import_module(f"arserve.bench.{args.suite}").main(args)
@@ -302,8 +304,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", type=int, default=200, help="hotpath: calls per case")
     b.add_argument("--requests", type=int, default=1000, help="load: requests per wiring")
     b.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
-    b.add_argument("--wirings", default="embedded,ray", help="load: which wirings (comma-separated: embedded, ray; "
-                   "http: the OpenAI HTTP door against gRPC on one embedded server)")
+    b.add_argument("--wirings", default=None, help="load, image: which wirings (comma-separated: embedded, ray; "
+                   "load's http: the OpenAI HTTP door against gRPC on one embedded server; default: embedded,ray "
+                   "for load, embedded for image)")
     b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--device", default="cuda", help="gpu: where models compute (cpu rehearses the suite)")

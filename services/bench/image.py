@@ -21,8 +21,14 @@ decoding) is timed too, over the same labels and seeds. Goals (issue 20): cspd
 >= 1.5x plain images/s at batch 1 and >= 1.0x at batch 32 (reported for fixed
 k and adaptive); recognized rate within the spread of the two plain runs (at
 least 2 points); Fréchet distance within the spread of the two plain runs.
-Not measured here: the Ray wiring's figures (Ray / embedded at batch 1, 8
-concurrent requests / 1).
+
+    arserve bench --suite image [--limit 30] [--draft-tokens 3] [--steps 50]
+
+The Ray wiring's figures (Ray / embedded images/s at batch 1, 8 concurrent
+requests / 1) are ``image_ray.py``'s, added by ``--wirings``:
+
+    arserve bench --suite image --wirings ray --out bench-results/image-ray.json
+    arserve bench --suite image --wirings embedded,ray   # both sections, one JSON
 """
 
 from __future__ import annotations
@@ -156,24 +162,39 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(args) -> None:
+    wirings = (getattr(args, "wirings", None) or "embedded").split(",")
+    args.draft_tokens = getattr(args, "draft_tokens", None) or 3
+    args.steps = getattr(args, "steps", None) or 50
+    results = {"benchmark": "image", "machine": machine_info(), "steps": args.steps, "draft_tokens": args.draft_tokens}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "embedded" in wirings:
+        results.update(embedded(args, out))
+    if "ray" in wirings:
+        from .image_ray import bench as ray_bench
+
+        results["ray"] = ray_bench(args)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for name, g in {**results.get("goals", {}), **results.get("ray", {}).get("goals", {})}.items():
+        log(f"goal {name}: {g['value']} -> {'met' if g['met'] else ('NOT met' if g['met'] is False else 'no goal')}")
+    log(f"wrote {out}")
+
+
+def embedded(args, out: Path) -> dict:
+    """The embedded section: batch 1 and 32, quality; plots beside ``out``."""
     from arserve_client import Client
 
     from ..embedded import EmbeddedServer
     from ..settings import ServerSettings
 
-    args.draft_tokens = getattr(args, "draft_tokens", None) or 3
-    args.steps = getattr(args, "steps", None) or 50
     args.trials = getattr(args, "limit", None) or 30
     args.requests32 = 20  # 640 images per mode: Fréchet distances of plain runs then vary by about 0.004
-    results = {"benchmark": "image", "machine": machine_info(), "steps": args.steps, "draft_tokens": args.draft_tokens,
-               "trials_batch1": args.trials, "images_batch32": args.requests32 * 32}
+    results = {"trials_batch1": args.trials, "images_batch32": args.requests32 * 32,
+               "steps": args.steps, "draft_tokens": args.draft_tokens}
     with EmbeddedServer(ServerSettings(port=0)) as server, Client(server.target) as client:
         for method in ("none", "draft_model"):  # warm-up
             client.generate_image([0, 1], seed=0, speculative=method, num_steps=args.steps)
         results.update(bench(client, args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot(results, out.with_suffix(".png"))
     b1, b32 = results["batch1"], results["batch32"]
     log(f"batch 1:  plain {b1['plain']['images_per_s']:.2f} img/s, cspd {b1['cspd']['images_per_s']:.2f} img/s "
@@ -190,6 +211,5 @@ def main(args) -> None:
         q = b32[name]
         log(f"quality {name:<12} recognized {q['recognized_rate']:.3f}  Fréchet {q['frechet_distance']:.4f}")
     log(f"quality {'real test':<12} recognized {ref['recognized_rate']:.3f}  Fréchet {ref['frechet_distance']:.4f}")
-    for name, g in results["goals"].items():
-        log(f"goal {name}: {g['value']} -> {'met' if g['met'] else 'NOT met'}")
-    log(f"wrote {out}, {out.with_suffix('.png')} and the image-grid-*.png beside them")
+    log(f"plotted {out.with_suffix('.png')} and the image-grid-*.png beside it")
+    return results
