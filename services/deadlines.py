@@ -62,8 +62,10 @@ async def within(step: Awaitable[T], what: str) -> T:
         if inspect.iscoroutine(step):
             step.close()
         raise DeadlineExceeded(f"the request's deadline passed before {what}")
-    try:
-        return await asyncio.wait_for(step, remaining)
+    try:  # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that arrives as the
+        # step completes (CPython gh-86296), and the request then runs on past its client's deadline
+        async with asyncio.timeout(remaining):
+            return await step
     except TimeoutError:
         raise DeadlineExceeded(f"the request's deadline passed while waiting for {what} "
                                f"(the client's timeout or the server's max_request_s)") from None

@@ -285,7 +285,8 @@ class VerifierService:
         """The draft; None: no proposal; False: the drafter failed (the next
         call resends the whole context, for a drafter replica that lost it)."""
         try:
-            out = await asyncio.wait_for(self.drafter.Propose(req), self.defaults.draft_timeout_s)
+            async with asyncio.timeout(self.defaults.draft_timeout_s):  # not wait_for: see deadlines.within
+                out = await self.drafter.Propose(req)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed proposal costs one plain round, never the request

@@ -70,3 +70,24 @@ def test_the_clients_deadline_wins_when_it_is_sooner():
     with pytest.raises(DeadlineExceeded):
         asyncio.run(as_a_server_would())
     assert verifier.left[0] <= 0.3
+
+
+def test_a_cancellation_that_meets_a_finished_step_is_not_swallowed():
+    """The request is cancelled (a client's timeout, a disconnect) in the
+    same turn of the loop as the step it waits on completes. The
+    cancellation must still reach the request: Python 3.11's
+    ``asyncio.wait_for`` returned the step's result instead and dropped it
+    (CPython gh-86296), so a request whose client had given up ran on to
+    its last token (the HTTP door's 504 test saw a 200 on a fast machine)."""
+
+    async def main() -> None:
+        deadlines.begin(None, 30.0)
+        step = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(deadlines.within(step, "a step"))
+        await asyncio.sleep(0)  # the task now waits on the step
+        step.set_result("done")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())

@@ -302,8 +302,8 @@ def test_a_backbone_killed_mid_stream_its_requests_resume_on_the_other(ray_serve
     chunks = [[next(s)] for s in streams]  # both requests hold a KV cache now
     before = _resumes(ray_server)
     replicas = _backbone_replicas()
-    assert len(replicas) == 2
-    name, (address, _) = next(iter(replicas.items()))
+    name = _serving(replicas)
+    address = replicas[name][0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
     for got, s in zip(chunks, streams):
         got += list(s)
@@ -333,21 +333,47 @@ def _resumes(ray_server, at_least: int = 0, timeout_s: float = 30.0) -> list[Res
     return _poll(read, lambda found: len(found) >= at_least, timeout_s)
 
 
-def _backbone_replicas() -> dict[str, tuple[str, int]]:
-    """Backbone replicas: actor name -> (the address it announced, its pid)."""
+def _backbone_replicas(timeout_s: float = 60.0) -> dict[str, tuple[str, int]]:
+    """The two live backbone replicas: actor name -> (the address it
+    announced, its pid), read again until both have announced themselves (a
+    restarted replica is a live actor a moment before it is listed)."""
     import psutil
     import ray
     from ray._private.state import actors
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == "serve" and "#backbone#" in a["name"]]
-    addresses = listed("backbone")
-    out = {}
-    for name in names:
-        pid = actors(actor_id=ray.get_actor(name, namespace="serve")._actor_id.hex())["Pid"]
-        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
-        out[name] = next(((a, pid) for a in addresses if int(a.rsplit(":", 1)[1]) in ports), ("?", pid))
-    return out
+    def read() -> dict[str, tuple[str, int]]:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "#backbone#" in a["name"]]
+        addresses = listed("backbone")
+        out = {}
+        for name in names:
+            try:
+                pid = actors(actor_id=ray.get_actor(name, namespace="serve")._actor_id.hex())["Pid"]
+                ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN}
+            except (ValueError, KeyError, TypeError, psutil.Error):  # an actor that is going or not yet started
+                continue
+            out[name] = next(((a, pid) for a in addresses if int(a.rsplit(":", 1)[1]) in ports), ("?", pid))
+        return out
+
+    replicas = _poll(read, lambda r: len(r) == 2 and all(a != "?" for a, _ in r.values()), timeout_s)
+    assert len(replicas) == 2 and all(a != "?" for a, _ in replicas.values()), replicas
+    return replicas
+
+
+def _serving(replicas: dict[str, tuple[str, int]], sample_s: float = 0.3) -> str:
+    """The replica that decodes the streams in flight: the one whose
+    process burns the most CPU over ``sample_s`` (the router balances by
+    load and may put every stream on one replica; an idle one holds none)."""
+    import psutil
+
+    def cpu(pid: int) -> float:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
+    start = {name: cpu(pid) for name, (_, pid) in replicas.items()}
+    time.sleep(sample_s)
+    return max(replicas, key=lambda name: cpu(replicas[name][1]) - start[name])
 
 
 def _assert_resumed_from(resumes: list[Resume], lost: str, streams: int) -> None:
@@ -379,21 +405,16 @@ def test_a_stopped_backbone_replica_fails_over_instead_of_hanging(ray_server, pl
     check replaced the replica: 3 failed checks of 30 s each.)"""
     from arserve.rayserve.directory import HEARTBEAT_S
 
-    deadline = time.monotonic() + 180
-    while len(listed("backbone")) < 2:  # the replica the test above killed is back
-        assert time.monotonic() < deadline, "the killed backbone replica did not come back"
-        time.sleep(0.5)
+    replicas = _backbone_replicas(timeout_s=180)  # the replica the test above killed is back and listed
     time.sleep(HEARTBEAT_S * 1.5)  # the verifier reads the directory every HEARTBEAT_S: it knows both now
     prompts = [p for p in bench_prompts() if p["category"] == "chat"][:2]
-    replicas = _backbone_replicas()
-    assert len(replicas) == 2
-    address, pid = next(iter(replicas.values()))
     before = _resumes(ray_server)
-    n = 32
+    n = 64  # plain_greedy's length: the streams outlast finding the replica that serves them
     with Client(ray_server.target, timeout=150, token=PUBLIC_TOKEN) as client:  # 150 s: a guard, not the bound
         streams = [client.stream(messages=p["messages"], max_tokens=n, temperature=0.0, speculative="none")
                    for p in prompts]
         firsts = [next(s) for s in streams]  # both requests hold a KV cache now
+        address, pid = replicas[_serving(replicas)]
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
 
