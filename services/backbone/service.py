@@ -192,7 +192,10 @@ class BackboneService:
                                   f"{state.reserved} it reserved (max_positions)")
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
-        item = ScoreItem(tokens, state.cache, tree_mask, depths, logits_from, want_hidden=req.return_hidden)
+        # greedy rounds (argmax_only) score a chain with decoding's bits, so greedy speculative output is plain
+        # greedy's token for token; a sampled round's chain costs one SDPA call (its output is a distribution)
+        item = ScoreItem(tokens, state.cache, tree_mask, depths, logits_from, want_hidden=req.return_hidden,
+                         exact=req.argmax_only)
         logits = await self.batchers[req.model].score(item)
         state.tokens.extend(context_ids)
         if req.commit:

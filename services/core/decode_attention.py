@@ -77,6 +77,30 @@ def attend_one(q: Tensor, cache: KVCache, layer: int, length: int) -> Tensor:
     return attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)[0]
 
 
+CHAIN_ROWS = 32  # chains of at most this many new tokens (drafts under verification) attend row by row
+
+
+def attend_chain(q: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
+    """The rows of a causal chain of n new tokens (a draft under
+    verification) after ``start`` cached positions, each attended as if it
+    were a decode row alone: q [H, n, hd] -> [H, n, hd]. Row i is one query
+    against keys [0, start + i] read in whole key groups, so it gets the bits
+    ``attend_one`` gives the same token in plain decoding (one SDPA call, the
+    n rows as a batch of single queries over a broadcast view of the cache).
+    A chain scored as one multi-query SDPA call differs from decoding in the
+    last bits, and a near-tie then turns greedy verification away from
+    plain greedy."""
+    n = q.shape[1]
+    P = padded_length(start + n)
+    k, v = cache.k[layer, :, :P], cache.v[layer, :, :P]  # [K, P, hd]
+    if k.shape[1] < P:  # capacity ends inside the last group
+        k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
+    lengths = torch.arange(start + 1, start + n + 1, device=k.device)  # [n] keys of each row
+    mask = (torch.arange(P, device=k.device) < lengths[:, None]).view(n, 1, 1, P)
+    out = attend(q.transpose(0, 1).unsqueeze(2), k.expand(n, *k.shape), v.expand(n, *v.shape), mask)  # [n, H, 1, hd]
+    return out[:, :, 0].transpose(0, 1)
+
+
 class DecodeKV:
     """The padded KV of the decode rows of the last forward, kept for the next
     (one per model; forwards of a model run one at a time)."""

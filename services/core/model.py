@@ -15,6 +15,7 @@ product then reads weights at 1.3-1.6x the bandwidth of ``F.linear``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,11 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .cpu import PACKED, weight_layout
-from .decode_attention import DecodeKV, DecodeRows, attend_one
+from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
 from .kv_cache import KVCache
+from .row_invariance import caveat, floor_of, padded
+
+log = logging.getLogger("arserve.core")
 
 
 def rope_tables(config: LlamaConfig) -> tuple[Tensor, Tensor]:
@@ -69,10 +73,10 @@ def pack_weight(w: Tensor) -> Tensor:
     """w: [out, in] -> an opaque oneDNN tensor for ``_linear_pointwise``.
 
     Packed for 16 rows, a 1-row product is as fast as with a 1-row layout,
-    products of 2-16 rows (draft chains and trees) cost about the same as one
-    row, and each row's result is bitwise the same whatever the number of
-    rows (measured: docs/decisions.md), so scoring a draft and decoding one
-    token at a time agree exactly."""
+    and products of 2-16 rows (draft chains and trees) cost about the same
+    as one row. Each row's result is bitwise the same whatever the number of
+    rows only from a product's floor on (``row_invariance``: w_down needs 2
+    rows on this project's Xeons), so ``Block.linear`` pads to it."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
 
 
@@ -92,15 +96,20 @@ class Block(nn.Module):
         self.split = (c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd)
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = c.n_heads, c.n_kv_heads, hd, c.norm_eps
         self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix
+        self.floors: dict[str, int] = {}  # name -> its products' floor (``row_invariance``); unset: 1
 
     def pack(self) -> None:
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES}
 
-    def linear(self, x: Tensor, name: str) -> Tensor:
+    def fit_floors(self) -> None:
+        self.floors = {name: floor_of(getattr(self, name), name in self.packed).rows for name in MATRICES}
+
+    def linear(self, x: Tensor, name: str) -> Tensor:  # x [M, in] -> [M, out], each row batch-invariant
         packed = self.packed.get(name)
         if packed is None:
-            return F.linear(x, getattr(self, name))
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return padded(lambda a: F.linear(a, getattr(self, name)), x, self.floors.get(name, 1))
+        return padded(lambda a: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), x,
+                      self.floors.get(name, 1))
 
     def forward(
         self,
@@ -131,6 +140,9 @@ class Block(nn.Module):
             cache_v[:, seg.start:end] = v[:, rows]
             if seg.n == 1 and seg.mask is None:  # a decode row alone: the same arithmetic as in a batch
                 outs.append(attend_one(q[:, rows], seg.cache, layer, end))
+                continue
+            if seg.rowwise and seg.start > 0 and seg.n <= CHAIN_ROWS:  # a greedy draft: each row as it decodes
+                outs.append(attend_chain(q[:, rows], seg.cache, layer, seg.start))
                 continue
             outs.append(F.scaled_dot_product_attention(
                 q[:, rows].unsqueeze(0),
@@ -173,6 +185,7 @@ class ScoreItem:
     depths: Tensor | None = None  # [n] int64 tree depth of each new token (positions = start + depth)
     logits_from: int = 0  # logits are returned for new positions [logits_from, n)
     want_hidden: bool = False  # also set `hidden`: the final-normed hidden states of those positions
+    exact: bool = True  # a chain's rows get decoding's bits (``attend_chain``); False: one SDPA call, last bits differ
     hidden: Tensor | None = None  # [n - logits_from, dim], set by forward_batch when asked for
 
     @staticmethod
@@ -189,6 +202,7 @@ class Segment:
     start: int  # positions already in the cache
     cache: KVCache
     mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (or a single query)
+    rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
 
 
 class Llama(nn.Module):
@@ -208,6 +222,8 @@ class Llama(nn.Module):
         self.head_ids: Tensor | None = None
         self.graphs = None  # CUDA only: the captured decode steps (arserve.core.cuda_graphs), set by devices.prepare
         self.decode_kv = DecodeKV()  # the padded KV of the last forward's decode rows (``decode_attention``)
+        self.head_floor = 1  # the output product's floor (``row_invariance``)
+        self.floors_at: int | None = None  # the torch thread count the floors were probed at
         cos, sin = rope_tables(config)
         self.register_buffer("cos", cos, persistent=False)  # [max_seq_len, head_dim]
         self.register_buffer("sin", sin, persistent=False)  # [max_seq_len, head_dim]
@@ -228,7 +244,25 @@ class Llama(nn.Module):
             for layer in self.layers:
                 layer.pack()
             self.packed_head = pack_weight(self.output_matrix())
+        self.fit_floors()
         return self
+
+    def fit_floors(self) -> None:
+        """Probe each product's floor (``row_invariance``) for this thread's
+        torch thread count: a row then gets the same bits in a product of
+        any size, so verifying a draft agrees with plain decoding bit for bit."""
+        if self.device.type != "cpu":
+            return
+        for layer in self.layers:
+            layer.fit_floors()
+        head = floor_of(self.output_matrix(), self.packed_head is not None)
+        self.head_floor = head.rows
+        self.floors_at = torch.get_num_threads()
+        w = self.layers[0]
+        note = caveat({"output": head, **{name: floor_of(getattr(w, name), name in w.packed) for name in MATRICES}})
+        if note is not None:
+            log.warning("%s model with %d layers of width %d: %s", str(self.dtype).removeprefix("torch."),
+                        self.config.n_layers, self.config.dim, note)
 
     def output_matrix(self) -> Tensor:
         """[vocab or V', dim]: the (tied) output matrix, restricted to ``head_ids`` when set."""
@@ -286,6 +320,8 @@ class Llama(nn.Module):
             if out is not None:
                 return out
         dev = self.device
+        if dev.type == "cpu" and self.floors_at != torch.get_num_threads():  # first forward, or on another thread
+            self.fit_floors()
         decoding = [i for i, it in enumerate(items) if it.tokens.shape[0] == 1 and it.tree_mask is None]
         if len(decoding) < 2:
             decoding = []
@@ -307,7 +343,7 @@ class Llama(nn.Module):
                 local = (it.tree_mask.to(dev) if it.tree_mask is not None
                          else torch.ones(n, n, dtype=torch.bool, device=dev).tril_())
                 mask = torch.cat((torch.ones(n, start, dtype=torch.bool, device=dev), local), dim=1)  # [n, start + n]
-            segments.append(Segment(row, n, start, it.cache, mask))
+            segments.append(Segment(row, n, start, it.cache, mask, rowwise=it.tree_mask is None and it.exact))
             row_of[i] = len(segments) - 1
             row += n
         decode = None
@@ -329,9 +365,11 @@ class Llama(nn.Module):
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
         if self.packed_head is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(x, self.packed_head, None, "none", [], "").float()
+            head = lambda a: torch.ops.mkldnn._linear_pointwise(a, self.packed_head, None, "none", [], "")  # noqa: E731
         else:
-            logits = F.linear(x, self.output_matrix()).float()
+            w = self.output_matrix()
+            head = lambda a: F.linear(a, w)  # noqa: E731
+        logits = padded(head, x, self.head_floor).float()
         sizes = [len(k) for k in keep]
         if any(it.want_hidden for it in items):
             for it, h in zip(items, x.float().split(sizes)):
