@@ -170,3 +170,23 @@ def test_a_failed_run_reaches_every_caller_and_the_drafter_keeps_serving(draft, 
         assert service.joins.runs == 1
 
     asyncio.run(main())
+
+
+def test_plain_rounds_join_and_each_cache_takes_its_own_pending_input(draft):
+    """k = 0 (a plain round: only the pending input enters the cache) joins as drafts do; each
+    request's next drafts are those it drafts alone."""
+    async def main():
+        joined, alone = ImageDrafter({"m": draft}), ImageDrafter({"m": draft})
+        plain = {r: propose(r, [0] * n, noises(i, 0, n), labels=list(range(n))) for i, (r, n) in
+                 enumerate({"a": 1, "b": 3}.items())}
+        runs = joined.joins.runs
+        assert all(not r.HasField("draft") for r in await asyncio.gather(*(joined.Propose(r) for r in plain.values())))
+        assert joined.joins.runs == runs + 1  # one run for both
+        for i, (rid, req) in enumerate(plain.items()):
+            await alone.Propose(req)
+            n = len(req.image.labels)
+            tokens = noises(10 + i, 1, n)[0, 0]  # [n, token_dim]: the token the target sampled
+            later = propose(rid, [1] * n, noises(20 + i, 2, n), pending=tokens, labels=list(req.image.labels))
+            assert_close(drafted(await joined.Propose(later)), drafted(await alone.Propose(later)))
+
+    asyncio.run(main())
