@@ -12,9 +12,9 @@ what it keeps and rolls back the rest (overwritten by the next forward, as
 
 Continuous batching: Score calls that arrive while a forward runs join the
 next forward when they share the model, the cache capacity and the number of
-new positions (their rows and caches are concatenated), as the text
-backbone's ``ForwardBatcher`` joins text calls. Alone, a call runs exactly
-the forward the in-process loop ran (same shapes, same bits).
+new positions (their rows and caches are concatenated; ``arserve.batching``),
+as the text backbone's ``ForwardBatcher`` joins text calls. Alone, a call
+runs exactly the forward the in-process loop ran (same shapes, same bits).
 
 A request's cache lives on the replica that took its first call (the
 verifier's ``ImageKVSession`` sticks to it). On another replica, or after its
@@ -25,16 +25,15 @@ committed tokens in one forward.
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from ..batching import JoinQueue
 from ..core.image_model import ImageAR, ImageKV
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
-from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import from_proto, to_proto
 
@@ -53,12 +52,12 @@ class ImageSession:
 
 @dataclass
 class _Call:
-    key: tuple  # (model id, capacity, new positions): calls with equal keys share a forward
+    """One Score call's part of a forward; calls join by (model id, capacity, new positions)."""
+
     model: ImageAR
     session: ImageSession
     labels: torch.Tensor | None  # [rows] when the class input comes first (the first call), else None
     tokens: torch.Tensor  # [rows, m, token_dim] the token inputs
-    done: asyncio.Future
 
 
 def embed(model: ImageAR, labels: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,12 +101,7 @@ class ImageBackboneService:
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image-backbone")
         self.sessions: dict[tuple[str, str], ImageSession] = {}  # (model, request) -> its cache
         self.leases = Leases(lease_s, self._free, "image_backbone")
-        self.queue: list[_Call] = []
-        self.worker: asyncio.Task | None = None
-        self.forwards = 0  # forwards run
-        self.calls = 0  # calls scored
-        self.queue_depth = QUEUE_DEPTH.labels("image_backbone")
-        self.batch_items = BATCH_ITEMS.labels("image_backbone")
+        self.joins = JoinQueue(_forward, self.executor, "image_backbone")  # Score calls that share a forward
 
     def _model(self, model: str) -> ImageAR:
         try:
@@ -144,9 +138,8 @@ class ImageBackboneService:
             raise InvalidArgument(f"image.lengths {lengths.tolist()} commit positions never scored (the cache holds "
                                   f"{session.written.tolist()})")
         session.kv.lengths = lengths.to(session.kv.k.device)  # commit what the verifier kept, roll back the rest
-        call = _Call((req.model, capacity, tokens.shape[1] + first), model, session, labels if first else None,
-                     tokens, asyncio.get_running_loop().create_future())
-        z = await self._enqueue(call)  # [rows, p, dim]
+        call = _Call(model, session, labels if first else None, tokens)
+        z = await self.joins.submit((req.model, capacity, tokens.shape[1] + first), call)  # [rows, p, dim]
         session.written = lengths + z.shape[1]
         return pb.ScoreResponse(z=to_proto(z), length=int(session.written.max()), cached=0)
 
@@ -176,40 +169,9 @@ class ImageBackboneService:
         if tokens.dim() != 3 or tokens.shape[0] != lengths.shape[0] or tokens.shape[2] != c.token_dim \
                 or tokens.shape[1] < need:
             raise InvalidArgument(f"image.context must be [rows, >= {need}, {c.token_dim}], got {list(tokens.shape)}")
-        call = _Call(("rebuild", id(session)), model, session, session.labels, tokens[:, :need].contiguous(),
-                     asyncio.get_running_loop().create_future())
-        await self._enqueue(call)
+        await self.joins.submit(("rebuild", id(session)), _Call(model, session, session.labels,
+                                                                tokens[:, :need].contiguous()))
         session.written = lengths.clone()
-
-    async def _enqueue(self, call: _Call) -> torch.Tensor:
-        self.queue.append(call)
-        self.queue_depth.set(len(self.queue))
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._work())
-        return await call.done
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.queue:
-            key = self.queue[0].key
-            batch = [c for c in self.queue if c.key == key and not c.done.done()]
-            self.queue = [c for c in self.queue if c.key != key]
-            self.queue_depth.set(len(self.queue))
-            if not batch:
-                continue
-            self.batch_items.observe(len(batch))
-            try:
-                out = await loop.run_in_executor(self.executor, _forward, batch)
-            except Exception as e:  # noqa: BLE001 - every caller of the forward gets the error
-                for c in batch:
-                    if not c.done.done():
-                        c.done.set_exception(e)
-                continue
-            self.forwards += 1
-            self.calls += len(batch)
-            for c, z in zip(batch, out):
-                if not c.done.done():
-                    c.done.set_result(z)
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         raise InvalidArgument(f"model {req.model!r} is an image model: its commits travel in the next Score call "

@@ -7,7 +7,7 @@ token of every waiting request (continuous batching, as the text backbone's
 from its request's generator, so a request's tokens do not depend on what it
 was batched with, up to floating-point rounding of the batched products.
 Calls join when they share the head and the step count, and guidance is on for
-all of them or off for all.
+all of them or off for all (``arserve.batching``).
 
 The ``arserve.v1.DiffusionHead`` methods are what the image decode loop
 (``arserve.verifier.image``) calls, in process or over gRPC: ``Sample``
@@ -27,17 +27,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batching import JoinQueue
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead, Trajectory
 from ..core.sampling import seeded
 from ..errors import InvalidArgument, NotFound
-from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..pb.v1 import diffusion_head_pb2 as pb
 from ..wire import from_proto, to_proto
 
 
 @dataclass
 class _Call:
-    key: tuple  # (model id, head, steps, guided, trajectory): calls with equal keys share a run
+    """One Sample call's part of a run; calls join by (model id, head, steps, guided, trajectory)."""
+
     head: DiffusionHead
     z: torch.Tensor  # [n, z_dim]
     z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
@@ -45,7 +46,6 @@ class _Call:
     cfg: torch.Tensor  # [n]
     steps: int
     noise: torch.Tensor  # [S + 1, n, token_dim]
-    done: asyncio.Future
     trajectory: bool = False  # also the states and their log-density
 
 
@@ -55,12 +55,8 @@ class DiffusionHeadService:
         self.heads = heads or {}  # model id -> head, for the proto methods
         self.draft_heads = draft_heads or {}  # model id -> its draft model's head (LogDensity with `draft`)
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-head")
-        self.queue: list[_Call] = []
-        self.worker: asyncio.Task | None = None
-        self.runs = 0  # head runs (a run is `steps` forwards over all its rows)
+        self.joins = JoinQueue(_run, self.executor, "diffusion_head")  # a run: `steps` forwards over all its rows
         self.rows = 0  # rows sampled
-        self.queue_depth = QUEUE_DEPTH.labels("diffusion_head")
-        self.batch_items = BATCH_ITEMS.labels("diffusion_head")
 
     async def sample(self, model: str, head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
                      temperature: float, cfg: float, steps: int, noise: torch.Tensor, trajectory: bool = False):
@@ -68,43 +64,11 @@ class DiffusionHeadService:
         with the request's noise [S + 1, n, token_dim]; with ``trajectory`` a
         ``Trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n])."""
         n = z.shape[0]
-        call = _Call((model, id(head), steps, z_uncond is not None, trajectory), head, z, z_uncond,
-                     torch.full((n,), float(temperature)), torch.full((n,), float(cfg)), steps, noise,
-                     asyncio.get_running_loop().create_future(), trajectory)
-        self.queue.append(call)
-        self.queue_depth.set(len(self.queue))
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._work())
-        return await call.done
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.queue:
-            key = self.queue[0].key
-            batch = [c for c in self.queue if c.key == key and not c.done.done()]  # cancelled callers leave
-            self.queue = [c for c in self.queue if c.key != key]
-            self.queue_depth.set(len(self.queue))
-            if not batch:
-                continue
-            self.batch_items.observe(len(batch))
-            try:
-                out = await loop.run_in_executor(self.executor, _run, batch)
-            except BaseException as e:  # every caller of the run gets the error, even if this worker is cancelled
-                for c in batch:
-                    if not c.done.done():
-                        c.done.set_exception(e if isinstance(e, Exception) else RuntimeError("head run cancelled"))
-                if not isinstance(e, Exception):
-                    raise
-                continue
-            self.runs += 1
-            start = 0
-            for c in batch:
-                n = c.z.shape[0]
-                if not c.done.done():  # a cancelled caller's rows are dropped
-                    c.done.set_result(out[start:start + n] if not c.trajectory else Trajectory(
-                        out.tokens[start:start + n], out.states[:, start:start + n], out.log_density[start:start + n]))
-                start += n
-                self.rows += n
+        call = _Call(head, z, z_uncond, torch.full((n,), float(temperature)), torch.full((n,), float(cfg)), steps,
+                     noise, trajectory)
+        out = await self.joins.submit((model, id(head), steps, z_uncond is not None, trajectory), call)
+        self.rows += n
+        return out
 
     # ---- arserve.v1.DiffusionHead -------------------------------------------------
 
@@ -186,12 +150,19 @@ def _check_sampling(temperature: float, cfg: float, steps: int) -> None:
 
 
 @torch.no_grad()
-def _run(batch: list[_Call]) -> torch.Tensor:
-    """One head run over the rows of every call -> [sum n, token_dim] (a
-    ``Trajectory`` over them for trajectory calls)."""
+def _run(batch: list[_Call]) -> list[torch.Tensor | Trajectory]:
+    """One head run over the rows of every call -> each call's tokens [n,
+    token_dim] (a ``Trajectory`` over them for trajectory calls)."""
     cat = lambda f: torch.cat([f(c) for c in batch])  # noqa: E731
     guided = batch[0].z_uncond is not None
     sample = batch[0].head.sample_trajectory if batch[0].trajectory else batch[0].head.sample
-    return sample(
+    out = sample(
         cat(lambda c: c.z), cat(lambda c: c.temperature), cat(lambda c: c.cfg), batch[0].steps,
         z_uncond=cat(lambda c: c.z_uncond) if guided else None, noise=torch.cat([c.noise for c in batch], dim=1))
+    results, start = [], 0
+    for c in batch:
+        n = c.z.shape[0]
+        results.append(out[start:start + n] if not c.trajectory else Trajectory(
+            out.tokens[start:start + n], out.states[:, start:start + n], out.log_density[start:start + n]))
+        start += n
+    return results

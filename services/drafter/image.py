@@ -12,6 +12,16 @@ the verifier drew from the request's generator, and answers the tokens,
 trajectories, their draft log-density and the draft's conditions z. k = 0 is
 a plain round: only the pending input enters the cache.
 
+Continuous batching (``arserve.batching``): Propose calls that arrive while
+a propose runs join the next run when they can be one computation: the same
+draft, k, step count, temperature, cfg and cache capacity. Their rows and
+caches are concatenated (every conditional row, then every "no class" row,
+as ``split`` reads them), so a draft step is one draft forward and one draft
+head run for all of them; each call gets its own rows back. First calls and
+later ones join: the pending input is per row (``pending_input``). Alone, a
+call runs exactly the propose it ran before joining existed (same shapes,
+same bits).
+
 A request whose cache this replica does not hold (a new replica, an expired
 lease) gets FAILED_PRECONDITION; the verifier then decodes the rest of the
 request without drafts (``arserve.verifier.image``).
@@ -19,12 +29,12 @@ request without drafts (``arserve.verifier.image``).
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from ..batching import JoinQueue
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
 from ..core.image_model import ImageAR, ImageKV
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
@@ -50,6 +60,21 @@ class ImageDraft:
     states: torch.Tensor  # [S + 1, n, k, token_dim] their denoising trajectories
     log_q: torch.Tensor  # [n, k] the draft head's log-density of each trajectory
     z: torch.Tensor  # [rows, k, draft dim] the draft's conditions (residual sampling needs them)
+
+
+@dataclass
+class _Call:
+    """One Propose call's part of a run. Calls join a run by key (``ImageDrafter.Propose``): the same
+    draft, k, steps, temperature, cfg and cache capacity."""
+
+    draft: ImageAR
+    temperature: float
+    cfg: float  # 1: unguided
+    steps: int  # S, denoising steps per token
+    kv: ImageKV  # the request's cache: [n_layers, rows, capacity, ...], lengths [rows] committed
+    labels: torch.Tensor | None  # [rows] int64 on the first call (the class input comes first), else None
+    last: torch.Tensor | None  # [rows, token_dim] the last committed token after the first call, else None
+    noise: torch.Tensor  # [k, S + 1, n, token_dim]
 
 
 def split(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,6 +133,7 @@ class ImageDrafter:
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image-drafter")
         self.sessions: dict[tuple[str, str], DraftSession] = {}
         self.leases = Leases(lease_s, self._free, "image_drafter")
+        self.joins = JoinQueue(_run, self.executor, "image_drafter")  # Propose calls that share a run
 
     @leased(lambda req: (req.model, req.request_id))
     async def Propose(self, req: pb.ProposeRequest, context=None) -> pb.ProposeResponse:
@@ -157,9 +183,10 @@ class ImageDrafter:
             raise InvalidArgument(f"request {req.request_id!r}: labels must stay those of its first call and lengths "
                                   f"{lengths.tolist()} may not pass the positions drafted {session.written.tolist()}")
         session.kv.lengths = lengths.to(dev)  # commit what the target kept, roll back the rest
-        out = await asyncio.get_running_loop().run_in_executor(
-            self.executor, _propose, draft, session.kv, labels.to(dev), None if last is None else last.to(dev),
-            noise.to(dev), n, im.temperature, im.cfg or 1.0, steps)
+        cfg = im.cfg or 1.0
+        call = _Call(draft, im.temperature, cfg, steps, session.kv, labels.to(dev) if last is None else None,
+                     None if last is None else last.to(dev), noise.to(dev))
+        out = await self.joins.submit((req.model, k, steps, im.temperature, cfg, session.kv.k.shape[2]), call)
         session.written = lengths + max(k, 1)
         if out is None:
             return pb.ProposeResponse()
@@ -176,6 +203,44 @@ class ImageDrafter:
         self.sessions.pop(key, None)
 
 
-def _propose(draft, kv, labels, last, noise, n, temperature, cfg, steps):
-    return propose(draft, kv, pending_input(draft, labels if last is None else None, last), noise, n, temperature,
-                   cfg, steps)
+@torch.no_grad()
+def _run(batch: list[_Call]) -> list[ImageDraft | None]:
+    """One propose over the rows of every call of a run -> each call's drafts
+    (None for k = 0), and each call's cache written back.
+
+    The joined rows are every call's conditional rows, then (guided) every
+    call's "no class" rows in the same order, as ``split`` reads them; a call
+    alone runs on its own cache, as ever."""
+    first = batch[0]
+    draft, guided = first.draft, first.cfg != 1.0
+    args = first.temperature, first.cfg, first.steps
+    if len(batch) == 1:
+        pending = pending_input(draft, first.labels, first.last)
+        return [propose(draft, first.kv, pending, first.noise, first.noise.shape[2], *args)]
+    ns = [c.noise.shape[2] for c in batch]  # images per call
+    n = sum(ns)
+    starts = [sum(ns[:i]) for i in range(len(batch))]  # where each call's conditional rows start
+
+    def joined(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """Each call's rows (along dim: [cond n_i; uncond n_i]) -> [cond of all; uncond of all]."""
+        if not guided:
+            return torch.cat(parts, dim)
+        return torch.cat([p.narrow(dim, 0, m) for p, m in zip(parts, ns)]
+                         + [p.narrow(dim, m, m) for p, m in zip(parts, ns)], dim)
+
+    def own(x: torch.Tensor, i: int, dim: int = 0) -> torch.Tensor:
+        """Call i's rows of joined rows x (along dim), in its own order."""
+        cond = x.narrow(dim, starts[i], ns[i])
+        return torch.cat([cond, x.narrow(dim, n + starts[i], ns[i])], dim) if guided else cond
+
+    kv = ImageKV(joined([c.kv.k for c in batch], 1), joined([c.kv.v for c in batch], 1),
+                 joined([c.kv.lengths for c in batch]))  # [n_layers, rows, capacity, ...], lengths [rows]
+    pending = joined([pending_input(draft, c.labels, c.last) for c in batch])  # [rows, 1, dim]
+    out = propose(draft, kv, pending, torch.cat([c.noise for c in batch], 2), n, *args)
+    drafts: list[ImageDraft | None] = []
+    for i, c in enumerate(batch):
+        c.kv.k, c.kv.v = own(kv.k, i, 1), own(kv.v, i, 1)  # propose leaves the committed lengths as they were
+        s, m = starts[i], ns[i]
+        drafts.append(None if out is None else ImageDraft(out.tokens[s:s + m], out.states[:, s:s + m],
+                                                          out.log_q[s:s + m], own(out.z, i)))
+    return drafts

@@ -56,7 +56,7 @@ def test_requests_share_forwards_and_get_their_own_z(model):
         return service, first, rest
 
     service, first, rest = asyncio.run(main())
-    assert service.forwards < service.calls == 8  # concurrent calls were joined
+    assert service.joins.runs < service.joins.items == 8  # concurrent calls were joined
     for (r, t), a, b in zip(toks.items(), first, rest):
         z = torch.cat([from_proto(a.z), from_proto(b.z)], 1)  # [2, 4, dim]
         assert torch.allclose(z, reference(model, labels[r], t), atol=1e-5)

@@ -43,7 +43,7 @@ def test_concurrent_calls_share_runs_and_keep_their_own_noise(head):
 
     service, out = asyncio.run(main())
     assert service.rows == sum(z.shape[0] for z, _, _ in calls)
-    assert service.runs < len(calls)  # calls that waited were joined
+    assert service.joins.runs < len(calls)  # calls that waited were joined
     for (z, noise, t), tokens in zip(calls, out):
         alone = head.sample(z, t, 1.0, STEPS, noise=noise)
         assert torch.allclose(tokens, alone, atol=1e-5)
