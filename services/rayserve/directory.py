@@ -184,15 +184,23 @@ class Peers:
 
     async def pick(self, timeout_s: float = 60.0, avoid: frozenset[str] | set[str] = frozenset()) -> Peer:
         """The least busy replica (ties take turns; replicas in ``avoid`` only
-        when no other is left); waits for a first one."""
+        when no other is left); waits for a first one, ``timeout_s`` at most
+        and never past the request's deadline: with none left (every replica
+        gone, or none scheduled) the request fails with UNAVAILABLE naming the
+        service, within its deadline."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._refresh_forever())
         if not self.peers:
+            left = deadlines.left()
+            wait_s = timeout_s if left is None else min(timeout_s, left)
             self._changed.clear()  # set again by the refresh that finds one
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout_s)
+                async with asyncio.timeout(wait_s):  # not wait_for: see deadlines.within
+                    await self._changed.wait()
             except TimeoutError:
-                raise Unavailable(f"no {self.service} replica announced itself within {timeout_s:.0f}s") from None
+                raise Unavailable(f"no {self.service} replica announced itself within {wait_s:.1f}s"
+                                  + (" (the request's deadline)" if wait_s < timeout_s else "")
+                                  + f"; is one scheduled? (`ray status`, `serve status`)") from None
         turn = next(self._turn)
         peers = list(self.peers.values())
         return min(peers, key=lambda p: (p.address in avoid, p.load, (peers.index(p) - turn) % len(peers)))

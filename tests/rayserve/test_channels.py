@@ -135,6 +135,29 @@ def test_stateless_calls_try_another_replica_after_unavailable(model):
     assert asyncio.run(scenario()) == [reference] * 4
 
 
+def test_with_no_replica_left_a_call_is_unavailable_within_the_requests_deadline():
+    """Every diffusion-head replica gone (or none scheduled, as under a
+    `serve run` whose replicas did not fit the node): the call fails with
+    UNAVAILABLE naming the service once the request's deadline (2 s here)
+    passes, not after the 60 s a first replica is waited for."""
+    from arserve.errors import Unavailable
+    from arserve.pb.v1 import diffusion_head_pb2, diffusion_head_pb2_grpc
+
+    async def scenario() -> float:
+        heads = Peers(Handle(Directory(SECRET)), "diffusion_head", diffusion_head_pb2_grpc.DiffusionHeadStub, LINK,
+                      refresh_s=0.2)
+        deadlines.begin(None, 2.0)
+        t = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(Unavailable, match="no diffusion_head replica .* deadline"):
+                await asyncio.wait_for(Remote(heads).Sample(diffusion_head_pb2.SampleRequest(model="m")), 20)
+        finally:
+            heads._task.cancel()
+        return asyncio.get_running_loop().time() - t
+
+    assert 1.5 < asyncio.run(scenario()) < 5
+
+
 class Wedged(backbone_pb2_grpc.BackboneServicer):
     """A backbone that takes a Score call and never answers (a replica stuck
     in a forward, or a process stopped mid-call), noting the deadline it got."""
