@@ -75,6 +75,9 @@ DRAFTED = Family("counter", "arserve_drafted_tokens_total", "Draft tokens propos
 ACCEPTED = Family("counter", "arserve_accepted_tokens_total", "Draft tokens accepted", ["model", "method"])
 RESUMED = Family("counter", "arserve_resumed_requests_total", "Requests whose backbone replica was lost and "
                  "that resumed on another", ["model"])
+DRAFT_FAILURES = Family("counter", "arserve_draft_failures_total", "Rounds decoded without drafts because the "
+                        "drafter failed (error) or missed draft_timeout_s (timeout): lossless, but no speedup",
+                        ["model", "method", "reason"])
 QUEUE_DEPTH = Family("gauge", "arserve_backbone_queue_depth", "Score calls waiting for a forward", ["model"])
 BATCH_ITEMS = Family("histogram", "arserve_backbone_batch_requests", "Requests sharing one forward", ["model"],
                      (1, 2, 4, 8, 16, 32, 64))
@@ -87,8 +90,8 @@ KV_RESERVED = Family("gauge", "arserve_backbone_kv_reserved_tokens", "KV token p
 KV_WAITING = Family("gauge", "arserve_backbone_kv_waiting_requests", "Requests waiting for KV budget", ["model"])
 LEASES_EXPIRED = Family("counter", "arserve_leases_expired_total", "Per-request states freed after an idle lease "
                         "(state_lease_s): a caller died or lost its Release", ["service"])
-ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, QUEUE_DEPTH, BATCH_ITEMS, KV_BLOCKS,
-       KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)
+ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, RESUMED, DRAFT_FAILURES, QUEUE_DEPTH,
+       BATCH_ITEMS, KV_BLOCKS, KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)  # every Family: Ray exports these
 
 
 def export_to_ray() -> None:

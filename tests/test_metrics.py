@@ -46,3 +46,13 @@ def test_metrics_endpoint():
     serve_metrics(port)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert "arserve_requests_total" in body and "arserve_time_per_output_token_seconds" in body
+
+
+def test_every_metric_is_exported_to_ray():
+    """Ray replicas export ``metrics.ALL``: a Family left out of it (as the
+    resume counter was) is invisible in the Ray wiring."""
+    from arserve import metrics
+
+    families = [v for v in vars(metrics).values() if isinstance(v, metrics.Family)]
+    assert families and set(map(id, families)) == set(map(id, metrics.ALL)), \
+        sorted(f.name for f in families if f not in metrics.ALL)

@@ -43,7 +43,7 @@ from arserve_client.v1 import generation_pb2 as gpb
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
 from ..core.sampling import Sampling, probs, sample
 from ..errors import NotFound, ReplicaLost
-from ..metrics import RESUMED
+from ..metrics import DRAFT_FAILURES, RESUMED
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as pb
@@ -290,6 +290,7 @@ class VerifierService:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed proposal costs one plain round, never the request
+            DRAFT_FAILURES.labels(req.model, req.method, "timeout" if isinstance(e, TimeoutError) else "error").inc()
             if not self._drafter_failing:
                 log.warning("drafter %r failed (%s: %s); decoding without drafts until it answers",
                             req.method, type(e).__name__, e)

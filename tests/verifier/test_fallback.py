@@ -4,6 +4,7 @@ decoding, never the request, and leaves the output unchanged."""
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 
 from arserve.backbone.service import BackboneService
 from arserve.drafter.ngram import NgramProposer
@@ -38,8 +39,13 @@ def test_failing_drafter_falls_back_to_plain_decoding(drafter, caplog):
     plain, _ = asyncio.run(run(VerifierService(backbone, None, {"tiny": (300,)}), "none"))
     d = RaisingDrafter() if drafter == "raising" else SlowDrafter({"ngram": NgramProposer()})
     verifier = VerifierService(backbone, d, {"tiny": (300,)}, SpeculationDefaults(draft_timeout_s=0.05))
+    reason = "error" if drafter == "raising" else "timeout"
+    failures = lambda: REGISTRY.get_sample_value(  # noqa: E731
+        "arserve_draft_failures_total", {"model": "tiny", "method": "ngram", "reason": reason}) or 0.0
+    before = failures()
     with caplog.at_level("WARNING"):
         tokens, last = asyncio.run(run(verifier, "ngram"))
+    assert failures() - before >= 1  # the silent speed cliff is counted (the log says it once)
     assert tokens == plain and len(tokens) == 24
     assert last.finish_reason == gpb.FINISH_REASON_LENGTH
     assert last.speculative.accepted_tokens == 0
