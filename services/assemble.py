@@ -14,7 +14,7 @@ import torch
 
 from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
-from .core import devices
+from .core import compute, devices
 from .core.config import LlamaConfig
 from .core.cpu import describe
 from .core.model import Llama
@@ -36,6 +36,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_target(m: ModelSettings) -> Llama:
+    """The target, loaded (and packed, and its products probed) on the compute thread that will run it."""
+    return compute.call(_load_target, m)
+
+
+def _load_target(m: ModelSettings) -> Llama:
     t = time.perf_counter()
     device = devices.resolve(m.device, f"model {m.id!r}")  # before reading weights: a missing GPU fails at once
     model = devices.prepare(load_llama(m.weights_path(), DTYPES[m.dtype]), device)
@@ -100,8 +105,9 @@ def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> Drafte
     """The drafter, or None when no model asks for a drafting method."""
     proposers = {}
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
-        proposers.update(build_proposers(m.speculative_methods, config[m.id], DTYPES[m.dtype], m.model_dump(),
-                                         m.weights_path(), devices.resolve(m.device, f"model {m.id!r}'s drafter")))
+        proposers.update(compute.call(build_proposers, m.speculative_methods, config[m.id], DTYPES[m.dtype],
+                                      m.model_dump(), m.weights_path(),
+                                      devices.resolve(m.device, f"model {m.id!r}'s drafter")))
     return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 
@@ -111,7 +117,12 @@ def tokenizer(settings: ServiceSettings) -> TokenizerService:
 
 
 def image_models(settings: ServiceSettings) -> dict:
-    """Image model id -> (target ImageAR, draft ImageAR or None), from hash-checked checkpoints."""
+    """Image model id -> (target ImageAR, draft ImageAR or None), from hash-checked checkpoints (loaded on
+    the compute thread)."""
+    return compute.call(_image_models, settings)
+
+
+def _image_models(settings: ServiceSettings) -> dict:
     from .image.checkpoints import load_checkpoint
 
     pairs = {}
@@ -200,7 +211,7 @@ def embedded_images(settings: ServiceSettings, tokenizer):
     pairs = image_models(settings)
     if not pairs:
         return None
-    executor = ThreadPoolExecutor(1, thread_name_prefix="arserve-image")  # one compute thread for image work
+    executor = compute.executor()  # the process's one compute thread
     configs = {k: t.config for k, (t, _) in pairs.items()}
     loop = image_verifier(settings, image_backbone(settings, pairs, executor), image_drafter(settings, pairs, executor),
                           diffusion_head(pairs, executor), configs)

@@ -7,9 +7,8 @@ import asyncio
 import logging
 import threading
 
-import torch
-
 from . import assemble
+from .core import compute
 from .gateway.http import start_http_server
 from .gateway.server import start_server
 from .gateway.service import GenerationService
@@ -20,8 +19,7 @@ log = logging.getLogger("arserve.embedded")
 
 def build(settings: ServerSettings) -> GenerationService:
     """Load every model and wire the services together in this process."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    compute.start(settings.torch_threads)  # before any tensor work: one OpenMP team in the process
     config = assemble.configs(settings)
     backbone = assemble.backbone(settings) if settings.decoded_by("arserve") else None
     verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))

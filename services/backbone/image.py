@@ -32,6 +32,7 @@ import torch
 
 from ..batching import JoinQueue
 from ..core.image_model import ImageAR, ImageKV
+from ..core import compute
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
 from ..pb.v1 import backbone_pb2 as pb
@@ -98,7 +99,7 @@ class ImageBackboneService:
     def __init__(self, models: dict[str, ImageAR], executor: ThreadPoolExecutor | None = None,
                  lease_s: float = 300.0):
         self.models = models  # model id -> target ImageAR
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image-backbone")
+        self.executor = executor or compute.executor()
         self.sessions: dict[tuple[str, str], ImageSession] = {}  # (model, request) -> its cache
         self.leases = Leases(lease_s, self._free, "image_backbone")
         self.joins = JoinQueue(_forward, self.executor, "image_backbone")  # Score calls that share a forward

@@ -26,6 +26,7 @@ from ..core.kv_blocks import BlockSpace, block_keys
 from ..core.kv_cache import KVCache
 from ..core.kv_transfer import HostBlocks, to_host
 from ..core.model import Llama, ScoreItem
+from ..core import compute
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
 from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
@@ -129,7 +130,7 @@ class BackboneService:
         self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
         self.requests: dict[tuple[str, str], RequestState] = {}
         self._storing: set[asyncio.Task] = set()  # KV stores in flight
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="backbone")
+        self.executor = compute.executor()  # the process's compute thread (arserve.core.compute)
         self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name) for name, m in models.items()}
         self.budgets = {name: KVBudget(budget.capacity(m.config, m.dtype, len(models)), budget.queue, budget.wait_s,
                                        name) for name, m in models.items()}

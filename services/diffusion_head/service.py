@@ -30,6 +30,7 @@ import torch
 from ..batching import JoinQueue
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead, Trajectory
 from ..core.sampling import seeded
+from ..core import compute
 from ..errors import InvalidArgument, NotFound
 from ..pb.v1 import diffusion_head_pb2 as pb
 from ..wire import from_proto, to_proto
@@ -54,7 +55,7 @@ class DiffusionHeadService:
                  draft_heads: dict[str, DiffusionHead] | None = None):
         self.heads = heads or {}  # model id -> head, for the proto methods
         self.draft_heads = draft_heads or {}  # model id -> its draft model's head (LogDensity with `draft`)
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-head")
+        self.executor = executor or compute.executor()
         self.joins = JoinQueue(_run, self.executor, "diffusion_head")  # a run: `steps` forwards over all its rows
         self.rows = 0  # rows sampled
 

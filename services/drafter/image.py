@@ -37,6 +37,7 @@ import torch
 from ..batching import JoinQueue
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
 from ..core.image_model import ImageAR, ImageKV
+from ..core import compute
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
 from ..pb.v1 import drafter_pb2 as pb
@@ -130,7 +131,7 @@ class ImageDrafter:
 
     def __init__(self, drafts: dict[str, ImageAR], executor: ThreadPoolExecutor | None = None, lease_s: float = 300.0):
         self.drafts = drafts  # image model id -> its draft ImageAR
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="arserve-image-drafter")
+        self.executor = executor or compute.executor()
         self.sessions: dict[tuple[str, str], DraftSession] = {}
         self.leases = Leases(lease_s, self._free, "image_drafter")
         self.joins = JoinQueue(_run, self.executor, "image_drafter")  # Propose calls that share a run

@@ -9,8 +9,8 @@ context, as it does for a drafter replica that died."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
+from ..core import compute
 from ..core.sampling import Sampling, seeded
 from ..errors import FailedPrecondition, InvalidArgument
 from ..leases import Leases, leased
@@ -23,7 +23,7 @@ class DrafterService:
     def __init__(self, proposers: dict[str, Proposer], lease_s: float = 300.0):
         self.proposers = proposers  # method -> proposer
         self.contexts: dict[tuple[str, str], list[int]] = {}  # (method, request) -> committed tokens
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="drafter")
+        self.executor = compute.executor()  # the process's compute thread (arserve.core.compute)
         self.leases = Leases(lease_s, self._free, "drafter")  # frees the state of requests left idle
 
     @leased(lambda req: (req.method, req.request_id))

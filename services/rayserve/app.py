@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from ray import serve
 from ray.serve import Application
 
 from .. import assemble, metrics
+from ..core import compute
 from ..drafter.registry import method_spec
 from ..errors import Unauthenticated
 from ..gateway import http
@@ -54,9 +54,10 @@ log = logging.getLogger("arserve.rayserve")
 
 
 def _threads(args: AppArgs, service: str) -> None:
-    """torch threads: the configured count, else the replica's whole CPUs (at least 1)."""
+    """The replica's compute thread (``arserve.core.compute``) with its torch threads: the configured count,
+    else the replica's whole CPUs (at least 1)."""
     opts = args.deployments[service]
-    torch.set_num_threads(opts.torch_threads or max(1, int(opts.ray_actor_options.num_cpus)))
+    compute.start(opts.torch_threads or max(1, int(opts.ray_actor_options.num_cpus)))
 
 
 def _remote(args: AppArgs, directory, service: str, stub, sticky: bool = False) -> Remote:

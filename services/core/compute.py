@@ -1,0 +1,83 @@
+"""One compute thread per process: every forward, draft, head run and model
+load of a process runs on it (``executor()``, ``call``).
+
+Why: torch parallelizes CPU ops with OpenMP, and libgomp gives each thread
+that opens a parallel region a team of worker threads of its own, kept for
+the life of that thread. Once a process holds more OpenMP threads than CPUs,
+libgomp stops spinning between parallel regions (its "throttled" spin count)
+and each region waits for its workers to wake from a futex. A SmolLM2 decode
+step opens some 600 regions: on this project's 2-core machines it went from
+41-44 ms to 53-56 ms for good as soon as a second thread had run a single
+parallel op, even a softmax over one row of logits (docs/decisions.md,
+"One compute thread"). So:
+
+- the compute thread runs with the process's torch threads (``start``);
+- every thread that first touches torch after ``start`` (the event loop,
+  gRPC's threads) runs its tensor ops on one thread, without a team: the
+  verifier's sampling and the wire's conversions are small.
+
+The words: *the compute thread* is this module's one executor thread;
+*torch threads* are its OpenMP threads (``ServerSettings.torch_threads``,
+each Ray deployment's ``torch_threads``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger("arserve.core")
+T = TypeVar("T")
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own default (one per core, or OMP_NUM_THREADS), read before start
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_thread: threading.Thread | None = None
+
+
+def _own(threads: int) -> None:
+    """In the compute thread: take ``threads`` torch threads, and fix them
+    (torch reads a thread's count lazily, from the process default, on its
+    first parallel op; reading it now keeps this one)."""
+    global _thread
+    torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    _thread = threading.current_thread()
+
+
+def start(threads: int | None = None) -> ThreadPoolExecutor:
+    """Start the compute thread with ``threads`` torch threads (default:
+    torch's, one per core), or give an already started one that many; from
+    then on other threads that start using torch do so single-threaded.
+    Call it before the process's first tensor work (the server wirings do)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="arserve-compute")
+        n = threads or DEFAULT_THREADS
+        _executor.submit(_own, n).result()
+        # the process default, set from a thread of its own: the caller's own count stays as it is
+        quiet = threading.Thread(target=torch.set_num_threads, args=(1,), name="arserve-torch-default")
+        quiet.start()
+        quiet.join()
+        log.debug("compute thread: %d torch threads; other threads: 1", n)
+        return _executor
+
+
+def executor() -> ThreadPoolExecutor:
+    """The compute thread (started with the default count on first use)."""
+    return _executor if _executor is not None else start()
+
+
+def call(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` on the compute thread, waited for (loading
+    models from synchronous code); inline when already on it."""
+    ex = executor()
+    if threading.current_thread() is _thread:
+        return fn(*args, **kwargs)
+    return ex.submit(fn, *args, **kwargs).result()

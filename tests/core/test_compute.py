@@ -1,0 +1,44 @@
+"""One compute thread per process (``arserve.core.compute``): it runs with
+the process's torch threads, and the threads that touch torch after it
+started (the event loop's sampling, gRPC's conversions) open no OpenMP team
+of their own, the team that made every decode step wait (decision 40)."""
+
+import subprocess
+import sys
+
+SCRIPT = r"""
+import os, threading, torch
+from arserve.core import compute
+
+compute.start(2)
+compute.call(lambda: torch.randn(256, 4096).softmax(-1))  # the compute thread's own team
+tasks = lambda: len(os.listdir("/proc/self/task"))
+before = tasks()
+done, leave, seen = threading.Event(), threading.Event(), []
+
+def sample():  # what the verifier does with a sampled request's logits, on the event loop's thread
+    logits = torch.randn(1, 49152)
+    torch.softmax(logits / 0.7, -1), torch.sort(logits, descending=True), logits.argmax(-1)
+    seen.append(torch.get_num_threads())
+    done.set()
+    leave.wait()
+
+t = threading.Thread(target=sample)
+t.start()
+done.wait()
+during = tasks()
+leave.set()
+t.join()
+print(during - before, seen[0], compute.call(torch.get_num_threads), compute.call(compute.call, lambda: 7))
+"""
+
+
+def test_other_threads_open_no_openmp_team_and_the_compute_thread_keeps_its_threads():
+    """In a fresh interpreter: a thread that samples from a row of logits
+    after ``start`` adds only itself to the process (no OpenMP workers: before,
+    it added one), runs single-threaded, and the compute thread keeps its 2
+    threads; ``call`` from the compute thread runs inline (no deadlock)."""
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added, other, compute_threads, nested = map(int, out.stdout.split())
+    assert (added, other, compute_threads, nested) == (1, 1, 2, 7)
