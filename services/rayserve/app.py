@@ -68,6 +68,7 @@ class Tokenizer(ServiceReplica):
     service, proto = "tokenizer", (tokenizer_pb2, tokenizer_pb2_grpc, "Tokenizer")
 
     def build(self, args: AppArgs, directory):
+        _threads(args, self.service)  # its tensor work is small: one thread, no OpenMP team spinning on the node
         return assemble.tokenizer(args)
 
 
@@ -101,6 +102,7 @@ class Verifier(ServiceReplica):
     service, proto = "verifier", (verifier_pb2, verifier_pb2_grpc, "Verifier")
 
     def build(self, args: AppArgs, directory):
+        _threads(args, self.service)  # sampling and acceptance: small tensors, one thread (its CPU share)
         backbone = _remote(args, directory, "backbone", backbone_pb2_grpc.BackboneStub, sticky=True)
         drafter = (_remote(args, directory, "drafter", drafter_pb2_grpc.DrafterStub, sticky=True)
                    if drafting(args) else None)

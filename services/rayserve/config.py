@@ -64,8 +64,9 @@ class DeploymentOptions(BaseModel):
     num_replicas: int = Field(1, ge=1, description="Replicas (the starting count when autoscaling is set).")
     ray_actor_options: ActorOptions
     autoscaling: Autoscaling | None = Field(None, description="Scale between bounds on load; None: fixed count.")
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads in each replica "
-                                      "(services that run models; default: Ray's CPU share, at least 1).")
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads of each replica's "
+                                      "compute thread (arserve.core.compute; default: Ray's whole CPUs, at "
+                                      "least 1).")
 
     def ray_options(self) -> dict:
         """The keyword arguments of ``Deployment.options``."""
