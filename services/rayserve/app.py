@@ -56,8 +56,7 @@ log = logging.getLogger("arserve.rayserve")
 def _threads(args: AppArgs, service: str) -> None:
     """The replica's compute thread (``arserve.core.compute``) with its torch threads: the configured count,
     else the replica's whole CPUs (at least 1)."""
-    opts = args.deployments[service]
-    compute.start(opts.torch_threads or max(1, int(opts.ray_actor_options.num_cpus)))
+    compute.start(args.deployments[service].threads())
 
 
 def _remote(args: AppArgs, directory, service: str, stub, sticky: bool = False) -> Remote:

@@ -68,12 +68,22 @@ class DeploymentOptions(BaseModel):
                                       "compute thread (arserve.core.compute; default: Ray's whole CPUs, at "
                                       "least 1).")
 
+    def threads(self) -> int:
+        """Each replica's torch threads: ``torch_threads``, else its whole CPUs (at least 1)."""
+        return self.torch_threads or max(1, int(self.ray_actor_options.num_cpus))
+
     def ray_options(self) -> dict:
-        """The keyword arguments of ``Deployment.options``."""
+        """The keyword arguments of ``Deployment.options``. A replica with
+        more torch threads than its CPU share shares its cores with other
+        replicas: its OpenMP workers then sleep between parallel regions
+        (``OMP_WAIT_POLICY=PASSIVE``) rather than spin on cores that other
+        replicas' work needs (arserve.core.compute, docs/decisions.md 40)."""
         out: dict = {"ray_actor_options": self.ray_actor_options.model_dump(exclude_none=True),
                      # Ray Serve handles and its proxy reach only the gateway; internal calls are
                      # direct gRPC, so this bounds only proxy calls per gateway replica.
                      "max_ongoing_requests": 1024}
+        if self.threads() > max(1.0, self.ray_actor_options.num_cpus):
+            out["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
         if self.autoscaling:
             out["autoscaling_config"] = {**self.autoscaling.ray_config(), "initial_replicas": self.num_replicas}
         else:

@@ -185,3 +185,18 @@ def test_model_devices_and_deployment_gpus_agree():
         with pytest.raises(ValidationError) as e:
             AppArgs.model_validate(change)
         assert all(w in str(e.value) for w in words), (words, str(e.value))
+
+
+def test_replicas_with_more_torch_threads_than_cpus_let_their_openmp_workers_sleep():
+    """Two backbone replicas of 2 torch threads on half a CPU each share
+    the cores: spinning OpenMP workers would take them from each other (the
+    Ray tests ran 4-5x slower). Replicas that own their cores spin."""
+    from arserve.rayserve.config import DeploymentOptions
+
+    shared = DeploymentOptions.model_validate({"ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2})
+    owned = DeploymentOptions.model_validate({"ray_actor_options": {"num_cpus": 2}, "torch_threads": 2})
+    single = DeploymentOptions.model_validate({"ray_actor_options": {"num_cpus": 0.1}, "torch_threads": 1})
+    assert shared.ray_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    assert "runtime_env" not in owned.ray_options()["ray_actor_options"]
+    assert "runtime_env" not in single.ray_options()["ray_actor_options"]
+    assert (shared.threads(), owned.threads(), single.threads()) == (2, 2, 1)
