@@ -26,7 +26,7 @@ from .config import LlamaConfig
 from .cpu import PACKED, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
 from .kv_cache import KVCache
-from .row_invariance import caveat, floor_of, padded
+from .row_invariance import Floor, caveat, floor_of, padded
 
 log = logging.getLogger("arserve.core")
 
@@ -80,6 +80,13 @@ def pack_weight(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
 
 
+def product(x: Tensor, w: Tensor | None, packed: Tensor | None = None) -> Tensor:
+    """x [M, in] @ w.T -> [M, out], through ``packed`` (``pack_weight(w)``) when there is one."""
+    if packed is None:
+        return F.linear(x, w)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 class Block(nn.Module):
     """One transformer block: pre-norm attention and pre-norm SwiGLU MLP."""
 
@@ -101,15 +108,14 @@ class Block(nn.Module):
     def pack(self) -> None:
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES}
 
-    def fit_floors(self) -> None:
-        self.floors = {name: floor_of(getattr(self, name), name in self.packed).rows for name in MATRICES}
+    def fit_floors(self) -> dict[str, Floor]:
+        """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors."""
+        floors = {name: floor_of(getattr(self, name), name in self.packed) for name in MATRICES}
+        self.floors = {name: f.rows for name, f in floors.items()}
+        return floors
 
     def linear(self, x: Tensor, name: str) -> Tensor:  # x [M, in] -> [M, out], each row batch-invariant
-        packed = self.packed.get(name)
-        if packed is None:
-            return padded(lambda a: F.linear(a, getattr(self, name)), x, self.floors.get(name, 1))
-        return padded(lambda a: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), x,
-                      self.floors.get(name, 1))
+        return padded(x, self.floors.get(name, 1), product, getattr(self, name), self.packed.get(name))
 
     def forward(
         self,
@@ -253,13 +259,11 @@ class Llama(nn.Module):
         any size, so verifying a draft agrees with plain decoding bit for bit."""
         if self.device.type != "cpu":
             return
-        for layer in self.layers:
-            layer.fit_floors()
+        floors = [layer.fit_floors() for layer in self.layers][0]  # every layer has the same shapes
         head = floor_of(self.output_matrix(), self.packed_head is not None)
         self.head_floor = head.rows
         self.floors_at = torch.get_num_threads()
-        w = self.layers[0]
-        note = caveat({"output": head, **{name: floor_of(getattr(w, name), name in w.packed) for name in MATRICES}})
+        note = caveat({"output": head, **floors})
         if note is not None:
             log.warning("%s model with %d layers of width %d: %s", str(self.dtype).removeprefix("torch."),
                         self.config.n_layers, self.config.dim, note)
@@ -364,12 +368,8 @@ class Llama(nn.Module):
         keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segs)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
-        if self.packed_head is not None:
-            head = lambda a: torch.ops.mkldnn._linear_pointwise(a, self.packed_head, None, "none", [], "")  # noqa: E731
-        else:
-            w = self.output_matrix()
-            head = lambda a: F.linear(a, w)  # noqa: E731
-        logits = padded(head, x, self.head_floor).float()
+        w = None if self.packed_head is not None else self.output_matrix()  # the packed copy needs no w[head_ids]
+        logits = padded(x, self.head_floor, product, w, self.packed_head).float()
         sizes = [len(k) for k in keep]
         if any(it.want_hidden for it in items):
             for it, h in zip(items, x.float().split(sizes)):

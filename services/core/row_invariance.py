@@ -60,15 +60,17 @@ class Floor:
 
 
 def packed_product(w: Tensor) -> Callable[[Tensor], Tensor]:
-    """The oneDNN product of ``model.pack_weight`` (the decode layout)."""
-    from .model import pack_weight
+    """``model.product`` through ``model.pack_weight(w)`` (the decode layout)."""
+    from .model import pack_weight, product
 
     packed = pack_weight(w)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return lambda x: product(x, w, packed)
 
 
 def plain_product(w: Tensor) -> Callable[[Tensor], Tensor]:
-    return lambda x: F.linear(x, w)
+    from .model import product
+
+    return lambda x: product(x, w)
 
 
 def find_floor(product: Callable[[Tensor], Tensor], x: Tensor) -> Floor:
@@ -120,9 +122,9 @@ def floor_of(w: Tensor, packed: bool) -> Floor:
     return probe(w.shape[0], w.shape[1], w.dtype, packed, torch.get_num_threads())
 
 
-def padded(product: Callable[[Tensor], Tensor], x: Tensor, rows: int) -> Tensor:
-    """``product(x)`` [M, out] for x [M, in], run with at least ``rows`` rows."""
+def padded(x: Tensor, rows: int, product: Callable[..., Tensor], *args) -> Tensor:
+    """``product(x, *args)`` [M, out] for x [M, in], run with at least ``rows`` rows."""
     m = x.shape[0]
     if m >= rows:
-        return product(x)
-    return product(F.pad(x, (0, 0, 0, rows - m)))[:m]
+        return product(x, *args)
+    return product(F.pad(x, (0, 0, 0, rows - m)), *args)[:m]

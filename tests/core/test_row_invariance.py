@@ -47,7 +47,7 @@ def test_the_floor_is_the_fewest_rows_from_which_every_product_agrees():
     floor = find_floor(small_rows_round_otherwise, x)
     assert (floor.rows, floor.invariant, floor.large) == (3, True, True)
     for m in (1, 2, 3, 5):
-        assert torch.equal(padded(small_rows_round_otherwise, x[:m], floor.rows),
+        assert torch.equal(padded(x[:m], floor.rows, small_rows_round_otherwise),
                            small_rows_round_otherwise(x[:16])[:m])
     assert find_floor(lambda a: rowwise(a, w), x).rows == 1
 
@@ -78,4 +78,4 @@ def test_bits_that_change_past_the_reference_size_are_reported():
 def test_padding_never_mixes_rows(m):
     w = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
     x = torch.randn(m, 4, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(padded(lambda a: rowwise(a, w), x, 16), rowwise(x, w))
+    assert torch.equal(padded(x, 16, rowwise, w), rowwise(x, w))
