@@ -140,7 +140,7 @@ class ImageBackboneService:
                                   f"{session.written.tolist()})")
         session.kv.lengths = lengths.to(session.kv.k.device)  # commit what the verifier kept, roll back the rest
         call = _Call(model, session, labels if first else None, tokens)
-        z = await self.joins.submit((req.model, capacity, tokens.shape[1] + first), call)  # [rows, p, dim]
+        z = await self.joins.submit((req.model, capacity, tokens.shape[1] + first), call, (req.model, req.request_id))  # [rows, p, dim]
         session.written = lengths + z.shape[1]
         return pb.ScoreResponse(z=to_proto(z), length=int(session.written.max()), cached=0)
 
@@ -186,6 +186,7 @@ class ImageBackboneService:
 
     async def _free(self, key: tuple[str, str]) -> None:
         self.sessions.pop(key, None)
+        self.joins.left(key)
 
 
 def _parse(image: pb.ImageScore, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -187,7 +187,8 @@ class ImageDrafter:
         cfg = im.cfg or 1.0
         call = _Call(draft, im.temperature, cfg, steps, session.kv, labels.to(dev) if last is None else None,
                      None if last is None else last.to(dev), noise.to(dev))
-        out = await self.joins.submit((req.model, k, steps, im.temperature, cfg, session.kv.k.shape[2]), call)
+        out = await self.joins.submit((req.model, k, steps, im.temperature, cfg, session.kv.k.shape[2]), call,
+                                      (req.model, req.request_id))
         session.written = lengths + max(k, 1)
         if out is None:
             return pb.ProposeResponse()
@@ -202,6 +203,7 @@ class ImageDrafter:
 
     async def _free(self, key: tuple[str, str]) -> None:
         self.sessions.pop(key, None)
+        self.joins.left(key)
 
 
 @torch.no_grad()

@@ -49,8 +49,8 @@ class Peak:
         batcher = backbone.batchers[model]
         score = batcher.score
 
-        async def spied(item):
-            out = await score(item)
+        async def spied(item, caller=None):
+            out = await score(item, caller)
             states = list(backbone.requests.values())
             self.allocated = max(self.allocated, sum(s.cache.capacity for s in states))
             self.nbytes = max(self.nbytes, sum(s.cache.nbytes for s in states))
