@@ -60,14 +60,17 @@ class DiffusionHeadService:
         self.rows = 0  # rows sampled
 
     async def sample(self, model: str, head: DiffusionHead, z: torch.Tensor, z_uncond: torch.Tensor | None,
-                     temperature: float, cfg: float, steps: int, noise: torch.Tensor, trajectory: bool = False):
+                     temperature: float, cfg: float, steps: int, noise: torch.Tensor, trajectory: bool = False,
+                     caller: str | None = None):
         """Tokens [n, token_dim] for z [n, z_dim] (z_uncond [n, z_dim]: guidance on),
         with the request's noise [S + 1, n, token_dim]; with ``trajectory`` a
-        ``Trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n])."""
+        ``Trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n]).
+        ``caller``: the request, awaited by the run after this one (``batching.Cohort``)."""
         n = z.shape[0]
         call = _Call(head, z, z_uncond, torch.full((n,), float(temperature)), torch.full((n,), float(cfg)), steps,
                      noise, trajectory)
-        out = await self.joins.submit((model, id(head), steps, z_uncond is not None, trajectory), call)
+        out = await self.joins.submit((model, id(head), steps, z_uncond is not None, trajectory), call,
+                                      None if caller is None else (model, caller))
         self.rows += n
         return out
 
@@ -107,7 +110,7 @@ class DiffusionHeadService:
         z, noise = z.to(device), noise.to(device)
         z_uncond = None if z_uncond is None else z_uncond.to(device)
         out = await self.sample(req.model, head, z, z_uncond, req.temperature, req.cfg or 1.0, req.num_steps, noise,
-                                trajectory=req.trajectory)
+                                trajectory=req.trajectory, caller=req.request_id or None)
         if not req.trajectory:
             return pb.SampleResponse(tokens=to_proto(out))
         return pb.SampleResponse(tokens=to_proto(out.tokens), states=to_proto(out.states),

@@ -341,7 +341,8 @@ class ImageVerifier:
 
     def _sample_req(self, r: _Request, zc, zu, noise, trajectory: bool = False) -> hpb.SampleRequest:
         req = hpb.SampleRequest(model=r.ids["model"], z=to_proto(zc), temperature=r.job.temperature, cfg=r.job.cfg,
-                                num_steps=r.job.steps, noise=to_proto(noise), trajectory=trajectory)
+                                num_steps=r.job.steps, noise=to_proto(noise), trajectory=trajectory,
+                                request_id=r.ids["request_id"])
         if zu is not None:
             req.z_uncond.CopyFrom(to_proto(zu))
         return req

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61rserve/v1/diffusion_head.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\xdd\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12$\n\x08z_uncond\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x05 \x01(\x02\x12\x11\n\tnum_steps\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12!\n\x05noise\x18\x08 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x12\n\ntrajectory\x18\t \x01(\x08\"\x81\x01\n\x0eSampleResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\'\n\x0blog_density\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\"\xbc\x01\n\x11LogDensityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12$\n\x08z_uncond\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0b\n\x03\x63\x66g\x18\x06 \x01(\x02\x12\r\n\x05\x64raft\x18\x07 \x01(\x08\"=\n\x12LogDensityResponse\x12\'\n\x0blog_density\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor2\x9d\x01\n\rDiffusionHead\x12?\n\x06Sample\x12\x19.arserve.v1.SampleRequest\x1a\x1a.arserve.v1.SampleResponse\x12K\n\nLogDensity\x12\x1d.arserve.v1.LogDensityRequest\x1a\x1e.arserve.v1.LogDensityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61rserve/v1/diffusion_head.proto\x12\narserve.v1\x1a\x17\x61rserve/v1/tensor.proto\"\xf1\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12$\n\x08z_uncond\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x05 \x01(\x02\x12\x11\n\tnum_steps\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12!\n\x05noise\x18\x08 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x12\n\ntrajectory\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\"\x81\x01\n\x0eSampleResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\'\n\x0blog_density\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\"\xbc\x01\n\x11LogDensityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x01z\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12$\n\x08z_uncond\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0b\n\x03\x63\x66g\x18\x06 \x01(\x02\x12\r\n\x05\x64raft\x18\x07 \x01(\x08\"=\n\x12LogDensityResponse\x12\'\n\x0blog_density\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor2\x9d\x01\n\rDiffusionHead\x12?\n\x06Sample\x12\x19.arserve.v1.SampleRequest\x1a\x1a.arserve.v1.SampleResponse\x12K\n\nLogDensity\x12\x1d.arserve.v1.LogDensityRequest\x1a\x1e.arserve.v1.LogDensityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve.pb.v1.diffusion_hea
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEREQUEST']._serialized_start=73
-  _globals['_SAMPLEREQUEST']._serialized_end=294
-  _globals['_SAMPLERESPONSE']._serialized_start=297
-  _globals['_SAMPLERESPONSE']._serialized_end=426
-  _globals['_LOGDENSITYREQUEST']._serialized_start=429
-  _globals['_LOGDENSITYREQUEST']._serialized_end=617
-  _globals['_LOGDENSITYRESPONSE']._serialized_start=619
-  _globals['_LOGDENSITYRESPONSE']._serialized_end=680
-  _globals['_DIFFUSIONHEAD']._serialized_start=683
-  _globals['_DIFFUSIONHEAD']._serialized_end=840
+  _globals['_SAMPLEREQUEST']._serialized_end=314
+  _globals['_SAMPLERESPONSE']._serialized_start=317
+  _globals['_SAMPLERESPONSE']._serialized_end=446
+  _globals['_LOGDENSITYREQUEST']._serialized_start=449
+  _globals['_LOGDENSITYREQUEST']._serialized_end=637
+  _globals['_LOGDENSITYRESPONSE']._serialized_start=639
+  _globals['_LOGDENSITYRESPONSE']._serialized_end=700
+  _globals['_DIFFUSIONHEAD']._serialized_start=703
+  _globals['_DIFFUSIONHEAD']._serialized_end=860
 # @@protoc_insertion_point(module_scope)

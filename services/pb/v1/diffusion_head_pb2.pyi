@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "z", "z_uncond", "temperature", "cfg", "num_steps", "seed", "noise", "trajectory")
+    __slots__ = ("model", "z", "z_uncond", "temperature", "cfg", "num_steps", "seed", "noise", "trajectory", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
     Z_UNCOND_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class SampleRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
     TRAJECTORY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     z: _tensor_pb2.Tensor
     z_uncond: _tensor_pb2.Tensor
@@ -26,7 +27,8 @@ class SampleRequest(_message.Message):
     seed: int
     noise: _tensor_pb2.Tensor
     trajectory: bool
-    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z_uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., trajectory: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z_uncond: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., trajectory: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("tokens", "states", "log_density")
