@@ -44,6 +44,7 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
     passed in belongs to the caller."""
     built = service is None
     service = service or build(settings)
+    compute.quiet()  # this thread runs the event loop (sampling, conversions): no OpenMP team of its own (#41)
     server, port = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
     http = None

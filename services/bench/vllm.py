@@ -1,7 +1,11 @@
 """arserve against vLLM (``--suite vllm``, run by ``make bench-vllm``): the
 same SmolLM2-135M weights (vLLM reads the directory exported from the GGUF
-arserve reads), the same prompts, greedy, 128 new tokens, one embedded
-server in one run, through the SDK:
+arserve reads), the same prompts, greedy, 128 new tokens, in one run, through the
+SDK. Each engine is served by a server process of its own (``arserve
+serve``: arserve's engine, vLLM's plain engine, vLLM's n-gram engine), as a
+deployment runs them; the benchmark's client threads run in this process, so
+no engine shares an interpreter with them (vLLM's engine core has a process
+of its own either way; arserve's forward thread would share this one's GIL):
 
 * ``arserve-none``, ``arserve-ngram`` (its defaults: adaptive draft length up
   to 8), ``arserve-heads`` (its best trained drafter: the committed Hydra
@@ -32,13 +36,19 @@ long-prompt TTFT <= 1.0x.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .text import arserve_run, default_prompts_path, first_difference, load_prompts, log, machine_info, spread
+from .text import (arserve_run, copy_bandwidth_gbs, default_prompts_path, first_difference, load_prompts, log,
+                   machine_info, spread, weight_bytes_per_token)
 
 ARSERVE, VLLM, VLLM_NGRAM = "smollm2-135m-instruct", "smollm2-vllm", "smollm2-vllm-ngram"
 METHODS = {  # name -> SDK options
@@ -56,27 +66,77 @@ LONG_PROMPT_TOKENS = 1000  # the long prompt's length (chat template included), 
 LONG_REPEATS = 3
 
 
-def server_settings(dtype: str):
-    from arserve.settings import ModelSettings, ServerSettings
-
-    return ServerSettings(port=0, image_models=[], models=[
-        ModelSettings(dtype=dtype),  # SmolLM2 with its committed drafters
-        ModelSettings(id=VLLM, dtype=dtype, engine="vllm"),
-        ModelSettings(id=VLLM_NGRAM, dtype=dtype, engine="vllm", vllm={"speculative": "ngram"}),
-    ])
+SERVERS = {  # model id -> `arserve serve` flags: each engine in a server process of its own
+    ARSERVE: [],  # SmolLM2 with its committed drafters
+    VLLM: ["--engine", "vllm"],
+    VLLM_NGRAM: ["--engine", "vllm", "--vllm-speculative", "ngram"],
+}
+START_S = 900  # a vLLM engine compiles its graphs at start: minutes on 2 cores
 
 
-def batch1(client, prompts: list[dict], max_tokens: int) -> list[dict]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def servers(dtype: str):
+    """{model id: SDK client} of one server process per engine, each ready to serve."""
+    from arserve_client import Client
+
+    exe = Path(sys.executable).with_name("arserve")
+    procs, clients, logs = [], {}, {}
+    try:
+        for model, flags in SERVERS.items():
+            port = _free_port()
+            logs[model] = Path(tempfile.gettempdir()) / f"arserve-bench-vllm-{model}.log"
+            procs.append(subprocess.Popen(
+                [str(exe), "serve", "--port", str(port), "--model-id", model, "--dtype", dtype, *flags],
+                stdout=logs[model].open("wb"), stderr=subprocess.STDOUT))
+            clients[model] = Client(f"127.0.0.1:{port}", timeout=900)
+        deadline = time.monotonic() + START_S
+        for (model, client), proc in zip(clients.items(), procs):
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {model} server exited ({proc.returncode}); see {logs[model]}")
+                try:
+                    client.models()
+                    break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the {model} server did not start in {START_S} s; see {logs[model]}")
+                    time.sleep(2)
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run(clients: dict, messages: list[dict], max_tokens: int, name: str):
+    """One generation of method ``name`` through its engine's server."""
+    opts = METHODS[name]
+    return arserve_run(clients[opts["model"]], messages, max_tokens, **opts)
+
+
+def batch1(clients: dict, prompts: list[dict], max_tokens: int) -> list[dict]:
     rows = []
     for i, p in enumerate(prompts, 1):
         runs = {}
-        for name, opts in METHODS.items():
+        for name in METHODS:
             time.sleep(PAUSE_S)
-            runs[name] = arserve_run(client, p["messages"], max_tokens, **opts)
+            runs[name] = run(clients, p["messages"], max_tokens, name)
         plain = runs["arserve-none"]
         row = {"id": p["id"], "category": p["category"]}
         for name, r in runs.items():
-            row[name] = {"tok_s": r.tok_s, "ttft_s": r.ttft_s, "tokens": r.tokens,
+            row[name] = {"tok_s": r.tok_s, "ttft_s": r.ttft_s, "tokens": r.tokens, "decode_tok_s": r.decode_tok_s,
                          "mean_accepted_length": r.mean_accepted_length,
                          "identical_to_arserve_plain": first_difference(r.token_ids, plain.token_ids) is None}
         rows.append(row)
@@ -85,13 +145,13 @@ def batch1(client, prompts: list[dict], max_tokens: int) -> list[dict]:
     return rows
 
 
-def batch8(client, prompts: list[dict], max_tokens: int) -> dict:
+def batch8(clients: dict, prompts: list[dict], max_tokens: int) -> dict:
     out = {}
-    for name, opts in METHODS.items():
+    for name in METHODS:
         time.sleep(PAUSE_S)
         t = time.perf_counter()
         with ThreadPoolExecutor(BATCH) as pool:
-            runs = list(pool.map(lambda p: arserve_run(client, p["messages"], max_tokens, **opts), prompts))  # noqa: B023
+            runs = list(pool.map(lambda p: run(clients, p["messages"], max_tokens, name), prompts))  # noqa: B023
         wall = time.perf_counter() - t
         tokens = sum(r.tokens for r in runs)
         out[name] = {"aggregate_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
@@ -122,14 +182,14 @@ def long_prompts(prompts: list[dict], tokens: int = LONG_PROMPT_TOKENS, n: int =
     return [chat(i, lo) for i in range(n)]
 
 
-def long_prompt(client, prompts: list[list[dict]]) -> dict:
+def long_prompt(clients: dict, prompts: list[list[dict]]) -> dict:
     """TTFT of plain decoding for long prompts, arserve and vLLM interleaved."""
     ttft = {"arserve-none": [], "vllm-none": []}
     tokens = []
     for messages in prompts:
         for name in ttft:
             time.sleep(PAUSE_S)
-            r = arserve_run(client, messages, 4, **METHODS[name])
+            r = run(clients, messages, 4, name)
             ttft[name].append(r.ttft_s)
         tokens.append(r.stats.prompt_tokens)
     out = {"prompt_tokens": tokens, **{n: spread(v) for n, v in ttft.items()}}
@@ -159,7 +219,7 @@ def ratios(rows: list[dict], overall: dict) -> dict:
             for k, (a, v) in pairs.items()}
 
 
-def goals(batch1_ratios: dict, b8: dict, long: dict) -> dict:
+def goals(batch1_ratios: dict, b8: dict, long: dict, rl: dict) -> dict:
     """Issue 19's goals against vLLM: each figure, its goal, whether it is met."""
     figures = {
         "plain_batch1": (batch1_ratios["none"]["median"], ">=", 1.15),
@@ -167,6 +227,7 @@ def goals(batch1_ratios: dict, b8: dict, long: dict) -> dict:
         "ttft_long_prompt": (long["ratio"], "<=", 1.0),
         "plain_8_streams": (b8["arserve-none"]["aggregate_tok_s"] / b8["vllm-none"]["aggregate_tok_s"], ">=", 1.0),
         "ngram_8_streams": (b8["arserve-ngram"]["aggregate_tok_s"] / b8["vllm-ngram"]["aggregate_tok_s"], ">=", 1.0),
+        "batch1_fraction_of_roofline": (rl["arserve-none"]["fraction_of_roofline"], ">=", 0.6),
     }
     return {k: {"ratio": v, "goal": f"{op} {g}", "met": v >= g if op == ">=" else v <= g}
             for k, (v, op, g) in figures.items()}
@@ -200,19 +261,28 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> dict:
-    from arserve_client import Client
+def roofline(dtype: str, rows: list[dict], copy_gbs: float) -> dict:
+    """Batch-1 plain decoding (prefill excluded) against the weight-bandwidth
+    roofline: every weight read once per token at the copy bandwidth measured
+    in this run (``text.copy_bandwidth_gbs``: read + write bytes / time)."""
+    bpt = weight_bytes_per_token(dtype)
+    out = {"bytes_per_token": bpt, "copy_gb_s": copy_gbs, "roofline_tok_s": copy_gbs * 1e9 / bpt}
+    for name in ("arserve-none", "vllm-none"):
+        tok_s = spread([r[name]["decode_tok_s"] for r in rows])["median"]
+        out[name] = {"decode_tok_s": tok_s, "fraction_of_roofline": tok_s * bpt / (copy_gbs * 1e9)}
+    return out
 
-    from arserve.embedded import EmbeddedServer
 
-    log(f"starting the embedded server ({dtype}): arserve's SmolLM2 and two vLLM engines (a few minutes)")
-    with EmbeddedServer(server_settings(dtype)) as server, Client(server.target, timeout=900) as client:
-        for opts in METHODS.values():  # warm-up
-            arserve_run(client, [{"role": "user", "content": "Hello, how are you today?"}], 16, **opts)
-        rows = batch1(client, prompts, max_tokens)
-        b8 = batch8(client, prompts, max_tokens)
-        long = long_prompt(client, long_prompts(prompts))
-        models = [{"id": m.id, "engine": m.engine, "methods": list(m.speculative_methods)} for m in client.models()]
+def run_dtype(dtype: str, prompts: list[dict], max_tokens: int, copy_gbs: float) -> dict:
+    log(f"starting three servers ({dtype}): arserve's SmolLM2, vLLM plain, vLLM n-gram (a few minutes)")
+    with servers(dtype) as clients:
+        for name in METHODS:  # warm-up
+            run(clients, [{"role": "user", "content": "Hello, how are you today?"}], 16, name)
+        rows = batch1(clients, prompts, max_tokens)
+        b8 = batch8(clients, prompts, max_tokens)
+        long = long_prompt(clients, long_prompts(prompts))
+        models = [{"id": m.id, "engine": m.engine, "methods": list(m.speculative_methods)}
+                  for c in clients.values() for m in c.models()]
     cats = sorted({r["category"] for r in rows})
     overall = summarize(rows)
     per_category = {c: summarize([r for r in rows if r["category"] == c]) for c in cats}
@@ -221,7 +291,8 @@ def run_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> dict:
             "batch1": {"rows": rows, "overall": overall, "per_category": per_category, "ratios": r,
                        "ratios_per_category": {c: ratios([x for x in rows if x["category"] == c], overall)
                                                for c in cats}},
-            "batch8": b8, "long_prompt": long, "goals": goals(r, b8, long)}
+            "batch8": b8, "long_prompt": long, "roofline": (rl := roofline(dtype, rows, copy_gbs)),
+            "goals": goals(r, b8, long, rl)}
 
 
 def main(args) -> None:
@@ -233,8 +304,10 @@ def main(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": "vllm", "prompts_file": str(prompts_path), "machine": {**machine_info(),
                "vllm_version": vllm.__version__}, "dtypes": {}}
+    copy_gbs = copy_bandwidth_gbs()
+    log(f"copy bandwidth {copy_gbs:.1f} GB/s")
     for dtype in args.dtypes.split(","):
-        res = run_dtype(dtype, prompts, args.max_tokens)
+        res = run_dtype(dtype, prompts, args.max_tokens, copy_gbs)
         results["dtypes"][dtype] = res
         out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         plot(res, out.with_name(f"{out.stem}-{dtype}.png"))

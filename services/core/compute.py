@@ -69,6 +69,14 @@ def start(threads: int | None = None) -> ThreadPoolExecutor:
         return _executor
 
 
+def quiet() -> None:
+    """The calling thread runs its tensor ops on one thread from now on
+    (for a thread that was using torch before ``start`` and now runs an event
+    loop: ``arserve serve``'s main thread). No-op on the compute thread."""
+    if threading.current_thread() is not _thread:
+        torch.set_num_threads(1)
+
+
 def executor() -> ThreadPoolExecutor:
     """The compute thread (started with the default count on first use)."""
     return _executor if _executor is not None else start()

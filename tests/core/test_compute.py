@@ -42,3 +42,38 @@ def test_other_threads_open_no_openmp_team_and_the_compute_thread_keeps_its_thre
     assert out.returncode == 0, out.stderr[-2000:]
     added, other, compute_threads, nested = map(int, out.stdout.split())
     assert (added, other, compute_threads, nested) == (1, 1, 2, 7)
+
+
+SERVE = r"""
+import asyncio, torch
+from arserve.embedded import serve
+from arserve.settings import ModelSettings, ServerSettings
+
+torch.randn(256, 4096).softmax(-1)  # this thread used torch before serving, as `arserve serve`'s main thread may
+before = torch.get_num_threads()
+seen = []
+
+async def main():
+    stop = asyncio.Event()
+
+    def on_port(port):  # on the thread that runs the event loop, once serving
+        seen.append(torch.get_num_threads())
+        stop.set()
+    models = [ModelSettings(speculative_methods=["none"])]  # SmolLM2, from its package
+    await serve(ServerSettings(port=0, models=models, image_models=[]), on_port=on_port, stop=stop)
+
+asyncio.run(main())
+print(before, seen[0])
+"""
+
+
+def test_the_thread_that_serves_runs_its_tensor_ops_on_one_thread():
+    """`arserve serve` runs its event loop (the verifier's sampling) on the
+    main thread, which started with torch's default thread count: serving
+    turns it to one, or its OpenMP team beside the compute thread's slowed
+    every decode step by a fifth (`arserve serve` 15 tok/s against 19 with
+    the loop on a thread of its own)."""
+    out = subprocess.run([sys.executable, "-c", SERVE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, serving = map(int, out.stdout.split())
+    assert before >= 2 and serving == 1
