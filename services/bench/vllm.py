@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -91,9 +93,9 @@ def servers(dtype: str):
         for model, flags in SERVERS.items():
             port = _free_port()
             logs[model] = Path(tempfile.gettempdir()) / f"arserve-bench-vllm-{model}.log"
-            procs.append(subprocess.Popen(
+            procs.append(subprocess.Popen(  # a session of its own: its engine's processes go with it
                 [str(exe), "serve", "--port", str(port), "--model-id", model, "--dtype", dtype, *flags],
-                stdout=logs[model].open("wb"), stderr=subprocess.STDOUT))
+                stdout=logs[model].open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
             clients[model] = Client(f"127.0.0.1:{port}", timeout=900)
         deadline = time.monotonic() + START_S
         for (model, client), proc in zip(clients.items(), procs):
@@ -111,13 +113,19 @@ def servers(dtype: str):
     finally:
         for client in clients.values():
             client.close()
-        for proc in procs:
-            proc.terminate()
+        for proc in procs:  # Ctrl-C: the server shuts its vLLM engine down
+            _signal_group(proc, signal.SIGINT)
         for proc in procs:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            _signal_group(proc, signal.SIGKILL)  # whatever is left of it (an engine core it did not stop)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def run(clients: dict, messages: list[dict], max_tokens: int, name: str):
