@@ -140,7 +140,8 @@ class ImageBackboneService:
                                   f"{session.written.tolist()})")
         session.kv.lengths = lengths.to(session.kv.k.device)  # commit what the verifier kept, roll back the rest
         call = _Call(model, session, labels if first else None, tokens)
-        z = await self.joins.submit((req.model, capacity, tokens.shape[1] + first), call, (req.model, req.request_id))  # [rows, p, dim]
+        joins_with = (req.model, capacity, tokens.shape[1] + first)  # calls that can share one forward
+        z = await self.joins.submit(joins_with, call, key)  # [rows, p, dim]
         session.written = lengths + z.shape[1]
         return pb.ScoreResponse(z=to_proto(z), length=int(session.written.max()), cached=0)
 
