@@ -14,7 +14,10 @@ round's tokens streamed. The backbone and drafter it calls are the
 ``Backbone`` and ``Drafter`` protocols below.
 
 The last sampled token (``pending``) is not in the KV cache yet: it is
-scored at the root of the next round, so every round is one forward.
+scored at the root of the next round, so every round is one forward. It is
+streamed as soon as it is sampled (the first token right after the prefill),
+not with the next round's tokens: a token reaches the client one forward
+earlier.
 The loop owns the request's random generator: a seeded request gives the
 same tokens in every wiring.
 
@@ -180,10 +183,10 @@ def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: tor
 class Decoding:
     """A Run's state between rounds."""
 
-    tokens: list[int]  # [L + generated] committed: prompt, then output (the pending token once streamed)
+    tokens: list[int]  # [L + generated] committed: prompt, then output (the pending token included)
     length: DraftLength  # the adaptive draft length
     stats: gpb.SpeculativeStats  # what the request reports (arserve.verifier.stats)
-    pending: int = -1  # the last sampled token: decided, not streamed yet, scored at the next round's root
+    pending: int = -1  # the last sampled token: decided and streamed, scored at the next round's root
     anchor: TensorProto | None = None  # hidden-state methods: the hidden state [dim] that decided `pending`
     in_cache: int = 0  # positions in the backbone's KV cache
     told: int = 0  # tokens the drafter has been told about
@@ -212,12 +215,14 @@ class VerifierService:
                                  state.tokens)
             state.in_cache, state.cached = len(state.tokens), out.cached
             state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
-            finish = gpb.FINISH_REASON_UNSPECIFIED
-            while not finish:
-                new_tokens, finish = await self._round(plan, state, kv)
+            new_tokens, finish = self._decided(plan, state, [])  # the first token streams as soon as it is sampled
+            while True:
                 yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=state.stats,
                                      cached_prompt_tokens=state.cached)
                 state.cached = 0
+                if finish:
+                    break
+                new_tokens, finish = await self._round(plan, state, kv)
         finally:
             await self._release(plan, kv)
 
@@ -226,14 +231,9 @@ class VerifierService:
         raise NotFound(f"this verifier serves no image models (asked for {req.model!r})")
 
     async def _round(self, plan: RequestPlan, state: Decoding, kv: KVSession) -> tuple[list[int], int]:
-        """Stream the pending token, draft, score, accept, commit -> (the tokens to stream, the finish)."""
+        """Draft, score the pending token (streamed already) with the draft, accept, commit
+        -> (the tokens decided this round, to stream: the accepted ones, then the next pending; the finish)."""
         pending = state.pending
-        if pending in plan.eos:
-            return [], gpb.FINISH_REASON_EOS
-        state.tokens.append(pending)
-        state.generated += 1
-        if state.generated >= plan.max_tokens:
-            return [pending], gpb.FINISH_REASON_LENGTH
         draft = await self._draft(plan, state)
         state.stats.rounds += 1
         if draft is None:  # plain round: score the pending token alone
@@ -255,16 +255,25 @@ class VerifierService:
             state.anchor = plan.anchor(out, verdict.accepted[-1] + 1 if verdict.accepted else 0)
             accepted = [int(draft.token_ids[i]) for i in verdict.accepted]
         update_mean(state.stats)
-        new_tokens, finish = [pending], gpb.FINISH_REASON_UNSPECIFIED
-        for t in accepted:
+        return self._decided(plan, state, accepted)
+
+    @staticmethod
+    def _decided(plan: RequestPlan, state: Decoding, accepted: list[int]) -> tuple[list[int], int]:
+        """Commit a round's decided tokens to the output: the accepted draft
+        tokens, then the pending token (the target's own sample, which the
+        next round scores), each streamed now rather than a round later;
+        they stop at an end-of-sequence token (not streamed) or at max_tokens
+        -> (the tokens to stream, the finish)."""
+        new_tokens: list[int] = []
+        for t in (*accepted, state.pending):
             if t in plan.eos:
                 return new_tokens, gpb.FINISH_REASON_EOS
             new_tokens.append(t)
             state.tokens.append(t)
             state.generated += 1
-        if state.generated >= plan.max_tokens:  # k <= max_tokens - generated - 1 keeps this rare
-            finish = gpb.FINISH_REASON_LENGTH
-        return new_tokens, finish
+            if state.generated >= plan.max_tokens:  # the draft length's cap keeps this at the pending token
+                return new_tokens, gpb.FINISH_REASON_LENGTH
+        return new_tokens, gpb.FINISH_REASON_UNSPECIFIED
 
     async def _draft(self, plan: RequestPlan, state: Decoding) -> dpb.Draft | None:
         """This round's draft, or None: a plain round (no draft asked, none proposed, or a failed drafter)."""
