@@ -39,6 +39,8 @@ from .budget import BudgetConfig, KVBudget
 
 log = logging.getLogger("arserve.backbone")
 
+PREFILL_CHUNK = 512  # positions: a long prompt is scored in forwards of this many (``BackboneService._prefill_chunks``)
+
 
 @dataclass
 class RequestState:
@@ -140,8 +142,9 @@ class ForwardBatcher:
 class BackboneService:
     def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096, kv_store=None,
                  spaces: dict[str, BlockSpace] | None = None, budget: BudgetConfig = BudgetConfig(),
-                 lease_s: float = 300.0):
+                 lease_s: float = 300.0, prefill_chunk: int = PREFILL_CHUNK):
         self.models = models
+        self.prefill_chunk = prefill_chunk  # a prompt's positions scored per forward (0: the whole prompt at once)
         self.kv_store = kv_store  # a TieredStore (process memory, Redis) or None
         self.spaces = spaces or {}  # model id -> the BlockSpace naming its KV blocks
         self.requests: dict[tuple[str, str], RequestState] = {}
@@ -211,9 +214,16 @@ class BackboneService:
         logits_from = len(context_ids) + req.outputs_from
         # greedy rounds (argmax_only) score a chain with decoding's bits, so greedy speculative output is plain
         # greedy's token for token; a sampled round's chain costs one SDPA call (its output is a distribution)
-        item = ScoreItem(tokens, state.cache, tree_mask, depths, logits_from, want_hidden=req.return_hidden,
-                         exact=req.argmax_only)
-        logits = await self.batchers[req.model].score(item, key)
+        batcher = self.batchers[req.model]
+        done = 0  # positions of `tokens` in the cache: a long prompt's leading chunks (``_prefill_chunks``)
+        for end in self._prefill_chunks(len(tokens), logits_from, tree_mask is None):
+            await batcher.score(ScoreItem(tokens[done:end], state.cache, logits_from=end - done), key)
+            if self.requests.get(key) is not state:
+                raise FailedPrecondition(f"request {req.request_id!r} was released while its prompt was scored")
+            done = end
+        item = ScoreItem(tokens[done:], state.cache, tree_mask, depths, logits_from - done,
+                         want_hidden=req.return_hidden, exact=req.argmax_only)
+        logits = await batcher.score(item, key)
         state.tokens.extend(context_ids)
         if req.commit:
             state.tokens.extend(req.token_ids)
@@ -229,6 +239,21 @@ class BackboneService:
             return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached,
                                     hidden=hidden)
         return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached, hidden=hidden)
+
+    def _prefill_chunks(self, n: int, logits_from: int, chain: bool) -> range:
+        """Chunked prefill (Agrawal et al. 2024, "Sarathi-Serve"): the ends of
+        the leading chunks of a Score call's ``n`` positions, each scored in a
+        forward of its own before the rest. Only positions before the first
+        output asked for are cut off (a prompt's: all but its last), in pieces
+        of ``prefill_chunk``. Between two chunks the other requests' decode
+        rows run, so a long prompt holds them up one chunk's forward at a
+        time, not the whole prompt's. The cut depends only on the call, never
+        on what else is running: a prompt is scored the same way alone and
+        beside others."""
+        if not self.prefill_chunk or not chain:
+            return range(0)
+        whole = min(logits_from, n - 1) // self.prefill_chunk * self.prefill_chunk
+        return range(self.prefill_chunk, whole + 1, self.prefill_chunk)
 
     @staticmethod
     def _check_sizes(req: pb.ScoreRequest, window: int) -> None:
