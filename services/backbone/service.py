@@ -39,7 +39,7 @@ from .budget import BudgetConfig, KVBudget
 
 log = logging.getLogger("arserve.backbone")
 
-PREFILL_CHUNK = 512  # positions: a long prompt is scored in forwards of this many (``BackboneService._prefill_chunks``)
+PREFILL_CHUNK = 1024  # positions: a long prompt is scored in forwards of this many (``BackboneService._prefill_chunks``)
 
 
 @dataclass
