@@ -6,9 +6,11 @@ request's output stays what it is alone."""
 import asyncio
 import random
 
+import pytest
 import torch
 
 from arserve.backbone.service import BackboneService
+from arserve.errors import FailedPrecondition
 from arserve.pb.v1 import backbone_pb2 as bpb
 from arserve.pb.v1 import verifier_pb2 as vpb
 from arserve.verifier.service import VerifierService
@@ -81,3 +83,31 @@ def test_a_chunked_prompt_scores_as_the_whole_prompt_does():
     assert one == [[len(LONG)]] and several == [[CHUNK]] * 6 + [[len(LONG) - 6 * CHUNK]]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
     assert chunked.argmax() == whole.argmax()
+
+
+def test_a_request_released_between_two_chunks_stops_there_and_the_backbone_keeps_serving():
+    verifier, forwards = services(CHUNK)
+    backbone = verifier.backbone
+    model = backbone.models["tiny"]
+    scored = model.forward_batch
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def first_chunk_then_release(items):
+            out = scored(items)
+            if len(forwards) == 1:  # the client goes away while the first chunk is computed
+                loop.call_soon_threadsafe(lambda: loop.create_task(
+                    backbone.Release(bpb.ReleaseRequest(model="tiny", request_id="r"))))
+            return out
+
+        model.forward_batch = first_chunk_then_release
+        with pytest.raises(FailedPrecondition, match="released while its prompt was scored"):
+            await backbone.Score(bpb.ScoreRequest(request_id="r", model="tiny", token_ids=LONG, start=0,
+                                                  outputs_from=len(LONG) - 1, commit=True))
+        assert forwards == [[CHUNK]] and ("tiny", "r") not in backbone.requests  # no chunk scored after it
+        out = await backbone.Score(bpb.ScoreRequest(request_id="s", model="tiny", token_ids=LONG[:5], start=0,
+                                                    outputs_from=4, commit=True))
+        return out
+
+    assert asyncio.run(main()).length == 5
