@@ -20,7 +20,7 @@ import pytest
 
 from arserve_client import Client, InvalidArgument, Unauthenticated
 from arserve.bench.ray import long_prompt as bench_long_prompt
-from conftest import RedisProcess, bench_prompts
+from conftest import RedisProcess, bench_prompts, generate_all
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +75,9 @@ def listed(service: str) -> list[str]:
     return directory_handle().addresses.remote(service).result()
 
 
-def generate_all(client, method: str) -> dict:
-    prompts = bench_prompts()
-    with ThreadPoolExecutor(4) as pool:  # 4 streams at a time: the backbone batches them
-        outs = pool.map(lambda p: client.generate(messages=p["messages"], max_tokens=64, temperature=0.0,
-                                                  speculative=method), prompts)
-        return {p["id"]: o for p, o in zip(prompts, outs)}
-
-
 @pytest.mark.parametrize("method", ["none", "ngram"])
 def test_greedy_output_equals_the_embedded_wiring(ray_client, plain_greedy, method):
-    outs = generate_all(ray_client, method)
+    outs = generate_all(ray_client, streams=4, speculative=method)  # the backbone batches them
     differ = [k for k, o in outs.items() if list(o.token_ids) != list(plain_greedy[k].token_ids)]
     assert not differ, f"{method}: {len(differ)} of {len(outs)} prompts differ from the embedded wiring: {differ}"
     if method == "ngram":
