@@ -184,9 +184,12 @@ class ImageModelSettings(BaseModel):
         "none", description="Method used when a request names none.")
     num_draft_tokens: int = Field(3, ge=1, le=16, description="Draft length when a request leaves it unset "
                                   "(the upper bound of the adaptive length).")
-    draft_acceptance: float = Field(0.4, gt=0, lt=1, description="The draft's measured acceptance rate (make bench "
-                                    "ARGS='--suite image'): where an adaptive request's draft length starts; it "
-                                    "learns from there within the request, so seeded requests still reproduce.")
+    draft_acceptance: float = Field(0.6, gt=0, lt=1, description="The draft's measured per-token acceptance "
+                                    "rate: of the drafts the rule judges (those accepted and the first one "
+                                    "rejected in a round), the fraction it keeps; `make bench ARGS='--suite "
+                                    "image'` reports it as draft_acceptance (0.6 for the digits draft). Where an "
+                                    "adaptive request's draft length starts; it learns from there within the "
+                                    "request, so seeded requests still reproduce.")
 
     @property
     def speculative_methods(self) -> list[str]:

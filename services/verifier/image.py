@@ -76,10 +76,12 @@ RESIDUAL_ROWS = 4
 # The adaptive draft length's cost model, in target tokens (a head sample and a backbone forward of the
 # request's rows): a draft token, a round's verification (target forward and the target's densities of
 # every draft trajectory) and a residual sample, measured with the digits models at 1 and at 32 images a
-# request (docs/decisions.md, "CSpD that pays": a target token 24 ms at 1, 69 ms at 32). The
-# verification grows with the rows (k trajectories of 50 steps each), so drafting pays at batch 1 above
-# about 0.6 acceptance and at 32 above about 0.85; between, the costs are interpolated in log2(images).
-COSTS_BATCH1 = (0.27, 0.29, 1.0)  # draft token, verification, residual
+# request (docs/decisions.md, "CSpD that pays", then at batch 1 scaled by 1.28 so that a k = 3 round at the
+# measured per-token acceptance 0.6 costs what `arserve bench --suite image` measured through the server:
+# 1.88 tokens at 0.78x plain, 2.4 target tokens; decision 45). The verification grows with the rows (k
+# trajectories of 50 steps each), so drafting pays at batch 1 above about 0.71 per-token acceptance and at
+# 32 above about 0.9; between, the costs are interpolated in log2(images).
+COSTS_BATCH1 = (0.35, 0.37, 1.28)  # draft token, verification, residual
 COSTS_BATCH32 = (0.23, 1.4, 2.2)
 
 
@@ -95,7 +97,7 @@ class ImageJob:
     num_draft_tokens: int  # k, drafts per round (the upper bound when adaptive)
     seed: int  # the request's random generator seed
     adaptive: bool = True  # k follows the request's running acceptance rate, down to 0 (plain rounds)
-    prior_rate: float = 0.4  # the acceptance rate an adaptive request starts from (the model's measured one)
+    prior_rate: float = 0.6  # the per-token acceptance rate an adaptive request starts from (the model's measured one)
 
     @property
     def guided(self) -> bool:
