@@ -30,7 +30,13 @@ some fifteen per request per layer. When the set of requests changes, or a
 cache was rolled back (``KVCache.version``), the rows are gathered again
 from the caches. vLLM and TGI batch decode attention over paged KV with
 their own kernels; PyTorch on CPU has no variable-length kernel, so this
-pads. The price is memory: a second copy of the decode rows' KV.
+pads. The price is memory: a second copy of the decode rows' KV, padded to
+the longest row. So the padding is bounded (``DecodeKV.choose``): a row
+joins the padded copy only while the copy stays within ``PADDING`` times
+the rows' own positions; a row much longer than the others (one 8k-token
+request beside 63 short chats would otherwise make the copy 64 x 8k
+positions, 24 GB for SmolLM2 in float32) attends alone (``attend_one``, the
+same bits), and a copy far larger than its rows need is given back.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ class DecodeKV:
     (one per model; forwards of a model run one at a time)."""
 
     HEADROOM = 64  # positions allocated past the longest row, so steady decoding rarely reallocates
+    PADDING = 2  # the copy holds at most this many times its rows' own positions (each with HEADROOM)
 
     def __init__(self):
         self.caches: list[KVCache] = []  # [B] the rows' caches, in row order
@@ -113,6 +120,20 @@ class DecodeKV:
         self.valid: list[int] = []  # [B] positions of each row held here
         self.k: Tensor | None = None  # [layers, rows, K, capacity, hd]: rows >= B; positions past a row's valid
         self.v: Tensor | None = None  # [layers, rows, K, capacity, hd]   ones hold finite values (zeros, stale keys)
+
+    def choose(self, starts: list[int]) -> list[int]:
+        """Indices of the decode rows (``starts[i]`` cached positions each) to
+        attend together: the shortest rows, as many as keep the padded copy
+        within ``PADDING`` times their own positions; the others attend
+        alone. Rows of similar lengths (steady decoding) all join."""
+        need = [padded_length(s + 1 + self.HEADROOM) for s in starts]
+        chosen, own = [], 0
+        for i in sorted(range(len(starts)), key=need.__getitem__):
+            if (len(chosen) + 1) * need[i] > self.PADDING * (own + need[i]):
+                break
+            chosen.append(i)
+            own += need[i]
+        return chosen
 
     def order(self, caches: list[KVCache]) -> list[int]:
         """Indices of ``caches``, the ones held here first and in the order of
@@ -125,10 +146,14 @@ class DecodeKV:
         """The decode rows ``[row, row + B)`` of a forward; ``starts[b]``: positions in ``caches[b]``."""
         B, P, c = len(caches), padded_length(max(starts) + 1), caches[0]
         L, K, hd = c.k.shape[0], c.k.shape[1], c.k.shape[3]
-        if self.k is None or self.k.shape[1] < B or self.k.shape[3] < P or self.k.dtype != c.dtype or self.k.device != c.k.device or \
-                (self.k.shape[0], self.k.shape[2], self.k.shape[4]) != (L, K, hd):
-            B_cap = max(B, 0 if self.k is None else self.k.shape[1])
-            shape = (L, B_cap, K, padded_length(P + self.HEADROOM), hd)
+        cap = padded_length(P + self.HEADROOM)
+        # never more than 2 * PADDING times what these rows need: the rows that needed more have left
+        oversized = self.k is not None and self.k.shape[1] * self.k.shape[3] > 2 * self.PADDING * B * cap
+        if self.k is None or oversized or self.k.shape[1] < B or self.k.shape[3] < P or self.k.dtype != c.dtype or \
+                self.k.device != c.k.device or (self.k.shape[0], self.k.shape[2], self.k.shape[4]) != (L, K, hd):
+            held = 0 if self.k is None else self.k.shape[1]  # rows allocated before: kept when few enough
+            B_cap = max(B, held) if held * cap <= 2 * self.PADDING * B * cap else B
+            shape = (L, B_cap, K, cap, hd)
             self.k, self.v = (torch.zeros(shape, dtype=c.dtype, device=c.k.device) for _ in range(2))  # finite
             self.caches = []
         valid = []

@@ -327,7 +327,8 @@ class Llama(nn.Module):
         if dev.type == "cpu" and self.floors_at != torch.get_num_threads():  # first forward, or on another thread
             self.fit_floors()
         decoding = [i for i, it in enumerate(items) if it.tokens.shape[0] == 1 and it.tree_mask is None]
-        if len(decoding) < 2:
+        decoding = [decoding[j] for j in self.decode_kv.choose([items[i].cache.length for i in decoding])]
+        if len(decoding) < 2:  # one row attends alone as cheaply
             decoding = []
         decoding = [decoding[j] for j in self.decode_kv.order([items[i].cache for i in decoding])]
         rest = set(range(len(items))) - set(decoding)

@@ -273,3 +273,48 @@ def test_folded_rope_is_bitwise_rotate_half_rope(dtype):
     x = torch.randn(12, 7, 64, generator=g).to(dtype)  # [heads, n, head_dim]
     cos, sin = (torch.randn(7, 64, generator=g).to(dtype) for _ in range(2))
     assert torch.equal(apply_rope_folded(x, cos, fold_sign(sin)), apply_rope(x, cos, sin))
+
+
+def test_a_long_request_among_short_ones_attends_alone_and_the_padded_copy_stays_small():
+    """Six short requests and one near the context window decode in one
+    forward. Padding all seven to the long one would make the decode rows'
+    KV copy seven long rows (one 8k-token request beside 63 chats: 24 GB for
+    SmolLM2); instead the long one attends on its own, every request's logits
+    are those it gets alone, and the copy holds the short rows only. When
+    the long requests have left, the copy shrinks back."""
+    from arserve.core.decode_attention import DecodeKV, padded_length
+    from arserve.core.model import ScoreItem
+
+    model = tiny(seed=17, packed=True)
+    g = torch.Generator().manual_seed(18)
+    lengths = [5, 7, 6, 480, 5, 9, 4]
+    prompts = [torch.randint(0, 256, (n,), generator=g) for n in lengths]
+    news = [torch.randint(0, 256, (1,), generator=g) for _ in prompts]
+
+    def prefilled(which):
+        caches = []
+        for i in which:
+            caches.append(model.new_cache())
+            model(prompts[i], caches[-1])
+        return caches
+
+    alone = [model(t, c) for t, c in zip(news, prefilled(range(len(lengths))))]
+    caches = prefilled(range(len(lengths)))
+    batched = model.forward_batch([ScoreItem(t, c) for t, c in zip(news, caches)])
+    for i, (out, ref) in enumerate(zip(batched, alone)):
+        assert torch.allclose(out, ref, atol=1e-5), i
+    kv = model.decode_kv
+    short_need = padded_length(max(n for n in lengths if n < 100) + 1 + DecodeKV.HEADROOM)
+    assert caches[3] not in kv.caches and len(kv.caches) == 6  # the long row attended alone
+    assert kv.k.shape[3] <= short_need < lengths[3]
+
+    longs = [3, 3, 3, 3]  # four long requests decode together: a copy of four long rows, as it must be
+    caches = prefilled(longs)
+    model.forward_batch([ScoreItem(news[i], c) for i, c in zip(longs, caches)])
+    assert model.decode_kv.k.shape[1] >= 4 and model.decode_kv.k.shape[3] > lengths[3]
+    shorts = [0, 4]  # they leave; two short ones decode: the copy is given back, all but their need
+    caches = prefilled(shorts)
+    outs = model.forward_batch([ScoreItem(news[i], c) for i, c in zip(shorts, caches)])
+    for i, out in zip(shorts, outs):
+        assert torch.allclose(out, alone[i], atol=1e-5), i
+    assert model.decode_kv.k.shape[3] <= short_need
