@@ -4,13 +4,14 @@ the next run when they can be one computation.
 A call waits only while a run is already going (none waits for company, as
 in Orca's iteration-level scheduling and vLLM's and TGI's batchers); then
 the first waiting call's key picks the next run: every waiting call with an
-equal key joins it, the others wait for a later run. What a key holds is the
-service's: whatever must be equal for the calls to share one computation
-(model, step counts, cache capacity, ...). The image backbone
-(``arserve.backbone.image``), the diffusion head service
+equal key joins it, in arrival order, up to a size budget where the queue
+has one (TGI's ``max_batch_total_tokens``); the others wait for a later run.
+What a key holds is the service's: whatever must be equal for the calls to
+share one computation (model, step counts, cache capacity, ...). The text
+backbone (``arserve.backbone.service``: one key, a budget of new tokens),
+the image backbone (``arserve.backbone.image``), the diffusion head service
 (``arserve.diffusion_head.service``) and the image drafter
-(``arserve.drafter.image``) join their calls here; the text backbone's
-``ForwardBatcher`` joins by token budget instead.
+(``arserve.drafter.image``) all join their calls here.
 """
 
 from __future__ import annotations
@@ -96,14 +97,19 @@ class JoinQueue(Generic[Item, Result]):
     ``executor`` over the calls that joined; each caller gets its own result,
     or the run's error (every caller of a failed run gets it; the queue goes
     on serving). A caller that is cancelled before its run leaves it; one
-    cancelled during the run has its result dropped."""
+    cancelled during the run has its result dropped. With ``size`` and
+    ``budget``, a run takes calls while their sizes sum to at most
+    ``budget`` (always at least one)."""
 
-    def __init__(self, run: Callable[[list[Item]], list[Result]], executor: Executor, name: str):
+    def __init__(self, run: Callable[[list[Item]], list[Result]], executor: Executor, name: str,
+                 size: Callable[[Item], int] | None = None, budget: int | None = None):
         self.run = run
         self.executor = executor
+        self.size, self.budget = size, budget
         self.queue: list[_Waiting[Item]] = []
         self.cohort = Cohort()
         self.worker: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves now
         self.runs = 0  # runs done
         self.items = 0  # calls served by them
         self.queue_depth = QUEUE_DEPTH.labels(name)
@@ -112,7 +118,12 @@ class JoinQueue(Generic[Item, Result]):
     async def submit(self, key: Hashable, item: Item, caller: Hashable | None = None) -> Result:
         """``item``'s result, from the first run that its key lets it join;
         ``caller`` (the request's key) is awaited by the run after that one."""
-        waiting = _Waiting(key, item, asyncio.get_running_loop().create_future(), caller)
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # futures and the worker task belong to one loop at a time
+            if self.queue or (self.worker is not None and not self.worker.done()):
+                raise RuntimeError(f"{type(self).__name__} is serving another event loop; call it from one loop")
+            self.loop, self.worker, self.cohort = loop, None, Cohort(self.cohort.fraction, self.cohort.max_s)
+        waiting = _Waiting(key, item, loop.create_future(), caller)
         self.queue.append(waiting)
         self.queue_depth.set(len(self.queue))
         self.cohort.arrived()
@@ -124,15 +135,34 @@ class JoinQueue(Generic[Item, Result]):
         """``caller`` (a request's key) is released: the next run does not wait for it."""
         self.cohort.left(caller)
 
+    def _next(self) -> list[_Waiting[Item]]:
+        """Takes the next run's calls off the queue: the first call's key, in arrival order, up to the
+        first call that would overrun the budget (that one and the calls after it wait: first come, first
+        served)."""
+        key, batch, rest, used, full = self.queue[0].key, [], [], 0, False
+        for w in self.queue:
+            if w.key == key and w.done.done():  # a cancelled caller leaves
+                continue
+            if w.key != key or full:
+                rest.append(w)
+                continue
+            n = self.size(w.item) if self.size is not None else 0
+            if batch and self.budget is not None and used + n > self.budget:
+                full = True
+                rest.append(w)
+                continue
+            batch.append(w)
+            used += n
+        self.queue = rest
+        return batch
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self.cohort.gather(lambda: {w.caller for w in self.queue})
             if not self.queue:
                 return
-            key = self.queue[0].key
-            batch = [w for w in self.queue if w.key == key and not w.done.done()]  # cancelled callers leave
-            self.queue = [w for w in self.queue if w.key != key]
+            batch = self._next()
             self.queue_depth.set(len(self.queue))
             if not batch:
                 continue

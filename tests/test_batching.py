@@ -55,6 +55,35 @@ def test_concurrent_callers_share_one_run_per_step():
     assert len(asyncio.run(main(Cohort(fraction=0.0)))) > 10
 
 
+def test_a_run_takes_the_first_calls_key_in_arrival_order_up_to_the_budget():
+    """Calls queued while a run goes: the next run takes the first call's
+    key, in arrival order, up to the first call that would overrun the size
+    budget; that call and the later ones of its key wait for a later run
+    (first come, first served, as the text backbone's token budget needs),
+    and calls of other keys wait their turn."""
+    import threading
+
+    async def main():
+        runs, going = [], threading.Event()
+
+        def run(items):
+            going.wait(5)
+            runs.append(list(items))
+            return items
+
+        q = JoinQueue(run, ThreadPoolExecutor(1), "test", size=len, budget=6)
+        calls = [asyncio.create_task(q.submit("a", "x"))]
+        await asyncio.sleep(0.05)  # "x" runs alone, held until the others are queued
+        calls += [asyncio.create_task(q.submit(k, item)) for k, item in
+                  (("a", "aa"), ("a", "bbb"), ("b", "c"), ("a", "dddd"), ("a", "e"))]
+        await asyncio.sleep(0.05)
+        going.set()
+        assert await asyncio.gather(*calls) == ["x", "aa", "bbb", "c", "dddd", "e"]  # each caller its own result
+        return runs
+
+    assert asyncio.run(main()) == [["x"], ["aa", "bbb"], ["c"], ["dddd", "e"]]
+
+
 def test_a_released_caller_is_not_waited_for_and_a_silent_one_costs_the_grace_once():
     async def main(leave: bool):
         q, runs = _queue(0.005, Cohort(fraction=100.0, max_s=0.3))
@@ -105,7 +134,7 @@ def test_the_backbone_runs_one_forward_per_step_for_concurrent_decodes():
     outputs = asyncio.run(together())
     assert all(len(o) == 20 for o in outputs)
     # 4 prompts (one or two forwards, as they arrive) and 19 decode steps of all 4 requests
-    assert batcher.forwards <= 2 + 19, batcher.forwards
+    assert batcher.runs <= 2 + 19, batcher.runs
     for i, tokens in enumerate(outputs):
         alone = asyncio.run(collect(VerifierService(BackboneService({"tiny": target}), None, {"tiny": (300,)}),
                                     request(i)))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,10 +28,9 @@ from ..core.kv_cache import KVCache
 from ..core.kv_transfer import HostBlocks, to_host
 from ..core.model import Llama, ScoreItem
 from ..core import compute
-from ..batching import Cohort
+from ..batching import JoinQueue
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
-from ..metrics import BATCH_ITEMS, QUEUE_DEPTH
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import to_proto
 from .budget import BudgetConfig, KVBudget
@@ -70,8 +68,9 @@ def tree_inputs(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, depths
 
 
-class ForwardBatcher:
-    """Joins the Score calls queued for one model into one ``forward_batch``.
+class ForwardBatcher(JoinQueue[ScoreItem, torch.Tensor]):
+    """Joins the Score calls queued for one model into one ``forward_batch``
+    (``batching.JoinQueue``, one key for all: any calls can share a forward).
 
     A call waits only while a forward is already running; the calls queued
     meanwhile (up to ``max_batch_tokens`` new tokens) form the next batch,
@@ -80,63 +79,15 @@ class ForwardBatcher:
     """
 
     def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096, name: str = ""):
+        super().__init__(self._forward, executor, name, size=lambda item: len(item.tokens), budget=max_batch_tokens)
         self.model = model
-        self.queue_depth = QUEUE_DEPTH.labels(name)
-        self.batch_items = BATCH_ITEMS.labels(name)
-        self.executor = executor
-        self.max_batch_tokens = max_batch_tokens
-        self.queue: list[tuple[ScoreItem, asyncio.Future, Hashable | None]] = []
-        self.cohort = Cohort()
-        self.worker: asyncio.Task | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop it serves now
-        self.forwards = 0  # forwards run (for tests and metrics)
-        self.batched_items = 0  # items scored
+
+    def _forward(self, items: list[ScoreItem]) -> list[torch.Tensor]:  # on the compute thread
+        return self.model.forward_batch(items)
 
     async def score(self, item: ScoreItem, caller: Hashable | None = None) -> torch.Tensor:
         """``item``'s logits; ``caller`` (the request's key) is awaited by the next forward after this one."""
-        loop = asyncio.get_running_loop()
-        if loop is not self.loop:  # futures and the worker task belong to one loop at a time
-            if self.queue or (self.worker is not None and not self.worker.done()):
-                raise RuntimeError("the backbone is serving another event loop; call it from one loop")
-            self.loop, self.worker, self.cohort = loop, None, Cohort(self.cohort.fraction, self.cohort.max_s)
-        future = loop.create_future()
-        self.queue.append((item, future, caller))
-        self.queue_depth.set(len(self.queue))
-        self.cohort.arrived()
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._drain())
-        return await future
-
-    def left(self, caller: Hashable) -> None:
-        """``caller`` (a request's key) is released: the next forward does not wait for it."""
-        self.cohort.left(caller)
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.cohort.gather(lambda: {c for _, _, c in self.queue})
-            if not self.queue:
-                return
-            batch, tokens = [], 0
-            while self.queue and (not batch or tokens + len(self.queue[0][0].tokens) <= self.max_batch_tokens):
-                batch.append(self.queue.pop(0))
-                tokens += len(batch[-1][0].tokens)
-            self.queue_depth.set(len(self.queue))
-            self.batch_items.observe(len(batch))
-            t = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.model.forward_batch, [b[0] for b in batch])
-            except Exception as e:  # noqa: BLE001 - every waiting call gets the error
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            self.cohort.ran([c for _, _, c in batch], time.perf_counter() - t)
-            self.forwards += 1
-            self.batched_items += len(batch)
-            for (_, future, _), logits in zip(batch, results):
-                if not future.done():
-                    future.set_result(logits)
+        return await self.submit(None, item, caller)
 
 
 class BackboneService:
