@@ -152,7 +152,7 @@ class DecodeKV:
         if self.k is None or oversized or self.k.shape[1] < B or self.k.shape[3] < P or self.k.dtype != c.dtype or \
                 self.k.device != c.k.device or (self.k.shape[0], self.k.shape[2], self.k.shape[4]) != (L, K, hd):
             held = 0 if self.k is None else self.k.shape[1]  # rows allocated before: kept when few enough
-            B_cap = max(B, held) if held * cap <= 2 * self.PADDING * B * cap else B
+            B_cap = max(B, held) if held <= 2 * self.PADDING * B else B
             shape = (L, B_cap, K, cap, hd)
             self.k, self.v = (torch.zeros(shape, dtype=c.dtype, device=c.k.device) for _ in range(2))  # finite
             self.caches = []
