@@ -82,7 +82,8 @@ class ForwardBatcher(JoinQueue[ScoreItem, torch.Tensor]):
         super().__init__(self._forward, executor, name, size=lambda item: len(item.tokens), budget=max_batch_tokens)
         self.model = model
 
-    def _forward(self, items: list[ScoreItem]) -> list[torch.Tensor]:  # on the compute thread
+    def _forward(self, items: list[ScoreItem]) -> list[torch.Tensor]:  # on the compute thread; looked up per run,
+        # so a model whose forward_batch is wrapped later (tests count forwards) is the one called
         return self.model.forward_batch(items)
 
     async def score(self, item: ScoreItem, caller: Hashable | None = None) -> torch.Tensor:

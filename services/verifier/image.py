@@ -59,6 +59,7 @@ from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
 from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as vpb
+from ..settings import ImageModelSettings
 from ..wire import from_proto, to_proto
 from .draft_length import DraftLength, expected_speedup_without_bonus
 from .plan import run_id
@@ -97,7 +98,8 @@ class ImageJob:
     num_draft_tokens: int  # k, drafts per round (the upper bound when adaptive)
     seed: int  # the request's random generator seed
     adaptive: bool = True  # k follows the request's running acceptance rate, down to 0 (plain rounds)
-    prior_rate: float = 0.6  # the per-token acceptance rate an adaptive request starts from (the model's measured one)
+    # the per-token acceptance rate an adaptive request starts from (the model's measured one; the gateway passes it)
+    prior_rate: float = ImageModelSettings.model_fields["draft_acceptance"].default
 
     @property
     def guided(self) -> bool:
