@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .metrics import BATCH_ITEMS, QUEUE_DEPTH
+from .metrics import BATCH_ITEMS, QUEUE_DEPTH, RUN_SECONDS
 
 GATHER_FRACTION = 0.25  # of the last run's time: the longest a run waits for the last run's callers
 GATHER_MAX_S = 0.025  # and never longer than this
@@ -114,6 +114,7 @@ class JoinQueue(Generic[Item, Result]):
         self.items = 0  # calls served by them
         self.queue_depth = QUEUE_DEPTH.labels(name)
         self.batch_items = BATCH_ITEMS.labels(name)
+        self.run_seconds = RUN_SECONDS.labels(name)
 
     async def submit(self, key: Hashable, item: Item, caller: Hashable | None = None) -> Result:
         """``item``'s result, from the first run that its key lets it join;
@@ -177,7 +178,9 @@ class JoinQueue(Generic[Item, Result]):
                 if not isinstance(e, Exception):
                     raise
                 continue
-            self.cohort.ran([w.caller for w in batch], time.perf_counter() - t)
+            took = time.perf_counter() - t
+            self.run_seconds.observe(took)
+            self.cohort.ran([w.caller for w in batch], took)
             self.runs += 1
             self.items += len(batch)
             for w, result in zip(batch, out, strict=True):

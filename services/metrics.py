@@ -81,6 +81,9 @@ DRAFT_FAILURES = Family("counter", "arserve_draft_failures_total", "Rounds decod
 QUEUE_DEPTH = Family("gauge", "arserve_backbone_queue_depth", "Score calls waiting for a forward", ["model"])
 BATCH_ITEMS = Family("histogram", "arserve_backbone_batch_requests", "Requests sharing one forward", ["model"],
                      (1, 2, 4, 8, 16, 32, 64))
+RUN_SECONDS = Family("histogram", "arserve_backbone_forward_seconds", "Wall time of one batched forward (its "
+                     "share of the wall clock, against the request rate, shows the serving overhead)", ["model"],
+                     (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
 KV_BLOCKS = Family("counter", "arserve_kv_block_lookups_total", "KV block lookups by tier that served them "
                    "(local, redis, miss, rejected)", ["tier"])
 KV_BUDGET = Family("gauge", "arserve_backbone_kv_budget_tokens", "KV token positions a backbone replica may "

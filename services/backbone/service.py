@@ -147,9 +147,10 @@ class BackboneService:
             space = self.spaces.get(req.model)
             state.stored_blocks = min(state.stored_blocks, state.committed // space.block_size) if space else 0
         context_ids = list(req.context[state.committed:req.start]) if state.committed < req.start else []
-        tokens = torch.tensor(context_ids + list(req.token_ids), dtype=torch.long)
-        if int(tokens.max()) >= model.config.vocab_size:
-            raise InvalidArgument(f"token id {int(tokens.max())} is outside the vocabulary ({model.config.vocab_size})")
+        ids = context_ids + list(req.token_ids)
+        if max(ids) >= model.config.vocab_size:  # plain Python: this runs on the event loop, beside the forwards
+            raise InvalidArgument(f"token id {max(ids)} is outside the vocabulary ({model.config.vocab_size})")
+        tokens = torch.tensor(ids, dtype=torch.long)
         tree_mask = depths = None
         if req.parents:
             if len(req.parents) != n or context_ids:
@@ -174,7 +175,7 @@ class BackboneService:
                 raise FailedPrecondition(f"request {req.request_id!r} was released while its prompt was scored")
             done = end
         item = ScoreItem(tokens[done:], state.cache, tree_mask, depths, logits_from - done,
-                         want_hidden=req.return_hidden, exact=req.argmax_only)
+                         want_hidden=req.return_hidden, exact=req.argmax_only, want_argmax=req.argmax_only)
         logits = await batcher.score(item, key)
         state.tokens.extend(context_ids)
         if req.commit:
@@ -188,7 +189,7 @@ class BackboneService:
             state.scored_tokens = list(req.token_ids)
         hidden = to_proto(item.hidden) if req.return_hidden else None
         if req.argmax_only:
-            return pb.ScoreResponse(argmax=logits.argmax(-1).tolist(), length=state.cache.length, cached=cached,
+            return pb.ScoreResponse(argmax=item.argmax.tolist(), length=state.cache.length, cached=cached,
                                     hidden=hidden)
         return pb.ScoreResponse(logits=to_proto(logits), length=state.cache.length, cached=cached, hidden=hidden)
 

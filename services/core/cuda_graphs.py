@@ -192,6 +192,7 @@ class PiecewiseGraphs:
             keep = slice(r + it.logits_from, r + n)
             out.append(b.logits[keep].clone())
             it.hidden = b.hidden[keep].to(torch.float32, copy=True) if it.want_hidden else None
+            it.argmax = out[-1].argmax(-1) if it.want_argmax else None
         return out
 
 

@@ -192,7 +192,9 @@ class ScoreItem:
     logits_from: int = 0  # logits are returned for new positions [logits_from, n)
     want_hidden: bool = False  # also set `hidden`: the final-normed hidden states of those positions
     exact: bool = True  # a chain's rows get decoding's bits (``attend_chain``); False: one SDPA call, last bits differ
+    want_argmax: bool = False  # also set `argmax`: each position's highest-scoring token (greedy decoding)
     hidden: Tensor | None = None  # [n - logits_from, dim], set by forward_batch when asked for
+    argmax: Tensor | None = None  # [n - logits_from] int64, set by forward_batch when asked for
 
     @staticmethod
     def make_dummy(config: LlamaConfig, n: int = 3) -> "ScoreItem":
@@ -375,4 +377,7 @@ class Llama(nn.Module):
         if any(it.want_hidden for it in items):
             for it, h in zip(items, x.float().split(sizes)):
                 it.hidden = h if it.want_hidden else None
+        if any(it.want_argmax for it in items):  # one reduction for every row, on the thread that computes
+            for it, ids in zip(items, logits.argmax(-1).split(sizes)):
+                it.argmax = ids if it.want_argmax else None
         return list(logits.split(sizes))

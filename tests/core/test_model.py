@@ -98,6 +98,23 @@ def test_batched_forward_equals_one_request_at_a_time():
     assert dummy.shape == (3, model.config.vocab_size)
 
 
+def test_greedy_items_get_their_argmax_from_the_forward():
+    """A greedy Score call's token ids are reduced on the thread that ran the
+    forward, one reduction for the batch; items that did not ask get none."""
+    from arserve.core.model import ScoreItem
+
+    model = tiny(packed=True)
+    g = torch.Generator().manual_seed(5)
+    items = [ScoreItem(torch.randint(0, 256, (n,), generator=g), model.new_cache(), logits_from=lf,
+                       want_argmax=want) for n, lf, want in ((6, 5, True), (4, 0, False), (9, 2, True))]
+    logits = model.forward_batch(items)
+    assert items[1].argmax is None
+    for it, lg in zip(items, logits):
+        if it.want_argmax:
+            assert it.argmax.dtype == torch.int64 and it.argmax.shape == (lg.shape[0],)
+            assert torch.equal(it.argmax, lg.argmax(-1))
+
+
 def test_cache_refuses_to_exceed_the_context_window():
     model = tiny()
     cache = model.new_cache()
