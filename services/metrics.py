@@ -94,7 +94,7 @@ KV_WAITING = Family("gauge", "arserve_backbone_kv_waiting_requests", "Requests w
 LEASES_EXPIRED = Family("counter", "arserve_leases_expired_total", "Per-request states freed after an idle lease "
                         "(state_lease_s): a caller died or lost its Release", ["service"])
 ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, RESUMED, DRAFT_FAILURES, QUEUE_DEPTH,
-       BATCH_ITEMS, KV_BLOCKS, KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)  # every Family: Ray exports these
+       RUN_SECONDS, BATCH_ITEMS, KV_BLOCKS, KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)  # every Family: Ray exports these
 
 
 def export_to_ray() -> None:
