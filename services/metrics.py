@@ -81,8 +81,9 @@ DRAFT_FAILURES = Family("counter", "arserve_draft_failures_total", "Rounds decod
 QUEUE_DEPTH = Family("gauge", "arserve_backbone_queue_depth", "Score calls waiting for a forward", ["model"])
 BATCH_ITEMS = Family("histogram", "arserve_backbone_batch_requests", "Requests sharing one forward", ["model"],
                      (1, 2, 4, 8, 16, 32, 64))
-RUN_SECONDS = Family("histogram", "arserve_backbone_forward_seconds", "Wall time of one batched forward (its "
-                     "share of the wall clock, against the request rate, shows the serving overhead)", ["model"],
+RUN_SECONDS = Family("histogram", "arserve_backbone_forward_seconds", "Wall time of one batched run (a forward, a "
+                     "draft, a head run); its sum over a window, against the window, is the share spent computing",
+                     ["model"],
                      (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
 KV_BLOCKS = Family("counter", "arserve_kv_block_lookups_total", "KV block lookups by tier that served them "
                    "(local, redis, miss, rejected)", ["tier"])
@@ -93,8 +94,9 @@ KV_RESERVED = Family("gauge", "arserve_backbone_kv_reserved_tokens", "KV token p
 KV_WAITING = Family("gauge", "arserve_backbone_kv_waiting_requests", "Requests waiting for KV budget", ["model"])
 LEASES_EXPIRED = Family("counter", "arserve_leases_expired_total", "Per-request states freed after an idle lease "
                         "(state_lease_s): a caller died or lost its Release", ["service"])
+# every Family: Ray exports these
 ALL = (REQUESTS, REQUEST_LATENCY, TTFT, TPOT, GENERATED, DRAFTED, ACCEPTED, RESUMED, DRAFT_FAILURES, QUEUE_DEPTH,
-       RUN_SECONDS, BATCH_ITEMS, KV_BLOCKS, KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)  # every Family: Ray exports these
+       RUN_SECONDS, BATCH_ITEMS, KV_BLOCKS, KV_BUDGET, KV_RESERVED, KV_WAITING, LEASES_EXPIRED)
 
 
 def export_to_ray() -> None:
