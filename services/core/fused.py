@@ -95,8 +95,9 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin_folded: Tensor, H: int, K: int) -> tu
     k = on(qkv)
     N, hd = qkv.shape[0], cos.shape[-1]
     if k is None:
-        qk = qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1)  # [H+K, N, hd]
-        qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin_folded
+        from .model import apply_rope_folded  # (model imports this module)
+
+        qk = apply_rope_folded(qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1), cos, sin_folded)  # [H+K, N, hd]
         return qk, qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)
     return k.rope_qkv(qkv, cos, sin_folded, H, K)
 

@@ -59,8 +59,9 @@ def fold_sign(sin: Tensor) -> Tensor:
 
 def apply_rope_folded(x: Tensor, cos: Tensor, sin_folded: Tensor) -> Tensor:
     """``apply_rope`` in four elementwise calls instead of seven, bitwise the
-    same ((-a) * b == a * (-b) exactly): x [heads, n, head_dim]; cos,
-    sin_folded (``fold_sign(sin)``): [n, head_dim]."""
+    same ((-a) * b == a * (-b) exactly; the eager path of
+    ``fused.rope_qkv``): x [heads, n, head_dim]; cos, sin_folded
+    (``fold_sign(sin)``): [n, head_dim]."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
 
 
