@@ -10,6 +10,12 @@ Words used here:
   length masked out (the cache stores zeros or stale finite values there;
   where the cache ends inside the last group, a zero-padded copy is read).
 
+On a CPU, every single-query attention here is one call of the fused kernel
+(``fused.decode_attention``): each row alone, in a fixed order, so a row's
+bits are its own whatever the batch or the padding, and key groups only
+shape the buffers. Elsewhere (a GPU, or ``ARSERVE_FUSED=0``) PyTorch's SDPA
+runs, and key groups are what keep its rows' bits their own:
+
 Why key groups: PyTorch's CPU SDPA reduces over keys in vector-width blocks,
 so the same query against the same keys gives bitwise different results
 when the key count is padded to another length, except when every length
@@ -47,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused
 from .kv_cache import KVCache
 
 KEY_GROUP = 16  # positions
@@ -58,29 +65,37 @@ def padded_length(n: int) -> int:
 
 
 def attend(
-    q: Tensor,  # [B, H, 1, hd]: one query per row
+    q: Tensor,  # [B, H, hd]: one query per row
     k: Tensor,  # [B, K, P, hd]: P a whole number of key groups
     v: Tensor,  # [B, K, P, hd]
-    mask: Tensor,  # [B, 1, 1, P] bool: True where the key is one of the row's valid positions
-) -> Tensor:  # [B, H, 1, hd]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    lengths: list[int],  # [B]: row b attends keys [0, lengths[b])
+    mask: Tensor | None = None,  # [B, 1, 1, P] bool, ``lengths`` as a mask where the caller has it
+) -> Tensor:  # [B, H, hd]
+    """On a CPU, the fused kernel (``fused.decode_attention``: each row alone,
+    in a fixed order, so key groups do not matter to it); elsewhere PyTorch's
+    SDPA over whole key groups."""
+    kernels = fused.on(q)
+    if kernels is not None:
+        return kernels.decode_attention(q, k, v, lengths, q.shape[-1] ** -0.5)
+    if mask is None:
+        mask = _mask(k.shape[2], tuple(lengths), k.device)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
 
 @functools.lru_cache(maxsize=64)
-def _row_mask(P: int, length: int, device: torch.device) -> Tensor:
-    """[1, 1, 1, P] bool: the first ``length`` of ``P`` keys (read-only; shared by every layer)."""
-    return (torch.arange(P, device=device) < length).view(1, 1, 1, P)
+def _mask(P: int, lengths: tuple[int, ...], device: torch.device) -> Tensor:
+    """[B, 1, 1, P] bool: row b's first ``lengths[b]`` of ``P`` keys (read-only; shared by every layer)."""
+    return (torch.arange(P, device=device) < torch.tensor(lengths, device=device)[:, None]).view(-1, 1, 1, P)
 
 
 def attend_one(q: Tensor, cache: KVCache, layer: int, length: int) -> Tensor:
     """One decode row alone: q [H, 1, hd] against positions [0, length) of
     ``cache`` (read in whole key groups) -> [H, 1, hd]."""
     P = padded_length(length)
-    mask = _row_mask(P, length, cache.k.device)
     k, v = cache.k[layer, :, :P], cache.v[layer, :, :P]  # [K, P, hd]
     if k.shape[1] < P:  # capacity (the request's reservation) ends inside the last group
         k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
-    return attend(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask)[0]
+    return attend(q.transpose(0, 1), k.unsqueeze(0), v.unsqueeze(0), [length]).transpose(0, 1)
 
 
 CHAIN_ROWS = 32  # chains of at most this many new tokens (drafts under verification) attend row by row
@@ -91,8 +106,8 @@ def attend_chain(q: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
     verification) after ``start`` cached positions, each attended as if it
     were a decode row alone: q [H, n, hd] -> [H, n, hd]. Row i is one query
     against keys [0, start + i] read in whole key groups, so it gets the bits
-    ``attend_one`` gives the same token in plain decoding (one SDPA call, the
-    n rows as a batch of single queries over a broadcast view of the cache).
+    ``attend_one`` gives the same token in plain decoding (one call, the n
+    rows as a batch of single queries over a broadcast view of the cache).
     A chain scored as one multi-query SDPA call differs from decoding in the
     last bits, and a near-tie then turns greedy verification away from
     plain greedy."""
@@ -101,10 +116,8 @@ def attend_chain(q: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
     k, v = cache.k[layer, :, :P], cache.v[layer, :, :P]  # [K, P, hd]
     if k.shape[1] < P:  # capacity ends inside the last group
         k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
-    lengths = torch.arange(start + 1, start + n + 1, device=k.device)  # [n] keys of each row
-    mask = (torch.arange(P, device=k.device) < lengths[:, None]).view(n, 1, 1, P)
-    out = attend(q.transpose(0, 1).unsqueeze(2), k.expand(n, *k.shape), v.expand(n, *v.shape), mask)  # [n, H, 1, hd]
-    return out[:, :, 0].transpose(0, 1)
+    out = attend(q.transpose(0, 1), k.expand(n, *k.shape), v.expand(n, *v.shape), list(range(start + 1, start + n + 1)))
+    return out.transpose(0, 1)  # [H, n, hd]
 
 
 class DecodeKV:
@@ -181,6 +194,7 @@ class DecodeRows:
         B, P = len(caches), k.shape[3]
         self.at = torch.tensor(starts, device=k.device)  # [B]
         self.batch = torch.arange(B, device=k.device)  # [B]
+        self.lengths = [s + 1 for s in starts]  # [B] keys of each row, the new one included
         self.mask = (torch.arange(P, device=k.device) <= self.at[:, None]).view(B, 1, 1, P)  # [B, 1, 1, P]
 
     @property
@@ -196,8 +210,8 @@ class DecodeRows:
     ) -> Tensor:  # [H, B, hd]
         self.k[layer, self.batch, :, self.at] = k.transpose(0, 1)  # [B, K, hd]
         self.v[layer, self.batch, :, self.at] = v.transpose(0, 1)
-        out = attend(q.transpose(0, 1).unsqueeze(2), self.k[layer], self.v[layer], self.mask)  # [B, H, 1, hd]
-        return out.squeeze(2).transpose(0, 1)
+        out = attend(q.transpose(0, 1), self.k[layer], self.v[layer], self.lengths, self.mask)  # [B, H, hd]
+        return out.transpose(0, 1)
 
     def write_back(self) -> None:
         """Store each row's new key and value (every layer) in its cache."""

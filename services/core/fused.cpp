@@ -19,8 +19,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -184,10 +188,157 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
   return {qk, v};
 }
 
+// Attention of single queries (Vaswani et al. 2017), grouped-query (Ainslie
+// et al. 2023: query head h reads key/value head h / (H / K)): q [B, H, hd],
+// k and v [B, K, P, hd] (any strides but the last; a stride of 0 broadcasts a
+// cache to many queries), lengths [B]: query b attends keys [0, lengths[b]).
+// -> [B, H, hd]. Each (query, key/value head) pair is computed alone, in one
+// fixed order whatever B or P: a decode row's bits are the same alone, in a
+// batch of decode rows, or as a row of a draft chain under verification.
+namespace {
+
+constexpr int64_t kLanes = 16;  // floats in one vector (one AVX-512 register; two AVX2 ones)
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector extension
+
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+template <typename T>
+inline vfloat load_lanes(const T* p) {  // kLanes elements as floats
+  vfloat r;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&r, p, sizeof(r));
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) r[l] = static_cast<float>(p[l]);
+  }
+  return r;
+}
+
+inline float sum_lanes(vfloat v) {  // a fixed order: halves added, then halves of those
+  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// e^x for x <= 0 (softmax's shifted scores), kLanes at a time: Cephes' expf
+// (range reduction by ln 2 in two parts, a degree-5 polynomial; about 1 ulp).
+inline vfloat exp_neg(vfloat x) {
+  x = x < -87.0f ? splat(-87.0f) : x;  // below: e^x underflows to 0 anyway
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const vfloat r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;  // 2^n
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+float dot(const vfloat* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs * kLanes elements
+  vfloat acc = q[0] * load_lanes(k);
+  for (int64_t i = 1; i < vecs; ++i) acc += q[i] * load_lanes(k + i * kLanes);
+  return sum_lanes(acc);
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::vector<int64_t>& lengths, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be on the CPU");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "q must be [B, H, hd], k and v [B, K, P, hd]");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), K = k.size(1), P = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == hd && K > 0 && H % K == 0, "q [B, H, hd] and k [B, K, P, hd] disagree");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B, "one length per query");
+  int64_t longest = 0;
+  for (int64_t n : lengths) {
+    TORCH_CHECK(n >= 1 && n <= P, "a query's length must be in [1, P]");
+    longest = std::max(longest, n);
+  }
+  TORCH_CHECK(hd % kLanes == 0, "head_dim must be a multiple of ", kLanes);
+  auto out = torch::empty({B, H, hd}, q.options());
+  const int64_t G = H / K, V = hd / kLanes;  // query heads per key/value head; vectors per head
+  const float fscale = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    auto pairs = [&](int64_t lo, int64_t hi) {
+      std::vector<vfloat> qv(G * V), o(V);
+      std::vector<float> s(G * longest + kLanes);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t b = task / K, g = task % K, L = lengths[b];
+        for (int64_t i = 0; i < G; ++i) {
+          const scalar_t* qh = qp + b * q.stride(0) + (g * G + i) * q.stride(1);
+          for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_lanes(qh + c * kLanes) * fscale;
+        }
+        const scalar_t* kb = kp + b * k.stride(0) + g * k.stride(1);
+        const scalar_t* vb = vp + b * v.stride(0) + g * v.stride(1);
+        for (int64_t j = 0; j < L; ++j) {  // scores: each key read once for the G query heads
+          const scalar_t* kj = kb + j * k.stride(2);
+          for (int64_t i = 0; i < G; ++i) s[i * L + j] = dot(qv.data() + i * V, kj, V);
+        }
+        for (int64_t i = 0; i < G; ++i) {  // softmax, then the probability-weighted sum of values
+          float* si = s.data() + i * L;
+          float m = si[0];
+          for (int64_t j = 1; j < L; ++j) m = std::max(m, si[j]);
+          vfloat denom = {};
+          int64_t j = 0;
+          for (; j + kLanes <= L; j += kLanes) {
+            const vfloat e = exp_neg(load_lanes(si + j) - m);
+            std::memcpy(si + j, &e, sizeof(e));
+            denom += e;
+          }
+          if (j < L) {  // the last partial vector: its lanes past L neither stored nor summed
+            vfloat x = splat(0.0f);
+            for (int64_t l = 0; j + l < L; ++l) x[l] = si[j + l] - m;
+            vfloat e = exp_neg(x);
+            for (int64_t l = 0; l < kLanes; ++l) {
+              if (j + l < L) si[j + l] = e[l]; else e[l] = 0.0f;
+            }
+            denom += e;
+          }
+          const float total = sum_lanes(denom);
+          for (int64_t c = 0; c < V; ++c) o[c] = vfloat{};
+          for (int64_t jj = 0; jj < L; ++jj) {
+            const scalar_t* vj = vb + jj * v.stride(2);
+            const vfloat p = splat(si[jj]);
+            for (int64_t c = 0; c < V; ++c) o[c] += p * load_lanes(vj + c * kLanes);
+          }
+          scalar_t* oh = op + (b * H + g * G + i) * hd;
+          for (int64_t c = 0; c < V; ++c) {
+            const vfloat r = o[c] / total;
+            for (int64_t l = 0; l < kLanes; ++l) oh[c * kLanes + l] = static_cast<scalar_t>(r[l]);
+          }
+        }
+      }
+    };
+    if (B * H * longest * hd >= kReleaseGilElements * 4) {
+      pybind11::gil_scoped_release release;
+      at::parallel_for(0, B * K, 1, pairs);
+    } else {
+      pairs(0, B * K);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "arserve's fused CPU kernels for the decoder's elementwise chains";
   m.def("rms_norm", &rms_norm, "x [R, D], w [D], eps -> [R, D]");
   m.def("add_rms_norm", &add_rms_norm, "x, delta [R, D], w [D], eps -> (x + delta, rms_norm(x + delta))");
   m.def("silu_mul", &silu_mul, "gate_up [R, 2I] -> silu(gate) * up [R, I]");
+  m.def("decode_attention", &decode_attention,
+        "q [B, H, hd], k, v [B, K, P, hd], lengths [B], scale -> [B, H, hd]: query b attends keys [0, lengths[b])");
   m.def("rope_qkv", &rope_qkv, "qkv [N, (H+2K)*hd], cos, sin_folded [N, hd], H, K -> (qk [H+K, N, hd], v [K, N, hd])");
 }

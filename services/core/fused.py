@@ -37,7 +37,8 @@ from torch import Tensor
 log = logging.getLogger("arserve.core")
 
 SOURCE = Path(__file__).with_name("fused.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]  # built on the CPU it runs on; a * b + c rounds twice
+# Built for the CPU it runs on; a * b + c rounds twice; at::parallel_for on OpenMP (as torch's own ops).
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
 @functools.cache
@@ -49,7 +50,8 @@ def kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name="arserve_fused", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+        module = load(name="arserve_fused", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                      verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
         log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

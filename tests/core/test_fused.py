@@ -81,3 +81,24 @@ def test_non_cpu_or_off_takes_the_eager_path(monkeypatch):
     monkeypatch.setattr(fused, "kernels", lambda: None)
     x, w = torch.randn(2, 16), torch.randn(16)
     assert torch.equal(fused.rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
+    torch.manual_seed(4)
+    B, H, Kv, P, hd = 6, 9, 3, 240, 64
+    q, k, v = torch.randn(B, H, hd, dtype=dtype), torch.randn(B, Kv, P, hd, dtype=dtype), torch.randn(B, Kv, P, hd, dtype=dtype)
+    lengths = [200, 1, 240, 17, 33, 100]  # a partial last vector of keys, a single key, all keys
+    out = K.decode_attention(q, k, v, lengths, hd ** -0.5)
+    mask = (torch.arange(P) < torch.tensor(lengths)[:, None]).view(B, 1, 1, P)
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2).float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)[:, :, 0]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for b in range(B):  # alone, over a shorter cache, and as one of a broadcast chain
+        alone = K.decode_attention(q[b:b + 1], k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]], [lengths[b]], hd ** -0.5)
+        assert torch.equal(alone, out[b:b + 1])
+    chain = K.decode_attention(q[:1].expand(3, H, hd), k[:1].expand(3, Kv, P, hd), v[:1].expand(3, Kv, P, hd),
+                               [198, 199, 200], hd ** -0.5)
+    assert torch.equal(chain[2:], out[:1])
+    with pytest.raises(RuntimeError, match="length must be in"):
+        K.decode_attention(q, k, v, [0] * B, 1.0)

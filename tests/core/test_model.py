@@ -184,6 +184,7 @@ def test_decode_rows_of_many_requests_are_attended_in_one_call_per_layer(monkeyp
     one forward: one attention call per layer for all eight, the logits and
     the caches as when each request decodes alone."""
     from arserve.core import decode_attention
+    from arserve.core import model as model_module
     from arserve.core.model import ScoreItem
 
     model = tiny(seed=11, packed=True)
@@ -200,9 +201,10 @@ def test_decode_rows_of_many_requests_are_attended_in_one_call_per_layer(monkeyp
         caches.append(model.new_cache())
         model(p, caches[-1])
     calls = []
-    real = decode_attention.F.scaled_dot_product_attention
-    monkeypatch.setattr(decode_attention.F, "scaled_dot_product_attention",
-                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    real, real_sdpa = decode_attention.attend, model_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(decode_attention, "attend", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real_sdpa(q, *a, **k))
     chain = ScoreItem(torch.tensor([1, 2]), model.new_cache())  # a prompt beside them, attended on its own
     batched = model.forward_batch([ScoreItem(t, c) for t, c in zip(news, caches)] + [chain])
     monkeypatch.undo()
