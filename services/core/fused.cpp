@@ -17,7 +17,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -31,11 +31,32 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;         // rows one thread takes at a time
 constexpr int64_t kReleaseGilElements = 1 << 16;  // hold the GIL for smaller calls (cheaper than a hand-over)
 
+// body(lo, hi) over [0, n), split in whole chunks of at least `grain` across
+// the calling thread's OpenMP threads. Not at::parallel_for: its inline
+// lazy_init_num_threads has a thread_local flag of its own in this library,
+// so on the server's compute thread it would re-read torch's process default
+// (1, compute.start) and leave that thread, and every product after, on one
+// thread. omp_get_max_threads() is the calling thread's own count.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, F&& body) {
+  const int64_t threads = std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || omp_in_parallel()) {
+    body(0, n);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t lo = omp_get_thread_num() * chunk, hi = std::min(n, lo + chunk);
+    if (lo < hi) body(lo, hi);
+  }
+}
+
 template <typename F>
 void for_rows(int64_t rows, int64_t elements, F&& body) {
   if (elements >= kReleaseGilElements) {
     pybind11::gil_scoped_release release;
-    at::parallel_for(0, rows, kRowsPerTask, body);
+    parallel_chunks(rows, kRowsPerTask, body);
   } else {
     body(0, rows);
   }
@@ -325,7 +346,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     };
     if (B * H * longest * hd >= kReleaseGilElements * 4) {
       pybind11::gil_scoped_release release;
-      at::parallel_for(0, B * K, 1, pairs);
+      parallel_chunks(B * K, 1, pairs);
     } else {
       pairs(0, B * K);
     }

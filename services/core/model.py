@@ -246,6 +246,8 @@ class Llama(nn.Module):
         """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)
         where this CPU can pack this dtype (``cpu.weight_layout``); elsewhere
         the weights stay plain and ``F.linear`` serves them."""
+        if self.device.type == "cpu":
+            fused.kernels()  # built or loaded now, not in the first request's forward (and the log says which path)
         if weight_layout(self.dtype) == PACKED:
             for layer in self.layers:
                 layer.pack()

@@ -102,3 +102,22 @@ def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
     assert torch.equal(chain[2:], out[:1])
     with pytest.raises(RuntimeError, match="length must be in"):
         K.decode_attention(q, k, v, [0] * B, 1.0)
+
+
+def test_a_threaded_kernel_call_leaves_the_compute_thread_its_torch_threads():
+    """The kernels split big calls across the calling thread's own OpenMP
+    threads; they once went through at::parallel_for, whose inline first-use
+    init reset the server's compute thread to torch's process default of 1
+    (compute.start), and every product after ran on one core."""
+    from arserve.core import compute
+
+    compute.executor()
+    threads = compute.call(torch.get_num_threads)
+    x, w = torch.randn(4096, 576), torch.randn(576)  # large enough to split across threads
+
+    def run():
+        fused.rms_norm(x, w, 1e-5)
+        K.decode_attention(torch.randn(8, 9, 64), torch.randn(8, 3, 2048, 64), torch.randn(8, 3, 2048, 64), [2048] * 8, 0.125)
+        return torch.get_num_threads()
+
+    assert compute.call(run) == threads
