@@ -7,8 +7,8 @@ Words used here:
   the residual add and the next RMSNorm; RoPE on q and k with the heads split
   out; SiLU(gate) * up.
 - **fused path**: the chains run as C++ kernels built for this CPU (once,
-  with ``torch.utils.cpp_extension``, into the torch extensions cache; ``make
-  install`` builds them ahead of time). On a CPU, a decode step of a small
+  with ``torch.utils.cpp_extension``, into ``~/.cache/arserve/kernels``;
+  ``make install`` builds them ahead of time). On a CPU, a decode step of a small
   model pays more for entering ops than for their arithmetic, most of all
   right after a product has streamed its weights through the caches
   (docs/decisions.md, decision 49), so one call per chain instead of three to
@@ -25,8 +25,12 @@ Which path a process runs is logged once, when the first model is packed.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -37,26 +41,50 @@ from torch import Tensor
 log = logging.getLogger("arserve.core")
 
 SOURCE = Path(__file__).with_name("fused.cpp")
+NAME = "arserve_fused"
 # Built for the CPU it runs on; a * b + c rounds twice; at::parallel_for on OpenMP (as torch's own ops).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
+def build_dir() -> Path:
+    """Where this machine's build lives: one folder per source, flags, torch,
+    Python and CPU (``-march=native`` code must not run on another CPU)."""
+    from .cpu import cpu_name_and_flags
+
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, torch.__version__, sys.version, platform.machine(),
+                                     repr(cpu_name_and_flags())]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ARSERVE_KERNELS_DIR", Path.home() / ".cache" / "arserve" / "kernels")).expanduser()
+    return root / key
+
+
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The built kernels, or None (the eager path) where they cannot be built."""
+    """The built kernels, or None (the eager path) where they cannot be built.
+    A built library is imported directly (no compiler, no lock); a missing one
+    is built first (torch's ``cpp_extension``, about 30 s; ``make install``
+    does it ahead of time)."""
     if os.environ.get("ARSERVE_FUSED", "1") == "0":
         log.info("fused CPU kernels off (ARSERVE_FUSED=0): the decoder's chains run as PyTorch ops")
         return None
+    where = build_dir()
+    library = where / f"{NAME}.so"
     try:
-        from torch.utils.cpp_extension import load
+        if library.exists():
+            spec = importlib.util.spec_from_file_location(NAME, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            from torch.utils.cpp_extension import load
 
-        module = load(name="arserve_fused", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                      verbose=False)
+            log.info("building the fused CPU kernels for this CPU into %s (once, about 30 s)", where)
+            where.mkdir(parents=True, exist_ok=True)
+            module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                          build_directory=str(where), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
         log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    log.info("fused CPU kernels loaded (%s, built with %s)", Path(module.__file__).name, " ".join(FLAGS))
+    log.info("fused CPU kernels loaded (%s, built with %s)", library, " ".join(FLAGS))
     return module
 
 
