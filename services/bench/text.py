@@ -87,6 +87,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from ..core import fused
     from ..core.cpu import cpu_name_and_flags, weight_layout
 
     return {
@@ -94,6 +95,7 @@ def machine_info() -> dict:
         "cpu_flags": list(cpu_name_and_flags()[1]),  # the flags that decide a kernel (arserve.core.cpu)
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "weight_layout": {"float32": weight_layout(torch.float32), "bfloat16": weight_layout(torch.bfloat16)},
+        "fused_kernels": fused.kernels() is not None,  # the decoder's chains and attention as C++ (decision 49)
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
