@@ -121,3 +121,17 @@ def test_a_threaded_kernel_call_leaves_the_compute_thread_its_torch_threads():
         return torch.get_num_threads()
 
     assert compute.call(run) == threads
+
+
+def test_the_kernels_are_loaded_when_a_model_is_packed_not_by_its_first_request():
+    """A server packs its models before it reports healthy, so no request
+    pays for building or loading the kernels (issue 19: the first request
+    after start is as warm as the tenth)."""
+    from arserve.core.config import LlamaConfig
+    from arserve.core.model import Llama
+
+    fused.kernels.cache_clear()
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(0).eval()
+    assert fused.kernels.cache_info().currsize == 0
+    model.pack()
+    assert fused.kernels.cache_info().currsize == 1 and fused.kernels() is not None
