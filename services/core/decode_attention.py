@@ -195,7 +195,9 @@ class DecodeRows:
         self.at = torch.tensor(starts, device=k.device)  # [B]
         self.batch = torch.arange(B, device=k.device)  # [B]
         self.lengths = [s + 1 for s in starts]  # [B] keys of each row, the new one included
-        self.mask = (torch.arange(P, device=k.device) <= self.at[:, None]).view(B, 1, 1, P)  # [B, 1, 1, P]
+        self.mask = None  # [B, 1, 1, P] bool: the lengths as SDPA's mask (the eager path only)
+        if fused.on(k) is None:
+            self.mask = (torch.arange(P, device=k.device) <= self.at[:, None]).view(B, 1, 1, P)
 
     @property
     def n(self) -> int:
