@@ -52,14 +52,22 @@ void parallel_chunks(int64_t n, int64_t grain, F&& body) {
   }
 }
 
+// body(lo, hi) over [0, rows): inline, holding the GIL, for a call that
+// touches fewer than kReleaseGilElements elements; else with the GIL released
+// and split across threads in chunks of at least `grain` rows.
 template <typename F>
-void for_rows(int64_t rows, int64_t elements, F&& body) {
+void for_rows(int64_t rows, int64_t elements, F&& body, int64_t grain = kRowsPerTask) {
   if (elements >= kReleaseGilElements) {
     pybind11::gil_scoped_release release;
-    parallel_chunks(rows, kRowsPerTask, body);
+    parallel_chunks(rows, grain, body);
   } else {
     body(0, rows);
   }
+}
+
+void check_weight(const torch::Tensor& w, const torch::Tensor& x) {
+  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && w.scalar_type() == x.scalar_type(),
+              "w must be a contiguous [width] tensor of x's dtype");
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -89,8 +97,7 @@ void rms_norm_row(const T* x, const T* w, T* y, int64_t D, double eps) {
 // x [R, D], w [D] -> [R, D]
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   check_rows(x, "x");
-  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && w.scalar_type() == x.scalar_type(),
-              "w must be a contiguous [width] tensor of x's dtype");
+  check_weight(w, x);
   auto y = torch::empty({x.size(0), x.size(1)}, x.options());
   const int64_t R = x.size(0), D = x.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
@@ -111,8 +118,7 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
   check_rows(x, "x");
   check_rows(delta, "delta");
   TORCH_CHECK(x.sizes() == delta.sizes() && x.scalar_type() == delta.scalar_type(), "x and delta must match");
-  TORCH_CHECK(w.is_contiguous() && w.numel() == x.size(1) && w.scalar_type() == x.scalar_type(),
-              "w must be a contiguous [width] tensor of x's dtype");
+  check_weight(w, x);
   const int64_t R = x.size(0), D = x.size(1);
   auto sum = torch::empty({R, D}, x.options());
   auto y = torch::empty({R, D}, x.options());
@@ -344,12 +350,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         }
       }
     };
-    if (B * H * longest * hd >= kReleaseGilElements * 4) {
-      pybind11::gil_scoped_release release;
-      parallel_chunks(B * K, 1, pairs);
-    } else {
-      pairs(0, B * K);
-    }
+    // one (row, key/value head) pair a chunk; counted in query-key products / 4,
+    // since splitting pays later here than for an elementwise chain
+    for_rows(B * K, B * H * longest * hd / 4, pairs, 1);
   });
   return out;
 }
