@@ -4,6 +4,10 @@ Intel Xeons with AVX-512 BF16 and AMX, or AMD EPYCs with AVX2 only).
 
 Words used here:
 
+- **rows**: the row product's layout (``fused.pack_rows``, ``products``):
+  arserve's own kernel, built for this CPU with the fused kernels (AVX-512
+  or AVX2, float32 or bfloat16). Batch-invariant by construction and the
+  fastest for decode steps; the first choice wherever the kernels built.
 - **packed**: a weight matrix re-laid out by oneDNN for
   ``torch.ops.mkldnn._linear_pointwise`` (``model.pack_weight``), the layout
   torch.compile's CPU freezing pass emits; the fast path for small batches.
@@ -11,7 +15,8 @@ Words used here:
   ``F.linear``: always available, slower (docs/decisions.md, "oneDNN-packed
   weights").
 
-oneDNN packs float32 on any x86-64 CPU; it packs bfloat16 only where the CPU
+Without the fused kernels (no compiler, ``ARSERVE_FUSED=0``): oneDNN packs
+float32 on any x86-64 CPU; it packs bfloat16 only where the CPU
 has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT. Elsewhere packing bfloat16 dies
 (``mkldnn_reorder_linear_weight: bf16 path needs the cpu support
 avx_ne_convert or avx512bw, avx512vl and avx512dq``), so bfloat16 weights stay
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-PACKED, PLAIN = "packed", "plain"
+ROWS, PACKED, PLAIN = "rows", "packed", "plain"
 
 # The /proc/cpuinfo flags that decide a kernel or explain a figure.
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
@@ -53,7 +58,12 @@ def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
 
 
 def weight_layout(dtype: torch.dtype) -> str:
-    """PACKED where oneDNN can pack ``dtype`` on this CPU, else PLAIN."""
+    """ROWS where the fused kernels built and take ``dtype``; else PACKED
+    where oneDNN can pack ``dtype`` on this CPU; else PLAIN."""
+    from . import fused
+
+    if dtype in (torch.float32, torch.bfloat16) and fused.kernels() is not None:
+        return ROWS
     if not torch.backends.mkldnn.is_available():
         return PLAIN
     if dtype == torch.bfloat16:
@@ -63,11 +73,21 @@ def weight_layout(dtype: torch.dtype) -> str:
     return PACKED
 
 
+def row_lanes() -> int:
+    """Floats per vector of the row products' build (16: AVX-512; 8: AVX2); 0 without the fused kernels."""
+    from . import fused
+
+    k = fused.kernels()
+    return 0 if k is None else k.row_tile()[1]
+
+
 def describe(dtype: torch.dtype) -> str:
     """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
-    how = "oneDNN packed linears" if layout == PACKED else "plain F.linear (no oneDNN packing for this dtype here)"
+    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors; prompt chunks by F.linear)",
+           PACKED: "oneDNN packed linears",
+           PLAIN: "plain F.linear (no oneDNN packing for this dtype here)"}[layout]
     return (f"{str(dtype).removeprefix('torch.')} matrix products: {how}; CPU {name}, ATen capability "
             f"{torch.backends.cpu.get_cpu_capability()}, flags {' '.join(flags) or 'none'}, "
             f"{torch.get_num_threads()} threads")

@@ -16,6 +16,8 @@
 
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Dispatch.h>
 #include <omp.h>
 
@@ -31,27 +33,6 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;         // rows one thread takes at a time
 constexpr int64_t kReleaseGilElements = 1 << 16;  // hold the GIL for smaller calls (cheaper than a hand-over)
 
-// body(lo, hi) over [0, n), split in whole chunks of at least `grain` across
-// the calling thread's OpenMP threads. Not at::parallel_for: its inline
-// lazy_init_num_threads has a thread_local flag of its own in this library,
-// so on the server's compute thread it would re-read torch's process default
-// (1, compute.start) and leave that thread, and every product after, on one
-// thread. omp_get_max_threads() is the calling thread's own count.
-template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, F&& body) {
-  const int64_t threads = std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
-  if (threads <= 1 || omp_in_parallel()) {
-    body(0, n);
-    return;
-  }
-  const int64_t chunk = (n + threads - 1) / threads;
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t lo = omp_get_thread_num() * chunk, hi = std::min(n, lo + chunk);
-    if (lo < hi) body(lo, hi);
-  }
-}
-
 // body(lo, hi) over [0, rows): inline, holding the GIL, for a call that
 // touches fewer than kReleaseGilElements elements; else with the GIL released
 // and split across threads in chunks of at least `grain` rows.
@@ -59,7 +40,7 @@ template <typename F>
 void for_rows(int64_t rows, int64_t elements, F&& body, int64_t grain = kRowsPerTask) {
   if (elements >= kReleaseGilElements) {
     pybind11::gil_scoped_release release;
-    parallel_chunks(rows, grain, body);
+    arserve::parallel_chunks(rows, grain, body);
   } else {
     body(0, rows);
   }
@@ -364,5 +345,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "gate_up [R, 2I] -> silu(gate) * up [R, I]");
   m.def("decode_attention", &decode_attention,
         "q [B, H, hd], k, v [B, K, P, hd], lengths [B], scale -> [B, H, hd]: query b attends keys [0, lengths[b])");
+  m.def("pack_rows", &arserve::pack_rows, "w [N, K] -> the row product's layout [N_pad / NR, K / L, NR, L]");
+  m.def("row_product", &arserve::row_product,
+        "x [M, K], packed (pack_rows), N -> x @ w.T [M, N], each element in one fixed order whatever M");
+  m.def("row_tile", &arserve::row_tile, "(NR, L): output features per tile, lanes per vector");
   m.def("rope_qkv", &rope_qkv, "qkv [N, (H+2K)*hd], cos, sin_folded [N, hd], H, K -> (qk [H+K, N, hd], v [K, N, hd])");
 }

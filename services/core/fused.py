@@ -13,6 +13,8 @@ Words used here:
   right after a product has streamed its weights through the caches
   (docs/decisions.md, decision 49), so one call per chain instead of three to
   eight is the saving.
+- **row products**: the matrix products of decode steps and verification
+  (``row_product.cpp``, used by ``products``): batch-invariant by construction.
 - **eager path**: the same chains as PyTorch ops: on a GPU, where no
   compiler is found, or with ``ARSERVE_FUSED=0``. Each path gives a row the
   same bits whatever the batch, so greedy verification agrees with plain
@@ -40,10 +42,12 @@ from torch import Tensor
 
 log = logging.getLogger("arserve.core")
 
-SOURCE = Path(__file__).with_name("fused.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("fused.cpp", "row_product.cpp", "kernels.h")]
 NAME = "arserve_fused"
-# Built for the CPU it runs on; a * b + c rounds twice; at::parallel_for on OpenMP (as torch's own ops).
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+# Built for the CPU it runs on; a * b + c rounds twice (but where a kernel asks for an FMA); OpenMP threads.
+# ARSERVE_KERNELS_ISA=avx2 leaves AVX-512 out, as on the AVX2-only CPUs of this project's class (the tests use it).
+ISA = os.environ.get("ARSERVE_KERNELS_ISA", "native")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"] + (["-mno-avx512f"] if ISA == "avx2" else [])
 
 
 def build_dir() -> Path:
@@ -51,7 +55,7 @@ def build_dir() -> Path:
     Python and CPU (``-march=native`` code must not run on another CPU)."""
     from .cpu import cpu_name_and_flags
 
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, torch.__version__, sys.version, platform.machine(),
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, torch.__version__, sys.version, platform.machine(),
                                      repr(cpu_name_and_flags())]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ARSERVE_KERNELS_DIR", Path.home() / ".cache" / "arserve" / "kernels")).expanduser()
     return root / key
@@ -78,7 +82,7 @@ def kernels() -> ModuleType | None:
 
             log.info("building the fused CPU kernels for this CPU into %s (once, about 30 s)", where)
             where.mkdir(parents=True, exist_ok=True)
-            module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            module = load(name=NAME, sources=[str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=str(where), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
         log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",

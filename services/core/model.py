@@ -8,9 +8,11 @@ its KV cache: a prompt (prefill), one token (plain decoding), a chain of draft
 tokens or a tree of them (``tree_mask``). Per-step framework overhead, not
 arithmetic, dominates a 135M model on a CPU, so the projections are fused
 (q|k|v and gate|up are one matmul each) and the forward calls functional ops
-directly. ``pack()`` re-lays the weight matrices out for oneDNN (the packed
-layout that torch.compile's CPU freezing pass uses): a batch-1 matrix-vector
-product then reads weights at 1.3-1.6x the bandwidth of ``F.linear``.
+directly. ``pack()`` re-lays the weight matrices out for the CPU's matrix
+products (``cpu.weight_layout``): for arserve's row products (``products``:
+batch-invariant, one sequential weight stream per thread), or, without the
+fused kernels, for oneDNN (the packed layout that torch.compile's CPU
+freezing pass uses).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
+from . import fused, products
 from .config import LlamaConfig
-from .cpu import PACKED, weight_layout
+from .cpu import PACKED, ROWS, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
 from .kv_cache import KVCache
-from .row_invariance import Floor, caveat, floor_of, padded
+from .products import SHARED_ROWS, RowSplit
+from .row_invariance import PROBE_MAX, Floor, caveat, floor_of, padded
 
 log = logging.getLogger("arserve.core")
 
@@ -104,19 +107,30 @@ class Block(nn.Module):
         self.w_down = nn.Parameter(torch.empty(c.dim, c.intermediate_size))  # [dim, inter]
         self.split = (c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd)
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = c.n_heads, c.n_kv_heads, hd, c.norm_eps
-        self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix
+        self.rows: dict[str, Tensor] = {}  # name -> the row layout of a weight matrix (``products``)
+        self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix (no fused kernels)
         self.floors: dict[str, int] = {}  # name -> its products' floor (``row_invariance``); unset: 1
 
-    def pack(self) -> None:
-        self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES}
+    def pack(self, layout: str) -> None:
+        """Lay the weight matrices out for ``layout`` (``cpu.weight_layout``)."""
+        self.rows = {name: products.pack(getattr(self, name)) for name in MATRICES} if layout == ROWS else {}
+        self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES} if layout == PACKED else {}
 
     def fit_floors(self) -> dict[str, Floor]:
-        """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors."""
+        """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors.
+        Row products need none: they agree row for row at any size by construction."""
+        if self.rows:
+            self.floors = {}
+            return {name: Floor(1, PROBE_MAX, True) for name in MATRICES}
         floors = {name: floor_of(getattr(self, name), name in self.packed) for name in MATRICES}
         self.floors = {name: f.rows for name, f in floors.items()}
         return floors
 
-    def linear(self, x: Tensor, name: str) -> Tensor:  # x [M, in] -> [M, out], each row batch-invariant
+    def linear(self, x: Tensor, name: str, split: RowSplit | None = None) -> Tensor:
+        """x [M, in] -> [M, out], each row batch-invariant: row products for the
+        shared rows of ``split`` (None: all), own products for the rest."""
+        if self.rows:
+            return products.split_product(x, split, getattr(self, name), self.rows[name])
         return padded(x, self.floors.get(name, 1), product, getattr(self, name), self.packed.get(name))
 
     def forward(
@@ -127,10 +141,11 @@ class Block(nn.Module):
         layer: int,  # this block's index (selects each cache's layer)
         segments: list["Segment"],  # which rows belong to which request (rows past the decode rows)
         decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
+        split: RowSplit | None = None,  # which rows share the row products (``products``); None: all
     ) -> Tensor:  # [N, dim]
         N = x.shape[0]
         h = fused.rms_norm(x, self.attn_norm, self.eps)
-        qkv = self.linear(h, "wqkv")  # [N, (H+2K)*hd]
+        qkv = self.linear(h, "wqkv", split)  # [N, (H+2K)*hd]
         H, K = self.n_heads, self.n_kv_heads
         qk, v = fused.rope_qkv(qkv, cos, sin, H, K)  # [H+K, N, hd]: q and k rotated; [K, N, hd]
         q, k = qk[:H], qk[H:]  # [H, N, hd], [K, N, hd]
@@ -159,8 +174,9 @@ class Block(nn.Module):
                 enable_gqa=True,
             )[0])  # [H, n, hd]
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd]
-        x, h = fused.add_rms_norm(x, self.linear(attn.transpose(0, 1).reshape(N, -1), "wo"), self.ffn_norm, self.eps)
-        return x + self.linear(fused.silu_mul(self.linear(h, "w_gate_up")), "w_down")
+        x, h = fused.add_rms_norm(x, self.linear(attn.transpose(0, 1).reshape(N, -1), "wo", split), self.ffn_norm,
+                                  self.eps)
+        return x + self.linear(fused.silu_mul(self.linear(h, "w_gate_up", split)), "w_down", split)
 
     def forward_dense(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Whole sequences, causal, no cache (training and bulk scoring; the
@@ -222,7 +238,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.Parameter(torch.ones(config.dim))  # [dim]
         self.lm_head = None if config.tie_embeddings else nn.Parameter(torch.empty(config.vocab_size, config.dim))
-        self.packed_head: Tensor | None = None  # oneDNN-packed output matrix
+        self.rows_head: Tensor | None = None  # the output matrix in the row layout (``products``)
+        self.rows_head_features = 0
+        self.packed_head: Tensor | None = None  # oneDNN-packed output matrix (no fused kernels)
         # A draft's restricted output vocabulary (FR-Spec, Zhao et al. 2025: the most frequent
         # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
         self.head_ids: Tensor | None = None
@@ -243,15 +261,16 @@ class Llama(nn.Module):
         return self.embed.device
 
     def pack(self) -> "Llama":
-        """Pack weights for fast CPU inference (call after the final ``.to(dtype)``)
-        where this CPU can pack this dtype (``cpu.weight_layout``); elsewhere
-        the weights stay plain and ``F.linear`` serves them."""
-        if self.device.type == "cpu":
-            fused.kernels()  # built or loaded now, not in the first request's forward (and the log says which path)
-        if weight_layout(self.dtype) == PACKED:
-            for layer in self.layers:
-                layer.pack()
-            self.packed_head = pack_weight(self.output_matrix())
+        """Lay the weights out for fast CPU inference (call after the final
+        ``.to(dtype)``) in the layout this CPU serves this dtype with
+        (``cpu.weight_layout``): arserve's row products where the fused
+        kernels built, else oneDNN's packing, else plain for ``F.linear``."""
+        layout = weight_layout(self.dtype) if self.device.type == "cpu" else None  # (loads the fused kernels now)
+        for layer in self.layers:
+            layer.pack(layout)
+        self.rows_head = products.pack(self.output_matrix()) if layout == ROWS else None
+        self.rows_head_features = self.output_matrix().shape[0]  # the logits' width (vocab, or V' with head_ids)
+        self.packed_head = pack_weight(self.output_matrix()) if layout == PACKED else None
         self.fit_floors()
         return self
 
@@ -261,10 +280,14 @@ class Llama(nn.Module):
         any size, so verifying a draft agrees with plain decoding bit for bit."""
         if self.device.type != "cpu":
             return
+        self.floors_at = torch.get_num_threads()
+        if self.rows_head is not None:  # row products: no floors (``products``)
+            for layer in self.layers:
+                layer.fit_floors()
+            return
         floors = [layer.fit_floors() for layer in self.layers][0]  # every layer has the same shapes
         head = floor_of(self.output_matrix(), self.packed_head is not None)
         self.head_floor = head.rows
-        self.floors_at = torch.get_num_threads()
         note = caveat({"output": head, **floors})
         if note is not None:
             log.warning("%s model with %d layers of width %d: %s", str(self.dtype).removeprefix("torch."),
@@ -334,7 +357,7 @@ class Llama(nn.Module):
             decoding = []
         decoding = [decoding[j] for j in self.decode_kv.order([items[i].cache for i in decoding])]
         rest = set(range(len(items))) - set(decoding)
-        order = decoding + sorted(rest)
+        order = decoding + sorted(rest, key=lambda i: (items[i].tokens.shape[0] > SHARED_ROWS, i))  # (``products``)
         n_decode = len(decoding)
         row_of, segments, cos, sin, row = {}, [], [], [], 0
         for i in order:
@@ -361,8 +384,9 @@ class Llama(nn.Module):
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
         sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
+        split = RowSplit.of([s.n for s in segments])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode)
+            x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)
         if decode is not None:
             decode.write_back()
         for seg in segments:
@@ -371,8 +395,11 @@ class Llama(nn.Module):
         keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segs)]
         x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = fused.rms_norm(x, self.norm, self.config.norm_eps)
-        w = None if self.packed_head is not None else self.output_matrix()  # the packed copy needs no w[head_ids]
-        logits = padded(x, self.head_floor, product, w, self.packed_head).float()
+        if self.rows_head is not None:  # one row product: each row's bits whatever else is in the forward
+            logits = products.row_product(x, self.rows_head, self.rows_head_features).float()
+        else:
+            w = None if self.packed_head is not None else self.output_matrix()  # the packed copy needs no w[head_ids]
+            logits = padded(x, self.head_floor, product, w, self.packed_head).float()
         sizes = [len(k) for k in keep]
         if any(it.want_hidden for it in items):
             for it, h in zip(items, x.float().split(sizes)):

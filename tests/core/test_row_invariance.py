@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arserve.core.config import LlamaConfig
+from arserve.core.cpu import PACKED, ROWS
 from arserve.core.model import MATRICES, Block
 from arserve.core.row_invariance import LARGE_ROWS, PROBE_MAX, find_floor, padded
 
@@ -15,17 +16,19 @@ def rowwise(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] * w[None]).sum(-1)
 
 
-def test_every_row_of_smollm2s_products_is_the_same_in_products_of_any_size():
-    """A SmolLM2 block (real shapes, random weights), packed as served: for
-    every matrix, a product of M rows (1 to 64) gives each row the bits of
-    the 64-row product. Without the floors, w_down's 1-row product differed
-    on this project's Xeons."""
+@pytest.mark.parametrize("layout", [ROWS, PACKED])
+def test_every_row_of_smollm2s_products_is_the_same_in_products_of_any_size(layout):
+    """A SmolLM2 block (real shapes, random weights), in each layout a CPU
+    serves: for every matrix, a product of M rows (1 to 64) gives each row the
+    bits of the 64-row product. Row products by construction; oneDNN's with
+    the floors (without them, w_down's 1-row product differed on this
+    project's Xeons)."""
     block = Block(LlamaConfig.from_name("smollm2-135m"))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in MATRICES:
             getattr(block, name).copy_(torch.randn(getattr(block, name).shape, generator=g) * 0.05)
-    block.pack()
+    block.pack(layout)
     block.fit_floors()
     for name in MATRICES:
         x = torch.randn(64, getattr(block, name).shape[1], generator=g)

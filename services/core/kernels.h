@@ -1,0 +1,41 @@
+// What arserve's CPU kernels (fused.cpp, row_product.cpp) share: one module,
+// arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace arserve {
+
+// body(lo, hi) over [0, n), split in whole chunks of at least `grain` across
+// the calling thread's OpenMP threads. Not at::parallel_for: its inline
+// lazy_init_num_threads has a thread_local flag of its own in this library,
+// so on the server's compute thread it would re-read torch's process default
+// (1, compute.start) and leave that thread, and every product after, on one
+// thread. omp_get_max_threads() is the calling thread's own count.
+template <typename F>
+inline void parallel_chunks(int64_t n, int64_t grain, F&& body) {
+  const int64_t threads = std::min<int64_t>(omp_get_max_threads(), (n + grain - 1) / grain);
+  if (threads <= 1 || omp_in_parallel()) {
+    body(0, n);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t lo = omp_get_thread_num() * chunk, hi = std::min(n, lo + chunk);
+    if (lo < hi) body(lo, hi);
+  }
+}
+
+// Batch-invariant matrix products (row_product.cpp).
+torch::Tensor pack_rows(const torch::Tensor& w);
+torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features);
+std::vector<int64_t> row_tile();
+
+}  // namespace arserve

@@ -1,0 +1,87 @@
+"""Which kernel computes which rows of a forward's matrix products (CPU).
+
+A forward multiplies the rows of many requests at once (``model.forward_batch``):
+decode rows, draft chains and trees under verification, prompt chunks. Greedy
+speculative decoding is lossless, and one request's output independent of
+the others', only if each row gets the same bits whichever rows share its
+product (batch invariance; ``row_invariance`` explains why libraries do not
+promise it).
+
+Words used here:
+
+- **row product**: ``fused.row_product`` over the row layout (``cpu.ROWS``,
+  ``fused.pack_rows``): every element is one dot product summed in one fixed
+  order whatever the number of rows, the rows beside it or the threads, so
+  it is batch-invariant by construction. It also reads the weights as one
+  sequential stream per thread, the fast way for the few rows of a decode
+  step (docs/decisions.md, decision 50).
+- **shared rows**: rows [0, ``shared``) of a forward: decode rows, drafts under
+  verification, and every segment of at most ``SHARED_ROWS`` rows. They share
+  one row product per matrix.
+- **own product**: a longer segment (a prompt chunk) is multiplied alone, by
+  ``F.linear`` (MKL, faster than the row product at prefill sizes). Its bits
+  then depend on that segment only, never on what else is in the forward.
+
+The output matrix (the logits) always runs as one row product: its rows are
+mostly one per request, and a row product of any size gives each row its bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SHARED_ROWS = 64  # segments of at most this many rows share the row product (decode, verification, short prompts)
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Which rows of a forward's products go where: rows [0, shared) in one
+    row product, then each ``own`` range (start, end) in a product of its own."""
+
+    shared: int
+    own: tuple[tuple[int, int], ...] = ()
+
+    @staticmethod
+    def of(sizes: list[int]) -> "RowSplit":
+        """The split of segments of ``sizes`` rows, in row order, shared-sized
+        ones (<= SHARED_ROWS) first (``forward_batch`` orders them so)."""
+        shared = 0
+        while shared < len(sizes) and sizes[shared] <= SHARED_ROWS:
+            shared += 1
+        assert all(n > SHARED_ROWS for n in sizes[shared:]), "shared-sized segments must come first"
+        rows = sum(sizes[:shared])
+        own = []
+        for n in sizes[shared:]:
+            own.append((rows, rows + n))
+            rows += n
+        return RowSplit(sum(sizes[:shared]), tuple(own))
+
+
+def kernels():
+    from . import fused
+
+    return fused.kernels()
+
+
+def pack(w: Tensor) -> Tensor:
+    """w [out, in] -> the row layout (``fused.pack_rows``)."""
+    return kernels().pack_rows(w.detach().contiguous())
+
+
+def row_product(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """x [M, in] @ w.T -> [M, out] through ``packed`` (``pack(w)``), each row batch-invariant."""
+    return kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
+
+
+def split_product(x: Tensor, split: RowSplit | None, w: Tensor, packed: Tensor) -> Tensor:
+    """x [N, in] @ w.T -> [N, out]: the shared rows through the row product,
+    each own range alone through ``F.linear``. ``split`` None: every row shared."""
+    if split is None or not split.own:
+        return row_product(x, packed, w.shape[0])
+    parts = [row_product(x[:split.shared], packed, w.shape[0])] if split.shared else []
+    parts += [F.linear(x[a:b], w) for a, b in split.own]
+    return torch.cat(parts)

@@ -1,0 +1,206 @@
+// Batch-invariant matrix products on the CPU: y = x @ w.T where every element
+// of y is one dot product computed in one fixed order, whatever the number of
+// rows of x, the rows beside it, or the threads (batch invariance, He et al.
+// 2025, "Defeating Nondeterminism in LLM Inference", Thinking Machines Lab).
+//
+// Why a kernel of our own: greedy speculative decoding is lossless only if a
+// row of a draft chain under verification (k + 1 rows) gets the bits plain
+// decoding gives it (1 row). oneDNN and MKL choose their K-order by the
+// number of rows (row_invariance.py measures where they agree); here
+// y[m, n] = sum_lanes(fma(x[m, k:k+L], w[n, k:k+L], acc) for k = 0, L, 2L, ...)
+// always. And a decode step of a small model is a stream of matrix-vector
+// products bound by reading the weights: the packed layout below makes each
+// thread's share of a matrix one sequential stream, which the hardware
+// prefetchers follow at close to the machine's read bandwidth (measured:
+// docs/decisions.md, decision 50).
+//
+// Words used here:
+// - L (lanes): floats in one vector register (16 with AVX-512, 8 with AVX2).
+// - a tile: NR consecutive output features; the packed layout stores tile t
+//   as [K / L, NR, L]: for each L-wide slice of K, the NR rows' slices side by
+//   side. packed: [N_pad / NR, K / L, NR, L], N_pad = N rounded up to NR (zero
+//   rows past N).
+// - a micro-tile: MR rows of x against one tile: MR * NR accumulators in
+//   registers, each weight vector loaded once for MR rows.
+
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace arserve {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int64_t L = 16, NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
+#else
+constexpr int64_t L = 8, NR = 4, MR = 2;  // 8 accumulators + 4 weight vectors of 16 ymm registers
+#endif
+typedef float vec __attribute__((vector_size(L * sizeof(float))));  // GCC/Clang vector extension
+
+// a * b + c rounded once where the CPU has FMA, else twice (-ffp-contract=off);
+// either way the same instruction for every element of every product.
+inline vec fma_lanes(vec a, vec b, vec c) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+template <typename T>
+inline vec load_vec(const T* p) {  // L elements as floats
+  vec r;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&r, p, sizeof(r));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's upper half
+    typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
+    typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
+    vh h;
+    std::memcpy(&h, p, sizeof(h));
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(&r, &u, sizeof(r));
+  } else {
+    for (int64_t l = 0; l < L; ++l) r[l] = static_cast<float>(p[l]);
+  }
+  return r;
+}
+
+// The NR sums of NR accumulators' lanes at once, each in one fixed order:
+// lane l is added to lane l + L/2, then l + L/4, ... (a transposing
+// reduction: halves of two accumulators side by side in one vector, so each
+// level is two shuffles and one add for every two vectors).
+#if defined(__AVX512F__)
+typedef float half_vec __attribute__((vector_size(8 * sizeof(float))));
+inline half_vec sum_tile(const vec a[NR]) {  // NR = 8, L = 16 -> 8 sums
+  vec v1[4], v2[2];
+  for (int i = 0; i < 4; ++i) {  // [a[2i] 8 lanes | a[2i+1] 8 lanes], each half + its other half
+    v1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // four accumulators, four lanes each
+    v2[i] = __builtin_shufflevector(v1[2 * i], v1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(v1[2 * i], v1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  const vec v3 = __builtin_shufflevector(v2[0], v2[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                 __builtin_shufflevector(v2[0], v2[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(v3, v3, 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(v3, v3, 1, 3, 5, 7, 9, 11, 13, 15);  // eight accumulators, one lane each
+}
+#else
+typedef float half_vec __attribute__((vector_size(4 * sizeof(float))));
+inline half_vec sum_tile(const vec a[NR]) {  // NR = 4, L = 8 -> 4 sums
+  vec v1[2];
+  for (int i = 0; i < 2; ++i) {
+    v1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  const vec v2 = __builtin_shufflevector(v1[0], v1[1], 0, 1, 4, 5, 8, 9, 12, 13) +
+                 __builtin_shufflevector(v1[0], v1[1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(v2, v2, 0, 2, 4, 6) + __builtin_shufflevector(v2, v2, 1, 3, 5, 7);
+}
+#endif
+
+// y[m, n] for the `rows` (<= MR) rows of x at `x` (row stride xs) and one tile
+// (`w`: [K / L, NR, L]); y's row stride ys, only columns < `cols` stored.
+template <typename T, int64_t ROWS>
+inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int64_t ys, int64_t cols) {
+  vec acc[ROWS][NR];
+  for (int64_t m = 0; m < ROWS; ++m) {
+    for (int64_t n = 0; n < NR; ++n) acc[m][n] = vec{};
+  }
+  for (int64_t k = 0; k < K; k += L) {
+    const T* wk = w + k * NR;
+    vec wv[NR];
+    for (int64_t n = 0; n < NR; ++n) wv[n] = load_vec(wk + n * L);
+    for (int64_t m = 0; m < ROWS; ++m) {
+      const vec xv = load_vec(x + m * xs + k);
+      for (int64_t n = 0; n < NR; ++n) acc[m][n] = fma_lanes(xv, wv[n], acc[m][n]);
+    }
+  }
+  for (int64_t m = 0; m < ROWS; ++m) {
+    const half_vec sums = sum_tile(acc[m]);
+    for (int64_t n = 0; n < cols; ++n) y[m * ys + n] = static_cast<T>(sums[n]);
+  }
+}
+
+// every row of x [M, K] against one tile: micro-tiles of MR rows, then the rest
+template <typename T>
+inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
+  if (M - m == 1) micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
+  if constexpr (MR > 2) {
+    if (M - m == 2) micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
+  }
+}
+
+constexpr int64_t kBlockBytes = 256 << 10;  // rows of x kept in (L2) cache while a thread streams its tiles
+constexpr int64_t kInlineMacs = 1 << 18;  // smaller products run on the calling thread, holding the GIL
+
+template <typename T>
+void run(const torch::Tensor& x, const torch::Tensor& packed, torch::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), xs = x.stride(0), N = y.size(1), tiles = packed.size(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = packed.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t block = std::max<int64_t>(1, kBlockBytes / (K * static_cast<int64_t>(sizeof(T))) / MR) * MR;
+  auto body = [&](int64_t lo, int64_t hi) {  // tiles [lo, hi): one sequential stream of weights per block of rows
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+      const int64_t rows = std::min(block, M - m0);
+      for (int64_t t = lo; t < hi; ++t) {
+        rows_of_tile<T>(xp + m0 * xs, xs, rows, wp + t * K * NR, K, yp + m0 * N + t * NR, N, std::min(NR, N - t * NR));
+      }
+    }
+  };
+  if (M * N * K < kInlineMacs) {
+    body(0, tiles);
+    return;
+  }
+  pybind11::gil_scoped_release release;
+  parallel_chunks(tiles, 1, body);
+}
+
+}  // namespace
+
+std::vector<int64_t> row_tile() { return {NR, L}; }
+
+// w [N, K] -> packed [N_pad / NR, K / L, NR, L] (zero rows past N)
+torch::Tensor pack_rows(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "w must be a [out_features, in_features] CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "w must be float32 or bfloat16");
+  const int64_t N = w.size(0), K = w.size(1), tiles = (N + NR - 1) / NR;
+  TORCH_CHECK(K % L == 0, "in_features must be a multiple of ", L);
+  auto padded = torch::zeros({tiles * NR, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({tiles, NR, K / L, L}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// x [M, K], packed (pack_rows of w [N, K]) -> x @ w.T [M, N]
+torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be [rows, in_features], rows contiguous");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == NR && packed.size(3) == L && packed.is_contiguous(),
+              "packed must come from pack_rows");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "x and the weights must share a dtype");
+  const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = out_features;
+  TORCH_CHECK(packed.size(1) * L == K, "x has ", K, " features, the weights ", packed.size(1) * L);
+  TORCH_CHECK(N > (tiles - 1) * NR && N <= tiles * NR, "out_features does not match the packed weights");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x, packed, y);
+  } else {
+    run<c10::BFloat16>(x, packed, y);
+  }
+  return y;
+}
+
+}  // namespace arserve
