@@ -33,6 +33,25 @@ inline void parallel_chunks(int64_t n, int64_t grain, F&& body) {
   }
 }
 
+// body(lo, hi) over [0, n) in `pieces` contiguous pieces per thread, each
+// taken by whichever thread is free first (OpenMP's dynamic schedule): on a
+// shared host, a thread slowed by a neighbour takes fewer pieces instead of
+// holding every other thread at the barrier.
+template <typename F>
+inline void parallel_pieces(int64_t n, int64_t pieces, F&& body) {
+  const int64_t threads = std::min<int64_t>(omp_get_max_threads(), n);
+  if (threads <= 1 || omp_in_parallel()) {
+    body(0, n);
+    return;
+  }
+  const int64_t parts = std::min(n, threads * pieces), chunk = (n + parts - 1) / parts;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(threads))
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t lo = p * chunk, hi = std::min(n, lo + chunk);
+    if (lo < hi) body(lo, hi);
+  }
+}
+
 // Batch-invariant matrix products (row_product.cpp).
 torch::Tensor pack_rows(const torch::Tensor& w);
 torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features);

@@ -144,6 +144,7 @@ inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t 
 }
 
 constexpr int64_t kBlockBytes = 256 << 10;  // rows of x kept in (L2) cache while a thread streams its tiles
+constexpr int64_t kPiecesPerThread = 4;  // a thread's share in pieces, for a neighbour-slowed thread to shed
 constexpr int64_t kInlineMacs = 1 << 18;  // smaller products run on the calling thread, holding the GIL
 
 template <typename T>
@@ -166,7 +167,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, torch::Tensor& y) 
     return;
   }
   pybind11::gil_scoped_release release;
-  parallel_chunks(tiles, 1, body);
+  parallel_pieces(tiles, kPiecesPerThread, body);
 }
 
 }  // namespace
