@@ -7,7 +7,8 @@ Words used here:
 - **rows**: the row product's layout (``fused.pack_rows``, ``products``):
   arserve's own kernel, built for this CPU with the fused kernels (AVX-512
   or AVX2, float32 or bfloat16). Batch-invariant by construction and the
-  fastest for decode steps; the first choice wherever the kernels built.
+  fastest for float32 decode steps; the first choice wherever the kernels
+  built, but for bfloat16 where oneDNN packs it.
 - **packed**: a weight matrix re-laid out by oneDNN for
   ``torch.ops.mkldnn._linear_pointwise`` (``model.pack_weight``), the layout
   torch.compile's CPU freezing pass emits; the fast path for small batches.
@@ -59,10 +60,15 @@ def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
 
 def weight_layout(dtype: torch.dtype) -> str:
     """ROWS where the fused kernels built and take ``dtype``; else PACKED
-    where oneDNN can pack ``dtype`` on this CPU; else PLAIN."""
+    where oneDNN can pack ``dtype`` on this CPU; else PLAIN. bfloat16 is the
+    exception: where oneDNN packs it (AVX-512 BF16, AMX) its products of a
+    few rows beat the row products' (whose bfloat16 loads convert every
+    weight: 8 rows 0.7-0.9x oneDNN's, 1 row the same; decision 50), so oneDNN
+    serves it there, with ``row_invariance``'s floors."""
     from . import fused
 
-    if dtype in (torch.float32, torch.bfloat16) and fused.kernels() is not None:
+    onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if fused.kernels() is not None and (dtype == torch.float32 or (dtype == torch.bfloat16 and not onednn_bf16)):
         return ROWS
     if not torch.backends.mkldnn.is_available():
         return PLAIN
