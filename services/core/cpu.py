@@ -58,22 +58,25 @@ def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
     return name, tuple(f for f in FLAGS_OF_INTEREST if f in flags)
 
 
-def weight_layout(dtype: torch.dtype) -> str:
-    """ROWS where the fused kernels built and take ``dtype``; else PACKED
-    where oneDNN can pack ``dtype`` on this CPU; else PLAIN. bfloat16 is the
-    exception: where oneDNN packs it (AVX-512 BF16, AMX) its products of a
-    few rows beat the row products' (whose bfloat16 loads convert every
-    weight: 8 rows 0.7-0.9x oneDNN's, 1 row the same; decision 50), so oneDNN
-    serves it there, with ``row_invariance``'s floors."""
-    from . import fused
-
+def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
+    """ROWS where the fused kernels built, take ``dtype`` and every input
+    width in ``widths`` (a whole number of vectors); else PACKED where oneDNN
+    can pack ``dtype`` on this CPU; else PLAIN. bfloat16 is the exception:
+    where the CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX) and
+    oneDNN packs it, oneDNN's products of a few rows beat the row products'
+    (whose bfloat16 loads widen every weight: 8 rows 0.7-0.9x oneDNN's, 1 row
+    the same; decision 50), so oneDNN serves it there, with
+    ``row_invariance``'s floors."""
     onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if fused.kernels() is not None and (dtype == torch.float32 or (dtype == torch.bfloat16 and not onednn_bf16)):
+    native_bf16 = onednn_bf16 and any(f in cpu_name_and_flags()[1] for f in ("avx512_bf16", "amx_bf16"))
+    lanes = row_lanes()
+    if lanes and all(w % lanes == 0 for w in widths) and (
+            dtype == torch.float32 or (dtype == torch.bfloat16 and not native_bf16)):
         return ROWS
     if not torch.backends.mkldnn.is_available():
         return PLAIN
     if dtype == torch.bfloat16:
-        return PACKED if torch.ops.mkldnn._is_mkldnn_bf16_supported() else PLAIN
+        return PACKED if onednn_bf16 else PLAIN
     if dtype == torch.float16:
         return PACKED if torch.ops.mkldnn._is_mkldnn_fp16_supported() else PLAIN
     return PACKED

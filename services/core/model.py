@@ -265,7 +265,8 @@ class Llama(nn.Module):
         ``.to(dtype)``) in the layout this CPU serves this dtype with
         (``cpu.weight_layout``): arserve's row products where the fused
         kernels built, else oneDNN's packing, else plain for ``F.linear``."""
-        layout = weight_layout(self.dtype) if self.device.type == "cpu" else None  # (loads the fused kernels now)
+        widths = tuple({getattr(self.layers[0], name).shape[1] for name in MATRICES} | {self.config.dim})
+        layout = weight_layout(self.dtype, widths) if self.device.type == "cpu" else None  # (loads the fused kernels)
         for layer in self.layers:
             layer.pack(layout)
         self.rows_head = products.pack(self.output_matrix()) if layout == ROWS else None

@@ -179,7 +179,7 @@ torch::Tensor pack_rows(const torch::Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "w must be a [out_features, in_features] CPU tensor");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "w must be float32 or bfloat16");
   const int64_t N = w.size(0), K = w.size(1), tiles = (N + NR - 1) / NR;
-  TORCH_CHECK(K % L == 0, "in_features must be a multiple of ", L);
+  TORCH_CHECK(K > 0 && K % L == 0, "in_features must be a positive multiple of ", L);
   auto padded = torch::zeros({tiles * NR, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({tiles, NR, K / L, L}).permute({0, 2, 1, 3}).contiguous();
@@ -190,6 +190,7 @@ torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, i
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be [rows, in_features], rows contiguous");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == NR && packed.size(3) == L && packed.is_contiguous(),
               "packed must come from pack_rows");
+  TORCH_CHECK(packed.device().is_cpu(), "packed must be on the CPU");
   TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "x and the weights must share a dtype");
   const int64_t M = x.size(0), K = x.size(1), tiles = packed.size(0), N = out_features;
   TORCH_CHECK(packed.size(1) * L == K, "x has ", K, " features, the weights ", packed.size(1) * L);

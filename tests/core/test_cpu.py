@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import PROMPT
 
+from arserve.core import fused
 from arserve.core.config import LlamaConfig
 from arserve.core.model import Llama
 from arserve.core.weights import unfuse
@@ -73,7 +74,8 @@ def greedy_reference(model: Llama, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("kernels", ["avx2", "none"])
+@pytest.mark.parametrize("kernels", [
+    pytest.param("avx2", marks=pytest.mark.skipif(fused.kernels() is None, reason="needs the fused kernels")), "none"])
 def test_bf16_is_served_on_a_cpu_without_avx512(tmp_path, kernels):
     """``avx2``: the row products built without AVX-512 (8-lane vectors; the
     first build takes about 45 s, then it is cached) serve bfloat16, every

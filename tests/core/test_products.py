@@ -62,10 +62,18 @@ def test_bad_inputs_name_the_problem():
         k.row_product(x.double(), packed, 64)
     with pytest.raises(RuntimeError, match="out_features does not match"):
         k.row_product(x, packed, 100)
-    with pytest.raises(RuntimeError, match="in_features must be a multiple of"):
+    with pytest.raises(RuntimeError, match="in_features must be a positive multiple of"):
         k.pack_rows(torch.randn(8, 20))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         k.pack_rows(torch.randn(8, 64, dtype=torch.float64))
+
+
+def test_a_model_whose_widths_are_not_whole_vectors_keeps_onednns_layout():
+    from arserve.core.cpu import PACKED, ROWS, row_lanes, weight_layout
+
+    lanes = row_lanes()
+    assert weight_layout(torch.float32, (576, 1536)) == ROWS
+    assert weight_layout(torch.float32, (576, lanes + 4)) == PACKED
 
 
 def test_a_split_puts_shared_sized_segments_in_one_row_product_and_each_long_one_alone():
