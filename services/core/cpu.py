@@ -30,6 +30,7 @@ float32 packed copies of the same bfloat16 weights: docs/decisions.md).
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
     ``row_invariance``'s floors."""
     onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     native_bf16 = onednn_bf16 and any(f in cpu_name_and_flags()[1] for f in ("avx512_bf16", "amx_bf16"))
-    lanes = row_lanes()
+    lanes = row_lanes() if os.environ.get("ARSERVE_ROW_PRODUCTS", "1") != "0" else 0  # 0: oneDNN's (A/B runs)
     if lanes and all(w % lanes == 0 for w in widths) and (
             dtype == torch.float32 or (dtype == torch.bfloat16 and not native_bf16)):
         return ROWS
