@@ -84,4 +84,4 @@ def split_product(x: Tensor, split: RowSplit | None, w: Tensor, packed: Tensor) 
         return row_product(x, packed, w.shape[0])
     parts = [row_product(x[:split.shared], packed, w.shape[0])] if split.shared else []
     parts += [F.linear(x[a:b], w) for a, b in split.own]
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # (a prompt alone: no copy)
