@@ -70,7 +70,9 @@ def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
     ``row_invariance``'s floors."""
     onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     native_bf16 = onednn_bf16 and any(f in cpu_name_and_flags()[1] for f in ("avx512_bf16", "amx_bf16"))
-    lanes = row_lanes() if os.environ.get("ARSERVE_ROW_PRODUCTS", "1") != "0" else 0  # 0: oneDNN's (A/B runs)
+    lanes = row_lanes()  # (loads the fused kernels, whichever layout serves: before a server reports healthy)
+    if os.environ.get("ARSERVE_ROW_PRODUCTS", "1") == "0":
+        lanes = 0  # oneDNN's products beside the fused chains (A/B runs)
     if lanes and all(w % lanes == 0 for w in widths) and (
             dtype == torch.float32 or (dtype == torch.bfloat16 and not native_bf16)):
         return ROWS
