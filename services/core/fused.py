@@ -55,8 +55,8 @@ def build_dir() -> Path:
     Python and CPU (``-march=native`` code must not run on another CPU)."""
     from .cpu import cpu_name_and_flags
 
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, torch.__version__, sys.version, platform.machine(),
-                                     repr(cpu_name_and_flags())]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, torch.__version__, sys.version,
+                                     platform.machine(), repr(cpu_name_and_flags())]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ARSERVE_KERNELS_DIR", Path.home() / ".cache" / "arserve" / "kernels")).expanduser()
     return root / key
 
@@ -65,7 +65,7 @@ def build_dir() -> Path:
 def kernels() -> ModuleType | None:
     """The built kernels, or None (the eager path) where they cannot be built.
     A built library is imported directly (no compiler, no lock); a missing one
-    is built first (torch's ``cpp_extension``, about 30 s; ``make install``
+    is built first (torch's ``cpp_extension``, about 45 s; ``make install``
     does it ahead of time)."""
     if os.environ.get("ARSERVE_FUSED", "1") == "0":
         log.info("fused CPU kernels off (ARSERVE_FUSED=0): the decoder's chains run as PyTorch ops")
@@ -80,10 +80,10 @@ def kernels() -> ModuleType | None:
         else:
             from torch.utils.cpp_extension import load
 
-            log.info("building the fused CPU kernels for this CPU into %s (once, about 30 s)", where)
+            log.info("building the fused CPU kernels for this CPU into %s (once, about 45 s)", where)
             where.mkdir(parents=True, exist_ok=True)
-            module = load(name=NAME, sources=[str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                          build_directory=str(where), verbose=False)
+            module = load(name=NAME, sources=[str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=FLAGS,
+                          extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
         log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -266,7 +266,7 @@ class Llama(nn.Module):
         (``cpu.weight_layout``): arserve's row products where the fused
         kernels built, else oneDNN's packing, else plain for ``F.linear``."""
         widths = tuple({getattr(self.layers[0], name).shape[1] for name in MATRICES} | {self.config.dim})
-        layout = weight_layout(self.dtype, widths) if self.device.type == "cpu" else None  # (loads the fused kernels)
+        layout = weight_layout(self.dtype, widths) if self.device.type == "cpu" else None  # (loads the kernels)
         for layer in self.layers:
             layer.pack(layout)
         self.rows_head = products.pack(self.output_matrix()) if layout == ROWS else None
@@ -399,7 +399,7 @@ class Llama(nn.Module):
         if self.rows_head is not None:  # one row product: each row's bits whatever else is in the forward
             logits = products.row_product(x, self.rows_head, self.rows_head_features).float()
         else:
-            w = None if self.packed_head is not None else self.output_matrix()  # the packed copy needs no w[head_ids]
+            w = None if self.packed_head is not None else self.output_matrix()  # packed: no w[head_ids] needed
             logits = padded(x, self.head_floor, product, w, self.packed_head).float()
         sizes = [len(k) for k in keep]
         if any(it.want_hidden for it in items):

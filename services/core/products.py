@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused
+
 SHARED_ROWS = 64  # segments of at most this many rows share the row product (decode, verification, short prompts)
 
 
@@ -53,28 +55,22 @@ class RowSplit:
         while shared < len(sizes) and sizes[shared] <= SHARED_ROWS:
             shared += 1
         assert all(n > SHARED_ROWS for n in sizes[shared:]), "shared-sized segments must come first"
-        rows = sum(sizes[:shared])
+        first = rows = sum(sizes[:shared])
         own = []
         for n in sizes[shared:]:
             own.append((rows, rows + n))
             rows += n
-        return RowSplit(sum(sizes[:shared]), tuple(own))
-
-
-def kernels():
-    from . import fused
-
-    return fused.kernels()
+        return RowSplit(first, tuple(own))
 
 
 def pack(w: Tensor) -> Tensor:
     """w [out, in] -> the row layout (``fused.pack_rows``)."""
-    return kernels().pack_rows(w.detach().contiguous())
+    return fused.kernels().pack_rows(w.detach().contiguous())
 
 
 def row_product(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     """x [M, in] @ w.T -> [M, out] through ``packed`` (``pack(w)``), each row batch-invariant."""
-    return kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
+    return fused.kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
 
 
 def split_product(x: Tensor, split: RowSplit | None, w: Tensor, packed: Tensor) -> Tensor:

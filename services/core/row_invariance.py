@@ -16,6 +16,11 @@ agree with each other (measured: docs/decisions.md, "Batch-invariant
 products"). Which shapes and Ms differ depends on the CPU, the dtype, the
 layout and the thread count, so it is measured, not assumed.
 
+Where the fused kernels build, float32 (and bfloat16 without native bfloat16
+multiplies) runs through arserve's row products instead (``products``),
+invariant by construction; the floors here serve oneDNN's and MKL's
+products: bfloat16 on oneDNN, and every dtype without the fused kernels.
+
 Words used here:
 
 - a product's **floor** is the fewest rows it runs with: a product of fewer

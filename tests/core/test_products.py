@@ -78,7 +78,8 @@ def test_a_model_whose_widths_are_not_whole_vectors_keeps_onednns_layout():
 
 def test_a_split_puts_shared_sized_segments_in_one_row_product_and_each_long_one_alone():
     assert RowSplit.of([1, 1, 5, SHARED_ROWS]) == RowSplit(SHARED_ROWS + 7)
-    assert RowSplit.of([1, 3, SHARED_ROWS + 1, 200]) == RowSplit(4, ((4, SHARED_ROWS + 5), (SHARED_ROWS + 5, SHARED_ROWS + 205)))
+    long = SHARED_ROWS + 1
+    assert RowSplit.of([1, 3, long, 200]) == RowSplit(4, ((4, 4 + long), (4 + long, 4 + long + 200)))
     with pytest.raises(AssertionError, match="first"):
         RowSplit.of([100, 1])
     w, x = weights(96, 64, torch.float32)
