@@ -11,6 +11,7 @@ second dequantizer.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -70,7 +71,14 @@ def hf_dir(weights: Path) -> Path:
     if weights.is_dir():
         return weights
     out = cache_root() / "hf" / f"{weights.stem}-{weights_revision(weights)}"
-    if not (out / MARKER).exists():
-        log.info("preparing %s for vLLM (once): writing safetensors and tokenizer files to %s", weights.name, out)
-        export_gguf(weights, out)
+    if (out / MARKER).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: two engines starting together (vLLM plain and n-gram) would
+    # otherwise share the .partial directory and one would publish the other's half-written one
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MARKER).exists():
+            log.info("preparing %s for vLLM (once): writing safetensors and tokenizer files to %s", weights.name, out)
+            export_gguf(weights, out)
     return out

@@ -44,3 +44,22 @@ def test_the_export_is_the_same_model_and_tokenizer_and_is_written_once(tmp_path
     assert hf_dir(gguf) == out and not written  # reused
     (out / MARKER).unlink()  # an interrupted export is written again
     assert hf_dir(gguf) == out and written == [out]
+
+
+def test_two_engines_starting_together_both_get_the_whole_export(tmp_path):
+    """The vLLM plain and n-gram engines of `make bench-vllm` start at once: each
+    must load a complete directory (they once shared the .partial directory, and
+    one published the other's half-written one: no config.json)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from arserve.core.weights import smollm2_gguf_path; "
+            "from arserve.vllm_engine.export import hf_dir; print(hf_dir(smollm2_gguf_path()))")
+    env = {**os.environ, "ARSERVE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outs[0] == outs[1]
+    out = tmp_path / "hf" / os.path.basename(outs[0])
+    assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= {p.name for p in out.iterdir()}
