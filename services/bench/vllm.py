@@ -61,6 +61,7 @@ METHODS = {  # name -> SDK options
     "vllm-ngram": dict(model=VLLM_NGRAM),
 }
 PAIRS = {"none": ("arserve-none", "vllm-none"), "ngram": ("arserve-ngram", "vllm-ngram")}
+LLAMACPP = "llamacpp-none"  # batch-1 peer, float32 only, where ``make install-llamacpp`` built it (``llamacpp``)
 SPECULATIVE = {"arserve": ("arserve-ngram", "arserve-heads"), "vllm": ("vllm-none", "vllm-ngram")}
 PAUSE_S = 1.5  # > vLLM's 1 s busy poll after its last step
 BATCH = 8
@@ -129,16 +130,19 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def run(clients: dict, messages: list[dict], max_tokens: int, name: str):
-    """One generation of method ``name`` through its engine's server."""
+    """One generation of method ``name`` through its engine's server (llama.cpp: its worker)."""
+    if name == LLAMACPP:
+        return clients[LLAMACPP].run(messages, max_tokens)
     opts = METHODS[name]
     return arserve_run(clients[opts["model"]], messages, max_tokens, **opts)
 
 
 def batch1(clients: dict, prompts: list[dict], max_tokens: int) -> list[dict]:
     rows = []
+    names = [*METHODS, *([LLAMACPP] if LLAMACPP in clients else [])]
     for i, p in enumerate(prompts, 1):
         runs = {}
-        for name in METHODS:
+        for name in names:
             time.sleep(PAUSE_S)
             runs[name] = run(clients, p["messages"], max_tokens, name)
         plain = runs["arserve-none"]
@@ -149,7 +153,7 @@ def batch1(clients: dict, prompts: list[dict], max_tokens: int) -> list[dict]:
                          "identical_to_arserve_plain": first_difference(r.token_ids, plain.token_ids) is None}
         rows.append(row)
         log(f"{i:>2}/{len(prompts)} {p['id']:<7} {p['category']:<5} " + "  ".join(
-            f"{n} {row[n]['tok_s']:5.1f}" for n in METHODS))
+            f"{n} {row[n]['tok_s']:5.1f}" for n in names))
     return rows
 
 
@@ -213,7 +217,7 @@ def summarize(rows: list[dict]) -> dict:
                    "mean_accepted_length": spread([r[name]["mean_accepted_length"] for r in rows]),
                    "identical_to_arserve_plain": sum(r[name]["identical_to_arserve_plain"] for r in rows),
                    "n": len(rows)}
-            for name in METHODS}
+            for name in [*METHODS, LLAMACPP] if name in rows[0]}
 
 
 def best(overall: dict, engine: str) -> str:
@@ -222,7 +226,8 @@ def best(overall: dict, engine: str) -> str:
 
 def ratios(rows: list[dict], overall: dict) -> dict:
     """Per-prompt arserve/vLLM tokens/s ratios of each pair and of best vs best."""
-    pairs = {**PAIRS, "best": (best(overall, "arserve"), best(overall, "vllm"))}
+    pairs = {**PAIRS, "best": (best(overall, "arserve"), best(overall, "vllm")),
+             **({"llamacpp": ("arserve-none", LLAMACPP)} if LLAMACPP in overall else {})}
     return {k: {"arserve": a, "vllm": v, **spread([r[a]["tok_s"] / r[v]["tok_s"] for r in rows])}
             for k, (a, v) in pairs.items()}
 
@@ -237,6 +242,8 @@ def goals(batch1_ratios: dict, b8: dict, long: dict, rl: dict) -> dict:
         "ngram_8_streams": (b8["arserve-ngram"]["aggregate_tok_s"] / b8["vllm-ngram"]["aggregate_tok_s"], ">=", 1.0),
         "batch1_fraction_of_roofline": (rl["arserve-none"]["fraction_of_roofline"], ">=", 0.6),
     }
+    if "llamacpp" in batch1_ratios:  # plain arserve / llama.cpp, same float32 weights
+        figures["plain_batch1_vs_llamacpp"] = (batch1_ratios["llamacpp"]["median"], ">=", 0.75)
     return {k: {"ratio": v, "goal": f"{op} {g}", "met": v >= g if op == ">=" else v <= g}
             for k, (v, op, g) in figures.items()}
 
@@ -248,9 +255,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cats = result["batch1"]["per_category"]
-    names = list(METHODS)
+    names = [n for n in [*METHODS, LLAMACPP] if n in result["batch1"]["overall"]]
     colors = {"arserve-none": "#1f77b4", "arserve-ngram": "#6baed6", "arserve-heads": "#c6dbef",
-              "vllm-none": "#d62728", "vllm-ngram": "#ff9896"}
+              "vllm-none": "#d62728", "vllm-ngram": "#ff9896", LLAMACPP: "#2ca02c"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
     w = 0.8 / len(names)
     for j, n in enumerate(names):
@@ -261,8 +268,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"batch 1, greedy, {result['max_tokens']} tokens, SmolLM2-135M {result['dtype']}")
     ax.legend(fontsize=8, ncol=2)
     b8 = result["batch8"]
-    ax2.bar(range(len(names)), [b8[n]["aggregate_tok_s"] for n in names], color=[colors[n] for n in names])
-    ax2.set_xticks(range(len(names)), [n.replace("-", "\n") for n in names], fontsize=8)
+    b8_names = list(METHODS)
+    ax2.bar(range(len(b8_names)), [b8[n]["aggregate_tok_s"] for n in b8_names], color=[colors[n] for n in b8_names])
+    ax2.set_xticks(range(len(b8_names)), [n.replace("-", "\n") for n in b8_names], fontsize=8)
     ax2.set_title(f"{BATCH} concurrent streams: aggregate tokens/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,22 +283,48 @@ def roofline(dtype: str, rows: list[dict], copy_gbs: float) -> dict:
     in this run (``text.copy_bandwidth_gbs``: read + write bytes / time)."""
     bpt = weight_bytes_per_token(dtype)
     out = {"bytes_per_token": bpt, "copy_gb_s": copy_gbs, "roofline_tok_s": copy_gbs * 1e9 / bpt}
-    for name in ("arserve-none", "vllm-none"):
+    for name in ("arserve-none", "vllm-none", LLAMACPP):
+        if name not in rows[0]:
+            continue
         tok_s = spread([r[name]["decode_tok_s"] for r in rows])["median"]
         out[name] = {"decode_tok_s": tok_s, "fraction_of_roofline": tok_s * bpt / (copy_gbs * 1e9)}
     return out
 
 
+@contextlib.contextmanager
+def llamacpp_peer(dtype: str):
+    """llama.cpp's worker on the float32 export of the same weights, or None
+    (another dtype, or llama-cpp-python not installed: ``make install-llamacpp``)."""
+    from . import llamacpp
+
+    if dtype != "float32" or not llamacpp.available():
+        if dtype == "float32":
+            log("llama.cpp peer skipped: llama-cpp-python is not installed (make install-llamacpp)")
+        yield None
+        return
+    peer = llamacpp.Peer(llamacpp.f32_gguf())
+    log(f"llama.cpp peer: {peer.system_info}")
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
 def run_dtype(dtype: str, prompts: list[dict], max_tokens: int, copy_gbs: float) -> dict:
     log(f"starting three servers ({dtype}): arserve's SmolLM2, vLLM plain, vLLM n-gram (a few minutes)")
-    with servers(dtype) as clients:
-        for name in METHODS:  # warm-up
+    with servers(dtype) as clients, llamacpp_peer(dtype) as peer:
+        if peer is not None:
+            clients[LLAMACPP] = peer
+        for name in [*METHODS, *([LLAMACPP] if peer is not None else [])]:  # warm-up
             run(clients, [{"role": "user", "content": "Hello, how are you today?"}], 16, name)
         rows = batch1(clients, prompts, max_tokens)
         b8 = batch8(clients, prompts, max_tokens)
         long = long_prompt(clients, long_prompts(prompts))
         models = [{"id": m.id, "engine": m.engine, "methods": list(m.speculative_methods)}
-                  for c in clients.values() for m in c.models()]
+                  for n, c in clients.items() if n != LLAMACPP for m in c.models()]
+        if peer is not None:
+            models.append({"id": LLAMACPP, "engine": "llama.cpp (llama-cpp-python)", "methods": ["none"],
+                           "system_info": peer.system_info})
     cats = sorted({r["category"] for r in rows})
     overall = summarize(rows)
     per_category = {c: summarize([r for r in rows if r["category"] == c]) for c in cats}
@@ -319,9 +353,10 @@ def main(args) -> None:
         results["dtypes"][dtype] = res
         out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         plot(res, out.with_name(f"{out.stem}-{dtype}.png"))
-        log(f"\n{dtype}: {'category':<6} " + " ".join(f"{n:>14}" for n in METHODS))
+        names = list(res["batch1"]["overall"])
+        log(f"\n{dtype}: {'category':<6} " + " ".join(f"{n:>14}" for n in names))
         for cat, s in res["batch1"]["per_category"].items():
-            log(f"{'':9}{cat:<6} " + " ".join(f"{s[n]['tok_s']['median']:9.1f} tok/s" for n in METHODS))
+            log(f"{'':9}{cat:<6} " + " ".join(f"{s[n]['tok_s']['median']:9.1f} tok/s" for n in names))
         for k, r in res["batch1"]["ratios"].items():
             log(f"  {k:<6} {r['arserve']} / {r['vllm']}: median {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
         log(f"  batch {BATCH}: " + ", ".join(f"{n} {v['aggregate_tok_s']:.1f}" for n, v in res["batch8"].items()))
