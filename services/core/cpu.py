@@ -60,26 +60,24 @@ def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
 
 
 def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
-    """ROWS where the fused kernels built, take ``dtype`` and every input
-    width in ``widths`` (a whole number of vectors); else PACKED where oneDNN
-    can pack ``dtype`` on this CPU; else PLAIN. bfloat16 is the exception:
-    where the CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX) and
-    oneDNN packs it, oneDNN's products of a few rows beat the row products'
-    (whose bfloat16 loads widen every weight: 8 rows 0.7-0.9x oneDNN's, 1 row
-    the same; decision 50), so oneDNN serves it there, with
-    ``row_invariance``'s floors."""
-    onednn_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    native_bf16 = onednn_bf16 and any(f in cpu_name_and_flags()[1] for f in ("avx512_bf16", "amx_bf16"))
+    """ROWS where the fused kernels built, take ``dtype`` (float32,
+    bfloat16) and every input width in ``widths`` (a whole number of
+    vectors); else PACKED where oneDNN can pack ``dtype`` on this CPU; else
+    PLAIN. bfloat16 takes the row products even where the CPU multiplies it
+    natively (AVX-512 BF16, AMX) and oneDNN's products of a few rows are
+    faster (8 rows: the row products 0.7-0.9x, decision 50): oneDNN's
+    bfloat16 rows were not batch-invariant on an AVX-512 BF16 EPYC even above
+    ``row_invariance``'s probed floors, and a verified draft then differed
+    from plain decoding (decision 51)."""
     lanes = row_lanes()  # (loads the fused kernels, whichever layout serves: before a server reports healthy)
     if os.environ.get("ARSERVE_ROW_PRODUCTS", "1") == "0":
         lanes = 0  # oneDNN's products beside the fused chains (A/B runs)
-    if lanes and all(w % lanes == 0 for w in widths) and (
-            dtype == torch.float32 or (dtype == torch.bfloat16 and not native_bf16)):
+    if lanes and all(w % lanes == 0 for w in widths) and dtype in (torch.float32, torch.bfloat16):
         return ROWS
     if not torch.backends.mkldnn.is_available():
         return PLAIN
     if dtype == torch.bfloat16:
-        return PACKED if onednn_bf16 else PLAIN
+        return PACKED if torch.ops.mkldnn._is_mkldnn_bf16_supported() else PLAIN
     if dtype == torch.float16:
         return PACKED if torch.ops.mkldnn._is_mkldnn_fp16_supported() else PLAIN
     return PACKED

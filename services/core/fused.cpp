@@ -39,7 +39,7 @@ constexpr int64_t kReleaseGilElements = 1 << 16;  // hold the GIL for smaller ca
 template <typename F>
 void for_rows(int64_t rows, int64_t elements, F&& body, int64_t grain = kRowsPerTask) {
   if (elements >= kReleaseGilElements) {
-    pybind11::gil_scoped_release release;
+    arserve::ReleaseGil release;
     arserve::parallel_chunks(rows, grain, body);
   } else {
     body(0, rows);
@@ -349,5 +349,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_product", &arserve::row_product,
         "x [M, K], packed (pack_rows), N -> x @ w.T [M, N], each element in one fixed order whatever M");
   m.def("row_tile", &arserve::row_tile, "(NR, L): output features per tile, lanes per vector");
+  arserve::bind_decode_stack(m);
   m.def("rope_qkv", &rope_qkv, "qkv [N, (H+2K)*hd], cos, sin_folded [N, hd], H, K -> (qk [H+K, N, hd], v [K, N, hd])");
 }

@@ -1,4 +1,4 @@
-// What arserve's CPU kernels (fused.cpp, row_product.cpp) share: one module,
+// What arserve's CPU kernels (fused.cpp, row_product.cpp, decode_stack.cpp) share: one module,
 // arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
 #pragma once
 
@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace arserve {
@@ -52,9 +53,38 @@ inline void parallel_pieces(int64_t n, int64_t pieces, F&& body) {
   }
 }
 
+// Releases the GIL for its scope where the calling thread holds it (a call
+// from Python); within a call that released it already (a DecodeStack step),
+// it does nothing, so the kernels below nest.
+class ReleaseGil {
+ public:
+  ReleaseGil() : state_(PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~ReleaseGil() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 // Batch-invariant matrix products (row_product.cpp).
 torch::Tensor pack_rows(const torch::Tensor& w);
 torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features);
 std::vector<int64_t> row_tile();
 
+// The decode step's layers in one call (decode_stack.cpp).
+void bind_decode_stack(pybind11::module& m);
+
 }  // namespace arserve
+
+// The elementwise chains and decode attention (fused.cpp), each row alone in a fixed order.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& delta,
+                                                      const torch::Tensor& w, double eps);
+torch::Tensor silu_mul(const torch::Tensor& gate_up);
+std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& cos,
+                                                  const torch::Tensor& sin, int64_t H, int64_t K);
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const std::vector<int64_t>& lengths, double scale);

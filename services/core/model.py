@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, products
+from . import decode_stack, fused, products
 from .config import LlamaConfig
 from .cpu import PACKED, ROWS, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
@@ -245,6 +245,7 @@ class Llama(nn.Module):
         # tokens): [V'] token ids; logits are then [n, V'], column j for token head_ids[j].
         self.head_ids: Tensor | None = None
         self.graphs = None  # CUDA only: the captured decode steps (arserve.core.cuda_graphs), set by devices.prepare
+        self.stack = None  # row layout only: the layers of a forward of decode rows in one C++ call (``decode_stack``)
         self.decode_kv = DecodeKV()  # the padded KV of the last forward's decode rows (``decode_attention``)
         self.head_floor = 1  # the output product's floor (``row_invariance``)
         self.floors_at: int | None = None  # the torch thread count the floors were probed at
@@ -272,6 +273,7 @@ class Llama(nn.Module):
         self.rows_head = products.pack(self.output_matrix()) if layout == ROWS else None
         self.rows_head_features = self.output_matrix().shape[0]  # the logits' width (vocab, or V' with head_ids)
         self.packed_head = pack_weight(self.output_matrix()) if layout == PACKED else None
+        self.stack = decode_stack.build(self) if layout == ROWS else None
         self.fit_floors()
         return self
 
@@ -386,8 +388,12 @@ class Llama(nn.Module):
         sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
         split = RowSplit.of([s.n for s in segments])
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)
+        kv = decode_stack.caches(self.stack, segments, decode)
+        if kv is not None:  # decode rows only: the layers in one call, the same bits
+            x = self.stack.forward(x, *kv, cos_all, sin_all)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)
         if decode is not None:
             decode.write_back()
         for seg in segments:

@@ -166,7 +166,7 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, torch::Tensor& y) 
     body(0, tiles);
     return;
   }
-  pybind11::gil_scoped_release release;
+  ReleaseGil release;
   parallel_pieces(tiles, kPiecesPerThread, body);
 }
 

@@ -1,0 +1,108 @@
+"""The decode stack (``core.decode_stack``): a forward of decode rows only runs
+its layers in one C++ call, and every row keeps the bits the layer-by-layer
+path gives it, so plain decoding (the stack) and verification of the same
+tokens as a draft chain (layer by layer) agree bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arserve.core import fused
+from arserve.core.config import LlamaConfig
+from arserve.core.model import Llama, ScoreItem
+
+pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="the fused CPU kernels need a C++ compiler")
+
+
+def packed(shapes: str, dtype: torch.dtype = torch.float32, seed: int = 3) -> Llama:
+    config = LlamaConfig.from_name(shapes)
+    if shapes != "tiny":
+        config = config.with_(n_layers=2)  # SmolLM2's shapes, 2 of its 30 layers
+    return Llama(config).init_random(seed, std=0.05).eval().to(dtype).pack()
+
+
+def prefilled(model: Llama, lengths: list[int], seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    caches = []
+    for n in lengths:
+        caches.append(model.new_cache())
+        model(torch.randint(0, model.config.vocab_size, (n,), generator=g), caches[-1])
+    return caches
+
+
+class Counting:
+    """A stack that counts its calls."""
+
+    def __init__(self, stack):
+        self.stack, self.calls = stack, []
+
+    def forward(self, x, *args):
+        self.calls.append(x.shape[0])
+        return self.stack.forward(x, *args)
+
+
+@pytest.mark.parametrize("shapes", ["tiny", "smollm2-135m"])
+@pytest.mark.parametrize("lengths", [[37], [5, 130, 16, 64], [1, 1]])
+def test_decode_rows_get_the_layer_by_layer_bits_and_caches(shapes, lengths):
+    model, reference = packed(shapes), packed(shapes)  # the same weights; the reference layer by layer
+    assert model.stack is not None
+    stack = model.stack = Counting(model.stack)
+    reference.stack = None
+    ours, theirs = prefilled(model, lengths, 5), prefilled(reference, lengths, 5)
+    stack.calls.clear()  # (a one-token prompt is a decode row too)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):  # after the first step, the padded rows are kept (decode_attention.DecodeKV)
+        tokens = [torch.randint(0, model.config.vocab_size, (1,), generator=g) for _ in lengths]
+        out = model.forward_batch([ScoreItem(t, c) for t, c in zip(tokens, ours)])
+        ref = reference.forward_batch([ScoreItem(t, c) for t, c in zip(tokens, theirs)])
+        for a, b, ca, cb in zip(out, ref, ours, theirs):
+            assert torch.equal(a, b), (step, (a - b).abs().max().item())
+            assert ca.length == cb.length
+            assert torch.equal(ca.k[:, :, :ca.length], cb.k[:, :, :cb.length])
+            assert torch.equal(ca.v[:, :, :ca.length], cb.v[:, :, :cb.length])
+    assert stack.calls == [len(lengths)] * 3
+
+
+def test_a_draft_chain_verified_layer_by_layer_equals_decoding_through_the_stack():
+    """What greedy speculative decoding relies on, with SmolLM2's shapes: the
+    chain's logits are bit for bit those of decoding its tokens one by one."""
+    model = packed("smollm2-135m", seed=7)
+    g = torch.Generator().manual_seed(8)
+    for start, n in [(12, 8), (45, 16), (130, 3)]:
+        ids = torch.randint(0, model.config.vocab_size, (start + n,), generator=g)
+        cache = model.new_cache()
+        model(ids[:start], cache)
+        chain = model(ids[start:], cache)  # layer by layer
+        cache.rollback(start)
+        one = torch.cat([model(ids[i:i + 1], cache) for i in range(start, start + n)])  # the stack
+        assert torch.equal(chain, one), (start, n, (chain - one).abs().max().item())
+
+
+def test_only_forwards_of_decode_rows_use_the_stack(monkeypatch):
+    model = packed("tiny")
+    stack = model.stack = Counting(model.stack)
+    caches = prefilled(model, [9, 20], 6)
+    model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([4, 5]), caches[1])])
+    model(torch.tensor([1, 2, 3]), model.new_cache())  # a prompt
+    model(torch.tensor([4]), caches[0], tree_mask=torch.ones(1, 1, dtype=torch.bool))  # a one-token tree
+    assert stack.calls == []
+    model(torch.tensor([4]), caches[1])
+    assert stack.calls == [1]
+    monkeypatch.setenv("ARSERVE_DECODE_STACK", "0")
+    assert packed("tiny").stack is None
+
+
+def test_bad_input_is_a_clear_error_not_a_crash():
+    model = packed("tiny")
+    cache = model.new_cache()
+    model(torch.tensor([1, 2]), cache)
+    x = torch.zeros(1, model.config.dim)
+    cos = sin = torch.zeros(1, model.config.head_dim)
+    k, v = cache.k.unsqueeze(1), cache.v.unsqueeze(1)
+    with pytest.raises(RuntimeError, match="inside its cache"):
+        model.stack.forward(x, k, v, [cache.k.shape[2]], cos, sin)
+    with pytest.raises(RuntimeError, match="one position per row"):
+        model.stack.forward(x, k, v, [2, 3], cos, sin)
+    with pytest.raises(RuntimeError, match="layers, rows"):
+        model.stack.forward(x, k[:1], v[:1], [2], cos, sin)
