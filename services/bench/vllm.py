@@ -27,6 +27,11 @@ aggregate tokens/s = all completion tokens / wall time of the whole set.
 repetition opened by its own line so that neither engine's prefix cache
 serves it), engines interleaved, ``LONG_REPEATS`` each.
 
+**llama.cpp** (float32 only, where ``make install-llamacpp`` built it):
+batch 1 only, its worker after the others on each prompt
+(``bench.llamacpp``: the same float32 weights, exported to an F32 GGUF);
+issue 19 asks plain arserve for at least 0.75x of it.
+
 Ratios pair arserve with vLLM per prompt: plain/plain, ngram/ngram, and
 arserve's best speculative method against vLLM's best (each "best" is the
 method with the highest overall median tokens/s). Goals (issue 19): plain
