@@ -1,23 +1,25 @@
-"""A forward of decode rows only, its layers in one C++ call
+"""A forward of decode rows and draft chains, its layers in one C++ call
 (``decode_stack.cpp``; docs/decisions.md, decision 51).
 
-Plain decoding, the common step, is a forward whose every row is one new
-token on a causal chain. Layer by layer from Python (``model.Block.forward``)
-such a step is some 300 calls into PyTorch and the fused kernels; the
-``DecodeStack`` runs the same kernels in the same order in one call, with the
-GIL released for the step. Its rows get the bits the layer-by-layer path gives
-them, so a request decoded through the stack and the same tokens verified as
-a draft chain (the layer-by-layer path) agree bit for bit.
+Plain decoding and the verification of draft chains are forwards of rows
+that each attend their own cache one query at a time. Layer by layer from
+Python (``model.Block.forward``) such a step is some 300 calls into PyTorch
+and the fused kernels; the ``DecodeStack`` runs the same kernels in the same
+order in one call, with the GIL released for the step. Every row gets the
+bits the layer-by-layer path gives it.
 
 It serves the row layout (``cpu.ROWS``: the fused kernels built, the row
-products chosen) and two shapes of forward:
+products chosen). Its rows come in *groups*, each attending one KV:
 
-* one decode row alone: it attends its own cache;
-* two or more decode rows attended together (``decode_attention.DecodeRows``):
-  they attend the padded copy, written back to each cache after the forward.
+* decode rows attended together (``decode_attention.DecodeRows``): their
+  padded copy, written back to each cache after the forward;
+* a decode row alone: its cache;
+* a chain of up to ``CHAIN_ROWS`` draft tokens after a cached context
+  (``attend_chain``): its cache, broadcast to the chain's rows, row i
+  attending the context and the chain's first i + 1 tokens.
 
-Anything else (a prompt, a draft, a tree, decode rows beside them) goes layer
-by layer. ``ARSERVE_DECODE_STACK=0`` turns the stack off (A/B runs).
+A forward with anything else (a prompt, a tree, a longer chain) goes layer by
+layer. ``ARSERVE_DECODE_STACK=0`` turns the stack off (A/B runs).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 from torch import Tensor
 
 from . import fused
-from .decode_attention import DecodeRows
+from .decode_attention import CHAIN_ROWS, DecodeRows
 
 
 def build(model) -> object | None:
@@ -44,15 +46,21 @@ def build(model) -> object | None:
         [getattr(first, n).shape[0] for n in names], first.n_heads, first.n_kv_heads, first.head_dim, first.eps)
 
 
-def caches(stack, segments: list, decode: DecodeRows | None) -> tuple[Tensor, Tensor, list[int]] | None:
-    """What ``stack.forward`` attends when every row of the forward is a
-    decode row: (k, v [layers, B, kv_heads, positions, head_dim], each row's
-    new position) -- else None (the forward goes layer by layer)."""
+def groups(stack, segments: list, decode: DecodeRows | None) -> list[tuple[Tensor, Tensor, list[int]]] | None:
+    """What ``stack.forward`` attends, group by group in row order, when
+    every row of the forward is a decode row or a row of a draft chain (else
+    None: the forward goes layer by layer): (k, v [layers, B, kv_heads,
+    positions, head_dim], each row's new position)."""
     if stack is None:
         return None
-    if decode is not None:
-        return (decode.k, decode.v, decode.starts) if decode.n == len(segments) else None
-    if len(segments) == 1 and segments[0].n == 1 and segments[0].mask is None:
-        seg = segments[0]
-        return seg.cache.k.unsqueeze(1), seg.cache.v.unsqueeze(1), [seg.start]
-    return None
+    out = [] if decode is None else [(decode.k, decode.v, decode.starts)]
+    for seg in segments[0 if decode is None else decode.n:]:
+        if seg.n == 1 and seg.mask is None:  # a decode row alone (``attend_one``)
+            at = [seg.start]
+        elif seg.rowwise and seg.start > 0 and seg.n <= CHAIN_ROWS:  # a chain, row by row (``attend_chain``)
+            at = list(range(seg.start, seg.start + seg.n))
+        else:  # a prompt, a tree, a long chain: SDPA
+            return None
+        k, v = (t.unsqueeze(1).expand(-1, seg.n, -1, -1, -1) for t in (seg.cache.k, seg.cache.v))
+        out.append((k, v, at))
+    return out

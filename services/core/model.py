@@ -388,9 +388,9 @@ class Llama(nn.Module):
         sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
         split = RowSplit.of([s.n for s in segments])
-        kv = decode_stack.caches(self.stack, segments, decode)
-        if kv is not None:  # decode rows only: the layers in one call, the same bits
-            x = self.stack.forward(x, *kv, cos_all, sin_all)
+        groups = decode_stack.groups(self.stack, segments, decode)
+        if groups is not None:  # decode rows and draft chains: the layers in one call, the same bits
+            x = self.stack.forward(x, groups, cos_all, sin_all)
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)

@@ -111,14 +111,21 @@ inline half_vec sum_tile(const vec a[NR]) {  // NR = 4, L = 8 -> 4 sums
 
 // y[m, n] for the `rows` (<= MR) rows of x at `x` (row stride xs) and one tile
 // (`w`: [K / L, NR, L]); y's row stride ys, only columns < `cols` stored.
+// `next`: a tile to prefetch into L2 meanwhile (or null), a line per NR * L
+// weights' worth of lines as the loop reads its own.
 template <typename T, int64_t ROWS>
-inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int64_t ys, int64_t cols) {
+inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
+                       const T* next = nullptr) {
+  constexpr int64_t kLine = 64 / sizeof(T), kBlock = NR * L;  // elements per cache line, per k step
   vec acc[ROWS][NR];
   for (int64_t m = 0; m < ROWS; ++m) {
     for (int64_t n = 0; n < NR; ++n) acc[m][n] = vec{};
   }
   for (int64_t k = 0; k < K; k += L) {
     const T* wk = w + k * NR;
+    if (next != nullptr) {
+      for (int64_t e = 0; e < kBlock; e += kLine) __builtin_prefetch(next + k * NR + e, 0, 2);
+    }
     vec wv[NR];
     for (int64_t n = 0; n < NR; ++n) wv[n] = load_vec(wk + n * L);
     for (int64_t m = 0; m < ROWS; ++m) {
@@ -132,11 +139,17 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
   }
 }
 
-// every row of x [M, K] against one tile: micro-tiles of MR rows, then the rest
+// every row of x [M, K] against one tile: micro-tiles of MR rows, then the
+// rest. With more rows than one micro-tile, the first pass prefetches tile
+// `next` (or null): the later passes read this tile from cache and would
+// otherwise leave the memory stream idle (decision 51).
 template <typename T>
-inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols) {
+inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
+                         const T* next) {
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
+  for (; m + MR <= M; m += MR) {
+    micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, m == 0 && M > MR ? next : nullptr);
+  }
   if (M - m == 1) micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
   if constexpr (MR > 2) {
     if (M - m == 2) micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
@@ -158,7 +171,8 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, torch::Tensor& y) 
     for (int64_t m0 = 0; m0 < M; m0 += block) {
       const int64_t rows = std::min(block, M - m0);
       for (int64_t t = lo; t < hi; ++t) {
-        rows_of_tile<T>(xp + m0 * xs, xs, rows, wp + t * K * NR, K, yp + m0 * N + t * NR, N, std::min(NR, N - t * NR));
+        rows_of_tile<T>(xp + m0 * xs, xs, rows, wp + t * K * NR, K, yp + m0 * N + t * NR, N, std::min(NR, N - t * NR),
+                        t + 1 < hi ? wp + (t + 1) * K * NR : nullptr);
       }
     }
   };

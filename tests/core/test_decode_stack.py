@@ -1,7 +1,6 @@
-"""The decode stack (``core.decode_stack``): a forward of decode rows only runs
-its layers in one C++ call, and every row keeps the bits the layer-by-layer
-path gives it, so plain decoding (the stack) and verification of the same
-tokens as a draft chain (layer by layer) agree bit for bit."""
+"""The decode stack (``core.decode_stack``): a forward of decode rows and
+draft chains runs its layers in one C++ call, and every row keeps the bits
+the layer-by-layer path gives it."""
 
 from __future__ import annotations
 
@@ -64,31 +63,56 @@ def test_decode_rows_get_the_layer_by_layer_bits_and_caches(shapes, lengths):
     assert stack.calls == [len(lengths)] * 3
 
 
-def test_a_draft_chain_verified_layer_by_layer_equals_decoding_through_the_stack():
+def test_a_draft_chain_through_the_stack_equals_decoding_layer_by_layer():
     """What greedy speculative decoding relies on, with SmolLM2's shapes: the
     chain's logits are bit for bit those of decoding its tokens one by one."""
     model = packed("smollm2-135m", seed=7)
+    stack = model.stack
     g = torch.Generator().manual_seed(8)
     for start, n in [(12, 8), (45, 16), (130, 3)]:
         ids = torch.randint(0, model.config.vocab_size, (start + n,), generator=g)
         cache = model.new_cache()
         model(ids[:start], cache)
-        chain = model(ids[start:], cache)  # layer by layer
+        chain = model(ids[start:], cache)  # the stack
         cache.rollback(start)
-        one = torch.cat([model(ids[i:i + 1], cache) for i in range(start, start + n)])  # the stack
+        model.stack = None
+        one = torch.cat([model(ids[i:i + 1], cache) for i in range(start, start + n)])  # layer by layer
+        model.stack = stack
         assert torch.equal(chain, one), (start, n, (chain - one).abs().max().item())
 
 
-def test_only_forwards_of_decode_rows_use_the_stack(monkeypatch):
+def test_decode_rows_beside_draft_chains_get_the_layer_by_layer_bits():
+    """A verification step of several requests: two decode rows (attended
+    together), a chain of 5 drafts and a chain of 1 on their own caches."""
+    model, reference = packed("smollm2-135m"), packed("smollm2-135m")
+    stack = model.stack = Counting(model.stack)
+    reference.stack = None
+    lengths, news = [40, 7, 90, 16], [1, 1, 5, 1]
+    ours, theirs = prefilled(model, lengths, 9), prefilled(reference, lengths, 9)
+    stack.calls.clear()
+    g = torch.Generator().manual_seed(10)
+    for step in range(2):
+        tokens = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in news]
+        out = model.forward_batch([ScoreItem(t, c) for t, c in zip(tokens, ours)])
+        ref = reference.forward_batch([ScoreItem(t, c) for t, c in zip(tokens, theirs)])
+        for a, b, ca, cb in zip(out, ref, ours, theirs):
+            assert torch.equal(a, b), (step, (a - b).abs().max().item())
+            assert ca.length == cb.length and torch.equal(ca.k[:, :, :ca.length], cb.k[:, :, :cb.length])
+            assert torch.equal(ca.v[:, :, :ca.length], cb.v[:, :, :cb.length])
+    assert stack.calls == [sum(news)] * 2
+
+
+def test_prompts_and_trees_go_layer_by_layer(monkeypatch):
     model = packed("tiny")
     stack = model.stack = Counting(model.stack)
     caches = prefilled(model, [9, 20], 6)
-    model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([4, 5]), caches[1])])
+    stack.calls.clear()
     model(torch.tensor([1, 2, 3]), model.new_cache())  # a prompt
-    model(torch.tensor([4]), caches[0], tree_mask=torch.ones(1, 1, dtype=torch.bool))  # a one-token tree
+    model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([1, 2]), model.new_cache())])
+    model(torch.tensor([4, 5]), caches[0], tree_mask=torch.ones(2, 2, dtype=torch.bool).tril())  # a tree
     assert stack.calls == []
-    model(torch.tensor([4]), caches[1])
-    assert stack.calls == [1]
+    model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([4, 5]), caches[1])])
+    assert stack.calls == [3]  # a decode row and a chain
     monkeypatch.setenv("ARSERVE_DECODE_STACK", "0")
     assert packed("tiny").stack is None
 
@@ -101,8 +125,8 @@ def test_bad_input_is_a_clear_error_not_a_crash():
     cos = sin = torch.zeros(1, model.config.head_dim)
     k, v = cache.k.unsqueeze(1), cache.v.unsqueeze(1)
     with pytest.raises(RuntimeError, match="inside its cache"):
-        model.stack.forward(x, k, v, [cache.k.shape[2]], cos, sin)
+        model.stack.forward(x, [(k, v, [cache.k.shape[2]])], cos, sin)
     with pytest.raises(RuntimeError, match="one position per row"):
-        model.stack.forward(x, k, v, [2, 3], cos, sin)
-    with pytest.raises(RuntimeError, match="layers, rows"):
-        model.stack.forward(x, k[:1], v[:1], [2], cos, sin)
+        model.stack.forward(x, [(k, v, [2, 3])], cos, sin)
+    with pytest.raises(RuntimeError, match="the groups hold 2 rows, x 1"):
+        model.stack.forward(x, [(k, v, [2]), (k, v, [3])], cos, sin)
