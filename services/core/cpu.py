@@ -74,13 +74,18 @@ def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
         lanes = 0  # oneDNN's products beside the fused chains (A/B runs)
     if lanes and all(w % lanes == 0 for w in widths) and dtype in (torch.float32, torch.bfloat16):
         return ROWS
+    return PACKED if onednn_packs(dtype) else PLAIN
+
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs ``dtype``'s weights on this CPU (``model.pack_weight``)."""
     if not torch.backends.mkldnn.is_available():
-        return PLAIN
+        return False
     if dtype == torch.bfloat16:
-        return PACKED if torch.ops.mkldnn._is_mkldnn_bf16_supported() else PLAIN
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if dtype == torch.float16:
-        return PACKED if torch.ops.mkldnn._is_mkldnn_fp16_supported() else PLAIN
-    return PACKED
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype == torch.float32
 
 
 def row_lanes() -> int:
@@ -95,7 +100,8 @@ def describe(dtype: torch.dtype) -> str:
     """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
-    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors; prompt chunks by F.linear)",
+    prompts = "oneDNN" if onednn_packs(dtype) else "F.linear"
+    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors; prompt chunks by {prompts})",
            PACKED: "oneDNN packed linears",
            PLAIN: "plain F.linear (no oneDNN packing for this dtype here)"}[layout]
     return (f"{str(dtype).removeprefix('torch.')} matrix products: {how}; CPU {name}, ATen capability "

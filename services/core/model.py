@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import decode_stack, fused, products
 from .config import LlamaConfig
-from .cpu import PACKED, ROWS, weight_layout
+from .cpu import PACKED, ROWS, onednn_packs, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
 from .kv_cache import KVCache
 from .products import SHARED_ROWS, RowSplit
@@ -109,12 +109,15 @@ class Block(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = c.n_heads, c.n_kv_heads, hd, c.norm_eps
         self.rows: dict[str, Tensor] = {}  # name -> the row layout of a weight matrix (``products``)
         self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix (no fused kernels)
+        self.prompt: dict[str, Tensor] = {}  # name -> oneDNN-packed copy for prompt chunks, beside ``rows``
         self.floors: dict[str, int] = {}  # name -> its products' floor (``row_invariance``); unset: 1
 
     def pack(self, layout: str) -> None:
         """Lay the weight matrices out for ``layout`` (``cpu.weight_layout``)."""
         self.rows = {name: products.pack(getattr(self, name)) for name in MATRICES} if layout == ROWS else {}
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES} if layout == PACKED else {}
+        prompts = layout == ROWS and onednn_packs(self.wqkv.dtype)  # (``products.own_product``)
+        self.prompt = {name: pack_weight(getattr(self, name)) for name in MATRICES} if prompts else {}
 
     def fit_floors(self) -> dict[str, Floor]:
         """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors.
@@ -130,7 +133,7 @@ class Block(nn.Module):
         """x [M, in] -> [M, out], each row batch-invariant: row products for the
         shared rows of ``split`` (None: all), own products for the rest."""
         if self.rows:
-            return products.split_product(x, split, getattr(self, name), self.rows[name])
+            return products.split_product(x, split, getattr(self, name), self.rows[name], self.prompt.get(name))
         return padded(x, self.floors.get(name, 1), product, getattr(self, name), self.packed.get(name))
 
     def forward(
