@@ -239,9 +239,11 @@ class ServiceSettings(BaseModel):
     adaptive_draft_length: bool = Field(True, description="Whether a request that leaves speculative.adaptive "
                                         "unset adapts its draft length to its acceptance rate (up to "
                                         "num_draft_tokens; arserve.verifier.draft_length).")
-    draft_cost_per_token: float = Field(0.03, ge=0, description="The adaptive draft length's cost model: the extra "
-                                        "cost of one more scored draft position, as a fraction of a one-position "
-                                        "forward (measured: docs/decisions.md).")
+    draft_cost_per_token: float = Field(0.06, ge=0, lt=1, description="The adaptive draft length's cost model: "
+                                        "the extra cost of one more scored draft position for a request decoding "
+                                        "alone, as a fraction of a one-position forward (measured: docs/decisions.md, "
+                                        "10 and 51); with B requests decoding together it grows to B r / (1 + B r), "
+                                        "r = c / (1 - c).")
     draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
     kv_block_size: int = Field(64, gt=0, description="Token positions per shared KV block.")
     kv_local_bytes: int = Field(0, ge=0, description="Process-memory KV tier budget in bytes; 0 with no "

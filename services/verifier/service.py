@@ -203,6 +203,7 @@ class VerifierService:
         self.eos_ids = eos_ids or {}  # model id -> end-of-sequence token ids
         self.defaults = defaults
         self._drafter_failing = False  # log a failing drafter once, not every round
+        self.decoding = 0  # requests in their decoding rounds here (the adaptive draft length's batch cost)
 
     async def Run(self, req: pb.VerifyRequest, context=None) -> AsyncIterator[pb.VerifyEvent]:
         """gpt-fast's ``generate``: plan, prefill, then rounds until a finish, each streamed."""
@@ -216,13 +217,17 @@ class VerifierService:
             state.in_cache, state.cached = len(state.tokens), out.cached
             state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
             new_tokens, finish = self._decided(plan, state, [])  # the first token streams as soon as it is sampled
-            while True:
-                yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=state.stats,
-                                     cached_prompt_tokens=state.cached)
-                state.cached = 0
-                if finish:
-                    break
-                new_tokens, finish = await self._round(plan, state, kv)
+            self.decoding += 1
+            try:
+                while True:
+                    yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=state.stats,
+                                         cached_prompt_tokens=state.cached)
+                    state.cached = 0
+                    if finish:
+                        break
+                    new_tokens, finish = await self._round(plan, state, kv)
+            finally:
+                self.decoding -= 1
         finally:
             await self._release(plan, kv)
 
@@ -277,7 +282,7 @@ class VerifierService:
 
     async def _draft(self, plan: RequestPlan, state: Decoding) -> dpb.Draft | None:
         """This round's draft, or None: a plain round (no draft asked, none proposed, or a failed drafter)."""
-        k = min(state.length.next(), plan.max_tokens - state.generated - 1)
+        k = min(state.length.next(self.decoding), plan.max_tokens - state.generated - 1)
         if k <= 0:
             return None
         draft = await self._propose(dpb.ProposeRequest(

@@ -1,0 +1,52 @@
+"""The adaptive draft length (``verifier.draft_length``): it follows the
+acceptance rate, and a draft token costs more when more requests decode
+together (the forward's rows share the weights' read, not their compute)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import PROMPT, tiny_target
+
+from arserve.backbone.service import BackboneService
+from arserve.verifier.draft_length import DraftLength, batch_cost
+from arserve.verifier.service import VerifierService
+
+
+def test_a_draft_token_costs_more_with_more_requests_decoding_together():
+    assert batch_cost(0.06, 1) == 0.06 and batch_cost(0.06, 0) == 0.06
+    costs = [batch_cost(0.06, b) for b in (1, 2, 4, 8, 32)]
+    assert costs == sorted(costs) and len(set(costs)) == 5 and costs[-1] < 1.0
+    # c(B) = B rho / (1 + B rho), rho = c / (1 - c): 8 requests, c(1) = 0.06 -> 0.338
+    assert batch_cost(0.06, 8) == pytest.approx(8 * 0.06 / 0.94 / (1 + 8 * 0.06 / 0.94))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.7])
+def test_the_draft_is_shorter_at_8_streams_and_still_drafts_when_most_tokens_are_accepted(rate):
+    alone, eight = (DraftLength(8, True, 0.06, rate=rate).next(b) for b in (1, 8))
+    assert 0 < eight < alone
+    assert DraftLength(8, True, 0.06, rate=0.97).next(8) >= 4  # copying: drafting pays at any load
+    assert DraftLength(8, False, 0.06, rate=0.1).next(8) == 8  # not adaptive: always k_max
+
+
+def test_the_verifier_counts_the_requests_decoding_on_it():
+    """What ``next`` is told: requests between their first token and their end."""
+    from arserve_client.v1 import generation_pb2 as gpb
+    from arserve.pb.v1 import verifier_pb2 as vpb
+
+    verifier = VerifierService(BackboneService({"tiny": tiny_target()}), None, {"tiny": (300,)})
+    seen = []
+
+    async def one(i):
+        req = vpb.VerifyRequest(request_id=f"r{i}", model="tiny", prompt_token_ids=PROMPT,
+                                sampling=gpb.SamplingParams(max_tokens=6))
+        async for _ in verifier.Run(req):
+            seen.append(verifier.decoding)
+            await asyncio.sleep(0.01)  # the other requests reach their rounds
+
+    async def three():
+        await asyncio.gather(*(one(i) for i in range(3)))
+
+    asyncio.run(three())
+    assert max(seen) == 3 and min(seen) >= 1 and verifier.decoding == 0
