@@ -43,6 +43,7 @@ class HydraHeads(nn.Module):
         self.embed = embed  # [vocab, dim], not a parameter: the target's
         self.register_buffer("head_ids", head_ids.long(), persistent=True)  # [V']
         self.out_matrix = embed[head_ids]  # [V', dim]
+        self.rows: dict[str, Tensor] = {}  # serving on a CPU: the matrices in the row layout (``pack``)
 
     def init_weights(self, seed: int = 0) -> "HydraHeads":
         """W_in starts as "h_t plus the last token's embedding" (what a head
@@ -62,19 +63,45 @@ class HydraHeads(nn.Module):
         """Attach the target's embedding matrix (checkpoints do not carry it)."""
         self.embed = embed
         self.out_matrix = embed[self.head_ids]
+        if self.rows:
+            self.pack()
+
+    def pack(self) -> "HydraHeads":
+        """For serving on a CPU: the matrices in the row layout where the
+        target's would be (``cpu.weight_layout``): a head step is a few
+        one-row products, which the row products stream at the machine's
+        read bandwidth (``products``; decision 51). Call after the final
+        ``.to(dtype)``; training keeps the parameters alone."""
+        from . import products
+        from .cpu import ROWS, weight_layout
+
+        mats = {"out": self.out_matrix}
+        for i in range(self.num_heads):
+            mats.update({f"in{i}": self.w_in[i], f"up{i}": self.w_up[i], f"down{i}": self.w_down[i]})
+        widths = tuple({m.shape[1] for m in mats.values()})
+        cpu = self.out_matrix.device.type == "cpu"
+        layout = weight_layout(self.out_matrix.dtype, widths) if cpu else None
+        self.rows = {k: products.pack(m) for k, m in mats.items()} if layout == ROWS else {}
+        return self
+
+    def _linear(self, x: Tensor, w: Tensor, key: str) -> Tensor:
+        if key in self.rows:
+            from . import products
+            return products.row_product(x, self.rows[key], w.shape[0])
+        return F.linear(x, w)
 
     def features(self, i: int, hidden: Tensor, tokens: Tensor) -> Tensor:
         """Head i's output features. hidden: [B, dim]; tokens: [B, i + 1] int64
         (x_{t+1} .. x_{t+i+1}) -> [B, dim] (final-normed)."""
         x = torch.cat([hidden, F.embedding(tokens, self.embed).flatten(1)], dim=-1)  # [B, (i + 2) * dim]
-        u = F.linear(x, self.w_in[i])  # [B, dim]
+        u = self._linear(x, self.w_in[i], f"in{i}")  # [B, dim]
         h = F.rms_norm(u, (self.dim,), self.mlp_norm[i], self.eps)
-        u = u + F.linear(F.silu(F.linear(h, self.w_up[i])), self.w_down[i])
+        u = u + self._linear(F.silu(self._linear(h, self.w_up[i], f"up{i}")), self.w_down[i], f"down{i}")
         return F.rms_norm(u, (self.dim,), self.out_norm[i], self.eps)
 
     def logits(self, i: int, hidden: Tensor, tokens: Tensor) -> Tensor:
         """[B, V'] logits of head i over ``head_ids``."""
-        return F.linear(self.features(i, hidden, tokens), self.out_matrix)
+        return self._linear(self.features(i, hidden, tokens), self.out_matrix, "out")
 
 
 

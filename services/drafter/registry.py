@@ -83,7 +83,7 @@ def _draft_model(i: DraftInputs) -> Proposer:
 def _heads(i: DraftInputs) -> Proposer:
     heads = checkpoints.load_heads(i.weights, read_embedding(i.target_source), i.dtype).to(i.device)
     heads.set_embedding(heads.embed.to(i.device))  # the target's embedding is an attribute, not a parameter
-    return HeadsProposer(heads, i.target.vocab_size)
+    return HeadsProposer(heads.pack(), i.target.vocab_size)
 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (

@@ -5,6 +5,7 @@ heads is exactly plain decoding."""
 
 import asyncio
 
+import pytest
 import torch
 
 from arserve.backbone.service import BackboneService
@@ -108,3 +109,20 @@ def test_decoding_with_heads_is_plain_decoding_and_counts_each_position():
     sampled, _ = asyncio.run(run(verifier, "heads", temperature=1.0, seed=3))
     again, _ = asyncio.run(run(verifier, "heads", temperature=1.0, seed=3))
     assert sampled == again and len(sampled) == 24
+
+
+def test_packed_heads_score_as_the_parameters_do():
+    """On a CPU the served heads multiply through the row products (``HydraHeads.pack``)."""
+    from arserve.core import fused
+
+    heads = tiny_heads(num_heads=3)
+    if heads.out_matrix.device.type != "cpu" or fused.kernels() is None:
+        pytest.skip("row products: CPU with the fused kernels")
+    g = torch.Generator().manual_seed(5)
+    hidden, tokens = torch.randn(2, 64, generator=g), torch.randint(0, VOCAB, (2, 3), generator=g)
+    with torch.inference_mode():
+        plain = [heads.logits(i, hidden, tokens[:, :i + 1]) for i in range(3)]
+        assert heads.pack().rows and len(heads.rows) == 1 + 3 * 3
+        packed = [heads.logits(i, hidden, tokens[:, :i + 1]) for i in range(3)]
+    for a, b in zip(plain, packed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
