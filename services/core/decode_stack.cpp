@@ -122,7 +122,8 @@ class DecodeStack {
 
 void bind_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack",
-                                "A forward of decode rows and draft chains in one call: the layer-by-layer path's kernels and bits")
+                                "A forward of decode rows and draft chains in one call: the layer-by-layer "
+                                "path's kernels and bits")
       .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, std::vector<int64_t>, int64_t, int64_t,
                           int64_t, double>(),
            pybind11::arg("layers"), pybind11::arg("features"), pybind11::arg("n_heads"), pybind11::arg("n_kv_heads"),

@@ -14,7 +14,7 @@ products chosen). Its rows come in *groups*, each attending one KV:
 * decode rows attended together (``decode_attention.DecodeRows``): their
   padded copy, written back to each cache after the forward;
 * a decode row alone: its cache;
-* a chain of up to ``CHAIN_ROWS`` draft tokens after a cached context
+* a chain of up to ``decode_attention.CHAIN_ROWS`` draft tokens after a cached context
   (``attend_chain``): its cache, broadcast to the chain's rows, row i
   attending the context and the chain's first i + 1 tokens.
 
@@ -29,7 +29,7 @@ import os
 from torch import Tensor
 
 from . import fused
-from .decode_attention import CHAIN_ROWS, DecodeRows
+from .decode_attention import DecodeRows
 
 
 def build(model) -> object | None:
@@ -55,12 +55,8 @@ def groups(stack, segments: list, decode: DecodeRows | None) -> list[tuple[Tenso
         return None
     out = [] if decode is None else [(decode.k, decode.v, decode.starts)]
     for seg in segments[0 if decode is None else decode.n:]:
-        if seg.n == 1 and seg.mask is None:  # a decode row alone (``attend_one``)
-            at = [seg.start]
-        elif seg.rowwise and seg.start > 0 and seg.n <= CHAIN_ROWS:  # a chain, row by row (``attend_chain``)
-            at = list(range(seg.start, seg.start + seg.n))
-        else:  # a prompt, a tree, a long chain: SDPA
+        if not (seg.alone or seg.chain):  # a prompt, a tree, a long chain: SDPA, layer by layer
             return None
         k, v = (t.unsqueeze(1).expand(-1, seg.n, -1, -1, -1) for t in (seg.cache.k, seg.cache.v))
-        out.append((k, v, at))
+        out.append((k, v, list(range(seg.start, seg.start + seg.n))))  # row i attends [0, start + i]
     return out

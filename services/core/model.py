@@ -162,10 +162,10 @@ class Block(nn.Module):
             cache_k, cache_v = seg.cache.k[layer], seg.cache.v[layer]  # [K, capacity, hd]
             cache_k[:, seg.start:end] = k[:, rows]
             cache_v[:, seg.start:end] = v[:, rows]
-            if seg.n == 1 and seg.mask is None:  # a decode row alone: the same arithmetic as in a batch
+            if seg.alone:  # a decode row alone: the same arithmetic as in a batch
                 outs.append(attend_one(q[:, rows], seg.cache, layer, end))
                 continue
-            if seg.rowwise and seg.start > 0 and seg.n <= CHAIN_ROWS:  # a greedy draft: each row as it decodes
+            if seg.chain:  # a greedy draft: each row as it decodes
                 outs.append(attend_chain(q[:, rows], seg.cache, layer, seg.start))
                 continue
             outs.append(F.scaled_dot_product_attention(
@@ -228,6 +228,16 @@ class Segment:
     cache: KVCache
     mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (or a single query)
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
+
+    @property
+    def alone(self) -> bool:
+        """A decode row alone: one query against its cache (``attend_one``)."""
+        return self.n == 1 and self.mask is None
+
+    @property
+    def chain(self) -> bool:
+        """A greedy draft after a cached context: each row as it decodes (``attend_chain``)."""
+        return self.rowwise and self.start > 0 and self.n <= CHAIN_ROWS
 
 
 class Llama(nn.Module):
