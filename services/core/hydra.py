@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import products
+from .cpu import ROWS, weight_layout
+
 
 class HydraHeads(nn.Module):
     def __init__(self, dim: int, num_heads: int, embed: Tensor, head_ids: Tensor, norm_eps: float = 1e-5):
@@ -72,9 +75,6 @@ class HydraHeads(nn.Module):
         one-row products, which the row products stream at the machine's
         read bandwidth (``products``; decision 51). Call after the final
         ``.to(dtype)``; training keeps the parameters alone."""
-        from . import products
-        from .cpu import ROWS, weight_layout
-
         mats = {"out": self.out_matrix}
         for i in range(self.num_heads):
             mats.update({f"in{i}": self.w_in[i], f"up{i}": self.w_up[i], f"down{i}": self.w_down[i]})
@@ -86,7 +86,6 @@ class HydraHeads(nn.Module):
 
     def _linear(self, x: Tensor, w: Tensor, key: str) -> Tensor:
         if key in self.rows:
-            from . import products
             return products.row_product(x, self.rows[key], w.shape[0])
         return F.linear(x, w)
 

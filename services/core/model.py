@@ -226,7 +226,7 @@ class Segment:
     n: int  # rows
     start: int  # positions already in the cache
     cache: KVCache
-    mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (or a single query)
+    mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (a single query, a ``chain``)
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
 
     @property
@@ -384,12 +384,13 @@ class Llama(nn.Module):
             pos = torch.arange(start, start + n, device=dev) if it.depths is None else it.depths.to(dev) + start
             cos.append(self.cos[pos])
             sin.append(self.sin[pos])
-            mask = None
-            if it.tree_mask is not None or (n > 1 and start > 0):
+            seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None and it.exact)
+            if not seg.chain and (it.tree_mask is not None or (n > 1 and start > 0)):  # SDPA's mask
                 local = (it.tree_mask.to(dev) if it.tree_mask is not None
                          else torch.ones(n, n, dtype=torch.bool, device=dev).tril_())
-                mask = torch.cat((torch.ones(n, start, dtype=torch.bool, device=dev), local), dim=1)  # [n, start + n]
-            segments.append(Segment(row, n, start, it.cache, mask, rowwise=it.tree_mask is None and it.exact))
+                context = torch.ones(n, start, dtype=torch.bool, device=dev)
+                seg.mask = torch.cat((context, local), dim=1)  # [n, start + n]
+            segments.append(seg)
             row_of[i] = len(segments) - 1
             row += n
         decode = None
@@ -400,11 +401,11 @@ class Llama(nn.Module):
         cos_all = (cos[0] if len(cos) == 1 else torch.cat(cos)).to(self.dtype)  # [N, head_dim]
         sin_all = fold_sign((sin[0] if len(sin) == 1 else torch.cat(sin)).to(self.dtype))  # [N, head_dim]
         x = F.embedding(tokens, self.embed)  # [N, dim]
-        split = RowSplit.of([s.n for s in segments])
         groups = decode_stack.groups(self.stack, segments, decode)
         if groups is not None:  # decode rows and draft chains: the layers in one call, the same bits
             x = self.stack.forward(x, groups, cos_all, sin_all)
         else:
+            split = RowSplit.of([s.n for s in segments])
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)
         if decode is not None:
