@@ -63,13 +63,14 @@ def weight_layout(dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
     """ROWS where the fused kernels built, take ``dtype`` (float32,
     bfloat16) and every input width in ``widths`` (a whole number of
     vectors); else PACKED where oneDNN can pack ``dtype`` on this CPU; else
-    PLAIN. bfloat16 takes the row products even where the CPU multiplies it
-    natively (AVX-512 BF16, AMX) and oneDNN's products of a few rows are
-    faster (8 rows: the row products 0.7-0.9x, decision 50): oneDNN's
-    bfloat16 rows were not batch-invariant on an AVX-512 BF16 EPYC even above
-    ``row_invariance``'s probed floors, and a verified draft then differed
-    from plain decoding (decision 51)."""
-    lanes = row_lanes()  # (loads the fused kernels, whichever layout serves: before a server reports healthy)
+    PLAIN. bfloat16 takes the row products even where oneDNN multiplies it
+    natively (AVX-512 BF16, AMX): oneDNN's bfloat16 rows were not
+    batch-invariant on an AVX-512 BF16 EPYC even above ``row_invariance``'s
+    probed floors, and a verified draft then differed from plain decoding
+    (decision 51). Where the CPU has AVX-512 BF16 the row products multiply
+    bfloat16 in pairs too (8 rows 1.6-1.9x faster than widening to float32,
+    decision 52)."""
+    lanes = row_lanes(dtype)  # (loads the fused kernels, whichever layout serves: before a server reports healthy)
     if os.environ.get("ARSERVE_ROW_PRODUCTS", "1") == "0":
         lanes = 0  # oneDNN's products beside the fused chains (A/B runs)
     if lanes and all(w % lanes == 0 for w in widths) and dtype in (torch.float32, torch.bfloat16):
@@ -88,12 +89,14 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def row_lanes() -> int:
-    """Floats per vector of the row products' build (16: AVX-512; 8: AVX2); 0 without the fused kernels."""
+def row_lanes(dtype: torch.dtype = torch.float32) -> int:
+    """Elements of ``dtype`` per vector of the row products' build (float32:
+    16 with AVX-512, 8 with AVX2; bfloat16 32 where it multiplies in pairs,
+    AVX-512 BF16); an input width must be a multiple. 0 without the fused kernels."""
     from . import fused
 
     k = fused.kernels()
-    return 0 if k is None else k.row_tile()[1]
+    return 0 if k is None else k.row_tile(dtype == torch.bfloat16)[1]
 
 
 def describe(dtype: torch.dtype) -> str:
@@ -101,7 +104,9 @@ def describe(dtype: torch.dtype) -> str:
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
     prompts = "oneDNN" if onednn_packs(dtype) else "F.linear"
-    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors; prompt chunks by {prompts})",
+    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors"
+                 f"{', bfloat16 in pairs' if dtype == torch.bfloat16 and row_lanes(dtype) > row_lanes() else ''}; "
+                 f"prompt chunks by {prompts})",
            PACKED: "oneDNN packed linears",
            PLAIN: "plain F.linear (no oneDNN packing for this dtype here)"}[layout]
     return (f"{str(dtype).removeprefix('torch.')} matrix products: {how}; CPU {name}, ATen capability "

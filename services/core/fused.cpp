@@ -348,7 +348,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_rows", &arserve::pack_rows, "w [N, K] -> the row product's layout [N_pad / NR, K / L, NR, L]");
   m.def("row_product", &arserve::row_product,
         "x [M, K], packed (pack_rows), N -> x @ w.T [M, N], each element in one fixed order whatever M");
-  m.def("row_tile", &arserve::row_tile, "(NR, L): output features per tile, lanes per vector");
+  m.def("row_tile", &arserve::row_tile, pybind11::arg("bfloat16") = false,
+        "(NR, S): output features per tile, elements of K per slice (bfloat16: 2L where the CPU multiplies pairs)");
   arserve::bind_decode_stack(m);
   m.def("rope_qkv", &rope_qkv, "qkv [N, (H+2K)*hd], cos, sin_folded [N, hd], H, K -> (qk [H+K, N, hd], v [K, N, hd])");
 }

@@ -72,7 +72,7 @@ class ReleaseGil {
 // Batch-invariant matrix products (row_product.cpp).
 torch::Tensor pack_rows(const torch::Tensor& w);
 torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features);
-std::vector<int64_t> row_tile();
+std::vector<int64_t> row_tile(bool bfloat16);
 
 // The decode step's layers in one call (decode_stack.cpp).
 void bind_decode_stack(pybind11::module& m);
