@@ -8,13 +8,8 @@ which continuations get accepted, in the spirit of ADED (Liu et al. 2024,
 "Adaptive Draft-Verification for Efficient Large Language Model Decoding"):
 candidates are ranked by an upper-confidence score that balances
 exploitation (continuations accepted before) and exploration (frequent ones
-not yet tried). Deterministic: q is one-hot.
-
-Copy tracking: an output that copies a span of its context with edits
-(fixed typos, renamed words, type hints added) leaves the span at each edit
-and comes back to it a few tokens later, often on a token that occurs all
-over the context. The proposer remembers where its last draft came from and
-first looks for the match near where that copy would be now (``_near``).
+not yet tried). Deterministic: q is one-hot. A match near the end of the
+context continues as a loop (``continuation``).
 """
 
 from __future__ import annotations
@@ -26,14 +21,14 @@ from dataclasses import dataclass, field
 from .proposer import Draft, DraftRequest, Proposer, merge_into_tree
 
 
-def continuation(tokens: list[int], p: int, k: int) -> list[int]:
-    """The k tokens after position p, the match's continuation. A match that
-    ends close to the end of ``tokens`` overlaps itself: what follows it is
-    what follows the tokens it continues, so the continuation repeats with
-    period ``len(tokens) - p`` (a list repeated, a phrase looping) instead of
-    stopping at the end."""
+def continuation(tokens: list[int], p: int, k: int, loop: bool = True) -> list[int]:
+    """The k tokens after position p, the match's continuation. With
+    ``loop``, a match that ends close to the end of ``tokens`` overlaps
+    itself: what follows it is what follows the tokens it continues, so the
+    continuation repeats with period ``len(tokens) - p`` (a list repeated, a
+    phrase looping) instead of stopping at the end."""
     period = len(tokens) - p
-    return [tokens[p + j % period] for j in range(k)] if 0 < period < k else tokens[p:p + k]
+    return [tokens[p + j % period] for j in range(k)] if loop and 0 < period < k else tokens[p:p + k]
 
 
 @dataclass
@@ -45,19 +40,16 @@ class NgramState:
     stats: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
     last_draft: tuple[tuple[int, ...], list[int]] | None = None  # (key, draft) of the previous round
     last_len: int = 0  # committed length when that draft was made
-    last_source: int | None = None  # where in ``tokens`` that draft's continuation began
 
 
 class NgramProposer(Proposer):
     name = "ngram"
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, max_occurrences: int = 8, exploration: float = 0.5,
-                 window: int = 16):
+    def __init__(self, max_n: int = 4, min_n: int = 1, max_occurrences: int = 8, exploration: float = 0.5):
         self.max_n = max_n  # longest suffix matched
         self.min_n = min_n  # shortest suffix matched
         self.max_occurrences = max_occurrences  # most recent occurrences considered per match
         self.exploration = exploration  # UCB exploration weight
-        self.window = window  # positions past the copy point searched first (``_near``); 0: off
         self.states: dict[str, NgramState] = {}
 
     def _learn(self, st: NgramState) -> None:
@@ -103,16 +95,11 @@ class NgramProposer(Proposer):
             positions = [p for p in st.index.get(key, ()) if p < len(tokens)][-self.max_occurrences:]
             if not positions:
                 continue
-            near = self._near(st, key)
-            if near is not None and req.candidates <= 1:
-                draft = continuation(tokens, near, req.k)
-                st.last_draft, st.last_len, st.last_source = (key, draft), len(tokens), near
-                return Draft(draft)
             # candidate continuations, most recent first; rank their first tokens by UCB
             conts: dict[int, list[int]] = {}
             freq: dict[int, int] = defaultdict(int)
             for p in reversed(positions):
-                cont = continuation(tokens, p, req.k)
+                cont = continuation(tokens, p, req.k, loop=n >= 2)  # a single token repeating is no loop yet
                 if cont:
                     freq[cont[0]] += 1
                     conts.setdefault(cont[0], cont)
@@ -123,24 +110,8 @@ class NgramProposer(Proposer):
             chosen = [conts[t] for t in ranked[: max(1, req.candidates)]]
             st.last_draft = (key, chosen[0])
             st.last_len = len(tokens)
-            st.last_source = next(p for p in reversed(positions) if tokens[p:p + 1] == chosen[0][:1])
             return Draft(chosen[0]) if req.candidates <= 1 else merge_into_tree(chosen)
         return Draft([])
-
-    def _near(self, st: NgramState, key: tuple[int, ...]) -> int | None:
-        """Copy tracking: the output that copies a span of the context
-        continues it past an edit (a fixed typo, a renamed word). The previous
-        draft began at ``last_source``; the committed tokens since moved the
-        copy point to ``last_source + committed``. The first occurrence of
-        ``key`` ending within ``window`` positions of that point (a few
-        before it, for an edit that dropped tokens) and nearest to it is where
-        the copy resumes, however often ``key`` occurs elsewhere. None: no
-        copy point, or no occurrence near it."""
-        if not self.window or st.last_source is None:
-            return None
-        point = st.last_source + len(st.tokens) - st.last_len
-        near = [p for p in st.index.get(key, ()) if point - 4 <= p <= point + self.window and p < len(st.tokens)]
-        return min(near, key=lambda p: abs(p - point)) if near else None
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -18,19 +18,6 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     assert d.tokens == [5, 9, 9]
 
 
-def test_ngram_resumes_a_copy_after_an_edit_where_the_copy_left_off():
-    """An output copying a span of the prompt, with one token replaced: the
-    token it resumes on (7) occurs more recently elsewhere, but the copy
-    continues where the copied span was."""
-    span, elsewhere = [40, 41, 42, 7, 43, 44, 45, 46], [7, 90, 91, 7, 92, 93]
-    prompt = span + [60] + elsewhere + [61]
-    for window, resumed in ((16, [43, 44, 45]), (0, [92, 93, 61])):
-        p = NgramProposer(window=window)
-        assert p.propose(DraftRequest("r", prompt + [40], new=len(prompt) + 1, k=3)).tokens == [41, 42, 7]
-        assert p.propose(DraftRequest("r", prompt + [40, 41, 77], new=2, k=3)).tokens == []  # 42 -> 77: no match
-        assert p.propose(DraftRequest("r", prompt + [40, 41, 77, 7], new=1, k=3)).tokens == resumed
-
-
 def test_ngram_continues_a_loop_past_the_end_of_the_context():
     """The latest match of a repeating phrase ends two tokens before the end:
     its continuation repeats with that period for the whole draft, not two
