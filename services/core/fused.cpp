@@ -124,6 +124,47 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
 }
 
 // SwiGLU's gate (Shazeer 2020): gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I].
+// exp(x) in float32 in straight-line arithmetic that the compiler turns into
+// vector instructions (a call to libm's expf per element is scalar: silu_mul
+// over a 1,000-token prompt's rows took 3-6 ms a layer). Cody-Waite: x = n ln2
+// + r with n = round(x / ln2), |r| <= ln2 / 2; exp(r) by Cephes expf's
+// polynomial (Moshier 1992, within 2 ulp of exp on [-87, 88]); 2^n through the
+// exponent bits. x is clamped to [-87.3, 88]: exp underflows to 1e-38 and
+// tops out at 1.7e38 instead of going to 0 and inf (silu does not mind).
+inline float exp_lanes(float x) {
+  x = std::min(std::max(x, -87.3f), 88.0f);
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: x / ln2 + kShift rounds to an integer
+  const float n = (x * 1.44269504088896341f + kShift) - kShift;
+  float r = x - n * 0.693359375f;  // ln2 in two parts: the product with the first is exact
+  r = r - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return q * scale;
+}
+
+// bfloat16 <-> float32 as c10::BFloat16 converts (round to nearest even, one
+// quiet NaN), in arithmetic the compiler can put in vector lanes.
+inline float bf16_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width (gate | up)");
@@ -138,10 +179,23 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
         const scalar_t* g = gp + r * gs;
         const scalar_t* u = g + I;
         scalar_t* yr = yp + r * I;
-        for (int64_t i = 0; i < I; ++i) {
-          const float a = static_cast<float>(g[i]);
-          const scalar_t s = static_cast<scalar_t>(a / (1.0f + std::exp(-a)));
-          yr[i] = s * u[i];
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // bit for bit c10's conversions, in lanes
+          const uint16_t* gb = reinterpret_cast<const uint16_t*>(g);
+          const uint16_t* ub = reinterpret_cast<const uint16_t*>(u);
+          uint16_t* yb = reinterpret_cast<uint16_t*>(yr);
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < I; ++i) {
+            const float a = bf16_float(gb[i]);
+            const float s = bf16_float(float_bf16(a / (1.0f + exp_lanes(-a))));
+            yb[i] = float_bf16(s * bf16_float(ub[i]));
+          }
+        } else {
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < I; ++i) {
+            const float a = static_cast<float>(g[i]);
+            const float s = static_cast<float>(static_cast<scalar_t>(a / (1.0f + exp_lanes(-a))));
+            yr[i] = static_cast<scalar_t>(s * static_cast<float>(u[i]));
+          }
         }
       }
     });
