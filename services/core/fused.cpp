@@ -124,30 +124,36 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
 }
 
 // SwiGLU's gate (Shazeer 2020): gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I].
-// exp(x) in float32 in straight-line arithmetic that the compiler turns into
-// vector instructions (a call to libm's expf per element is scalar: silu_mul
-// over a 1,000-token prompt's rows took 3-6 ms a layer). Cody-Waite: x = n ln2
-// + r with n = round(x / ln2), |r| <= ln2 / 2; exp(r) by Cephes expf's
-// polynomial (Moshier 1992, within 2 ulp of exp on [-87, 88]); 2^n through the
-// exponent bits. x is clamped to [-87.3, 88]: exp underflows to 1e-38 and
-// tops out at 1.7e38 instead of going to 0 and inf (silu does not mind).
-inline float exp_lanes(float x) {
-  x = std::min(std::max(x, -87.3f), 88.0f);
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: x / ln2 + kShift rounds to an integer
-  const float n = (x * 1.44269504088896341f + kShift) - kShift;
-  float r = x - n * 0.693359375f;  // ln2 in two parts: the product with the first is exact
-  r = r - n * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return q * scale;
+// e^x by Cephes' expf (Moshier 1992; within about 1 ulp) in straight-line
+// arithmetic that stays in vector lanes: V is float (a loop the compiler
+// vectorizes; libm's expf is a scalar call per element) or a GCC vector of
+// floats. Range reduction x = n ln2 + r with n = round(x / ln2), ln2 in two
+// parts; a degree-5 polynomial in r; 2^n through the exponent bits. x is
+// clamped to [-87, 88] (e^x from 1.6e-38 to 1.7e38): softmax's shifted scores
+// (x <= 0) underflow to about 0 anyway, and SiLU's a / (1 + e^-a) does not mind.
+template <typename V>
+inline V exp_cephes(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // the product with the first part is exact
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  V scale;
+  if constexpr (std::is_same_v<V, float>) {
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+    std::memcpy(&scale, &bits, sizeof(scale));
+  } else {
+    typedef int32_t vint __attribute__((vector_size(sizeof(V))));
+    const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  }
+  return p * scale;
 }
 
 // bfloat16 <-> float32 as c10::BFloat16 converts (round to nearest even, one
@@ -186,14 +192,14 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
           _Pragma("omp simd")
           for (int64_t i = 0; i < I; ++i) {
             const float a = bf16_float(gb[i]);
-            const float s = bf16_float(float_bf16(a / (1.0f + exp_lanes(-a))));
+            const float s = bf16_float(float_bf16(a / (1.0f + exp_cephes(-a))));
             yb[i] = float_bf16(s * bf16_float(ub[i]));
           }
         } else {
           _Pragma("omp simd")
           for (int64_t i = 0; i < I; ++i) {
             const float a = static_cast<float>(g[i]);
-            const float s = static_cast<float>(static_cast<scalar_t>(a / (1.0f + exp_lanes(-a))));
+            const float s = static_cast<float>(static_cast<scalar_t>(a / (1.0f + exp_cephes(-a))));
             yr[i] = static_cast<scalar_t>(s * static_cast<float>(u[i]));
           }
         }
@@ -283,26 +289,6 @@ inline float sum_lanes(vfloat v) {  // a fixed order: halves added, then halves 
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// e^x for x <= 0 (softmax's shifted scores), kLanes at a time: Cephes' expf
-// (range reduction by ln 2 in two parts, a degree-5 polynomial; about 1 ulp).
-inline vfloat exp_neg(vfloat x) {
-  x = x < -87.0f ? splat(-87.0f) : x;  // below: e^x underflows to 0 anyway
-  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vfloat r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  vfloat p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;  // 2^n
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename T>
 float dot(const vfloat* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs * kLanes elements
   vfloat acc = q[0] * load_lanes(k);
@@ -357,14 +343,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           vfloat denom = {};
           int64_t j = 0;
           for (; j + kLanes <= L; j += kLanes) {
-            const vfloat e = exp_neg(load_lanes(si + j) - m);
+            const vfloat e = exp_cephes(load_lanes(si + j) - m);
             std::memcpy(si + j, &e, sizeof(e));
             denom += e;
           }
           if (j < L) {  // the last partial vector: its lanes past L neither stored nor summed
             vfloat x = splat(0.0f);
             for (int64_t l = 0; j + l < L; ++l) x[l] = si[j + l] - m;
-            vfloat e = exp_neg(x);
+            vfloat e = exp_cephes(x);
             for (int64_t l = 0; l < kLanes; ++l) {
               if (j + l < L) si[j + l] = e[l]; else e[l] = 0.0f;
             }
