@@ -218,11 +218,12 @@ void run(const torch::Tensor& x, const torch::Tensor& packed, torch::Tensor& y) 
   parallel_pieces(tiles, kPiecesPerThread, body);
 }
 
-}  // namespace
-
+// elements of a slice of K for a dtype's rows (``slice_of``)
 int64_t slice_for(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? slice_of<c10::BFloat16>() : slice_of<float>();
 }
+
+}  // namespace
 
 std::vector<int64_t> row_tile(bool bfloat16) { return {NR, slice_for(bfloat16 ? at::kBFloat16 : at::kFloat)}; }
 

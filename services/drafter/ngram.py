@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .proposer import Draft, DraftRequest, Proposer, merge_into_tree
 
 
-def continuation(tokens: list[int], p: int, k: int, loop: bool = True) -> list[int]:
+def continuation(tokens: list[int], p: int, k: int, loop: bool) -> list[int]:
     """The k tokens after position p, the match's continuation. With
     ``loop``, a match that ends close to the end of ``tokens`` overlaps
     itself: what follows it is what follows the tokens it continues, so the
