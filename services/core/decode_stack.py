@@ -55,7 +55,7 @@ def groups(stack, segments: list, decode: DecodeRows | None) -> list[tuple[Tenso
         return None
     out = [] if decode is None else [(decode.k, decode.v, decode.starts)]
     for seg in segments[0 if decode is None else decode.n:]:
-        if not (seg.alone or seg.chain):  # a prompt, a tree, a long chain: SDPA, layer by layer
+        if not (seg.alone or seg.chain):  # a prompt, a tree, a long chain: layer by layer
             return None
         k, v = (t.unsqueeze(1).expand(-1, seg.n, -1, -1, -1) for t in (seg.cache.k, seg.cache.v))
         out.append((k, v, list(range(seg.start, seg.start + seg.n))))  # row i attends [0, start + i]

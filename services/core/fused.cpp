@@ -28,6 +28,8 @@
 #include <tuple>
 #include <vector>
 
+using arserve::exp_cephes;
+
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;         // rows one thread takes at a time
@@ -123,39 +125,6 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
   return {sum, y};
 }
 
-// SwiGLU's gate (Shazeer 2020): gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I].
-// e^x by Cephes' expf (Moshier 1992; within about 1 ulp) in straight-line
-// arithmetic that stays in vector lanes: V is float (a loop the compiler
-// vectorizes; libm's expf is a scalar call per element) or a GCC vector of
-// floats. Range reduction x = n ln2 + r with n = round(x / ln2), ln2 in two
-// parts; a degree-5 polynomial in r; 2^n through the exponent bits. x is
-// clamped to [-87, 88] (e^x from 1.6e-38 to 1.7e38): softmax's shifted scores
-// (x <= 0) underflow to about 0 anyway, and SiLU's a / (1 + e^-a) does not mind.
-template <typename V>
-inline V exp_cephes(V x) {
-  x = x < -87.0f ? V{} - 87.0f : x;
-  x = x > 88.0f ? V{} + 88.0f : x;
-  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // the product with the first part is exact
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  V scale;
-  if constexpr (std::is_same_v<V, float>) {
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
-    std::memcpy(&scale, &bits, sizeof(scale));
-  } else {
-    typedef int32_t vint __attribute__((vector_size(sizeof(V))));
-    const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-    std::memcpy(&scale, &bits, sizeof(scale));
-  }
-  return p * scale;
-}
-
 // bfloat16 <-> float32 as c10::BFloat16 converts (round to nearest even, one
 // quiet NaN), in arithmetic the compiler can put in vector lanes.
 inline float bf16_float(uint16_t h) {
@@ -171,6 +140,8 @@ inline uint16_t float_bf16(float f) {
   return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// SwiGLU's gate (Shazeer 2020): gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I].
+// silu(a) = a / (1 + e^-a), e^x by exp_cephes (kernels.h), in vector lanes.
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width (gate | up)");
@@ -385,6 +356,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "gate_up [R, 2I] -> silu(gate) * up [R, I]");
   m.def("decode_attention", &decode_attention,
         "q [B, H, hd], k, v [B, K, P, hd], lengths [B], scale -> [B, H, hd]: query b attends keys [0, lengths[b])");
+  m.def("causal_attention", &arserve::causal_attention,
+        "q [H, n, hd], k, v [K, start + n, hd], start, scale -> [H, n, hd]: query p attends keys [0, start + p]");
+  m.def("causal_attention_width", &arserve::causal_attention_width, "causal_attention's head_dim must be a multiple of it");
   m.def("pack_rows", &arserve::pack_rows, "w [N, K] -> the row product's layout [N_pad / NR, K / L, NR, L]");
   m.def("row_product", &arserve::row_product,
         "x [M, K], packed (pack_rows), N -> x @ w.T [M, N], each element in one fixed order whatever M");

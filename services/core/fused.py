@@ -43,7 +43,7 @@ from torch import Tensor
 log = logging.getLogger("arserve.core")
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("fused.cpp", "row_product.cpp", "decode_stack.cpp", "kernels.h")]
+           for name in ("fused.cpp", "row_product.cpp", "causal_attention.cpp", "decode_stack.cpp", "kernels.h")]
 NAME = "arserve_fused"
 # Built for the CPU it runs on; a * b + c rounds twice (but where a kernel asks for an FMA); OpenMP threads.
 # ARSERVE_KERNELS_ISA=avx2 leaves AVX-512 out, as on the AVX2-only CPUs of this project's class (the tests use it).
@@ -135,6 +135,23 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin_folded: Tensor, H: int, K: int) -> tu
         qk = apply_rope_folded(qkv[:, :(H + K) * hd].view(N, H + K, hd).transpose(0, 1), cos, sin_folded)  # [H+K, N, hd]
         return qk, qkv[:, (H + K) * hd:].view(N, K, hd).transpose(0, 1)
     return k.rope_qkv(qkv, cos, sin_folded, H, K)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """A prompt, or a chunk of one after ``start`` cached positions, attends
+    causally: q [H, n, hd], k and v [K, start + n, hd] (K divides H) ->
+    [H, n, hd], query p attending keys [0, start + p]. The kernel
+    (``causal_attention.cpp``) where it runs, else PyTorch's SDPA."""
+    kern = on(q)
+    hd = q.shape[-1]
+    if kern is not None and hd % kern.causal_attention_width() == 0:
+        return kern.causal_attention(q, k, v, start, hd ** -0.5)
+    n = q.shape[1]
+    mask = None
+    if start > 0 and n > 1:  # [n, start + n]: the context, then the chunk's own triangle
+        mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril_(start)
+    return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                          is_causal=mask is None and n > 1 and start == 0, enable_gqa=True)[0]
 
 
 if __name__ == "__main__":  # `python -m arserve.core.fused`: build the kernels now (make install does)

@@ -1,4 +1,4 @@
-// What arserve's CPU kernels (fused.cpp, row_product.cpp, decode_stack.cpp) share: one module,
+// What arserve's CPU kernels (fused.cpp, row_product.cpp, causal_attention.cpp, decode_stack.cpp) share: one module,
 // arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
 #pragma once
 
@@ -8,8 +8,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace arserve {
 
@@ -53,6 +59,90 @@ inline void parallel_pieces(int64_t n, int64_t pieces, F&& body) {
   }
 }
 
+// One vector register of floats: L lanes (16 with AVX-512, 8 with AVX2), as a
+// GCC/Clang vector, so that arithmetic on it reads as arithmetic.
+#if defined(__AVX512F__)
+constexpr int64_t L = 16;
+#else
+constexpr int64_t L = 8;
+#endif
+typedef float vec __attribute__((vector_size(L * sizeof(float))));
+
+// a * b + c rounded once where the CPU has FMA, else twice (-ffp-contract=off);
+// either way the same instruction for every element of every product.
+inline vec fma_lanes(vec a, vec b, vec c) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vec splat(float x) {  // x in every lane (one broadcast; a loop over lanes inserts them one by one)
+#if defined(__AVX512F__)
+  return (vec)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (vec)_mm256_set1_ps(x);
+#else
+  return vec{} + x;
+#endif
+}
+
+inline void store_vec(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+template <typename T>
+inline vec load_vec(const T* p) {  // L elements as floats
+  vec r;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&r, p, sizeof(r));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's upper half
+    typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
+    typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
+    vh h;
+    std::memcpy(&h, p, sizeof(h));
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(&r, &u, sizeof(r));
+  } else {
+    for (int64_t l = 0; l < L; ++l) r[l] = static_cast<float>(p[l]);
+  }
+  return r;
+}
+
+
+// e^x by Cephes' expf (Moshier 1992; within about 1 ulp) in straight-line
+// arithmetic that stays in vector lanes: V is float (a loop the compiler
+// vectorizes; libm's expf is a scalar call per element) or a GCC vector of
+// floats. Range reduction x = n ln2 + r with n = round(x / ln2), ln2 in two
+// parts; a degree-5 polynomial in r; 2^n through the exponent bits. x is
+// clamped to [-87, 88] (e^x from 1.6e-38 to 1.7e38): softmax's shifted scores
+// (x <= 0) underflow to about 0 anyway, and SiLU's a / (1 + e^-a) does not mind.
+template <typename V>
+inline V exp_cephes(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // the product with the first part is exact
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  V scale;
+  if constexpr (std::is_same_v<V, float>) {
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+    std::memcpy(&scale, &bits, sizeof(scale));
+  } else {
+    typedef int32_t vint __attribute__((vector_size(sizeof(V))));
+    const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  }
+  return p * scale;
+}
+
 // Releases the GIL for its scope where the calling thread holds it (a call
 // from Python); within a call that released it already (a DecodeStack step),
 // it does nothing, so the kernels below nest.
@@ -73,6 +163,11 @@ class ReleaseGil {
 torch::Tensor pack_rows(const torch::Tensor& w);
 torch::Tensor row_product(const torch::Tensor& x, const torch::Tensor& packed, int64_t out_features);
 std::vector<int64_t> row_tile(bool bfloat16);
+
+// Causal attention over a prompt or a chunk of one (causal_attention.cpp).
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start,
+                               double scale);
+int64_t causal_attention_width();  // head_dim must be a multiple of it
 
 // The decode step's layers in one call (decode_stack.cpp).
 void bind_decode_stack(pybind11::module& m);

@@ -168,12 +168,14 @@ class Block(nn.Module):
             if seg.chain:  # a greedy draft: each row as it decodes
                 outs.append(attend_chain(q[:, rows], seg.cache, layer, seg.start))
                 continue
-            outs.append(F.scaled_dot_product_attention(
+            if seg.mask is None:  # a prompt, or a chunk of one after seg.start cached positions: causal
+                outs.append(fused.causal_attention(q[:, rows], cache_k[:, :end], cache_v[:, :end], seg.start))
+                continue
+            outs.append(F.scaled_dot_product_attention(  # a tree: its own mask
                 q[:, rows].unsqueeze(0),
                 cache_k[:, :end].unsqueeze(0),
                 cache_v[:, :end].unsqueeze(0),
                 attn_mask=seg.mask,
-                is_causal=seg.mask is None and seg.n > 1,
                 enable_gqa=True,
             )[0])  # [H, n, hd]
         attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd]
@@ -226,7 +228,7 @@ class Segment:
     n: int  # rows
     start: int  # positions already in the cache
     cache: KVCache
-    mask: Tensor | None  # [n, start + n] bool, True = may attend; None = causal (a single query, a ``chain``)
+    mask: Tensor | None  # a tree's [n, start + n] bool, True = may attend; None = causal
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
 
     @property
@@ -385,11 +387,9 @@ class Llama(nn.Module):
             cos.append(self.cos[pos])
             sin.append(self.sin[pos])
             seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None and it.exact)
-            if not seg.chain and (it.tree_mask is not None or (n > 1 and start > 0)):  # SDPA's mask
-                local = (it.tree_mask.to(dev) if it.tree_mask is not None
-                         else torch.ones(n, n, dtype=torch.bool, device=dev).tril_())
+            if it.tree_mask is not None:  # SDPA's mask: the context, then the tree
                 context = torch.ones(n, start, dtype=torch.bool, device=dev)
-                seg.mask = torch.cat((context, local), dim=1)  # [n, start + n]
+                seg.mask = torch.cat((context, it.tree_mask.to(dev)), dim=1)  # [n, start + n]
             segments.append(seg)
             row_of[i] = len(segments) - 1
             row += n

@@ -37,19 +37,14 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 namespace arserve {
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int64_t L = 16, NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
+constexpr int64_t NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
 #else
-constexpr int64_t L = 8, NR = 4, MR = 2;  // 8 accumulators + 4 weight vectors of 16 ymm registers
+constexpr int64_t NR = 4, MR = 2;  // 8 accumulators + 4 weight vectors of 16 ymm registers
 #endif
-typedef float vec __attribute__((vector_size(L * sizeof(float))));  // GCC/Clang vector extension
 
 #if defined(__AVX512BF16__)
 constexpr bool kPairs = true;  // bfloat16 multiplies in pairs (VDPBF16PS)
@@ -61,36 +56,6 @@ constexpr bool kPairs = false;
 template <typename T>
 constexpr int64_t slice_of() {
   return std::is_same_v<T, c10::BFloat16> && kPairs ? 2 * L : L;
-}
-
-// a * b + c rounded once where the CPU has FMA, else twice (-ffp-contract=off);
-// either way the same instruction for every element of every product.
-inline vec fma_lanes(vec a, vec b, vec c) {
-#if defined(__AVX512F__)
-  return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
-
-template <typename T>
-inline vec load_vec(const T* p) {  // L elements as floats
-  vec r;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&r, p, sizeof(r));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // a bfloat16 is a float's upper half
-    typedef uint16_t vh __attribute__((vector_size(L * sizeof(uint16_t))));
-    typedef uint32_t vu __attribute__((vector_size(L * sizeof(uint32_t))));
-    vh h;
-    std::memcpy(&h, p, sizeof(h));
-    const vu u = __builtin_convertvector(h, vu) << 16;
-    std::memcpy(&r, &u, sizeof(r));
-  } else {
-    for (int64_t l = 0; l < L; ++l) r[l] = static_cast<float>(p[l]);
-  }
-  return r;
 }
 
 // The NR sums of NR accumulators' lanes at once, each in one fixed order:

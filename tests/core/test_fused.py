@@ -104,6 +104,44 @@ def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
         K.decode_attention(q, k, v, [0] * B, 1.0)
 
 
+def causal_reference(q, k, v, start):  # float64 SDPA: query p attends keys [0, start + p]
+    n = q.shape[1]
+    mask = torch.ones(n, start + n, dtype=torch.bool).tril_(start)
+    return F.scaled_dot_product_attention(q.double().unsqueeze(0), k.double().unsqueeze(0), v.double().unsqueeze(0),
+                                          attn_mask=mask, enable_gqa=True)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Kv, n, start, hd", [
+    (9, 3, 150, 0, 64),  # SmolLM2's heads: a prompt of several key blocks and query tiles
+    (9, 3, 37, 0, 64),  # one partial query tile
+    (9, 3, 70, 130, 64),  # a chunk after 130 cached positions
+    (4, 4, 1, 5, 64),  # one query, no grouping
+    (8, 2, 200, 0, 128),  # four query heads a key/value head, a wider head
+])
+def test_causal_attention_matches_sdpa(dtype, H, Kv, n, start, hd):
+    torch.manual_seed(5)
+    q = torch.randn(H, n, hd).to(dtype)
+    k, v = torch.randn(Kv, start + n, hd).to(dtype), torch.randn(Kv, start + n, hd).to(dtype)
+    out = K.causal_attention(q, k, v, start, hd ** -0.5)
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), causal_reference(q, k, v, start), **tol)
+
+
+def test_causal_attention_gives_a_row_its_own_bits_in_chunks_and_alone():
+    # a prompt scored in chunks (chunked prefill) attends exactly as scored whole
+    torch.manual_seed(6)
+    q, k, v = torch.randn(9, 300, 64), torch.randn(3, 300, 64), torch.randn(3, 300, 64)
+    whole = K.causal_attention(q, k, v, 0, 0.125)
+    for lo, hi in [(0, 100), (100, 290), (290, 291), (291, 300)]:
+        part = K.causal_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], lo, 0.125)
+        assert torch.equal(part, whole[:, lo:hi])
+    with pytest.raises(RuntimeError, match="start \\+ n keys"):
+        K.causal_attention(q, k[:, :299], v[:, :299], 0, 0.125)
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple"):
+        K.causal_attention(q[..., :24], k[..., :24], v[..., :24], 0, 0.125)
+
+
 def test_a_threaded_kernel_call_leaves_the_compute_thread_its_torch_threads():
     """The kernels split big calls across the calling thread's own OpenMP
     threads; they once went through at::parallel_for, whose inline first-use
