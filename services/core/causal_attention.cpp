@@ -59,46 +59,6 @@ inline vec in_register(vec v) {
   return v;
 }
 
-// s[r, 0:BK] = q[r, :] . kt[:, 0:BK] for MR rows: q [MR, hd] (scaled), kt [hd, BK], s [MR, BK]
-inline void scores(const float* q, const float* kt, int64_t hd, float* s) {
-  vec acc[MR][CV];
-  for (int64_t r = 0; r < MR; ++r) {
-    for (int64_t c = 0; c < CV; ++c) acc[r][c] = vec{};
-  }
-  for (int64_t d = 0; d < hd; ++d) {
-    vec kv[CV];
-    for (int64_t c = 0; c < CV; ++c) kv[c] = in_register(load_vec(kt + d * BK + c * L));
-    for (int64_t r = 0; r < MR; ++r) {
-      const vec qd = splat(q[r * hd + d]);
-      for (int64_t c = 0; c < CV; ++c) acc[r][c] = fma_lanes(qd, kv[c], acc[r][c]);
-    }
-  }
-  for (int64_t r = 0; r < MR; ++r) {
-    for (int64_t c = 0; c < CV; ++c) store_vec(s + r * BK + c * L, acc[r][c]);
-  }
-}
-
-// o[r, :] += sum_j p[r, j] v[j, :] over the first `keys` keys, for MR rows: p [MR, BK], v [BK, hd], o [MR, hd]
-inline void add_values(const float* p, const float* v, int64_t keys, int64_t hd, float* o) {
-  for (int64_t c0 = 0; c0 < hd; c0 += CV * L) {
-    vec acc[MR][CV];
-    for (int64_t r = 0; r < MR; ++r) {
-      for (int64_t c = 0; c < CV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
-    }
-    for (int64_t j = 0; j < keys; ++j) {
-      vec vv[CV];
-      for (int64_t c = 0; c < CV; ++c) vv[c] = in_register(load_vec(v + j * hd + c0 + c * L));
-      for (int64_t r = 0; r < MR; ++r) {
-        const vec pj = splat(p[r * BK + j]);
-        for (int64_t c = 0; c < CV; ++c) acc[r][c] = fma_lanes(pj, vv[c], acc[r][c]);
-      }
-    }
-    for (int64_t r = 0; r < MR; ++r) {
-      for (int64_t c = 0; c < CV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
-    }
-  }
-}
-
 // lanes reduced in a fixed order: halves combined, then halves of those
 template <typename F>
 inline float reduce_lanes(vec v, F&& op) {
@@ -121,21 +81,22 @@ inline vec lane_index() {
   return i;
 }
 
-// One row's online-softmax step over a key block: s [BK] scores, the first
-// `valid` of them unmasked -> s holds e^(s - m_new) (0 past `valid`); m, l
-// updated; returns the factor the row's output must be scaled by.
-inline float softmax_step(float* s, int64_t valid, float& m, float& l) {
-  const vec lanes = lane_index(), none = splat(kNoScore);
+// One row's online-softmax step over a key block: s [BK] raw scores (times
+// `scale` to get the scaled ones), the first `valid` of them unmasked -> s
+// holds e^(scaled - m_new) (0 past `valid`); m, l updated; returns the factor
+// the row's output must be multiplied by.
+inline float softmax_step(float* s, float scale, int64_t valid, float& m, float& l) {
+  const vec lanes = lane_index(), none = splat(kNoScore), by = splat(scale);
   const float fvalid = static_cast<float>(valid);
   vec x[CV];
   vec top = none;
   for (int64_t c = 0; c < CV; ++c) {
-    x[c] = load_vec(s + c * L);
+    x[c] = load_vec(s + c * L) * by;
     if (valid < BK) x[c] = lanes + static_cast<float>(c * L) < fvalid ? x[c] : none;
     top = x[c] > top ? x[c] : top;
   }
   const float m_new = std::max(m, reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; }));
-  const float scale = m == kNoScore ? 0.0f : std::exp(m - m_new);
+  const float rescale = m == kNoScore ? 0.0f : std::exp(m - m_new);
   vec total = vec{};
   for (int64_t c = 0; c < CV; ++c) {
     vec e = exp_cephes(x[c] - m_new);
@@ -143,42 +104,202 @@ inline float softmax_step(float* s, int64_t valid, float& m, float& l) {
     store_vec(s + c * L, e);
     total += e;
   }
-  l = l * scale + reduce_lanes(total, [](auto a, auto b) { return a + b; });
+  l = l * rescale + reduce_lanes(total, [](auto a, auto b) { return a + b; });
   m = m_new;
-  return scale;
+  return rescale;
 }
 
+// Keys and values widened to float32 (any dtype): keys [K, blocks, hd, BK],
+// values [K, blocks * BK, hd]; queries widened and scaled as a task loads them.
 template <typename T>
-void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start, float qscale,
-            torch::Tensor& out) {
-  const int64_t H = q.size(0), n = q.size(1), hd = q.size(2), K = k.size(0), T_keys = k.size(1), G = H / K;
-  const int64_t blocks = (T_keys + BK - 1) / BK;
-  // keys transposed per block [K, blocks, hd, BK], values [K, blocks * BK, hd]; float, zero past the last key
-  std::vector<float> kt(K * blocks * hd * BK, 0.0f), vp(K * blocks * BK * hd, 0.0f);
-  const T* kp = k.data_ptr<T>();
-  const T* vsrc = v.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  parallel_chunks(K * blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t g = t / blocks, b = t % blocks;
-      float* ktb = kt.data() + t * hd * BK;
-      float* vb = vp.data() + (g * blocks + b) * BK * hd;
-      for (int64_t j = 0; j < BK && b * BK + j < T_keys; ++j) {
-        const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
-        const T* vj = vsrc + g * v.stride(0) + (b * BK + j) * v.stride(1);
-        for (int64_t d = 0; d < hd; ++d) {
-          ktb[d * BK + j] = static_cast<float>(kj[d]);
-          vb[j * hd + d] = static_cast<float>(vj[d]);
+struct Widened {
+  typedef float Q;  // a task's query rows
+  int64_t hd, blocks;
+  std::vector<float> kt, vp;
+
+  Widened(const torch::Tensor& k, const torch::Tensor& v) : hd(k.size(2)), blocks((k.size(1) + BK - 1) / BK) {
+    const int64_t K = k.size(0), keys = k.size(1);
+    kt.assign(K * blocks * hd * BK, 0.0f);
+    vp.assign(K * blocks * BK * hd, 0.0f);
+    const T* kp = k.data_ptr<T>();
+    const T* vsrc = v.data_ptr<T>();
+    parallel_chunks(K * blocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t g = t / blocks, b = t % blocks;
+        float* ktb = kt.data() + t * hd * BK;
+        float* vb = vp.data() + t * BK * hd;
+        for (int64_t j = 0; j < BK && b * BK + j < keys; ++j) {
+          const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
+          const T* vj = vsrc + g * v.stride(0) + (b * BK + j) * v.stride(1);
+          for (int64_t d = 0; d < hd; ++d) {
+            ktb[d * BK + j] = static_cast<float>(kj[d]);
+            vb[j * hd + d] = static_cast<float>(vj[d]);
+          }
         }
       }
+    });
+  }
+
+  static void load_q(const T* q, float qscale, int64_t hd, float* row) {  // q null: a padding row
+    for (int64_t d = 0; d < hd; ++d) row[d] = q == nullptr ? 0.0f : static_cast<float>(q[d]) * qscale;
+  }
+  static float score_scale(float) { return 1.0f; }  // the queries are scaled
+
+  // s [MR, BK] = q [MR, hd] . block b of head g's keys
+  void scores(const float* q, int64_t g, int64_t b, float* s) const {
+    const float* ktb = kt.data() + (g * blocks + b) * hd * BK;
+    vec acc[MR][CV];
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < CV; ++c) acc[r][c] = vec{};
     }
-  });
+    for (int64_t d = 0; d < hd; ++d) {
+      vec kv[CV];
+      for (int64_t c = 0; c < CV; ++c) kv[c] = in_register(load_vec(ktb + d * BK + c * L));
+      for (int64_t r = 0; r < MR; ++r) {
+        const vec qd = splat(q[r * hd + d]);
+        for (int64_t c = 0; c < CV; ++c) acc[r][c] = fma_lanes(qd, kv[c], acc[r][c]);
+      }
+    }
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < CV; ++c) store_vec(s + r * BK + c * L, acc[r][c]);
+    }
+  }
+
+  // o [MR, hd] += p [MR, BK] . block b of head g's values, its first `keys`
+  void add_values(const float* p, int64_t g, int64_t b, int64_t keys, float* o) const {
+    const float* vb = vp.data() + (g * blocks + b) * BK * hd;
+    for (int64_t c0 = 0; c0 < hd; c0 += CV * L) {
+      vec acc[MR][CV];
+      for (int64_t r = 0; r < MR; ++r) {
+        for (int64_t c = 0; c < CV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
+      }
+      for (int64_t j = 0; j < keys; ++j) {
+        vec vv[CV];
+        for (int64_t c = 0; c < CV; ++c) vv[c] = in_register(load_vec(vb + j * hd + c0 + c * L));
+        for (int64_t r = 0; r < MR; ++r) {
+          const vec pj = splat(p[r * BK + j]);
+          for (int64_t c = 0; c < CV; ++c) acc[r][c] = fma_lanes(pj, vv[c], acc[r][c]);
+        }
+      }
+      for (int64_t r = 0; r < MR; ++r) {
+        for (int64_t c = 0; c < CV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
+      }
+    }
+  }
+};
+
+#if defined(__AVX512BF16__)
+// bfloat16 multiplied in pairs (VDPBF16PS, as the row products do): a lane
+// adds a[2l] b[2l] + a[2l+1] b[2l+1]. Scores pair two head dimensions: keys
+// [K, blocks, hd / 2, BK, 2]; the value sum pairs two keys: values
+// [K, blocks * BK / 2, hd, 2], and the probabilities are rounded to bfloat16
+// for it, as PyTorch's flash attention rounds them for its bfloat16 product.
+// Queries stay unscaled bfloat16; the scores are scaled in float32.
+struct Pairs {
+  typedef c10::BFloat16 T;
+  typedef c10::BFloat16 Q;
+  int64_t hd, blocks;
+  std::vector<T> kt, vp;
+
+  Pairs(const torch::Tensor& k, const torch::Tensor& v) : hd(k.size(2)), blocks((k.size(1) + BK - 1) / BK) {
+    const int64_t K = k.size(0), keys = k.size(1);
+    kt.assign(K * blocks * hd * BK, T(0.0f));
+    vp.assign(K * blocks * BK * hd, T(0.0f));
+    const T* kp = k.data_ptr<T>();
+    const T* vsrc = v.data_ptr<T>();
+    parallel_chunks(K * blocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t g = t / blocks, b = t % blocks;
+        T* ktb = kt.data() + t * hd * BK;
+        T* vb = vp.data() + t * BK * hd;
+        for (int64_t j = 0; j < BK && b * BK + j < keys; ++j) {
+          const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
+          const T* vj = vsrc + g * v.stride(0) + (b * BK + j) * v.stride(1);
+          for (int64_t d = 0; d < hd; ++d) {
+            ktb[((d / 2) * BK + j) * 2 + d % 2] = kj[d];
+            vb[((j / 2) * hd + d) * 2 + j % 2] = vj[d];
+          }
+        }
+      }
+    });
+  }
+
+  static void load_q(const T* q, float, int64_t hd, T* row) {
+    for (int64_t d = 0; d < hd; ++d) row[d] = q == nullptr ? T(0.0f) : q[d];
+  }
+  static float score_scale(float qscale) { return qscale; }
+
+  void scores(const T* q, int64_t g, int64_t b, float* s) const {
+    const T* ktb = kt.data() + (g * blocks + b) * hd * BK;
+    vec acc[MR][CV];
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < CV; ++c) acc[r][c] = vec{};
+    }
+    for (int64_t d = 0; d < hd; d += 2) {
+      __m512bh kv[CV];
+      for (int64_t c = 0; c < CV; ++c) {
+        kv[c] = (__m512bh)in_register((vec)_mm512_loadu_si512(ktb + ((d / 2) * BK + c * L) * 2));
+      }
+      for (int64_t r = 0; r < MR; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, q + r * hd + d, sizeof(pair));
+        const __m512bh qd = (__m512bh)_mm512_set1_epi32(pair);
+        for (int64_t c = 0; c < CV; ++c) acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)acc[r][c], qd, kv[c]);
+      }
+    }
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < CV; ++c) store_vec(s + r * BK + c * L, acc[r][c]);
+    }
+  }
+
+  void add_values(const float* p, int64_t g, int64_t b, int64_t keys, float* o) const {
+    const T* vb = vp.data() + (g * blocks + b) * BK * hd;
+    alignas(64) uint16_t pb[MR][BK];  // the probabilities in bfloat16 (round to nearest even)
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t c = 0; c < CV; ++c) {
+        const __m256bh h = _mm512_cvtneps_pbh((__m512)load_vec(p + r * BK + c * L));
+        std::memcpy(&pb[r][c * L], &h, sizeof(h));
+      }
+    }
+    for (int64_t c0 = 0; c0 < hd; c0 += CV * L) {
+      vec acc[MR][CV];
+      for (int64_t r = 0; r < MR; ++r) {
+        for (int64_t c = 0; c < CV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
+      }
+      for (int64_t j = 0; j < keys; j += 2) {
+        __m512bh vv[CV];
+        for (int64_t c = 0; c < CV; ++c) {
+          vv[c] = (__m512bh)in_register((vec)_mm512_loadu_si512(vb + ((j / 2) * hd + c0 + c * L) * 2));
+        }
+        for (int64_t r = 0; r < MR; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, &pb[r][j], sizeof(pair));
+          const __m512bh pj = (__m512bh)_mm512_set1_epi32(pair);
+          for (int64_t c = 0; c < CV; ++c) acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)acc[r][c], pj, vv[c]);
+        }
+      }
+      for (int64_t r = 0; r < MR; ++r) {
+        for (int64_t c = 0; c < CV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
+      }
+    }
+  }
+};
+#endif
+
+template <typename T, typename Layout>
+void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start, float qscale,
+            torch::Tensor& out) {
+  const int64_t H = q.size(0), n = q.size(1), hd = q.size(2), K = k.size(0), keys = k.size(1), G = H / K;
+  const Layout packed(k, v);
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float score_scale = Layout::score_scale(qscale);
   const int64_t tiles = (n + BQ - 1) / BQ, tasks = K * tiles;
   const int64_t M = (G * BQ + MR - 1) / MR * MR;  // rows of a task, padded to whole micro-tiles
   // the largest tiles first: their causal triangles are the longest
   parallel_pieces(tasks, tasks, [&](int64_t lo, int64_t hi) {
-    std::vector<float> qt(M * hd), o(M * hd), m(M), l(M), s(MR * BK);
+    std::vector<typename Layout::Q> qt(M * hd);
+    std::vector<float> o(M * hd), m(M), l(M), s(MR * BK);
     std::vector<int64_t> limit(M);  // a row's last key
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t g = task % K, q0 = (tiles - 1 - task / K) * BQ, positions = std::min(BQ, n - q0);
@@ -187,31 +308,28 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
         limit[r] = start + q0 + p;
         m[r] = kNoScore;
         l[r] = 0.0f;
-        const bool real = r < positions * G;
         const T* qr = qp + (g * G + r % G) * q.stride(0) + (q0 + p) * q.stride(1);
-        for (int64_t d = 0; d < hd; ++d) qt[r * hd + d] = real ? static_cast<float>(qr[d]) * qscale : 0.0f;
+        Layout::load_q(r < positions * G ? qr : nullptr, qscale, hd, qt.data() + r * hd);
       }
       std::fill(o.begin(), o.end(), 0.0f);
       const int64_t last_block = limit[M - 1] / BK;
       for (int64_t b = 0; b <= last_block; ++b) {
-        const float* ktb = kt.data() + (g * blocks + b) * hd * BK;
-        const float* vb = vp.data() + (g * blocks + b) * BK * hd;
-        const int64_t keys = std::min(BK, T_keys - b * BK);
+        const int64_t block_keys = std::min(BK, keys - b * BK);
         for (int64_t r0 = 0; r0 < M; r0 += MR) {
           if (limit[r0 + MR - 1] < b * BK) continue;  // every row of the micro-tile ends before this block
-          scores(qt.data() + r0 * hd, ktb, hd, s.data());
+          packed.scores(qt.data() + r0 * hd, g, b, s.data());
           for (int64_t r = 0; r < MR; ++r) {
             const int64_t valid = std::min(BK, limit[r0 + r] - b * BK + 1);
             if (valid <= 0) {
               std::fill(s.begin() + r * BK, s.begin() + (r + 1) * BK, 0.0f);
               continue;
             }
-            const float scale = softmax_step(s.data() + r * BK, valid, m[r0 + r], l[r0 + r]);
-            if (scale != 1.0f) {
-              for (int64_t d = 0; d < hd; ++d) o[(r0 + r) * hd + d] *= scale;
+            const float rescale = softmax_step(s.data() + r * BK, score_scale, valid, m[r0 + r], l[r0 + r]);
+            if (rescale != 1.0f) {
+              for (int64_t d = 0; d < hd; ++d) o[(r0 + r) * hd + d] *= rescale;
             }
           }
-          add_values(s.data(), vb, keys, hd, o.data() + r0 * hd);
+          packed.add_values(s.data(), g, b, block_keys, o.data() + r0 * hd);
         }
       }
       for (int64_t r = 0; r < positions * G; ++r) {
@@ -242,8 +360,14 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
   auto out = torch::empty({H, n, hd}, q.options());
   if (n == 0) return out;
   ReleaseGil release;
+#if defined(__AVX512BF16__)
+  if (q.scalar_type() == at::kBFloat16) {
+    attend<c10::BFloat16, Pairs>(q, k, v, start, static_cast<float>(scale), out);
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention", [&] {
-    attend<scalar_t>(q, k, v, start, static_cast<float>(scale), out);
+    attend<scalar_t, Widened<scalar_t>>(q, k, v, start, static_cast<float>(scale), out);
   });
   return out;
 }

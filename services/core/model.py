@@ -145,8 +145,8 @@ class Block(nn.Module):
         segments: list["Segment"],  # which rows belong to which request (rows past the decode rows)
         decode: DecodeRows | None = None,  # rows [decode.row, decode.row + decode.n): decode rows, attended together
         split: RowSplit | None = None,  # which rows share the row products (``products``); None: all
-    ) -> Tensor:  # [N, dim]
-        N = x.shape[0]
+        outputs: "OutputRows | None" = None,  # the last layer: the rows that go on past their keys and values
+    ) -> Tensor:  # [N, dim], or [len(outputs.index), dim]
         h = fused.rms_norm(x, self.attn_norm, self.eps)
         qkv = self.linear(h, "wqkv", split)  # [N, (H+2K)*hd]
         H, K = self.n_heads, self.n_kv_heads
@@ -169,7 +169,10 @@ class Block(nn.Module):
                 outs.append(attend_chain(q[:, rows], seg.cache, layer, seg.start))
                 continue
             if seg.mask is None:  # a prompt, or a chunk of one after seg.start cached positions: causal
-                outs.append(fused.causal_attention(q[:, rows], cache_k[:, :end], cache_v[:, :end], seg.start))
+                skip = seg.skip if outputs is not None else 0
+                if skip < seg.n:
+                    outs.append(fused.causal_attention(q[:, seg.row + skip:seg.row + seg.n], cache_k[:, :end],
+                                                       cache_v[:, :end], seg.start + skip))
                 continue
             outs.append(F.scaled_dot_product_attention(  # a tree: its own mask
                 q[:, rows].unsqueeze(0),
@@ -178,9 +181,11 @@ class Block(nn.Module):
                 attn_mask=seg.mask,
                 enable_gqa=True,
             )[0])  # [H, n, hd]
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd]
-        x, h = fused.add_rms_norm(x, self.linear(attn.transpose(0, 1).reshape(N, -1), "wo", split), self.ffn_norm,
-                                  self.eps)
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [H, N, hd] (N: the rows that go on)
+        if outputs is not None:
+            x, split = x[outputs.index], outputs.split
+        x, h = fused.add_rms_norm(x, self.linear(attn.transpose(0, 1).reshape(x.shape[0], -1), "wo", split),
+                                  self.ffn_norm, self.eps)
         return x + self.linear(fused.silu_mul(self.linear(h, "w_gate_up", split)), "w_down", split)
 
     def forward_dense(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -221,6 +226,31 @@ class ScoreItem:
 
 
 @dataclass
+class OutputRows:
+    """The rows the last layer carries on past attention: a forward's outputs
+    are asked for from ``ScoreItem.logits_from`` on, so a prompt's other rows
+    need only their keys and values there. A 1,000-token prompt's last layer
+    then runs its output projection and MLP on one row, not 1,000 (1/30 of
+    SmolLM2's prefill products)."""
+
+    index: Tensor  # [M] int64: rows of the forward that go on, in row order
+    split: RowSplit  # how their products split (``products``)
+    rows: list[int]  # each segment's first such row among them
+
+    @staticmethod
+    def of(segments: list["Segment"], device: torch.device) -> "OutputRows | None":
+        """None where no segment skips rows, or every row would be skipped."""
+        kept = [seg.n - seg.skip for seg in segments]
+        if not any(seg.skip for seg in segments) or not any(kept):
+            return None
+        index = torch.cat([torch.arange(seg.row + seg.skip, seg.row + seg.n, device=device) for seg in segments])
+        rows = [0]
+        for n in kept[:-1]:
+            rows.append(rows[-1] + n)
+        return OutputRows(index, RowSplit.after(kept), rows)
+
+
+@dataclass
 class Segment:
     """Where a ScoreItem's rows sit in the batch and what they attend to."""
 
@@ -229,6 +259,7 @@ class Segment:
     start: int  # positions already in the cache
     cache: KVCache
     mask: Tensor | None  # a tree's [n, start + n] bool, True = may attend; None = causal
+    skip: int = 0  # a causal segment's rows before its first output: in the last layer, keys and values only
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
 
     @property
@@ -387,6 +418,8 @@ class Llama(nn.Module):
             cos.append(self.cos[pos])
             sin.append(self.sin[pos])
             seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None and it.exact)
+            if not (seg.alone or seg.chain or it.tree_mask is not None):
+                seg.skip = min(it.logits_from, n)
             if it.tree_mask is not None:  # SDPA's mask: the context, then the tree
                 context = torch.ones(n, start, dtype=torch.bool, device=dev)
                 seg.mask = torch.cat((context, it.tree_mask.to(dev)), dim=1)  # [n, start + n]
@@ -406,15 +439,20 @@ class Llama(nn.Module):
             x = self.stack.forward(x, groups, cos_all, sin_all)
         else:
             split = RowSplit.of([s.n for s in segments])
+            outputs = OutputRows.of(segments, dev)
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split)
+                last = outputs if i == len(self.layers) - 1 else None
+                x = layer(x, cos_all, sin_all, i, segments[n_decode:], decode, split, last)
+            if outputs is not None:  # x holds the output rows alone: where each segment's start now
+                for seg, row in zip(segments, outputs.rows):
+                    seg.row = row - seg.skip
         if decode is not None:
             decode.write_back()
         for seg in segments:
             seg.cache.length = seg.start + seg.n
         segs = [segments[row_of[i]] for i in range(len(items))]  # in the items' order
         keep = [torch.arange(seg.row + it.logits_from, seg.row + seg.n, device=dev) for it, seg in zip(items, segs)]
-        x = x[items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
+        x = x[segs[0].row + items[0].logits_from:] if len(items) == 1 else x[torch.cat(keep)]
         x = fused.rms_norm(x, self.norm, self.config.norm_eps)
         if self.rows_head is not None:  # one row product: each row's bits whatever else is in the forward
             logits = products.row_product(x, self.rows_head, self.rows_head_features).float()

@@ -64,6 +64,21 @@ class RowSplit:
             rows += n
         return RowSplit(first, tuple(own))
 
+    @staticmethod
+    def after(sizes: list[int]) -> "RowSplit":
+        """As ``of``, for the rows a last layer keeps (``model.OutputRows``):
+        a segment cut down to few rows keeps its own product."""
+        shared = 0
+        while shared < len(sizes) and sizes[shared] <= SHARED_ROWS:
+            shared += 1
+        first = rows = sum(sizes[:shared])
+        own = []
+        for n in sizes[shared:]:
+            if n:
+                own.append((rows, rows + n))
+            rows += n
+        return RowSplit(first, tuple(own))
+
 
 def pack(w: Tensor) -> Tensor:
     """w [out, in] -> the row layout (``fused.pack_rows``)."""

@@ -98,6 +98,36 @@ def test_batched_forward_equals_one_request_at_a_time():
     assert dummy.shape == (3, model.config.vocab_size)
 
 
+def test_the_last_layer_carries_only_the_rows_whose_outputs_are_asked_for(monkeypatch):
+    from arserve.core.model import ScoreItem
+
+    model = tiny(packed=True)
+    g = torch.Generator().manual_seed(8)
+    a, b, d = (torch.randint(0, 256, (n,), generator=g) for n in (100, 80, 9))
+
+    def scored(tokens, logits_from=0):  # -> (logits, cache), every row through every layer
+        cache = model.new_cache()
+        return model(tokens, cache, logits_from=logits_from), cache
+
+    full_a, whole_a = scored(a)
+    _, whole_b = scored(b)
+    ref_d = scored(d, logits_from=8)[0]
+    _, decoding = scored(d[:-1])
+    wo_rows, linear = [], model.layers[-1].linear
+    monkeypatch.setattr(model.layers[-1], "linear", lambda x, name, split=None: (
+        wo_rows.append(x.shape[0]) if name == "wo" else None) or linear(x, name, split))
+    ca, cb = model.new_cache(), model.new_cache()
+    # a prompt's last three outputs, a leading chunk of a prompt (no outputs), a decode row
+    out_a, out_b, out_d = model.forward_batch([ScoreItem(a, ca, logits_from=97), ScoreItem(b, cb, logits_from=80),
+                                               ScoreItem(d[-1:], decoding)])
+    assert wo_rows == [3 + 1]  # not 100 + 80 + 1
+    assert out_b.shape[0] == 0
+    torch.testing.assert_close(out_a, full_a[97:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_d, ref_d, atol=1e-5, rtol=1e-5)
+    for cache, whole, n in ((ca, whole_a, 100), (cb, whole_b, 80)):  # every row's keys and values are cached
+        assert torch.equal(cache.k[:, :, :n], whole.k[:, :, :n]) and torch.equal(cache.v[:, :, :n], whole.v[:, :, :n])
+
+
 def test_greedy_items_get_their_argmax_from_the_forward():
     """A greedy Score call's token ids are reduced on the thread that ran the
     forward, one reduction for the batch; items that did not ask get none."""
