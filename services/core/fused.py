@@ -32,7 +32,10 @@ import importlib.util
 import logging
 import os
 import platform
+import re
+import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -62,6 +65,25 @@ def build_dir() -> Path:
     return root / key
 
 
+KEEP_BUILDS = 3  # other builds kept beside a new one: other CPUs sharing the folder, other versions in use
+BUILD_NAME = re.compile(r"[0-9a-f]{16}")  # a build's folder (``build_dir``)
+
+
+def forget_old_builds(where: Path, keep: int = KEEP_BUILDS, min_age_s: float = 3600.0) -> list[Path]:
+    """Remove the builds beside ``where`` but the ``keep`` newest and any
+    younger than ``min_age_s`` (another process may be building it): every
+    change of the sources, flags, torch or Python builds anew, and the old
+    ones (2-3 MB each) would pile up. -> the folders removed."""
+    others = [p for p in where.parent.iterdir() if p.is_dir() and p != where and BUILD_NAME.fullmatch(p.name)]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    now, removed = time.time(), []
+    for p in others[keep:]:
+        if now - p.stat().st_mtime >= min_age_s:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @functools.cache
 def kernels() -> ModuleType | None:
     """The built kernels, or None (the eager path) where they cannot be built.
@@ -85,6 +107,9 @@ def kernels() -> ModuleType | None:
             where.mkdir(parents=True, exist_ok=True)
             module = load(name=NAME, sources=[str(s) for s in SOURCES if s.suffix == ".cpp"], extra_cflags=FLAGS,
                           extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+            removed = forget_old_builds(where)
+            if removed:
+                log.info("removed %d older kernel builds from %s", len(removed), where.parent)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: serve on the eager path
         log.warning("fused CPU kernels unavailable (%s: %s); the decoder's chains run as PyTorch ops",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")

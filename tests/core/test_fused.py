@@ -17,6 +17,28 @@ def test_the_kernels_build_on_this_machine():
     assert K is not None
 
 
+def test_a_new_build_removes_old_ones_but_the_newest_and_those_under_way(tmp_path):
+    import os
+    import time
+
+    now = time.time()
+    builds = {}
+    for i, age_h in enumerate([0, 0.2, 5, 30, 60, 90, 200]):  # hours since built
+        p = tmp_path / f"{i:016x}"
+        p.mkdir()
+        (p / "arserve_fused.so").write_bytes(b"")
+        os.utime(p, (now - age_h * 3600, now - age_h * 3600))
+        builds[age_h] = p
+    (tmp_path / "notes").mkdir()  # not a build: left alone
+    removed = fused.forget_old_builds(builds[0], keep=3, min_age_s=3600)
+    # kept: the new one, the 3 newest others (0.2 h, 5 h, 30 h); removed: 60, 90, 200 h
+    assert sorted(removed) == sorted([builds[60], builds[90], builds[200]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([builds[h].name for h in (0, 0.2, 5, 30)] + ["notes"])
+    # with keep=0 a build younger than an hour (another process may be writing it) stays
+    assert fused.forget_old_builds(builds[0], keep=0) == [builds[5], builds[30]]
+    assert builds[0.2].exists()
+
+
 def eager(monkeypatch):
     monkeypatch.setattr(fused, "on", lambda x: None)
 
