@@ -133,6 +133,25 @@ inline float softmax_step(float* s, float scale, int64_t valid, float& m, float&
   return rescale;
 }
 
+// put(block t = g * blocks + b, key j of the block, dimension d, k[g, b * BK + j, d], v[...]) for every
+// key of k and v [K, keys, hd], the key blocks split across threads (the layouts below pack with it)
+template <typename T, typename Put>
+void for_each_key(const torch::Tensor& k, const torch::Tensor& v, int64_t blocks, Put&& put) {
+  const int64_t keys = k.size(1), hd = k.size(2);
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  parallel_chunks(k.size(0) * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t g = t / blocks, b = t % blocks;
+      for (int64_t j = 0; j < BK && b * BK + j < keys; ++j) {
+        const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
+        const T* vj = vp + g * v.stride(0) + (b * BK + j) * v.stride(1);
+        for (int64_t d = 0; d < hd; ++d) put(t, j, d, kj[d], vj[d]);
+      }
+    }
+  });
+}
+
 // Keys and values widened to float32 (any dtype): keys [K, blocks, hd, BK],
 // values [K, blocks * BK, hd]; queries widened and scaled as a task loads them.
 template <typename T>
@@ -142,25 +161,11 @@ struct Widened {
   std::vector<float> kt, vp;
 
   Widened(const torch::Tensor& k, const torch::Tensor& v) : hd(k.size(2)), blocks((k.size(1) + BK - 1) / BK) {
-    const int64_t K = k.size(0), keys = k.size(1);
-    kt.assign(K * blocks * hd * BK, 0.0f);
-    vp.assign(K * blocks * BK * hd, 0.0f);
-    const T* kp = k.data_ptr<T>();
-    const T* vsrc = v.data_ptr<T>();
-    parallel_chunks(K * blocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t g = t / blocks, b = t % blocks;
-        float* ktb = kt.data() + t * hd * BK;
-        float* vb = vp.data() + t * BK * hd;
-        for (int64_t j = 0; j < BK && b * BK + j < keys; ++j) {
-          const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
-          const T* vj = vsrc + g * v.stride(0) + (b * BK + j) * v.stride(1);
-          for (int64_t d = 0; d < hd; ++d) {
-            ktb[d * BK + j] = static_cast<float>(kj[d]);
-            vb[j * hd + d] = static_cast<float>(vj[d]);
-          }
-        }
-      }
+    kt.assign(k.size(0) * blocks * hd * BK, 0.0f);
+    vp.assign(k.size(0) * blocks * BK * hd, 0.0f);
+    for_each_key<T>(k, v, blocks, [&](int64_t t, int64_t j, int64_t d, T kd, T vd) {
+      kt[(t * hd + d) * BK + j] = static_cast<float>(kd);
+      vp[(t * BK + j) * hd + d] = static_cast<float>(vd);
     });
   }
 
@@ -226,25 +231,11 @@ struct Pairs {
   std::vector<T> kt, vp;
 
   Pairs(const torch::Tensor& k, const torch::Tensor& v) : hd(k.size(2)), blocks((k.size(1) + BK - 1) / BK) {
-    const int64_t K = k.size(0), keys = k.size(1);
-    kt.assign(K * blocks * hd * BK, T(0.0f));
-    vp.assign(K * blocks * BK * hd, T(0.0f));
-    const T* kp = k.data_ptr<T>();
-    const T* vsrc = v.data_ptr<T>();
-    parallel_chunks(K * blocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t g = t / blocks, b = t % blocks;
-        T* ktb = kt.data() + t * hd * BK;
-        T* vb = vp.data() + t * BK * hd;
-        for (int64_t j = 0; j < BK && b * BK + j < keys; ++j) {
-          const T* kj = kp + g * k.stride(0) + (b * BK + j) * k.stride(1);
-          const T* vj = vsrc + g * v.stride(0) + (b * BK + j) * v.stride(1);
-          for (int64_t d = 0; d < hd; ++d) {
-            ktb[((d / 2) * BK + j) * 2 + d % 2] = kj[d];
-            vb[((j / 2) * hd + d) * 2 + j % 2] = vj[d];
-          }
-        }
-      }
+    kt.assign(k.size(0) * blocks * hd * BK, T(0.0f));
+    vp.assign(k.size(0) * blocks * BK * hd, T(0.0f));
+    for_each_key<T>(k, v, blocks, [&](int64_t t, int64_t j, int64_t d, T kd, T vd) {
+      kt[t * hd * BK + ((d / 2) * BK + j) * 2 + d % 2] = kd;
+      vp[t * BK * hd + ((j / 2) * hd + d) * 2 + j % 2] = vd;
     });
   }
 
