@@ -53,21 +53,16 @@ class RowSplit:
     def of(sizes: list[int]) -> "RowSplit":
         """The split of segments of ``sizes`` rows, in row order, shared-sized
         ones (<= SHARED_ROWS) first (``forward_batch`` orders them so)."""
-        shared = 0
-        while shared < len(sizes) and sizes[shared] <= SHARED_ROWS:
-            shared += 1
-        assert all(n > SHARED_ROWS for n in sizes[shared:]), "shared-sized segments must come first"
-        first = rows = sum(sizes[:shared])
-        own = []
-        for n in sizes[shared:]:
-            own.append((rows, rows + n))
-            rows += n
-        return RowSplit(first, tuple(own))
+        split = RowSplit.after(sizes)
+        assert all(b - a > SHARED_ROWS for a, b in split.own), "shared-sized segments must come first"
+        return split
 
     @staticmethod
     def after(sizes: list[int]) -> "RowSplit":
-        """As ``of``, for the rows a last layer keeps (``model.OutputRows``):
-        a segment cut down to few rows keeps its own product."""
+        """The leading shared-sized segments in one row product, each later
+        (non-empty) one in its own: ``of`` without its order, for the rows a
+        last layer keeps (``model.OutputRows``), where a cut segment may be
+        small and come after a long one."""
         shared = 0
         while shared < len(sizes) and sizes[shared] <= SHARED_ROWS:
             shared += 1
