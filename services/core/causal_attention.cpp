@@ -81,30 +81,6 @@ inline vec lane_index() {
   return i;
 }
 
-// e^x for x <= 0 (scores less their maximum): exp_cephes's reduction and
-// polynomial, each step of the polynomial one FMA (a fifth of the softmax's
-// instructions fewer; exp_cephes rounds twice, as the kernels it serves
-// must), and no upper clamp. About 1 ulp; x = -inf (a masked score) gives
-// e^-87, which the caller replaces by 0.
-inline vec exp_shifted(vec x) {
-  const vec lowest = splat(-87.0f);
-  x = x < lowest ? lowest : x;
-  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vec r = fma_lanes(n, splat(2.12194440e-4f), fma_lanes(n, splat(-0.693359375f), x));
-  vec p = splat(1.9875691500e-4f);
-  p = fma_lanes(p, r, splat(1.3981999507e-3f));
-  p = fma_lanes(p, r, splat(8.3334519073e-3f));
-  p = fma_lanes(p, r, splat(4.1665795894e-2f));
-  p = fma_lanes(p, r, splat(1.6666665459e-1f));
-  p = fma_lanes(p, r, splat(5.0000001201e-1f));
-  p = fma_lanes(p, r * r, r) + 1.0f;
-  typedef int32_t vint __attribute__((vector_size(sizeof(vec))));
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // One row's online-softmax step over a key block: s [BK] raw scores (times
 // `scale` to get the scaled ones), the first `valid` of them unmasked -> s
 // holds e^(scaled - m_new) (0 past `valid`); m, l updated; returns the factor
@@ -123,7 +99,7 @@ inline float softmax_step(float* s, float scale, int64_t valid, float& m, float&
   const float rescale = m == kNoScore ? 0.0f : std::exp(m - m_new);
   vec total = vec{};
   for (int64_t c = 0; c < CV; ++c) {
-    vec e = exp_shifted(x[c] - m_new);
+    vec e = exp_cephes<vec, true>(x[c] - m_new);
     if (valid < BK) e = lanes + static_cast<float>(c * L) < fvalid ? e : vec{};
     store_vec(s + c * L, e);
     total += e;
