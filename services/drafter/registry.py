@@ -48,6 +48,12 @@ class MethodSpec:
     request_cache: bool = False  # keeps state per request in the drafter (a draft KV cache, n-gram tables)
     trees: bool = False  # can propose a tree (num_candidates > 1); False: a chain, whatever the request asks
     sampled: bool = False  # sampled drafts carry their distribution q (else deterministic, one-hot)
+    # the adaptive draft length's memory of the acceptance rate, in verified tokens (a trained drafter's
+    # rate is steady); None: a moving average over rounds, which follows copy spans (verifier.draft_length)
+    acceptance_memory: int | None = None
+    # the proposer's own time per draft position + 1, in plain rounds (verifier.draft_length's overhead u;
+    # a 2-core EPYC, SmolLM2: Hydra heads 0.03 in float32 to 0.064 in bfloat16)
+    draft_cost: float = 0.0
 
     @property
     def drafts(self) -> bool:
@@ -90,8 +96,9 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("none"),
     MethodSpec("ngram", build=lambda i: NgramProposer(), request_cache=True, trees=True),
     MethodSpec("draft_model", build=_draft_model, weights="draft_model", request_cache=True, trees=True,
-               sampled=True),
-    MethodSpec("heads", build=_heads, weights="draft_heads", hidden=True, trees=True, sampled=True),
+               sampled=True, acceptance_memory=16, draft_cost=0.05),
+    MethodSpec("heads", build=_heads, weights="draft_heads", hidden=True, trees=True, sampled=True,
+               acceptance_memory=16, draft_cost=0.05),
 )}
 
 

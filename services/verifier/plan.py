@@ -107,7 +107,8 @@ class RequestPlan:
         return self.drafting and self.method.hidden
 
     def draft_length(self) -> DraftLength:
-        return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token)
+        return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token,
+                           overhead=self.method.draft_cost, memory=self.method.acceptance_memory)
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
         """A Score call of this request: greedy asks only for the argmax; max_positions and the salt go

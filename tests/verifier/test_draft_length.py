@@ -10,6 +10,7 @@ import pytest
 from conftest import PROMPT, tiny_target
 
 from arserve.backbone.service import BackboneService
+from arserve.drafter.registry import METHODS
 from arserve.verifier.draft_length import DraftLength, batch_cost
 from arserve.verifier.service import VerifierService
 
@@ -50,3 +51,29 @@ def test_the_verifier_counts_the_requests_decoding_on_it():
 
     asyncio.run(three())
     assert max(seen) == 3 and min(seen) >= 1 and verifier.decoding == 0
+
+
+def test_the_drafters_own_time_is_a_cost_of_the_round():
+    """A proposer that takes 4 ms for 2 tokens against a 10 ms plain round (u = 0.13 per position):
+    at a = 0.3 drafting pays when it is free and does not when it is counted."""
+    free, slow = DraftLength(4, True, 0.06, rate=0.3), DraftLength(4, True, 0.06, rate=0.3, overhead=0.004 / 0.03)
+    assert free.next() > 0 and slow.next() == 0
+
+
+def test_a_trained_drafters_rate_is_pooled_so_a_run_of_rejections_does_not_stop_drafting():
+    """5 of 12 accepted (k = 1 rounds, break-even near a = 0.18 with these costs): the 3-round average
+    falls under it after four rejections in a row; the rate pooled over 16 tokens does not."""
+    outcomes = [1, 0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0]
+
+    def plain_rounds(memory):
+        length = DraftLength(4, True, 0.06, rate=0.42, overhead=0.06, memory=memory)
+        stops = 0
+        for accepted in outcomes:
+            length.update(1, accepted)
+            stops += length.next() == 0
+        return stops
+
+    assert plain_rounds(None) > 0 and plain_rounds(16) == 0
+    assert METHODS["ngram"].acceptance_memory is None  # copy spans start and stop: the rate follows rounds
+    assert METHODS["heads"].acceptance_memory and METHODS["draft_model"].acceptance_memory
+    assert METHODS["ngram"].draft_cost == 0.0 and METHODS["heads"].draft_cost > 0.0

@@ -48,3 +48,5 @@ def test_speculation_defaults_come_from_the_settings_alone():
     length = plan.draft_length()
     assert (plan.k_max, plan.adaptive, length.adaptive, length.cost_per_token) == (3, False, False, 0.1)
     assert RequestPlan.from_proto(request("ngram", adaptive=True), defaults).adaptive  # the request's own wins
+    heads = RequestPlan.from_proto(request("heads"), defaults).draft_length()  # the method's memory and own cost
+    assert (length.memory, length.overhead) == (None, 0.0) and (heads.memory, heads.overhead) == (16, 0.05)
