@@ -23,7 +23,10 @@
 //   registers.
 // - online softmax: each row keeps its running maximum m, denominator l and
 //   unnormalized output O; a key block with a larger maximum rescales l and
-//   O by e^(m_old - m_new) (Milakov & Gimelshein 2018).
+//   O by e^(m_old - m_new) (Milakov & Gimelshein 2018). Here in log2 units
+//   (scores times log2(e), 2^x for e^x), l kept in vector lanes and summed
+//   across them once at the end, and nothing rescaled where the maximum
+//   stayed: the softmax was a fifth of the kernel's time, now about a tenth.
 //
 // Query position p (0-based in the chunk) attends keys [0, start + p]. Every
 // sum is in float32 in a fixed order; the result does not depend on the
@@ -81,30 +84,63 @@ inline vec lane_index() {
   return i;
 }
 
-// One row's online-softmax step over a key block: s [BK] raw scores (times
-// `scale` to get the scaled ones), the first `valid` of them unmasked -> s
-// holds e^(scaled - m_new) (0 past `valid`); m, l updated; returns the factor
-// the row's output must be multiplied by.
-inline float softmax_step(float* s, float scale, int64_t valid, float& m, float& l) {
-  const vec lanes = lane_index(), none = splat(kNoScore), by = splat(scale);
+// 2^t for t <= 0 (a shifted score in log2 units), t clamped at -126 (2^-126,
+// the smallest normal float: a key that far under the row's maximum weighs
+// nothing next to it): Cephes' exp2f (Moshier 1992; within about 1 ulp),
+// t = n + f with n = round(t), f in [-0.5, 0.5], 2^f = 1 + f P(f) by FMAs, and
+// 2^n through the exponent (VSCALEFPS with AVX-512). In log2 units the
+// score's scale and the row's maximum fold into one FMA before it (as
+// FlashAttention-2's kernels fold log2(e) into the softmax scale).
+inline vec exp2_nonpositive(vec t) {
+  const auto k = [](float c) { return splat(c); };
+  t = t < -126.0f ? k(-126.0f) : t;
+  const vec n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const vec f = t - n;
+  vec p = k(1.535336188319500e-4f);
+  p = fma_lanes(p, f, k(1.339887440266574e-3f));
+  p = fma_lanes(p, f, k(9.618437357674640e-3f));
+  p = fma_lanes(p, f, k(5.550332471162809e-2f));
+  p = fma_lanes(p, f, k(2.402264791363012e-1f));
+  p = fma_lanes(p, f, k(6.931472028550421e-1f));
+  p = fma_lanes(p, f, k(1.0f));
+#if defined(__AVX512F__)
+  return (vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+  typedef int32_t vint __attribute__((vector_size(sizeof(vec))));
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
+// One row's online-softmax step over a key block, in log2 units: s [BK] raw
+// scores (times `alpha` = the scores' scale times log2(e) to get log2 units),
+// the first `valid` of them unmasked -> s holds 2^(alpha s - m_new) (0 past
+// `valid`); the row's maximum m updated and its denominator's lanes l [L]
+// rescaled and added to (summed across lanes once, at the end); returns the
+// factor the row's output must be multiplied by (1 where the maximum stayed).
+inline float softmax_step(float* s, float alpha, int64_t valid, float& m, float* l) {
+  const vec lanes = lane_index(), none = splat(kNoScore);
   const float fvalid = static_cast<float>(valid);
   vec x[CV];
   vec top = none;
   for (int64_t c = 0; c < CV; ++c) {
-    x[c] = load_vec(s + c * L) * by;
+    x[c] = load_vec(s + c * L);
     if (valid < BK) x[c] = lanes + static_cast<float>(c * L) < fvalid ? x[c] : none;
     top = x[c] > top ? x[c] : top;
   }
-  const float m_new = std::max(m, reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; }));
-  const float rescale = m == kNoScore ? 0.0f : std::exp(m - m_new);
-  vec total = vec{};
+  const float m_new = std::max(m, alpha * reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; }));
+  const float rescale = m_new == m ? 1.0f : m == kNoScore ? 0.0f : std::exp2(m - m_new);
+  const vec by = splat(alpha), shift = splat(-m_new);
+  vec total = load_vec(l) * rescale;
   for (int64_t c = 0; c < CV; ++c) {
-    vec e = exp_cephes<vec, true>(x[c] - m_new);
+    vec e = exp2_nonpositive(fma_lanes(x[c], by, shift));
     if (valid < BK) e = lanes + static_cast<float>(c * L) < fvalid ? e : vec{};
     store_vec(s + c * L, e);
     total += e;
   }
-  l = l * rescale + reduce_lanes(total, [](auto a, auto b) { return a + b; });
+  store_vec(l, total);
   m = m_new;
   return rescale;
 }
@@ -284,13 +320,13 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
   const Layout packed(k, v);
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const float score_scale = Layout::score_scale(qscale);
+  const float alpha = Layout::score_scale(qscale) * 1.44269504088896341f;  // log2(e): softmax in log2 units
   const int64_t tiles = (n + BQ - 1) / BQ, tasks = K * tiles;
   const int64_t M = (G * BQ + MR - 1) / MR * MR;  // rows of a task, padded to whole micro-tiles
   // the largest tiles first: their causal triangles are the longest
   parallel_pieces(tasks, tasks, [&](int64_t lo, int64_t hi) {
     std::vector<typename Layout::Q> qt(M * hd);
-    std::vector<float> o(M * hd), m(M), l(M), s(MR * BK);
+    std::vector<float> o(M * hd), m(M), l(M * L), s(MR * BK);  // l: each row's denominator in L lanes
     std::vector<int64_t> limit(M);  // a row's last key
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t g = task % K, q0 = (tiles - 1 - task / K) * BQ, positions = std::min(BQ, n - q0);
@@ -298,7 +334,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
         const int64_t p = std::min(r / G, positions - 1);
         limit[r] = start + q0 + p;
         m[r] = kNoScore;
-        l[r] = 0.0f;
+        std::fill(l.begin() + r * L, l.begin() + (r + 1) * L, 0.0f);
         const T* qr = qp + (g * G + r % G) * q.stride(0) + (q0 + p) * q.stride(1);
         Layout::load_q(r < positions * G ? qr : nullptr, qscale, hd, qt.data() + r * hd);
       }
@@ -315,17 +351,19 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
               std::fill(s.begin() + r * BK, s.begin() + (r + 1) * BK, 0.0f);
               continue;
             }
-            const float rescale = softmax_step(s.data() + r * BK, score_scale, valid, m[r0 + r], l[r0 + r]);
+            const float rescale = softmax_step(s.data() + r * BK, alpha, valid, m[r0 + r], l.data() + (r0 + r) * L);
             if (rescale != 1.0f) {
               for (int64_t d = 0; d < hd; ++d) o[(r0 + r) * hd + d] *= rescale;
             }
           }
-          packed.add_values(s.data(), g, b, block_keys, o.data() + r0 * hd);
+          // the keys some row of the micro-tile attends (its last row's limit is the largest)
+          const int64_t tile_keys = std::min(block_keys, limit[r0 + MR - 1] - b * BK + 1);
+          packed.add_values(s.data(), g, b, tile_keys, o.data() + r0 * hd);
         }
       }
       for (int64_t r = 0; r < positions * G; ++r) {
         T* orow = op + ((q0 + r / G) * H + g * G + r % G) * hd;  // out is [n, H, hd] in memory
-        const float inv = 1.0f / l[r];
+        const float inv = 1.0f / reduce_lanes(load_vec(l.data() + r * L), [](auto a, auto b) { return a + b; });
         for (int64_t d = 0; d < hd; ++d) orow[d] = static_cast<T>(o[r * hd + d] * inv);
       }
     }
