@@ -95,12 +95,14 @@ inline half_vec sum_tile(const vec a[NR]) {  // NR = 4, L = 8 -> 4 sums
 
 // y[m, n] for the `rows` (<= MR) rows of x at `x` (row stride xs) and one tile
 // (`w`: [K / S, NR, S], S = slice_of<T>()); y's row stride ys, only columns < `cols` stored.
-// `next`: a tile to prefetch into L2 meanwhile (or null), a line per NR * L
-// weights' worth of lines as the loop reads its own.
+// `next`: a tile to prefetch into L2 meanwhile (or null): this pass is `part`
+// of `parts` over the tile, and prefetches its share of the lines of each of
+// next's slices as the loop reads its own slice.
 template <typename T, int64_t ROWS>
 inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
-                       const T* next = nullptr) {
-  constexpr int64_t S = slice_of<T>(), kLine = 64 / sizeof(T), kBlock = NR * S;  // slice; elements per line, k step
+                       const T* next = nullptr, int64_t part = 0, int64_t parts = 1) {
+  constexpr int64_t S = slice_of<T>(), kLine = 64 / sizeof(T), kLines = NR * S / kLine;  // lines per k step
+  const int64_t first = part * kLines / parts, last = (part + 1) * kLines / parts;  // this pass's lines of a slice
   vec acc[ROWS][NR];
   for (int64_t m = 0; m < ROWS; ++m) {
     for (int64_t n = 0; n < NR; ++n) acc[m][n] = vec{};
@@ -108,7 +110,7 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
   for (int64_t k = 0; k < K; k += S) {
     const T* wk = w + k * NR;
     if (next != nullptr) {
-      for (int64_t e = 0; e < kBlock; e += kLine) __builtin_prefetch(next + k * NR + e, 0, 2);
+      for (int64_t e = first; e < last; ++e) __builtin_prefetch(next + k * NR + e * kLine, 0, 2);
     }
 #if defined(__AVX512BF16__)
     if constexpr (S != L) {  // bfloat16 in pairs: 2L elements per vector, one VDPBF16PS each
@@ -135,23 +137,26 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
 }
 
 // every row of x [M, K] against one tile: micro-tiles of MR rows, then the
-// rest. With more rows than one micro-tile, the first pass prefetches tile
-// `next` (or null): the later passes read this tile from cache and would
-// otherwise leave the memory stream idle (decision 51). So does a row alone
-// in bfloat16 pairs (decision 52).
+// rest. With more rows than one micro-tile, every pass prefetches its share
+// of tile `next` (or null): the first pass reads this tile from memory, the
+// later ones from cache, and with the next tile's lines asked for only in
+// the first, the memory stream idled through the later passes: a forward's
+// time was its reads plus its multiplies (9 rows 1.3-1.5x one row, where the
+// multiplies alone take half a row's reads). So does a row alone in bfloat16
+// pairs (decision 52).
 template <typename T>
 inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
                          const T* next) {
+  const int64_t parts = (M + MR - 1) / MR;
+  const T* ahead = parts > 1 ? next : nullptr;
   int64_t m = 0;
-  for (; m + MR <= M; m += MR) {
-    micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, m == 0 && M > MR ? next : nullptr);
-  }
+  for (; m + MR <= M; m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
   // a row alone in pairs runs through a tile in half the instructions and
   // prefetches the next too (without: 1 row 3-5% slower than widening, measured)
-  const T* ahead = M == 1 && slice_of<T>() != L ? next : nullptr;
-  if (M - m == 1) micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead);
+  if (M == 1 && slice_of<T>() != L) ahead = next;
+  if (M - m == 1) micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
   if constexpr (MR > 2) {
-    if (M - m == 2) micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols);
+    if (M - m == 2) micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
   }
 }
 
