@@ -17,13 +17,15 @@ parallel op, even a softmax over one row of logits (docs/decisions.md,
   verifier's sampling and the wire's conversions are small.
 
 And its freed memory stays its own (``keep_freed_blocks``): glibc's malloc
-maps a block above a size threshold from the kernel and unmaps it on free,
-and raises that threshold as such blocks come and go only for the main
-thread's arena. On the compute thread every large temporary (a 1,000-token
-prompt's activations: [1000, 3072] float32, 12 MB, a dozen a layer) came as
-fresh pages, faulted in and zeroed on first touch: 50-70 ms of a 1.25 s
-float32 prefill (the same forward on the main thread took 1.22-1.26 s, on
-the compute thread 1.30-1.33; with blocks kept, 1.22-1.25).
+maps a block above a size threshold from the kernel and unmaps it on free
+(the threshold rises as such blocks come and go), and a thread's arena
+gives the free memory at its heap's top back (MADV_DONTNEED) beyond twice
+that threshold. A forward frees some 35 MB of activations a layer (a
+1,000-token prompt's [1000, 3072] float32 `w_gate_up` output alone is
+12 MB), so on the compute thread they came as fresh pages, faulted in and
+zeroed on first touch, layer after layer: 50-70 ms of a 1.25 s float32
+prefill (the same forward on the main thread took 1.22-1.26 s, on the
+compute thread 1.30-1.33; with blocks kept, 1.22-1.25).
 
 The words: *the compute thread* is this module's one executor thread;
 *torch threads* are its OpenMP threads (``ServerSettings.torch_threads``,
