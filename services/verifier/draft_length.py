@@ -40,7 +40,9 @@ positions (a proposal has a fixed part about one token's size), a round
 that drafts costs 1 + c k + u (k + 1) plain rounds. u is the method's
 (``MethodSpec.draft_cost``), not timed per round: the draft length, and so a
 seeded request's tokens, must not depend on how busy the machine was
-(decision 54).
+(decision 54). With B requests drafting, their B proposals run one after
+another on the drafter's compute thread while a plain round grows only to
+T0 (1 + B rho): u(B) = u B (1 + rho) / (1 + B rho) (``batch_overhead``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def batch_cost(cost_per_token: float, requests: int) -> float:
         return cost_per_token
     rho = cost_per_token / (1.0 - cost_per_token)
     return requests * rho / (1.0 + requests * rho)
+
+
+def batch_overhead(overhead: float, cost_per_token: float, requests: int) -> float:
+    """u(B): the drafting's own cost with ``requests`` drafting together, from
+    the single-request u = ``overhead`` and c(1) = ``cost_per_token``."""
+    if requests <= 1 or overhead == 0.0 or cost_per_token >= 1.0:
+        return overhead
+    rho = cost_per_token / (1.0 - cost_per_token)
+    return overhead * requests * (1.0 + rho) / (1.0 + requests * rho)
 
 
 def expected_speedup(a: float, k: int, cost_per_token: float, overhead: float = 0.0) -> float:
@@ -101,7 +112,8 @@ class DraftLength:
         if not self.adaptive or self.k_max == 0:
             return self.k_max
         c = batch_cost(self.cost_per_token, requests)
-        k = max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, self.overhead))
+        u = batch_overhead(self.overhead, self.cost_per_token, requests)
+        k = max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u))
         if k == 0:
             self.idle += 1
             if self.idle >= self.probe_every:

@@ -11,7 +11,7 @@ from conftest import PROMPT, tiny_target
 
 from arserve.backbone.service import BackboneService
 from arserve.drafter.registry import METHODS
-from arserve.verifier.draft_length import DraftLength, batch_cost
+from arserve.verifier.draft_length import DraftLength, batch_cost, batch_overhead
 from arserve.verifier.service import VerifierService
 
 
@@ -58,6 +58,15 @@ def test_the_drafters_own_time_is_a_cost_of_the_round():
     at a = 0.3 drafting pays when it is free and does not when it is counted."""
     free, slow = DraftLength(4, True, 0.06, rate=0.3), DraftLength(4, True, 0.06, rate=0.3, overhead=0.004 / 0.03)
     assert free.next() > 0 and slow.next() == 0
+
+
+def test_proposals_of_8_requests_run_one_after_another_so_their_cost_grows_with_the_batch():
+    """Hydra heads' u = 0.05 at a = 0.45: one request drafts; 8 at once pay 8 proposals against a step of 8 rows
+    (u(8) = 0.28), and only a drafter that costs nothing would still draft there."""
+    assert batch_overhead(0.05, 0.06, 1) == 0.05 and batch_overhead(0.0, 0.06, 8) == 0.0
+    assert batch_overhead(0.05, 0.06, 8) == pytest.approx(0.05 * 8 * (1 + 0.06 / 0.94) / (1 + 8 * 0.06 / 0.94))
+    heads, free = DraftLength(4, True, 0.06, rate=0.45, overhead=0.05), DraftLength(4, True, 0.06, rate=0.45)
+    assert heads.next(1) > 0 and free.next(8) > 0 and heads.next(8) == 0
 
 
 def test_a_trained_drafters_rate_is_pooled_so_a_run_of_rejections_does_not_stop_drafting():
