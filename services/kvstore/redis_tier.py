@@ -20,9 +20,12 @@ log = logging.getLogger("arserve.kvstore")
 
 class RedisTier:
     def __init__(self, url: str, ttl_s: int = 3600, prefix: str = "arserve:kv:", retry_after_s: float = 1.0,
-                 timeout_s: float = 0.5):
-        # redis:// or rediss:// (TLS); a password rides in the URL
+                 timeout_s: float = 0.5, store_timeout_s: float = 10.0):
+        # redis:// or rediss:// (TLS); a password rides in the URL. Lookups are on a prompt's path and give up
+        # after timeout_s; stores run in the background and carry a long prompt's blocks (1,152 positions of
+        # SmolLM2 float32: 53 MB in one pipeline), which a busy host did not always write within 0.5 s
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.writer = aioredis.Redis.from_url(url, socket_timeout=store_timeout_s, socket_connect_timeout=timeout_s)
         self.ttl_s = ttl_s  # seconds a block lives
         self.prefix = prefix
         self.retry_after_s = retry_after_s  # after a failure, skip Redis this long before trying again
@@ -59,7 +62,7 @@ class RedisTier:
         if not items or not self._available():
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.writer.pipeline(transaction=False) as pipe:
                 for k, v in items.items():
                     pipe.set(self.prefix + k, v, ex=self.ttl_s)
                 await pipe.execute()
@@ -76,3 +79,4 @@ class RedisTier:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.writer.aclose()
