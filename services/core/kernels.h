@@ -111,17 +111,6 @@ inline vec load_vec(const T* p) {  // L elements as floats
 }
 
 
-// a * b + c, rounded once (an FMA; V must be vec) where kFused, else twice
-// (the kernels are built with -ffp-contract=off, so the compiler fuses nothing)
-template <bool kFused, typename V>
-inline V mul_add(V a, V b, V c) {
-  if constexpr (kFused) {
-    return fma_lanes(a, b, c);
-  } else {
-    return a * b + c;
-  }
-}
-
 // e^x by Cephes' expf (Moshier 1992; within about 1 ulp) in straight-line
 // arithmetic that stays in vector lanes: V is float (a loop the compiler
 // vectorizes; libm's expf is a scalar call per element) or a GCC vector of
@@ -129,24 +118,23 @@ inline V mul_add(V a, V b, V c) {
 // parts; a degree-5 polynomial in r; 2^n through the exponent bits. x is
 // clamped to [-87, 88] (e^x from 1.6e-38 to 1.7e38): softmax's shifted scores
 // (x <= 0) underflow to about 0 anyway, and SiLU's a / (1 + e^-a) does not mind.
-// kFused: each multiply-add one FMA (prompt attention's softmax, where no
-// other path must match its bits); else rounded twice, the bits that SiLU
-// and the decode softmax have always had.
-template <typename V, bool kFused = false>
+// Each multiply-add is rounded twice (-ffp-contract=off): the bits SiLU and
+// the decode softmax have always had.
+template <typename V>
 inline V exp_cephes(V x) {
   const auto k = [](float c) { return V{} + c; };
   x = x < -87.0f ? k(-87.0f) : x;
   x = x > 88.0f ? k(88.0f) : x;
   const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
   // (x - n ln2_hi) - n ln2_lo, ln2_lo < 0; the product with the first part is exact
-  const V r = mul_add<kFused>(n, k(2.12194440e-4f), mul_add<kFused>(n, k(-0.693359375f), x));
+  const V r = n * k(2.12194440e-4f) + (n * k(-0.693359375f) + x);
   V p = k(1.9875691500e-4f);
-  p = mul_add<kFused>(p, r, k(1.3981999507e-3f));
-  p = mul_add<kFused>(p, r, k(8.3334519073e-3f));
-  p = mul_add<kFused>(p, r, k(4.1665795894e-2f));
-  p = mul_add<kFused>(p, r, k(1.6666665459e-1f));
-  p = mul_add<kFused>(p, r, k(5.0000001201e-1f));
-  p = mul_add<kFused>(p, r * r, r) + 1.0f;
+  p = p * r + k(1.3981999507e-3f);
+  p = p * r + k(8.3334519073e-3f);
+  p = p * r + k(4.1665795894e-2f);
+  p = p * r + k(1.6666665459e-1f);
+  p = p * r + k(5.0000001201e-1f);
+  p = p * (r * r) + r + 1.0f;
   V scale;
   if constexpr (std::is_same_v<V, float>) {
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
