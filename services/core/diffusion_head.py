@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 TRAIN_STEPS = 1000  # T, the training schedule's length; also the most sampling steps
 _MOD_ROWS = 4096  # steps x rows of adaLN modulation made at once (4096 x 38 x 128 floats: 80 MB)
 TEMPERATURE_RANGE = (1e-3, 10.0)  # sampling temperatures whose densities neither under- nor overflow
@@ -237,9 +239,11 @@ class DiffusionHead(nn.Module):
         """x_0 [n, token_dim], and with ``keep_states`` the states [S + 1, n, token_dim]
         (the density of the states as stored, float32, is computed from these).
 
-        The loop is launch-bound at small n (a step is some 75 small kernels at
-        one row), so it runs fewer of them than ``forward``, with the same
-        arithmetic (docs/decisions.md, "CSpD that pays"): the adaLN modulation
+        On a CPU every step runs in one call of the compiled kernels
+        (``denoise.cpp``, docs/decisions.md decision 55): a step is some 75
+        small PyTorch ops at one row, and entering them was most of a token's
+        time. Elsewhere (a GPU, ``ARSERVE_FUSED=0``) this PyTorch loop runs,
+        fewer ops than ``forward`` with the same arithmetic (decision 35): the adaLN modulation
         depends on t and z only, so one product gives it for a chunk of steps;
         each block's LayerNorm affine is folded into its modulation
         (``shift + (1 + scale) (gamma LN(h) + beta)`` = ``shift' + scale' LN(h)``);
@@ -250,6 +254,10 @@ class DiffusionHead(nn.Module):
             noise = torch.randn((steps + 1, n, d), generator=generator, device=z.device)
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
         cfg = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
+        kern = self._kernels(z)
+        if kern is not None:  # m = n or 2n rows of z (guided: conditional rows, then unconditional)
+            zs = z if z_uncond is None else torch.cat([z, z_uncond])
+            return self._denoise_fused(kern, sched, t_embed, zs, noise, temperature, cfg, keep_states)
         zc = self.embed(z, z_uncond)  # [m, width], m = n or 2n (guided: conditional rows, then unconditional)
         m = zc.shape[0]
         coef = [c.tolist() for c in (sched.recip_sqrt_ab, sched.sqrt_recip_m1, sched.coef_x0, sched.coef_x)]
@@ -287,6 +295,49 @@ class DiffusionHead(nn.Module):
                     states.append(x)
         return x, (torch.stack(states) if keep_states else None)
 
+    def _kernels(self, like: torch.Tensor):
+        """The compiled denoising steps (``denoise.cpp``) where they serve this
+        head: CPU float32 tensors like ``like``, a width they take; else None
+        (the PyTorch loop: on a GPU, or with ARSERVE_FUSED=0)."""
+        k = fused.on(like)
+        c = self.config
+        if k is None or like.dtype != torch.float32 or c.width % k.denoise_width() or c.width > 512 or c.token_dim > 8:
+            return None
+        return k
+
+    def _fused_weights(self) -> list[torch.Tensor]:
+        """The weights as ``denoise.cpp`` reads them (its ``Head``): the input,
+        condition, adaLN and blocks' linears transposed (in, out), the final
+        linear as it is, biases and LayerNorm affines beside them. Made once per
+        version of the parameters (training changes them in place)."""
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_fused_cache", (None,))[0] != version:
+            f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+            stack = lambda mods, f: f32(torch.stack([f(m) for m in mods]))  # noqa: E731
+            self._fused_cache = (version, [
+                f32(self.input_proj.weight.T), f32(self.input_proj.bias), f32(self.cond.weight.T),
+                f32(self.cond.bias), f32(self.ada.weight.T), f32(self.ada.bias),
+                stack(self.norms, lambda m: m.weight), stack(self.norms, lambda m: m.bias),
+                stack(self.fc1, lambda m: m.weight.T), stack(self.fc1, lambda m: m.bias),
+                stack(self.fc2, lambda m: m.weight.T), stack(self.fc2, lambda m: m.bias),
+                f32(self.final.weight), f32(self.final.bias)])
+        return self._fused_cache[1]
+
+    def _denoise_fused(self, kern, sched: Schedule, t_embed: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,
+                       temperature: torch.Tensor, cfg: torch.Tensor,
+                       keep_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_denoise`` through ``denoise.cpp``, every step in one call. z: [m, z_dim]
+        (guided: the conditional rows, then the unconditional)."""
+        steps, n, d = noise.shape[0] - 1, noise.shape[1], noise.shape[2]
+        noise = noise.float().contiguous()
+        x = noise[0].clone()  # [n, token_dim], x_S, moved in place
+        states = torch.empty(steps, n, d) if keep_states else torch.empty(0)
+        coef = torch.stack([sched.recip_sqrt_ab, sched.sqrt_recip_m1, sched.coef_x0, sched.coef_x], 1)  # [S, 4]
+        scale = (temperature.reshape(1, -1) * sched.sigma[:, None]).contiguous()  # [S, n or 1]
+        kern.denoise(x, noise[1:], scale, t_embed.contiguous(), z.float().contiguous(), self._fused_weights(),
+                     coef.contiguous(), cfg.reshape(-1).contiguous(), states)
+        return x, (torch.cat([noise[:1], states]) if keep_states else None)
+
     @torch.no_grad()
     def trajectory_log_density(self, states: torch.Tensor, z: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                                cfg: float | torch.Tensor = 1.0, z_uncond: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,13 +348,18 @@ class DiffusionHead(nn.Module):
         batched forward."""
         steps, n, d = states.shape[0] - 1, states.shape[1], states.shape[2]
         sched, t_embed = self.schedule(steps)
-        # every step's rows at once: row s n + i is trajectory i at step s
-        zc = self.cond(z).repeat(steps, 1)  # [S n, width]
-        if z_uncond is not None:
-            zc = torch.cat([zc, self.cond(z_uncond).repeat(steps, 1)])  # then the unconditional rows
         w = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
-        eps = self.guided_eps(states[:-1].reshape(steps * n, d), t_embed.repeat_interleave(n, 0), zc,
-                              w.repeat(steps, 1) if w.shape[0] > 1 else w).reshape(steps, n, d)
+        kern = self._kernels(z)
+        if kern is not None:  # every step's eps through denoise.cpp in one call
+            zs = z if z_uncond is None else torch.cat([z, z_uncond])  # [m, z_dim]
+            eps = kern.eps_at(states[:-1].float().contiguous(), t_embed.contiguous(), zs.float().contiguous(),
+                              self._fused_weights(), w.reshape(-1).contiguous())  # [S, n, d]
+        else:  # every step's rows at once: row s n + i is trajectory i at step s
+            zc = self.cond(z).repeat(steps, 1)  # [S n, width]
+            if z_uncond is not None:
+                zc = torch.cat([zc, self.cond(z_uncond).repeat(steps, 1)])  # then the unconditional rows
+            eps = self.guided_eps(states[:-1].reshape(steps * n, d), t_embed.repeat_interleave(n, 0), zc,
+                                  w.repeat(steps, 1) if w.shape[0] > 1 else w).reshape(steps, n, d)
         mean = sched.mean((slice(None), None, None), states[:-1], eps)  # [S, n, d]
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device).reshape(1, -1)  # [1, n or 1]
         std = temperature * sched.sigma[:, None]  # [S, n or 1]

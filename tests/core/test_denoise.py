@@ -1,0 +1,98 @@
+"""The diffusion head's compiled denoising steps (``denoise.cpp``): the same
+tokens, trajectories and densities as the PyTorch loop that defines them, and
+each image's bits independent of the images it is computed with."""
+
+import pytest
+import torch
+
+from arserve.core import fused
+from arserve.core.diffusion_head import DiffusionHead, HeadConfig
+
+STEPS = 20
+
+
+def _head(width: int, blocks: int, seed: int = 0) -> DiffusionHead:
+    torch.manual_seed(seed)
+    head = DiffusionHead(HeadConfig(token_dim=4, z_dim=24, width=width, blocks=blocks)).eval()
+    with torch.no_grad():  # non-zero everywhere (adaLN-Zero would make the head output 0)
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    return head
+
+
+def _torch_path(head: DiffusionHead, fn):
+    """fn() with the head's PyTorch loop (the kernels switched off for this head alone)."""
+    head._kernels = lambda like: None
+    try:
+        return fn()
+    finally:
+        del head._kernels
+
+
+@pytest.fixture(scope="module", params=[(32, 1), (64, 3)], ids=["w32x1", "w64x3"])
+def head(request):
+    assert fused.kernels() is not None  # this machine builds them (test_fused checks it too)
+    return _head(*request.param)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_fused_steps_agree_with_the_pytorch_loop(head, guided):
+    g = torch.Generator().manual_seed(1)
+    n = 11  # more images than a thread's group holds, and not a multiple of a tile
+    z, zu = torch.randn(n, 24, generator=g), torch.randn(n, 24, generator=g) if guided else None
+    cfg = torch.linspace(1.0, 4.0, n) if guided else 1.0
+    temperature = torch.linspace(0.5, 1.2, n)
+    noise = torch.randn(STEPS + 1, n, 4, generator=g)
+    assert head._kernels(z) is not None
+    fast = head.sample_trajectory(z, temperature, cfg, STEPS, z_uncond=zu, noise=noise)
+    slow = _torch_path(head, lambda: head.sample_trajectory(z, temperature, cfg, STEPS, z_uncond=zu, noise=noise))
+    assert torch.allclose(fast.states, slow.states, atol=1e-5), (fast.states - slow.states).abs().max()
+    assert torch.equal(fast.tokens, fast.states[-1]) and torch.equal(fast.states[0], noise[0])
+    assert torch.equal(head.sample(z, temperature, cfg, STEPS, z_uncond=zu, noise=noise), fast.tokens)
+    # the density recomputed along the states: the same on both paths, and equal to the draws' own
+    dens = head.trajectory_log_density(fast.states, z, temperature, cfg, zu)
+    again = _torch_path(head, lambda: head.trajectory_log_density(fast.states, z, temperature, cfg, zu))
+    assert torch.allclose(dens, again, atol=1e-4), (dens - again).abs().max()
+    assert torch.allclose(dens, fast.log_density, atol=1e-3), (dens - fast.log_density).abs().max()
+    other = head.trajectory_log_density(fast.states, z.flip(0), temperature, cfg, zu)
+    assert not torch.allclose(other, dens, atol=1e-1)  # the density depends on z
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_an_image_has_the_same_bits_alone_or_with_others(head, guided):
+    g = torch.Generator().manual_seed(2)
+    n = 9
+    z, zu = torch.randn(n, 24, generator=g), torch.randn(n, 24, generator=g) if guided else None
+    cfg = torch.linspace(1.0, 3.0, n) if guided else 1.0
+    noise = torch.randn(STEPS + 1, n, 4, generator=g)
+    together = head.sample_trajectory(z, 0.9, cfg, STEPS, z_uncond=zu, noise=noise)
+    dens = head.trajectory_log_density(together.states, z, 0.9, cfg, zu)
+    for i in (0, 4, 8):
+        one = slice(i, i + 1)
+        alone = head.sample_trajectory(z[one], 0.9, cfg[one] if guided else cfg, STEPS,
+                                       z_uncond=None if zu is None else zu[one], noise=noise[:, one])
+        assert torch.equal(alone.states[:, 0], together.states[:, i])
+        dens_alone = head.trajectory_log_density(alone.states, z[one], 0.9, cfg[one] if guided else cfg,
+                                                 None if zu is None else zu[one])
+        # the steps' eps are the same bits; PyTorch's sum over the steps may round differently per batch
+        assert torch.allclose(dens_alone[0], dens[i], rtol=0, atol=1e-5), (dens_alone[0], dens[i])
+
+
+def test_weights_changed_in_place_are_read_again():
+    head = _head(32, 2, seed=3)
+    z, noise = torch.randn(2, 24), torch.randn(STEPS + 1, 2, 4)
+    before = head.sample(z, 1.0, 1.0, STEPS, noise=noise)
+    with torch.no_grad():
+        head.fc2[1].weight.mul_(2.0)  # what an optimizer step does: in place
+    after = head.sample(z, 1.0, 1.0, STEPS, noise=noise)
+    expected = _torch_path(head, lambda: head.sample(z, 1.0, 1.0, STEPS, noise=noise))
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, expected, atol=1e-5)
+
+
+def test_a_width_the_kernels_do_not_take_runs_the_pytorch_loop():
+    torch.manual_seed(4)
+    head = DiffusionHead(HeadConfig(token_dim=4, z_dim=24, width=20, blocks=1)).eval()  # 20: no multiple of a vector
+    z = torch.randn(3, 24)
+    assert head._kernels(z) is None
+    assert head.sample(z, 1.0, 1.0, STEPS).shape == (3, 4)
