@@ -64,15 +64,20 @@ def batch1(clients: dict, args) -> dict:
     """``clients``: wiring name -> SDK Client. Alternating batch-1 trials."""
     seconds = {(w, m): [] for w in clients for m in MODES}
     identical = {m: 0 for m in MODES}
+    pixel_diff = {m: 0.0 for m in MODES}  # largest difference of a float pixel between the wirings
     for i in range(args.ray_trials):
         for mode, method in MODES.items():
-            pixels = {}
+            pngs, pixels = {}, {}
             for wiring, client in clients.items():
                 t = time.perf_counter()
                 out = client.generate_image([i % 10], **_options(args, method, 3000 + i))
                 seconds[wiring, mode].append(time.perf_counter() - t)
-                pixels[wiring] = np.asarray(out.images[0].pixels)
-            identical[mode] += bool(np.array_equal(pixels["embedded"], pixels["ray"]))
+                pngs[wiring], pixels[wiring] = out.images[0].png, np.asarray(out.images[0].pixels, dtype=np.float64)
+            # the issue's proof: the same PNG bytes; the float pixels may differ in their last bits (on the
+            # AMD EPYC host by up to 1e-6 in CSpD, with or without the compiled head: its draft forward runs
+            # on 1 torch thread in the Ray drafter and 2 in process)
+            identical[mode] += pngs["embedded"] == pngs["ray"]
+            pixel_diff[mode] = max(pixel_diff[mode], float(np.abs(pixels["embedded"] - pixels["ray"]).max()))
         log(f"[batch 1: {i + 1}/{args.ray_trials}] " + ", ".join(
             f"{w} {m} {seconds[w, m][-1]:.2f} s" for w in clients for m in MODES))
     out: dict = {"trials": args.ray_trials}
@@ -81,7 +86,7 @@ def batch1(clients: dict, args) -> dict:
         out[mode] = {"embedded_images_per_s": len(e) / sum(e), "ray_images_per_s": len(r) / sum(r),
                      "ray_over_embedded": sum(e) / sum(r),
                      "per_trial": spread([a / b for a, b in zip(e, r)]),
-                     "identical_images": identical[mode]}
+                     "identical_images": identical[mode], "max_pixel_difference": pixel_diff[mode]}
     return out
 
 
@@ -195,7 +200,8 @@ def bench(args) -> dict:
         r = b1[mode]
         log(f"batch 1 {mode}: embedded {r['embedded_images_per_s']:.2f} img/s, ray {r['ray_images_per_s']:.2f} img/s, "
             f"ray / embedded {r['ray_over_embedded']:.2f}x (per trial {r['per_trial']['min']:.2f}-"
-            f"{r['per_trial']['max']:.2f}); {r['identical_images']}/{b1['trials']} images identical")
+            f"{r['per_trial']['max']:.2f}); {r['identical_images']}/{b1['trials']} PNGs identical "
+            f"(float pixels within {r['max_pixel_difference']:.1e})")
     for wiring, c in out["concurrency"].items():
         log(f"{wiring}: {CONCURRENT} at once / 1: " + ", ".join(f"{m} {c[m]['gain']:.2f}x" for m in MODES))
     return out
