@@ -77,12 +77,14 @@ RESIDUAL_ROWS = 4
 # The adaptive draft length's cost model, in target tokens (a head sample and a backbone forward of the
 # request's rows): a draft token, a round's verification (target forward and the target's densities of
 # every draft trajectory) and a residual sample, measured with the digits models at 1 and at 32 images a
-# request (docs/decisions.md, "CSpD that pays", then at batch 1 scaled by 1.28 so that a k = 3 round at the
-# measured per-token acceptance 0.6 costs what `arserve bench --suite image` measured through the server:
-# 1.88 tokens at 0.78x plain, 2.4 target tokens; decision 45). The verification grows with the rows (k
-# trajectories of 50 steps each), so drafting pays at batch 1 above about 0.71 per-token acceptance and at
-# 32 above about 0.9; between, the costs are interpolated in log2(images).
-COSTS_BATCH1 = (0.35, 0.37, 1.28)  # draft token, verification, residual
+# request (docs/decisions.md, "CSpD that pays", then at batch 1 scaled so that a k = 3 round at the measured
+# per-token acceptance 0.6 costs what `arserve bench --suite image` measured through the server: 1.88 tokens
+# at 0.78x plain, 2.4 target tokens, in decision 45 (x 1.28); at 0.60x, 3.2 target tokens, since the head's
+# steps are compiled and a plain token is mostly its backbone forward, in decision 55 (x 1.33 more). The
+# verification grows with the rows (k trajectories of 50 steps each), so drafting pays at batch 1 above
+# about 0.85 per-token acceptance and at 32 above about 0.9; between, the costs are interpolated in
+# log2(images).
+COSTS_BATCH1 = (0.47, 0.49, 1.70)  # draft token, verification, residual
 COSTS_BATCH32 = (0.23, 1.4, 2.2)
 
 
