@@ -96,3 +96,38 @@ def test_a_width_the_kernels_do_not_take_runs_the_pytorch_loop():
     z = torch.randn(3, 24)
     assert head._kernels(z) is None
     assert head.sample(z, 1.0, 1.0, STEPS).shape == (3, 4)
+
+
+AVX2_CHECK = """
+import torch
+from arserve.core import fused
+from arserve.core.diffusion_head import DiffusionHead, HeadConfig
+assert fused.kernels() is not None and fused.kernels().denoise_width() == 8
+torch.manual_seed(0)
+head = DiffusionHead(HeadConfig(token_dim=4, z_dim=24, width=40, blocks=2)).eval()  # 40: 8-lane vectors only
+with torch.no_grad():
+    for p in head.parameters():
+        p.normal_(0, 0.3)
+z, zu, noise = torch.randn(5, 24), torch.randn(5, 24), torch.randn(21, 5, 4)
+fast = head.sample_trajectory(z, 0.9, 2.0, 20, z_uncond=zu, noise=noise)
+one = head.sample_trajectory(z[2:3], 0.9, 2.0, 20, z_uncond=zu[2:3], noise=noise[:, 2:3])
+head._kernels = lambda like: None
+slow = head.sample_trajectory(z, 0.9, 2.0, 20, z_uncond=zu, noise=noise)
+print((fast.states - slow.states).abs().max().item(), torch.equal(one.states[:, 0], fast.states[:, 2]))
+"""
+
+
+@pytest.mark.skipif(fused.kernels() is None, reason="needs the fused kernels")
+def test_the_avx2_build_denoises_as_well():
+    """Built without AVX-512 (8-lane vectors, as on the AVX2-only EPYCs of this
+    project's class; test_cpu builds the same library first): the same
+    trajectories as the PyTorch loop, and an image alone keeps its bits."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ARSERVE_KERNELS_ISA": "avx2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diff, alone_equal = proc.stdout.split()
+    assert float(diff) < 1e-5 and alone_equal == "True", proc.stdout
