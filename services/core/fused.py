@@ -46,7 +46,7 @@ from torch import Tensor
 log = logging.getLogger("arserve.core")
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("fused.cpp", "row_product.cpp", "causal_attention.cpp", "decode_stack.cpp", "denoise.cpp",
+           for name in ("fused.cpp", "row_product.cpp", "causal_attention.cpp", "decode_stack.cpp", "image.cpp",
                         "kernels.h")]
 NAME = "arserve_fused"
 # Built for the CPU it runs on; a * b + c rounds twice (but where a kernel asks for an FMA); OpenMP threads.

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .diffusion_head import DiffusionHead, HeadConfig
 
 
@@ -149,11 +150,48 @@ class ImageAR(nn.Module):
         else:
             positions = kv.lengths[:, None] + torch.arange(m, device=x.device)  # [rows, m]
             x = x + self.pos_embed[positions.clamp(max=self.config.seq_len - 1)]
+            kern = self._kernels(x, kv)
+            if kern is not None:  # every block in one call (image.cpp), each row alone
+                return kern.image_forward(x.contiguous(), kv.k, kv.v, kv.lengths.contiguous(), self._fused_weights(),
+                                          self.config.n_heads)
             capacity = kv.k.shape[2]
             mask = (torch.arange(capacity, device=x.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         for i, block in enumerate(self.blocks):
             x = block(x, kv, i, positions, mask)
         return self.norm(x)
+
+    def _kernels(self, x: torch.Tensor, kv: ImageKV):
+        """The compiled blocks (``image.cpp``) where they serve this forward:
+        CPU float32, widths a multiple of a vector, each row's cache positions
+        contiguous; else None (PyTorch's ops: a GPU, ``ARSERVE_FUSED=0``, the
+        whole-sequence forward of training)."""
+        k = fused.on(x)
+        if k is None:
+            return None
+        c, lanes = self.config, k.image_width()
+        if x.dtype != torch.float32 or kv.k.dtype != torch.float32 or torch.is_grad_enabled() \
+                or c.dim % lanes or (c.mlp_ratio * c.dim) % lanes or c.dim % c.n_heads \
+                or kv.k.stride(2) != c.dim or kv.v.stride(2) != c.dim or kv.k.stride(4) != 1 or kv.v.stride(4) != 1:
+            return None
+        return k
+
+    def _fused_weights(self) -> list[torch.Tensor]:
+        """The blocks' weights as ``image.cpp`` reads them, stacked over layers,
+        linears transposed (in, out); made once per version of the parameters."""
+        params = [p for b in self.blocks for p in b.parameters()] + list(self.norm.parameters())
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_fused_cache", (None,))[0] != version:
+            f32 = lambda ts: torch.stack([t.detach().float() for t in ts]).contiguous()  # noqa: E731
+            bs = self.blocks
+            self._fused_cache = (version, [
+                f32([b.norm1.weight for b in bs]), f32([b.norm1.bias for b in bs]),
+                f32([b.qkv.weight.T for b in bs]), f32([b.qkv.bias for b in bs]),
+                f32([b.proj.weight.T for b in bs]), f32([b.proj.bias for b in bs]),
+                f32([b.norm2.weight for b in bs]), f32([b.norm2.bias for b in bs]),
+                f32([b.mlp[0].weight.T for b in bs]), f32([b.mlp[0].bias for b in bs]),
+                f32([b.mlp[2].weight.T for b in bs]), f32([b.mlp[2].bias for b in bs]),
+                self.norm.weight.detach().float().contiguous(), self.norm.bias.detach().float().contiguous()])
+        return self._fused_cache[1]
 
     def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training: labels [rows] with a ``class_dropout`` fraction replaced by "no class"."""

@@ -1,5 +1,5 @@
 // What arserve's CPU kernels (fused.cpp, row_product.cpp, causal_attention.cpp, decode_stack.cpp,
-// denoise.cpp) share: one module, arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
+// image.cpp) share: one module, arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
 #pragma once
 
 #include <torch/extension.h>
@@ -176,8 +176,8 @@ int64_t causal_attention_width();  // head_dim must be a multiple of it
 // The decode step's layers in one call (decode_stack.cpp).
 void bind_decode_stack(pybind11::module& m);
 
-// The diffusion head's denoising steps in one call (denoise.cpp).
-void bind_denoise(pybind11::module& m);
+// The image model's backbone blocks and diffusion-head steps in one call each (image.cpp).
+void bind_image(pybind11::module& m);
 
 }  // namespace arserve
 

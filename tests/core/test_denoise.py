@@ -1,4 +1,4 @@
-"""The diffusion head's compiled denoising steps (``denoise.cpp``): the same
+"""The diffusion head's compiled denoising steps (``image.cpp``): the same
 tokens, trajectories and densities as the PyTorch loop that defines them, and
 each image's bits independent of the images it is computed with."""
 
@@ -102,7 +102,7 @@ AVX2_CHECK = """
 import torch
 from arserve.core import fused
 from arserve.core.diffusion_head import DiffusionHead, HeadConfig
-assert fused.kernels() is not None and fused.kernels().denoise_width() == 8
+assert fused.kernels() is not None and fused.kernels().image_width() == 8
 torch.manual_seed(0)
 head = DiffusionHead(HeadConfig(token_dim=4, z_dim=24, width=40, blocks=2)).eval()  # 40: 8-lane vectors only
 with torch.no_grad():
@@ -113,7 +113,18 @@ fast = head.sample_trajectory(z, 0.9, 2.0, 20, z_uncond=zu, noise=noise)
 one = head.sample_trajectory(z[2:3], 0.9, 2.0, 20, z_uncond=zu[2:3], noise=noise[:, 2:3])
 head._kernels = lambda like: None
 slow = head.sample_trajectory(z, 0.9, 2.0, 20, z_uncond=zu, noise=noise)
-print((fast.states - slow.states).abs().max().item(), torch.equal(one.states[:, 0], fast.states[:, 2]))
+from arserve.core.image_model import ImageAR, ImageConfig, ImageKV
+model = ImageAR(ImageConfig(dim=40, n_layers=2, n_heads=2, seq_len=6)).eval()  # 40, 160: 8-lane vectors only
+x = torch.randn(3, 4, 40)
+with torch.no_grad():
+    assert model._kernels(x, ImageKV.empty(model.config, 3, 8)) is not None
+    kv = ImageKV.empty(model.config, 3, 8)
+    model(x[:, :2], kv); kv.commit(torch.tensor([2, 1, 2])); z = model(x[:, 2:], kv)
+    model._kernels = lambda x, kv: None
+    ref = ImageKV.empty(model.config, 3, 8)
+    model(x[:, :2], ref); ref.commit(torch.tensor([2, 1, 2])); z_ref = model(x[:, 2:], ref)
+print((fast.states - slow.states).abs().max().item(), torch.equal(one.states[:, 0], fast.states[:, 2]),
+      (z - z_ref).abs().max().item())
 """
 
 
@@ -121,7 +132,8 @@ print((fast.states - slow.states).abs().max().item(), torch.equal(one.states[:, 
 def test_the_avx2_build_denoises_as_well():
     """Built without AVX-512 (8-lane vectors, as on the AVX2-only EPYCs of this
     project's class; test_cpu builds the same library first): the same
-    trajectories as the PyTorch loop, and an image alone keeps its bits."""
+    trajectories as the PyTorch loop, an image alone keeps its bits, and the
+    backbone's blocks give PyTorch's z over a ragged cache."""
     import os
     import subprocess
     import sys
@@ -129,5 +141,5 @@ def test_the_avx2_build_denoises_as_well():
     env = {**os.environ, "ARSERVE_KERNELS_ISA": "avx2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    diff, alone_equal = proc.stdout.split()
-    assert float(diff) < 1e-5 and alone_equal == "True", proc.stdout
+    diff, alone_equal, backbone_diff = proc.stdout.split()
+    assert float(diff) < 1e-5 and alone_equal == "True" and float(backbone_diff) < 1e-5, proc.stdout

@@ -1,8 +1,11 @@
 """The continuous-token image model: its ragged per-row KV cache against a
 whole-sequence forward, and the diffusion head's trajectory densities."""
 
+import copy
+
 import pytest
 import torch
+
 
 from arserve.core.diffusion_head import DiffusionHead, HeadConfig, Schedule
 from arserve.core.image_model import ImageAR, ImageConfig, ImageKV
@@ -20,7 +23,20 @@ def model():
     return m
 
 
-def test_cached_forward_matches_whole_sequence_with_ragged_rows(model):
+def _pytorch_blocks(model):
+    """The model's cached forward on PyTorch's ops (its compiled blocks off)."""
+    other = copy.deepcopy(model)
+    other._kernels = lambda x, kv: None
+    return other
+
+
+@pytest.mark.parametrize("path", ["compiled", "pytorch"])
+def test_cached_forward_matches_whole_sequence_with_ragged_rows(model, path):
+    if path == "compiled":
+        with torch.no_grad():  # (under autograd the forward keeps PyTorch's ops)
+            assert model._kernels(torch.zeros(1, 1, CONFIG.dim), ImageKV.empty(CONFIG, 1, 8)) is not None
+    else:
+        model = _pytorch_blocks(model)
     g = torch.Generator().manual_seed(1)
     rows = 3
     labels = torch.tensor([1, 4, CONFIG.num_classes])
@@ -43,6 +59,36 @@ def test_cached_forward_matches_whole_sequence_with_ragged_rows(model):
                     out[r, kv.lengths[r] + j] = z[r, j]
             kv.commit(grow)
     assert torch.allclose(out, full, atol=1e-5), (out - full).abs().max()
+
+
+def test_a_row_of_the_compiled_blocks_is_the_same_alone_and_in_a_batch():
+    """Each row's positions, keys and values alone: a row scored with others
+    (the backbone service joins requests) gives the bits it gives alone, and
+    writes its cache through a view of a joined one."""
+    torch.manual_seed(3)
+    m = ImageAR(ImageConfig.from_name("digits-draft").with_(seq_len=6)).eval()
+    c = m.config
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, c.dim, generator=g)
+    with torch.no_grad():
+        joined = ImageKV.empty(c, 3, 8)
+        z_all = m(x[:, :2], joined)  # the class and the first token of 3 rows at once
+        joined.commit(torch.tensor([2, 1, 2]))
+        z_next = m(x[:, 2:5], joined)
+        for r in range(3):
+            alone = ImageKV.empty(c, 1, 8)
+            assert torch.equal(m(x[r:r + 1, :2], alone), z_all[r:r + 1])
+            alone.commit(torch.tensor([[2, 1, 2][r]]))
+            assert torch.equal(m(x[r:r + 1, 2:5], alone), z_next[r:r + 1])
+        # a request's rows as a view of a joined cache (dim 1 sliced), as the services keep them
+        view = ImageKV(joined.k[:, 1:3], joined.v[:, 1:3], joined.lengths[1:3] + 1)
+        copied = ImageKV(view.k.clone(), view.v.clone(), view.lengths.clone())
+        z_view = m(x[1:3, 3:4], view)
+        z_copy = _pytorch_blocks(m)(x[1:3, 3:4], copied)
+        assert torch.allclose(z_view, z_copy, atol=1e-5), (z_view - z_copy).abs().max()
+        for mine, theirs in ((joined.k, copied.k), (joined.v, copied.v)):  # written through the view
+            assert torch.allclose(mine[:, 1:3], theirs, atol=1e-5)
+        assert not torch.equal(copied.k[:, :, 3], ImageKV.empty(c, 2, 8).k[:, :, 3])  # position 3 was written
 
 
 def test_trajectory_density_batched_equals_sequential():
