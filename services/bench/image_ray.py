@@ -73,9 +73,8 @@ def batch1(clients: dict, args) -> dict:
                 out = client.generate_image([i % 10], **_options(args, method, 3000 + i))
                 seconds[wiring, mode].append(time.perf_counter() - t)
                 pngs[wiring], pixels[wiring] = out.images[0].png, np.asarray(out.images[0].pixels, dtype=np.float64)
-            # the proof: the same PNG bytes; the float pixels may differ in their last bits (on the
-            # AMD EPYC host by up to 1e-6 in CSpD, with or without the compiled head: its draft forward runs
-            # on 1 torch thread in the Ray drafter and 2 in process)
+            # the proof: the same PNG bytes; the float pixels are reported too (they differed in their
+            # last bits where a PyTorch forward ran on different thread counts in the two wirings, decision 55)
             identical[mode] += pngs["embedded"] == pngs["ray"]
             pixel_diff[mode] = max(pixel_diff[mode], float(np.abs(pixels["embedded"] - pixels["ray"]).max()))
         log(f"[batch 1: {i + 1}/{args.ray_trials}] " + ", ".join(
