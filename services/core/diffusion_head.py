@@ -310,18 +310,19 @@ class DiffusionHead(nn.Module):
         condition, adaLN and blocks' linears transposed (in, out), the final
         linear as it is, biases and LayerNorm affines beside them. Made once per
         version of the parameters (training changes them in place)."""
-        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if getattr(self, "_fused_cache", (None,))[0] != version:
-            f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
-            stack = lambda mods, f: f32(torch.stack([f(m) for m in mods]))  # noqa: E731
-            self._fused_cache = (version, [
-                f32(self.input_proj.weight.T), f32(self.input_proj.bias), f32(self.cond.weight.T),
+        if "_relayout" not in self.__dict__:
+            self._relayout = fused.Relayout([self])
+        return self._relayout.get(self._lay_out)
+
+    def _lay_out(self) -> list[torch.Tensor]:
+        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+        stack = lambda mods, f: f32(torch.stack([f(m) for m in mods]))  # noqa: E731
+        return [f32(self.input_proj.weight.T), f32(self.input_proj.bias), f32(self.cond.weight.T),
                 f32(self.cond.bias), f32(self.ada.weight.T), f32(self.ada.bias),
                 stack(self.norms, lambda m: m.weight), stack(self.norms, lambda m: m.bias),
                 stack(self.fc1, lambda m: m.weight.T), stack(self.fc1, lambda m: m.bias),
                 stack(self.fc2, lambda m: m.weight.T), stack(self.fc2, lambda m: m.bias),
-                f32(self.final.weight), f32(self.final.bias)])
-        return self._fused_cache[1]
+                f32(self.final.weight), f32(self.final.bias)]
 
     def _denoise_fused(self, kern, sched: Schedule, t_embed: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,
                        temperature: torch.Tensor, cfg: torch.Tensor,

@@ -178,20 +178,20 @@ class ImageAR(nn.Module):
     def _fused_weights(self) -> list[torch.Tensor]:
         """The blocks' weights as ``image.cpp`` reads them, stacked over layers,
         linears transposed (in, out); made once per version of the parameters."""
-        params = [p for b in self.blocks for p in b.parameters()] + list(self.norm.parameters())
-        version = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_fused_cache", (None,))[0] != version:
-            f32 = lambda ts: torch.stack([t.detach().float() for t in ts]).contiguous()  # noqa: E731
-            bs = self.blocks
-            self._fused_cache = (version, [
-                f32([b.norm1.weight for b in bs]), f32([b.norm1.bias for b in bs]),
+        if "_relayout" not in self.__dict__:
+            self._relayout = fused.Relayout([self.blocks, self.norm])
+        return self._relayout.get(self._lay_out)
+
+    def _lay_out(self) -> list[torch.Tensor]:
+        f32 = lambda ts: torch.stack([t.detach().float() for t in ts]).contiguous()  # noqa: E731
+        bs = self.blocks
+        return [f32([b.norm1.weight for b in bs]), f32([b.norm1.bias for b in bs]),
                 f32([b.qkv.weight.T for b in bs]), f32([b.qkv.bias for b in bs]),
                 f32([b.proj.weight.T for b in bs]), f32([b.proj.bias for b in bs]),
                 f32([b.norm2.weight for b in bs]), f32([b.norm2.bias for b in bs]),
                 f32([b.mlp[0].weight.T for b in bs]), f32([b.mlp[0].bias for b in bs]),
                 f32([b.mlp[2].weight.T for b in bs]), f32([b.mlp[2].bias for b in bs]),
-                self.norm.weight.detach().float().contiguous(), self.norm.bias.detach().float().contiguous()])
-        return self._fused_cache[1]
+                self.norm.weight.detach().float().contiguous(), self.norm.bias.detach().float().contiguous()]
 
     def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training: labels [rows] with a ``class_dropout`` fraction replaced by "no class"."""
