@@ -465,6 +465,7 @@ Backbone backbone_of(const std::vector<torch::Tensor>& wts, int64_t dim, int64_t
 torch::Tensor image_forward(const torch::Tensor& x, torch::Tensor k_cache, torch::Tensor v_cache,
                             const torch::Tensor& lengths, const std::vector<torch::Tensor>& weights, int64_t heads) {
   check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 3, "x must be [rows, m, dim]");
   const int64_t rows = x.size(0), m = x.size(1), dim = x.size(2);
   const Backbone B = backbone_of(weights, dim, heads);
   const int64_t hd = dim / heads, capacity = k_cache.size(2);
@@ -481,6 +482,7 @@ torch::Tensor image_forward(const torch::Tensor& x, torch::Tensor k_cache, torch
     TORCH_CHECK(len[r] >= 0 && len[r] + m <= capacity, "row ", r, ": ", m, " positions after ", len[r],
                 " pass the cache's ", capacity);
   auto z = torch::empty({rows, m, dim}, x.options());
+  if (rows == 0 || m == 0) return z;
   const float* xp = x.data_ptr<float>();
   float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>(), *zp = z.data_ptr<float>();
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), vs0 = v_cache.stride(0), vs1 = v_cache.stride(1);
