@@ -240,7 +240,7 @@ class DiffusionHead(nn.Module):
         (the density of the states as stored, float32, is computed from these).
 
         On a CPU every step runs in one call of the compiled kernels
-        (``image.cpp``, docs/decisions.md decision 55): a step is some 75
+        (``diffusion_head.cpp``, docs/decisions.md decision 55): a step is some 75
         small PyTorch ops at one row, and entering them was most of a token's
         time. Elsewhere (a GPU, ``ARSERVE_FUSED=0``) this PyTorch loop runs,
         fewer ops than ``forward`` with the same arithmetic (decision 35): the adaLN modulation
@@ -296,7 +296,7 @@ class DiffusionHead(nn.Module):
         return x, (torch.stack(states) if keep_states else None)
 
     def _kernels(self, like: torch.Tensor):
-        """The compiled denoising steps (``image.cpp``) where they serve this
+        """The compiled denoising steps (``diffusion_head.cpp``) where they serve this
         head: CPU float32 tensors like ``like``, a width they take; else None
         (the PyTorch loop: on a GPU, or with ARSERVE_FUSED=0)."""
         k = fused.on(like)
@@ -306,7 +306,7 @@ class DiffusionHead(nn.Module):
         return k
 
     def _fused_weights(self) -> list[torch.Tensor]:
-        """The weights as ``image.cpp`` reads them (its ``Head``): the input,
+        """The weights as ``diffusion_head.cpp`` reads them (its ``Head``): the input,
         condition, adaLN and blocks' linears transposed (in, out), the final
         linear as it is, biases and LayerNorm affines beside them. Made once per
         version of the parameters (training changes them in place)."""
@@ -327,7 +327,7 @@ class DiffusionHead(nn.Module):
     def _denoise_fused(self, kern, sched: Schedule, t_embed: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,
                        temperature: torch.Tensor, cfg: torch.Tensor,
                        keep_states: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``_denoise`` through ``image.cpp``, every step in one call. z: [m, z_dim]
+        """``_denoise`` through ``diffusion_head.cpp``, every step in one call. z: [m, z_dim]
         (guided: the conditional rows, then the unconditional)."""
         steps, n, d = noise.shape[0] - 1, noise.shape[1], noise.shape[2]
         noise = noise.float().contiguous()
@@ -351,7 +351,7 @@ class DiffusionHead(nn.Module):
         sched, t_embed = self.schedule(steps)
         w = torch.as_tensor(cfg, dtype=torch.float32, device=z.device).reshape(-1, 1)  # [n or 1, 1]
         kern = self._kernels(z)
-        if kern is not None:  # every step's eps through image.cpp in one call
+        if kern is not None:  # every step's eps through diffusion_head.cpp in one call
             zs = z if z_uncond is None else torch.cat([z, z_uncond])  # [m, z_dim]
             eps = kern.eps_at(states[:-1].float().contiguous(), t_embed.contiguous(), zs.float().contiguous(),
                               self._fused_weights(), w.reshape(-1).contiguous())  # [S, n, d]

@@ -365,6 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_tile", &arserve::row_tile, pybind11::arg("bfloat16") = false,
         "(NR, S): output features per tile, elements of K per slice (bfloat16: 2L where the CPU multiplies pairs)");
   arserve::bind_decode_stack(m);
-  arserve::bind_image(m);
+  arserve::bind_image_blocks(m);
+  arserve::bind_diffusion_head(m);
   m.def("rope_qkv", &rope_qkv, "qkv [N, (H+2K)*hd], cos, sin_folded [N, hd], H, K -> (qk [H+K, N, hd], v [K, N, hd])");
 }

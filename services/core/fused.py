@@ -46,8 +46,8 @@ from torch import Tensor
 log = logging.getLogger("arserve.core")
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("fused.cpp", "row_product.cpp", "causal_attention.cpp", "decode_stack.cpp", "image.cpp",
-                        "kernels.h")]
+           for name in ("fused.cpp", "row_product.cpp", "causal_attention.cpp", "decode_stack.cpp", "image_blocks.cpp",
+                        "diffusion_head.cpp", "kernels.h", "row_tiles.h")]
 NAME = "arserve_fused"
 # Built for the CPU it runs on; a * b + c rounds twice (but where a kernel asks for an FMA); OpenMP threads.
 # ARSERVE_KERNELS_ISA=avx2 leaves AVX-512 out, as on the AVX2-only CPUs of this project's class (the tests use it).

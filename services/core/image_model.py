@@ -151,7 +151,7 @@ class ImageAR(nn.Module):
             positions = kv.lengths[:, None] + torch.arange(m, device=x.device)  # [rows, m]
             x = x + self.pos_embed[positions.clamp(max=self.config.seq_len - 1)]
             kern = self._kernels(x, kv)
-            if kern is not None:  # every block in one call (image.cpp), each row alone
+            if kern is not None:  # every block in one call (image_blocks.cpp), each row alone
                 return kern.image_forward(x.contiguous(), kv.k, kv.v, kv.lengths.contiguous(), self._fused_weights(),
                                           self.config.n_heads)
             capacity = kv.k.shape[2]
@@ -161,7 +161,7 @@ class ImageAR(nn.Module):
         return self.norm(x)
 
     def _kernels(self, x: torch.Tensor, kv: ImageKV):
-        """The compiled blocks (``image.cpp``) where they serve this forward:
+        """The compiled blocks (``image_blocks.cpp``) where they serve this forward:
         CPU float32, widths a multiple of a vector, each row's cache positions
         contiguous; else None (PyTorch's ops: a GPU, ``ARSERVE_FUSED=0``, the
         whole-sequence forward of training)."""
@@ -176,7 +176,7 @@ class ImageAR(nn.Module):
         return k
 
     def _fused_weights(self) -> list[torch.Tensor]:
-        """The blocks' weights as ``image.cpp`` reads them, stacked over layers,
+        """The blocks' weights as ``image_blocks.cpp`` reads them, stacked over layers,
         linears transposed (in, out); made once per version of the parameters."""
         if "_relayout" not in self.__dict__:
             self._relayout = fused.Relayout([self.blocks, self.norm])

@@ -1,5 +1,6 @@
 // What arserve's CPU kernels (fused.cpp, row_product.cpp, causal_attention.cpp, decode_stack.cpp,
-// image.cpp) share: one module, arserve.core.fused, built by torch's cpp_extension for the CPU it runs on.
+// image_blocks.cpp, diffusion_head.cpp) share: one module, arserve.core.fused, built by torch's
+// cpp_extension for the CPU it runs on.
 #pragma once
 
 #include <torch/extension.h>
@@ -176,8 +177,9 @@ int64_t causal_attention_width();  // head_dim must be a multiple of it
 // The decode step's layers in one call (decode_stack.cpp).
 void bind_decode_stack(pybind11::module& m);
 
-// The image model's backbone blocks and diffusion-head steps in one call each (image.cpp).
-void bind_image(pybind11::module& m);
+// The image model's backbone blocks (image_blocks.cpp) and diffusion-head steps (diffusion_head.cpp), one call each.
+void bind_image_blocks(pybind11::module& m);
+void bind_diffusion_head(pybind11::module& m);
 
 }  // namespace arserve
 

@@ -1,4 +1,4 @@
-"""The diffusion head's compiled denoising steps (``image.cpp``): the same
+"""The diffusion head's compiled denoising steps (``diffusion_head.cpp``): the same
 tokens, trajectories and densities as the PyTorch loop that defines them, and
 each image's bits independent of the images it is computed with."""
 

@@ -1,8 +1,6 @@
-// The image model's steps in one call each (arserve.core.image_model, arserve.core.diffusion_head): the
-// backbone's blocks over a KV cache (``image_forward``), and the diffusion head's denoising loop (``denoise``,
-// ``eps_at``).
+// The diffusion head's denoising loop in one call (arserve.core.diffusion_head): ``denoise`` (every step of
+// every image) and ``eps_at`` (eps_hat along given trajectories, for their densities).
 //
-// The head.
 // MAR's head (Li et al. 2024, ``SimpleMLPAdaLN``) is a residual MLP of width w
 // (128 for the digits models) run once per denoising step, 50 steps a token.
 // At one row a step is some 75 PyTorch ops of a few microseconds' arithmetic
@@ -30,23 +28,19 @@
 
 #include <torch/extension.h>
 
-#include "kernels.h"
+#include "row_tiles.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
-#include <utility>
 #include <vector>
 
 namespace arserve {
 namespace {
 
-constexpr int kTile = 8;  // rows of one product tile (sharing each weight load)
-// Output vectors of a tile of R rows: enough independent accumulators (R x NV) to hide the FMA's latency,
-// few enough to stay in registers (32 with AVX-512, 16 with AVX2).
-constexpr int vecs_for(int R) { return L == 16 ? (R == 1 ? 8 : R <= 4 ? 4 : 2) : (R == 1 ? 4 : R == 2 ? 2 : 1); }
+using namespace tiles;
+
 constexpr int64_t kGroupRows = 32;  // model rows a thread carries through a step together
 constexpr int64_t kMaxDim = 8;      // token_dim at most
 
@@ -70,61 +64,6 @@ struct Head {
   int64_t mods() const { return (3 * blocks + 2) * w; }
 };
 
-// y[r][o..] = b[o..] + sum_k x[r][k] wt[k][o..] for R rows and NV vectors of outputs.
-template <int R, int NV>
-inline void product_tile(const float* const* x, int64_t K, const float* wt, int64_t ld, const float* b,
-                         float* const* y, int64_t o) {
-  vec acc[R][NV];
-  for (int j = 0; j < NV; ++j) {
-    const vec bj = load_vec(b + o + j * L);
-    for (int r = 0; r < R; ++r) acc[r][j] = bj;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* wk = wt + k * ld + o;
-    vec wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = load_vec(wk + j * L);
-    for (int r = 0; r < R; ++r) {
-      const vec xk = splat(x[r][k]);
-      for (int j = 0; j < NV; ++j) acc[r][j] = fma_lanes(xk, wv[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) store_vec(y[r] + o + j * L, acc[r][j]);
-}
-
-template <int R>
-void product_rows(const float* const* x, int64_t K, const float* wt, int64_t ld, const float* b, int64_t N,
-                  float* const* y) {
-  int64_t o = 0;
-  constexpr int NV = vecs_for(R);
-  for (; o + NV * L <= N; o += NV * L) product_tile<R, NV>(x, K, wt, ld, b, y, o);
-  for (; o < N; o += L) product_tile<R, 1>(x, K, wt, ld, b, y, o);
-}
-
-using ProductFn = void (*)(const float* const*, int64_t, const float*, int64_t, const float*, int64_t,
-                           float* const*);
-template <int... R>
-constexpr auto product_table(std::integer_sequence<int, R...>) {
-  return std::array<ProductFn, sizeof...(R)>{product_rows<R + 1>...};
-}
-constexpr auto kProducts = product_table(std::make_integer_sequence<int, kTile>{});
-
-// y[r] = x[r] wt + b for R rows: x[r] [K], wt [K, ld] (the N outputs taken from its first columns, N a
-// multiple of L), b [N], y[r] [N].
-void product(int64_t R, const float* const* x, int64_t K, const float* wt, int64_t ld, const float* b, int64_t N,
-             float* const* y) {
-  for (int64_t r = 0; r < R; r += kTile) {
-    const int64_t t = std::min<int64_t>(kTile, R - r);
-    kProducts[t - 1](x + r, K, wt, ld, b, N, y + r);
-  }
-}
-
-inline float lane_sum(vec v) {
-  float s = 0.0f;
-  for (int64_t l = 0; l < L; ++l) s += v[l];
-  return s;
-}
-
 // y = shift + scale1 * (gamma * LN(h) + beta) (gamma, beta null: no affine), LN(h) = (h - mean) / sqrt(var + 1e-6).
 inline void modulated_norm(const float* h, const float* shift, const float* scale1, const float* gamma,
                            const float* beta, int64_t w, float* y) {
@@ -141,13 +80,6 @@ inline void modulated_norm(const float* h, const float* shift, const float* scal
     vec n = (load_vec(h + i) - mean) * rstd;
     if (gamma != nullptr) n = fma_lanes(load_vec(gamma + i), n, load_vec(beta + i));
     store_vec(y + i, fma_lanes(load_vec(scale1 + i), n, load_vec(shift + i)));
-  }
-}
-
-inline void silu_inplace(float* u, int64_t w) {
-  for (int64_t i = 0; i < w; i += L) {
-    const vec a = load_vec(u + i);
-    store_vec(u + i, a / (1.0f + exp_cephes(-a)));
   }
 }
 
@@ -291,11 +223,6 @@ Head head_of(const std::vector<torch::Tensor>& wts, int64_t d, int64_t zd) {
               p(13)};
 }
 
-void check_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
-              " must be a contiguous float32 CPU tensor");
-}
-
 // Images per group: at most kGroupRows model rows, and at least two groups where two threads can share them.
 int64_t images_per_group(int64_t n, bool guided) {
   const int64_t most = kGroupRows / (guided ? 2 : 1), threads = omp_get_max_threads();
@@ -408,165 +335,13 @@ torch::Tensor eps_at(const torch::Tensor& states, const torch::Tensor& t_embed, 
   return out;
 }
 
-// ---------------------------------------------------------------------------
-// The backbone (``ImageAR.forward`` over its KV cache, image_model.py): pre-norm transformer blocks,
-//   a = LN1(h);  q, k, v = qkv(a);  h += proj(attention(q, cache));  h += fc2(gelu(fc1(LN2(h))))
-// then z = LN(h). Each row (image) alone: its m new positions go after its committed length, their keys and
-// values are written into the cache first, and position j attends the keys [0, length + j] (causal).
-
-struct Backbone {
-  int64_t dim, layers, heads, hidden;
-  const float *ln1_w, *ln1_b;  // [layers, dim]
-  const float *qkv_t, *qkv_b;  // [layers, dim, 3 dim] transposed (in, out), [layers, 3 dim]
-  const float *proj_t, *proj_b;  // [layers, dim, dim], [layers, dim]
-  const float *ln2_w, *ln2_b;  // [layers, dim]
-  const float *fc1_t, *fc1_b;  // [layers, dim, hidden], [layers, hidden]
-  const float *fc2_t, *fc2_b;  // [layers, hidden, dim], [layers, dim]
-  const float *norm_w, *norm_b;  // [dim]
-};
-
-// y = (h - mean) / sqrt(var + eps) * w + b over one position [dim] (nn.LayerNorm, eps 1e-5).
-inline void layer_norm(const float* h, const float* w, const float* b, int64_t dim, float* y) {
-  vec s = splat(0.0f);
-  for (int64_t i = 0; i < dim; i += L) s += load_vec(h + i);
-  const float mean = lane_sum(s) / static_cast<float>(dim);
-  vec q = splat(0.0f);
-  for (int64_t i = 0; i < dim; i += L) {
-    const vec c = load_vec(h + i) - mean;
-    q = fma_lanes(c, c, q);
-  }
-  const float rstd = 1.0f / std::sqrt(lane_sum(q) / static_cast<float>(dim) + 1e-5f);
-  for (int64_t i = 0; i < dim; i += L)
-    store_vec(y + i, fma_lanes((load_vec(h + i) - mean) * rstd, load_vec(w + i), load_vec(b + i)));
-}
-
-Backbone backbone_of(const std::vector<torch::Tensor>& wts, int64_t dim, int64_t heads) {
-  TORCH_CHECK(wts.size() == 14, "backbone weights: ln1_w, ln1_b, qkv_t, qkv_b, proj_t, proj_b, ln2_w, ln2_b, "
-              "fc1_t, fc1_b, fc2_t, fc2_b, norm_w, norm_b");
-  for (const auto& t : wts)
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
-                "backbone weights must be contiguous float32 CPU tensors");
-  const int64_t layers = wts[0].size(0), hidden = wts[9].size(1);
-  TORCH_CHECK(dim % L == 0 && hidden % L == 0 && dim % heads == 0, "backbone width and MLP width must be multiples of ", L);
-  TORCH_CHECK(wts[0].numel() == layers * dim && wts[2].numel() == layers * dim * 3 * dim &&
-                  wts[3].numel() == layers * 3 * dim && wts[4].numel() == layers * dim * dim &&
-                  wts[5].numel() == layers * dim && wts[8].numel() == layers * dim * hidden &&
-                  wts[10].numel() == layers * hidden * dim && wts[11].numel() == layers * dim &&
-                  wts[12].numel() == dim && wts[13].numel() == dim,
-              "backbone weights' shapes disagree");
-  const auto p = [&](int i) { return wts[i].data_ptr<float>(); };
-  return Backbone{dim, layers, heads, hidden, p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7), p(8), p(9), p(10),
-                  p(11), p(12), p(13)};
-}
-
-// x [rows, m, dim] input embeddings (positions added), k_cache and v_cache [layers, rows, capacity, heads,
-// head_dim] (each (layer, row) block contiguous; written at lengths[r] + j), lengths [rows] int64 -> z [rows, m,
-// dim].
-torch::Tensor image_forward(const torch::Tensor& x, torch::Tensor k_cache, torch::Tensor v_cache,
-                            const torch::Tensor& lengths, const std::vector<torch::Tensor>& weights, int64_t heads) {
-  check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 3, "x must be [rows, m, dim]");
-  const int64_t rows = x.size(0), m = x.size(1), dim = x.size(2);
-  const Backbone B = backbone_of(weights, dim, heads);
-  const int64_t hd = dim / heads, capacity = k_cache.size(2);
-  for (const torch::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == torch::kFloat32 && c->dim() == 5 &&
-                    c->size(0) == B.layers && c->size(1) == rows && c->size(3) == heads && c->size(4) == hd &&
-                    c->stride(4) == 1 && c->stride(3) == hd && c->stride(2) == dim,
-                "the KV cache must be float32 [layers, rows, capacity, heads, head_dim], each row's positions "
-                "contiguous");
-  TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.numel() == rows && lengths.is_contiguous(),
-              "lengths must be [rows] int64");
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(len[r] >= 0 && len[r] + m <= capacity, "row ", r, ": ", m, " positions after ", len[r],
-                " pass the cache's ", capacity);
-  auto z = torch::empty({rows, m, dim}, x.options());
-  if (rows == 0 || m == 0) return z;
-  const float* xp = x.data_ptr<float>();
-  float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>(), *zp = z.data_ptr<float>();
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), vs0 = v_cache.stride(0), vs1 = v_cache.stride(1);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  ReleaseGil release;
-  // A thread carries a group of rows through the blocks together, so that each product's tiles share
-  // weight loads across rows (one row alone reads every weight once per position: 3 MB at dim 128).
-  const int64_t threads = std::min<int64_t>(omp_get_max_threads(), rows);
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(kGroupRows, (rows + threads - 1) / threads));
-  parallel_chunks((rows + group - 1) / group, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t P = group * m;  // positions of a group
-    // per position: h [dim], a [dim], qkv [3 dim], o [dim], u [hidden]; scores [capacity]
-    std::vector<float> buf(P * (6 * dim + B.hidden)), scores(capacity);
-    std::vector<float*> h(P), a(P), qkv(P), o(P), u(P);
-    for (int64_t j = 0; j < P; ++j) {
-      float* p = buf.data() + j * (6 * dim + B.hidden);
-      h[j] = p, a[j] = p + dim, qkv[j] = p + 2 * dim, o[j] = p + 5 * dim, u[j] = p + 6 * dim;
-    }
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t r0 = g * group, r1 = std::min(rows, r0 + group), n = (r1 - r0) * m;  // position i: row r0 + i / m
-      for (int64_t i = 0; i < n; ++i) std::memcpy(h[i], xp + (r0 * m + i) * dim, dim * sizeof(float));
-      for (int64_t l = 0; l < B.layers; ++l) {
-        for (int64_t i = 0; i < n; ++i) layer_norm(h[i], B.ln1_w + l * dim, B.ln1_b + l * dim, dim, a[i]);
-        product(n, a.data(), dim, B.qkv_t + l * dim * 3 * dim, 3 * dim, B.qkv_b + l * 3 * dim, 3 * dim, qkv.data());
-        for (int64_t i = 0; i < n; ++i) {  // this call's keys and values first: the row's later positions attend them
-          const int64_t r = r0 + i / m, pos = len[r] + i % m;
-          std::memcpy(kp + l * ks0 + r * ks1 + pos * dim, qkv[i] + dim, dim * sizeof(float));
-          std::memcpy(vp + l * vs0 + r * vs1 + pos * dim, qkv[i] + 2 * dim, dim * sizeof(float));
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t r = r0 + i / m, keys = len[r] + i % m + 1;
-          const float* kr = kp + l * ks0 + r * ks1;  // [capacity, dim] the row's keys at this layer
-          const float* vr = vp + l * vs0 + r * vs1;
-          for (int64_t hh = 0; hh < heads; ++hh) {
-            const float* q = qkv[i] + hh * hd;
-            float top = -INFINITY;
-            for (int64_t t = 0; t < keys; ++t) {
-              const float* kt = kr + t * dim + hh * hd;
-              float s = 0.0f;
-              for (int64_t e = 0; e < hd; ++e) s += q[e] * kt[e];
-              scores[t] = s * scale;
-              top = std::max(top, scores[t]);
-            }
-            float total = 0.0f;
-            for (int64_t t = 0; t < keys; ++t) total += (scores[t] = std::exp(scores[t] - top));
-            float* out = o[i] + hh * hd;
-            std::fill(out, out + hd, 0.0f);
-            for (int64_t t = 0; t < keys; ++t) {
-              const float* vt = vr + t * dim + hh * hd;
-              const float w = scores[t] / total;
-              for (int64_t e = 0; e < hd; ++e) out[e] += w * vt[e];
-            }
-          }
-        }
-        product(n, o.data(), dim, B.proj_t + l * dim * dim, dim, B.proj_b + l * dim, dim, a.data());
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t e = 0; e < dim; e += L) store_vec(h[i] + e, load_vec(h[i] + e) + load_vec(a[i] + e));
-        for (int64_t i = 0; i < n; ++i) layer_norm(h[i], B.ln2_w + l * dim, B.ln2_b + l * dim, dim, a[i]);
-        product(n, a.data(), dim, B.fc1_t + l * dim * B.hidden, B.hidden, B.fc1_b + l * B.hidden, B.hidden,
-                u.data());
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t e = 0; e < B.hidden; ++e)  // exact GELU (nn.GELU): x Phi(x)
-            u[i][e] = 0.5f * u[i][e] * (1.0f + std::erf(u[i][e] * 0.70710678118654752f));
-        product(n, u.data(), B.hidden, B.fc2_t + l * B.hidden * dim, dim, B.fc2_b + l * dim, dim, a.data());
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t e = 0; e < dim; e += L) store_vec(h[i] + e, load_vec(h[i] + e) + load_vec(a[i] + e));
-      }
-      for (int64_t i = 0; i < n; ++i) layer_norm(h[i], B.norm_w, B.norm_b, dim, zp + (r0 * m + i) * dim);
-    }
-  });
-  return z;
-}
-
 }  // namespace
 
-void bind_image(pybind11::module& m) {
+void bind_diffusion_head(pybind11::module& m) {
   m.def("denoise", &denoise,
         "x [n, d] (in place), noise [S, n, d], scale [S, n or 1], t_embed [S, w], z [m, zd], weights, coef [S, 4], "
         "cfg [n or 1], states [S, n, d] or empty: S denoising steps of the diffusion head");
   m.def("eps_at", &eps_at, "states [S, n, d], t_embed [S, w], z [m, zd], weights, cfg [n or 1] -> eps [S, n, d]");
-  m.def("image_forward", &image_forward,
-        "x [rows, m, dim], k_cache, v_cache [layers, rows, capacity, heads, head_dim], lengths [rows], weights, heads "
-        "-> z [rows, m, dim]: the image backbone's blocks, each row's m positions after its committed length");
-  m.def("image_width", []() { return L; }, "the image model's widths must be multiples of it");
 }
 
 }  // namespace arserve
