@@ -67,15 +67,7 @@ struct Head {
 // y = shift + scale1 * (gamma * LN(h) + beta) (gamma, beta null: no affine), LN(h) = (h - mean) / sqrt(var + 1e-6).
 inline void modulated_norm(const float* h, const float* shift, const float* scale1, const float* gamma,
                            const float* beta, int64_t w, float* y) {
-  vec s = splat(0.0f);
-  for (int64_t i = 0; i < w; i += L) s += load_vec(h + i);
-  const float mean = lane_sum(s) / static_cast<float>(w);
-  vec q = splat(0.0f);
-  for (int64_t i = 0; i < w; i += L) {
-    const vec c = load_vec(h + i) - mean;
-    q = fma_lanes(c, c, q);
-  }
-  const float rstd = 1.0f / std::sqrt(lane_sum(q) / static_cast<float>(w) + 1e-6f);
+  const auto [mean, rstd] = norm_stats(h, w, 1e-6f);
   for (int64_t i = 0; i < w; i += L) {
     vec n = (load_vec(h + i) - mean) * rstd;
     if (gamma != nullptr) n = fma_lanes(load_vec(gamma + i), n, load_vec(beta + i));

@@ -41,15 +41,7 @@ struct Backbone {
 
 // y = (h - mean) / sqrt(var + eps) * w + b over one position [dim] (nn.LayerNorm, eps 1e-5).
 inline void layer_norm(const float* h, const float* w, const float* b, int64_t dim, float* y) {
-  vec s = splat(0.0f);
-  for (int64_t i = 0; i < dim; i += L) s += load_vec(h + i);
-  const float mean = lane_sum(s) / static_cast<float>(dim);
-  vec q = splat(0.0f);
-  for (int64_t i = 0; i < dim; i += L) {
-    const vec c = load_vec(h + i) - mean;
-    q = fma_lanes(c, c, q);
-  }
-  const float rstd = 1.0f / std::sqrt(lane_sum(q) / static_cast<float>(dim) + 1e-5f);
+  const auto [mean, rstd] = norm_stats(h, dim, 1e-5f);
   for (int64_t i = 0; i < dim; i += L)
     store_vec(y + i, fma_lanes((load_vec(h + i) - mean) * rstd, load_vec(w + i), load_vec(b + i)));
 }

@@ -74,6 +74,19 @@ inline float lane_sum(vec v) {
   return s;
 }
 
+// LayerNorm's statistics of h [n]: its mean and 1 / sqrt(var + eps), each sum in lanes, then across them.
+inline std::pair<float, float> norm_stats(const float* h, int64_t n, float eps) {
+  vec s = splat(0.0f);
+  for (int64_t i = 0; i < n; i += L) s += load_vec(h + i);
+  const float mean = lane_sum(s) / static_cast<float>(n);
+  vec q = splat(0.0f);
+  for (int64_t i = 0; i < n; i += L) {
+    const vec c = load_vec(h + i) - mean;
+    q = fma_lanes(c, c, q);
+  }
+  return {mean, 1.0f / std::sqrt(lane_sum(q) / static_cast<float>(n) + eps)};
+}
+
 inline void silu_inplace(float* u, int64_t w) {
   for (int64_t i = 0; i < w; i += L) {
     const vec a = load_vec(u + i);
