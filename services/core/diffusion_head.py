@@ -301,7 +301,7 @@ class DiffusionHead(nn.Module):
         (the PyTorch loop: on a GPU, or with ARSERVE_FUSED=0)."""
         k = fused.on(like)
         c = self.config
-        if k is None or like.dtype != torch.float32 or c.width % k.image_width() or c.width > 512 or c.token_dim > 8:
+        if k is None or like.dtype != torch.float32 or c.width % k.image_width() or c.token_dim > 8:
             return None
         return k
 

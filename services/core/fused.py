@@ -123,8 +123,8 @@ class Relayout:
     """Weights laid out for a compiled kernel, made again when a parameter of
     ``modules`` changes in place (its version: an optimizer step, a
     ``load_state_dict``) or is replaced. Checking that per call reads each
-    parameter slot directly: ``parameters()`` walks the module tree, which
-    cost a diffusion-head call some 0.1 ms."""
+    parameter slot directly: ``parameters()`` walks the module tree (0.05 ms
+    of a diffusion-head call, against 0.013 ms)."""
 
     def __init__(self, modules):
         self.slots = [(m, name) for mod in modules for m in mod.modules() for name, p in m._parameters.items()

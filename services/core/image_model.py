@@ -171,7 +171,7 @@ class ImageAR(nn.Module):
         c, lanes = self.config, k.image_width()
         if x.dtype != torch.float32 or kv.k.dtype != torch.float32 or torch.is_grad_enabled() \
                 or c.dim % lanes or (c.mlp_ratio * c.dim) % lanes or c.dim % c.n_heads \
-                or kv.k.stride(2) != c.dim or kv.v.stride(2) != c.dim or kv.k.stride(4) != 1 or kv.v.stride(4) != 1:
+                or any(t.stride()[2:] != (c.dim, c.dim // c.n_heads, 1) for t in (kv.k, kv.v)):
             return None
         return k
 
