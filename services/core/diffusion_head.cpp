@@ -76,26 +76,32 @@ inline void modulated_norm(const float* h, const float* shift, const float* scal
 }
 
 // A group's working memory: the modulation of up to `mod_rows` (row, step) pairs (adaLN's input a [w] and
-// its output [(3 blocks + 2) w] each), and h, y, u [w] of up to `rows` model rows.
+// its output [(3 blocks + 2) w] each, and the pairs' t and cond(z) rows), and of up to `rows` model rows their
+// h, y, u [w], their x rows and their eps [kMaxDim]. Sized once per thread: the step loop allocates nothing.
 struct Scratch {
-  std::vector<float> buf;
-  std::vector<float*> a, mod, h, y, u;
+  std::vector<float> buf, eps_buf;
+  std::vector<float*> a, mod, h, y, u, eps;
+  std::vector<const float*> t, zc, x;
   void fit(int64_t rows, int64_t mod_rows, const Head& H) {
-    const int64_t need = mod_rows * (H.w + H.mods()) + rows * 3 * H.w;
-    if (static_cast<int64_t>(buf.size()) < need) buf.assign(need, 0.0f);
-    a.resize(mod_rows), mod.resize(mod_rows), h.resize(rows), y.resize(rows), u.resize(rows);
+    buf.assign(mod_rows * (H.w + H.mods()) + rows * 3 * H.w, 0.0f);
+    eps_buf.assign(rows * kMaxDim, 0.0f);
+    for (auto* v : {&a, &mod}) v->resize(mod_rows);
+    for (auto* v : {&h, &y, &u, &eps}) v->resize(rows);
+    t.resize(mod_rows), zc.resize(mod_rows), x.resize(rows);
     float* p = buf.data();
     for (int64_t r = 0; r < mod_rows; ++r, p += H.w + H.mods()) a[r] = p, mod[r] = p + H.w;
     for (int64_t r = 0; r < rows; ++r, p += 3 * H.w) h[r] = p, y[r] = p + H.w, u[r] = p + 2 * H.w;
+    for (int64_t r = 0; r < rows; ++r) eps[r] = eps_buf.data() + r * kMaxDim;
   }
 };
 
 // The adaLN modulation of R (row, step) pairs, which depends on t and z only: mod[r] = ada(silu(t[r] + zc[r]))
 // into S.mod[0..R). Rows of several steps share one product, so the adaLN matrix (most of the head's
 // weights) is read once per tile of kTile pairs, not once per step.
-void modulate(const Head& H, int64_t R, const float* const* t, const float* const* zc, Scratch& S) {
+// The pairs' rows are S.t[r] and S.zc[r].
+void modulate(const Head& H, int64_t R, Scratch& S) {
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t i = 0; i < H.w; i += L) store_vec(S.a[r] + i, load_vec(t[r] + i) + load_vec(zc[r] + i));
+    for (int64_t i = 0; i < H.w; i += L) store_vec(S.a[r] + i, load_vec(S.t[r] + i) + load_vec(S.zc[r] + i));
     silu_inplace(S.a[r], H.w);
   }
   product(R, S.a.data(), H.w, H.ada_t, H.mods(), H.ada_b, H.mods(), S.mod.data());
@@ -166,21 +172,14 @@ struct Items {
   // The guided eps_hat of `count` items, given their rows' modulation mod[k * per + g] -> e[k] [d] =
   // e_u + cfg (e_c - e_u) (guided) or e_c.
   void eps(const Item* items, int64_t count, Scratch& S, float* const* mod, float (*e)[kMaxDim]) const {
-    const int64_t R = count * per();
-    std::vector<const float*> xs(R);
-    std::vector<float> eb(R * kMaxDim);
-    std::vector<float*> es(R);
     for (int64_t k = 0; k < count; ++k)
-      for (int64_t g = 0; g < per(); ++g) {
-        xs[k * per() + g] = items[k].x;
-        es[k * per() + g] = eb.data() + (k * per() + g) * kMaxDim;
-      }
-    eps_rows(H, R, xs.data(), mod, S, es.data());
+      for (int64_t g = 0; g < per(); ++g) S.x[k * per() + g] = items[k].x;
+    eps_rows(H, count * per(), S.x.data(), mod, S, S.eps.data());
     for (int64_t k = 0; k < count; ++k) {
-      const float* ec = es[k * per()];
+      const float* ec = S.eps[k * per()];
       const float w = cfg[cfg_rows ? items[k].i : 0];
       for (int64_t j = 0; j < H.d; ++j) {
-        const float eu = guided ? es[k * per() + 1][j] : 0.0f;
+        const float eu = guided ? S.eps[k * per() + 1][j] : 0.0f;
         e[k][j] = guided ? eu + w * (ec[j] - eu) : ec[j];
       }
     }
@@ -188,11 +187,9 @@ struct Items {
 
   // The modulation of `count` items' model rows into S.mod, item k's row g at k * per + g.
   void modulate_items(const Item* items, int64_t count, Scratch& S) const {
-    const int64_t R = count * per();
-    std::vector<const float*> ts(R), zs(R);
     for (int64_t k = 0; k < count; ++k)
-      for (int64_t g = 0; g < per(); ++g) ts[k * per() + g] = items[k].t, zs[k * per() + g] = z_of(items[k], g);
-    modulate(H, R, ts.data(), zs.data(), S);
+      for (int64_t g = 0; g < per(); ++g) S.t[k * per() + g] = items[k].t, S.zc[k * per() + g] = z_of(items[k], g);
+    modulate(H, count * per(), S);
   }
 };
 
@@ -259,7 +256,6 @@ void denoise(torch::Tensor x, const torch::Tensor& noise, const torch::Tensor& s
     Scratch S;
     S.fit(per_group * per, chunk * per_group * per, H);
     std::vector<Item> its(chunk * per_group);
-    std::vector<float*> mods(per_group * per);
     float e[kGroupRows][kMaxDim];
     for (int64_t g = lo; g < hi; ++g) {
       const int64_t i0 = g * per_group, i1 = std::min(n, i0 + per_group), count = i1 - i0;
@@ -269,8 +265,7 @@ void denoise(torch::Tensor x, const torch::Tensor& noise, const torch::Tensor& s
           for (int64_t i = i0; i < i1; ++i) its[(s - c0) * count + i - i0] = Item{xp + i * d, tp + s * H.w, i};
         items.modulate_items(its.data(), (c1 - c0) * count, S);
         for (int64_t s = c0; s < c1; ++s) {
-          for (int64_t r = 0; r < count * per; ++r) mods[r] = S.mod[(s - c0) * count * per + r];
-          items.eps(its.data() + (s - c0) * count, count, S, mods.data(), e);
+          items.eps(its.data() + (s - c0) * count, count, S, S.mod.data() + (s - c0) * count * per, e);
           const float a = cp[4 * s], b = cp[4 * s + 1], c0_ = cp[4 * s + 2], c1_ = cp[4 * s + 3];
           for (int64_t i = i0; i < i1; ++i) {
             float* xi = xp + i * d;

@@ -128,7 +128,6 @@ print((fast.states - slow.states).abs().max().item(), torch.equal(one.states[:, 
 """
 
 
-@pytest.mark.skipif(fused.kernels() is None, reason="needs the fused kernels")
 def test_the_avx2_build_denoises_as_well():
     """Built without AVX-512 (8-lane vectors, as on the AVX2-only EPYCs of this
     project's class; test_cpu builds the same library first): the same
