@@ -6,7 +6,7 @@ expects of a servicer."""
 
 from __future__ import annotations
 
-from .errors import NotFound
+from .errors import InvalidArgument, NotFound
 
 
 class ByModel:
@@ -22,6 +22,13 @@ class ByModel:
 
     async def Score(self, req, context=None):
         return await self._service(req).Score(req, context)
+
+    async def ScoreMany(self, req, context=None):
+        """Calls of one model (its service joins them)."""
+        models = {call.model for call in req.calls}
+        if len(models) != 1:
+            raise InvalidArgument(f"ScoreMany: calls of exactly one model, got {sorted(models)}")
+        return await self._service(req.calls[0]).ScoreMany(req, context)
 
     async def Commit(self, req, context=None):
         return await self._service(req).Commit(req, context)

@@ -47,3 +47,16 @@ class Unauthenticated(ArserveError):
 
 class DeadlineExceeded(ArserveError):
     code = "DEADLINE_EXCEEDED"
+
+
+def from_status(code: str, message: str) -> ArserveError:
+    """The error a status stands for (a status carried in a message, as
+    ``ScoreResult`` carries each call's): the class of that code, or a plain
+    ArserveError with it."""
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Unimplemented,
+                Unauthenticated, DeadlineExceeded):
+        if cls.code == code:
+            return cls(message)
+    error = ArserveError(message)
+    error.code = code
+    return error

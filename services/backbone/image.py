@@ -37,6 +37,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import from_proto, to_proto
+from .many import score_many
 
 MAX_DRAFT = 16  # the longest image draft (ImageModelSettings.num_draft_tokens): capacity = seq_len + this at most
 MAX_ROWS = 2048  # rows one request may hold (the gateway allows max_images_per_request, twice with guidance)
@@ -63,15 +64,11 @@ class _Call:
 
 def embed(model: ImageAR, labels: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     """Input embeddings [rows, p, dim] of the positions a call scores: the
-    class (``labels``, first call) or the pending token, then the drafts,
-    embedded apart as the decode loop always has (the pending one as [rows,
-    token_dim], the drafts as [rows, m - 1, token_dim]), so that a call gives
-    the same bits whatever it drafts."""
-    if labels is not None:
-        first, rest = model.class_embed(labels)[:, None], tokens
-    else:
-        first, rest = model.token_embed(tokens[:, 0])[:, None], tokens[:, 1:].contiguous()
-    return torch.cat([first, model.token_embed(rest)], 1) if rest.shape[1] else first
+    class (``labels``, first call), then the tokens [rows, m, token_dim] (the
+    pending one, then the drafts), each row's the same bits whatever rows
+    and calls it is embedded with (``ImageAR.embed_tokens``)."""
+    x = model.embed_tokens(tokens)
+    return torch.cat([model.class_embed(labels)[:, None], x], 1) if labels is not None else x
 
 
 @torch.no_grad()
@@ -174,6 +171,10 @@ class ImageBackboneService:
         await self.joins.submit(("rebuild", id(session)), _Call(model, session, session.labels,
                                                                 tokens[:, :need].contiguous()))
         session.written = lengths.clone()
+
+    async def ScoreMany(self, req: pb.ScoreManyRequest, context=None) -> pb.ScoreManyResponse:
+        """Each call as ``Score``, started together (``arserve.backbone.many``)."""
+        return await score_many(self.Score, req)
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         raise InvalidArgument(f"model {req.model!r} is an image model: its commits travel in the next Score call "

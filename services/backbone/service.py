@@ -34,6 +34,7 @@ from ..leases import Leases, leased
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import to_proto
 from .budget import BudgetConfig, KVBudget
+from .many import score_many
 
 log = logging.getLogger("arserve.backbone")
 
@@ -310,6 +311,10 @@ class BackboneService:
             await asyncio.gather(*self._storing, return_exceptions=True)
 
     @leased(lambda req: (req.model, req.request_id))
+    async def ScoreMany(self, req: pb.ScoreManyRequest, context=None) -> pb.ScoreManyResponse:
+        """Each call as ``Score``, started together (``arserve.backbone.many``)."""
+        return await score_many(self.Score, req)
+
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))
         if state is None:

@@ -138,6 +138,19 @@ class ImageAR(nn.Module):
         embeddings [rows, 1 + m, dim] of position 0 (class) and the tokens."""
         return torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens)], dim=1)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [..., token_dim] -> their input embeddings [..., dim], as
+        ``token_embed`` but batch-invariant: each value is the bias plus the
+        token's terms in a fixed order, elementwise, so a row has the same bits
+        whatever rows it is embedded with (a GEMM's kernel, and the order of its
+        sums, depends on the row count). Serving embeds with this; training
+        with ``token_embed``."""
+        w, b = self.token_embed.weight, self.token_embed.bias  # [dim, token_dim], [dim]
+        out = b.expand(*tokens.shape[:-1], -1)
+        for i in range(tokens.shape[-1]):
+            out = out + tokens[..., i, None] * w[:, i]
+        return out
+
     def forward(self, x: torch.Tensor, kv: ImageKV | None = None) -> torch.Tensor:
         """x: [rows, m, dim] input embeddings (from ``inputs`` or ``token_embed``)
         of the m positions after each row's committed length (all from 0 without

@@ -92,7 +92,7 @@ def twice(x: torch.Tensor, guided: bool) -> torch.Tensor:
 def pending_input(model: ImageAR, labels: torch.Tensor | None, last: torch.Tensor | None) -> torch.Tensor:
     """The pending input of every row [rows, 1, dim]: the class (``labels``)
     before the first token, then the last committed token ``last`` [rows, token_dim]."""
-    return (model.class_embed(labels) if last is None else model.token_embed(last))[:, None]
+    return (model.class_embed(labels) if last is None else model.embed_tokens(last))[:, None]
 
 
 @torch.no_grad()

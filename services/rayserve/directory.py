@@ -261,6 +261,11 @@ class Remote:
         self.sticky = sticky
         self.pinned: dict[str, Peer] = {}  # request_id -> replica
 
+    @property
+    def replicas(self) -> int:
+        """The replicas known now (at least 1): how many calls can run side by side."""
+        return max(1, len(self.peers.peers))
+
     def __getattr__(self, method: str):
         if method.startswith("_"):
             raise AttributeError(method)
@@ -319,6 +324,41 @@ class Remote:
                 if method == "Release":
                     self._unpin(req)
                 self.peers.settle(peer)
+
+    async def ScoreMany(self, req):
+        """``Backbone.ScoreMany`` to the replicas holding its calls' requests:
+        one call per replica, side by side (a request not pinned yet is pinned
+        as ``Score`` would pin it). A replica that stops answering fails its
+        calls with UNAVAILABLE (``ScoreResult``), and their requests are unpinned:
+        each one's next call resends its context, as after ``ReplicaLost``."""
+        from ..pb.v1 import backbone_pb2 as bpb
+
+        by_peer: dict[str, tuple[Peer, list[int]]] = {}
+        for i, call in enumerate(req.calls):
+            peer = await self._peer(call, set())
+            by_peer.setdefault(peer.address, (peer, []))[1].append(i)
+        results: list = [None] * len(req.calls)
+
+        async def send(peer: Peer, idx: list[int]) -> None:
+            peer.load += 1
+            try:
+                out = await peer.stub.ScoreMany(bpb.ScoreManyRequest(calls=[req.calls[i] for i in idx]),
+                                                timeout=self._timeout("ScoreMany"), metadata=self.peers.link.metadata)
+                for i, result in zip(idx, out.results, strict=True):
+                    results[i] = result
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+                if not _unavailable(e):
+                    raise
+                lost = self._lost(peer, req.calls[idx[0]], e)
+                for i in idx:
+                    self._unpin(req.calls[i])
+                    results[i] = bpb.ScoreResult(code="UNAVAILABLE", message=str(lost))
+            finally:
+                peer.load -= 1
+                self.peers.settle(peer)
+
+        await asyncio.gather(*(send(peer, idx) for peer, idx in by_peer.values()))
+        return bpb.ScoreManyResponse(results=results)
 
     async def _stream(self, method: str, req):
         tried: set[str] = set()

@@ -41,9 +41,11 @@ request gives the same images in every wiring. The loop holds no model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +65,7 @@ from ..settings import ImageModelSettings
 from ..wire import from_proto, to_proto
 from .draft_length import DraftLength, expected_speedup_without_bonus
 from .plan import run_id
+from .scores_together import ScoresTogether
 from .service import Backbone, KVSession
 
 log = logging.getLogger("arserve.verifier")
@@ -181,10 +184,24 @@ class _Request:
     generator: torch.Generator  # the request's randomness: every noise draw, acceptance and residual
 
 
+@dataclass
+class _SampleCall:
+    """One plain round's head sample of one request: conditions and the request's noise."""
+
+    r: _Request
+    zc: torch.Tensor  # [n, dim] the conditional rows' z
+    zu: torch.Tensor | None  # [n, dim] the unconditional rows' z (guided)
+    noise: torch.Tensor  # [S + 1, n, token_dim] from the request's generator
+
+
 class ImageVerifier:
     """Runs image requests (``RunImage``; ``generate`` in process) against the
     backbone, drafter and diffusion-head protocols. ``configs``: model id ->
-    the target's ``ImageConfig`` (shapes only; the weights live in the services)."""
+    the target's ``ImageConfig`` (shapes only; the weights live in the services).
+
+    A request that decodes plainly (method "none", or an adaptive draft
+    length that starts at 0) is stepped with every other plain request of
+    its kind (``PlainSteps``): one head call a step for all their rows."""
 
     def __init__(self, backbone: Backbone, drafter: Drafter | None, heads: DiffusionHead,
                  configs: dict[str, ImageConfig]):
@@ -192,6 +209,9 @@ class ImageVerifier:
         self.drafter = drafter  # None: every request decodes plainly
         self.heads = heads
         self.configs = configs
+        self.plain = PlainSteps(self)
+        self.scores = ScoresTogether(backbone)  # the plain steps' Score calls, one ScoreMany a step
+        self.caller_id = f"plain-steps-{uuid.uuid4().hex[:12]}"  # the caller of joined head calls (its cohort)
 
     async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
         job = ImageJob(torch.tensor(list(req.labels), dtype=torch.long), req.temperature, req.cfg or 1.0,
@@ -212,19 +232,22 @@ class ImageVerifier:
             raise InvalidArgument(f"labels: 1 to {MAX_IMAGES} classes in 0..{c.num_classes - 1}, "
                                   f"got {job.labels.tolist()}")
         k = job.num_draft_tokens if job.method == "draft_model" and self.drafter is not None else 0
+        if k and draft_length(job, k, c).next() == 0:
+            k = 0  # the adaptive draft length starts at 0: the request decodes plainly, without the drafter
         r = _Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
                      c.seq_len + k, seeded(job.seed))
+        if not k:
+            return await self.plain.run(r, c)
         kv = ImageKVSession(self.backbone, r.ids["request_id"], model_id)
         try:
             return await self._decode(r, c, kv, k)
         finally:
             await kv.release()
-            if k:
-                try:
-                    await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=r.ids["request_id"],
-                                                                         method="draft_model", model=model_id))
-                except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
-                    log.debug("image drafter release failed", exc_info=True)
+            try:
+                await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=r.ids["request_id"],
+                                                                     method="draft_model", model=model_id))
+            except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
+                log.debug("image drafter release failed", exc_info=True)
 
     async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession,
                       k: int) -> tuple[torch.Tensor, ImageStats]:
@@ -239,15 +262,7 @@ class ImageVerifier:
         stats = ImageStats()
         # the request's own draft length (a seeded request must not depend on others): it learns the
         # acceptance rate from the model's measured one, as the text verifier's does from its prior
-        draft_cost, verify_cost, residual_cost = costs(n)
-        # an image request is short (seq_len tokens): a 1-token probe while k is 0 would cost more than
-        # the rounds left could earn, so none is made, and a request whose draft length starts at 0
-        # decodes plainly without the drafter (as vLLM's speculative_disable_by_batch_size turns
-        # speculation off where it does not pay)
-        length = DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=draft_cost,
-                             probe_every=c.seq_len + 1,
-                             speedup=functools.partial(expected_speedup_without_bonus, verify_cost=verify_cost,
-                                                       residual_cost=residual_cost))
+        length = draft_length(job, k, c)
         drafting = drafting and length.next() > 0
         while bool((done < c.seq_len).any()):
             active = done < c.seq_len  # [n]
@@ -339,11 +354,36 @@ class ImageVerifier:
 
     async def _sample(self, r: _Request, z: torch.Tensor, token_dim: int) -> torch.Tensor:
         """Target tokens [n, token_dim] for conditions z [rows, dim], through the head service."""
+        return (await self._sample_joined([self._sample_call(r, z, token_dim)]))[0]
+
+    def _sample_call(self, r: _Request, z: torch.Tensor, token_dim: int) -> _SampleCall:
+        """A plain sample of request r's images: z [rows, dim] and noise from its generator."""
         job, n = r.job, r.job.labels.shape[0]
         zc, zu = _split(z, n)
-        noise = torch.randn((job.steps + 1, n, token_dim), generator=r.generator)
-        out = await self.heads.Sample(self._sample_req(r, zc, zu, noise))
-        return from_proto(out.tokens)
+        return _SampleCall(r, zc, zu, torch.randn((job.steps + 1, n, token_dim), generator=r.generator))
+
+    async def _sample_joined(self, calls: list[_SampleCall]) -> list[torch.Tensor]:
+        """The rows of ``calls`` (equal model, steps, temperature and guidance) in
+        one Sample call per head replica, side by side -> each call's tokens [n, token_dim]."""
+        parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
+        if parts == 1:
+            return await self._head_sample(calls)
+        size = -(-len(calls) // parts)
+        outs = await asyncio.gather(*(self._head_sample(calls[i:i + size]) for i in range(0, len(calls), size)))
+        return [t for out in outs for t in out]
+
+    async def _head_sample(self, calls: list[_SampleCall]) -> list[torch.Tensor]:
+        """One Sample call for the rows of ``calls`` -> each call's tokens [n, token_dim]."""
+        first = calls[0]
+        if len(calls) == 1:
+            req = self._sample_req(first.r, first.zc, first.zu, first.noise)
+        else:
+            cat = lambda f: torch.cat([f(c) for c in calls])  # noqa: E731
+            req = self._sample_req(first.r, cat(lambda c: c.zc), None if first.zu is None else cat(lambda c: c.zu),
+                                   torch.cat([c.noise for c in calls], dim=1))
+            req.request_id = self.caller_id  # the head's cohort awaits the step loop back
+        tokens = from_proto((await self.heads.Sample(req)).tokens)  # [sum n, token_dim]
+        return list(tokens.split([c.zc.shape[0] for c in calls]))
 
     def _sample_req(self, r: _Request, zc, zu, noise, trajectory: bool = False) -> hpb.SampleRequest:
         req = hpb.SampleRequest(model=r.ids["model"], z=to_proto(zc), temperature=r.job.temperature, cfg=r.job.cfg,
@@ -396,11 +436,155 @@ class ImageVerifier:
                 else tokens
 
 
+def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:
+    """The request's draft length, from the cost model at its number of images.
+
+    An image request is short (seq_len tokens): a 1-token probe while k is 0
+    would cost more than the rounds left could earn, so none is made, and a
+    request whose draft length starts at 0 decodes plainly without the
+    drafter (as vLLM's speculative_disable_by_batch_size turns speculation
+    off where it does not pay)."""
+    draft_cost, verify_cost, residual_cost = costs(job.labels.shape[0])
+    return DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=draft_cost,
+                       probe_every=c.seq_len + 1,
+                       speedup=functools.partial(expected_speedup_without_bonus, verify_cost=verify_cost,
+                                                 residual_cost=residual_cost))
+
+
 def costs(images: int) -> tuple[float, float, float]:
     """The cost model's (draft token, verification, residual) in target tokens for a request of
     ``images`` images: COSTS_BATCH1 to COSTS_BATCH32, interpolated in log2(images)."""
     f = min(1.0, math.log2(max(1, images)) / 5)
     return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(COSTS_BATCH1, COSTS_BATCH32))
+
+
+@dataclass
+class _Plain:
+    """One plain request in the step loop of its kind."""
+
+    r: _Request
+    kv: ImageKVSession
+    tokens: torch.Tensor  # [n, seq_len, token_dim]
+    done: asyncio.Future  # -> (tokens, ImageStats)
+    committed: int = 0  # tokens committed per image (a plain request's images advance together)
+    last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
+
+
+class PlainSteps:
+    """Steps every plain image request of one kind (model, steps, temperature,
+    guidance) together, as vLLM's scheduler steps all its running requests:
+    each step scores every request's pending input (one backbone call each,
+    joined into one forward by the backbone's batcher) and samples all their
+    rows in one head call. A request joins at the next step after it arrives
+    and leaves when its images are complete, so none waits for company.
+
+    Eight requests of one image each, stepped by their own loops, paid every
+    call's overhead eight times a step (protobuf tensors, the hand-over to a
+    compute thread, a gRPC hop in the Ray wiring) and met in the head's
+    batcher only by waiting for each other; stepped here, they cost close to
+    one request of eight images (docs/decisions.md, decision 56).
+
+    A request's images depend only on the request: its noise comes from its
+    own generator, drawn as it would be alone, and every computation of a row
+    is batch-invariant (the backbone's token embedding and blocks, the head's
+    steps). An error of a request's backbone call is that request's; an error
+    of the step's head call is every request's in that step. A request whose
+    caller went away leaves at the next step."""
+
+    def __init__(self, verifier: ImageVerifier):
+        self.v = verifier
+        self.members: dict[tuple, list[_Plain]] = {}  # kind -> its requests being stepped
+        self.loops: dict[tuple, asyncio.Task] = {}  # kind -> its step loop
+        self._releases: set[asyncio.Task] = set()  # KV releases in flight
+        self.steps = 0  # steps run
+        self.requests_stepped = 0  # requests times the steps they took part in
+
+    async def run(self, r: _Request, c: ImageConfig) -> tuple[torch.Tensor, ImageStats]:
+        """Request r's images, decoded plainly -> tokens [n, seq_len, token_dim] and its counters."""
+        job = r.job
+        key = (r.ids["model"], job.steps, job.temperature, job.cfg)
+        loop = asyncio.get_running_loop()
+        m = _Plain(r, ImageKVSession(self.v.scores, r.ids["request_id"], r.ids["model"]),
+                   torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), loop.create_future())
+        self.members.setdefault(key, []).append(m)
+        if key not in self.loops:
+            self.loops[key] = loop.create_task(self._loop(key, c))
+        return await m.done  # the caller cancelled: the future is, and the loop drops the request
+
+    async def _loop(self, key: tuple, c: ImageConfig) -> None:
+        members = self.members[key]
+        try:
+            while True:
+                for m in [m for m in members if m.done.done()]:  # callers that went away
+                    self._leave(members, m)
+                if not members:
+                    return
+                step = list(members)
+                self.steps += 1
+                self.requests_stepped += len(step)
+                zs = await asyncio.gather(*(self._score(m) for m in step), return_exceptions=True)
+                scored = []
+                for m, z in zip(step, zs):
+                    if isinstance(z, BaseException):
+                        self._finish(members, m, error=z)
+                    else:
+                        scored.append((m, z))
+                if not scored:
+                    continue
+                try:
+                    new = await self.v._sample_joined([self.v._sample_call(m.r, z[:, 0], c.token_dim)
+                                                       for m, z in scored])
+                except Exception as e:  # noqa: BLE001 - the step's head call failed: every request in it fails
+                    for m, _ in scored:
+                        self._finish(members, m, error=e)
+                    continue
+                for (m, _), t in zip(scored, new):  # t: [n, token_dim]
+                    m.tokens[:, m.committed] = t
+                    m.committed += 1
+                    m.last = _twice(t, m.r.job.guided)
+                    if m.committed == c.seq_len:
+                        self._finish(members, m)
+        except BaseException as e:  # the loop itself was cancelled (shutdown) or broke: its requests fail
+            for m in list(members):
+                self._finish(members, m, error=e if isinstance(e, Exception) else RuntimeError("step loop stopped"))
+            raise
+        finally:
+            del self.loops[key]
+            if not members:
+                del self.members[key]
+
+    async def _score(self, m: _Plain) -> torch.Tensor:
+        """The request's plain round on the backbone: commit what it has, score its pending input -> z [rows, 1, dim]."""
+        guided = m.r.job.guided
+        lengths = _twice(torch.full((m.tokens.shape[0],), m.committed, dtype=torch.long), guided)
+        return await self.v._score(m.r, m.kv, lengths, m.last, None, _twice(m.tokens, guided))
+
+    def _finish(self, members: list[_Plain], m: _Plain, error: BaseException | None = None) -> None:
+        if not m.done.done():
+            if isinstance(error, asyncio.CancelledError):
+                m.done.cancel()
+            elif error is not None:
+                m.done.set_exception(error)
+            else:
+                n, rounds = m.tokens.shape[0], m.committed
+                m.done.set_result((m.tokens, ImageStats(rounds=rounds, row_rounds=n * rounds, plain=n * rounds,
+                                                        draft_rate=m.r.job.prior_rate)))
+        self._leave(members, m)
+
+    def _leave(self, members: list[_Plain], m: _Plain) -> None:
+        """m leaves the loop; its KV cache is released (in the background: the others step on)."""
+        if m in members:
+            members.remove(m)
+            task = asyncio.get_running_loop().create_task(self._release(m))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    @staticmethod
+    async def _release(m: _Plain) -> None:
+        try:
+            await m.kv.release()
+        except Exception:  # noqa: BLE001 - the replica frees it after its lease
+            log.debug("image request %s: KV release failed", m.r.ids["request_id"], exc_info=True)
 
 
 class WithImages:

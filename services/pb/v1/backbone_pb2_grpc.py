@@ -40,6 +40,11 @@ class BackboneStub:
                 request_serializer=arserve_dot_v1_dot_backbone__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_backbone__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ScoreMany = channel.unary_unary(
+                '/arserve.v1.Backbone/ScoreMany',
+                request_serializer=arserve_dot_v1_dot_backbone__pb2.ScoreManyRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_backbone__pb2.ScoreManyResponse.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/arserve.v1.Backbone/Commit',
                 request_serializer=arserve_dot_v1_dot_backbone__pb2.CommitRequest.SerializeToString,
@@ -60,6 +65,15 @@ class BackboneServicer:
         """Score new positions (a prompt, one token, a draft chain or a draft tree)
         in one forward: per-position logits (discrete tokens) or conditions z
         (continuous tokens: see `image` below).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreMany(self, request, context):
+        """Several requests' Score calls in one (image models: the verifier's step
+        of its plain requests), joined into one forward; each call succeeds or
+        fails on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +100,11 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=arserve_dot_v1_dot_backbone__pb2.ScoreRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_backbone__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreMany,
+                    request_deserializer=arserve_dot_v1_dot_backbone__pb2.ScoreManyRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_backbone__pb2.ScoreManyResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -126,6 +145,33 @@ class Backbone:
             '/arserve.v1.Backbone/Score',
             arserve_dot_v1_dot_backbone__pb2.ScoreRequest.SerializeToString,
             arserve_dot_v1_dot_backbone__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.Backbone/ScoreMany',
+            arserve_dot_v1_dot_backbone__pb2.ScoreManyRequest.SerializeToString,
+            arserve_dot_v1_dot_backbone__pb2.ScoreManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
