@@ -325,13 +325,10 @@ torch::Tensor eps_at(const torch::Tensor& states, const torch::Tensor& t_embed, 
 }  // namespace
 
 void bind_diffusion_head(pybind11::module& m) {
-  // both release the GIL while they compute (as PyTorch's own ops do): a service's event loop goes on
-  // serving calls beside a head run of milliseconds
-  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
-  m.def("denoise", &denoise, nogil,
+  m.def("denoise", &denoise,
         "x [n, d] (in place), noise [S, n, d], scale [S, n or 1], t_embed [S, w], z [m, zd], weights, coef [S, 4], "
         "cfg [n or 1], states [S, n, d] or empty: S denoising steps of the diffusion head");
-  m.def("eps_at", &eps_at, nogil, "states [S, n, d], t_embed [S, w], z [m, zd], weights, cfg [n or 1] -> eps [S, n, d]");
+  m.def("eps_at", &eps_at, "states [S, n, d], t_embed [S, w], z [m, zd], weights, cfg [n or 1] -> eps [S, n, d]");
 }
 
 }  // namespace arserve

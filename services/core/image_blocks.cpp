@@ -166,7 +166,7 @@ torch::Tensor image_forward(const torch::Tensor& x, torch::Tensor k_cache, torch
 }  // namespace
 
 void bind_image_blocks(pybind11::module& m) {
-  m.def("image_forward", &image_forward, pybind11::call_guard<pybind11::gil_scoped_release>(),  // as PyTorch's ops
+  m.def("image_forward", &image_forward,
         "x [rows, m, dim], k_cache, v_cache [layers, rows, capacity, heads, head_dim], lengths [rows], weights, heads "
         "-> z [rows, m, dim]: the image backbone's blocks, each row's m positions after its committed length");
   m.def("image_width", []() { return L; }, "the image model's widths (backbone and head) must be multiples of it");

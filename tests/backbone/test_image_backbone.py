@@ -120,3 +120,31 @@ def test_a_lone_call_runs_the_loops_own_forward(model):
     with torch.no_grad():
         expected = model(model.class_embed(torch.tensor([4]))[:, None], kv)
     assert torch.equal(asyncio.run(main()), expected)
+
+
+def test_score_many_joins_its_calls_and_fails_each_alone(model):
+    """ScoreMany's calls run as one forward; a bad call gets its own status
+    naming the problem, and the others their z, as each would alone."""
+    g = torch.Generator().manual_seed(2)
+    good = {f"q{i}": [i, i + 2] for i in range(3)}
+
+    async def main():
+        service = ImageBackboneService({"m": model})
+        calls = [score(r, labels, [0, 0]) for r, labels in good.items()]
+        calls.insert(1, score("bad", [1, 2], [0]))  # one length for two rows
+        runs = service.joins.runs
+        out = await service.ScoreMany(pb.ScoreManyRequest(calls=calls))
+        joined = service.joins.runs - runs
+        tokens = torch.randn(2, 1, CONFIG.token_dim, generator=g)
+        again = await service.Score(score("q0", good["q0"], [1, 1], tokens))  # the server keeps serving
+        return out, joined, again, tokens
+
+    out, joined, again, tokens = asyncio.run(main())
+    assert joined == 1  # the three good calls in one forward
+    assert [r.code for r in out.results] == ["", "INVALID_ARGUMENT", "", ""]
+    assert "image.lengths has 1 entries for 2 rows" in out.results[1].message
+    for r, result in zip(good, [out.results[0], *out.results[2:]]):
+        z = from_proto(result.response.z)
+        assert torch.allclose(z[:, 0], reference(model, good[r], torch.empty(2, 0, CONFIG.token_dim))[:, 0],
+                              atol=1e-5)
+    assert torch.allclose(from_proto(again.z)[:, 0], reference(model, good["q0"], tokens)[:, 1], atol=1e-5)

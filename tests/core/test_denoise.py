@@ -142,3 +142,4 @@ def test_the_avx2_build_denoises_as_well():
     assert proc.returncode == 0, proc.stderr[-3000:]
     diff, alone_equal, backbone_diff = proc.stdout.split()
     assert float(diff) < 1e-5 and alone_equal == "True" and float(backbone_diff) < 1e-5, proc.stdout
+
