@@ -24,7 +24,7 @@ class ByModel:
         return await self._service(req).Score(req, context)
 
     async def ScoreMany(self, req, context=None):
-        """Calls of one model (its service joins them)."""
+        """Calls of one model (its service joins them: ``arserve.many``)."""
         models = {call.model for call in req.calls}
         if len(models) != 1:
             raise InvalidArgument(f"ScoreMany: calls of exactly one model, got {sorted(models)}")

@@ -35,9 +35,9 @@ from ..core.image_model import ImageAR, ImageKV
 from ..core import compute
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
+from ..many import answer_each
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import from_proto, to_proto
-from .many import score_many
 
 MAX_DRAFT = 16  # the longest image draft (ImageModelSettings.num_draft_tokens): capacity = seq_len + this at most
 MAX_ROWS = 2048  # rows one request may hold (the gateway allows max_images_per_request, twice with guidance)
@@ -173,8 +173,8 @@ class ImageBackboneService:
         session.written = lengths.clone()
 
     async def ScoreMany(self, req: pb.ScoreManyRequest, context=None) -> pb.ScoreManyResponse:
-        """Each call as ``Score``, started together (``arserve.backbone.many``)."""
-        return await score_many(self.Score, req)
+        """Each call as ``Score``, started together (``arserve.many``)."""
+        return pb.ScoreManyResponse(results=await answer_each(self.Score, req.calls, pb.ScoreResult))
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         raise InvalidArgument(f"model {req.model!r} is an image model: its commits travel in the next Score call "

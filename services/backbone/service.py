@@ -31,10 +31,10 @@ from ..core import compute
 from ..batching import JoinQueue
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
+from ..many import answer_each
 from ..pb.v1 import backbone_pb2 as pb
 from ..wire import to_proto
 from .budget import BudgetConfig, KVBudget
-from .many import score_many
 
 log = logging.getLogger("arserve.backbone")
 
@@ -312,8 +312,8 @@ class BackboneService:
 
     @leased(lambda req: (req.model, req.request_id))
     async def ScoreMany(self, req: pb.ScoreManyRequest, context=None) -> pb.ScoreManyResponse:
-        """Each call as ``Score``, started together (``arserve.backbone.many``)."""
-        return await score_many(self.Score, req)
+        """Each call as ``Score``, started together (``arserve.many``)."""
+        return pb.ScoreManyResponse(results=await answer_each(self.Score, req.calls, pb.ScoreResult))
 
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))

@@ -27,6 +27,7 @@ import hmac
 import itertools
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -271,6 +272,8 @@ class Remote:
             raise AttributeError(method)
         if method in STREAMING:
             return lambda req: self._stream(method, req)
+        if method.endswith("Many"):  # several requests' calls in one (arserve.many)
+            return lambda req: self._many(method, req)
         return lambda req: self._unary(method, req)
 
     def _timeout(self, method: str) -> float:
@@ -325,14 +328,15 @@ class Remote:
                     self._unpin(req)
                 self.peers.settle(peer)
 
-    async def ScoreMany(self, req):
-        """``Backbone.ScoreMany`` to the replicas holding its calls' requests:
-        one call per replica, side by side (a request not pinned yet is pinned
-        as ``Score`` would pin it). A replica that stops answering fails its
-        calls with UNAVAILABLE (``ScoreResult``), and their requests are unpinned:
-        each one's next call resends its context, as after ``ReplicaLost``."""
-        from ..pb.v1 import backbone_pb2 as bpb
-
+    async def _many(self, method: str, req):
+        """``<Method>Many`` (``arserve.many``) to the replicas holding its calls'
+        requests: one call per replica, side by side (a request not pinned yet
+        is pinned as its own call would pin it). A replica that stops
+        answering fails its calls with UNAVAILABLE (each ``<Method>Result``),
+        and their requests are unpinned: each one's next call resends its
+        context, as after ``ReplicaLost``."""
+        module = sys.modules[type(req).__module__]
+        result_cls = getattr(module, type(req).__name__.replace("ManyRequest", "Result"))
         by_peer: dict[str, tuple[Peer, list[int]]] = {}
         for i, call in enumerate(req.calls):
             peer = await self._peer(call, set())
@@ -342,8 +346,8 @@ class Remote:
         async def send(peer: Peer, idx: list[int]) -> None:
             peer.load += 1
             try:
-                out = await peer.stub.ScoreMany(bpb.ScoreManyRequest(calls=[req.calls[i] for i in idx]),
-                                                timeout=self._timeout("ScoreMany"), metadata=self.peers.link.metadata)
+                out = await getattr(peer.stub, method)(type(req)(calls=[req.calls[i] for i in idx]),
+                                                        timeout=self._timeout(method), metadata=self.peers.link.metadata)
                 for i, result in zip(idx, out.results, strict=True):
                     results[i] = result
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
@@ -352,13 +356,13 @@ class Remote:
                 lost = self._lost(peer, req.calls[idx[0]], e)
                 for i in idx:
                     self._unpin(req.calls[i])
-                    results[i] = bpb.ScoreResult(code="UNAVAILABLE", message=str(lost))
+                    results[i] = result_cls(code="UNAVAILABLE", message=str(lost))
             finally:
                 peer.load -= 1
                 self.peers.settle(peer)
 
         await asyncio.gather(*(send(peer, idx) for peer, idx in by_peer.values()))
-        return bpb.ScoreManyResponse(results=results)
+        return getattr(module, type(req).__name__.replace("Request", "Response"))(results=results)
 
     async def _stream(self, method: str, req):
         tried: set[str] = set()

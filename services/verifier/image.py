@@ -41,7 +41,7 @@ request gives the same images in every wiring. The loop holds no model.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextvars
 import functools
 import logging
 import math
@@ -51,12 +51,14 @@ from typing import Protocol
 
 import torch
 
+from .. import deadlines
 from ..core.continuous_acceptance import DraftDensity, TargetTry, accept_trajectories, residual_steps
 from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
 from ..drafter.image import twice as _twice
 from ..errors import InvalidArgument, NotFound
+from ..many import Joined
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
 from ..pb.v1 import drafter_pb2 as dpb
@@ -64,8 +66,8 @@ from ..pb.v1 import verifier_pb2 as vpb
 from ..settings import ImageModelSettings
 from ..wire import from_proto, to_proto
 from .draft_length import DraftLength, expected_speedup_without_bonus
+from .head_calls import HeadCalls
 from .plan import run_id
-from .scores_together import ScoresTogether
 from .service import Backbone, KVSession
 
 log = logging.getLogger("arserve.verifier")
@@ -184,16 +186,6 @@ class _Request:
     generator: torch.Generator  # the request's randomness: every noise draw, acceptance and residual
 
 
-@dataclass
-class _SampleCall:
-    """One plain round's head sample of one request: conditions and the request's noise."""
-
-    r: _Request
-    zc: torch.Tensor  # [n, dim] the conditional rows' z
-    zu: torch.Tensor | None  # [n, dim] the unconditional rows' z (guided)
-    noise: torch.Tensor  # [S + 1, n, token_dim] from the request's generator
-
-
 class ImageVerifier:
     """Runs image requests (``RunImage``; ``generate`` in process) against the
     backbone, drafter and diffusion-head protocols. ``configs``: model id ->
@@ -201,17 +193,19 @@ class ImageVerifier:
 
     A request that decodes plainly (method "none", or an adaptive draft
     length that starts at 0) is stepped with every other plain request of
-    its kind (``PlainSteps``): one head call a step for all their rows."""
+    its kind (``PlainSteps``): one head call a step for all their rows. The
+    calls that concurrent requests start together travel as one
+    (``Backbone.ScoreMany``, joined head calls)."""
 
     def __init__(self, backbone: Backbone, drafter: Drafter | None, heads: DiffusionHead,
                  configs: dict[str, ImageConfig]):
-        self.backbone = backbone
+        # every call of the loops goes through a joiner: the calls that concurrent requests start
+        # together travel as one (arserve.many; the head's in arserve.verifier.head_calls)
+        self.backbone = Joined(backbone, Score=bpb.ScoreManyRequest)
         self.drafter = drafter  # None: every request decodes plainly
-        self.heads = heads
+        self.heads = HeadCalls(heads, f"image-verifier-{uuid.uuid4().hex[:12]}")
         self.configs = configs
         self.plain = PlainSteps(self)
-        self.scores = ScoresTogether(backbone)  # the plain steps' Score calls, one ScoreMany a step
-        self.caller_id = f"plain-steps-{uuid.uuid4().hex[:12]}"  # the caller of joined head calls (its cohort)
 
     async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
         job = ImageJob(torch.tensor(list(req.labels), dtype=torch.long), req.temperature, req.cfg or 1.0,
@@ -353,57 +347,22 @@ class ImageVerifier:
         return _Draft(from_proto(d.tokens), from_proto(d.states), from_proto(d.log_density), from_proto(d.z))
 
     async def _sample(self, r: _Request, z: torch.Tensor, token_dim: int) -> torch.Tensor:
-        """Target tokens [n, token_dim] for conditions z [rows, dim], through the head service."""
-        return (await self._sample_joined([self._sample_call(r, z, token_dim)]))[0]
-
-    def _sample_call(self, r: _Request, z: torch.Tensor, token_dim: int) -> _SampleCall:
-        """A plain sample of request r's images: z [rows, dim] and noise from its generator."""
+        """Target tokens [n, token_dim] for conditions z [rows, dim], through the head service
+        (joined with the samples other requests ask for at the same moment)."""
         job, n = r.job, r.job.labels.shape[0]
         zc, zu = _split(z, n)
-        return _SampleCall(r, zc, zu, torch.randn((job.steps + 1, n, token_dim), generator=r.generator))
-
-    async def _sample_joined(self, calls: list[_SampleCall]) -> list[torch.Tensor]:
-        """The rows of ``calls`` (equal model, steps, temperature and guidance) in
-        one Sample call per head replica, side by side -> each call's tokens [n, token_dim]."""
-        parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
-        if parts == 1:
-            return await self._head_sample(calls)
-        size = -(-len(calls) // parts)
-        outs = await asyncio.gather(*(self._head_sample(calls[i:i + size]) for i in range(0, len(calls), size)))
-        return [t for out in outs for t in out]
-
-    async def _head_sample(self, calls: list[_SampleCall]) -> list[torch.Tensor]:
-        """One Sample call for the rows of ``calls`` -> each call's tokens [n, token_dim]."""
-        first = calls[0]
-        if len(calls) == 1:
-            req = self._sample_req(first.r, first.zc, first.zu, first.noise)
-        else:
-            cat = lambda f: torch.cat([f(c) for c in calls])  # noqa: E731
-            req = self._sample_req(first.r, cat(lambda c: c.zc), None if first.zu is None else cat(lambda c: c.zu),
-                                   torch.cat([c.noise for c in calls], dim=1))
-            req.request_id = self.caller_id  # the head's cohort awaits the step loop back
-        tokens = from_proto((await self.heads.Sample(req)).tokens)  # [sum n, token_dim]
-        return list(tokens.split([c.zc.shape[0] for c in calls]))
-
-    def _sample_req(self, r: _Request, zc, zu, noise, trajectory: bool = False) -> hpb.SampleRequest:
-        req = hpb.SampleRequest(model=r.ids["model"], z=to_proto(zc), temperature=r.job.temperature, cfg=r.job.cfg,
-                                num_steps=r.job.steps, noise=to_proto(noise), trajectory=trajectory,
-                                request_id=r.ids["request_id"])
-        if zu is not None:
-            req.z_uncond.CopyFrom(to_proto(zu))
-        return req
+        noise = torch.randn((job.steps + 1, n, token_dim), generator=r.generator)
+        return await self.heads.sample(r.ids["model"], zc, zu, noise, job.temperature, job.cfg)
 
     async def _log_density(self, r: _Request, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log-density under the target head of trajectories
         [S + 1, n, k, token_dim] given z [rows, k, dim], in one call -> [n, k]."""
         steps1, n, k, dim = states.shape
         zc, zu = _split(z, n)  # [n, k, dim] each
-        req = hpb.LogDensityRequest(model=r.ids["model"], z=to_proto(zc.reshape(n * k, -1)),
-                                    states=to_proto(states.reshape(steps1, n * k, dim)),
-                                    temperature=r.job.temperature, cfg=r.job.cfg)
-        if zu is not None:
-            req.z_uncond.CopyFrom(to_proto(zu.reshape(n * k, -1)))
-        return from_proto((await self.heads.LogDensity(req)).log_density).reshape(n, k)
+        out = await self.heads.log_density(r.ids["model"], states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1),
+                                           None if zu is None else zu.reshape(n * k, -1), r.job.temperature,
+                                           r.job.cfg)
+        return out.reshape(n, k)
 
     async def _residual(self, r: _Request, z_t: torch.Tensor, z_d: torch.Tensor, idx: torch.Tensor,
                         accepted: torch.Tensor, token_dim: int):
@@ -415,25 +374,18 @@ class ImageVerifier:
         pick = lambda z, rows: None if z is None else z[idx, pos][rows]  # noqa: E731 - [r, dim]
         steps = residual_steps(len(idx), token_dim, job.steps, r.generator,
                                proposals=residual_proposals(len(idx)))
-        answer = None
+        model, answer = r.ids["model"], None
         while True:
             try:
                 ask = steps.send(answer)
             except StopIteration as stop:
                 return stop.value
             if isinstance(ask, DraftDensity):  # q's density of the target's trajectories
-                req = hpb.LogDensityRequest(model=r.ids["model"], z=to_proto(pick(zd_c, ask.rows)),
-                                            states=to_proto(ask.states), temperature=job.temperature, cfg=job.cfg,
-                                            draft=True)
-                if zd_u is not None:
-                    req.z_uncond.CopyFrom(to_proto(pick(zd_u, ask.rows)))
-                answer = from_proto((await self.heads.LogDensity(req)).log_density)
+                answer = await self.heads.log_density(model, ask.states, pick(zd_c, ask.rows), pick(zd_u, ask.rows),
+                                                      job.temperature, job.cfg, draft=True)
                 continue
-            out = await self.heads.Sample(self._sample_req(r, pick(zt_c, ask.rows), pick(zt_u, ask.rows), ask.noise,
-                                                           trajectory=isinstance(ask, TargetTry)))
-            tokens = from_proto(out.tokens)
-            answer = (tokens, from_proto(out.states), from_proto(out.log_density)) if isinstance(ask, TargetTry) \
-                else tokens
+            answer = await self.heads.sample(model, pick(zt_c, ask.rows), pick(zt_u, ask.rows), ask.noise,
+                                             job.temperature, job.cfg, trajectory=isinstance(ask, TargetTry))
 
 
 def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:
@@ -466,6 +418,7 @@ class _Plain:
     kv: ImageKVSession
     tokens: torch.Tensor  # [n, seq_len, token_dim]
     done: asyncio.Future  # -> (tokens, ImageStats)
+    deadline: float | None  # its deadline (arserve.deadlines; None: none)
     committed: int = 0  # tokens committed per image (a plain request's images advance together)
     last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
 
@@ -473,23 +426,26 @@ class _Plain:
 class PlainSteps:
     """Steps every plain image request of one kind (model, steps, temperature,
     guidance) together, as vLLM's scheduler steps all its running requests:
-    each step scores every request's pending input (one backbone call each,
-    joined into one forward by the backbone's batcher) and samples all their
-    rows in one head call. A request joins at the next step after it arrives
-    and leaves when its images are complete, so none waits for company.
+    each step scores every request's pending input (their Score calls travel
+    as one ``Backbone.ScoreMany``: one forward) and samples all their rows in
+    one head call per head replica. A request joins at the next step after
+    it arrives and leaves when its images are complete, so none waits for
+    company, and a lone request runs as it always did.
 
     Eight requests of one image each, stepped by their own loops, paid every
     call's overhead eight times a step (protobuf tensors, the hand-over to a
-    compute thread, a gRPC hop in the Ray wiring) and met in the head's
-    batcher only by waiting for each other; stepped here, they cost close to
+    compute thread, a gRPC hop in the Ray wiring) and met in the services'
+    batchers only by waiting for each other; stepped here, they cost close to
     one request of eight images (docs/decisions.md, decision 56).
 
     A request's images depend only on the request: its noise comes from its
     own generator, drawn as it would be alone, and every computation of a row
     is batch-invariant (the backbone's token embedding and blocks, the head's
-    steps). An error of a request's backbone call is that request's; an error
-    of the step's head call is every request's in that step. A request whose
-    caller went away leaves at the next step."""
+    steps). A step's calls carry the latest of its requests' deadlines. An
+    error of a request's backbone call is that request's; an error of the
+    step's head call is every request's in that step. A request whose caller
+    went away leaves at the next step; when every request of a step has left,
+    the step's calls are cancelled."""
 
     def __init__(self, verifier: ImageVerifier):
         self.v = verifier
@@ -503,13 +459,23 @@ class PlainSteps:
         """Request r's images, decoded plainly -> tokens [n, seq_len, token_dim] and its counters."""
         job = r.job
         key = (r.ids["model"], job.steps, job.temperature, job.cfg)
-        loop = asyncio.get_running_loop()
-        m = _Plain(r, ImageKVSession(self.v.scores, r.ids["request_id"], r.ids["model"]),
-                   torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), loop.create_future())
+        m = _Plain(r, ImageKVSession(self.v.backbone, r.ids["request_id"], r.ids["model"]),
+                   torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), asyncio.get_running_loop().create_future(),
+                   deadlines.DEADLINE.get())
         self.members.setdefault(key, []).append(m)
         if key not in self.loops:
-            self.loops[key] = loop.create_task(self._loop(key, c))
-        return await m.done  # the caller cancelled: the future is, and the loop drops the request
+            self._start(key, c)
+        try:
+            return await m.done
+        except asyncio.CancelledError:  # the caller went away (its deadline, a disconnect)
+            loop = self.loops.get(key)
+            if loop is not None and all(x.done.done() for x in self.members.get(key, ())):
+                loop.cancel()  # nobody is left to step for: the step's calls end too
+            raise
+
+    def _start(self, key: tuple, c: ImageConfig) -> None:
+        # a context of its own: the loop outlives the request that started it, and carries no one's deadline
+        self.loops[key] = asyncio.get_running_loop().create_task(self._loop(key, c), context=contextvars.Context())
 
     async def _loop(self, key: tuple, c: ImageConfig) -> None:
         members = self.members[key]
@@ -520,6 +486,8 @@ class PlainSteps:
                 if not members:
                     return
                 step = list(members)
+                ends = [m.deadline for m in step]
+                deadlines.DEADLINE.set(None if None in ends else max(ends))  # this step's calls carry it
                 self.steps += 1
                 self.requests_stepped += len(step)
                 zs = await asyncio.gather(*(self._score(m) for m in step), return_exceptions=True)
@@ -532,8 +500,7 @@ class PlainSteps:
                 if not scored:
                     continue
                 try:
-                    new = await self.v._sample_joined([self.v._sample_call(m.r, z[:, 0], c.token_dim)
-                                                       for m, z in scored])
+                    new = await asyncio.gather(*(self._sample(m, z) for m, z in scored))
                 except Exception as e:  # noqa: BLE001 - the step's head call failed: every request in it fails
                     for m, _ in scored:
                         self._finish(members, m, error=e)
@@ -544,13 +511,15 @@ class PlainSteps:
                     m.last = _twice(t, m.r.job.guided)
                     if m.committed == c.seq_len:
                         self._finish(members, m)
-        except BaseException as e:  # the loop itself was cancelled (shutdown) or broke: its requests fail
+        except Exception as e:  # a bug in the loop: its requests fail with it
             for m in list(members):
-                self._finish(members, m, error=e if isinstance(e, Exception) else RuntimeError("step loop stopped"))
+                self._finish(members, m, error=e)
             raise
         finally:
             del self.loops[key]
-            if not members:
+            if any(not m.done.done() for m in members):  # joined while the loop was being cancelled
+                self._start(key, c)
+            elif not members:
                 del self.members[key]
 
     async def _score(self, m: _Plain) -> torch.Tensor:
@@ -558,6 +527,10 @@ class PlainSteps:
         guided = m.r.job.guided
         lengths = _twice(torch.full((m.tokens.shape[0],), m.committed, dtype=torch.long), guided)
         return await self.v._score(m.r, m.kv, lengths, m.last, None, _twice(m.tokens, guided))
+
+    async def _sample(self, m: _Plain, z: torch.Tensor) -> torch.Tensor:
+        """The request's tokens [n, token_dim] for z [rows, 1, dim] (joined with the step's others)."""
+        return await self.v._sample(m.r, z[:, 0], m.tokens.shape[2])
 
     def _finish(self, members: list[_Plain], m: _Plain, error: BaseException | None = None) -> None:
         if not m.done.done():
@@ -573,11 +546,16 @@ class PlainSteps:
 
     def _leave(self, members: list[_Plain], m: _Plain) -> None:
         """m leaves the loop; its KV cache is released (in the background: the others step on)."""
-        if m in members:
-            members.remove(m)
-            task = asyncio.get_running_loop().create_task(self._release(m))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+        if m not in members:
+            return
+        members.remove(m)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the event loop is gone (shutdown): the replica frees it after its lease
+            return
+        task = loop.create_task(self._release(m), context=contextvars.Context())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     @staticmethod
     async def _release(m: _Plain) -> None:

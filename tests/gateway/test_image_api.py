@@ -97,13 +97,17 @@ def test_concurrent_plain_requests_step_together_and_keep_their_images(server, c
     alone = [pixels(client.generate_image(labels, **options)) for labels, options in cases]
     verifier = server.service.images.verifier
     verifier = getattr(verifier, "images", verifier)  # the image loop behind the verifier's servicer
-    steps, stepped, sent = verifier.plain.steps, verifier.plain.requests_stepped, verifier.scores.sent
+    scores, heads = verifier.backbone.gather, verifier.heads.gather
+    steps, stepped = verifier.plain.steps, verifier.plain.requests_stepped
+    counts = (scores.runs, scores.items, heads.runs, heads.items)
     with ThreadPoolExecutor(len(cases)) as pool:
         together = list(pool.map(lambda case: pixels(client.generate_image(case[0], **case[1])), cases))
     for a, b in zip(alone, together, strict=True):
         assert np.array_equal(a, b)
     assert verifier.plain.requests_stepped - stepped > verifier.plain.steps - steps  # steps carried several
-    assert verifier.scores.sent > sent  # their Score calls travelled together
+    runs, items = scores.runs - counts[0], scores.items - counts[1]
+    assert items > runs  # their Score calls travelled together (Backbone.ScoreMany)
+    assert heads.items - counts[3] > heads.runs - counts[2]  # and their head samples
 
 
 def test_unknown_image_model_is_not_found(client):

@@ -1,0 +1,94 @@
+"""The image loop's calls to the diffusion head, joined.
+
+Requests decoding side by side (``PlainSteps``, or speculative requests
+each in its own loop) ask the head for the same kind of work at the same
+moment: a step's samples, the target's densities of every request's drafts,
+residual tries. ``HeadCalls`` sends the calls of one kind started in one
+event-loop iteration as one ``Sample`` or ``LogDensity`` call, their rows
+concatenated (``arserve.many.Gather``: the latest of the callers'
+deadlines, cancelled when every caller has gone), split into one call per
+head replica where the wiring has several, side by side; each caller gets
+its own rows back. A row's answer does not depend on the rows it travels
+with (the head computes every row alone: batch-invariant on CPU), and each
+call brings its own noise, so a request gets the same tokens alone or
+joined. Calls of one kind share the model, the step count, temperature and
+guidance (and, for densities, which head).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+
+from ..many import Gather
+from ..pb.v1 import diffusion_head_pb2 as hpb
+from ..wire import from_proto, to_proto
+
+
+@dataclass
+class _Rows:
+    z: torch.Tensor  # [n, z_dim] the conditional rows' conditions
+    z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
+    x: torch.Tensor  # Sample: noise [S + 1, n, token_dim]; LogDensity: states [S + 1, n, token_dim]
+
+
+class HeadCalls:
+    def __init__(self, heads, caller: str):
+        self.heads = heads  # the head service in process, or its gRPC stubs (``replicas`` of them)
+        self.caller = caller  # the request id joined calls carry (the head's cohort awaits it back)
+        self.gather = Gather(self._run)
+
+    async def sample(self, model: str, z: torch.Tensor, z_uncond: torch.Tensor | None, noise: torch.Tensor,
+                     temperature: float, cfg: float, trajectory: bool = False):
+        """Tokens [n, token_dim] for z [n, z_dim] with the noise [S + 1, n, token_dim]; with
+        ``trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n])."""
+        key = ("sample", model, noise.shape[0] - 1, temperature, cfg, z_uncond is not None, trajectory)
+        return await self.gather.call(key, _Rows(z, z_uncond, noise))
+
+    async def log_density(self, model: str, states: torch.Tensor, z: torch.Tensor, z_uncond: torch.Tensor | None,
+                          temperature: float, cfg: float, draft: bool = False) -> torch.Tensor:
+        """log-density [n] of trajectories states [S + 1, n, token_dim] given z [n, z_dim], under
+        the target's head or (``draft``) the draft model's."""
+        key = ("density", model, states.shape[0], temperature, cfg, z_uncond is not None, draft)
+        return await self.gather.call(key, _Rows(z, z_uncond, states))
+
+    async def _run(self, key, calls: list[_Rows]) -> list:
+        parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
+        size = -(-len(calls) // parts)
+        one = self._sample if key[0] == "sample" else self._density
+        outs = await asyncio.gather(*(one(key, calls[i:i + size]) for i in range(0, len(calls), size)))
+        return [result for out in outs for result in out]
+
+    @staticmethod
+    def _cat(calls: list[_Rows]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[int]]:
+        """The calls' rows: z, z_uncond [sum n, z_dim], x [S + 1, sum n, token_dim], and each call's n."""
+        sizes = [c.z.shape[0] for c in calls]
+        if len(calls) == 1:
+            return calls[0].z, calls[0].z_uncond, calls[0].x, sizes
+        zu = None if calls[0].z_uncond is None else torch.cat([c.z_uncond for c in calls])
+        return torch.cat([c.z for c in calls]), zu, torch.cat([c.x for c in calls], dim=1), sizes
+
+    async def _sample(self, key, calls: list[_Rows]) -> list:
+        _, model, steps, temperature, cfg, _, trajectory = key
+        z, zu, noise, sizes = self._cat(calls)
+        req = hpb.SampleRequest(model=model, z=to_proto(z), temperature=temperature, cfg=cfg, num_steps=steps,
+                                noise=to_proto(noise), trajectory=trajectory, request_id=self.caller)
+        if zu is not None:
+            req.z_uncond.CopyFrom(to_proto(zu))
+        out = await self.heads.Sample(req)
+        tokens = from_proto(out.tokens).split(sizes)
+        if not trajectory:
+            return list(tokens)
+        states, log_density = from_proto(out.states).split(sizes, dim=1), from_proto(out.log_density).split(sizes)
+        return list(zip(tokens, states, log_density))
+
+    async def _density(self, key, calls: list[_Rows]) -> list:
+        _, model, _, temperature, cfg, _, draft = key
+        z, zu, states, sizes = self._cat(calls)
+        req = hpb.LogDensityRequest(model=model, z=to_proto(z), states=to_proto(states), temperature=temperature,
+                                    cfg=cfg, draft=draft)
+        if zu is not None:
+            req.z_uncond.CopyFrom(to_proto(zu))
+        return list(from_proto((await self.heads.LogDensity(req)).log_density).split(sizes))

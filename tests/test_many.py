@@ -1,0 +1,92 @@
+"""Calls started together leave as one (``arserve.many``): each caller gets
+its own answer or error (a replica lost: ``ReplicaLost``, so its request
+resumes as it would alone), the joined call carries the latest of its
+callers' deadlines, and it is cancelled once every caller has gone. The
+services here are stubs that record the calls: this is the joining logic
+alone; the real services join their calls in ``test_image_backbone`` and
+through the servers in ``tests/gateway/test_image_api.py`` and the Ray
+wiring's tests."""
+
+import asyncio
+
+from arserve import deadlines
+from arserve.errors import InvalidArgument, ReplicaLost
+from arserve.many import Gather, Joined
+from arserve.pb.v1 import backbone_pb2 as pb
+
+
+class Recorder:
+    def __init__(self, codes=None):
+        self.codes = codes or {}  # request_id -> the status code its call fails with
+        self.many, self.single = [], []
+
+    async def Score(self, req):
+        self.single.append(req.request_id)
+        return pb.ScoreResponse(length=len(req.request_id))
+
+    async def ScoreMany(self, req):
+        self.many.append([c.request_id for c in req.calls])
+        return pb.ScoreManyResponse(results=[
+            pb.ScoreResult(code=self.codes[c.request_id], message=f"{c.request_id} failed")
+            if c.request_id in self.codes else pb.ScoreResult(response=pb.ScoreResponse(length=len(c.request_id)))
+            for c in req.calls])
+
+    async def Release(self, req):
+        return "released"
+
+
+def test_calls_started_together_travel_as_one():
+    backbone = Recorder()
+    joined = Joined(backbone, Score=pb.ScoreManyRequest)
+
+    async def main():
+        out = await asyncio.gather(*(joined.Score(pb.ScoreRequest(request_id="r" * i)) for i in range(1, 4)))
+        alone = await joined.Score(pb.ScoreRequest(request_id="alone"))
+        return out, alone, await joined.Release(pb.ReleaseRequest())
+
+    out, alone, released = asyncio.run(main())
+    assert backbone.many == [["r", "rr", "rrr"]] and backbone.single == ["alone"]
+    assert [o.length for o in out] == [1, 2, 3] and alone.length == 5 and released == "released"
+
+
+def test_each_caller_gets_its_own_error():
+    joined = Joined(Recorder({"lost": "UNAVAILABLE", "bad": "INVALID_ARGUMENT"}), Score=pb.ScoreManyRequest)
+
+    async def main():
+        return await asyncio.gather(*(joined.Score(pb.ScoreRequest(request_id=r)) for r in ("ok", "lost", "bad")),
+                                    return_exceptions=True)
+
+    ok, lost, bad = asyncio.run(main())
+    assert ok.length == 2
+    assert isinstance(lost, ReplicaLost) and "lost failed" in str(lost)
+    assert isinstance(bad, InvalidArgument) and "bad failed" in str(bad)
+
+
+def test_the_joined_call_carries_the_latest_deadline_and_ends_with_its_callers():
+    seen = []
+
+    async def run(key, items):
+        seen.append(deadlines.left())
+        await asyncio.sleep(60)  # a call that hangs
+
+    async def main():
+        gather, state = Gather(run), {}
+
+        async def caller(limit_s):
+            deadlines.begin(limit_s)
+            return await gather.call("k", limit_s)
+
+        tasks = [asyncio.create_task(caller(s)) for s in (5.0, 50.0)]
+        await asyncio.sleep(0.05)
+        (batch_task,) = [t for t in asyncio.all_tasks() if "Gather._run" in repr(t.get_coro())]
+        tasks[0].cancel()
+        await asyncio.sleep(0.01)
+        state["after_one"] = batch_task.cancelled() or batch_task.done()
+        tasks[1].cancel()
+        await asyncio.sleep(0.01)
+        state["after_both"] = batch_task.cancelled()
+        return state
+
+    state = asyncio.run(main())
+    assert 45.0 < seen[0] <= 50.0  # the later caller's deadline, not the earlier one's
+    assert state == {"after_one": False, "after_both": True}
