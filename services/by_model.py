@@ -24,11 +24,17 @@ class ByModel:
         return await self._service(req).Score(req, context)
 
     async def ScoreMany(self, req, context=None):
-        """Calls of one model (its service joins them: ``arserve.many``)."""
+        return await self._many(req).ScoreMany(req, context)
+
+    async def ProposeMany(self, req, context=None):
+        return await self._many(req).ProposeMany(req, context)
+
+    def _many(self, req):
+        """The service of a Many call (``arserve.many``): its calls are of one model, which joins them."""
         models = {call.model for call in req.calls}
         if len(models) != 1:
-            raise InvalidArgument(f"ScoreMany: calls of exactly one model, got {sorted(models)}")
-        return await self._service(req.calls[0]).ScoreMany(req, context)
+            raise InvalidArgument(f"a Many call takes calls of exactly one model, got {sorted(models)}")
+        return self._service(req.calls[0])
 
     async def Commit(self, req, context=None):
         return await self._service(req).Commit(req, context)

@@ -12,8 +12,8 @@ docs/decisions.md #56). Sent as one, they start together and run as one.
   joined call carries the latest of its callers' deadlines (one request's
   deadline never cuts another's call short), and it is cancelled when every
   one of its callers has gone away.
-- ``answer_each`` (the server side of a Many call such as
-  ``Backbone.ScoreMany``: a ``<Method>ManyRequest`` of ``calls``, a
+- ``answer_each`` (the server side of ``Backbone.ScoreMany`` and
+  ``Drafter.ProposeMany``: a ``<Method>ManyRequest`` of ``calls``, a
   ``<Method>ManyResponse`` of ``<Method>Result``, a response or a status
   code and message): each call as the method alone, started together.
 - ``Joined``: a service whose named methods' calls started together leave

@@ -40,6 +40,7 @@ from ..core.image_model import ImageAR, ImageKV
 from ..core import compute
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..leases import Leases, leased
+from ..many import answer_each
 from ..pb.v1 import drafter_pb2 as pb
 from ..wire import from_proto, to_proto
 
@@ -194,6 +195,10 @@ class ImageDrafter:
             return pb.ProposeResponse()
         return pb.ProposeResponse(draft=pb.Draft(tokens=to_proto(out.tokens), states=to_proto(out.states),
                                                  log_density=to_proto(out.log_q), z=to_proto(out.z)))
+
+    async def ProposeMany(self, req: pb.ProposeManyRequest, context=None) -> pb.ProposeManyResponse:
+        """Each call as ``Propose``, started together (``arserve.many``)."""
+        return pb.ProposeManyResponse(results=await answer_each(self.Propose, req.calls, pb.ProposeResult))
 
     async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
         key = (req.model, req.request_id)

@@ -14,6 +14,7 @@ from ..core import compute
 from ..core.sampling import Sampling, seeded
 from ..errors import FailedPrecondition, InvalidArgument
 from ..leases import Leases, leased
+from ..many import answer_each
 from ..pb.v1 import drafter_pb2 as pb
 from ..wire import from_proto, to_proto
 from .proposer import DraftRequest, Proposer
@@ -50,6 +51,10 @@ class DrafterService:
         if draft.q is not None:
             out.probs.CopyFrom(to_proto(draft.q.float()))
         return pb.ProposeResponse(draft=out)
+
+    async def ProposeMany(self, req: pb.ProposeManyRequest, context=None) -> pb.ProposeManyResponse:
+        """Each call as ``Propose``, started together (``arserve.many``)."""
+        return pb.ProposeManyResponse(results=await answer_each(self.Propose, req.calls, pb.ProposeResult))
 
     async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
         self.leases.drop((req.method, req.request_id))

@@ -45,6 +45,7 @@ import contextvars
 import functools
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
@@ -195,17 +196,20 @@ class ImageVerifier:
     length that starts at 0) is stepped with every other plain request of
     its kind (``PlainSteps``): one head call a step for all their rows. The
     calls that concurrent requests start together travel as one
-    (``Backbone.ScoreMany``, joined head calls)."""
+    (``Backbone.ScoreMany``, ``Drafter.ProposeMany``, joined head calls),
+    and speculative requests of one kind start their rounds together
+    (``Rounds``), so that their calls do start together."""
 
     def __init__(self, backbone: Backbone, drafter: Drafter | None, heads: DiffusionHead,
                  configs: dict[str, ImageConfig]):
         # every call of the loops goes through a joiner: the calls that concurrent requests start
         # together travel as one (arserve.many; the head's in arserve.verifier.head_calls)
         self.backbone = Joined(backbone, Score=bpb.ScoreManyRequest)
-        self.drafter = drafter  # None: every request decodes plainly
+        self.drafter = None if drafter is None else Joined(drafter, Propose=dpb.ProposeManyRequest)  # None: plain
         self.heads = HeadCalls(heads, f"image-verifier-{uuid.uuid4().hex[:12]}")
         self.configs = configs
         self.plain = PlainSteps(self)
+        self.rounds = Rounds()
 
     async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
         job = ImageJob(torch.tensor(list(req.labels), dtype=torch.long), req.temperature, req.cfg or 1.0,
@@ -233,9 +237,12 @@ class ImageVerifier:
         if not k:
             return await self.plain.run(r, c)
         kv = ImageKVSession(self.backbone, r.ids["request_id"], model_id)
+        kind, who = (model_id, job.steps, job.temperature, job.cfg), r.ids["request_id"]
+        self.rounds.join(kind, who)
         try:
-            return await self._decode(r, c, kv, k)
+            return await self._decode(r, c, kv, k, lambda: self.rounds.start(kind, who))
         finally:
+            self.rounds.leave(kind, who)
             await kv.release()
             try:
                 await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=r.ids["request_id"],
@@ -243,8 +250,8 @@ class ImageVerifier:
             except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
                 log.debug("image drafter release failed", exc_info=True)
 
-    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession,
-                      k: int) -> tuple[torch.Tensor, ImageStats]:
+    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession, k: int,
+                      round_start=None) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
         job, generator = r.job, r.generator
@@ -259,6 +266,8 @@ class ImageVerifier:
         length = draft_length(job, k, c)
         drafting = drafting and length.next() > 0
         while bool((done < c.seq_len).any()):
+            if round_start is not None:
+                await round_start()  # with the other speculative requests of its kind (Rounds)
             active = done < c.seq_len  # [n]
             lengths = _twice(done, job.guided)  # [rows] committed inputs of each row (the commit of the last round)
             committed = _twice(tokens, job.guided)  # what a backbone replica that lost the cache rebuilds from
@@ -408,6 +417,79 @@ def costs(images: int) -> tuple[float, float, float]:
     ``images`` images: COSTS_BATCH1 to COSTS_BATCH32, interpolated in log2(images)."""
     f = min(1.0, math.log2(max(1, images)) / 5)
     return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(COSTS_BATCH1, COSTS_BATCH32))
+
+
+class Rounds:
+    """Speculative image requests of one kind (model, steps, temperature,
+    guidance) start their rounds together, so that each phase's calls
+    (Propose, Score, the target's densities, residual tries) start in one
+    event-loop iteration and travel as one (``arserve.many``, ``HeadCalls``):
+    the loops of concurrent requests are otherwise out of phase (they arrive
+    apart, and their residual tries differ in number), and their calls met
+    one or two at a time (docs/decisions.md, decision 56).
+
+    A request at the start of a round waits until every other request of its
+    kind is at the start of one too, but never longer than twice the kind's
+    recent round time (``GRACE_ROUNDS``; between ``MIN_GRACE_S`` and
+    ``MAX_GRACE_S``): a request whose round runs long costs the others that
+    much once. Each request's loop stays its own: its draws and its images
+    are those it makes alone."""
+
+    GRACE_ROUNDS = 2.0
+    MIN_GRACE_S, MAX_GRACE_S = 0.01, 0.2
+    FIRST_ROUND_S = 0.05  # a kind's round time before one is measured
+
+    def __init__(self):
+        self.members: dict[tuple, set[str]] = {}  # kind -> its requests decoding now
+        self.waiting: dict[tuple, dict[str, asyncio.Future]] = {}  # kind -> those at a round's start
+        self.round_s: dict[tuple, float] = {}  # kind -> its recent round time (moving average)
+        self.released: dict[tuple, float] = {}  # kind -> when its last round started
+        self.together = 0  # rounds started together (every request of the kind)
+        self.timed_out = 0  # waits that ended at the grace time
+
+    def join(self, kind: tuple, who: str) -> None:
+        self.members.setdefault(kind, set()).add(who)
+
+    def leave(self, kind: tuple, who: str) -> None:
+        members = self.members.get(kind, set())
+        members.discard(who)
+        if not members:
+            for d in (self.members, self.waiting, self.round_s, self.released):
+                d.pop(kind, None)
+            return
+        self._release(kind)
+
+    async def start(self, kind: tuple, who: str) -> None:
+        if len(self.members.get(kind, ())) <= 1:
+            return
+        waiting = self.waiting.setdefault(kind, {})
+        waiting[who] = done = asyncio.get_running_loop().create_future()
+        self._release(kind)
+        grace = min(self.MAX_GRACE_S, max(self.MIN_GRACE_S,
+                                          self.GRACE_ROUNDS * self.round_s.get(kind, self.FIRST_ROUND_S)))
+        try:
+            async with asyncio.timeout(grace):
+                await done
+        except TimeoutError:
+            self.timed_out += 1
+        finally:
+            if waiting.get(who) is done:
+                del waiting[who]
+
+    def _release(self, kind: tuple) -> None:
+        waiting = self.waiting.get(kind)
+        if not waiting or not self.members.get(kind, set()) <= waiting.keys():  # not everyone at a round's start
+            return
+        now = time.monotonic()
+        if kind in self.released:
+            last = now - self.released[kind]
+            self.round_s[kind] = 0.7 * self.round_s.get(kind, last) + 0.3 * last
+        self.released[kind] = now
+        self.together += 1
+        for done in waiting.values():
+            if not done.done():
+                done.set_result(None)
+        waiting.clear()
 
 
 @dataclass

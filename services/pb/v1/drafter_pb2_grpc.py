@@ -40,6 +40,11 @@ class DrafterStub:
                 request_serializer=arserve_dot_v1_dot_drafter__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_drafter__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeMany = channel.unary_unary(
+                '/arserve.v1.Drafter/ProposeMany',
+                request_serializer=arserve_dot_v1_dot_drafter__pb2.ProposeManyRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_drafter__pb2.ProposeManyResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/arserve.v1.Drafter/Release',
                 request_serializer=arserve_dot_v1_dot_drafter__pb2.DrafterReleaseRequest.SerializeToString,
@@ -53,6 +58,15 @@ class DrafterServicer:
 
     def Propose(self, request, context):
         """Propose draft tokens (a chain, several candidates, or a tree).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeMany(self, request, context):
+        """Several requests' Propose calls in one (image models: the verifier's
+        speculative requests start their rounds together), joined into one
+        run; each call succeeds or fails on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +86,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=arserve_dot_v1_dot_drafter__pb2.ProposeRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_drafter__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeMany,
+                    request_deserializer=arserve_dot_v1_dot_drafter__pb2.ProposeManyRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_drafter__pb2.ProposeManyResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -107,6 +126,33 @@ class Drafter:
             '/arserve.v1.Drafter/Propose',
             arserve_dot_v1_dot_drafter__pb2.ProposeRequest.SerializeToString,
             arserve_dot_v1_dot_drafter__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.Drafter/ProposeMany',
+            arserve_dot_v1_dot_drafter__pb2.ProposeManyRequest.SerializeToString,
+            arserve_dot_v1_dot_drafter__pb2.ProposeManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
