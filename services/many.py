@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+
+import grpc
 
 from . import deadlines
 from .errors import ReplicaLost, from_status
 from .rpc import status_of
+
+log = logging.getLogger("arserve.many")
 
 
 @dataclass
@@ -91,6 +96,8 @@ class Gather:
             raise
         except Exception as e:  # noqa: BLE001 - the call failed: every caller gets its error
             results = [e] * len(batch.items)
+        if len(results) != len(batch.items):  # a bug in run: no caller is left waiting
+            results = [RuntimeError(f"{len(results)} results for {len(batch.items)} calls")] * len(batch.items)
         self.runs += 1
         self.items += len(batch.items)
         for f, result in zip(batch.futures, results, strict=True):
@@ -108,9 +115,12 @@ async def answer_each(handler: Callable, calls, result_cls) -> list:
     results = []
     for out in outs:
         if isinstance(out, BaseException):
-            status = status_of(out)
-            if status is None:  # a bug: the whole call gets the interceptor's INTERNAL, logged there
+            if isinstance(out, asyncio.CancelledError):
                 raise out
+            status = status_of(out)
+            if status is None:  # a bug, in this call alone: INTERNAL with its message, as the interceptor does
+                log.error("a call of a Many call failed", exc_info=out)
+                status = grpc.StatusCode.INTERNAL, f"{type(out).__name__}: {out}"
             results.append(result_cls(code=status[0].name, message=status[1]))
         else:
             results.append(result_cls(response=out))
@@ -130,11 +140,12 @@ class Joined:
     def __getattr__(self, method: str):
         if method.startswith("_") or method in ("service", "many", "gather"):
             raise AttributeError(method)
-        if method in self.many:
-            return lambda req: self.gather.call(method, req)
+        if method in self.many:  # joined by model: a Many call is of one model
+            return lambda req: self.gather.call((method, req.model), req)
         return getattr(self.service, method)
 
-    async def _run(self, method: str, reqs: list) -> list:
+    async def _run(self, key: tuple[str, str], reqs: list) -> list:
+        method = key[0]
         if len(reqs) == 1:
             return [await getattr(self.service, method)(reqs[0])]
         out = await getattr(self.service, method + "Many")(self.many[method](calls=reqs))

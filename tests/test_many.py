@@ -90,3 +90,21 @@ def test_the_joined_call_carries_the_latest_deadline_and_ends_with_its_callers()
     state = asyncio.run(main())
     assert 45.0 < seen[0] <= 50.0  # the later caller's deadline, not the earlier one's
     assert state == {"after_one": False, "after_both": True}
+
+
+def test_answer_each_gives_every_call_its_own_status():
+    """A call that fails with an error of no status (a bug) is INTERNAL alone;
+    the others keep their answers."""
+    from arserve.many import answer_each
+
+    async def score(req):
+        if req.request_id == "bug":
+            raise RuntimeError("shape mismatch")
+        if req.request_id == "bad":
+            raise InvalidArgument("image.lengths has 1 entries for 2 rows")
+        return pb.ScoreResponse(length=len(req.request_id))
+
+    calls = [pb.ScoreRequest(request_id=r) for r in ("ok", "bug", "bad")]
+    results = asyncio.run(answer_each(score, calls, pb.ScoreResult))
+    assert [r.code for r in results] == ["", "INTERNAL", "INVALID_ARGUMENT"]
+    assert results[0].response.length == 2 and "RuntimeError: shape mismatch" in results[1].message

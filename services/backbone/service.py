@@ -310,11 +310,11 @@ class BackboneService:
         while self._storing:
             await asyncio.gather(*self._storing, return_exceptions=True)
 
-    @leased(lambda req: (req.model, req.request_id))
     async def ScoreMany(self, req: pb.ScoreManyRequest, context=None) -> pb.ScoreManyResponse:
         """Each call as ``Score``, started together (``arserve.many``)."""
         return pb.ScoreManyResponse(results=await answer_each(self.Score, req.calls, pb.ScoreResult))
 
+    @leased(lambda req: (req.model, req.request_id))
     async def Commit(self, req: pb.CommitRequest, context=None) -> pb.CommitResponse:
         state = self.requests.get((req.model, req.request_id))
         if state is None:

@@ -337,10 +337,10 @@ class Remote:
         context, as after ``ReplicaLost``."""
         module = sys.modules[type(req).__module__]
         result_cls = getattr(module, type(req).__name__.replace("ManyRequest", "Result"))
-        by_peer: dict[str, tuple[Peer, list[int]]] = {}
+        by_peer: dict[int, tuple[Peer, list[int]]] = {}
         for i, call in enumerate(req.calls):
             peer = await self._peer(call, set())
-            by_peer.setdefault(peer.address, (peer, []))[1].append(i)
+            by_peer.setdefault(id(peer), (peer, []))[1].append(i)
         results: list = [None] * len(req.calls)
 
         async def send(peer: Peer, idx: list[int]) -> None:
@@ -350,13 +350,17 @@ class Remote:
                                                         timeout=self._timeout(method), metadata=self.peers.link.metadata)
                 for i, result in zip(idx, out.results, strict=True):
                     results[i] = result
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
-                if not _unavailable(e):
-                    raise
-                lost = self._lost(peer, req.calls[idx[0]], e)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:  # this replica's calls fail, the others' stand
+                if _unavailable(e):
+                    lost = self._lost(peer, req.calls[idx[0]], e)
+                    for i in idx:
+                        self._unpin(req.calls[i])
+                    code, message = "UNAVAILABLE", str(lost)
+                else:
+                    code = e.code().name if isinstance(e, grpc.aio.AioRpcError) else "INTERNAL"
+                    message = _details(e)
                 for i in idx:
-                    self._unpin(req.calls[i])
-                    results[i] = result_cls(code="UNAVAILABLE", message=str(lost))
+                    results[i] = result_cls(code=code, message=message)
             finally:
                 peer.load -= 1
                 self.peers.settle(peer)

@@ -58,8 +58,14 @@ class HeadCalls:
         parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
         size = -(-len(calls) // parts)
         one = self._sample if key[0] == "sample" else self._density
-        outs = await asyncio.gather(*(one(key, calls[i:i + size]) for i in range(0, len(calls), size)))
-        return [result for out in outs for result in out]
+        shares = [calls[i:i + size] for i in range(0, len(calls), size)]
+        outs = await asyncio.gather(*(one(key, share) for share in shares), return_exceptions=True)
+        for out in outs:
+            if isinstance(out, asyncio.CancelledError):
+                raise out
+        # a share that failed fails its own callers, not the other shares'
+        return [result for share, out in zip(shares, outs)
+                for result in (out if not isinstance(out, BaseException) else [out] * len(share))]
 
     @staticmethod
     def _cat(calls: list[_Rows]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[int]]:

@@ -58,7 +58,7 @@ from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
 from ..drafter.image import twice as _twice
-from ..errors import InvalidArgument, NotFound
+from ..errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from ..many import Joined
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
@@ -545,7 +545,8 @@ class PlainSteps:
                    torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), asyncio.get_running_loop().create_future(),
                    deadlines.DEADLINE.get())
         self.members.setdefault(key, []).append(m)
-        if key not in self.loops:
+        loop = self.loops.get(key)
+        if loop is None or loop.done() or loop.get_loop() is not asyncio.get_running_loop():
             self._start(key, c)
         try:
             return await m.done
@@ -565,6 +566,11 @@ class PlainSteps:
             while True:
                 for m in [m for m in members if m.done.done()]:  # callers that went away
                     self._leave(members, m)
+                now = time.monotonic()
+                for m in [m for m in members if m.deadline is not None and m.deadline <= now]:
+                    self._finish(members, m, error=DeadlineExceeded(
+                        "the request's deadline passed while its images were decoded (the client's timeout or "
+                        "the server's max_request_s)"))
                 if not members:
                     return
                 step = list(members)
@@ -581,13 +587,11 @@ class PlainSteps:
                         scored.append((m, z))
                 if not scored:
                     continue
-                try:
-                    new = await asyncio.gather(*(self._sample(m, z) for m, z in scored))
-                except Exception as e:  # noqa: BLE001 - the step's head call failed: every request in it fails
-                    for m, _ in scored:
-                        self._finish(members, m, error=e)
-                    continue
-                for (m, _), t in zip(scored, new):  # t: [n, token_dim]
+                new = await asyncio.gather(*(self._sample(m, z) for m, z in scored), return_exceptions=True)
+                for (m, _), t in zip(scored, new):  # t: [n, token_dim], or the error of this request's sample
+                    if isinstance(t, BaseException):
+                        self._finish(members, m, error=t)
+                        continue
                     m.tokens[:, m.committed] = t
                     m.committed += 1
                     m.last = _twice(t, m.r.job.guided)
@@ -598,7 +602,10 @@ class PlainSteps:
                 self._finish(members, m, error=e)
             raise
         finally:
-            del self.loops[key]
+            for m in [m for m in members if m.done.done()]:  # left (or the loop was cancelled): free their caches
+                self._leave(members, m)
+            if self.loops.get(key) is asyncio.current_task():
+                del self.loops[key]
             if any(not m.done.done() for m in members):  # joined while the loop was being cancelled
                 self._start(key, c)
             elif not members:
@@ -616,8 +623,9 @@ class PlainSteps:
 
     def _finish(self, members: list[_Plain], m: _Plain, error: BaseException | None = None) -> None:
         if not m.done.done():
-            if isinstance(error, asyncio.CancelledError):
-                m.done.cancel()
+            if isinstance(error, asyncio.CancelledError):  # a call of its own was cancelled, not its caller
+                m.done.set_exception(Unavailable(f"image request {m.r.ids['request_id']}: a call to a service was "
+                                                 "cancelled"))
             elif error is not None:
                 m.done.set_exception(error)
             else:

@@ -204,3 +204,25 @@ def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_request
         assert backbone.budgets[model_id].used == 0 and not backbone.requests
     finally:
         asyncio.run_coroutine_threadsafe(grpc_server.stop(grace=1), server._loop).result(30)
+
+
+def test_the_text_backbone_answers_score_many_and_its_commits_stay_leased():
+    """``ScoreMany`` on the text backbone: each call as ``Score`` alone (a bad
+    one gets its own status), and Commit still renews the request's lease."""
+    backbone = BackboneService({"tiny": tiny_target()})
+
+    async def main():
+        calls = [bpb.ScoreRequest(request_id=f"m{i}", model="tiny", token_ids=[1, 5 + i, 9], max_positions=32)
+                 for i in range(2)] + [bpb.ScoreRequest(request_id="bad", model="nope", token_ids=[1])]
+        out = await backbone.ScoreMany(bpb.ScoreManyRequest(calls=calls))
+        alone = await backbone.Score(bpb.ScoreRequest(request_id="alone", model="tiny", token_ids=[1, 5, 9],
+                                                      max_positions=32))
+        leased_before = backbone.leases.used.get(("tiny", "m0"))
+        await asyncio.sleep(0.01)
+        await backbone.Commit(bpb.CommitRequest(request_id="m0", model="tiny", path=[0]))
+        return out, alone, leased_before, backbone.leases.used.get(("tiny", "m0"))
+
+    out, alone, before, after = asyncio.run(main())
+    assert [r.code for r in out.results] == ["", "", "NOT_FOUND"] and "nope" in out.results[2].message
+    assert out.results[0].response.logits == alone.logits  # the same prompt, the same logits
+    assert before is not None and after > before  # the Commit renewed it

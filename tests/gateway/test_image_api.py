@@ -110,6 +110,25 @@ def test_concurrent_plain_requests_step_together_and_keep_their_images(server, c
     assert heads.items - counts[3] > heads.runs - counts[2]  # and their head samples
 
 
+def test_concurrent_speculative_requests_start_rounds_together_and_keep_their_images(server, client):
+    """Speculative requests of one kind start their rounds together (their
+    Propose, Score and head calls travel joined), and each gets the images
+    and counters it gets alone: its own loop makes its own draws."""
+    options = dict(speculative="draft_model", num_draft_tokens=3, adaptive=False)
+    cases = [([i % 10], 200 + i) for i in range(5)] + [([1, 8], 7)]
+    alone = [client.generate_image(labels, seed=seed, **options) for labels, seed in cases]
+    verifier = server.service.images.verifier
+    verifier = getattr(verifier, "images", verifier)
+    together, proposes = verifier.rounds.together, verifier.drafter.gather.items - verifier.drafter.gather.runs
+    with ThreadPoolExecutor(len(cases)) as pool:
+        joined = list(pool.map(lambda case: client.generate_image(case[0], seed=case[1], **options), cases))
+    for a, b in zip(alone, joined, strict=True):
+        assert np.array_equal(pixels(a), pixels(b))
+        assert (a.stats.drafted_tokens, a.stats.accepted_tokens) == (b.stats.drafted_tokens, b.stats.accepted_tokens)
+    assert verifier.rounds.together > together  # rounds started together
+    assert verifier.drafter.gather.items - verifier.drafter.gather.runs > proposes  # Propose calls travelled joined
+
+
 def test_unknown_image_model_is_not_found(client):
     with pytest.raises(NotFound, match="image model 'nope'"):
         client.generate_image([1], model="nope")

@@ -484,15 +484,18 @@ def test_images_equal_the_embedded_wiring(ray_client, client, options):
         assert 0 < ray.stats.accepted_tokens < ray.stats.drafted_tokens  # drafts kept and residual tokens sampled
 
 
-def test_concurrent_plain_images_equal_the_embedded_wiring(ray_client, client):
-    """Plain requests sent together are stepped together on the Ray wiring
-    too (their Score calls in one ScoreMany RPC to the backbone replica, the
-    head's rows split across its two replicas), and each gets the embedded
-    wiring's PNGs for its seed."""
+@pytest.mark.parametrize("options", IMAGE_CASES[:2], ids=["plain", "cspd"])
+def test_concurrent_images_equal_the_embedded_wiring(ray_client, client, options):
+    """Requests sent together travel together on the Ray wiring too (plain
+    ones stepped as one, speculative ones starting their rounds together:
+    their Score calls in one ScoreMany RPC, their Propose calls in one
+    ProposeMany, the head's rows split across its two replicas), and each
+    gets the embedded wiring's PNGs for its seed."""
     cases = [([i, 9 - i] if i % 2 else [i], 40 + i) for i in range(6)]
     with ThreadPoolExecutor(len(cases)) as pool:
-        ray = list(pool.map(lambda case: ray_client.generate_image(case[0], seed=case[1], num_steps=20), cases))
-    embedded = [client.generate_image(labels, seed=seed, num_steps=20) for labels, seed in cases]
+        ray = list(pool.map(lambda case: ray_client.generate_image(case[0], seed=case[1], num_steps=20, **options),
+                            cases))
+    embedded = [client.generate_image(labels, seed=seed, num_steps=20, **options) for labels, seed in cases]
     assert [[im.png for im in r.images] for r in ray] == [[im.png for im in e.images] for e in embedded]
 
 
