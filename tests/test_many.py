@@ -108,3 +108,36 @@ def test_answer_each_gives_every_call_its_own_status():
     results = asyncio.run(answer_each(score, calls, pb.ScoreResult))
     assert [r.code for r in results] == ["", "INTERNAL", "INVALID_ARGUMENT"]
     assert results[0].response.length == 2 and "RuntimeError: shape mismatch" in results[1].message
+
+
+def test_joined_head_calls_are_split_by_replica_and_by_rows(monkeypatch):
+    """HeadCalls: one call per head replica side by side, none over MAX_ROWS
+    rows, and each caller its own rows back."""
+    import torch
+
+    from arserve.pb.v1 import diffusion_head_pb2 as hpb
+    from arserve.verifier import head_calls
+    from arserve.wire import from_proto, to_proto
+
+    class Heads:
+        replicas = 2
+        rows = []
+
+        async def Sample(self, req):
+            z = from_proto(req.z)
+            self.rows.append(z.shape[0])
+            return hpb.SampleResponse(tokens=to_proto(z[:, :2] * 2))
+
+    monkeypatch.setattr(head_calls, "MAX_ROWS", 5)
+    heads = Heads()
+    calls = head_calls.HeadCalls(heads, "caller")
+    sizes = [1, 3, 2, 4, 1, 2]
+
+    async def main():
+        return await asyncio.gather(*(calls.sample("m", torch.full((n, 3), float(i)), None, torch.zeros(4, n, 2),
+                                                   1.0, 1.0) for i, n in enumerate(sizes)))
+
+    out = asyncio.run(main())
+    assert sorted(heads.rows) == [2, 2, 4, 5]  # replica shares [1, 3, 2] and [4, 1, 2], cut at 5 rows: 4, 2, 5, 2
+    for i, (n, tokens) in enumerate(zip(sizes, out)):
+        assert torch.equal(tokens, torch.full((n, 2), 2.0 * i))

@@ -7,7 +7,8 @@ residual tries. ``HeadCalls`` sends the calls of one kind started in one
 event-loop iteration as one ``Sample`` or ``LogDensity`` call, their rows
 concatenated (``arserve.many.Gather``: the latest of the callers'
 deadlines, cancelled when every caller has gone), split into one call per
-head replica where the wiring has several, side by side; each caller gets
+head replica where the wiring has several, side by side (and into calls of
+``MAX_ROWS`` rows at most); each caller gets
 its own rows back. A row's answer does not depend on the rows it travels
 with (the head computes every row alone: batch-invariant on CPU), and each
 call brings its own noise, so a request gets the same tokens alone or
@@ -34,6 +35,22 @@ class _Rows:
     x: torch.Tensor  # Sample: noise [S + 1, n, token_dim]; LogDensity: states [S + 1, n, token_dim]
 
 
+MAX_ROWS = 8192  # rows of one call at most (its noise or states: 816 bytes a row at 50 steps; messages < 64 MiB)
+
+
+def _capped(calls: list[_Rows]) -> list[list[_Rows]]:
+    """``calls`` in consecutive shares of at most MAX_ROWS rows (a call of more goes alone)."""
+    shares, rows = [[]], 0
+    for c in calls:
+        n = c.z.shape[0]
+        if shares[-1] and rows + n > MAX_ROWS:
+            shares.append([])
+            rows = 0
+        shares[-1].append(c)
+        rows += n
+    return shares
+
+
 class HeadCalls:
     def __init__(self, heads, caller: str):
         self.heads = heads  # the head service in process, or its gRPC stubs (``replicas`` of them)
@@ -58,7 +75,7 @@ class HeadCalls:
         parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
         size = -(-len(calls) // parts)
         one = self._sample if key[0] == "sample" else self._density
-        shares = [calls[i:i + size] for i in range(0, len(calls), size)]
+        shares = [share for i in range(0, len(calls), size) for share in _capped(calls[i:i + size])]
         outs = await asyncio.gather(*(one(key, share) for share in shares), return_exceptions=True)
         for out in outs:
             if isinstance(out, asyncio.CancelledError):
