@@ -527,12 +527,14 @@ class PlainSteps:
     error of a request's backbone call is that request's; an error of the
     step's head call is every request's in that step. A request whose caller
     went away leaves at the next step; when every request of a step has left,
-    the step's calls are cancelled."""
+    the step's calls are cancelled (and a new loop steps whoever arrived
+    meanwhile)."""
 
     def __init__(self, verifier: ImageVerifier):
         self.v = verifier
         self.members: dict[tuple, list[_Plain]] = {}  # kind -> its requests being stepped
         self.loops: dict[tuple, asyncio.Task] = {}  # kind -> its step loop
+        self.stepping: dict[tuple, list[_Plain]] = {}  # kind -> the requests of its step in flight
         self._releases: set[asyncio.Task] = set()  # KV releases in flight
         self.steps = 0  # steps run
         self.requests_stepped = 0  # requests times the steps they took part in
@@ -552,8 +554,8 @@ class PlainSteps:
             return await m.done
         except asyncio.CancelledError:  # the caller went away (its deadline, a disconnect)
             loop = self.loops.get(key)
-            if loop is not None and all(x.done.done() for x in self.members.get(key, ())):
-                loop.cancel()  # nobody is left to step for: the step's calls end too
+            if loop is not None and all(x.done.done() for x in self.stepping.get(key, ())):
+                loop.cancel()  # nobody of the step is left: its calls end (a new loop takes who arrived since)
             raise
 
     def _start(self, key: tuple, c: ImageConfig) -> None:
@@ -573,7 +575,7 @@ class PlainSteps:
                         "the server's max_request_s)"))
                 if not members:
                     return
-                step = list(members)
+                step = self.stepping[key] = list(members)
                 ends = [m.deadline for m in step]
                 deadlines.DEADLINE.set(None if None in ends else max(ends))  # this step's calls carry it
                 self.steps += 1
@@ -606,6 +608,7 @@ class PlainSteps:
                 self._leave(members, m)
             if self.loops.get(key) is asyncio.current_task():
                 del self.loops[key]
+                self.stepping.pop(key, None)
             if any(not m.done.done() for m in members):  # joined while the loop was being cancelled
                 self._start(key, c)
             elif not members:
