@@ -503,6 +503,7 @@ class _Plain:
     deadline: float | None  # its deadline (arserve.deadlines; None: none)
     committed: int = 0  # tokens committed per image (a plain request's images advance together)
     last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
+    scoring: asyncio.Task | None = None  # its Score call, while it runs (it may outlast a step)
 
 
 class PlainSteps:
@@ -529,6 +530,8 @@ class PlainSteps:
     went away leaves at the next step; when every request of a step has left,
     the step's calls are cancelled (and a new loop steps whoever arrived
     meanwhile)."""
+
+    STRAGGLER_S = 0.02  # a step waits for its last Score calls at least this long after the first ended
 
     def __init__(self, verifier: ImageVerifier):
         self.v = verifier
@@ -580,9 +583,8 @@ class PlainSteps:
                 deadlines.DEADLINE.set(None if None in ends else max(ends))  # this step's calls carry it
                 self.steps += 1
                 self.requests_stepped += len(step)
-                zs = await asyncio.gather(*(self._score(m) for m in step), return_exceptions=True)
                 scored = []
-                for m, z in zip(step, zs):
+                for m, z in await self._scores(step):
                     if isinstance(z, BaseException):
                         self._finish(members, m, error=z)
                     else:
@@ -604,6 +606,10 @@ class PlainSteps:
                 self._finish(members, m, error=e)
             raise
         finally:
+            for m in members:  # a new loop starts their calls again
+                if m.scoring is not None:
+                    m.scoring.cancel()
+                    m.scoring = None
             for m in [m for m in members if m.done.done()]:  # left (or the loop was cancelled): free their caches
                 self._leave(members, m)
             if self.loops.get(key) is asyncio.current_task():
@@ -613,6 +619,29 @@ class PlainSteps:
                 self._start(key, c)
             elif not members:
                 del self.members[key]
+
+    async def _scores(self, step: list[_Plain]) -> list[tuple[_Plain, torch.Tensor | BaseException]]:
+        """The step's Score calls (started together: one ScoreMany) -> the requests whose
+        call ended, with z or the error. A call that is still going once the others
+        have ended and as long again as the first one took (a request resuming on
+        another replica, with backoff) does not hold the step: its request samples in
+        a later step, and the others' steps do not wait on its replica."""
+        for m in step:
+            if m.scoring is None:
+                m.scoring = asyncio.get_running_loop().create_task(self._score(m))
+        tasks = {m.scoring: m for m in step}
+        t = time.monotonic()
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            more, pending = await asyncio.wait(pending, timeout=max(self.STRAGGLER_S, time.monotonic() - t))
+            done |= more
+        out = []
+        for task in done:
+            m = tasks[task]
+            m.scoring = None
+            out.append((m, task.exception() or task.result() if not task.cancelled() else Unavailable(
+                "the request's backbone call was cancelled")))
+        return out
 
     async def _score(self, m: _Plain) -> torch.Tensor:
         """The request's plain round on the backbone: commit what it has, score its pending input -> z [rows, 1, dim]."""
@@ -642,6 +671,8 @@ class PlainSteps:
         if m not in members:
             return
         members.remove(m)
+        if m.scoring is not None:
+            m.scoring.cancel()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # the event loop is gone (shutdown): the replica frees it after its lease

@@ -7,6 +7,7 @@ fails)."""
 
 import asyncio
 import copy
+import time
 from typing import NamedTuple
 
 import pytest
@@ -145,3 +146,51 @@ def test_adaptive_seeded_requests_do_not_depend_on_earlier_requests(pair):
         run(pair, [0] * 4, "draft_model", seed=seed, adaptive=True, verifier=verifier)
     again, _ = run(pair, [3, 4], "draft_model", seed=9, adaptive=True, verifier=verifier)
     assert torch.equal(first, again)
+
+
+def test_a_request_resuming_on_another_replica_does_not_hold_the_others(pair, monkeypatch):
+    """Plain requests are stepped together, but one whose backbone replica was
+    lost (its Score call fails, and it resends its cache after a backoff)
+    samples in a later step: the others finish without waiting on it, and
+    every request gets the images it gets alone."""
+    from arserve.errors import ReplicaLost
+    from arserve.many import answer_each
+    from arserve.pb.v1 import backbone_pb2 as bpb
+
+    class LosesOne:
+        def __init__(self, backbone):
+            self.backbone, self.calls = backbone, 0
+
+        async def Score(self, req):
+            if req.request_id.startswith("slow"):
+                self.calls += 1
+                if self.calls == 3:
+                    raise ReplicaLost("backbone replica 10.0.0.1:5 stopped answering")
+            return await self.backbone.Score(req)
+
+        async def ScoreMany(self, req):
+            results = await answer_each(self.Score, req.calls, bpb.ScoreResult)
+            return bpb.ScoreManyResponse(results=results)
+
+        async def Release(self, req):
+            return await self.backbone.Release(req)
+
+    monkeypatch.setattr(image_loop.ImageKVSession, "BACKOFF_S", 1.0)
+    alone = [run(pair, [i, i + 1], seed=i)[0] for i in range(3)]
+    verifier = services(pair)
+    verifier.backbone.service = LosesOne(verifier.backbone.service)
+
+    async def main():
+        t = time.monotonic()
+
+        async def one(i, rid):
+            job = ImageJob(torch.as_tensor([i, i + 1]), temperature=1.0, cfg=1.0, steps=8, method="none",
+                           num_draft_tokens=3, seed=i, adaptive=False)
+            tokens, _ = await verifier.generate("m", job, rid)
+            return tokens, time.monotonic() - t
+
+        return await asyncio.gather(one(0, "slow"), one(1, "a"), one(2, "b"))
+
+    (slow, slow_s), *others = asyncio.run(main())
+    assert slow_s >= 1.0 and all(s < 0.6 for _, s in others), (slow_s, [s for _, s in others])
+    assert torch.equal(slow, alone[0]) and all(torch.equal(t, a) for (t, _), a in zip(others, alone[1:]))
