@@ -6,8 +6,9 @@
       -> verifier       Run: the decode loop of a request (stateless between requests),
                         or vLLM's engine for the models that name it (engine: vllm)
                         and RunImage: the image decode loop of a request (arserve.verifier.image)
-           -> drafter   Propose / Release                 (per-request context: sticky)
-           -> backbone  Score / Commit / Release          (per-request KV cache: sticky)
+           -> drafter   Propose / ProposeMany / Release   (per-request context: sticky)
+           -> backbone  Score / ScoreMany / Commit / Release  (per-request KV cache: sticky;
+                        a Many call goes to each replica holding its calls' requests)
            -> diffusion_head  Sample / LogDensity         (stateless: any replica, retried on another)
     directory: where the replicas above announce their gRPC addresses (signed with the internal secret)
 
