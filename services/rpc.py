@@ -49,7 +49,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     message, logged with a traceback), each call's deadline (the caller's
     gRPC deadline or ``max_request_s``, whichever is sooner: the calls the
     handler makes carry it on, ``arserve.deadlines``) and a count of calls in
-    flight (the load a replica reports to the autoscaler). The server keeps
+    flight (the load a replica reports to the autoscaler; a Many call counts
+    as the calls it carries). The server keeps
     serving."""
 
     def __init__(self, max_request_s: float | None = None):
@@ -85,7 +86,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(raw, context):
                 request = await parse(raw, context)
                 deadlines.begin(self.max_request_s, context.time_remaining())  # this call's own task
-                self.inflight += 1
+                load = len(getattr(request, "calls", ())) or 1  # a Many call (arserve.many) is its calls' load
+                self.inflight += load
                 try:
                     return await inner(request, context)
                 except grpc.aio.AbortError:
@@ -93,7 +95,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:  # noqa: BLE001 - every error becomes a status
                     await fail(context, e)
                 finally:
-                    self.inflight -= 1
+                    self.inflight -= load
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, response_serializer=handler.response_serializer)

@@ -203,3 +203,43 @@ def test_every_internal_call_carries_the_requests_deadline():
     error, seen = asyncio.run(scenario())
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(seen) == 1 and seen[0] is not None and 0 < seen[0] <= 2.0
+
+
+def test_a_many_call_goes_to_each_replica_and_a_lost_one_fails_only_its_calls(model):
+    """ScoreMany over real gRPC: the calls go to the replicas their requests
+    are pinned to (one Many call each), and when one replica stops, only its requests' calls fail,
+    with UNAVAILABLE (their requests unpinned: the next call resends its
+    context), while the other replica's answer."""
+
+    def score(rid: str, tokens) -> backbone_pb2.ScoreRequest:
+        return backbone_pb2.ScoreRequest(request_id=rid, model="tiny", token_ids=tokens, max_positions=64)
+
+    async def scenario():
+        services = [BackboneService({"tiny": model}) for _ in range(2)]
+        (sa, aa), (sb, ab) = [await serve(BACKBONE, s) for s in services]
+        directory = Directory(SECRET)
+        announce(directory, "backbone", "a", aa)
+        announce(directory, "backbone", "b", ab)
+        peers = Peers(Handle(directory), "backbone", backbone_pb2_grpc.BackboneStub, LINK, refresh_s=3600)
+        remote = Remote(peers, sticky=True)
+        try:
+            rids = ["r0", "r1", "r2", "r3"]
+            first = await remote.ScoreMany(backbone_pb2.ScoreManyRequest(calls=[score(r, [1, 5, 9]) for r in rids]))
+            pinned = {r: remote.pinned[r].address for r in rids}
+            assert [x.code for x in first.results] == [""] * 4 and set(pinned.values()) == {aa, ab}
+            assert sorted(len(s.requests) for s in services) == [2, 2]  # one Many call to each replica
+            await sb.stop(None)
+            again = await remote.ScoreMany(backbone_pb2.ScoreManyRequest(
+                calls=[score(r, [1, 5, 9, 11]) for r in rids]))
+            return pinned, again, dict(remote.pinned), ab
+        finally:
+            peers._task.cancel()
+            await sa.stop(None)
+            await sb.stop(None)
+
+    pinned, again, still, stopped = asyncio.run(scenario())
+    rids = ["r0", "r1", "r2", "r3"]
+    lost = {r for r in rids if pinned[r] == stopped}
+    failed = {r for r, x in zip(rids, again.results) if x.code == "UNAVAILABLE" and "stopped answering" in x.message}
+    assert lost and failed == lost and not lost & set(still)  # only the stopped replica's calls, unpinned
+    assert all(x.code == "" and x.response.logits.shape for r, x in zip(rids, again.results) if r not in lost)
