@@ -135,7 +135,7 @@ def replica_cpu_seconds() -> dict[str, float]:
     return out
 
 
-def concurrency(target: str, args, wiring: str, trials: int = 2) -> dict:
+def concurrency(target: str, args, wiring: str, trials: int = 3) -> dict:
     """``trials`` x (8 one after another, then 8 at once), per mode; on Ray,
     the CPU seconds each deployment's replicas spent in the whole of it."""
     out: dict = {}
