@@ -504,6 +504,7 @@ class _Plain:
     committed: int = 0  # tokens committed per image (a plain request's images advance together)
     last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
     scoring: asyncio.Task | None = None  # its Score call, while it runs (it may outlast a step)
+    releasing: asyncio.Task | None = None  # its KV release, once it left
 
 
 class PlainSteps:
@@ -554,12 +555,15 @@ class PlainSteps:
         if loop is None or loop.done() or loop.get_loop() is not asyncio.get_running_loop():
             self._start(key, c)
         try:
-            return await m.done
+            out = await m.done
         except asyncio.CancelledError:  # the caller went away (its deadline, a disconnect)
             loop = self.loops.get(key)
             if loop is not None and all(x.done.done() for x in self.stepping.get(key, ())):
                 loop.cancel()  # nobody of the step is left: its calls end (a new loop takes who arrived since)
             raise
+        if m.releasing is not None:  # its cache freed before it returns, as a request alone frees its own
+            await asyncio.shield(m.releasing)
+        return out
 
     def _start(self, key: tuple, c: ImageConfig) -> None:
         # a context of its own: the loop outlives the request that started it, and carries no one's deadline
@@ -667,7 +671,8 @@ class PlainSteps:
         self._leave(members, m)
 
     def _leave(self, members: list[_Plain], m: _Plain) -> None:
-        """m leaves the loop; its KV cache is released (in the background: the others step on)."""
+        """m leaves the loop; its KV cache is released (in a task of its own: the others step on, and
+        its caller awaits it before returning)."""
         if m not in members:
             return
         members.remove(m)
@@ -677,7 +682,7 @@ class PlainSteps:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # the event loop is gone (shutdown): the replica frees it after its lease
             return
-        task = loop.create_task(self._release(m), context=contextvars.Context())
+        task = m.releasing = loop.create_task(self._release(m), context=contextvars.Context())
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 

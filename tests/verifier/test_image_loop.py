@@ -194,3 +194,32 @@ def test_a_request_resuming_on_another_replica_does_not_hold_the_others(pair, mo
     (slow, slow_s), *others = asyncio.run(main())
     assert slow_s >= 1.0 and all(s < 0.6 for _, s in others), (slow_s, [s for _, s in others])
     assert torch.equal(slow, alone[0]) and all(torch.equal(t, a) for (t, _), a in zip(others, alone[1:]))
+
+
+def test_a_plain_request_frees_its_cache_before_it_returns(pair):
+    """A stepped request's KV release runs beside the others' steps, but the
+    request returns only once its cache is freed (as a request alone always
+    did): nothing is left on the backbone when its caller's loop ends."""
+
+    class SlowRelease:
+        def __init__(self, backbone):
+            self.backbone = backbone
+
+        def __getattr__(self, name):
+            return getattr(self.backbone, name)
+
+        async def Release(self, req):
+            await asyncio.sleep(0.05)  # a release over the network
+            return await self.backbone.Release(req)
+
+    verifier = services(pair)
+    image_backbone = verifier.backbone.service
+    verifier.backbone.service = SlowRelease(image_backbone)
+
+    async def main():
+        jobs = [ImageJob(torch.as_tensor([i]), temperature=1.0, cfg=1.0, steps=8, method="none", num_draft_tokens=3,
+                         seed=i, adaptive=False) for i in range(3)]
+        return await asyncio.gather(*(verifier.generate("m", job) for job in jobs))
+
+    asyncio.run(main())
+    assert not image_backbone.sessions
