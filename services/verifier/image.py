@@ -186,6 +186,11 @@ class _Request:
     capacity: int  # positions per row cache: seq_len + k
     generator: torch.Generator  # the request's randomness: every noise draw, acceptance and residual
 
+    @property
+    def kind(self) -> tuple:
+        """What requests stepped together (``PlainSteps``, ``Rounds``) share: model, steps, temperature, guidance."""
+        return self.ids["model"], self.job.steps, self.job.temperature, self.job.cfg
+
 
 class ImageVerifier:
     """Runs image requests (``RunImage``; ``generate`` in process) against the
@@ -237,7 +242,7 @@ class ImageVerifier:
         if not k:
             return await self.plain.run(r, c)
         kv = ImageKVSession(self.backbone, r.ids["request_id"], model_id)
-        kind, who = (model_id, job.steps, job.temperature, job.cfg), r.ids["request_id"]
+        kind, who = r.kind, r.ids["request_id"]
         self.rounds.join(kind, who)
         try:
             return await self._decode(r, c, kv, k, lambda: self.rounds.start(kind, who))
@@ -546,7 +551,7 @@ class PlainSteps:
     async def run(self, r: _Request, c: ImageConfig) -> tuple[torch.Tensor, ImageStats]:
         """Request r's images, decoded plainly -> tokens [n, seq_len, token_dim] and its counters."""
         job = r.job
-        key = (r.ids["model"], job.steps, job.temperature, job.cfg)
+        key = r.kind
         m = _Plain(r, ImageKVSession(self.v.backbone, r.ids["request_id"], r.ids["model"]),
                    torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), asyncio.get_running_loop().create_future(),
                    deadlines.DEADLINE.get())
