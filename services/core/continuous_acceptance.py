@@ -29,6 +29,11 @@ on trajectories instead of tokens:
 - bonus: none. arserve's loop ends a fully accepted round instead of paying a
   whole target sample for it (``arserve.verifier.image``, docs/decisions.md #16).
 
+A round's verdict (``verify_drafts``) applies the first two to every image
+of one or more requests in one call where the heads are: the target's
+densities of all drafts at once, each request's acceptance with its own
+draws, then the residual tries of every request side by side.
+
 What is preserved. Accepting contributes density ``min(p, q)``, rejecting
 has probability ``TV(p, q)`` and then contributes ``max(0, p - q) / TV``; the
 sum is ``p``. So the procedure keeps the target's distribution over whole
@@ -140,8 +145,8 @@ def residual_steps(m: int, token_dim: int, steps: int, generator: torch.Generato
     """``sample_residual`` without the heads: a generator that yields what it
     needs computed (``TargetTry``, ``DraftDensity``, ``TargetSample``), is
     sent the answers, and returns the ``Residual``. Whoever holds the heads
-    (in process, or the diffusion-head service over gRPC) drives it; the
-    random draws, all from ``generator``, are the same either way."""
+    drives it (``sample_residual``, ``verify_drafts``: several side by side);
+    the random draws, all from ``generator``, are the same either way."""
     if proposals < 1 or max_tries < 0:
         raise ValueError(f"need proposals >= 1 and max_tries >= 0, got {proposals}, {max_tries}")
     tokens = torch.zeros((m, token_dim))
@@ -167,6 +172,63 @@ def residual_steps(m: int, token_dim: int, steps: int, generator: torch.Generato
         tokens[pending] = yield TargetSample(pending, torch.randn((steps + 1, pending.numel(), token_dim),
                                                                   generator=generator))
     return Residual(tokens, tries, capped)
+
+
+@dataclass
+class _Conditions:
+    """The conditions of m rejected positions: the target's and the draft's (unconditional: guided)."""
+
+    target: Tensor  # [m, z_dim target]
+    target_uncond: Tensor | None  # [m, z_dim target]
+    draft: Tensor  # [m, z_dim draft]
+    draft_uncond: Tensor | None  # [m, z_dim draft]
+
+
+def _residuals(target_head: DiffusionHead, draft_head: DiffusionHead, jobs: list[tuple[object, _Conditions]],
+               temperature: float, cfg: float, steps: int) -> list[Residual]:
+    """Drive several ``residual_steps`` (one per request, each with its own
+    draws) side by side: each round of asks is one head call per kind of ask
+    for all of them, their rows concatenated (a row's answer does not depend
+    on the rows beside it). ``jobs``: (the steps' generator, its positions'
+    conditions) -> each one's ``Residual``. The draws and answers stay on the
+    CPU (the generators' device); the heads compute on their own device."""
+    on = lambda t: None if t is None else t.to(target_head.final.weight.device)  # noqa: E731
+    results: list[Residual | None] = [None] * len(jobs)
+    answers: list = [None] * len(jobs)
+    live = list(range(len(jobs)))
+    while live:
+        asks = {}
+        for i in live:
+            try:
+                asks[i] = jobs[i][0].send(answers[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+        live = list(asks)
+        for kind in (TargetTry, DraftDensity, TargetSample):
+            idx = [i for i in live if isinstance(asks[i], kind)]
+            if not idx:
+                continue
+            rows = [asks[i].rows for i in idx]
+            sizes = [len(r) for r in rows]
+            cat = lambda f: None if f(jobs[idx[0]][1]) is None else on(torch.cat(  # noqa: E731 - [sum r, z_dim]
+                [f(jobs[i][1])[r] for i, r in zip(idx, rows)]))
+            if kind is DraftDensity:
+                out = draft_head.trajectory_log_density(on(torch.cat([asks[i].states for i in idx], dim=1)),
+                                                        cat(lambda c: c.draft), temperature, cfg,
+                                                        z_uncond=cat(lambda c: c.draft_uncond))
+                parts = out.cpu().split(sizes)
+            else:
+                noise = on(torch.cat([asks[i].noise for i in idx], dim=1))  # [S + 1, sum r, token_dim]
+                zt, ztu = cat(lambda c: c.target), cat(lambda c: c.target_uncond)
+                if kind is TargetTry:
+                    t = target_head.sample_trajectory(zt, temperature, cfg, steps, z_uncond=ztu, noise=noise)
+                    parts = list(zip(t.tokens.cpu().split(sizes), t.states.cpu().split(sizes, dim=1),
+                                     t.log_density.cpu().split(sizes)))
+                else:
+                    parts = target_head.sample(zt, temperature, cfg, steps, z_uncond=ztu, noise=noise).cpu().split(sizes)
+            for i, part in zip(idx, parts):
+                answers[i] = part
+    return results
 
 
 def sample_residual(
@@ -198,20 +260,73 @@ def sample_residual(
         raise ValueError("cfg != 1 needs the unconditional z of both heads")
     if cfg == 1.0:  # unguided: the unconditional z play no part
         z_target_uncond = z_draft_uncond = None
-    pick = lambda z, rows: None if z is None else z[rows]  # noqa: E731 - [r, z_dim]
     steps_ = residual_steps(z_target.shape[0], target_head.config.token_dim, steps, generator, proposals, max_tries)
-    answer = None
-    while True:
-        try:
-            ask = steps_.send(answer)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(ask, TargetTry):
-            answer = target_head.sample_trajectory(pick(z_target, ask.rows), temperature, cfg, steps,
-                                                   z_uncond=pick(z_target_uncond, ask.rows), noise=ask.noise)
-        elif isinstance(ask, DraftDensity):
-            answer = draft_head.trajectory_log_density(ask.states, pick(z_draft, ask.rows), temperature, cfg,
-                                                       z_uncond=pick(z_draft_uncond, ask.rows))
-        else:
-            answer = target_head.sample(pick(z_target, ask.rows), temperature, cfg, steps,
-                                        z_uncond=pick(z_target_uncond, ask.rows), noise=ask.noise)
+    conditions = _Conditions(z_target, z_target_uncond, z_draft, z_draft_uncond)
+    return _residuals(target_head, draft_head, [(steps_, conditions)], temperature, cfg, steps)[0]
+
+
+# --- a round's verdict -----------------------------------------------------------------------------
+
+
+@dataclass
+class Drafts:
+    """One request's drafts of a speculative round: n images, k drafted positions each."""
+
+    states: Tensor  # [S + 1, n, k, token_dim] the draft trajectories (x_S first, the drafted token last)
+    log_q: Tensor  # [n, k] their log-density under the draft head
+    z: Tensor  # [n, k, z_dim target] the target's conditions at the drafted positions
+    z_uncond: Tensor | None  # [n, k, z_dim target] guided
+    draft_z: Tensor  # [n, k, z_dim draft] the draft's conditions there (the residual's q)
+    draft_z_uncond: Tensor | None  # [n, k, z_dim draft] guided
+    usable: Tensor  # [n] int64 drafts each image may keep (0 for a finished image)
+    generator: torch.Generator | None  # the round's draws: acceptance uniforms, then residual proposals
+
+
+@dataclass
+class Verdict:
+    """What the target keeps of one request's drafts."""
+
+    accepted: Tensor  # [n] int64 leading drafts each image keeps (at most its usable)
+    residual: Residual  # the recovered token of each image with accepted < usable, in image order
+
+
+def residual_proposals(rejected: int, rows: int) -> int:
+    """Target trajectories per rejected image in one residual try: ``rows`` over the images, 2 to 16.
+    A rejection needs 1 / TV proposals in expectation, and rows are not free at batch 1 (docs/decisions.md,
+    "CSpD that pays")."""
+    return max(2, min(16, rows // max(1, rejected)))
+
+
+def verify_drafts(target_head: DiffusionHead, draft_head: DiffusionHead, drafts: list[Drafts], *,
+                  temperature: float, cfg: float, steps: int, residual_rows: int = 4) -> list[Verdict]:
+    """A speculative round's verdict on every request's drafts, with the heads
+    in this process: the target's density of every draft trajectory (one
+    batched call for all requests), ``accept_trajectories`` with each
+    request's own draws, and ``sample_residual`` at each image's first
+    rejected position (the requests' tries side by side). The same rules as
+    calling them one by one; one call where a loop over services made one per
+    step (the diffusion-head service's ``VerifyDrafts``). The drafts are on the
+    CPU, where their generators draw. A residual try of a request draws
+    ``residual_rows`` target trajectories over its rejected images
+    (``residual_proposals``)."""
+    if cfg != 1.0 and any(d.z_uncond is None or d.draft_z_uncond is None for d in drafts):
+        raise ValueError("cfg != 1 needs the unconditional z of both heads")
+    guided = cfg != 1.0
+    sizes = [d.log_q.numel() for d in drafts]
+    on = lambda t: t.to(target_head.final.weight.device)  # noqa: E731
+    states = on(torch.cat([d.states.flatten(1, 2) for d in drafts], dim=1))  # [S + 1, sum n k, token_dim]
+    z = on(torch.cat([d.z.flatten(0, 1) for d in drafts]))  # [sum n k, z_dim]
+    zu = on(torch.cat([d.z_uncond.flatten(0, 1) for d in drafts])) if guided else None
+    log_p = target_head.trajectory_log_density(states, z, temperature, cfg, z_uncond=zu).cpu().split(sizes)
+    accepted, jobs = [], []
+    for d, lp in zip(drafts, log_p):
+        a = torch.minimum(accept_trajectories(lp.view_as(d.log_q), d.log_q, d.generator), d.usable)  # [n]
+        img = (a < d.usable).nonzero()[:, 0]  # images that rejected a draft
+        pick = lambda x: None if x is None or not guided else x[img, a[img]]  # noqa: E731 - [m, z_dim]
+        conditions = _Conditions(d.z[img, a[img]], pick(d.z_uncond), d.draft_z[img, a[img]], pick(d.draft_z_uncond))
+        proposals = residual_proposals(len(img), residual_rows)
+        jobs.append((residual_steps(len(img), target_head.config.token_dim, steps, d.generator, proposals),
+                     conditions))
+        accepted.append(a)
+    residuals = _residuals(target_head, draft_head, jobs, temperature, cfg, steps)
+    return [Verdict(a, r) for a, r in zip(accepted, residuals)]

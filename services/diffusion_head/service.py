@@ -12,22 +12,28 @@ all of them or off for all (``arserve.batching``).
 The ``arserve.v1.DiffusionHead`` methods are what the image decode loop
 (``arserve.verifier.image``) calls, in process or over gRPC: ``Sample``
 through the same batcher (with ``trajectory``, also the states and their
-log-density, for the residual sampler), ``LogDensity`` (one batched forward
-already) directly, of the target head or, with ``draft``, of the model's
-draft head. The service holds no per-request state: any replica answers any
-call, and a call carries its request's noise, so the answer does not depend
-on the replica.
+log-density), ``LogDensity`` (one batched forward already) directly, of
+the target head or, with ``draft``, of the model's draft head, and
+``VerifyDrafts``: a speculative round's verdict on the drafts of one or
+more requests (the target's densities, the acceptance rule and the
+residual sampler, ``arserve.core.continuous_acceptance.verify_drafts``) in
+one call, so a round makes one head call instead of one per residual try.
+The service holds no per-request state: any replica answers any call, and
+a call carries its request's noise (a verdict, its seed), so the answer
+does not depend on the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ..batching import JoinQueue
+from ..core.continuous_acceptance import Drafts, verify_drafts
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS, DiffusionHead, Trajectory
 from ..core.sampling import seeded
 from ..core import compute
@@ -141,6 +147,57 @@ class DiffusionHeadService:
             self.executor, head.trajectory_log_density, states, z, req.temperature or 1.0, cfg,
             z_uncond if cfg != 1.0 else None)
         return pb.LogDensityResponse(log_density=to_proto(out))
+
+
+    async def VerifyDrafts(self, req: pb.VerifyDraftsRequest, context=None) -> pb.VerifyDraftsResponse:
+        target, draft = self._head(req.model), self._head(req.model, draft=True)
+        cfg, rows = req.cfg or 1.0, req.residual_rows or 4
+        _check_sampling(req.temperature, cfg, req.num_steps)
+        if rows > MAX_RESIDUAL_ROWS:
+            raise InvalidArgument(f"residual_rows must be at most {MAX_RESIDUAL_ROWS}, got {rows}")
+        drafts = [_drafts(d, i, req.num_steps, cfg != 1.0, target.config, draft.config)
+                  for i, d in enumerate(req.drafts)]
+        if not drafts:
+            return pb.VerifyDraftsResponse()
+        verdicts = await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(verify_drafts, target, draft, drafts, temperature=req.temperature,
+                                             cfg=cfg, steps=req.num_steps, residual_rows=rows))
+        return pb.VerifyDraftsResponse(verdicts=[
+            pb.Verdict(accepted=v.accepted.tolist(), recovered=to_proto(v.residual.tokens),
+                       residual_proposals=int(v.residual.tries.sum()), residual_capped=v.residual.capped_count)
+            for v in verdicts])
+
+
+MAX_RESIDUAL_ROWS = 4096  # target trajectories of one request's residual try at most (VerifyDrafts)
+
+
+def _drafts(d: pb.Drafts, i: int, steps: int, guided: bool, target, draft) -> Drafts:
+    """One request's drafts from the wire, checked against the heads' shapes."""
+    missing = [f for f in ("states", "log_q", "z", "draft_z") + (("z_uncond", "draft_z_uncond") if guided else ())
+               if not d.HasField(f)]
+    if missing:
+        raise InvalidArgument(f"drafts[{i}] has no {', '.join(missing)}" + (" (cfg != 1 needs the unconditional "
+                                                                            "conditions)" if guided else ""))
+    try:
+        states, log_q = from_proto(d.states).float(), from_proto(d.log_q).float()
+        z, draft_z = from_proto(d.z).float(), from_proto(d.draft_z).float()
+        z_uncond = from_proto(d.z_uncond).float() if guided else None
+        draft_z_uncond = from_proto(d.draft_z_uncond).float() if guided else None
+    except ValueError as e:
+        raise InvalidArgument(f"drafts[{i}]: {e}") from None
+    n, k = log_q.shape if log_q.dim() == 2 else (-1, -1)
+    want = {"states": (states, [steps + 1, n, k, target.token_dim]), "log_q": (log_q, [n, k]),
+            "z": (z, [n, k, target.z_dim]), "draft_z": (draft_z, [n, k, draft.z_dim])}
+    if guided:
+        want |= {"z_uncond": (z_uncond, [n, k, target.z_dim]), "draft_z_uncond": (draft_z_uncond, [n, k, draft.z_dim])}
+    for name, (t, shape) in want.items():
+        if n < 0 or list(t.shape) != shape:
+            raise InvalidArgument(f"drafts[{i}].{name} must be {shape if n >= 0 else '[n, k]'} "
+                                  f"(S = num_steps {steps}), got {list(t.shape)}")
+    if len(d.usable) != n or any(u > k for u in d.usable):
+        raise InvalidArgument(f"drafts[{i}].usable: {n} counts of 0 to {k} drafts, got {list(d.usable)}")
+    return Drafts(states, log_q, z, z_uncond, draft_z, draft_z_uncond, torch.tensor(list(d.usable), dtype=torch.long),
+                  seeded(d.seed))
 
 
 def _check_sampling(temperature: float, cfg: float, steps: int) -> None:

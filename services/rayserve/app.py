@@ -9,7 +9,7 @@
            -> drafter   Propose / ProposeMany / Release   (per-request context: sticky)
            -> backbone  Score / ScoreMany / Commit / Release  (per-request KV cache: sticky;
                         a Many call goes to each replica holding its calls' requests)
-           -> diffusion_head  Sample / LogDensity         (stateless: any replica, retried on another)
+           -> diffusion_head  Sample / VerifyDrafts / LogDensity  (stateless: any replica, retried on another)
     directory: where the replicas above announce their gRPC addresses (signed with the internal secret)
 
 Each deployment has its own replicas, resources and autoscaling

@@ -2,18 +2,18 @@
 
 Requests decoding side by side (``PlainSteps``, or speculative requests
 each in its own loop) ask the head for the same kind of work at the same
-moment: a step's samples, the target's densities of every request's drafts,
-residual tries. ``HeadCalls`` sends the calls of one kind started in one
-event-loop iteration as one ``Sample`` or ``LogDensity`` call, their rows
-concatenated (``arserve.many.Gather``: the latest of the callers'
+moment: a step's samples, or the verdict on every request's drafts.
+``HeadCalls`` sends the calls of one kind started in one event-loop
+iteration as one ``Sample`` or ``VerifyDrafts`` call, their
+rows concatenated (``arserve.many.Gather``: the latest of the callers'
 deadlines, cancelled when every caller has gone), split into one call per
-head replica where the wiring has several, side by side (and into calls of
-``MAX_ROWS`` rows at most); each caller gets
-its own rows back. A row's answer does not depend on the rows it travels
-with (the head computes every row alone: batch-invariant on CPU), and each
-call brings its own noise, so a request gets the same tokens alone or
+head replica where the wiring has several, side by side (and samples into
+calls of ``MAX_ROWS`` rows at most); each caller gets its own rows back. A
+row's answer does not depend on the rows it travels with (the head computes
+every row alone: batch-invariant on CPU), and each call brings its own
+noise (a verdict, its own seed), so a request gets the same tokens alone or
 joined. Calls of one kind share the model, the step count, temperature and
-guidance (and, for densities, which head).
+guidance.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..wire import from_proto, to_proto
 class _Rows:
     z: torch.Tensor  # [n, z_dim] the conditional rows' conditions
     z_uncond: torch.Tensor | None  # [n, z_dim] with guidance
-    x: torch.Tensor  # Sample: noise [S + 1, n, token_dim]; LogDensity: states [S + 1, n, token_dim]
+    x: torch.Tensor  # the sampler's noise [S + 1, n, token_dim]
 
 
 MAX_ROWS = 8192  # rows of one call at most (its noise or states: 816 bytes a row at 50 steps; messages < 64 MiB)
@@ -58,24 +58,23 @@ class HeadCalls:
         self.gather = Gather(self._run)
 
     async def sample(self, model: str, z: torch.Tensor, z_uncond: torch.Tensor | None, noise: torch.Tensor,
-                     temperature: float, cfg: float, trajectory: bool = False):
-        """Tokens [n, token_dim] for z [n, z_dim] with the noise [S + 1, n, token_dim]; with
-        ``trajectory`` (tokens, states [S + 1, n, token_dim], log-density [n])."""
-        key = ("sample", model, noise.shape[0] - 1, temperature, cfg, z_uncond is not None, trajectory)
+                     temperature: float, cfg: float) -> torch.Tensor:
+        """Tokens [n, token_dim] for z [n, z_dim] with the noise [S + 1, n, token_dim]."""
+        key = ("sample", model, noise.shape[0] - 1, temperature, cfg, z_uncond is not None)
         return await self.gather.call(key, _Rows(z, z_uncond, noise))
 
-    async def log_density(self, model: str, states: torch.Tensor, z: torch.Tensor, z_uncond: torch.Tensor | None,
-                          temperature: float, cfg: float, draft: bool = False) -> torch.Tensor:
-        """log-density [n] of trajectories states [S + 1, n, token_dim] given z [n, z_dim], under
-        the target's head or (``draft``) the draft model's."""
-        key = ("density", model, states.shape[0], temperature, cfg, z_uncond is not None, draft)
-        return await self.gather.call(key, _Rows(z, z_uncond, states))
+    async def verify(self, model: str, steps: int, temperature: float, cfg: float, residual_rows: int,
+                     drafts: hpb.Drafts) -> hpb.Verdict:
+        """The verdict on one request's drafts (``DiffusionHead.VerifyDrafts``)."""
+        key = ("verify", model, steps, temperature, cfg, drafts.HasField("z_uncond"), residual_rows)
+        return await self.gather.call(key, drafts)
 
-    async def _run(self, key, calls: list[_Rows]) -> list:
+    async def _run(self, key, calls: list) -> list:
         parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
         size = -(-len(calls) // parts)
-        one = self._sample if key[0] == "sample" else self._density
-        shares = [share for i in range(0, len(calls), size) for share in _capped(calls[i:i + size])]
+        one = self._sample if key[0] == "sample" else self._verify
+        capped = _capped if key[0] != "verify" else lambda share: [share]  # a request's drafts: 816 bytes n k
+        shares = [share for i in range(0, len(calls), size) for share in capped(calls[i:i + size])]
         outs = await asyncio.gather(*(one(key, share) for share in shares), return_exceptions=True)
         for out in outs:
             if isinstance(out, asyncio.CancelledError):
@@ -93,25 +92,17 @@ class HeadCalls:
         zu = None if calls[0].z_uncond is None else torch.cat([c.z_uncond for c in calls])
         return torch.cat([c.z for c in calls]), zu, torch.cat([c.x for c in calls], dim=1), sizes
 
-    async def _sample(self, key, calls: list[_Rows]) -> list:
-        _, model, steps, temperature, cfg, _, trajectory = key
+    async def _sample(self, key, calls: list[_Rows]) -> list[torch.Tensor]:
+        _, model, steps, temperature, cfg, _ = key
         z, zu, noise, sizes = self._cat(calls)
         req = hpb.SampleRequest(model=model, z=to_proto(z), temperature=temperature, cfg=cfg, num_steps=steps,
-                                noise=to_proto(noise), trajectory=trajectory, request_id=self.caller)
+                                noise=to_proto(noise), request_id=self.caller)
         if zu is not None:
             req.z_uncond.CopyFrom(to_proto(zu))
-        out = await self.heads.Sample(req)
-        tokens = from_proto(out.tokens).split(sizes)
-        if not trajectory:
-            return list(tokens)
-        states, log_density = from_proto(out.states).split(sizes, dim=1), from_proto(out.log_density).split(sizes)
-        return list(zip(tokens, states, log_density))
+        return list(from_proto((await self.heads.Sample(req)).tokens).split(sizes))
 
-    async def _density(self, key, calls: list[_Rows]) -> list:
-        _, model, _, temperature, cfg, _, draft = key
-        z, zu, states, sizes = self._cat(calls)
-        req = hpb.LogDensityRequest(model=model, z=to_proto(z), states=to_proto(states), temperature=temperature,
-                                    cfg=cfg, draft=draft)
-        if zu is not None:
-            req.z_uncond.CopyFrom(to_proto(zu))
-        return list(from_proto((await self.heads.LogDensity(req)).log_density).split(sizes))
+    async def _verify(self, key, calls: list[hpb.Drafts]) -> list[hpb.Verdict]:
+        _, model, steps, temperature, cfg, _, rows = key
+        out = await self.heads.VerifyDrafts(hpb.VerifyDraftsRequest(
+            model=model, num_steps=steps, temperature=temperature, cfg=cfg, residual_rows=rows, drafts=calls))
+        return list(out.verdicts)

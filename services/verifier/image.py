@@ -10,12 +10,13 @@ concurrent requests into one head call per denoising step).
 Speculative, per round: the draft model proposes k tokens per row, each by
 its own head along a denoising trajectory whose log-density ``log_q`` it
 records; the target scores the row's pending input and the first k - 1
-drafts in one forward (z for all k drafted positions); the target's
-log-density ``log_p`` of every draft trajectory is computed in one batched
-head call; the acceptance rule of ``arserve.core.continuous_acceptance``
-keeps a prefix of each row and samples the recovered token from the residual
-at the first rejection. Rows accept different numbers of tokens: the KV
-caches keep a committed length per row.
+drafts in one forward (z for all k drafted positions); then one head call
+(``VerifyDrafts``, ``arserve.core.continuous_acceptance.verify_drafts``)
+gives the round's verdict: the target's log-density ``log_p`` of every draft
+trajectory, the acceptance rule, which keeps a prefix of each row, and the
+recovered token sampled from the residual at the first rejection. Rows
+accept different numbers of tokens: the KV caches keep a committed length
+per row.
 
 No bonus token. In text the bonus comes free with the verifying forward; here
 it would cost a whole target sample (``steps`` head calls), more than drafting
@@ -32,10 +33,11 @@ The models live in their services and the loop reaches them through three
 protocols, in process (embedded wiring) or over gRPC (Ray wiring): the
 backbone (``ImageScore``: each call commits the rows' lengths and scores the
 next inputs, ``arserve.backbone.image``), the drafter (``ImageDraftRequest``,
-``arserve.drafter.image``) and the diffusion head (``Sample``, ``LogDensity``,
-``arserve.diffusion_head.service``). The loop owns the request's random
-generator and sends every draw it makes (the heads' noise), so a seeded
-request gives the same images in every wiring. The loop holds no model.
+``arserve.drafter.image``) and the diffusion head (``Sample``,
+``VerifyDrafts``, ``arserve.diffusion_head.service``). The loop owns the
+request's random generator and sends every draw it makes (the heads' noise;
+for a verdict, a seed drawn from it), so a seeded request gives the same
+images in every wiring. The loop holds no model.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from typing import Protocol
 import torch
 
 from .. import deadlines
-from ..core.continuous_acceptance import DraftDensity, TargetTry, accept_trajectories, residual_steps
 from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
@@ -147,7 +148,7 @@ class DiffusionHead(Protocol):
 
     async def Sample(self, req: hpb.SampleRequest) -> hpb.SampleResponse: ...
 
-    async def LogDensity(self, req: hpb.LogDensityRequest) -> hpb.LogDensityResponse: ...
+    async def VerifyDrafts(self, req: hpb.VerifyDraftsRequest) -> hpb.VerifyDraftsResponse: ...
 
 
 class ImageKVSession(KVSession):
@@ -259,7 +260,7 @@ class ImageVerifier:
                       round_start=None) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
-        job, generator = r.job, r.generator
+        job = r.job
         n = job.labels.shape[0]
         drafting = k > 0
         tokens = torch.empty(n, c.seq_len, c.token_dim)
@@ -297,17 +298,15 @@ class ImageVerifier:
                     drafting = False
                     continue
                 z_t = await self._score(r, kv, lengths, last, d.tokens, committed)  # [rows, k, dim]
-                log_p = await self._log_density(r, d.states, z_t)  # [n, k] the target's densities
-                accepted = torch.minimum(accept_trajectories(log_p, d.log_q, generator), usable)  # [n]
+                accepted, res = await self._verify(r, d, z_t, usable)  # [n], recovered tokens [m, token_dim]
                 rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
                 rr, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
                 tokens[rr, done[rr] + j] = d.tokens[rr, j]
                 if bool(rejected.any()):  # the recovered token at the first rejected position
                     idx = rejected.nonzero()[:, 0]
-                    res = await self._residual(r, z_t, d.z, idx, accepted, c.token_dim)
-                    tokens[idx, done[idx] + accepted[idx]] = res.tokens
-                    stats.residual_proposals += int(res.tries.sum())
-                    stats.residual_capped += int(res.capped.sum())
+                    tokens[idx, done[idx] + accepted[idx]] = from_proto(res.recovered)
+                    stats.residual_proposals += res.residual_proposals
+                    stats.residual_capped += res.residual_capped
                     stats.recovered += len(idx)
                 grow = accepted + rejected.long()  # [n] tokens committed this round
                 stats.drafted += int(usable.sum())
@@ -368,38 +367,24 @@ class ImageVerifier:
         noise = torch.randn((job.steps + 1, n, token_dim), generator=r.generator)
         return await self.heads.sample(r.ids["model"], zc, zu, noise, job.temperature, job.cfg)
 
-    async def _log_density(self, r: _Request, states: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log-density under the target head of trajectories
-        [S + 1, n, k, token_dim] given z [rows, k, dim], in one call -> [n, k]."""
-        steps1, n, k, dim = states.shape
-        zc, zu = _split(z, n)  # [n, k, dim] each
-        out = await self.heads.log_density(r.ids["model"], states.reshape(steps1, n * k, dim), zc.reshape(n * k, -1),
-                                           None if zu is None else zu.reshape(n * k, -1), r.job.temperature,
-                                           r.job.cfg)
-        return out.reshape(n, k)
-
-    async def _residual(self, r: _Request, z_t: torch.Tensor, z_d: torch.Tensor, idx: torch.Tensor,
-                        accepted: torch.Tensor, token_dim: int):
-        """Recovered tokens of the images idx, at their first rejected position
-        (``residual_steps`` driven over the head service)."""
-        job, n, pos = r.job, r.job.labels.shape[0], accepted[idx]
-        zt_c, zt_u = _split(z_t, n)
-        zd_c, zd_u = _split(z_d, n)
-        pick = lambda z, rows: None if z is None else z[idx, pos][rows]  # noqa: E731 - [r, dim]
-        steps = residual_steps(len(idx), token_dim, job.steps, r.generator,
-                               proposals=residual_proposals(len(idx)))
-        model, answer = r.ids["model"], None
-        while True:
-            try:
-                ask = steps.send(answer)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(ask, DraftDensity):  # q's density of the target's trajectories
-                answer = await self.heads.log_density(model, ask.states, pick(zd_c, ask.rows), pick(zd_u, ask.rows),
-                                                      job.temperature, job.cfg, draft=True)
-                continue
-            answer = await self.heads.sample(model, pick(zt_c, ask.rows), pick(zt_u, ask.rows), ask.noise,
-                                             job.temperature, job.cfg, trajectory=isinstance(ask, TargetTry))
+    async def _verify(self, r: _Request, d: _Draft, z_t: torch.Tensor,
+                      usable: torch.Tensor) -> tuple[torch.Tensor, hpb.Verdict]:
+        """The target's verdict on the round's drafts, in one head call: its densities of the draft
+        trajectories, the acceptance rule and the residual at each image's first rejection
+        (``continuous_acceptance.verify_drafts``), with draws from a seed the request's generator gives
+        -> accepted [n] and the verdict (recovered tokens of the images with accepted < usable)."""
+        job, n = r.job, r.job.labels.shape[0]
+        zt_c, zt_u = _split(z_t, n)  # [n, k, dim] each
+        zd_c, zd_u = _split(d.z, n)
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=r.generator))
+        drafts = hpb.Drafts(states=to_proto(d.states), log_q=to_proto(d.log_q), z=to_proto(zt_c),
+                            draft_z=to_proto(zd_c), usable=usable.tolist(), seed=seed)
+        if zt_u is not None:
+            drafts.z_uncond.CopyFrom(to_proto(zt_u))
+            drafts.draft_z_uncond.CopyFrom(to_proto(zd_u))
+        verdict = await self.heads.verify(r.ids["model"], job.steps, job.temperature, job.cfg, RESIDUAL_ROWS,
+                                          drafts)
+        return torch.tensor(list(verdict.accepted), dtype=torch.long), verdict
 
 
 def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:
@@ -427,10 +412,10 @@ def costs(images: int) -> tuple[float, float, float]:
 class Rounds:
     """Speculative image requests of one kind (model, steps, temperature,
     guidance) start their rounds together, so that each phase's calls
-    (Propose, Score, the target's densities, residual tries) start in one
+    (Propose, Score, VerifyDrafts) start in one
     event-loop iteration and travel as one (``arserve.many``, ``HeadCalls``):
     the loops of concurrent requests are otherwise out of phase (they arrive
-    apart, and their residual tries differ in number), and their calls met
+    apart, and their verdicts take different times), and their calls met
     one or two at a time (docs/decisions.md, decision 56).
 
     A request at the start of a round waits until every other request of its
@@ -717,8 +702,3 @@ class WithImages:
     def shutdown(self) -> None:
         if hasattr(self.text, "shutdown"):
             self.text.shutdown()
-
-
-def residual_proposals(rejected: int) -> int:
-    """Target trajectories per rejected row in one residual try: RESIDUAL_ROWS over the rows, between 2 and 16."""
-    return max(2, min(16, RESIDUAL_ROWS // rejected))

@@ -129,3 +129,101 @@ def test_calls_carry_their_noise_and_ask_for_trajectories_or_the_draft_head(head
                                                           states=to_proto(expected.states)))
 
     asyncio.run(main())
+
+
+def _draft_head(seed: int = 5, scale: float = 0.2) -> DiffusionHead:
+    torch.manual_seed(seed)
+    draft = DiffusionHead(CONFIG).eval()
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, scale)
+    return draft
+
+
+def _round(head, draft, n: int, k: int, seed: int, guided: bool):
+    """One request's round as the drafter gives it: k draft trajectories per image -> (pb.Drafts, the
+    tensors it carries)."""
+    g = torch.Generator().manual_seed(seed)
+    zd, zdu = torch.randn(n, k, CONFIG.z_dim, generator=g), torch.randn(n, k, CONFIG.z_dim, generator=g)
+    zt, ztu = zd + 0.3 * torch.randn(n, k, CONFIG.z_dim, generator=g), zdu + 0.3 * torch.randn(n, k, CONFIG.z_dim,
+                                                                                                generator=g)
+    cfg = 2.0 if guided else 1.0
+    traj = draft.sample_trajectory(zd.flatten(0, 1), 0.9, cfg, STEPS, g, zdu.flatten(0, 1) if guided else None)
+    states, log_q = traj.states.unflatten(1, (n, k)), traj.log_density.view(n, k)
+    usable = torch.tensor([k] * (n - 1) + [k - 1])  # the last image has fewer tokens left
+    t = dict(states=states, log_q=log_q, z=zt, z_uncond=ztu if guided else None, draft_z=zd,
+             draft_z_uncond=zdu if guided else None, usable=usable, seed=seed + 100)
+    d = pb.Drafts(states=to_proto(states), log_q=to_proto(log_q), z=to_proto(zt), draft_z=to_proto(zd),
+                  usable=usable.tolist(), seed=seed + 100)
+    if guided:
+        d.z_uncond.CopyFrom(to_proto(ztu))
+        d.draft_z_uncond.CopyFrom(to_proto(zdu))
+    return d, t
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_verify_drafts_is_the_acceptance_rules_in_one_call_and_joined_requests_keep_their_verdicts(head, guided):
+    """``VerifyDrafts`` gives what the rules give called one by one with the
+    request's seed (the target's densities, ``accept_trajectories``, then
+    ``sample_residual`` at each first rejection), and a request's verdict
+    does not depend on the requests it travels with."""
+    from arserve.core.continuous_acceptance import accept_trajectories, residual_proposals, sample_residual
+    from arserve.core.sampling import seeded
+
+    draft = _draft_head()
+    cfg = 2.0 if guided else 1.0
+    rounds = [_round(head, draft, n, 3, seed, guided) for n, seed in ((4, 1), (1, 2), (6, 3))]
+
+    async def verify(drafts):
+        service = DiffusionHeadService({"m": head}, draft_heads={"m": draft})
+        out = await service.VerifyDrafts(pb.VerifyDraftsRequest(model="m", num_steps=STEPS, temperature=0.9, cfg=cfg,
+                                                                residual_rows=4, drafts=drafts))
+        return list(out.verdicts)
+
+    together = asyncio.run(verify([d for d, _ in rounds]))
+    recovered_any = False
+    for (d, t), verdict in zip(rounds, together):
+        alone = asyncio.run(verify([d]))[0]
+        assert alone == verdict  # the same accepted counts, recovered bytes and counters
+        g = seeded(t["seed"])
+        zu = None if not guided else t["z_uncond"].flatten(0, 1)
+        log_p = head.trajectory_log_density(t["states"].flatten(1, 2), t["z"].flatten(0, 1), 0.9, cfg, zu)
+        accepted = torch.minimum(accept_trajectories(log_p.view_as(t["log_q"]), t["log_q"], g), t["usable"])
+        assert list(verdict.accepted) == accepted.tolist()
+        img = (accepted < t["usable"]).nonzero()[:, 0]
+        at = lambda x: None if x is None else x[img, accepted[img]]  # noqa: E731
+        res = sample_residual(head, at(t["z"]), draft, at(t["draft_z"]), temperature=0.9, cfg=cfg, steps=STEPS,
+                              generator=g, z_target_uncond=at(t["z_uncond"]), z_draft_uncond=at(t["draft_z_uncond"]),
+                              proposals=residual_proposals(len(img), 4))
+        assert torch.equal(from_proto(verdict.recovered), res.tokens)
+        assert verdict.residual_proposals == int(res.tries.sum()) and verdict.residual_capped == res.capped_count
+        recovered_any |= len(img) > 0
+    assert recovered_any  # the drafts differ from the target: some are rejected and recovered
+
+
+def test_verify_drafts_checks_its_input(head):
+    draft = _draft_head()
+    d, t = _round(head, draft, 2, 3, 1, guided=False)
+
+    async def main():
+        service = DiffusionHeadService({"m": head}, draft_heads={"m": draft})
+        ask = lambda drafts, **kw: service.VerifyDrafts(pb.VerifyDraftsRequest(  # noqa: E731
+            **({"model": "m", "num_steps": STEPS, "temperature": 0.9} | kw), drafts=drafts))
+        bad = pb.Drafts(); bad.CopyFrom(d)  # noqa: E702
+        bad.states.CopyFrom(to_proto(t["states"][:-1]))
+        with pytest.raises(InvalidArgument, match=r"drafts\[1\]\.states must be \[7, 2, 3, 4\]"):
+            await ask([d, bad])
+        bad.CopyFrom(d)
+        bad.usable[:] = [3, 4]
+        with pytest.raises(InvalidArgument, match=r"drafts\[0\]\.usable"):
+            await ask([bad])
+        with pytest.raises(InvalidArgument, match=r"drafts\[0\] has no z_uncond, draft_z_uncond \(cfg != 1"):
+            await ask([d], cfg=2.0)  # guidance needs both unconditional conditions
+        with pytest.raises(InvalidArgument, match="temperature"):
+            await ask([d], temperature=0.0)
+        with pytest.raises(NotFound, match="no draft diffusion head"):
+            await DiffusionHeadService({"m": head}).VerifyDrafts(pb.VerifyDraftsRequest(
+                model="m", num_steps=STEPS, temperature=0.9, drafts=[d]))
+        assert len((await ask([d])).verdicts) == 1  # the service serves on
+
+    asyncio.run(main())

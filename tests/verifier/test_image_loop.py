@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from arserve.backbone.image import ImageBackboneService
+from arserve.core import continuous_acceptance
 from arserve.core.image_model import ImageAR, ImageConfig
 from arserve.diffusion_head.service import DiffusionHeadService
 from arserve.drafter.image import ImageDrafter
@@ -94,7 +95,7 @@ def test_speculative_keeps_the_target_distribution(pair, cfg, monkeypatch):
     assert stats.residual_capped == 0
     p_ok, _ = energy_test(plain.flatten(1), spec.flatten(1), permutations=2000)
     # the same test catches a rule that keeps every draft: the draft's distribution, not the target's
-    monkeypatch.setattr(image_loop, "accept_trajectories",
+    monkeypatch.setattr(continuous_acceptance, "accept_trajectories",
                         lambda log_p, log_q, g: torch.full((log_p.shape[0],), log_p.shape[1], dtype=torch.long,
                                                            device=log_p.device))
     broken, _ = run(pair, labels, "draft_model", seed=2, cfg=cfg)

@@ -45,6 +45,11 @@ class DiffusionHeadStub:
                 request_serializer=arserve_dot_v1_dot_diffusion__head__pb2.LogDensityRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_diffusion__head__pb2.LogDensityResponse.FromString,
                 _registered_method=True)
+        self.VerifyDrafts = channel.unary_unary(
+                '/arserve.v1.DiffusionHead/VerifyDrafts',
+                request_serializer=arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsResponse.FromString,
+                _registered_method=True)
 
 
 class DiffusionHeadServicer:
@@ -67,6 +72,17 @@ class DiffusionHeadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyDrafts(self, request, context):
+        """A speculative round's verdict on its drafts, in one call: the target's
+        densities of the draft trajectories, the acceptance rule, and the
+        recovered token from the residual at the first rejected position
+        (arserve.core.continuous_acceptance). The drafts of several requests
+        travel together, each with its own draws.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionHeadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +95,11 @@ def add_DiffusionHeadServicer_to_server(servicer, server):
                     servicer.LogDensity,
                     request_deserializer=arserve_dot_v1_dot_diffusion__head__pb2.LogDensityRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_diffusion__head__pb2.LogDensityResponse.SerializeToString,
+            ),
+            'VerifyDrafts': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyDrafts,
+                    request_deserializer=arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +157,33 @@ class DiffusionHead:
             '/arserve.v1.DiffusionHead/LogDensity',
             arserve_dot_v1_dot_diffusion__head__pb2.LogDensityRequest.SerializeToString,
             arserve_dot_v1_dot_diffusion__head__pb2.LogDensityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyDrafts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.DiffusionHead/VerifyDrafts',
+            arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsRequest.SerializeToString,
+            arserve_dot_v1_dot_diffusion__head__pb2.VerifyDraftsResponse.FromString,
             options,
             channel_credentials,
             insecure,
