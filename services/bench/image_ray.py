@@ -52,7 +52,7 @@ def app_args():
         "deployments": {"gateway": SMALL, "tokenizer": SMALL, "verifier": SMALL,
                         "drafter": {**SMALL, "torch_threads": 1},
                         "backbone": {"ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2},
-                        "diffusion_head": {"num_replicas": 2, **SMALL, "torch_threads": 1}},
+                        "diffusion_head": {"num_replicas": 2, **SMALL, "torch_threads": 2}},
     })
 
 
