@@ -141,3 +141,40 @@ def test_joined_head_calls_are_split_by_replica_and_by_rows(monkeypatch):
     assert sorted(heads.rows) == [2, 2, 4, 5]  # replica shares [1, 3, 2] and [4, 1, 2], cut at 5 rows: 4, 2, 5, 2
     for i, (n, tokens) in enumerate(zip(sizes, out)):
         assert torch.equal(tokens, torch.full((n, 2), 2.0 * i))
+
+
+def test_joined_verdicts_are_split_by_replica_and_by_trajectories(monkeypatch):
+    """HeadCalls.verify: the drafts of concurrent requests go as one VerifyDrafts call per head replica, none
+    over MAX_TRAJECTORIES draft trajectories; each request gets its own verdict, and a head that answers the
+    wrong number of verdicts fails its callers with a message saying so."""
+    import torch
+
+    from arserve.pb.v1 import diffusion_head_pb2 as hpb
+    from arserve.verifier import head_calls
+    from arserve.wire import to_proto
+
+    class Heads:
+        replicas = 2
+        trajectories = []
+        short = False  # answer one verdict too few
+
+        async def VerifyDrafts(self, req):
+            self.trajectories.append(sum(d.log_q.shape[0] * d.log_q.shape[1] for d in req.drafts))
+            verdicts = [hpb.Verdict(accepted=[d.seed]) for d in req.drafts]
+            return hpb.VerifyDraftsResponse(verdicts=verdicts[:-1] if self.short else verdicts)
+
+    monkeypatch.setattr(head_calls, "MAX_TRAJECTORIES", 6)
+    heads = Heads()
+    calls = head_calls.HeadCalls(heads, "caller")
+    sizes = [(1, 3), (2, 2), (1, 2), (3, 2), (1, 1), (1, 3)]  # (images, drafts): 3, 4, 2 and 6, 1, 3 trajectories
+
+    async def main():
+        return await asyncio.gather(*(calls.verify("m", 50, 1.0, 1.0, 4, hpb.Drafts(
+            log_q=to_proto(torch.zeros(n, k)), seed=i)) for i, (n, k) in enumerate(sizes)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert [list(v.accepted) for v in out] == [[i] for i in range(len(sizes))]
+    assert sorted(heads.trajectories) == [3, 4, 6, 6]  # shares [3, 4, 2] and [6, 1, 3], cut at 6: 3 | 4, 2 and 6 | 1, 3
+    heads.short, heads.trajectories = True, []
+    out = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "verdicts for" in str(e) for e in out)

@@ -193,6 +193,7 @@ def _residuals(target_head: DiffusionHead, draft_head: DiffusionHead, jobs: list
     conditions) -> each one's ``Residual``. The draws and answers stay on the
     CPU (the generators' device); the heads compute on their own device."""
     on = lambda t: None if t is None else t.to(target_head.final.weight.device)  # noqa: E731
+    on_draft = lambda t: None if t is None else t.to(draft_head.final.weight.device)  # noqa: E731
     results: list[Residual | None] = [None] * len(jobs)
     answers: list = [None] * len(jobs)
     live = list(range(len(jobs)))
@@ -210,16 +211,16 @@ def _residuals(target_head: DiffusionHead, draft_head: DiffusionHead, jobs: list
                 continue
             rows = [asks[i].rows for i in idx]
             sizes = [len(r) for r in rows]
-            cat = lambda f: None if f(jobs[idx[0]][1]) is None else on(torch.cat(  # noqa: E731 - [sum r, z_dim]
-                [f(jobs[i][1])[r] for i, r in zip(idx, rows)]))
+            cat = lambda f: None if f(jobs[idx[0]][1]) is None else torch.cat(  # noqa: E731 - [sum r, z_dim]
+                [f(jobs[i][1])[r] for i, r in zip(idx, rows)])
             if kind is DraftDensity:
-                out = draft_head.trajectory_log_density(on(torch.cat([asks[i].states for i in idx], dim=1)),
-                                                        cat(lambda c: c.draft), temperature, cfg,
-                                                        z_uncond=cat(lambda c: c.draft_uncond))
+                out = draft_head.trajectory_log_density(on_draft(torch.cat([asks[i].states for i in idx], dim=1)),
+                                                        on_draft(cat(lambda c: c.draft)), temperature, cfg,
+                                                        z_uncond=on_draft(cat(lambda c: c.draft_uncond)))
                 parts = out.cpu().split(sizes)
             else:
                 noise = on(torch.cat([asks[i].noise for i in idx], dim=1))  # [S + 1, sum r, token_dim]
-                zt, ztu = cat(lambda c: c.target), cat(lambda c: c.target_uncond)
+                zt, ztu = on(cat(lambda c: c.target)), on(cat(lambda c: c.target_uncond))
                 if kind is TargetTry:
                     t = target_head.sample_trajectory(zt, temperature, cfg, steps, z_uncond=ztu, noise=noise)
                     parts = list(zip(t.tokens.cpu().split(sizes), t.states.cpu().split(sizes, dim=1),

@@ -17,7 +17,8 @@ the target head or, with ``draft``, of the model's draft head, and
 ``VerifyDrafts``: a speculative round's verdict on the drafts of one or
 more requests (the target's densities, the acceptance rule and the
 residual sampler, ``arserve.core.continuous_acceptance.verify_drafts``) in
-one call, so a round makes one head call instead of one per residual try.
+one call, so a round makes one head call instead of a density call and two
+calls per residual try.
 The service holds no per-request state: any replica answers any call, and
 a call carries its request's noise (a verdict, its seed), so the answer
 does not depend on the replica.
@@ -60,7 +61,7 @@ class DiffusionHeadService:
     def __init__(self, heads: dict[str, DiffusionHead] | None = None, executor: ThreadPoolExecutor | None = None,
                  draft_heads: dict[str, DiffusionHead] | None = None):
         self.heads = heads or {}  # model id -> head, for the proto methods
-        self.draft_heads = draft_heads or {}  # model id -> its draft model's head (LogDensity with `draft`)
+        self.draft_heads = draft_heads or {}  # model id -> its draft model's head (VerifyDrafts; LogDensity with `draft`)
         self.executor = executor or compute.executor()
         self.joins = JoinQueue(_run, self.executor, "diffusion_head")  # a run: `steps` forwards over all its rows
         self.rows = 0  # rows sampled
@@ -185,15 +186,20 @@ def _drafts(d: pb.Drafts, i: int, steps: int, guided: bool, target, draft) -> Dr
         draft_z_uncond = from_proto(d.draft_z_uncond).float() if guided else None
     except ValueError as e:
         raise InvalidArgument(f"drafts[{i}]: {e}") from None
-    n, k = log_q.shape if log_q.dim() == 2 else (-1, -1)
+    if log_q.dim() != 2:
+        raise InvalidArgument(f"drafts[{i}].log_q must be [n, k] (n images, k drafts each), got {list(log_q.shape)}")
+    n, k = log_q.shape
     want = {"states": (states, [steps + 1, n, k, target.token_dim]), "log_q": (log_q, [n, k]),
             "z": (z, [n, k, target.z_dim]), "draft_z": (draft_z, [n, k, draft.z_dim])}
     if guided:
         want |= {"z_uncond": (z_uncond, [n, k, target.z_dim]), "draft_z_uncond": (draft_z_uncond, [n, k, draft.z_dim])}
     for name, (t, shape) in want.items():
-        if n < 0 or list(t.shape) != shape:
-            raise InvalidArgument(f"drafts[{i}].{name} must be {shape if n >= 0 else '[n, k]'} "
-                                  f"(S = num_steps {steps}), got {list(t.shape)}")
+        if list(t.shape) != shape:
+            raise InvalidArgument(f"drafts[{i}].{name} must be {shape} (S = num_steps {steps}), got {list(t.shape)}")
+        if name != "log_q" and not bool(torch.isfinite(t).all()):  # log_q may be -inf: a trajectory q cannot make
+            raise InvalidArgument(f"drafts[{i}].{name} has values that are not finite")
+    if bool(torch.isnan(log_q).any()) or bool((log_q == float("inf")).any()):
+        raise InvalidArgument(f"drafts[{i}].log_q has NaN or +inf values")
     if len(d.usable) != n or any(u > k for u in d.usable):
         raise InvalidArgument(f"drafts[{i}].usable: {n} counts of 0 to {k} drafts, got {list(d.usable)}")
     return Drafts(states, log_q, z, z_uncond, draft_z, draft_z_uncond, torch.tensor(list(d.usable), dtype=torch.long),

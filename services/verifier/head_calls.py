@@ -19,6 +19,7 @@ guidance.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +37,24 @@ class _Rows:
 
 
 MAX_ROWS = 8192  # rows of one call at most (its noise or states: 816 bytes a row at 50 steps; messages < 64 MiB)
+# draft trajectories of one VerifyDrafts call at most (states, and the target's and the draft's z at its position:
+# 1.6 KB each for the digits models at 50 steps, 2.4 KB guided)
+MAX_TRAJECTORIES = 8192
 
 
-def _capped(calls: list[_Rows]) -> list[list[_Rows]]:
-    """``calls`` in consecutive shares of at most MAX_ROWS rows (a call of more goes alone)."""
+def _rows(call) -> int:
+    """A call's rows: a sample's images, or a verdict's draft trajectories (n k)."""
+    return call.z.shape[0] if isinstance(call, _Rows) else math.prod(call.log_q.shape)
+
+
+def _capped(calls: list) -> list[list]:
+    """``calls`` in consecutive shares of at most MAX_ROWS rows (samples) or MAX_TRAJECTORIES (verdicts; a
+    call of more goes alone)."""
+    cap = MAX_ROWS if isinstance(calls[0], _Rows) else MAX_TRAJECTORIES
     shares, rows = [[]], 0
     for c in calls:
-        n = c.z.shape[0]
-        if shares[-1] and rows + n > MAX_ROWS:
+        n = _rows(c)
+        if shares[-1] and rows + n > cap:
             shares.append([])
             rows = 0
         shares[-1].append(c)
@@ -73,8 +84,7 @@ class HeadCalls:
         parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
         size = -(-len(calls) // parts)
         one = self._sample if key[0] == "sample" else self._verify
-        capped = _capped if key[0] != "verify" else lambda share: [share]  # a request's drafts: 816 bytes n k
-        shares = [share for i in range(0, len(calls), size) for share in capped(calls[i:i + size])]
+        shares = [share for i in range(0, len(calls), size) for share in _capped(calls[i:i + size])]
         outs = await asyncio.gather(*(one(key, share) for share in shares), return_exceptions=True)
         for out in outs:
             if isinstance(out, asyncio.CancelledError):
@@ -105,4 +115,7 @@ class HeadCalls:
         _, model, steps, temperature, cfg, _, rows = key
         out = await self.heads.VerifyDrafts(hpb.VerifyDraftsRequest(
             model=model, num_steps=steps, temperature=temperature, cfg=cfg, residual_rows=rows, drafts=calls))
+        if len(out.verdicts) != len(calls):
+            raise RuntimeError(f"the diffusion head answered {len(out.verdicts)} verdicts for {len(calls)} requests' "
+                              "drafts")
         return list(out.verdicts)

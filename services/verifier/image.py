@@ -384,7 +384,13 @@ class ImageVerifier:
             drafts.draft_z_uncond.CopyFrom(to_proto(zd_u))
         verdict = await self.heads.verify(r.ids["model"], job.steps, job.temperature, job.cfg, RESIDUAL_ROWS,
                                           drafts)
-        return torch.tensor(list(verdict.accepted), dtype=torch.long), verdict
+        accepted = torch.tensor(list(verdict.accepted), dtype=torch.long)  # [n]
+        rejected = int((accepted < usable).sum()) if accepted.shape == usable.shape else -1
+        recovered = list(verdict.recovered.shape)
+        if rejected < 0 or bool((accepted > usable).any()) or recovered != [rejected, d.tokens.shape[-1]]:
+            raise RuntimeError(f"the diffusion head's verdict does not fit the drafts: accepted {accepted.tolist()} of "
+                               f"{usable.tolist()}, recovered {recovered}")
+        return accepted, verdict
 
 
 def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:

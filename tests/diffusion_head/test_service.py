@@ -161,13 +161,36 @@ def _round(head, draft, n: int, k: int, seed: int, guided: bool):
     return d, t
 
 
+def _residual_call_by_call(head, draft, zt, ztu, zd, zdu, cfg, generator, proposals):
+    """The residual sampler as the image loop drove it before ``VerifyDrafts``: ``residual_steps``
+    answered one ask at a time, each by its own head call (the reference for the joined driver)."""
+    from arserve.core.continuous_acceptance import DraftDensity, TargetTry, residual_steps
+
+    pick = lambda z, rows: None if z is None else z[rows]  # noqa: E731
+    steps = residual_steps(zt.shape[0], CONFIG.token_dim, STEPS, generator, proposals=proposals)
+    answer = None
+    while True:
+        try:
+            ask = steps.send(answer)
+        except StopIteration as stop:
+            res = stop.value
+            return res.tokens, int(res.tries.sum()), res.capped_count
+        if isinstance(ask, DraftDensity):
+            answer = draft.trajectory_log_density(ask.states, pick(zd, ask.rows), 0.9, cfg, pick(zdu, ask.rows))
+        elif isinstance(ask, TargetTry):
+            answer = head.sample_trajectory(pick(zt, ask.rows), 0.9, cfg, STEPS, z_uncond=pick(ztu, ask.rows),
+                                            noise=ask.noise)
+        else:
+            answer = head.sample(pick(zt, ask.rows), 0.9, cfg, STEPS, z_uncond=pick(ztu, ask.rows), noise=ask.noise)
+
+
 @pytest.mark.parametrize("guided", [False, True])
 def test_verify_drafts_is_the_acceptance_rules_in_one_call_and_joined_requests_keep_their_verdicts(head, guided):
     """``VerifyDrafts`` gives what the rules give called one by one with the
-    request's seed (the target's densities, ``accept_trajectories``, then
-    ``sample_residual`` at each first rejection), and a request's verdict
-    does not depend on the requests it travels with."""
-    from arserve.core.continuous_acceptance import accept_trajectories, residual_proposals, sample_residual
+    request's seed (the target's densities, ``accept_trajectories``, then the
+    residual sampler at each first rejection, one head call per ask), and a
+    request's verdict does not depend on the requests it travels with."""
+    from arserve.core.continuous_acceptance import accept_trajectories, residual_proposals
     from arserve.core.sampling import seeded
 
     draft = _draft_head()
@@ -192,11 +215,10 @@ def test_verify_drafts_is_the_acceptance_rules_in_one_call_and_joined_requests_k
         assert list(verdict.accepted) == accepted.tolist()
         img = (accepted < t["usable"]).nonzero()[:, 0]
         at = lambda x: None if x is None else x[img, accepted[img]]  # noqa: E731
-        res = sample_residual(head, at(t["z"]), draft, at(t["draft_z"]), temperature=0.9, cfg=cfg, steps=STEPS,
-                              generator=g, z_target_uncond=at(t["z_uncond"]), z_draft_uncond=at(t["draft_z_uncond"]),
-                              proposals=residual_proposals(len(img), 4))
-        assert torch.equal(from_proto(verdict.recovered), res.tokens)
-        assert verdict.residual_proposals == int(res.tries.sum()) and verdict.residual_capped == res.capped_count
+        tokens, tries, capped = _residual_call_by_call(head, draft, at(t["z"]), at(t["z_uncond"]), at(t["draft_z"]),
+                                                       at(t["draft_z_uncond"]), cfg, g, residual_proposals(len(img), 4))
+        assert torch.equal(from_proto(verdict.recovered), tokens)
+        assert verdict.residual_proposals == tries and verdict.residual_capped == capped
         recovered_any |= len(img) > 0
     assert recovered_any  # the drafts differ from the target: some are rejected and recovered
 
@@ -221,6 +243,14 @@ def test_verify_drafts_checks_its_input(head):
             await ask([d], cfg=2.0)  # guidance needs both unconditional conditions
         with pytest.raises(InvalidArgument, match="temperature"):
             await ask([d], temperature=0.0)
+        bad.CopyFrom(d)
+        bad.log_q.CopyFrom(to_proto(t["log_q"].flatten()))
+        with pytest.raises(InvalidArgument, match=r"drafts\[0\]\.log_q must be \[n, k\]"):
+            await ask([bad])
+        bad.CopyFrom(d)
+        bad.draft_z.CopyFrom(to_proto(t["draft_z"].index_fill(0, torch.tensor([1]), float("nan"))))
+        with pytest.raises(InvalidArgument, match=r"drafts\[0\]\.draft_z has values that are not finite"):
+            await ask([bad])
         with pytest.raises(NotFound, match="no draft diffusion head"):
             await DiffusionHeadService({"m": head}).VerifyDrafts(pb.VerifyDraftsRequest(
                 model="m", num_steps=STEPS, temperature=0.9, drafts=[d]))

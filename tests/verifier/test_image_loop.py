@@ -224,3 +224,24 @@ def test_a_plain_request_frees_its_cache_before_it_returns(pair):
 
     asyncio.run(main())
     assert not image_backbone.sessions
+
+
+def test_a_verdict_that_does_not_fit_the_drafts_fails_the_request_clearly(pair):
+    """The loop checks the head's verdict before it commits anything: a verdict that keeps more drafts
+    than an image could use is a broken contract (INTERNAL, with what was wrong), not an IndexError."""
+    verifier = services(pair)
+    head = verifier.heads.heads
+
+    class Overeager:
+        def __getattr__(self, name):
+            return getattr(head, name)
+
+        async def VerifyDrafts(self, req):
+            out = await head.VerifyDrafts(req)
+            for v in out.verdicts:
+                v.accepted[:] = [a + 5 for a in v.accepted]
+            return out
+
+    verifier.heads.heads = Overeager()
+    with pytest.raises(RuntimeError, match="verdict does not fit the drafts: accepted"):
+        run(pair, [1, 2], "draft_model", verifier=verifier)
