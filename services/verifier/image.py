@@ -43,34 +43,32 @@ images in every wiring. The loop holds no model.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import math
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from .. import deadlines
 from ..core.image_model import ImageConfig
 from ..core.sampling import seeded
 from ..drafter.image import split as _split
 from ..drafter.image import twice as _twice
-from ..errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from ..errors import InvalidArgument, NotFound
 from ..many import Joined
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import diffusion_head_pb2 as hpb
 from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as vpb
-from ..settings import ImageModelSettings
 from ..wire import from_proto, to_proto
 from .draft_length import DraftLength, expected_speedup_without_bonus
 from .head_calls import HeadCalls
+from .image_job import ImageJob, ImageKVSession, ImageStats, Request
+from .image_steps import PlainSteps, Rounds
 from .plan import run_id
-from .service import Backbone, KVSession
+from .service import Backbone
 
 log = logging.getLogger("arserve.verifier")
 
@@ -95,46 +93,6 @@ COSTS_BATCH1 = (0.47, 0.49, 1.70)  # draft token, verification, residual
 COSTS_BATCH32 = (0.23, 1.4, 2.2)
 
 
-@dataclass(frozen=True)
-class ImageJob:
-    """What one GenerateImage request asks of the loop (validated)."""
-
-    labels: torch.Tensor  # [n] int64 class of each image
-    temperature: float  # diffusion temperature (> 0)
-    cfg: float  # classifier-free guidance scale (1 = off)
-    steps: int  # denoising steps
-    method: str  # "none" or "draft_model"
-    num_draft_tokens: int  # k, drafts per round (the upper bound when adaptive)
-    seed: int  # the request's random generator seed
-    adaptive: bool = True  # k follows the request's running acceptance rate, down to 0 (plain rounds)
-    # the per-token acceptance rate an adaptive request starts from (the model's measured one; the gateway passes it)
-    prior_rate: float = ImageModelSettings.model_fields["draft_acceptance"].default
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg != 1.0
-
-
-@dataclass
-class ImageStats:
-    """Counters of continuous speculative decoding, summed over rows."""
-
-    drafted: int = 0  # draft tokens verified (usable ones: never past an image's end)
-    accepted: int = 0  # draft tokens the acceptance rule kept
-    rounds: int = 0  # verification rounds (one target forward each)
-    row_rounds: int = 0  # rounds times the rows still generating in each
-    residual_proposals: int = 0  # target trajectories drawn to sample recovered tokens
-    residual_capped: int = 0  # recovered tokens that hit the try cap (then a plain target sample)
-    recovered: int = 0  # tokens sampled from the residual (one per rejected round of a row)
-    plain: int = 0  # tokens of plain rounds (no draft model, or the adaptive draft length fell to 0)
-    draft_rate: float = 0.0  # the adaptive draft length's acceptance-rate estimate at the end
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens committed per row per round: (accepted + recovered + plain) / row_rounds."""
-        return (self.accepted + self.recovered + self.plain) / self.row_rounds if self.row_rounds else 0.0
-
-
 class Drafter(Protocol):
     """The drafter calls the loop makes (``ImageDrafter`` in process, or a gRPC stub to a replica)."""
 
@@ -149,15 +107,6 @@ class DiffusionHead(Protocol):
     async def Sample(self, req: hpb.SampleRequest) -> hpb.SampleResponse: ...
 
     async def VerifyDrafts(self, req: hpb.VerifyDraftsRequest) -> hpb.VerifyDraftsResponse: ...
-
-
-class ImageKVSession(KVSession):
-    """The request's cache on the image backbone: resumes as text's does
-    (``KVSession``), resending the committed tokens of every row."""
-
-    @staticmethod
-    def _resend(req: bpb.ScoreRequest, committed: torch.Tensor) -> None:
-        req.image.context.CopyFrom(to_proto(committed))  # [rows, seq_len, token_dim]
 
 
 def _rows(job: ImageJob, num_classes: int) -> torch.Tensor:
@@ -175,22 +124,6 @@ class _Draft:
     states: torch.Tensor  # [S + 1, n, k, token_dim] their denoising trajectories
     log_q: torch.Tensor  # [n, k] the draft's log-density of each trajectory
     z: torch.Tensor  # [rows, k, draft dim] the draft's conditions (residual sampling needs them)
-
-
-@dataclass
-class _Request:
-    """What every call of one request carries."""
-
-    ids: dict  # request_id (run_id) and model
-    job: ImageJob
-    rows: torch.Tensor  # [rows] labels of the model rows
-    capacity: int  # positions per row cache: seq_len + k
-    generator: torch.Generator  # the request's randomness: every noise draw, acceptance and residual
-
-    @property
-    def kind(self) -> tuple:
-        """What requests stepped together (``PlainSteps``, ``Rounds``) share: model, steps, temperature, guidance."""
-        return self.ids["model"], self.job.steps, self.job.temperature, self.job.cfg
 
 
 class ImageVerifier:
@@ -238,7 +171,7 @@ class ImageVerifier:
         k = job.num_draft_tokens if job.method == "draft_model" and self.drafter is not None else 0
         if k and draft_length(job, k, c).next() == 0:
             k = 0  # the adaptive draft length starts at 0: the request decodes plainly, without the drafter
-        r = _Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
+        r = Request(dict(request_id=run_id(request_id), model=model_id), job, _rows(job, c.num_classes),
                      c.seq_len + k, seeded(job.seed))
         if not k:
             return await self.plain.run(r, c)
@@ -256,7 +189,7 @@ class ImageVerifier:
             except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
                 log.debug("image drafter release failed", exc_info=True)
 
-    async def _decode(self, r: _Request, c: ImageConfig, kv: ImageKVSession, k: int,
+    async def _decode(self, r: Request, c: ImageConfig, kv: ImageKVSession, k: int,
                       round_start=None) -> tuple[torch.Tensor, ImageStats]:
         """Plain rounds (no draft, or the adaptive length at 0) and speculative
         rounds -> tokens [n, seq_len, token_dim] and the counters."""
@@ -321,7 +254,7 @@ class ImageVerifier:
         stats.draft_rate = length.rate
         return tokens, stats
 
-    async def _score(self, r: _Request, kv: ImageKVSession, lengths: torch.Tensor, last: torch.Tensor | None,
+    async def _score(self, r: Request, kv: ImageKVSession, lengths: torch.Tensor, last: torch.Tensor | None,
                      drafts: torch.Tensor | None, committed: torch.Tensor) -> torch.Tensor:
         """One backbone call: commit ``lengths`` [rows], then score the pending
         input and the first k - 1 drafts [n, k, token_dim] -> z [rows, p, dim]."""
@@ -333,7 +266,7 @@ class ImageVerifier:
         out = await kv.score(bpb.ScoreRequest(image=image, max_positions=r.capacity, **r.ids), committed)
         return from_proto(out.z)
 
-    async def _propose(self, r: _Request, lengths: torch.Tensor, last: torch.Tensor | None, k: int):
+    async def _propose(self, r: Request, lengths: torch.Tensor, last: torch.Tensor | None, k: int):
         """k drafts per image (k = 0: the drafter's cache takes the pending input
         alone) -> _Draft, None for k = 0, or False: the drafter failed."""
         job, n = r.job, r.job.labels.shape[0]
@@ -359,7 +292,7 @@ class ImageVerifier:
         d = out.draft
         return _Draft(from_proto(d.tokens), from_proto(d.states), from_proto(d.log_density), from_proto(d.z))
 
-    async def _sample(self, r: _Request, z: torch.Tensor, token_dim: int) -> torch.Tensor:
+    async def _sample(self, r: Request, z: torch.Tensor, token_dim: int) -> torch.Tensor:
         """Target tokens [n, token_dim] for conditions z [rows, dim], through the head service
         (joined with the samples other requests ask for at the same moment)."""
         job, n = r.job, r.job.labels.shape[0]
@@ -367,7 +300,7 @@ class ImageVerifier:
         noise = torch.randn((job.steps + 1, n, token_dim), generator=r.generator)
         return await self.heads.sample(r.ids["model"], zc, zu, noise, job.temperature, job.cfg)
 
-    async def _verify(self, r: _Request, d: _Draft, z_t: torch.Tensor,
+    async def _verify(self, r: Request, d: _Draft, z_t: torch.Tensor,
                       usable: torch.Tensor) -> tuple[torch.Tensor, hpb.Verdict]:
         """The target's verdict on the round's drafts, in one head call: its densities of the draft
         trajectories, the acceptance rule and the residual at each image's first rejection
@@ -413,281 +346,6 @@ def costs(images: int) -> tuple[float, float, float]:
     ``images`` images: COSTS_BATCH1 to COSTS_BATCH32, interpolated in log2(images)."""
     f = min(1.0, math.log2(max(1, images)) / 5)
     return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(COSTS_BATCH1, COSTS_BATCH32))
-
-
-class Rounds:
-    """Speculative image requests of one kind (model, steps, temperature,
-    guidance) start their rounds together, so that each phase's calls
-    (Propose, Score, VerifyDrafts) start in one
-    event-loop iteration and travel as one (``arserve.many``, ``HeadCalls``):
-    the loops of concurrent requests are otherwise out of phase (they arrive
-    apart, and their verdicts take different times), and their calls met
-    one or two at a time (docs/decisions.md, decision 56).
-
-    A request at the start of a round waits until every other request of its
-    kind is at the start of one too, but never longer than twice the kind's
-    recent round time (``GRACE_ROUNDS``; between ``MIN_GRACE_S`` and
-    ``MAX_GRACE_S``): a request whose round runs long costs the others that
-    much once. Each request's loop stays its own: its draws and its images
-    are those it makes alone."""
-
-    GRACE_ROUNDS = 2.0
-    MIN_GRACE_S, MAX_GRACE_S = 0.01, 0.2
-    FIRST_ROUND_S = 0.05  # a kind's round time before one is measured
-
-    def __init__(self):
-        self.members: dict[tuple, set[str]] = {}  # kind -> its requests decoding now
-        self.waiting: dict[tuple, dict[str, asyncio.Future]] = {}  # kind -> those at a round's start
-        self.round_s: dict[tuple, float] = {}  # kind -> its recent round time (moving average)
-        self.released: dict[tuple, float] = {}  # kind -> when its last round started
-        self.together = 0  # rounds started together (every request of the kind)
-        self.timed_out = 0  # waits that ended at the grace time
-
-    def join(self, kind: tuple, who: str) -> None:
-        self.members.setdefault(kind, set()).add(who)
-
-    def leave(self, kind: tuple, who: str) -> None:
-        members = self.members.get(kind, set())
-        members.discard(who)
-        if not members:
-            for d in (self.members, self.waiting, self.round_s, self.released):
-                d.pop(kind, None)
-            return
-        self._release(kind)
-
-    async def start(self, kind: tuple, who: str) -> None:
-        if len(self.members.get(kind, ())) <= 1:
-            return
-        waiting = self.waiting.setdefault(kind, {})
-        waiting[who] = done = asyncio.get_running_loop().create_future()
-        self._release(kind)
-        grace = min(self.MAX_GRACE_S, max(self.MIN_GRACE_S,
-                                          self.GRACE_ROUNDS * self.round_s.get(kind, self.FIRST_ROUND_S)))
-        try:
-            async with asyncio.timeout(grace):
-                await done
-        except TimeoutError:
-            self.timed_out += 1
-        finally:
-            if waiting.get(who) is done:
-                del waiting[who]
-
-    def _release(self, kind: tuple) -> None:
-        waiting = self.waiting.get(kind)
-        if not waiting or not self.members.get(kind, set()) <= waiting.keys():  # not everyone at a round's start
-            return
-        now = time.monotonic()
-        if kind in self.released:
-            last = now - self.released[kind]
-            self.round_s[kind] = 0.7 * self.round_s.get(kind, last) + 0.3 * last
-        self.released[kind] = now
-        self.together += 1
-        for done in waiting.values():
-            if not done.done():
-                done.set_result(None)
-        waiting.clear()
-
-
-@dataclass
-class _Plain:
-    """One plain request in the step loop of its kind."""
-
-    r: _Request
-    kv: ImageKVSession
-    tokens: torch.Tensor  # [n, seq_len, token_dim]
-    done: asyncio.Future  # -> (tokens, ImageStats)
-    deadline: float | None  # its deadline (arserve.deadlines; None: none)
-    committed: int = 0  # tokens committed per image (a plain request's images advance together)
-    last: torch.Tensor | None = None  # [rows, token_dim] the pending token (None: the class is pending)
-    scoring: asyncio.Task | None = None  # its Score call, while it runs (it may outlast a step)
-    releasing: asyncio.Task | None = None  # its KV release, once it left
-
-
-class PlainSteps:
-    """Steps every plain image request of one kind (model, steps, temperature,
-    guidance) together, as vLLM's scheduler steps all its running requests:
-    each step scores every request's pending input (their Score calls travel
-    as one ``Backbone.ScoreMany``: one forward) and samples all their rows in
-    one head call per head replica. A request joins at the next step after
-    it arrives and leaves when its images are complete, so none waits for
-    company, and a lone request runs as it always did.
-
-    Eight requests of one image each, stepped by their own loops, paid every
-    call's overhead eight times a step (protobuf tensors, the hand-over to a
-    compute thread, a gRPC hop in the Ray wiring) and met in the services'
-    batchers only by waiting for each other; stepped here, they cost close to
-    one request of eight images (docs/decisions.md, decision 56).
-
-    A request's images depend only on the request: its noise comes from its
-    own generator, drawn as it would be alone, and every computation of a row
-    is batch-invariant (the backbone's token embedding and blocks, the head's
-    steps). A step's calls carry the latest of its requests' deadlines. An
-    error of a request's backbone call is that request's; an error of the
-    step's head call is every request's in that step. A request whose caller
-    went away leaves at the next step; when every request of a step has left,
-    the step's calls are cancelled (and a new loop steps whoever arrived
-    meanwhile)."""
-
-    STRAGGLER_S = 0.02  # a step waits for its last Score calls at least this long after the first ended
-
-    def __init__(self, verifier: ImageVerifier):
-        self.v = verifier
-        self.members: dict[tuple, list[_Plain]] = {}  # kind -> its requests being stepped
-        self.loops: dict[tuple, asyncio.Task] = {}  # kind -> its step loop
-        self.stepping: dict[tuple, list[_Plain]] = {}  # kind -> the requests of its step in flight
-        self._releases: set[asyncio.Task] = set()  # KV releases in flight
-        self.steps = 0  # steps run
-        self.requests_stepped = 0  # requests times the steps they took part in
-
-    async def run(self, r: _Request, c: ImageConfig) -> tuple[torch.Tensor, ImageStats]:
-        """Request r's images, decoded plainly -> tokens [n, seq_len, token_dim] and its counters."""
-        job = r.job
-        key = r.kind
-        m = _Plain(r, ImageKVSession(self.v.backbone, r.ids["request_id"], r.ids["model"]),
-                   torch.empty(job.labels.shape[0], c.seq_len, c.token_dim), asyncio.get_running_loop().create_future(),
-                   deadlines.DEADLINE.get())
-        self.members.setdefault(key, []).append(m)
-        loop = self.loops.get(key)
-        if loop is None or loop.done() or loop.get_loop() is not asyncio.get_running_loop():
-            self._start(key, c)
-        try:
-            out = await m.done
-        except asyncio.CancelledError:  # the caller went away (its deadline, a disconnect)
-            loop = self.loops.get(key)
-            if loop is not None and all(x.done.done() for x in self.stepping.get(key, ())):
-                loop.cancel()  # nobody of the step is left: its calls end (a new loop takes who arrived since)
-            raise
-        if m.releasing is not None:  # its cache freed before it returns, as a request alone frees its own
-            await asyncio.shield(m.releasing)
-        return out
-
-    def _start(self, key: tuple, c: ImageConfig) -> None:
-        # a context of its own: the loop outlives the request that started it, and carries no one's deadline
-        self.loops[key] = asyncio.get_running_loop().create_task(self._loop(key, c), context=contextvars.Context())
-
-    async def _loop(self, key: tuple, c: ImageConfig) -> None:
-        members = self.members[key]
-        try:
-            while True:
-                for m in [m for m in members if m.done.done()]:  # callers that went away
-                    self._leave(members, m)
-                now = time.monotonic()
-                for m in [m for m in members if m.deadline is not None and m.deadline <= now]:
-                    self._finish(members, m, error=DeadlineExceeded(
-                        "the request's deadline passed while its images were decoded (the client's timeout or "
-                        "the server's max_request_s)"))
-                if not members:
-                    return
-                step = self.stepping[key] = list(members)
-                ends = [m.deadline for m in step]
-                deadlines.DEADLINE.set(None if None in ends else max(ends))  # this step's calls carry it
-                self.steps += 1
-                self.requests_stepped += len(step)
-                scored = []
-                for m, z in await self._scores(step):
-                    if isinstance(z, BaseException):
-                        self._finish(members, m, error=z)
-                    else:
-                        scored.append((m, z))
-                if not scored:
-                    continue
-                new = await asyncio.gather(*(self._sample(m, z) for m, z in scored), return_exceptions=True)
-                for (m, _), t in zip(scored, new):  # t: [n, token_dim], or the error of this request's sample
-                    if isinstance(t, BaseException):
-                        self._finish(members, m, error=t)
-                        continue
-                    m.tokens[:, m.committed] = t
-                    m.committed += 1
-                    m.last = _twice(t, m.r.job.guided)
-                    if m.committed == c.seq_len:
-                        self._finish(members, m)
-        except Exception as e:  # a bug in the loop: its requests fail with it
-            for m in list(members):
-                self._finish(members, m, error=e)
-            raise
-        finally:
-            for m in members:  # a new loop starts their calls again
-                if m.scoring is not None:
-                    m.scoring.cancel()
-                    m.scoring = None
-            for m in [m for m in members if m.done.done()]:  # left (or the loop was cancelled): free their caches
-                self._leave(members, m)
-            if self.loops.get(key) is asyncio.current_task():
-                del self.loops[key]
-                self.stepping.pop(key, None)
-            if any(not m.done.done() for m in members):  # joined while the loop was being cancelled
-                self._start(key, c)
-            elif not members:
-                del self.members[key]
-
-    async def _scores(self, step: list[_Plain]) -> list[tuple[_Plain, torch.Tensor | BaseException]]:
-        """The step's Score calls (started together: one ScoreMany) -> the requests whose
-        call ended, with z or the error. A call that is still going once the others
-        have ended and as long again as the first one took (a request resuming on
-        another replica, with backoff) does not hold the step: its request samples in
-        a later step, and the others' steps do not wait on its replica."""
-        for m in step:
-            if m.scoring is None:
-                m.scoring = asyncio.get_running_loop().create_task(self._score(m))
-        tasks = {m.scoring: m for m in step}
-        t = time.monotonic()
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if pending:
-            more, pending = await asyncio.wait(pending, timeout=max(self.STRAGGLER_S, time.monotonic() - t))
-            done |= more
-        out = []
-        for task in done:
-            m = tasks[task]
-            m.scoring = None
-            out.append((m, task.exception() or task.result() if not task.cancelled() else Unavailable(
-                "the request's backbone call was cancelled")))
-        return out
-
-    async def _score(self, m: _Plain) -> torch.Tensor:
-        """The request's plain round on the backbone: commit what it has, score its pending input -> z [rows, 1, dim]."""
-        guided = m.r.job.guided
-        lengths = _twice(torch.full((m.tokens.shape[0],), m.committed, dtype=torch.long), guided)
-        return await self.v._score(m.r, m.kv, lengths, m.last, None, _twice(m.tokens, guided))
-
-    async def _sample(self, m: _Plain, z: torch.Tensor) -> torch.Tensor:
-        """The request's tokens [n, token_dim] for z [rows, 1, dim] (joined with the step's others)."""
-        return await self.v._sample(m.r, z[:, 0], m.tokens.shape[2])
-
-    def _finish(self, members: list[_Plain], m: _Plain, error: BaseException | None = None) -> None:
-        if not m.done.done():
-            if isinstance(error, asyncio.CancelledError):  # a call of its own was cancelled, not its caller
-                m.done.set_exception(Unavailable(f"image request {m.r.ids['request_id']}: a call to a service was "
-                                                 "cancelled"))
-            elif error is not None:
-                m.done.set_exception(error)
-            else:
-                n, rounds = m.tokens.shape[0], m.committed
-                m.done.set_result((m.tokens, ImageStats(rounds=rounds, row_rounds=n * rounds, plain=n * rounds,
-                                                        draft_rate=m.r.job.prior_rate)))
-        self._leave(members, m)
-
-    def _leave(self, members: list[_Plain], m: _Plain) -> None:
-        """m leaves the loop; its KV cache is released (in a task of its own: the others step on, and
-        its caller awaits it before returning)."""
-        if m not in members:
-            return
-        members.remove(m)
-        if m.scoring is not None:
-            m.scoring.cancel()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # the event loop is gone (shutdown): the replica frees it after its lease
-            return
-        task = m.releasing = loop.create_task(self._release(m), context=contextvars.Context())
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    @staticmethod
-    async def _release(m: _Plain) -> None:
-        try:
-            await m.kv.release()
-        except Exception:  # noqa: BLE001 - the replica frees it after its lease
-            log.debug("image request %s: KV release failed", m.r.ids["request_id"], exc_info=True)
 
 
 class WithImages:
