@@ -30,9 +30,10 @@ on trajectories instead of tokens:
   whole target sample for it (``arserve.verifier.image``, docs/decisions.md #16).
 
 A round's verdict (``verify_drafts``) applies the first two to every image
-of one or more requests in one call where the heads are: the target's
-densities of all drafts at once, each request's acceptance with its own
-draws, then the residual tries of every request side by side.
+of one or more requests in one call where the heads are: each request's
+acceptance with its own draws, the target's densities computed position by
+position for the images still accepting (the rule never reads the others),
+then the residual tries of every request side by side.
 
 What is preserved. Accepting contributes density ``min(p, q)``, rejecting
 has probability ``TV(p, q)`` and then contributes ``max(0, p - q) / TV``; the
@@ -74,6 +75,14 @@ def _log_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.rand(like.shape, generator=generator, dtype=torch.float64, device=like.device).log()
 
 
+def keeps(log_u: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """The rule for one drafted trajectory: kept where ``u < min(1, p / q)``,
+    given log u (u ~ U[0, 1), float64) and the target's and the draft's
+    log-densities (any same shape) -> bool. A NaN ratio (both -inf) is a
+    rejection."""
+    return log_u < log_p.double() - log_q.double()
+
+
 def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator | None) -> Tensor:
     """The number of leading drafts each row keeps: position j is accepted
     with probability ``min(1, exp(log_p - log_q))``, left to right, and the
@@ -83,8 +92,7 @@ def accept_trajectories(log_p: Tensor, log_q: Tensor, generator: torch.Generator
     trajectories of each row (x_S's shared prior left out of both) ->
     accepted: [rows] int64 in 0..k. A NaN ratio (both -inf) is a rejection.
     """
-    log_ratio = log_p.double() - log_q.double()  # [rows, k]
-    ok = _log_uniform(log_ratio, generator) < log_ratio  # u < min(1, p/q)
+    ok = keeps(_log_uniform(log_q, generator), log_p, log_q)  # [rows, k]
     return ok.long().cumprod(dim=-1).sum(dim=-1)
 
 
@@ -298,36 +306,59 @@ def residual_proposals(rejected: int, rows: int) -> int:
     return max(2, min(16, rows // max(1, rejected)))
 
 
+def _accepted(target_head: DiffusionHead, drafts: list[Drafts], temperature: float, cfg: float) -> list[Tensor]:
+    """``accept_trajectories`` (then at most ``usable``) for every request,
+    computing the target's densities position by position, for the images
+    still accepting only: the rule reads a position's ratio only if every
+    earlier draft of the image was kept, and never past ``usable``. With k = 3
+    and acceptance 0.41 that is 1.58 trajectories an image instead of 3. Each
+    request's uniforms are drawn first, for all [n, k], as
+    ``accept_trajectories`` draws them, so the counts are the ones it gives.
+    One density call per position for all the requests' images -> accepted [n]
+    per request."""
+    device = target_head.final.weight.device
+    log_u = [_log_uniform(d.log_q, d.generator) for d in drafts]  # [n, k] each: u ~ U[0, 1), as the rule draws
+    accepted = [torch.zeros(d.log_q.shape[0], dtype=torch.long) for d in drafts]
+    going = [d.usable > 0 for d in drafts]  # [n] images whose every earlier draft was kept (and usable)
+    for j in range(max((d.log_q.shape[1] for d in drafts), default=0)):
+        rows = [g.nonzero()[:, 0] for g in going]  # the images of each request that need position j's ratio
+        if not any(len(r) for r in rows):
+            break
+        cat = lambda f: torch.cat([f(d)[r, j] for d, r in zip(drafts, rows)])  # noqa: E731 - [sum rows, ...]
+        log_p = target_head.trajectory_log_density(
+            torch.cat([d.states[:, r, j] for d, r in zip(drafts, rows)], dim=1).to(device),  # [S + 1, rows, dim]
+            cat(lambda d: d.z).to(device), temperature, cfg,
+            z_uncond=cat(lambda d: d.z_uncond).to(device) if cfg != 1.0 else None).cpu()
+        for d, r, lu, a, g, lp in zip(drafts, rows, log_u, accepted, going, log_p.split([len(r) for r in rows])):
+            ok = keeps(lu[r, j], lp, d.log_q[r, j])
+            a[r] += ok.long()
+            g[r] = ok & (d.usable[r] > j + 1)
+    return accepted
+
+
 def verify_drafts(target_head: DiffusionHead, draft_head: DiffusionHead, drafts: list[Drafts], *,
                   temperature: float, cfg: float, steps: int, residual_rows: int = 4) -> list[Verdict]:
     """A speculative round's verdict on every request's drafts, with the heads
-    in this process: the target's density of every draft trajectory (one
-    batched call for all requests), ``accept_trajectories`` with each
-    request's own draws, and ``sample_residual`` at each image's first
-    rejected position (the requests' tries side by side). The same rules as
-    calling them one by one; one call where a loop over services made one per
-    step (the diffusion-head service's ``VerifyDrafts``). The drafts are on the
+    in this process: ``accept_trajectories`` with each request's own draws
+    (the target's densities computed only where the rule reads them,
+    ``_accepted``), and ``sample_residual`` at each image's first rejected
+    position (the requests' tries side by side). The same rules as calling
+    them one by one; one call where a loop over services made one per step
+    (the diffusion-head service's ``VerifyDrafts``). The drafts are on the
     CPU, where their generators draw. A residual try of a request draws
     ``residual_rows`` target trajectories over its rejected images
     (``residual_proposals``)."""
     if cfg != 1.0 and any(d.z_uncond is None or d.draft_z_uncond is None for d in drafts):
         raise ValueError("cfg != 1 needs the unconditional z of both heads")
     guided = cfg != 1.0
-    sizes = [d.log_q.numel() for d in drafts]
-    on = lambda t: t.to(target_head.final.weight.device)  # noqa: E731
-    states = on(torch.cat([d.states.flatten(1, 2) for d in drafts], dim=1))  # [S + 1, sum n k, token_dim]
-    z = on(torch.cat([d.z.flatten(0, 1) for d in drafts]))  # [sum n k, z_dim]
-    zu = on(torch.cat([d.z_uncond.flatten(0, 1) for d in drafts])) if guided else None
-    log_p = target_head.trajectory_log_density(states, z, temperature, cfg, z_uncond=zu).cpu().split(sizes)
-    accepted, jobs = [], []
-    for d, lp in zip(drafts, log_p):
-        a = torch.minimum(accept_trajectories(lp.view_as(d.log_q), d.log_q, d.generator), d.usable)  # [n]
+    jobs = []
+    accepted = _accepted(target_head, drafts, temperature, cfg)
+    for d, a in zip(drafts, accepted):
         img = (a < d.usable).nonzero()[:, 0]  # images that rejected a draft
         pick = lambda x: None if x is None or not guided else x[img, a[img]]  # noqa: E731 - [m, z_dim]
         conditions = _Conditions(d.z[img, a[img]], pick(d.z_uncond), d.draft_z[img, a[img]], pick(d.draft_z_uncond))
         proposals = residual_proposals(len(img), residual_rows)
         jobs.append((residual_steps(len(img), target_head.config.token_dim, steps, d.generator, proposals),
                      conditions))
-        accepted.append(a)
     residuals = _residuals(target_head, draft_head, jobs, temperature, cfg, steps)
     return [Verdict(a, r) for a, r in zip(accepted, residuals)]

@@ -257,3 +257,23 @@ def test_verify_drafts_checks_its_input(head):
         assert len((await ask([d])).verdicts) == 1  # the service serves on
 
     asyncio.run(main())
+
+
+def test_verify_drafts_computes_a_density_only_where_the_rule_reads_it(head, monkeypatch):
+    """Position j's density is computed only for the images that kept every
+    earlier draft and may use position j: a draft far from the target is
+    rejected at its first position, so only that position is evaluated."""
+    from arserve.core.continuous_acceptance import Drafts, verify_drafts
+    from arserve.core.sampling import seeded
+
+    rows = []
+    real = head.trajectory_log_density
+    monkeypatch.setattr(head, "trajectory_log_density", lambda states, *a, **kw: rows.append(states.shape[1]) or
+                        real(states, *a, **kw))
+    far = _draft_head(seed=9, scale=0.6)  # its trajectories are very unlikely under the target: rejected
+    _, t = _round(head, far, 6, 3, 4, guided=False)
+    t["usable"][0] = 0  # a finished image: nothing of it is evaluated
+    d = Drafts(t["states"], t["log_q"], t["z"], None, t["draft_z"], None, t["usable"], seeded(t["seed"]))
+    verdict = verify_drafts(head, far, [d], temperature=0.9, cfg=1.0, steps=STEPS)[0]
+    assert verdict.accepted.tolist() == [0] * 6
+    assert rows == [5]  # position 0 of the 5 usable images, and no other position

@@ -95,9 +95,8 @@ def test_speculative_keeps_the_target_distribution(pair, cfg, monkeypatch):
     assert stats.residual_capped == 0
     p_ok, _ = energy_test(plain.flatten(1), spec.flatten(1), permutations=2000)
     # the same test catches a rule that keeps every draft: the draft's distribution, not the target's
-    monkeypatch.setattr(continuous_acceptance, "accept_trajectories",
-                        lambda log_p, log_q, g: torch.full((log_p.shape[0],), log_p.shape[1], dtype=torch.long,
-                                                           device=log_p.device))
+    monkeypatch.setattr(continuous_acceptance, "keeps",
+                        lambda log_u, log_p, log_q: torch.ones_like(log_u, dtype=torch.bool))
     broken, _ = run(pair, labels, "draft_model", seed=2, cfg=cfg)
     p_broken, _ = energy_test(plain.flatten(1), broken.flatten(1), permutations=2000)
     assert p_ok > 0.01, p_ok
