@@ -321,18 +321,21 @@ def _accepted(target_head: DiffusionHead, drafts: list[Drafts], temperature: flo
     accepted = [torch.zeros(d.log_q.shape[0], dtype=torch.long) for d in drafts]
     going = [d.usable > 0 for d in drafts]  # [n] images whose every earlier draft was kept (and usable)
     for j in range(max((d.log_q.shape[1] for d in drafts), default=0)):
-        rows = [g.nonzero()[:, 0] for g in going]  # the images of each request that need position j's ratio
-        if not any(len(r) for r in rows):
+        # the requests with images that need position j's ratio, and those images (a request's k may be
+        # smaller than j: then none of its images is still going)
+        live = [(i, g.nonzero()[:, 0]) for i, g in enumerate(going) if bool(g.any())]
+        if not live:
             break
-        cat = lambda f: torch.cat([f(d)[r, j] for d, r in zip(drafts, rows)])  # noqa: E731 - [sum rows, ...]
+        cat = lambda f: torch.cat([f(drafts[i])[r, j] for i, r in live])  # noqa: E731 - [sum rows, ...]
         log_p = target_head.trajectory_log_density(
-            torch.cat([d.states[:, r, j] for d, r in zip(drafts, rows)], dim=1).to(device),  # [S + 1, rows, dim]
+            torch.cat([drafts[i].states[:, r, j] for i, r in live], dim=1).to(device),  # [S + 1, rows, dim]
             cat(lambda d: d.z).to(device), temperature, cfg,
             z_uncond=cat(lambda d: d.z_uncond).to(device) if cfg != 1.0 else None).cpu()
-        for d, r, lu, a, g, lp in zip(drafts, rows, log_u, accepted, going, log_p.split([len(r) for r in rows])):
-            ok = keeps(lu[r, j], lp, d.log_q[r, j])
-            a[r] += ok.long()
-            g[r] = ok & (d.usable[r] > j + 1)
+        for (i, r), lp in zip(live, log_p.split([len(r) for _, r in live])):
+            d = drafts[i]
+            ok = keeps(log_u[i][r, j], lp, d.log_q[r, j])
+            accepted[i][r] += ok.long()
+            going[i][r] = ok & (d.usable[r] > j + 1)
     return accepted
 
 

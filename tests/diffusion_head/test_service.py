@@ -195,7 +195,8 @@ def test_verify_drafts_is_the_acceptance_rules_in_one_call_and_joined_requests_k
 
     draft = _draft_head()
     cfg = 2.0 if guided else 1.0
-    rounds = [_round(head, draft, n, 3, seed, guided) for n, seed in ((4, 1), (1, 2), (6, 3))]
+    # requests of one kind may draft different numbers of tokens (adaptive lengths, the end of an image)
+    rounds = [_round(head, draft, n, k, seed, guided) for n, k, seed in ((4, 3, 1), (1, 1, 2), (6, 4, 3), (2, 2, 4))]
 
     async def verify(drafts):
         service = DiffusionHeadService({"m": head}, draft_heads={"m": draft})
@@ -277,3 +278,18 @@ def test_verify_drafts_computes_a_density_only_where_the_rule_reads_it(head, mon
     verdict = verify_drafts(head, far, [d], temperature=0.9, cfg=1.0, steps=STEPS)[0]
     assert verdict.accepted.tolist() == [0] * 6
     assert rows == [5]  # position 0 of the 5 usable images, and no other position
+
+
+def test_verify_drafts_of_requests_with_different_draft_lengths(head):
+    """Joined requests may draft different numbers of tokens: with the target as its own draft every
+    usable draft is kept, so the positions past a short request's k are evaluated for the others."""
+    from arserve.core.continuous_acceptance import Drafts, verify_drafts
+    from arserve.core.sampling import seeded
+
+    drafts = []
+    for n, k, seed in ((2, 2, 1), (3, 4, 2), (1, 1, 3)):
+        _, t = _round(head, head, n, k, seed, guided=False)  # the target's own trajectories and conditions:
+        drafts.append(Drafts(t["states"], t["log_q"], t["draft_z"], None, t["draft_z"], None, t["usable"],
+                             seeded(t["seed"])))  # p / q = 1 up to rounding
+    verdicts = verify_drafts(head, head, drafts, temperature=0.9, cfg=1.0, steps=STEPS)
+    assert [v.accepted.tolist() for v in verdicts] == [d.usable.tolist() for d in drafts]
