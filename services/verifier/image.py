@@ -12,9 +12,10 @@ its own head along a denoising trajectory whose log-density ``log_q`` it
 records; the target scores the row's pending input and the first k - 1
 drafts in one forward (z for all k drafted positions); then one head call
 (``VerifyDrafts``, ``arserve.core.continuous_acceptance.verify_drafts``)
-gives the round's verdict: the target's log-density ``log_p`` of every draft
-trajectory, the acceptance rule, which keeps a prefix of each row, and the
-recovered token sampled from the residual at the first rejection. Rows
+gives the round's verdict: the acceptance rule, which keeps a prefix of each
+row (the target's log-density ``log_p`` of a draft trajectory computed
+where the rule reads it), and the recovered token sampled from the residual
+at the first rejection. Rows
 accept different numbers of tokens: the KV caches keep a committed length
 per row.
 
