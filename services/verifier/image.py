@@ -77,9 +77,12 @@ MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max
 
 # Target trajectories drawn at once per residual try, over all rejected rows (at least 2 a row): a
 # rejection needs 1 / TV(p, q) proposals in expectation (arserve.core.continuous_acceptance), about 1.7 for
-# the digits models, and rows are not free at batch 1 (a try of 16 rows cost twice one of 1 row). Measured
-# at batch 1 (docs/decisions.md, "CSpD that pays"): 16 proposals 68 ms a try, 4 proposals 36 ms.
-RESIDUAL_ROWS = 4
+# the digits models. Since a round's tries run inside one head call (VerifyDrafts), a further try costs no
+# round trip, only its rows: at batch 1 on 2 threads a try of 1, 2, 4 proposals (the target's trajectories
+# and the draft's densities) took 1.15, 1.25, 2.05 ms, so 2 proposals recover a token in 1.50 ms expected
+# (acceptance 0.59 a proposal) against 2.11 ms for 4 (docs/decisions.md, decision 57; 4 in decision 35,
+# when every try was two calls).
+RESIDUAL_ROWS = 2
 # The adaptive draft length's cost model, in target tokens (a head sample and a backbone forward of the
 # request's rows): a draft token, a round's verification (target forward and the target's densities of
 # every draft trajectory) and a residual sample, measured with the digits models at 1 and at 32 images a
