@@ -172,8 +172,9 @@ def seed_sets(client, args, j, b: dict) -> dict:
             pix = np.concatenate(pix)
             out[name]["recognized_rate"].append(j.recognized_rate(pix, np.asarray(labels)))
             out[name]["frechet_distance"].append(j.frechet_distance(pix))
-            log(f"[quality seed set {s + 1}/{args.seed_sets}] {name}: recognized {out[name]['recognized_rate'][-1]:.3f}, "
-                f"Fréchet {out[name]['frechet_distance'][-1]:.4f}")
+            q = out[name]
+            log(f"[quality seed set {s + 1}/{args.seed_sets}] {name}: recognized {q['recognized_rate'][-1]:.3f}, "
+                f"Fréchet {q['frechet_distance'][-1]:.4f}")
     return out
 
 

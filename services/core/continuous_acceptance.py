@@ -234,7 +234,8 @@ def _residuals(target_head: DiffusionHead, draft_head: DiffusionHead, jobs: list
                     parts = list(zip(t.tokens.cpu().split(sizes), t.states.cpu().split(sizes, dim=1),
                                      t.log_density.cpu().split(sizes)))
                 else:
-                    parts = target_head.sample(zt, temperature, cfg, steps, z_uncond=ztu, noise=noise).cpu().split(sizes)
+                    tokens = target_head.sample(zt, temperature, cfg, steps, z_uncond=ztu, noise=noise)
+                    parts = tokens.cpu().split(sizes)
             for i, part in zip(idx, parts):
                 answers[i] = part
     return results

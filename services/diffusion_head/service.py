@@ -61,7 +61,8 @@ class DiffusionHeadService:
     def __init__(self, heads: dict[str, DiffusionHead] | None = None, executor: ThreadPoolExecutor | None = None,
                  draft_heads: dict[str, DiffusionHead] | None = None):
         self.heads = heads or {}  # model id -> head, for the proto methods
-        self.draft_heads = draft_heads or {}  # model id -> its draft model's head (VerifyDrafts; LogDensity with `draft`)
+        # model id -> its draft model's head (VerifyDrafts; LogDensity with `draft`)
+        self.draft_heads = draft_heads or {}
         self.executor = executor or compute.executor()
         self.joins = JoinQueue(_run, self.executor, "diffusion_head")  # a run: `steps` forwards over all its rows
         self.rows = 0  # rows sampled
