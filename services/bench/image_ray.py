@@ -138,7 +138,7 @@ def replica_cpu_seconds() -> dict[str, float]:
     return out
 
 
-def concurrency(target: str, args, wiring: str, trials: int = 3) -> dict:
+def concurrency(target: str, args, wiring: str, trials: int = 5) -> dict:
     """``trials`` x (8 one after another, then 8 at once), per mode; on Ray,
     the CPU seconds each deployment's replicas spent in the whole of it."""
     out: dict = {}
@@ -171,7 +171,7 @@ def bench(args) -> dict:
     from arserve.rayserve.run import RayServer, free_port
     from arserve.settings import ModelSettings, ServerSettings
 
-    args.ray_trials = getattr(args, "limit", None) or 8
+    args.ray_trials = getattr(args, "limit", None) or 16  # per-trial ratios spread 0.5-0.9 on a shared host
     temp = tempfile.mkdtemp(prefix="arserve-bench-image-ray-")
     log(f"Ray temp dir {temp}")
     embedded_settings = ServerSettings(port=0, models=[ModelSettings(speculative_methods=["none"])])
