@@ -186,12 +186,17 @@ class ImageVerifier:
             return await self._decode(r, c, kv, k, lambda: self.rounds.start(kind, who))
         finally:
             self.rounds.leave(kind, who)
-            await kv.release()
-            try:
-                await self.drafter.Release(dpb.DrafterReleaseRequest(request_id=r.ids["request_id"],
-                                                                     method="draft_model", model=model_id))
-            except Exception:  # noqa: BLE001 - freeing drafter state must not fail the request
-                log.debug("image drafter release failed", exc_info=True)
+            await self._release(r, kv)
+
+    async def _release(self, r: Request, kv: ImageKVSession) -> None:
+        """Free the request's state on the backbone and on the drafter, side by side (one round trip, not
+        two). A failure is logged, not raised, as a plain request's is (``PlainSteps``): the images are done,
+        and a replica's lease frees what a lost call could not."""
+        release = dpb.DrafterReleaseRequest(request_id=r.ids["request_id"], method="draft_model", model=r.ids["model"])
+        outs = await asyncio.gather(kv.release(), self.drafter.Release(release), return_exceptions=True)
+        for service, out in zip(("backbone", "drafter"), outs):
+            if isinstance(out, Exception):
+                log.debug("image request %s: %s release failed", r.ids["request_id"], service, exc_info=out)
 
     async def _decode(self, r: Request, c: ImageConfig, kv: ImageKVSession, k: int,
                       round_start=None) -> tuple[torch.Tensor, ImageStats]:

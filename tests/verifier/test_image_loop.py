@@ -244,3 +244,20 @@ def test_a_verdict_that_does_not_fit_the_drafts_fails_the_request_clearly(pair):
     verifier.heads.heads = Overeager()
     with pytest.raises(RuntimeError, match="verdict does not fit the drafts: accepted"):
         run(pair, [1, 2], "draft_model", verifier=verifier)
+
+
+def test_a_speculative_request_frees_its_state_on_both_services_and_a_failed_release_fails_nothing(pair):
+    """A CSpD request frees its KV cache on the backbone and its draft state on the drafter before it
+    returns (the two releases side by side); a release that fails is logged, and the images stand (a
+    failed backbone release used to fail the finished request)."""
+    verifier = services(pair)
+    backbone, drafter = verifier.backbone.service, verifier.drafter.service
+    tokens, stats = run(pair, [1, 2], "draft_model", verifier=verifier)
+    assert stats.drafted > 0 and not backbone.sessions and not drafter.sessions
+
+    async def broken(req):
+        raise RuntimeError("the backbone went away")
+
+    backbone.Release = broken
+    again, _ = run(pair, [1, 2], "draft_model", verifier=verifier)
+    assert torch.equal(again, tokens) and not drafter.sessions  # the drafter's release still ran
