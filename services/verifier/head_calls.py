@@ -42,18 +42,12 @@ MAX_ROWS = 8192  # rows of one call at most (its noise or states: 816 bytes a ro
 MAX_TRAJECTORIES = 8192
 
 
-def _rows(call) -> int:
-    """A call's rows: a sample's images, or a verdict's draft trajectories (n k)."""
-    return call.z.shape[0] if isinstance(call, _Rows) else math.prod(call.log_q.shape)
-
-
-def _capped(calls: list) -> list[list]:
-    """``calls`` in consecutive shares of at most MAX_ROWS rows (samples) or MAX_TRAJECTORIES (verdicts; a
-    call of more goes alone)."""
-    cap = MAX_ROWS if isinstance(calls[0], _Rows) else MAX_TRAJECTORIES
+def _capped(calls: list, size, cap: int) -> list[list]:
+    """``calls`` in consecutive shares of at most ``cap`` rows, a call's rows being ``size(call)`` (a call of
+    more goes alone)."""
     shares, rows = [[]], 0
     for c in calls:
-        n = _rows(c)
+        n = size(c)
         if shares[-1] and rows + n > cap:
             shares.append([])
             rows = 0
@@ -83,8 +77,11 @@ class HeadCalls:
     async def _run(self, key, calls: list) -> list:
         parts = min(len(calls), getattr(self.heads, "replicas", 1))  # in process: one service, one call
         size = -(-len(calls) // parts)
-        one = self._sample if key[0] == "sample" else self._verify
-        shares = [share for i in range(0, len(calls), size) for share in _capped(calls[i:i + size])]
+        if key[0] == "sample":  # a sample's rows are its images; a verdict's, its draft trajectories (n k)
+            one, rows, cap = self._sample, lambda c: c.z.shape[0], MAX_ROWS
+        else:
+            one, rows, cap = self._verify, lambda d: math.prod(d.log_q.shape), MAX_TRAJECTORIES
+        shares = [share for i in range(0, len(calls), size) for share in _capped(calls[i:i + size], rows, cap)]
         outs = await asyncio.gather(*(one(key, share) for share in shares), return_exceptions=True)
         for out in outs:
             if isinstance(out, asyncio.CancelledError):
@@ -117,5 +114,5 @@ class HeadCalls:
             model=model, num_steps=steps, temperature=temperature, cfg=cfg, residual_rows=rows, drafts=calls))
         if len(out.verdicts) != len(calls):
             raise RuntimeError(f"the diffusion head answered {len(out.verdicts)} verdicts for {len(calls)} requests' "
-                              "drafts")
+                               "drafts")
         return list(out.verdicts)

@@ -240,13 +240,13 @@ class ImageVerifier:
                     drafting = False
                     continue
                 z_t = await self._score(r, kv, lengths, last, d.tokens, committed)  # [rows, k, dim]
-                accepted, res = await self._verify(r, d, z_t, usable)  # [n], recovered tokens [m, token_dim]
-                rejected = accepted < usable  # [n] (inactive rows have usable 0: never rejected)
+                # [n] kept drafts, [n] whether an image rejected one (inactive rows: usable 0, never), the verdict
+                accepted, rejected, res = await self._verify(r, d, z_t, usable)
                 rr, j = (torch.arange(k)[None] < accepted[:, None]).nonzero(as_tuple=True)  # accepted drafts
                 tokens[rr, done[rr] + j] = d.tokens[rr, j]
                 if bool(rejected.any()):  # the recovered token at the first rejected position
                     idx = rejected.nonzero()[:, 0]
-                    tokens[idx, done[idx] + accepted[idx]] = from_proto(res.recovered)
+                    tokens[idx, done[idx] + accepted[idx]] = from_proto(res.recovered)  # [m, token_dim]
                     stats.residual_proposals += res.residual_proposals
                     stats.residual_capped += res.residual_capped
                     stats.recovered += len(idx)
@@ -310,11 +310,12 @@ class ImageVerifier:
         return await self.heads.sample(r.ids["model"], zc, zu, noise, job.temperature, job.cfg)
 
     async def _verify(self, r: Request, d: _Draft, z_t: torch.Tensor,
-                      usable: torch.Tensor) -> tuple[torch.Tensor, hpb.Verdict]:
+                      usable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, hpb.Verdict]:
         """The target's verdict on the round's drafts, in one head call: its densities of the draft
         trajectories, the acceptance rule and the residual at each image's first rejection
         (``continuous_acceptance.verify_drafts``), with draws from a seed the request's generator gives
-        -> accepted [n] and the verdict (recovered tokens of the images with accepted < usable)."""
+        -> accepted [n], rejected [n] (accepted < usable) and the verdict (the rejected images' recovered
+        tokens), checked against the drafts."""
         job, n = r.job, r.job.labels.shape[0]
         zt_c, zt_u = _split(z_t, n)  # [n, k, dim] each
         zd_c, zd_u = _split(d.z, n)
@@ -327,12 +328,13 @@ class ImageVerifier:
         verdict = await self.heads.verify(r.ids["model"], job.steps, job.temperature, job.cfg, RESIDUAL_ROWS,
                                           drafts)
         accepted = torch.tensor(list(verdict.accepted), dtype=torch.long)  # [n]
-        rejected = int((accepted < usable).sum()) if accepted.shape == usable.shape else -1
         recovered = list(verdict.recovered.shape)
-        if rejected < 0 or bool((accepted > usable).any()) or recovered != [rejected, d.tokens.shape[-1]]:
+        fits = accepted.shape == usable.shape and not bool((accepted > usable).any())
+        rejected = accepted < usable if fits else None
+        if rejected is None or recovered != [int(rejected.sum()), d.tokens.shape[-1]]:
             raise RuntimeError(f"the diffusion head's verdict does not fit the drafts: accepted {accepted.tolist()} of "
                                f"{usable.tolist()}, recovered {recovered}")
-        return accepted, verdict
+        return accepted, rejected, verdict
 
 
 def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:
