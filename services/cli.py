@@ -40,11 +40,12 @@ def cmd_serve(args) -> None:
         serve_metrics(args.metrics_port, args.host)
         logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
     try:
-        from .settings import ServerSettings
+        from .settings import ImageModelSettings, ServerSettings
 
         asyncio.run(serve(ServerSettings(
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
-            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port)))
+            tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port,
+            image_models=[ImageModelSettings.named(args.image_model)])))
     except KeyboardInterrupt:
         pass
 
@@ -190,7 +191,7 @@ def cmd_train(args) -> None:
         from .train.digits import TrainConfig, train
 
         config = TrainConfig(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
-        train(args.name, args.out, config)
+        train(args.name, args.out, config, teacher=args.teacher)
 
 
 def cmd_bench(args) -> None:
@@ -236,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
                    help="what decodes the model: arserve's services, or vLLM's engine (make install-vllm)")
     s.add_argument("--vllm-speculative", default="none", choices=["none", "ngram"],
                    help="with --engine vllm: vLLM's speculative method, for every request")
+    s.add_argument("--image-model", default="digits", choices=["digits", "digits-l"],
+                   help="the image model pair served (embedded): digits (committed), or digits-l, a target whose "
+                   "backbone outweighs its head (trained locally: `arserve train digits-l`, then digits-l-draft)")
     model_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -276,13 +280,17 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 
-    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft; smollm2-draft and "
+    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft, digits-l, "
+                       "digits-l-draft: each draft after its target; smollm2-draft and "
                        "smollm2-heads after smollm2-data, SmolLM2's self-distillation data)")
-    t.add_argument("name", choices=["digits", "digits-draft", "smollm2-data", "smollm2-draft", "smollm2-heads"])
+    t.add_argument("name", choices=["digits", "digits-draft", "digits-l", "digits-l-draft", "smollm2-data",
+                                    "smollm2-draft", "smollm2-heads"])
     t.add_argument("--loss", choices=["ce", "kl"], default=None, help="drafters: fit the target's argmax (ce, "
                    "the default) or its top-32 distribution (kl)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--teacher", default=None, help="image drafts: the target to distill from, a committed name or a "
+                   ".safetensors path (default: the committed NAME without -draft)")
     t.add_argument("--out", type=Path, default=None, help="where to write (default: the committed path)")
     t.set_defaults(func=cmd_train)
 
@@ -309,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
                    "for load, embedded for image)")
     b.add_argument("--draft-tokens", type=int, default=None, help="image: drafts per round (default 3)")
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
+    b.add_argument("--image-model", default="digits", choices=["digits", "digits-l"],
+                   help="image: the model pair (digits-l: trained locally, `arserve train digits-l`, then digits-l-draft)")
     b.add_argument("--device", default="cuda", help="gpu: where models compute (cpu rehearses the suite)")
     b.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="gpu: model shapes (comma-separated)")
     b.add_argument("--prompt-len", type=int, default=32, help="gpu: random prompt tokens")

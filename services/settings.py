@@ -162,6 +162,14 @@ class ModelSettings(BaseModel):
 
 
 IMAGE_METHODS = ("none", "draft_model")  # continuous speculative decoding methods
+# known image model pairs (ImageModelSettings.named): the fields that differ from the defaults, measured
+# by `arserve bench --suite image --image-model NAME` (docs/decisions.md 58)
+IMAGE_PAIRS: dict[str, dict] = {
+    "digits": {},
+    "digits-l": {"id": "digits-l", "checkpoint": "digits-l", "draft_checkpoint": "digits-l-draft",
+                 "draft_acceptance": 0.6, "round_costs_batch1": (0.23, 0.65, 0.16),
+                 "round_costs_batch32": (0.6, 0.6, 1.3)},
+}
 
 
 class ImageModelSettings(BaseModel):
@@ -190,15 +198,40 @@ class ImageModelSettings(BaseModel):
                                     "image'` reports it as draft_acceptance (0.6 for the digits draft). Where an "
                                     "adaptive request's draft length starts; it learns from there within the "
                                     "request, so seeded requests still reproduce.")
+    round_costs_batch1: tuple[float, float, float] = Field(
+        (0.47, 0.49, 1.70), description="The adaptive draft length's cost model at one image a request, in target "
+        "tokens (a backbone forward and a head sample of the request's rows): a draft token, a round's verification "
+        "(the target's forward over the drafts and its densities of their trajectories), a residual sample. The "
+        "defaults are the digits pair's, measured (docs/decisions.md 45, 55, 58); a pair whose backbone outweighs "
+        "its head has cheaper drafts and verification in these units (digits-l: 0.23, 0.65, 0.16).")
+    round_costs_batch32: tuple[float, float, float] = Field(
+        (0.23, 1.4, 2.2), description="The same at 32 images a request; between 1 and 32 the costs are "
+        "interpolated in log2(images).")
 
     @property
     def speculative_methods(self) -> list[str]:
         return list(IMAGE_METHODS) if self.draft_checkpoint else ["none"]
 
+    @classmethod
+    def named(cls, pair: str) -> "ImageModelSettings":
+        """A known target and draft pair with its measured acceptance and costs: ``digits`` (committed;
+        the defaults) or ``digits-l`` (trained locally: ``arserve train digits-l``, then ``digits-l-draft``)."""
+        try:
+            return cls(**IMAGE_PAIRS[pair])
+        except KeyError:
+            raise ValueError(f"unknown image model {pair!r}; known: {sorted(IMAGE_PAIRS)}") from None
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, device: str) -> str:
         return check_name(device)
+
+    @field_validator("round_costs_batch1", "round_costs_batch32")
+    @classmethod
+    def _costs_positive(cls, costs: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(c > 0 for c in costs):
+            raise ValueError(f"round costs are positive numbers of target tokens, got {costs}")
+        return costs
 
     @model_validator(mode="after")
     def _draft_for_default(self) -> "ImageModelSettings":

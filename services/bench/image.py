@@ -1,8 +1,9 @@
 """Image benchmark: continuous speculative decoding against plain decoding.
 
-In one run, through the SDK against the embedded server (digits model, the
-committed checkpoints), for batch 1 (one image per request) and batch 32 (32
-images per request):
+In one run, through the SDK against the embedded server (the digits model,
+the committed checkpoints; or ``--image-model digits-l``, a target whose
+backbone outweighs its head, trained locally), for batch 1 (one image per
+request) and batch 32 (32 images per request):
 
 * ``plain``: every token sampled by the target's diffusion head;
 * ``cspd``: the draft model proposes ``k`` tokens every round, the target
@@ -24,7 +25,7 @@ least 2 points); Fréchet distance within the spread of the two plain runs,
 and, since two runs under-state plain's spread, CSpD's mean Fréchet distance
 over six seed sets within the range of plain's over six (``seed_sets``).
 
-    arserve bench --suite image [--limit 30] [--draft-tokens 3] [--steps 50]
+    arserve bench --suite image [--limit 30] [--draft-tokens 3] [--steps 50] [--image-model digits-l]
 
 The Ray wiring's figures (Ray / embedded images/s at batch 1, 8 concurrent
 requests / 1) are ``image_ray.py``'s, added by ``--wirings``:
@@ -119,7 +120,9 @@ def bench(client, args) -> dict:
         }
         from ..image.grid import save_grid
 
-        save_grid(pix[:100], Path(args.out).with_name(f"image-grid-{name}.png"), columns=10)
+        pair = getattr(args, "image_model", None) or "digits"
+        prefix = "image-grid-" if pair == "digits" else f"image-grid-{pair}-"
+        save_grid(pix[:100], Path(args.out).with_name(f"{prefix}{name}.png"), columns=10)
     b = results["batch32"]
     b["speedup"] = b["cspd"]["images_per_s"] / b["plain"]["images_per_s"]
     b["speedup_adaptive"] = b["cspd-adaptive"]["images_per_s"] / b["plain"]["images_per_s"]
@@ -202,7 +205,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main(args) -> None:
     wirings = (getattr(args, "wirings", None) or "embedded").split(",")
-    args.draft_tokens = getattr(args, "draft_tokens", None) or 3
+    from ..settings import ImageModelSettings
+
+    # fixed-k rounds draft the pair's own default length (digits: 3)
+    args.draft_tokens = getattr(args, "draft_tokens", None) or \
+        ImageModelSettings.named(getattr(args, "image_model", None) or "digits").num_draft_tokens
     args.steps = getattr(args, "steps", None) or 50
     results = {"benchmark": "image", "machine": machine_info(), "steps": args.steps, "draft_tokens": args.draft_tokens}
     out = Path(args.out)
@@ -224,14 +231,17 @@ def embedded(args, out: Path) -> dict:
     from arserve_client import Client
 
     from ..embedded import EmbeddedServer
-    from ..settings import ServerSettings
+    from ..settings import ImageModelSettings, ServerSettings
 
     args.trials = getattr(args, "limit", None) or 30
     args.requests32 = 20  # 640 images per mode: Fréchet distances of plain runs then vary by about 0.004
     args.seed_sets = 6  # of 640 images each, per mode, for plain's own spread of the quality figures (seed_sets)
     results = {"trials_batch1": args.trials, "images_batch32": args.requests32 * 32,
                "steps": args.steps, "draft_tokens": args.draft_tokens}
-    with EmbeddedServer(ServerSettings(port=0)) as server, Client(server.target) as client:
+    pair = getattr(args, "image_model", None) or "digits"
+    results["image_model"] = pair
+    with EmbeddedServer(ServerSettings(port=0, image_models=[ImageModelSettings.named(pair)])) as server, \
+            Client(server.target) as client:
         for method in ("none", "draft_model"):  # warm-up
             client.generate_image([0, 1], seed=0, speculative=method, num_steps=args.steps)
         results.update(bench(client, args))

@@ -62,6 +62,11 @@ PRESETS: dict[str, ImageConfig] = {
     "digits": ImageConfig(),
     # Its draft for continuous speculative decoding: a thinner backbone, a one-block head.
     "digits-draft": ImageConfig(dim=64, n_layers=2, n_heads=2, head_width=128, head_blocks=1),
+    # A target whose backbone outweighs its head, as MAR-L's does (about 22M parameters): continuous
+    # speculative decoding saves backbone forwards, so it pays where they dominate a token.
+    "digits-l": ImageConfig(dim=384, n_layers=12, n_heads=6),
+    # Its draft: the digits draft's shape, distilled from digits-l.
+    "digits-l-draft": ImageConfig(dim=64, n_layers=2, n_heads=2, head_width=128, head_blocks=1),
     # Seeded random-init shapes for tests.
     "tiny": ImageConfig(dim=32, n_layers=1, n_heads=2, head_width=32, head_blocks=1),
 }

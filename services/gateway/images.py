@@ -60,7 +60,8 @@ class ImageFront:
             method=method,
             num_draft_tokens=spec.num_draft_tokens if spec.HasField("num_draft_tokens") else model.num_draft_tokens,
             seed=req.seed if req.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
-            adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance)
+            adaptive=spec.adaptive if spec.HasField("adaptive") else True, prior_rate=model.draft_acceptance,
+            round_costs_batch1=model.round_costs_batch1, round_costs_batch32=model.round_costs_batch32)
         stats = await self.verifier.RunImage(run)
         tokens = from_proto(stats.tokens)  # [n, seq_len, token_dim]
         decoded = await self.tokenizer.Unpatchify(tpb.UnpatchifyRequest(model=model.id, tokens=to_proto(tokens)))

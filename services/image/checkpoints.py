@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint_files import CHECKPOINT_DIR, CheckpointError, read_checked, resolve, write
+from ..checkpoint_files import CHECKPOINT_DIR, LOCAL_DIR, CheckpointError, read_checked, resolve, write
 from ..core.image_model import ImageAR, ImageConfig
 
-__all__ = ["CHECKPOINT_DIR", "HASHES", "CheckpointError", "load_checkpoint", "load_file_checked",
+__all__ = ["CHECKPOINT_DIR", "HASHES", "LOCAL", "LOCAL_DIR", "CheckpointError", "load_checkpoint", "load_file_checked",
            "load_image_model", "save_checkpoint"]
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
@@ -20,12 +20,23 @@ HASHES: dict[str, str] = {
     "digits": "d2136bd19ac5df394a180d36d2fb748203aa3ba17d86778db5d3a76843446b02",
     "digits-draft": "f12019a687e39d151725e4faa3ef6461db97e475406bbcd197525eadcd7ef08c",
 }
+# checkpoints a recipe names but the package does not carry (22 MB: the repository, and the working tree
+# a device run carries, stay small): `arserve train NAME` writes them to checkpoint_files.LOCAL_DIR
+LOCAL = ("digits-l", "digits-l-draft")
+
+
+INT8_FROM_PARAMETERS = 4_000_000  # a model this large stores its large matrices in int8 (the repository stays small)
+INT8_FROM_ELEMENTS = 65_536  # the matrices that are: a 256 x 256 one and up
 
 
 def save_checkpoint(model: ImageAR, name: str, path: Path, info: dict[str, str]) -> str:
-    """Write the model's weights in float16 with its config and ``info``; returns the sha256."""
+    """Write the model's weights in float16 (a model of ``INT8_FROM_PARAMETERS`` or more: its large
+    matrices in int8 with per-row scales, ``checkpoint_files.quantized``) with its config and ``info``;
+    returns the sha256. The stored weights are the model: load it back before measuring or distilling."""
     meta = {"name": name, "config": json.dumps(model.config.__dict__), **info}
-    return write(model.state_dict(), path, meta, "arserve/image/checkpoints.py")
+    big = sum(p.numel() for p in model.parameters()) >= INT8_FROM_PARAMETERS
+    return write(model.state_dict(), path, meta, None if name in LOCAL else "arserve/image/checkpoints.py",
+                 int8_from=INT8_FROM_ELEMENTS if big else None)
 
 
 def load_image_model(name: str) -> ImageAR:
@@ -49,4 +60,4 @@ def load_file_checked(path: Path, expected_sha256: str | None) -> ImageAR:
 def load_checkpoint(ref: str) -> ImageAR:
     """A committed checkpoint by name (hash-checked), or a path to a
     .safetensors file (a checkpoint of the user's own, loaded as it is)."""
-    return load_file_checked(*resolve(ref, HASHES, "image checkpoint"))
+    return load_file_checked(*resolve(ref, HASHES, "image checkpoint", LOCAL))

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..core.diffusion_head import TRAIN_STEPS, add_noise, cosine_alpha_bar
 from ..core.image_model import ImageAR, ImageConfig, parameter_count
-from ..image.checkpoints import CHECKPOINT_DIR, load_image_model, save_checkpoint
+from ..image.checkpoints import CHECKPOINT_DIR, LOCAL, LOCAL_DIR, load_checkpoint, save_checkpoint
 from ..image.quality import split
 from ..tokenizer.image import DIGITS, load_digits_images
 
@@ -87,18 +87,22 @@ def _distill_loss(draft: ImageAR, target: ImageAR, labels: torch.Tensor, tokens:
 
 
 def train(name: str, out: Path | None = None, config: TrainConfig = TrainConfig(),
-          model_config: ImageConfig | None = None) -> Path:
-    """Train preset ``name`` ("digits" or "digits-draft", or ``model_config``
-    under that name) and save it; returns the path."""
+          model_config: ImageConfig | None = None, teacher: str | None = None) -> Path:
+    """Train preset ``name`` (``ImageConfig.from_name``, or ``model_config``
+    under that name) and save it; returns the path. A draft (a name ending in
+    "-draft") is distilled from ``teacher``: a committed checkpoint name or a
+    path, by default the committed target of its name without "-draft"."""
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     tokens, labels = _data()
     model = ImageAR(model_config or ImageConfig.from_name(name))
-    teacher = load_image_model("digits").eval() if name.endswith("-draft") else None
+    teacher_ref = teacher or name.removesuffix("-draft")
+    distilled_from = load_checkpoint(teacher_ref).eval() if name.endswith("-draft") else None
     ema = copy.deepcopy(model).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     print(f"training {name}: {parameter_count(model):,} parameters, {len(labels)} images, "
-          f"{config.steps} steps of {config.batch}" + (" (distilled from digits)" if teacher else ""))
+          f"{config.steps} steps of {config.batch}" + (f" (distilled from {teacher_ref})"
+                                                         if distilled_from else ""))
     t0 = time.perf_counter()
     losses: list[float] = []
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -110,10 +114,10 @@ def train(name: str, out: Path | None = None, config: TrainConfig = TrainConfig(
             idx = torch.randint(0, len(labels), (config.batch,), generator=g)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, config)
-            if teacher is None:
+            if distilled_from is None:
                 loss = model.loss(labels[idx], tokens[idx], g, config.diffusion_batch_mul)
             else:
-                loss = _distill_loss(model, teacher, labels[idx], tokens[idx], config.diffusion_batch_mul, g)
+                loss = _distill_loss(model, distilled_from, labels[idx], tokens[idx], config.diffusion_batch_mul, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,7 +134,7 @@ def train(name: str, out: Path | None = None, config: TrainConfig = TrainConfig(
                           f"{time.perf_counter() - t0:.0f}s", flush=True)
     seconds = time.perf_counter() - t0
     final = sum(losses[-200:]) / len(losses[-200:])
-    path = out or CHECKPOINT_DIR / f"{name}.safetensors"
+    path = out or (LOCAL_DIR if name in LOCAL else CHECKPOINT_DIR) / f"{name}.safetensors"
     save_checkpoint(ema, name, path, {"train_seconds": f"{seconds:.0f}", "final_loss": f"{final:.5f}",
                                       "steps": str(config.steps), "seed": str(config.seed)})
     print(f"{name}: {seconds / 60:.1f} min, final loss (mean of the last 200 steps) {final:.4f}; saved {path}")

@@ -83,18 +83,6 @@ MAX_IMAGES = 1024  # images of one RunImage call at most (the gateway allows max
 # (acceptance 0.59 a proposal) against 2.11 ms for 4 (docs/decisions.md, decision 57; 4 in decision 35,
 # when every try was two calls).
 RESIDUAL_ROWS = 2
-# The adaptive draft length's cost model, in target tokens (a head sample and a backbone forward of the
-# request's rows): a draft token, a round's verification (target forward and the target's densities of
-# every draft trajectory) and a residual sample, measured with the digits models at 1 and at 32 images a
-# request (docs/decisions.md, "CSpD that pays", then at batch 1 scaled so that a k = 3 round at the measured
-# per-token acceptance 0.6 costs what `arserve bench --suite image` measured through the server: 1.88 tokens
-# at 0.78x plain, 2.4 target tokens, in decision 45 (x 1.28); at 0.60x, 3.2 target tokens, since the head's
-# steps are compiled and a plain token is mostly its backbone forward, in decision 55 (x 1.33 more). The
-# verification grows with the rows (k trajectories of 50 steps each), so drafting pays at batch 1 above
-# about 0.85 per-token acceptance and at 32 above about 0.9; between, the costs are interpolated in
-# log2(images).
-COSTS_BATCH1 = (0.47, 0.49, 1.70)  # draft token, verification, residual
-COSTS_BATCH32 = (0.23, 1.4, 2.2)
 
 
 class Drafter(Protocol):
@@ -157,7 +145,7 @@ class ImageVerifier:
     async def RunImage(self, req: vpb.VerifyImageRequest, context=None) -> vpb.VerifyImageResponse:
         job = ImageJob(torch.tensor(list(req.labels), dtype=torch.long), req.temperature, req.cfg or 1.0,
                        req.num_steps, req.method or "none", req.num_draft_tokens, req.seed, req.adaptive,
-                       req.prior_rate)
+                       req.prior_rate, _round_costs(req))
         tokens, stats = await self.generate(req.model, job, req.request_id)
         return vpb.VerifyImageResponse(tokens=to_proto(tokens), drafted=stats.drafted, accepted=stats.accepted,
                                        rounds=stats.rounds, mean_accepted_length=stats.mean_accepted_length)
@@ -345,18 +333,37 @@ def draft_length(job: ImageJob, k: int, c: ImageConfig) -> DraftLength:
     request whose draft length starts at 0 decodes plainly without the
     drafter (as vLLM's speculative_disable_by_batch_size turns speculation
     off where it does not pay)."""
-    draft_cost, verify_cost, residual_cost = costs(job.labels.shape[0])
+    draft_cost, verify_cost, residual_cost = costs(job.labels.shape[0], job.round_costs)
     return DraftLength(k, adaptive=job.adaptive, rate=job.prior_rate, cost_per_token=draft_cost,
                        probe_every=c.seq_len + 1,
                        speedup=functools.partial(expected_speedup_without_bonus, verify_cost=verify_cost,
                                                  residual_cost=residual_cost))
 
 
-def costs(images: int) -> tuple[float, float, float]:
+def costs(images: int, round_costs) -> tuple[float, float, float]:
     """The cost model's (draft token, verification, residual) in target tokens for a request of
-    ``images`` images: COSTS_BATCH1 to COSTS_BATCH32, interpolated in log2(images)."""
+    ``images`` images, from the model's ``round_costs`` at 1 and at 32 images
+    (``ImageModelSettings.round_costs_batch1``, ``round_costs_batch32``), interpolated in log2(images).
+
+    In target tokens (a backbone forward and a head sample of the request's rows), measured for each
+    pair. For the digits pair, at batch 1 scaled so that a k = 3 round at the measured per-token
+    acceptance 0.6 costs what `arserve bench --suite image` measured through the server (3.2 target
+    tokens, decisions 45 and 55): its head outweighs its backbone, so drafting pays there only above
+    about 0.85 per-token acceptance at batch 1 and 0.9 at 32. A pair whose backbone dominates a token
+    (digits-l, decision 58) drafts and verifies for a fraction of a target token."""
+    (b1, b32) = round_costs
     f = min(1.0, math.log2(max(1, images)) / 5)
-    return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(COSTS_BATCH1, COSTS_BATCH32))
+    return tuple(c1 + f * (c32 - c1) for c1, c32 in zip(b1, b32))
+
+
+def _round_costs(req: vpb.VerifyImageRequest):
+    """The request's cost model (the gateway's, from the model's settings), the defaults where it sends none."""
+    default = ImageJob.__dataclass_fields__["round_costs"].default
+    b1, b32 = tuple(req.round_costs_batch1), tuple(req.round_costs_batch32)
+    for name, got in (("round_costs_batch1", b1), ("round_costs_batch32", b32)):
+        if got and (len(got) != 3 or not all(c > 0 and math.isfinite(c) for c in got)):
+            raise InvalidArgument(f"{name}: three positive costs (draft token, verification, residual), got {list(got)}")
+    return (b1 or default[0], b32 or default[1])
 
 
 class WithImages:

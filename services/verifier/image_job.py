@@ -30,6 +30,10 @@ class ImageJob:
     adaptive: bool = True  # k follows the request's running acceptance rate, down to 0 (plain rounds)
     # the per-token acceptance rate an adaptive request starts from (the model's measured one; the gateway passes it)
     prior_rate: float = ImageModelSettings.model_fields["draft_acceptance"].default
+    # the adaptive draft length's cost model at 1 and at 32 images (the model's; the gateway passes it)
+    round_costs: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        ImageModelSettings.model_fields["round_costs_batch1"].default,
+        ImageModelSettings.model_fields["round_costs_batch32"].default)
 
     @property
     def guided(self) -> bool:

@@ -7,6 +7,7 @@ fails)."""
 
 import asyncio
 import copy
+import dataclasses
 import time
 from typing import NamedTuple
 
@@ -261,3 +262,35 @@ def test_a_speculative_request_frees_its_state_on_both_services_and_a_failed_rel
     backbone.Release = broken
     again, _ = run(pair, [1, 2], "draft_model", verifier=verifier)
     assert torch.equal(again, tokens) and not drafter.sessions  # the drafter's release still ran
+
+
+def test_the_model_cost_model_decides_whether_an_adaptive_request_drafts(pair):
+    """The adaptive length reads the request's cost model (the model's ``round_costs``, which the gateway
+    sends): at the same prior, the digits pair's costs decode plainly, and a pair whose drafts and
+    verification are cheap in target tokens (a backbone-dominated target, digits-l) drafts."""
+    prior = 0.6
+    heavy = ImageJob(torch.as_tensor([1, 2]), temperature=1.0, cfg=1.0, steps=8, method="draft_model",
+                     num_draft_tokens=4, seed=0, adaptive=True, prior_rate=prior)
+    _, stats = asyncio.run(services(pair).generate("m", heavy))
+    assert stats.drafted == 0 and stats.plain == 2 * CONFIG.seq_len
+
+    from arserve.settings import ImageModelSettings
+    large = ImageModelSettings.named("digits-l")
+    cheap = dataclasses.replace(heavy, round_costs=(large.round_costs_batch1, large.round_costs_batch32))
+    _, stats = asyncio.run(services(pair).generate("m", cheap))
+    assert stats.drafted > 0 and stats.rounds < 2 * CONFIG.seq_len
+
+
+def test_a_cost_model_that_is_not_three_positive_numbers_is_refused(pair):
+    from arserve.errors import InvalidArgument
+    from arserve.pb.v1 import verifier_pb2 as vpb
+
+    req = vpb.VerifyImageRequest(request_id="r", model="m", labels=[1], temperature=1.0, cfg=1.0, num_steps=4,
+                                 method="draft_model", num_draft_tokens=2, seed=0, adaptive=True, prior_rate=0.6)
+    for bad in ([0.1, 0.2], [0.1, -1.0, 0.3], [0.1, float("nan"), 0.3]):
+        del req.round_costs_batch1[:]
+        req.round_costs_batch1.extend(bad)
+        with pytest.raises(InvalidArgument, match="round_costs_batch1: three positive costs"):
+            asyncio.run(services(pair).RunImage(req))
+    del req.round_costs_batch1[:]
+    assert asyncio.run(services(pair).RunImage(req)).rounds > 0  # empty: the defaults

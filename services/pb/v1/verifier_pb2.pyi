@@ -37,7 +37,7 @@ class VerifyEvent(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyImageRequest(_message.Message):
-    __slots__ = ("request_id", "model", "labels", "temperature", "cfg", "num_steps", "method", "num_draft_tokens", "seed", "adaptive", "prior_rate")
+    __slots__ = ("request_id", "model", "labels", "temperature", "cfg", "num_steps", "method", "num_draft_tokens", "seed", "adaptive", "prior_rate", "round_costs_batch1", "round_costs_batch32")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class VerifyImageRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     PRIOR_RATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COSTS_BATCH1_FIELD_NUMBER: _ClassVar[int]
+    ROUND_COSTS_BATCH32_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     labels: _containers.RepeatedScalarFieldContainer[int]
@@ -60,7 +62,9 @@ class VerifyImageRequest(_message.Message):
     seed: int
     adaptive: bool
     prior_rate: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., method: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., adaptive: _Optional[bool] = ..., prior_rate: _Optional[float] = ...) -> None: ...
+    round_costs_batch1: _containers.RepeatedScalarFieldContainer[float]
+    round_costs_batch32: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., method: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., adaptive: _Optional[bool] = ..., prior_rate: _Optional[float] = ..., round_costs_batch1: _Optional[_Iterable[float]] = ..., round_costs_batch32: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class VerifyImageResponse(_message.Message):
     __slots__ = ("tokens", "drafted", "accepted", "rounds", "mean_accepted_length")
