@@ -167,7 +167,7 @@ IMAGE_METHODS = ("none", "draft_model")  # continuous speculative decoding metho
 IMAGE_PAIRS: dict[str, dict] = {
     "digits": {},
     "digits-l": {"id": "digits-l", "checkpoint": "digits-l", "draft_checkpoint": "digits-l-draft",
-                 "draft_acceptance": 0.6, "round_costs_batch1": (0.23, 0.65, 0.16),
+                 "default_speculative_method": "draft_model", "draft_acceptance": 0.6, "round_costs_batch1": (0.23, 0.65, 0.16),
                  "round_costs_batch32": (0.6, 0.6, 1.3)},
 }
 
