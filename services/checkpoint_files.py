@@ -7,10 +7,10 @@ each written by ``arserve train NAME``); a file whose hash differs is refused wi
 error, never loaded silently. A *local* checkpoint is one a recipe names but the package does
 not carry (too large for the repository): ``arserve train NAME`` writes it to ``LOCAL_DIR``,
 where it is loaded by name as the user's own. A reference is a committed or local name, or a
-path to a ``.safetensors`` file of the user's own, loaded as it is. Weights are stored in float16 with the metadata their
-owner needs to rebuild the model (its config as JSON, a kind, provenance); a large checkpoint
-may store its matrices in int8 with a float32 scale per row (``write``'s ``int8_from``), read
-back as float32: the dequantized weights are the model.
+path to a ``.safetensors`` file of the user's own, loaded as it is. Weights are stored in
+float16 with the metadata their owner needs to rebuild the model (its config as JSON, a kind,
+provenance); a large checkpoint may store its matrices in int8 with a float32 scale per row
+(``write``'s ``int8_from``), read back as float32: the dequantized weights are the model.
 """
 
 from __future__ import annotations
