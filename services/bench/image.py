@@ -211,7 +211,8 @@ def main(args) -> None:
     args.draft_tokens = getattr(args, "draft_tokens", None) or \
         ImageModelSettings.named(getattr(args, "image_model", None) or "digits").num_draft_tokens
     args.steps = getattr(args, "steps", None) or 50
-    results = {"benchmark": "image", "machine": machine_info(), "steps": args.steps, "draft_tokens": args.draft_tokens}
+    results = {"benchmark": "image", "machine": machine_info(), "image_model": getattr(args, "image_model", None) or
+               "digits", "steps": args.steps, "draft_tokens": args.draft_tokens}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "embedded" in wirings:
@@ -239,7 +240,6 @@ def embedded(args, out: Path) -> dict:
     results = {"trials_batch1": args.trials, "images_batch32": args.requests32 * 32,
                "steps": args.steps, "draft_tokens": args.draft_tokens}
     pair = getattr(args, "image_model", None) or "digits"
-    results["image_model"] = pair
     with EmbeddedServer(ServerSettings(port=0, image_models=[ImageModelSettings.named(pair)])) as server, \
             Client(server.target) as client:
         for method in ("none", "draft_model"):  # warm-up

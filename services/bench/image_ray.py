@@ -43,12 +43,13 @@ SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 MODES = {"plain": "none", "cspd": "draft_model"}
 
 
-def app_args():
+def app_args(pair: str = "digits"):
     from arserve.rayserve.config import AppArgs
+    from arserve.settings import IMAGE_PAIRS
 
     return AppArgs.model_validate({
         "models": [{"speculative_methods": ["none"]}],
-        "image_models": [{}],  # digits-mar with its draft (the committed checkpoints)
+        "image_models": [IMAGE_PAIRS[pair]],  # digits: digits-mar with its draft (the committed checkpoints)
         "deployments": {"gateway": SMALL, "tokenizer": SMALL, "verifier": SMALL,
                         "drafter": {**SMALL, "torch_threads": 1},
                         "backbone": {"ray_actor_options": {"num_cpus": 0.5}, "torch_threads": 2},
@@ -169,13 +170,15 @@ def bench(args) -> dict:
 
     from arserve.embedded import EmbeddedServer
     from arserve.rayserve.run import RayServer, free_port
-    from arserve.settings import ModelSettings, ServerSettings
+    from arserve.settings import ImageModelSettings, ModelSettings, ServerSettings
 
     args.ray_trials = getattr(args, "limit", None) or 16  # per-trial ratios spread 0.5-0.9 on a shared host
     temp = tempfile.mkdtemp(prefix="arserve-bench-image-ray-")
     log(f"Ray temp dir {temp}")
-    embedded_settings = ServerSettings(port=0, models=[ModelSettings(speculative_methods=["none"])])
-    with RayServer(app_args(), grpc_port=free_port(), num_cpus=2, temp_dir=temp) as ray_srv, \
+    pair = getattr(args, "image_model", None) or "digits"
+    embedded_settings = ServerSettings(port=0, models=[ModelSettings(speculative_methods=["none"])],
+                                       image_models=[ImageModelSettings.named(pair)])
+    with RayServer(app_args(pair), grpc_port=free_port(), num_cpus=2, temp_dir=temp) as ray_srv, \
             EmbeddedServer(embedded_settings) as embedded, \
             Client(embedded.target, timeout=600) as ec, Client(ray_srv.target, timeout=600) as rc:
         clients = {"embedded": ec, "ray": rc}
