@@ -60,7 +60,10 @@ def ray_app_args(args):
     if args.config:
         app_args, port = load_serve_config(args.config)
     else:
-        app_args, port = AppArgs(models=[_model(args)]), 9000
+        from .settings import ImageModelSettings
+
+        pair = ImageModelSettings.named(getattr(args, "image_model", "digits"))
+        app_args, port = AppArgs(models=[_model(args)], image_models=[pair]), 9000
     if args.token is not None:
         app_args = AppArgs.model_validate({**app_args.model_dump(mode="json"), "auth_token": args.token})
     return app_args, port
@@ -190,6 +193,8 @@ def cmd_train(args) -> None:
     else:
         from .train.digits import TrainConfig, train
 
+        if args.teacher and not args.name.endswith("-draft"):
+            raise SystemExit(f"--teacher: {args.name} is a target, not a draft distilled from one")
         config = TrainConfig(**({"steps": args.steps} if args.steps else {}), seed=args.seed)
         train(args.name, args.out, config, teacher=args.teacher)
 
@@ -280,18 +285,19 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 
-    t = sub.add_parser("train", help="reproduce a committed checkpoint (digits, digits-draft, digits-l, "
-                       "digits-l-draft: each draft after its target; smollm2-draft and "
-                       "smollm2-heads after smollm2-data, SmolLM2's self-distillation data)")
+    t = sub.add_parser("train", help="reproduce a checkpoint (committed: digits, digits-draft; local, in "
+                       "~/.cache/arserve/checkpoints: digits-l, digits-l-draft; each draft after its target; "
+                       "smollm2-draft and smollm2-heads after smollm2-data, SmolLM2's self-distillation data)")
     t.add_argument("name", choices=["digits", "digits-draft", "digits-l", "digits-l-draft", "smollm2-data",
                                     "smollm2-draft", "smollm2-heads"])
     t.add_argument("--loss", choices=["ce", "kl"], default=None, help="drafters: fit the target's argmax (ce, "
                    "the default) or its top-32 distribution (kl)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--teacher", default=None, help="image drafts: the target to distill from, a committed name or a "
-                   ".safetensors path (default: the committed NAME without -draft)")
-    t.add_argument("--out", type=Path, default=None, help="where to write (default: the committed path)")
+    t.add_argument("--teacher", default=None, help="image drafts: the target to distill from, a checkpoint name or a "
+                   ".safetensors path (default: NAME without -draft)")
+    t.add_argument("--out", type=Path, default=None, help="where to write (default: the checkpoint's own place, "
+                   "committed or local)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")

@@ -4,6 +4,7 @@ are validated with clear errors."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -180,7 +181,9 @@ class ImageModelSettings(BaseModel):
 
     id: str = Field("digits-mar", description="Model id clients put in GenerateImageRequest.model.")
     checkpoint: str = Field("digits", description="A committed checkpoint name (arserve/checkpoints/NAME.safetensors, "
-                            "hash-checked) or a path to a .safetensors file that `arserve train` wrote.")
+                            "hash-checked), a local one (digits-l: `arserve train` writes it to "
+                            "~/.cache/arserve/checkpoints, or $ARSERVE_CHECKPOINTS, on every node that serves it) "
+                            "or a path to a .safetensors file that `arserve train` wrote.")
     device: str = Field("cpu", description="Where the image model, its draft and its diffusion head compute: cpu, "
                         "cuda or cuda:N (checked at start).")
     draft_checkpoint: str | None = Field("digits-draft", description="The draft model of method draft_model, "
@@ -229,8 +232,8 @@ class ImageModelSettings(BaseModel):
     @field_validator("round_costs_batch1", "round_costs_batch32")
     @classmethod
     def _costs_positive(cls, costs: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not all(c > 0 for c in costs):
-            raise ValueError(f"round costs are positive numbers of target tokens, got {costs}")
+        if not all(c > 0 and math.isfinite(c) for c in costs):
+            raise ValueError(f"round costs are positive, finite numbers of target tokens, got {costs}")
         return costs
 
     @model_validator(mode="after")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def arserve(*args):
     return subprocess.run([sys.executable, "-m", "arserve.cli", *args], capture_output=True, text=True, timeout=300)
@@ -62,3 +64,24 @@ def test_serve_ray_token_reaches_the_app_args(tmp_path):
     args, _ = ray_app_args(parser().parse_args(["serve", "--config", str(config), "--token", "s3cret"]))
     assert args.auth_token == "s3cret"
     assert args.model_dump(exclude={"auth_token"}) == from_config.model_dump(exclude={"auth_token"})
+
+
+def test_serve_ray_image_model_reaches_the_app_args():
+    """``arserve serve --ray --image-model digits-l`` serves that pair with its cost model (no Ray)."""
+    from arserve.cli import parser, ray_app_args
+
+    args, _ = ray_app_args(parser().parse_args(["serve", "--ray"]))
+    assert [m.id for m in args.image_models] == ["digits-mar"]
+    args, _ = ray_app_args(parser().parse_args(["serve", "--ray", "--image-model", "digits-l"]))
+    (pair,) = args.image_models
+    assert (pair.id, pair.checkpoint, pair.draft_checkpoint) == ("digits-l", "digits-l", "digits-l-draft")
+    from arserve.settings import ImageModelSettings
+    assert pair.round_costs_batch1 != ImageModelSettings().round_costs_batch1  # its own cost model
+
+
+def test_train_refuses_a_teacher_for_a_target():
+    from arserve.cli import parser
+
+    args = parser().parse_args(["train", "digits-l", "--teacher", "digits"])
+    with pytest.raises(SystemExit, match="digits-l is a target"):
+        args.func(args)
