@@ -120,8 +120,7 @@ def bench(client, args) -> dict:
         }
         from ..image.grid import save_grid
 
-        pair = getattr(args, "image_model", None) or "digits"
-        prefix = "image-grid-" if pair == "digits" else f"image-grid-{pair}-"
+        prefix = "image-grid-" if args.image_model == "digits" else f"image-grid-{args.image_model}-"
         save_grid(pix[:100], Path(args.out).with_name(f"{prefix}{name}.png"), columns=10)
     b = results["batch32"]
     b["speedup"] = b["cspd"]["images_per_s"] / b["plain"]["images_per_s"]
@@ -207,12 +206,12 @@ def main(args) -> None:
     wirings = (getattr(args, "wirings", None) or "embedded").split(",")
     from ..settings import ImageModelSettings
 
+    args.image_model = getattr(args, "image_model", None) or "digits"  # the pair both wirings serve
     # fixed-k rounds draft the pair's own default length (digits: 3)
-    args.draft_tokens = getattr(args, "draft_tokens", None) or \
-        ImageModelSettings.named(getattr(args, "image_model", None) or "digits").num_draft_tokens
+    args.draft_tokens = getattr(args, "draft_tokens", None) or ImageModelSettings.named(args.image_model).num_draft_tokens
     args.steps = getattr(args, "steps", None) or 50
-    results = {"benchmark": "image", "machine": machine_info(), "image_model": getattr(args, "image_model", None) or
-               "digits", "steps": args.steps, "draft_tokens": args.draft_tokens}
+    results = {"benchmark": "image", "machine": machine_info(), "image_model": args.image_model, "steps": args.steps,
+               "draft_tokens": args.draft_tokens}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if "embedded" in wirings:
@@ -239,8 +238,7 @@ def embedded(args, out: Path) -> dict:
     args.seed_sets = 6  # of 640 images each, per mode, for plain's own spread of the quality figures (seed_sets)
     results = {"trials_batch1": args.trials, "images_batch32": args.requests32 * 32,
                "steps": args.steps, "draft_tokens": args.draft_tokens}
-    pair = getattr(args, "image_model", None) or "digits"
-    with EmbeddedServer(ServerSettings(port=0, image_models=[ImageModelSettings.named(pair)])) as server, \
+    with EmbeddedServer(ServerSettings(port=0, image_models=[ImageModelSettings.named(args.image_model)])) as server, \
             Client(server.target) as client:
         for method in ("none", "draft_model"):  # warm-up
             client.generate_image([0, 1], seed=0, speculative=method, num_steps=args.steps)

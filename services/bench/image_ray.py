@@ -175,10 +175,9 @@ def bench(args) -> dict:
     args.ray_trials = getattr(args, "limit", None) or 16  # per-trial ratios spread 0.5-0.9 on a shared host
     temp = tempfile.mkdtemp(prefix="arserve-bench-image-ray-")
     log(f"Ray temp dir {temp}")
-    pair = getattr(args, "image_model", None) or "digits"
     embedded_settings = ServerSettings(port=0, models=[ModelSettings(speculative_methods=["none"])],
-                                       image_models=[ImageModelSettings.named(pair)])
-    with RayServer(app_args(pair), grpc_port=free_port(), num_cpus=2, temp_dir=temp) as ray_srv, \
+                                       image_models=[ImageModelSettings.named(args.image_model)])
+    with RayServer(app_args(args.image_model), grpc_port=free_port(), num_cpus=2, temp_dir=temp) as ray_srv, \
             EmbeddedServer(embedded_settings) as embedded, \
             Client(embedded.target, timeout=600) as ec, Client(ray_srv.target, timeout=600) as rc:
         clients = {"embedded": ec, "ray": rc}

@@ -13,7 +13,7 @@ from ..checkpoint_files import CHECKPOINT_DIR, LOCAL_DIR, CheckpointError, read_
 from ..core.image_model import ImageAR, ImageConfig
 
 __all__ = ["CHECKPOINT_DIR", "HASHES", "LOCAL", "LOCAL_DIR", "CheckpointError", "load_checkpoint", "load_file_checked",
-           "load_image_model", "save_checkpoint"]
+           "save_checkpoint"]
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
 HASHES: dict[str, str] = {
@@ -37,15 +37,6 @@ def save_checkpoint(model: ImageAR, name: str, path: Path, info: dict[str, str])
     big = sum(p.numel() for p in model.parameters()) >= INT8_FROM_PARAMETERS
     return write(model.state_dict(), path, meta, None if name in LOCAL else "arserve/image/checkpoints.py",
                  int8_from=INT8_FROM_ELEMENTS if big else None)
-
-
-def load_image_model(name: str) -> ImageAR:
-    """The committed checkpoint ``name`` (checkpoints/NAME.safetensors), its
-    sha256 checked against ``HASHES``."""
-    if "/" in name or name.endswith(".safetensors"):  # a name here, never a path
-        raise CheckpointError(f"no committed image checkpoint {name!r}; known: {sorted(HASHES)} "
-                              f"(or give a path to a .safetensors file)")
-    return load_file_checked(*resolve(name, HASHES, "image checkpoint"))
 
 
 def load_file_checked(path: Path, expected_sha256: str | None) -> ImageAR:

@@ -358,7 +358,7 @@ def costs(images: int, round_costs) -> tuple[float, float, float]:
 
 def _round_costs(req: vpb.VerifyImageRequest):
     """The request's cost model (the gateway's, from the model's settings), the defaults where it sends none."""
-    default = ImageJob.__dataclass_fields__["round_costs"].default
+    default = ImageJob.round_costs  # the dataclass's default: the digits pair's
     b1, b32 = tuple(req.round_costs_batch1), tuple(req.round_costs_batch32)
     for name, got in (("round_costs_batch1", b1), ("round_costs_batch32", b32)):
         if got and (len(got) != 3 or not all(c > 0 and math.isfinite(c) for c in got)):

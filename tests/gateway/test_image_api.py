@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arserve.image.checkpoints import CHECKPOINT_DIR, HASHES, CheckpointError, load_file_checked, load_image_model
+from arserve.image.checkpoints import CHECKPOINT_DIR, HASHES, CheckpointError, load_checkpoint, load_file_checked
 from arserve.image.quality import judge
 from arserve_client import InvalidArgument, NotFound
 
@@ -143,5 +143,5 @@ def test_a_checkpoint_whose_hash_differs_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="sha256"):
         load_file_checked(bad, HASHES["digits"])
     with pytest.raises(CheckpointError, match="no committed image checkpoint 'digits-huge'"):
-        load_image_model("digits-huge")
+        load_checkpoint("digits-huge")
     assert load_file_checked(CHECKPOINT_DIR / "digits.safetensors", HASHES["digits"]) is not None
