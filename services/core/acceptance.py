@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .sampling import draw
+
 
 @dataclass
 class Verdict:
@@ -36,7 +38,7 @@ def _uniform(generator: torch.Generator | None) -> float:
 
 def _sample(dist: Tensor, generator: torch.Generator | None) -> int:
     """dist: [vocab] nonnegative, not necessarily normalized."""
-    return int(torch.multinomial(dist, 1, generator=generator))
+    return int(draw(dist[None], generator)[0])
 
 
 def greedy_match(draft: Tensor, target_argmax: Tensor) -> Verdict:

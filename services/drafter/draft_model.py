@@ -15,7 +15,7 @@ import torch
 
 from ..core.kv_cache import KVCache
 from ..core.model import Llama
-from ..core.sampling import probs
+from ..core.sampling import draw, probs
 from .proposer import Draft, DraftRequest, Proposer, full_vocab
 
 
@@ -67,7 +67,7 @@ class DraftModelProposer(Proposer):
             for j in range(req.k):
                 if sampled:
                     q = probs(full_vocab(row, self.model.head_ids, self.vocab_size), req.sampling)  # [1, vocab]
-                    t = int(torch.multinomial(q[0], 1, generator=req.generator))
+                    t = int(draw(q, req.generator)[0])
                     qs.append(q[0])
                 else:
                     t = int(row[0].argmax())

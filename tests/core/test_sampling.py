@@ -1,6 +1,6 @@
 import torch
 
-from arserve.core.sampling import Sampling, probs, sample, warp
+from arserve.core.sampling import Sampling, draw, nucleus, probs, sample, warp
 
 
 def test_greedy_is_argmax():
@@ -31,3 +31,33 @@ def test_seeded_sampling_reproduces_and_matches_the_distribution():
     assert torch.equal(a, b)
     freq = torch.bincount(a, minlength=3).float() / len(a)
     assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.015)
+
+
+def sorted_nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p nucleus by a full sort (the definition): [n, vocab] bool."""
+    top, order = torch.sort(p, dim=-1, descending=True)
+    keep = top.cumsum(-1) - top < top_p
+    return torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, keep)
+
+
+def test_the_nucleus_is_the_sorted_definition_for_small_and_large_nuclei():
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.3, 1.0, 3.0, 8.0):  # flat distributions (thousands of tokens kept) to peaked ones (one)
+        p = (torch.randn(6, 49152, generator=g) * scale).softmax(-1)
+        for top_p in (0.5, 0.9, 0.99):
+            got = nucleus(p, top_p)
+            assert torch.equal(got, sorted_nucleus(p, top_p)), (scale, top_p)
+    p = (torch.randn(1, 49152, generator=g) * 0.3).softmax(-1)
+    assert nucleus(p, 0.9).sum() > 1024  # the flattest case passed the full sort's way
+
+
+def test_draw_never_picks_a_token_without_mass_and_follows_the_weights():
+    dist = torch.zeros(1, 1000)
+    dist[0, [3, 500, 998]] = torch.tensor([2.0, 1.0, 1.0])  # unnormalized; the last token has none
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([draw(dist, g) for _ in range(8000)])
+    assert set(ids.tolist()) == {3, 500, 998}
+    freq = torch.bincount(ids, minlength=1000)[[3, 500, 998]].float() / len(ids)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25]), atol=0.02)
+    rows = draw(torch.eye(5), g)  # one row per token: each row draws its own
+    assert rows.tolist() == [0, 1, 2, 3, 4]
