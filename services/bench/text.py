@@ -156,7 +156,7 @@ class Run:
 
 def arserve_run(client, messages: list[dict], max_tokens: int, **options) -> Run:
     t = time.perf_counter()
-    c = client.generate(messages=messages, max_tokens=max_tokens, temperature=0.0, **options)
+    c = client.generate(messages=messages, max_tokens=max_tokens, **{"temperature": 0.0, **options})  # greedy unless asked
     wall = time.perf_counter() - t
     s = c.stats
     n = s.completion_tokens

@@ -28,6 +28,12 @@ aggregate tokens/s = all completion tokens / wall time of the whole set.
 repetition opened by its own line so that neither engine's prefix cache
 serves it), engines interleaved, ``LONG_REPEATS`` each.
 
+**Sampled** (not an issue figure: they are greedy; users mostly sample):
+plain decoding at ``SAMPLED`` (temperature 0.8, top-p 0.95, one seed per
+prompt), arserve against vLLM, at batch 1 (per prompt, the engines in turn)
+and at 8 streams. The engines draw different tokens, so only speeds compare
+(tokens/s of each one's own completions).
+
 **llama.cpp** (float32 only, where ``make install-llamacpp`` built it):
 batch 1 only, its worker after the others on each prompt
 (``bench.llamacpp``: the same float32 weights, exported to an F32 GGUF);
@@ -69,6 +75,7 @@ METHODS = {  # name -> SDK options
 PAIRS = {"none": ("arserve-none", "vllm-none"), "ngram": ("arserve-ngram", "vllm-ngram")}
 LLAMACPP = "llamacpp-none"  # batch-1 peer, float32 only, where ``make install-llamacpp`` built it (``llamacpp``)
 SPECULATIVE = {"arserve": ("arserve-ngram", "arserve-heads"), "vllm": ("vllm-none", "vllm-ngram")}
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # the sampled section's setting (a common chat one)
 PAUSE_S = 1.5  # > vLLM's 1 s busy poll after its last step
 BATCH = 8
 LONG_PROMPT_TOKENS = 1000  # the long prompt's length (chat template included), about
@@ -135,12 +142,13 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def run(clients: dict, messages: list[dict], max_tokens: int, name: str):
-    """One generation of method ``name`` through its engine's server (llama.cpp: its worker)."""
+def run(clients: dict, messages: list[dict], max_tokens: int, name: str, **sampling):
+    """One generation of method ``name`` through its engine's server (llama.cpp: its worker);
+    ``sampling``: SDK options over the method's (default greedy)."""
     if name == LLAMACPP:
         return clients[LLAMACPP].run(messages, max_tokens)
     opts = METHODS[name]
-    return arserve_run(clients[opts["model"]], messages, max_tokens, **opts)
+    return arserve_run(clients[opts["model"]], messages, max_tokens, **opts, **sampling)
 
 
 def batch1(clients: dict, prompts: list[dict], max_tokens: int) -> list[dict]:
@@ -177,6 +185,36 @@ def batch8(clients: dict, prompts: list[dict], max_tokens: int) -> dict:
                      "mean_accepted_length": statistics.mean(r.mean_accepted_length for r in runs)}
         log(f"batch {BATCH} {name:<14} {out[name]['aggregate_tok_s']:6.1f} tok/s aggregate, "
             f"TTFT median {out[name]['ttft_s']['median']:.2f}s")
+    return out
+
+
+def sampled(clients: dict, prompts: list[dict], max_tokens: int) -> dict:
+    """Plain decoding at ``SAMPLED``, arserve against vLLM: batch 1 (per prompt, each engine in
+    turn, prompt i seeded i) and ``BATCH`` streams; tokens/s of each engine's own completions."""
+    names = PAIRS["none"]
+    per_prompt = {n: [] for n in names}
+    for i, p in enumerate(prompts):
+        for name in names:
+            time.sleep(PAUSE_S)
+            per_prompt[name].append(run(clients, p["messages"], max_tokens, name, **SAMPLED, seed=i).tok_s)
+    streams = {}
+    for name in names:
+        time.sleep(PAUSE_S)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(BATCH) as pool:
+            runs = list(pool.map(lambda ip: run(clients, ip[1]["messages"], max_tokens, name,  # noqa: B023
+                                                **SAMPLED, seed=ip[0]), enumerate(prompts)))
+        streams[name] = sum(r.tokens for r in runs) / (time.perf_counter() - t)
+    arserve, vllm = names
+    ratios = [a / b for a, b in zip(per_prompt[arserve], per_prompt[vllm]) if b > 0]
+    out = {"sampling": SAMPLED,
+           "batch1": {n: spread(v) for n, v in per_prompt.items()},
+           "batch1_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+           f"batch{BATCH}_aggregate_tok_s": streams,
+           f"batch{BATCH}_ratio": streams[arserve] / streams[vllm]}
+    log(f"sampled {SAMPLED}: batch 1 {arserve} / {vllm} median {out['batch1_ratio']['median']:.2f}x "
+        f"({out['batch1_ratio']['min']:.2f}-{out['batch1_ratio']['max']:.2f}); batch {BATCH} "
+        f"{streams[arserve]:.1f} / {streams[vllm]:.1f} tok/s ({out[f'batch{BATCH}_ratio']:.2f}x)")
     return out
 
 
@@ -326,6 +364,7 @@ def run_dtype(dtype: str, prompts: list[dict], max_tokens: int, copy_gbs: float)
         rows = batch1(clients, prompts, max_tokens)
         b8 = batch8(clients, prompts, max_tokens)
         long = long_prompt(clients, long_prompts(prompts))
+        sampled_runs = sampled(clients, prompts, max_tokens)
         models = [{"id": m.id, "engine": m.engine, "methods": list(m.speculative_methods)}
                   for n, c in clients.items() if n != LLAMACPP for m in c.models()]
         if peer is not None:
@@ -339,7 +378,7 @@ def run_dtype(dtype: str, prompts: list[dict], max_tokens: int, copy_gbs: float)
             "batch1": {"rows": rows, "overall": overall, "per_category": per_category, "ratios": r,
                        "ratios_per_category": {c: ratios([x for x in rows if x["category"] == c], overall)
                                                for c in cats}},
-            "batch8": b8, "long_prompt": long, "roofline": (rl := roofline(dtype, rows, copy_gbs)),
+            "batch8": b8, "long_prompt": long, "sampled": sampled_runs, "roofline": (rl := roofline(dtype, rows, copy_gbs)),
             "goals": goals(r, b8, long, rl)}
 
 
