@@ -16,7 +16,7 @@ from .backbone.budget import BudgetConfig
 from .backbone.service import BackboneService
 from .core import compute, devices
 from .core.config import LlamaConfig
-from .core.cpu import describe
+from .core.cpu import describe, trim_heap
 from .core.model import Llama
 from .core.weights import load_llama, read_config
 from .drafter.registry import build_proposers
@@ -47,6 +47,10 @@ def _load_target(m: ModelSettings) -> Llama:
     log.info("loaded %s (%s, %s, %s) in %.1fs", m.id, m.source, m.dtype, device, time.perf_counter() - t)
     if device.type == "cpu":
         log.info("%s: %s", m.id, describe(model.dtype))
+        freed = model.release_dense()  # a server only decodes: the packed copies serve every product
+        if freed:
+            trim_heap()
+            log.info("%s: freed the dense matrices (%.0f MB); the packed layouts serve", m.id, freed / 1e6)
     return model
 
 

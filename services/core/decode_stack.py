@@ -43,7 +43,7 @@ def build(model) -> object | None:
     return kernels.DecodeStack(
         [[b.attn_norm.detach(), b.rows["wqkv"], b.rows["wo"], b.ffn_norm.detach(), b.rows["w_gate_up"],
           b.rows["w_down"]] for b in model.layers],
-        [getattr(first, n).shape[0] for n in names], first.n_heads, first.n_kv_heads, first.head_dim, first.eps)
+        [first.features[n] for n in names], first.n_heads, first.n_kv_heads, first.head_dim, first.eps)
 
 
 def groups(stack, segments: list, decode: DecodeRows | None) -> list[tuple[Tensor, Tensor, list[int]]] | None:

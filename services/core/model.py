@@ -111,13 +111,33 @@ class Block(nn.Module):
         self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix (no fused kernels)
         self.prompt: dict[str, Tensor] = {}  # name -> oneDNN-packed copy for prompt chunks, beside ``rows``
         self.floors: dict[str, int] = {}  # name -> its products' floor (``row_invariance``); unset: 1
+        self.features = {name: getattr(self, name).shape[0] for name in MATRICES}  # name -> its output width
 
     def pack(self, layout: str) -> None:
         """Lay the weight matrices out for ``layout`` (``cpu.weight_layout``)."""
+        if self.released:
+            raise RuntimeError("this layer's dense matrices were released for serving (Llama.release_dense)")
         self.rows = {name: products.pack(getattr(self, name)) for name in MATRICES} if layout == ROWS else {}
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES} if layout == PACKED else {}
         prompts = layout == ROWS and onednn_packs(self.wqkv.dtype)  # (``products.own_product``)
         self.prompt = {name: pack_weight(getattr(self, name)) for name in MATRICES} if prompts else {}
+
+    @property
+    def released(self) -> bool:
+        """Whether ``release_dense`` freed the dense matrices (only their packed layouts remain)."""
+        return self.wqkv is None
+
+    def release_dense(self) -> bool:
+        """Free the dense matrices where every path that serves reads packed
+        copies instead (the row layout for decode rows and drafts, oneDNN's
+        packs for prompt chunks): they were a third of a served model's
+        memory. Training's whole-sequence path (``forward_dense``) then fails.
+        -> whether they were freed."""
+        if self.released or not self.rows or len(self.prompt) != len(MATRICES):
+            return self.released
+        for name in MATRICES:
+            setattr(self, name, None)  # a registered parameter set to None: gone from state_dict and parameters()
+        return True
 
     def fit_floors(self) -> dict[str, Floor]:
         """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors.
@@ -133,7 +153,8 @@ class Block(nn.Module):
         """x [M, in] -> [M, out], each row batch-invariant: row products for the
         shared rows of ``split`` (None: all), own products for the rest."""
         if self.rows:
-            return products.split_product(x, split, getattr(self, name), self.rows[name], self.prompt.get(name))
+            return products.split_product(x, split, self.features[name], self.rows[name], self.prompt.get(name),
+                                          getattr(self, name))
         return padded(x, self.floors.get(name, 1), product, getattr(self, name), self.packed.get(name))
 
     def forward(
@@ -192,6 +213,9 @@ class Block(nn.Module):
         """Whole sequences, causal, no cache (training and bulk scoring; the
         unpacked weights, so gradients flow). x: [B, T, dim]; cos, sin:
         [T, head_dim] -> [B, T, dim]."""
+        if self.released:
+            raise RuntimeError("this model's dense matrices were released for serving (Llama.release_dense): "
+                               "load it again to train or score whole sequences")
         B, T, _ = x.shape
         h = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
         q, k, v = F.linear(h, self.wqkv).split(self.split, dim=-1)
@@ -312,6 +336,8 @@ class Llama(nn.Module):
         ``.to(dtype)``) in the layout this CPU serves this dtype with
         (``cpu.weight_layout``): arserve's row products where the fused
         kernels built, else oneDNN's packing, else plain for ``F.linear``."""
+        if self.layers[0].released:
+            raise RuntimeError("this model's dense matrices were released for serving (Llama.release_dense)")
         widths = tuple({getattr(self.layers[0], name).shape[1] for name in MATRICES} | {self.config.dim})
         layout = weight_layout(self.dtype, widths) if self.device.type == "cpu" else None  # (loads the kernels)
         for layer in self.layers:
@@ -322,6 +348,17 @@ class Llama(nn.Module):
         self.stack = decode_stack.build(self) if layout == ROWS else None
         self.fit_floors()
         return self
+
+    def release_dense(self) -> int:
+        """Serving only: free every layer's dense matrices once packed copies
+        serve all of its products (``Block.release_dense``) -> bytes freed."""
+        freed = 0
+        for layer in self.layers:
+            size = sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in MATRICES) \
+                if not layer.released else 0
+            if layer.release_dense() and size:
+                freed += size
+        return freed
 
     def fit_floors(self) -> None:
         """Probe each product's floor (``row_invariance``) for this thread's

@@ -85,17 +85,19 @@ def row_product(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     return fused.kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
 
 
-def split_product(x: Tensor, split: RowSplit | None, w: Tensor, packed: Tensor, prompt: Tensor | None = None) -> Tensor:
+def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor, prompt: Tensor | None = None,
+                  w: Tensor | None = None) -> Tensor:
     """x [N, in] @ w.T -> [N, out]: the shared rows through the row product,
-    each own range alone through ``own_product``. ``split`` None: every row shared."""
+    each own range alone through ``own_product`` (over ``prompt``, else the
+    dense ``w``). ``split`` None: every row shared."""
     if split is None or not split.own:
-        return row_product(x, packed, w.shape[0])
-    parts = [row_product(x[:split.shared], packed, w.shape[0])] if split.shared else []
+        return row_product(x, packed, out)
+    parts = [row_product(x[:split.shared], packed, out)] if split.shared else []
     parts += [own_product(x[a:b], w, prompt) for a, b in split.own]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (a prompt alone: no copy)
 
 
-def own_product(x: Tensor, w: Tensor, prompt: Tensor | None) -> Tensor:
+def own_product(x: Tensor, w: Tensor | None, prompt: Tensor | None) -> Tensor:
     """A prompt chunk's product: oneDNN's over its packed copy of w (``prompt``:
     ``model.pack_weight(w)``) where there is one, else ``F.linear`` (MKL).
     At 1,000 rows of SmolLM2's shapes on an AVX-512 EPYC: oneDNN 196-213

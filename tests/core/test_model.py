@@ -367,3 +367,35 @@ def test_a_long_request_among_short_ones_attends_alone_and_the_padded_copy_stays
     for i, out in zip(shorts, outs):
         assert torch.allclose(out, alone[i], atol=1e-5), i
     assert model.decode_kv.k.shape[3] <= short_need
+
+
+def test_a_served_model_frees_its_dense_matrices_and_decodes_the_same_bits():
+    """Serving keeps only the packed layouts (``Llama.release_dense``): every
+    product of a prompt, a decode row, a chain and a tree gives the bits it
+    gave before, and the whole-sequence path says why it cannot run."""
+    from arserve.backbone.service import tree_inputs
+    from arserve.core.model import MATRICES, ScoreItem
+
+    model = tiny(packed=True)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 256, (100,), generator=g)  # longer than SHARED_ROWS: its own (oneDNN) products
+    mask, depths = tree_inputs([-1, 0, 0, 1])
+
+    def run():
+        c = model.new_cache()
+        outs = [model(prompt, c), model(prompt[:1], c), model(prompt[:5], c)]
+        outs.append(model.forward_batch([ScoreItem(prompt[:4], c, mask, depths)])[0])
+        return outs
+
+    before = run()
+    dense = sum(p.numel() * p.element_size() for layer in model.layers for p in (getattr(layer, n) for n in MATRICES))
+    assert model.release_dense() == dense > 0
+    assert all(getattr(layer, n) is None for layer in model.layers for n in MATRICES)
+    assert not any(n.endswith(MATRICES) for n, _ in model.named_parameters())
+    after = run()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(RuntimeError, match="released for serving"):
+        model.hidden_dense(prompt[None, :8])
+    with pytest.raises(RuntimeError, match="released for serving"):
+        model.pack()
+    assert model.release_dense() == 0  # once

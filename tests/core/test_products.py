@@ -85,7 +85,7 @@ def test_a_split_puts_shared_sized_segments_in_one_row_product_and_each_long_one
     w, x = weights(96, 64, torch.float32)
     x = torch.randn(300, 64)
     split = RowSplit.of([3, 97, 200])
-    y = products.split_product(x, split, w, products.pack(w))
+    y = products.split_product(x, split, w.shape[0], products.pack(w), None, w)
     assert torch.equal(y[:3], products.row_product(x[:3], products.pack(w), 96))
     assert torch.equal(y[3:100], torch.nn.functional.linear(x[3:100], w))
     assert torch.equal(y[100:], torch.nn.functional.linear(x[100:], w))
