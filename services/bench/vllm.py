@@ -211,7 +211,7 @@ def sampled(clients: dict, prompts: list[dict], max_tokens: int) -> dict:
            "batch1": {n: spread(v) for n, v in per_prompt.items()},
            "batch1_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
            f"batch{BATCH}_aggregate_tok_s": streams,
-           f"batch{BATCH}_ratio": streams[arserve] / streams[vllm]}
+           f"batch{BATCH}_ratio": streams[arserve] / streams[vllm] if streams[vllm] else float("nan")}
     log(f"sampled {SAMPLED}: batch 1 {arserve} / {vllm} median {out['batch1_ratio']['median']:.2f}x "
         f"({out['batch1_ratio']['min']:.2f}-{out['batch1_ratio']['max']:.2f}); batch {BATCH} "
         f"{streams[arserve]:.1f} / {streams[vllm]:.1f} tok/s ({out[f'batch{BATCH}_ratio']:.2f}x)")

@@ -79,9 +79,12 @@ def draw(dist: Tensor, generator: torch.Generator | None) -> Tensor:
     zero mass is never drawn). ``torch.multinomial`` took 1 ms for one row of
     49,152 tokens on a CPU; this takes 0.06 ms."""
     mass = dist.double().cumsum(-1)  # [n, vocab]
+    total = mass[:, -1]
+    if not bool((total.isfinite() & (total > 0)).all()):  # (torch.multinomial refused these too)
+        raise ValueError("cannot draw from a distribution with no mass, or with inf or nan in it")
     u = torch.rand(dist.shape[0], 1, generator=generator, dtype=torch.float64, device=dist.device)
     vocab = dist.shape[-1]
-    ids = torch.searchsorted(mass, u * mass[:, -1:], right=True).squeeze(-1).clamp_max(vocab - 1)  # [n]
+    ids = torch.searchsorted(mass, u * total[:, None], right=True).squeeze(-1).clamp_max(vocab - 1)  # [n]
     # a token of zero mass adds nothing to the sums, so only u * total rounded up to the total
     # reaches one (past the end, clamped): the last token with mass instead
     empty = dist.gather(-1, ids[:, None])[:, 0] <= 0  # [n]
@@ -91,9 +94,10 @@ def draw(dist: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def warp(logits: Tensor, s: Sampling) -> Tensor:
-    """logits: [n, vocab] -> [n, vocab] float32 logits / temperature, with
+    """logits: [n, vocab] -> [n, vocab] float32 (logits - their row's max) / temperature, with
     -inf outside the top-k and the top-p nucleus."""
-    x = logits.float() / s.temperature
+    x = logits.float()
+    x = (x - x.amax(-1, keepdim=True)) / s.temperature  # max first: a tiny temperature stays finite (greedy-like)
     if 0 < s.top_k < x.shape[-1]:
         kth = torch.topk(x, s.top_k, dim=-1).values[..., -1:]  # [n, 1]
         x = x.masked_fill(x < kth, float("-inf"))

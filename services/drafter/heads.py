@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..core.hydra import HydraHeads
-from ..core.sampling import probs
+from ..core.sampling import draw, probs
 from .proposer import Draft, DraftRequest, Proposer, full_vocab, merge_into_tree
 
 
@@ -42,7 +42,7 @@ class HeadsProposer(Proposer):
             logits = self.heads.logits(i, hidden, chains).float()  # [c, V']
             if not req.sampling.greedy:
                 q = probs(full_vocab(logits, self.heads.head_ids, self.vocab_size), req.sampling)  # [c, vocab]
-                nxt = torch.multinomial(q, 1, generator=req.generator)[:, 0]  # [c]
+                nxt = draw(q, req.generator)  # [c]
                 qs.append(q)
             elif i == 0 and c > 1:
                 nxt = self.heads.head_ids[logits[0].topk(c).indices]  # the first head's top c

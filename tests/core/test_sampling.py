@@ -20,7 +20,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 def test_temperature_sharpens():
     logits = torch.tensor([[1.0, 2.0]])
-    assert warp(logits, Sampling(temperature=0.5))[0, 1] == 4.0
+    w = warp(logits, Sampling(temperature=0.5))
+    assert w[0, 1] - w[0, 0] == 2.0  # (2 - 1) / 0.5: the gap doubles (the row's max is taken out first)
 
 
 def test_seeded_sampling_reproduces_and_matches_the_distribution():
@@ -61,3 +62,14 @@ def test_draw_never_picks_a_token_without_mass_and_follows_the_weights():
     assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25]), atol=0.02)
     rows = draw(torch.eye(5), g)  # one row per token: each row draws its own
     assert rows.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_draw_refuses_a_distribution_without_mass_and_a_tiny_temperature_is_greedy():
+    import pytest
+
+    g = torch.Generator().manual_seed(0)
+    for bad in ([0.0, 0.0, 0.0], [1.0, float("inf"), 1.0], [0.5, float("nan"), 0.5]):
+        with pytest.raises(ValueError, match="no mass, or with inf or nan"):
+            draw(torch.tensor([bad]), g)
+    logits = torch.randn(4, 300, generator=g)
+    assert torch.equal(sample(logits, Sampling(temperature=1e-40), g), logits.argmax(-1))
