@@ -349,6 +349,12 @@ class Llama(nn.Module):
         self.fit_floors()
         return self
 
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ...: every conversion passes here
+        if any(layer.released for layer in self.layers):
+            raise RuntimeError("this model's dense matrices were released for serving (Llama.release_dense): "
+                               "its packed copies cannot move or change dtype; load it again")
+        return super()._apply(fn, recurse)
+
     def release_dense(self) -> int:
         """Serving only: free every layer's dense matrices once packed copies
         serve all of its products (``Block.release_dense``) -> bytes freed."""

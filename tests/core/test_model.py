@@ -398,4 +398,6 @@ def test_a_served_model_frees_its_dense_matrices_and_decodes_the_same_bits():
         model.hidden_dense(prompt[None, :8])
     with pytest.raises(RuntimeError, match="released for serving"):
         model.pack()
+    with pytest.raises(RuntimeError, match="released for serving"):
+        model.to(torch.bfloat16)  # the packs would stay behind
     assert model.release_dense() == 0  # once
