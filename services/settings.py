@@ -280,6 +280,10 @@ class ServiceSettings(BaseModel):
                                         "alone, as a fraction of a one-position forward (measured: docs/decisions.md, "
                                         "10 and 51); with B requests decoding together it grows to B r / (1 + B r), "
                                         "r = c / (1 - c).")
+    draft_row_cost: float | None = Field(0.16, gt=0, description="The adaptive draft length's cost model with "
+                                         "two or more requests decoding together: a scored row's compute as a "
+                                         "fraction of a forward's weight read, rho = t / T0 (measured: "
+                                         "docs/decisions.md, 63); None: rho from draft_cost_per_token, c / (1 - c).")
     draft_timeout_s: float = Field(1.0, gt=0, description="A proposal slower than this costs one plain round.")
     kv_block_size: int = Field(64, gt=0, description="Token positions per shared KV block.")
     kv_local_bytes: int = Field(0, ge=0, description="Process-memory KV tier budget in bytes; 0 with no "

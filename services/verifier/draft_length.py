@@ -24,14 +24,17 @@ pooling gets 1.33x (decision 54).
 
 The cost c grows with the requests decoding together. A forward of R rows
 costs about T0 + R t: T0 to read the weights (shared by every row), t of
-compute per row (measured on a 2-core EPYC, SmolLM2 float32: a step of 1 row
-21.5 ms, 8 rows 36 ms, a chain of 5 drafts 26 ms). With B requests each
-drafting k tokens, every request's round costs T0 + B (k + 1) t against
-T0 + B t for plain rounds, so one draft token costs c(B) = B rho / (1 + B rho)
-of a plain round, rho = t / T0: c(1) = c, the configured single-request cost,
-gives rho = c / (1 - c) (``batch_cost``). At 8 streams drafting pays only for
-a much higher acceptance rate than at 1, as on the bench's chat prompts,
-where ngram at 8 streams was slower than plain (decision 51).
+compute per row. With B requests each drafting k tokens, every request's
+round costs T0 + B (k + 1) t against T0 + B t for plain rounds, so one draft
+token costs c(B) = B rho / (1 + B rho) of a plain round, rho = t / T0
+(``batch_cost``; decision 51). One request alone is the exception: its few
+rows multiply while the weights stream in, so a short chain costs less
+than its rows' compute (SmolLM2 float32 on a 2-core EPYC: 2-5 rows as one,
+9 rows 1.4-1.5x). So c(1) is configured on its own (``cost_per_token``),
+and rho (``row_cost``) is measured from decode rows: 8 requests of 1, 2, 3
+and 5 rows 31, 50, 65 and 101 ms, T0 + R t with T0 13.4 ms, t 2.2 ms,
+rho 0.16, c(8) 0.56 (decision 63). At 8 streams drafting then pays only
+for a much higher acceptance rate than at 1.
 
 Drafting itself costs too: the proposer's compute (a Hydra head step reads
 its matrices from memory, about 0.5-1.5 ms against an 11.5 ms bfloat16
@@ -51,21 +54,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-def batch_cost(cost_per_token: float, requests: int) -> float:
+def row_rho(cost_per_token: float, row_cost: float | None) -> float:
+    """rho = t / T0, a row's compute against the weights' read: ``row_cost``, or from c(1), c / (1 - c)."""
+    return row_cost if row_cost is not None else cost_per_token / (1.0 - cost_per_token)
+
+
+def batch_cost(cost_per_token: float, requests: int, row_cost: float | None = None) -> float:
     """c(B): the cost of one more draft token per request with ``requests``
-    decoding together, from the single-request cost c(1) = ``cost_per_token``."""
+    decoding together, from the single-request cost c(1) = ``cost_per_token``
+    and a row's cost ``row_cost`` (rho; None: from c(1))."""
     if requests <= 1 or cost_per_token >= 1.0:
         return cost_per_token
-    rho = cost_per_token / (1.0 - cost_per_token)
+    rho = row_rho(cost_per_token, row_cost)
     return requests * rho / (1.0 + requests * rho)
 
 
-def batch_overhead(overhead: float, cost_per_token: float, requests: int) -> float:
+def batch_overhead(overhead: float, cost_per_token: float, requests: int, row_cost: float | None = None) -> float:
     """u(B): the drafting's own cost with ``requests`` drafting together, from
-    the single-request u = ``overhead`` and c(1) = ``cost_per_token``."""
+    the single-request u = ``overhead``, c(1) = ``cost_per_token`` and ``row_cost`` (as ``batch_cost``)."""
     if requests <= 1 or overhead == 0.0 or cost_per_token >= 1.0:
         return overhead
-    rho = cost_per_token / (1.0 - cost_per_token)
+    rho = row_rho(cost_per_token, row_cost)
     return overhead * requests * (1.0 + rho) / (1.0 + requests * rho)
 
 
@@ -101,6 +110,7 @@ class DraftLength:
     overhead: float = 0.0  # drafting's own cost u per draft position + 1, in plain rounds (MethodSpec.draft_cost)
     memory: int | None = None  # None: the rate is a moving average over rounds; else pooled over about this many tokens
     speedup: Callable[[float, int, float, float], float] = expected_speedup  # the cost model
+    row_cost: float | None = None  # rho with requests decoding together (settings' draft_row_cost; None: from c)
     PRIOR_TRIALS = 4.0  # the prior rate weighs as this many verified tokens (memory set)
     pooled: tuple[float, float] = field(default=(0.0, 0.0), repr=False)  # (accepted, verified), each token's weight decaying
 
@@ -111,8 +121,8 @@ class DraftLength:
         """The next round's draft length, with ``requests`` decoding together (``batch_cost``)."""
         if not self.adaptive or self.k_max == 0:
             return self.k_max
-        c = batch_cost(self.cost_per_token, requests)
-        u = batch_overhead(self.overhead, self.cost_per_token, requests)
+        c = batch_cost(self.cost_per_token, requests, self.row_cost)
+        u = batch_overhead(self.overhead, self.cost_per_token, requests, self.row_cost)
         k = max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u))
         if k == 0:
             self.idle += 1

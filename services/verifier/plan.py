@@ -37,11 +37,12 @@ class SpeculationDefaults:
     adaptive: bool = _default("adaptive_draft_length")  # the draft length follows the acceptance rate
     cost_per_token: float = _default("draft_cost_per_token")  # DraftLength's cost model (docs/decisions.md)
     draft_timeout_s: float = _default("draft_timeout_s")  # a proposal slower than this costs a plain round
+    row_cost: float | None = _default("draft_row_cost")  # DraftLength's cost model with requests decoding together
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> "SpeculationDefaults":
         return cls(settings.num_draft_tokens, settings.adaptive_draft_length, settings.draft_cost_per_token,
-                   settings.draft_timeout_s)
+                   settings.draft_timeout_s, settings.draft_row_cost)
 
 
 def run_id(request_id: str) -> str:
@@ -76,6 +77,7 @@ class RequestPlan:
     candidates: int  # draft chains per round (> 1: a tree, where the method drafts trees)
     adaptive: bool  # the draft length follows the acceptance rate (DraftLength)
     cost_per_token: float  # DraftLength's cost model
+    row_cost: float | None  # the same, with requests decoding together
     max_positions: int  # the most KV positions the request holds (reserved from the backbone's budget)
     cache_salt: str  # the caller's KV namespace ("" = shared)
 
@@ -99,6 +101,7 @@ class RequestPlan:
             sampling=Sampling.from_params(s), generator=request_generator(s), eos=frozenset(eos), method=method,
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
+            row_cost=defaults.row_cost,
             max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt)
 
     @property
@@ -108,7 +111,8 @@ class RequestPlan:
 
     def draft_length(self) -> DraftLength:
         return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token,
-                           overhead=self.method.draft_cost, memory=self.method.acceptance_memory)
+                           overhead=self.method.draft_cost, memory=self.method.acceptance_memory,
+                           row_cost=self.row_cost)
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
         """A Score call of this request: greedy asks only for the argmax; max_positions and the salt go

@@ -23,6 +23,18 @@ def test_a_draft_token_costs_more_with_more_requests_decoding_together():
     assert batch_cost(0.06, 8) == pytest.approx(8 * 0.06 / 0.94 / (1 + 8 * 0.06 / 0.94))
 
 
+def test_a_measured_row_cost_sets_the_batched_cost_and_leaves_one_request_alone():
+    # rho measured from decode rows (decision 63): 0.16 -> c(8) = 1.28 / 2.28 = 0.56, where c(1) gives 0.34
+    assert batch_cost(0.06, 1, row_cost=0.16) == 0.06
+    assert batch_cost(0.06, 8, row_cost=0.16) == pytest.approx(8 * 0.16 / (1 + 8 * 0.16))
+    assert batch_overhead(0.05, 0.06, 8, row_cost=0.16) == pytest.approx(0.05 * 8 * 1.16 / (1 + 8 * 0.16))
+    # at half the tokens accepted, 8 streams stop drafting with the measured cost, not with c(1)'s rho
+    assert DraftLength(8, True, 0.06, rate=0.5, row_cost=0.16).next(8) == 0
+    assert DraftLength(8, True, 0.06, rate=0.5).next(8) >= 1
+    assert DraftLength(8, True, 0.06, rate=0.5, row_cost=0.16).next(1) == DraftLength(8, True, 0.06, rate=0.5).next(1)
+    assert DraftLength(8, True, 0.06, rate=0.97, row_cost=0.16).next(8) >= 3  # copying still drafts
+
+
 @pytest.mark.parametrize("rate", [0.5, 0.7])
 def test_the_draft_is_shorter_at_8_streams_and_still_drafts_when_most_tokens_are_accepted(rate):
     alone, eight = (DraftLength(8, True, 0.06, rate=rate).next(b) for b in (1, 8))

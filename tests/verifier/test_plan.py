@@ -41,12 +41,13 @@ def test_speculation_defaults_come_from_the_settings_alone():
 
     assert SpeculationDefaults() == SpeculationDefaults.from_settings(ServiceSettings())
     settings = ServiceSettings(num_draft_tokens=3, adaptive_draft_length=False, draft_cost_per_token=0.1,
-                               draft_timeout_s=2.0)
+                               draft_timeout_s=2.0, draft_row_cost=0.2)
     defaults = SpeculationDefaults.from_settings(settings)
-    assert defaults == SpeculationDefaults(3, False, 0.1, 2.0)
+    assert defaults == SpeculationDefaults(3, False, 0.1, 2.0, 0.2)
     plan = RequestPlan.from_proto(request("ngram"), defaults)
     length = plan.draft_length()
-    assert (plan.k_max, plan.adaptive, length.adaptive, length.cost_per_token) == (3, False, False, 0.1)
+    assert (plan.k_max, plan.adaptive, length.adaptive, length.cost_per_token, length.row_cost) == \
+        (3, False, False, 0.1, 0.2)
     assert RequestPlan.from_proto(request("ngram", adaptive=True), defaults).adaptive  # the request's own wins
     heads = RequestPlan.from_proto(request("heads"), defaults).draft_length()  # the method's memory and own cost
     assert (length.memory, length.overhead) == (None, 0.0) and (heads.memory, heads.overhead) == (16, 0.05)
