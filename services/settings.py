@@ -279,7 +279,7 @@ class ServiceSettings(BaseModel):
                                         "the extra cost of one more scored draft position for a request decoding "
                                         "alone, as a fraction of a one-position forward (measured: docs/decisions.md, "
                                         "10 and 51); with B requests decoding together it grows to B r / (1 + B r), "
-                                        "r = c / (1 - c).")
+                                        "r = draft_row_cost.")
     draft_row_cost: float | None = Field(0.16, gt=0, description="The adaptive draft length's cost model with "
                                          "two or more requests decoding together: a scored row's compute as a "
                                          "fraction of a forward's weight read, rho = t / T0 (measured: "

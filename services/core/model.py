@@ -127,17 +127,18 @@ class Block(nn.Module):
         """Whether ``release_dense`` freed the dense matrices (only their packed layouts remain)."""
         return self.wqkv is None
 
-    def release_dense(self) -> bool:
+    def release_dense(self) -> int:
         """Free the dense matrices where every path that serves reads packed
         copies instead (the row layout for decode rows and drafts, oneDNN's
         packs for prompt chunks): they were a third of a served model's
         memory. Training's whole-sequence path (``forward_dense``) then fails.
-        -> whether they were freed."""
+        -> bytes freed (0: kept, or freed before)."""
         if self.released or not self.rows or len(self.prompt) != len(MATRICES):
-            return self.released
+            return 0
+        freed = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in MATRICES)
         for name in MATRICES:
             setattr(self, name, None)  # a registered parameter set to None: gone from state_dict and parameters()
-        return True
+        return freed
 
     def fit_floors(self) -> dict[str, Floor]:
         """Each matrix's floor (``row_invariance``), kept as the rows ``linear`` pads to -> the floors.
@@ -336,7 +337,7 @@ class Llama(nn.Module):
         ``.to(dtype)``) in the layout this CPU serves this dtype with
         (``cpu.weight_layout``): arserve's row products where the fused
         kernels built, else oneDNN's packing, else plain for ``F.linear``."""
-        if self.layers[0].released:
+        if any(layer.released for layer in self.layers):
             raise RuntimeError("this model's dense matrices were released for serving (Llama.release_dense)")
         widths = tuple({getattr(self.layers[0], name).shape[1] for name in MATRICES} | {self.config.dim})
         layout = weight_layout(self.dtype, widths) if self.device.type == "cpu" else None  # (loads the kernels)
@@ -358,13 +359,7 @@ class Llama(nn.Module):
     def release_dense(self) -> int:
         """Serving only: free every layer's dense matrices once packed copies
         serve all of its products (``Block.release_dense``) -> bytes freed."""
-        freed = 0
-        for layer in self.layers:
-            size = sum(getattr(layer, n).numel() * getattr(layer, n).element_size() for n in MATRICES) \
-                if not layer.released else 0
-            if layer.release_dense() and size:
-                freed += size
-        return freed
+        return sum(layer.release_dense() for layer in self.layers)
 
     def fit_floors(self) -> None:
         """Probe each product's floor (``row_invariance``) for this thread's
