@@ -1,20 +1,24 @@
-"""N-gram drafting: prompt lookup with an adaptive n-gram table.
+"""N-gram drafting: prompt lookup with a vote among the earlier occurrences.
 
-Prompt lookup decoding (Saxena 2023) drafts the tokens that followed the
-latest earlier occurrence of the context's last n tokens. arserve keeps, per
+Prompt lookup decoding (Saxena 2023) drafts the tokens that followed an
+earlier occurrence of the context's last n tokens (its *key*, the longest
+suffix, up to ``max_n`` tokens, that occurred before). arserve keeps, per
 request, an index from every n-gram (n = 1..max_n) of the prompt and output
-to the positions it ended at, updated as tokens are committed, and learns
-which continuations get accepted, in the spirit of ADED (Liu et al. 2024,
-"Adaptive Draft-Verification for Efficient Large Language Model Decoding"):
-candidates are ranked by an upper-confidence score that balances
-exploitation (continuations accepted before) and exploration (frequent ones
-not yet tried). Deterministic: q is one-hot. A match near the end of the
-context continues as a loop (``continuation``).
+to the positions it ended at, updated as tokens are committed.
+
+Which occurrence to copy from decides most of what a draft keeps (decision
+59). Each of the key's recent occurrences is weighted by its *agreement*,
+how many tokens before it match the context's end (at least n), and the
+draft is built token by token: at each depth, the token with the most
+weight among the occurrences whose continuation agrees with the draft so
+far, as SuffixDecoding (Oliaro et al. 2024) follows the most frequent
+branch of its suffix tree. Equal weights go to the latest occurrence.
+Deterministic: q is one-hot. A match near the end of the context continues
+as a loop (``continuation``).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,33 +40,17 @@ class NgramState:
     tokens: list[int] = field(default_factory=list)
     # n-gram -> positions just after each occurrence (most recent last)
     index: dict[tuple[int, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
-    # (n-gram, next token) -> [tries, accepts] of drafts that began with that continuation
-    stats: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
-    last_draft: tuple[tuple[int, ...], list[int]] | None = None  # (key, draft) of the previous round
-    last_len: int = 0  # committed length when that draft was made
 
 
 class NgramProposer(Proposer):
     name = "ngram"
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, max_occurrences: int = 8, exploration: float = 0.5):
-        self.max_n = max_n  # longest suffix matched
-        self.min_n = min_n  # shortest suffix matched
-        self.max_occurrences = max_occurrences  # most recent occurrences considered per match
-        self.exploration = exploration  # UCB exploration weight
+    def __init__(self, max_n: int = 4, min_n: int = 1, max_occurrences: int = 8, max_agreement: int = 32):
+        self.max_n = max_n  # longest key matched
+        self.min_n = min_n  # shortest key matched
+        self.max_occurrences = max_occurrences  # most recent occurrences of the key that vote
+        self.max_agreement = max_agreement  # how far back an occurrence's agreement is counted
         self.states: dict[str, NgramState] = {}
-
-    def _learn(self, st: NgramState) -> None:
-        """Credit the previous draft with what was committed after it."""
-        if st.last_draft is None:
-            return
-        key, draft = st.last_draft
-        committed = st.tokens[st.last_len:]
-        if draft and committed:
-            s = st.stats.setdefault((key, draft[0]), [0, 0])
-            s[0] += 1
-            s[1] += int(committed[0] == draft[0])
-        st.last_draft = None
 
     def _index(self, st: NgramState, new: list[int]) -> None:
         for t in new:
@@ -73,11 +61,31 @@ class NgramProposer(Proposer):
                     # the n-gram ending just before the new token is followed at position end - 1
                     st.index[tuple(st.tokens[end - n - 1:end - 1])].append(end - 1)
 
-    def _score(self, st: NgramState, key: tuple[int, ...], token: int, freq: int, total: int) -> float:
-        tries, accepts = st.stats.get((key, token), (0, 0))
-        exploit = (accepts + 1) / (tries + 2)  # Laplace-smoothed acceptance
-        explore = self.exploration * math.sqrt(math.log(total + 1) / (tries + 1))
-        return exploit + explore + 0.1 * freq / total
+    def _agreement(self, tokens: list[int], p: int, n: int) -> int:
+        """How many tokens before position p agree with the context's end:
+        the occurrence's match length, at least the n of its key."""
+        end, m = len(tokens), n
+        while m < self.max_agreement and p - m - 1 >= 0 and tokens[p - m - 1] == tokens[end - m - 1]:
+            m += 1
+        return m
+
+    @staticmethod
+    def _vote(conts: list[list[int]], weights: list[float], k: int) -> list[int]:
+        """A draft token by token: at each depth the token with the most
+        weight among the continuations that agree with the draft so far.
+        conts: [m] continuations of the key's occurrences; weights: [m]."""
+        live, draft = list(range(len(conts))), []
+        for j in range(k):
+            votes: dict[int, float] = defaultdict(float)
+            for i in live:
+                if j < len(conts[i]):
+                    votes[conts[i][j]] += weights[i]
+            if not votes:
+                break
+            t = max(votes, key=votes.__getitem__)
+            draft.append(t)
+            live = [i for i in live if j < len(conts[i]) and conts[i][j] == t]
+        return draft
 
     def propose(self, req: DraftRequest) -> Draft:
         st = self.states.setdefault(req.request_id, NgramState())
@@ -86,7 +94,6 @@ class NgramProposer(Proposer):
             self._index(st, req.tokens)
         else:
             self._index(st, req.tokens[len(st.tokens):])
-        self._learn(st)
         if req.k <= 0:
             return Draft([])
         tokens = st.tokens
@@ -95,21 +102,18 @@ class NgramProposer(Proposer):
             positions = [p for p in st.index.get(key, ()) if p < len(tokens)][-self.max_occurrences:]
             if not positions:
                 continue
-            # candidate continuations, most recent first; rank their first tokens by UCB
-            conts: dict[int, list[int]] = {}
-            freq: dict[int, int] = defaultdict(int)
-            for p in reversed(positions):
-                cont = continuation(tokens, p, req.k, loop=n >= 2)  # a single token repeating is no loop yet
-                if cont:
-                    freq[cont[0]] += 1
-                    conts.setdefault(cont[0], cont)
-            if not conts:
+            # the occurrences' continuations, latest first, weighted by agreement (ties: the latest)
+            conts = [continuation(tokens, p, req.k, loop=n >= 2) for p in reversed(positions)]
+            weights = [self._agreement(tokens, p, n) - 1e-3 * i for i, p in enumerate(reversed(positions))]
+            groups: dict[int, list[int]] = defaultdict(list)  # first token -> its occurrences
+            for i, c in enumerate(conts):
+                if c:
+                    groups[c[0]].append(i)
+            if not groups:
                 continue
-            total = sum(freq.values())
-            ranked = sorted(conts, key=lambda t: -self._score(st, key, t, freq[t], total))
-            chosen = [conts[t] for t in ranked[: max(1, req.candidates)]]
-            st.last_draft = (key, chosen[0])
-            st.last_len = len(tokens)
+            # a chain follows the heaviest first token; a tree's branches, the next ones too
+            heaviest = sorted(groups, key=lambda t: -sum(weights[i] for i in groups[t]))[: max(1, req.candidates)]
+            chosen = [self._vote([conts[i] for i in groups[t]], [weights[i] for i in groups[t]], req.k) for t in heaviest]
             return Draft(chosen[0]) if req.candidates <= 1 else merge_into_tree(chosen)
         return Draft([])
 

@@ -18,6 +18,25 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     assert d.tokens == [5, 9, 9]
 
 
+def test_ngram_copies_from_the_occurrence_that_agrees_longest():
+    """Key "3" (max_n=1) occurs twice: the latest occurrence is preceded by
+    5, the older by "1 2", as the context's end is. The older one's
+    continuation is drafted."""
+    p = NgramProposer(max_n=1)
+    tokens = [1, 2, 3, 7, 8, 5, 3, 9, 9, 1, 2, 3]
+    assert p.propose(DraftRequest("r", tokens, new=len(tokens), k=2)).tokens == [7, 8]
+    assert NgramProposer(max_n=1, max_agreement=1).propose(DraftRequest("r", tokens, new=len(tokens), k=2)).tokens == [9, 9]
+
+
+def test_ngram_drafts_what_most_occurrences_continue_with():
+    """Three occurrences of "3 4", none agreeing further back: two go on with
+    6, the latest with 5. The draft votes token by token: 4, then 6, then
+    what the 6-occurrences continue with."""
+    p = NgramProposer(max_n=2)
+    tokens = [10, 3, 4, 6, 20, 11, 3, 4, 6, 21, 12, 3, 4, 5, 22, 13, 3]
+    assert p.propose(DraftRequest("r", tokens, new=len(tokens), k=3)).tokens == [4, 6, 21]
+
+
 def test_ngram_continues_a_loop_past_the_end_of_the_context():
     """The latest match of a repeating phrase ends two tokens before the end:
     its continuation repeats with that period for the whole draft, not two
