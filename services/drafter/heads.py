@@ -5,6 +5,11 @@ model forward or KV cache. The proposer keeps no state per request.
 
 A chain is each head's argmax in turn (greedy requests) or a sample from its
 distribution under the request's sampling parameters (q is returned).
+Concurrent requests' chains draft together (``propose_many``): head i runs
+once over every request still drafting, so its matrices are read once a
+step for all of them instead of once per request. A request's chain is the
+same alone and in company (the row products are batch invariant:
+``core.row_invariance``).
 With ``candidates`` > 1, greedy drafts a tree: the first head's top
 candidates, each continued by the later heads' argmax (Medusa-style
 top-k branching at the root, where heads are least sure), merged into a
@@ -15,6 +20,7 @@ prefix tree for tree verification; sampled requests get independent chains
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..core.hydra import HydraHeads
 from ..core.sampling import draw, probs
@@ -23,17 +29,78 @@ from .proposer import Draft, DraftRequest, Proposer, full_vocab, merge_into_tree
 
 class HeadsProposer(Proposer):
     name = "heads"
+    batches = True
 
     def __init__(self, heads: HydraHeads, vocab_size: int):
         self.heads = heads
         self.vocab_size = vocab_size
         self.device = heads.out_matrix.device
+        self.hidden_size = heads.dim
+
+    def propose(self, req: DraftRequest) -> Draft:
+        out = self.propose_many([req])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     @torch.inference_mode()
-    def propose(self, req: DraftRequest) -> Draft:
+    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        out: list[Draft | Exception] = [Draft([])] * len(reqs)
+        chains: list[int] = []  # the requests drafting one chain, drafted together
+        for j, r in enumerate(reqs):
+            if min(r.k, self.heads.num_heads) <= 0 or r.hidden is None or not r.tokens:
+                continue
+            if max(1, r.candidates) == 1:
+                chains.append(j)
+            else:
+                out[j] = self._catch(self._tree, r)
+        if chains:
+            for j, d in zip(chains, self._chains([reqs[j] for j in chains])):
+                out[j] = d
+        return out
+
+    @staticmethod
+    def _catch(f, *args) -> Draft | Exception:
+        try:
+            return f(*args)
+        except Exception as e:  # noqa: BLE001 - that request's result alone
+            return e
+
+    def _chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        """One chain per request: head i over the n' requests whose k > i, rows [n', dim]."""
+        n = len(reqs)
+        ks = [min(r.k, self.heads.num_heads) for r in reqs]
+        hidden = torch.stack([r.hidden.to(self.heads.out_matrix.dtype) for r in reqs])  # [n, dim]
+        chains = torch.tensor([[r.tokens[-1]] + [0] * max(ks) for r in reqs], device=self.device)  # [n, 1 + k_max]
+        qs: list[list[Tensor]] = [[] for _ in range(n)]  # each sampled request's [1, vocab] rows
+        failed: dict[int, Exception] = {}
+        for i in range(max(ks)):
+            rows = [j for j in range(n) if ks[j] > i and j not in failed]
+            if not rows:
+                break
+            at = torch.tensor(rows, device=self.device)
+            logits = self.heads.logits(i, hidden[at], chains[at, : i + 1]).float()  # [n', V']
+            chains[at, i + 1] = self.heads.head_ids[logits.argmax(-1)]  # greedy; sampled rows overwritten below
+            for m, j in enumerate(rows):
+                r = reqs[j]
+                if r.sampling.greedy:
+                    continue
+                try:
+                    q = probs(full_vocab(logits[m:m + 1], self.heads.head_ids, self.vocab_size), r.sampling)
+                    chains[j, i + 1] = draw(q, r.generator)[0]  # [1, vocab] -> one token
+                    qs[j].append(q)
+                except Exception as e:  # noqa: BLE001 - that request's result alone
+                    failed[j] = e
+        drafted = chains[:, 1:].tolist()  # [n][k_max]
+        return [failed[j] if j in failed else
+                Draft(drafted[j][:ks[j]], None, torch.cat(qs[j]) if qs[j] else None)  # q: [k, vocab]
+                for j in range(n)]
+
+    @torch.inference_mode()
+    def _tree(self, req: DraftRequest) -> Draft:
+        """Several candidates: greedy, the first head's top c each continued
+        by the later heads' argmax; sampled, c independent chains."""
         k = min(req.k, self.heads.num_heads)
-        if k <= 0 or req.hidden is None or not req.tokens:
-            return Draft([])
         c = max(1, req.candidates)
         hidden = req.hidden.to(self.heads.out_matrix.dtype).view(1, -1).expand(c, -1)  # [c, dim]
         chains = torch.full((c, 1), req.tokens[-1], dtype=torch.long, device=self.device)  # [c, 1 + drafted]
@@ -44,16 +111,14 @@ class HeadsProposer(Proposer):
                 q = probs(full_vocab(logits, self.heads.head_ids, self.vocab_size), req.sampling)  # [c, vocab]
                 nxt = draw(q, req.generator)  # [c]
                 qs.append(q)
-            elif i == 0 and c > 1:
+            elif i == 0:
                 nxt = self.heads.head_ids[logits[0].topk(c).indices]  # the first head's top c
             else:
                 nxt = self.heads.head_ids[logits.argmax(-1)]
             chains = torch.cat([chains, nxt[:, None]], dim=1)
         drafted = chains[:, 1:].tolist()  # [c][k]
         if req.sampling.greedy:
-            return Draft(drafted[0]) if c == 1 else merge_into_tree(drafted)
+            return merge_into_tree(drafted)
         q = torch.stack(qs, dim=1).reshape(c * k, -1)  # [c * k, vocab], chain-major like the tokens
-        if c == 1:
-            return Draft(drafted[0], None, q)
         parents = [-1 if j == 0 else r * k + j - 1 for r in range(c) for j in range(k)]
         return Draft([t for chain in drafted for t in chain], parents, q)

@@ -54,10 +54,24 @@ class Proposer(ABC):
 
     name: str = ""
     device = torch.device("cpu")  # where it drafts: the service hands it inputs and a generator there
+    hidden_size: int | None = None  # the target hidden state's width it drafts from (draft heads); None: none
+    batches = False  # propose_many shares work between requests: the drafter joins concurrent calls for it
 
     @abstractmethod
     def propose(self, req: DraftRequest) -> Draft:
         """Draft up to ``req.k`` tokens per candidate (fewer, or none, is fine)."""
+
+    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        """Several requests' drafts, each as ``propose`` gives it; a request's
+        error is its result alone (one request never fails another's).
+        Proposers whose ``batches`` is set compute them together."""
+        out: list[Draft | Exception] = []
+        for r in reqs:
+            try:
+                out.append(self.propose(r))
+            except Exception as e:  # noqa: BLE001 - handed to that request's caller
+                out.append(e)
+        return out
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""

@@ -4,12 +4,18 @@ request's committed tokens so proposers get their whole context while each
 call carries only the new tokens. A request's context and proposer state
 idle longer than ``lease_s`` are freed (``arserve.leases``); its next call
 then fails with FAILED_PRECONDITION and the verifier resends the whole
-context, as it does for a drafter replica that died."""
+context, as it does for a drafter replica that died.
+
+A proposer that drafts several requests as one computation
+(``Proposer.batches``: the Hydra heads) gets concurrent requests' calls
+joined (``arserve.batching``): requests decoding together ask for drafts
+together, after their shared forward."""
 
 from __future__ import annotations
 
 import asyncio
 
+from ..batching import JoinQueue
 from ..core import compute
 from ..core.sampling import Sampling, seeded
 from ..errors import FailedPrecondition, InvalidArgument
@@ -26,6 +32,7 @@ class DrafterService:
         self.contexts: dict[tuple[str, str], list[int]] = {}  # (method, request) -> committed tokens
         self.executor = compute.executor()  # the process's compute thread (arserve.core.compute)
         self.leases = Leases(lease_s, self._free, "drafter")  # frees the state of requests left idle
+        self.joins = JoinQueue(_propose_many, self.executor, "drafter")  # calls of batching proposers, by method
 
     @leased(lambda req: (req.method, req.request_id))
     async def Propose(self, req: pb.ProposeRequest, context=None) -> pb.ProposeResponse:
@@ -40,13 +47,21 @@ class DrafterService:
                 f"drafter holds {len(tokens)} tokens of request {req.request_id!r}; the call assumes {known}")
         del tokens[known:]
         tokens.extend(req.new_token_ids)
+        if req.hidden.shape and proposer.hidden_size and list(req.hidden.shape) != [proposer.hidden_size]:
+            raise InvalidArgument(f"hidden has shape {list(req.hidden.shape)}; method {req.method!r} drafts "
+                                  f"from [{proposer.hidden_size}]")
         draft_req = DraftRequest(
             request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
             candidates=max(1, req.num_candidates),
             sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed, proposer.device),
             hidden=from_proto(req.hidden).to(proposer.device) if req.hidden.shape else None,
         )
-        draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
+        if proposer.batches:
+            draft = await self.joins.submit(req.method, (proposer, draft_req), caller=key)
+            if isinstance(draft, Exception):
+                raise draft
+        else:
+            draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
         out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [])
         if draft.q is not None:
             out.probs.CopyFrom(to_proto(draft.q.float()))
@@ -58,6 +73,7 @@ class DrafterService:
 
     async def Release(self, req: pb.DrafterReleaseRequest, context=None) -> pb.DrafterReleaseResponse:
         self.leases.drop((req.method, req.request_id))
+        self.joins.left((req.method, req.request_id))
         await self._free((req.method, req.request_id))
         return pb.DrafterReleaseResponse()
 
@@ -68,3 +84,8 @@ class DrafterService:
         if proposer is not None:
             await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, request_id)
         self.contexts.pop(key, None)
+
+
+def _propose_many(items: list[tuple[Proposer, DraftRequest]]) -> list:
+    """A run of joined calls (one method, so one proposer): its drafts, or each request's error."""
+    return items[0][0].propose_many([r for _, r in items])

@@ -124,3 +124,64 @@ def test_packed_heads_score_as_the_parameters_do():
         packed = [heads.logits(i, hidden, tokens[:, :i + 1]) for i in range(3)]
     for a, b in zip(plain, packed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def mixed_requests(dim=64):
+    """Five requests in one round: greedy chains of different lengths, a
+    sampled chain, a tree, and a sampled chain whose hidden state is nan
+    (its draw fails)."""
+    def req(rid, k, greedy=True, seed=0, candidates=1, hidden_seed=3, nan=False):
+        hidden = torch.randn(dim, generator=torch.Generator().manual_seed(hidden_seed))
+        return DraftRequest(rid, tokens=[5, 6, 7 + hidden_seed], new=3, k=k, candidates=candidates,
+                            sampling=Sampling(temperature=0.0 if greedy else 1.0),
+                            generator=torch.Generator().manual_seed(seed),
+                            hidden=hidden * float("nan") if nan else hidden)
+    return [req("a", 3), req("b", 1, hidden_seed=4), req("c", 2, greedy=False, seed=9, hidden_seed=5),
+            req("d", 3, candidates=2, hidden_seed=6), req("e", 3, greedy=False, hidden_seed=7, nan=True)]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_concurrent_requests_draft_together_as_each_drafts_alone(pack):
+    """``propose_many`` runs each head once over every chain still drafting;
+    each request's draft (tokens, q) is the one it gets alone, and a request
+    whose draw fails gets its own error while the others get their drafts.
+    Served on a CPU (packed: the row products) q is the same bits; through
+    torch's GEMM it may differ in rounding with the rows in the product."""
+    if pack and fused.kernels() is None:
+        pytest.skip("the row products are fused CPU kernels: they need a C++ compiler")
+    heads = tiny_heads()
+    if pack:
+        heads.pack()
+    proposer = HeadsProposer(heads, VOCAB)
+    together = proposer.propose_many(mixed_requests())
+    assert isinstance(together[4], ValueError)
+    for got, req in zip(together[:4], mixed_requests()[:4]):
+        alone = proposer.propose(req)
+        assert got.tokens == alone.tokens and got.parents == alone.parents and len(got.tokens) > 0
+        assert (got.q is None) == (alone.q is None)
+        if got.q is not None:
+            assert torch.equal(got.q, alone.q) if pack else torch.allclose(got.q, alone.q, rtol=1e-4, atol=1e-6)
+    assert [len(d.tokens) for d in together[:3]] == [3, 1, 2]
+
+
+def test_the_drafter_joins_concurrent_head_calls_and_refuses_a_hidden_state_of_the_wrong_width():
+    from arserve.errors import InvalidArgument
+    from arserve.pb.v1 import drafter_pb2 as dpb
+    from arserve.wire import to_proto
+
+    drafter = DrafterService({"heads": HeadsProposer(tiny_heads(), VOCAB)})
+
+    def call(i, dim=64):
+        hidden = torch.randn(dim, generator=torch.Generator().manual_seed(i))
+        return dpb.ProposeRequest(request_id=f"r{i}", method="heads", new_token_ids=[5, 6, 7 + i], committed_length=3,
+                                  num_draft_tokens=3, hidden=to_proto(hidden))
+
+    async def together():
+        return await asyncio.gather(*(drafter.Propose(call(i)) for i in range(6)))
+
+    joined = asyncio.run(together())
+    assert drafter.joins.runs < 6 and drafter.joins.items == 6  # some calls shared a run
+    alone = [asyncio.run(DrafterService({"heads": HeadsProposer(tiny_heads(), VOCAB)}).Propose(call(i))) for i in range(6)]
+    assert [list(r.draft.token_ids) for r in joined] == [list(r.draft.token_ids) for r in alone]
+    with pytest.raises(InvalidArgument, match=r"hidden has shape \[32\]; method 'heads' drafts from \[64\]"):
+        asyncio.run(drafter.Propose(call(7, dim=32)))
