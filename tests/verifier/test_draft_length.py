@@ -35,6 +35,17 @@ def test_a_measured_row_cost_sets_the_batched_cost_and_leaves_one_request_alone(
     assert DraftLength(8, True, 0.06, rate=0.97, row_cost=0.16).next(8) >= 3  # copying still drafts
 
 
+def test_probes_are_spaced_by_what_a_probe_costs():
+    """While k is 0, a 1-token probe every 8 rounds alone; at 8 requests a
+    drafted token costs 0.56 of a round, not 0.06, and probes come 48-75
+    rounds apart (Hydra heads, n-gram)."""
+    def probes(requests, overhead):
+        length = DraftLength(4, True, 0.06, rate=0.05, overhead=overhead, memory=16, row_cost=0.16)
+        return sum(length.next(requests) for _ in range(480))
+    assert probes(1, 0.0) == probes(1, 0.05) == 480 // 8
+    assert probes(8, 0.05) == 480 // 48 and probes(8, 0.0) == 480 // 75
+
+
 @pytest.mark.parametrize("rate", [0.5, 0.7])
 def test_the_draft_is_shorter_at_8_streams_and_still_drafts_when_most_tokens_are_accepted(rate):
     alone, eight = (DraftLength(8, True, 0.06, rate=rate).next(b) for b in (1, 8))
