@@ -328,7 +328,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cuda", help="gpu: where models compute (cpu rehearses the suite)")
     b.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="gpu: model shapes (comma-separated)")
     b.add_argument("--prompt-len", type=int, default=32, help="gpu: random prompt tokens")
-    b.add_argument("--repeats", type=int, default=3, help="gpu: timed runs per engine (median)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="gpu: timed runs per engine; speculative: runs of each method per prompt (median; default 3)")
     b.add_argument("--streams", type=int, default=32, help="gpu: concurrent streams")
     b.add_argument("--identity-tokens", type=int, default=64, help="gpu: greedy tokens the identity checks compare")
     b.add_argument("--image-batches", default="1,32", help="gpu: image batch sizes ('' skips images)")

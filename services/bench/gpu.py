@@ -231,7 +231,7 @@ def bench_shape(name: str, config: LlamaConfig, device: torch.device, dtype: tor
     arserve_greedy(model, prompt, min(n, 8))  # warm-up (graph capture on cuda)
     hf_greedy(hf, prompt, min(n, 8))
     runs = {"arserve": [], "transformers": []}
-    for _ in range(args.repeats):  # alternate, so machine noise hits both alike
+    for _ in range(args.repeats or 3):  # alternate, so machine noise hits both alike
         runs["arserve"].append(arserve_greedy(model, prompt, n))
         runs["transformers"].append(hf_greedy(hf, prompt, n))
     tok_s = {k: n / statistics.median(s for _, s in v) for k, v in runs.items()}
@@ -244,7 +244,7 @@ def bench_shape(name: str, config: LlamaConfig, device: torch.device, dtype: tor
         graphs, model.graphs = model.graphs, None
         arserve_greedy(model, prompt, min(n, 8))
         out["arserve_eager_tok_s"] = n / statistics.median(arserve_greedy(model, prompt, n)[1]
-                                                           for _ in range(args.repeats))
+                                                           for _ in range(args.repeats or 3))
         model.graphs = graphs
     log(f"{name}: arserve {tok_s['arserve']:.1f} tok/s, transformers {tok_s['transformers']:.1f} tok/s "
         f"({out['ratio']:.2f}x)")

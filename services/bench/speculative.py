@@ -14,7 +14,10 @@ arserve plain tokens/s of the same prompt. Mean accepted length is tokens
 committed per target forward (arserve's own counter). Goals (issue 3): ngram
 >= 2.5x plain on copy and >= 0.95x on every category; arserve ngram >= 1.3x
 transformers' prompt lookup on copy. Methods alternate prompt by prompt so
-machine noise hits all alike.
+machine noise hits all alike, and each prompt runs every arserve method
+``--repeats`` times in turn (a method's tokens/s is its median): on this
+project's shared 2-core host one plain run of a prompt varied by up to 40%
+between two bench runs, more than the methods' differences.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from .text import (TORCH_DTYPES, WARMUP_MESSAGES, HFEngine, arserve_run, default_prompts_path, first_difference,
+from .text import (TORCH_DTYPES, WARMUP_MESSAGES, HFEngine, Run, arserve_run, default_prompts_path, first_difference,
                    load_prompts, log, machine_info, spread)
 
 METHODS = {  # name -> SDK options
@@ -35,7 +38,12 @@ HF_PLD_TOKENS = 10  # transformers' documented starting point for prompt_lookup_
 GOALS = {"ngram_copy_speedup": 2.5, "ngram_min_category_speedup": 0.95, "ngram_vs_transformers_pld_copy": 1.3}
 
 
-def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> list[dict]:
+def median_run(runs: list[Run]) -> Run:
+    """The run of median tokens/s (greedy: every run has the same tokens)."""
+    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+
+
+def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int, repeats: int = 3) -> list[dict]:
     from arserve_client import Client
 
     from arserve.embedded import EmbeddedServer
@@ -50,7 +58,9 @@ def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int) -> list[dict]:
                 arserve_run(client, WARMUP_MESSAGES, 8, **options)
             hf.run(WARMUP_MESSAGES, 8, prompt_lookup_num_tokens=HF_PLD_TOKENS)
             for i, p in enumerate(prompts, 1):
-                runs = {name: arserve_run(client, p["messages"], max_tokens, **opts) for name, opts in METHODS.items()}
+                rounds = [{name: arserve_run(client, p["messages"], max_tokens, **opts) for name, opts in METHODS.items()}
+                          for _ in range(max(1, repeats))]
+                runs = {name: median_run([r[name] for r in rounds]) for name in METHODS}
                 pld = hf.run(p["messages"], max_tokens, prompt_lookup_num_tokens=HF_PLD_TOKENS)
                 plain = runs["none"]
                 row = {"id": p["id"], "category": p["category"], "tokens": plain.tokens,
@@ -131,10 +141,11 @@ def main(args) -> None:
     if any(d not in TORCH_DTYPES for d in dtypes):
         sys.exit(f"unknown dtypes in {dtypes}; known: {sorted(TORCH_DTYPES)}")
     results = {"benchmark": "speculative", "prompts_file": str(prompts_path), "max_tokens": args.max_tokens,
-               "machine": machine_info(), "methods": METHODS, "transformers_prompt_lookup_num_tokens": HF_PLD_TOKENS,
+               "machine": machine_info(), "methods": METHODS, "repeats": args.repeats or 3,
+               "transformers_prompt_lookup_num_tokens": HF_PLD_TOKENS,
                "dtypes": {}}
     for dtype in dtypes:
-        rows = bench_dtype(dtype, prompts, args.max_tokens)
+        rows = bench_dtype(dtype, prompts, args.max_tokens, args.repeats or 3)
         cats = sorted({r["category"] for r in rows})
         per_category = {c: summarize([r for r in rows if r["category"] == c]) for c in cats}
         results["dtypes"][dtype] = {"rows": rows, "per_category": per_category, "overall": summarize(rows),
