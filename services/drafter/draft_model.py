@@ -5,6 +5,13 @@ with the committed tokens, feeds the rest in one forward, then drafts k
 tokens one at a time: the argmax for greedy requests (q one-hot), or samples
 from q (the draft's distribution under the request's sampling parameters).
 Several candidates (SpecTr) are independent samples from the same prefix.
+
+Concurrent requests' chains draft together (``propose_many``): their
+catch-up forwards are one ``forward_batch``, and so is each later draft
+step over the requests still drafting, so the draft's weights are read once
+a step for all of them. A request's chain is the same alone and in company
+(decode rows and chains keep their bits in any batch: ``core.decode_stack``).
+A context at the draft's window drafts what still fits, or nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.kv_cache import KVCache
-from ..core.model import Llama
+from ..core.model import Llama, ScoreItem
 from ..core.sampling import draw, probs
 from .proposer import Draft, DraftRequest, Proposer, full_vocab
 
@@ -42,44 +49,114 @@ class DraftModelProposer(Proposer):
         self.states: dict[str, DraftModelState] = {}
         self.device = model.device
 
-    @torch.inference_mode()
+    batches = True
+
     def propose(self, req: DraftRequest) -> Draft:
-        st = self.states.get(req.request_id)
-        if st is None:
-            st = self.states[req.request_id] = DraftModelState(self.model.new_cache())
-        if req.k <= 0 or not req.tokens:
-            return Draft([])
+        out = self.propose_many([req])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        out: list[Draft | Exception] = [Draft([])] * len(reqs)
+        chains: list[int] = []  # the requests drafting one chain, drafted together
+        for j, r in enumerate(reqs):
+            if r.request_id not in self.states:
+                self.states[r.request_id] = DraftModelState(self.model.new_cache())
+            if self._room(r) <= 0 or not r.tokens:
+                continue
+            if max(1, r.candidates) == 1:
+                chains.append(j)
+            else:
+                try:
+                    out[j] = self._candidates(r)
+                except Exception as e:  # noqa: BLE001 - that request's result alone
+                    out[j] = e
+        if chains:
+            for j, d in zip(chains, self._chains([reqs[j] for j in chains])):
+                out[j] = d
+        return out
+
+    def _room(self, req: DraftRequest) -> int:
+        """Draft tokens that fit: k, or fewer at the draft's context window."""
+        return min(req.k, self.states[req.request_id].cache.max_positions - len(req.tokens))
+
+    def _catch_up(self, req: DraftRequest) -> ScoreItem:
+        """Roll the request's cache back to what it shares with the committed
+        tokens; the item that feeds the rest (logits of the last position)."""
+        st = self.states[req.request_id]
         keep = min(common_prefix(st.tokens, req.tokens), len(req.tokens) - 1)
         st.cache.rollback(keep)
-        st.tokens = st.tokens[:keep]
-        logits = self.model(torch.tensor(req.tokens[keep:], device=self.device), st.cache, logits_from=len(req.tokens) - keep - 1)
         st.tokens = list(req.tokens)
+        return ScoreItem(torch.tensor(req.tokens[keep:], device=self.device), st.cache,
+                         logits_from=len(req.tokens) - keep - 1)
+
+    def _pick(self, row: torch.Tensor, req: DraftRequest) -> tuple[int, torch.Tensor | None]:
+        """The draft token from logits row [1, vocab or V']: the argmax, or a draw from q (returned, [vocab])."""
+        if req.sampling.greedy:
+            t = int(row[0].argmax())
+            return (t if self.model.head_ids is None else int(self.model.head_ids[t])), None
+        q = probs(full_vocab(row, self.model.head_ids, self.vocab_size), req.sampling)  # [1, vocab]
+        return int(draw(q, req.generator)[0]), q[0]
+
+    def _chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        """One chain per request: a forward over every request still drafting per step."""
+        n = len(reqs)
+        ks = [self._room(r) for r in reqs]
+        caches = [self.states[r.request_id].cache for r in reqs]
+        rows = dict(enumerate(self.model.forward_batch([self._catch_up(r) for r in reqs])))  # i -> [1, vocab]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        failed: dict[int, Exception] = {}
+        try:
+            for step in range(max(ks)):
+                for i, row in rows.items():
+                    try:
+                        t, q = self._pick(row, reqs[i])
+                    except Exception as e:  # noqa: BLE001 - that request's result alone
+                        failed[i] = e
+                        continue
+                    tokens[i].append(t)
+                    if q is not None:
+                        qs[i].append(q)
+                going = [i for i in rows if i not in failed and step + 1 < ks[i]]
+                if not going:
+                    break
+                outs = self.model.forward_batch(
+                    [ScoreItem(torch.tensor([tokens[i][-1]], device=self.device), caches[i]) for i in going])
+                rows = dict(zip(going, outs))
+        finally:
+            for r, cache in zip(reqs, caches):
+                cache.rollback(len(r.tokens))
+        return [failed[i] if i in failed else Draft(tokens[i], None, torch.stack(qs[i]) if qs[i] else None)
+                for i in range(n)]
+
+    def _candidates(self, req: DraftRequest) -> Draft:
+        """Several independent candidates from the committed prefix, as a tree."""
+        st = self.states[req.request_id]
+        logits = self.model.forward_batch([self._catch_up(req)])[0]
         base = len(req.tokens)
-        sampled = not req.sampling.greedy
         tokens: list[int] = []
         parents: list[int] = []
         qs: list[torch.Tensor] = []
-        for c in range(max(1, req.candidates)):
-            if c:  # every candidate starts from the committed prefix
-                st.cache.rollback(base)
-            row = logits  # [1, vocab] or [1, V']
-            parent = -1
-            for j in range(req.k):
-                if sampled:
-                    q = probs(full_vocab(row, self.model.head_ids, self.vocab_size), req.sampling)  # [1, vocab]
-                    t = int(draw(q, req.generator)[0])
-                    qs.append(q[0])
-                else:
-                    t = int(row[0].argmax())
-                    t = t if self.model.head_ids is None else int(self.model.head_ids[t])
-                tokens.append(t)
-                parents.append(parent)
-                parent = len(tokens) - 1
-                if j + 1 < req.k:
-                    row = self.model(torch.tensor([t], device=self.device), st.cache)
-        st.cache.rollback(base)
-        draft = Draft(tokens, None if req.candidates <= 1 else parents, torch.stack(qs) if sampled else None)
-        return draft
+        try:
+            for c in range(max(1, req.candidates)):
+                if c:  # every candidate starts from the committed prefix
+                    st.cache.rollback(base)
+                row, parent = logits, -1  # [1, vocab] or [1, V']
+                for j in range(self._room(req)):
+                    t, q = self._pick(row, req)
+                    if q is not None:
+                        qs.append(q)
+                    tokens.append(t)
+                    parents.append(parent)
+                    parent = len(tokens) - 1
+                    if j + 1 < self._room(req):
+                        row = self.model(torch.tensor([t], device=self.device), st.cache)
+        finally:
+            st.cache.rollback(base)
+        return Draft(tokens, parents, torch.stack(qs) if qs else None)
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)

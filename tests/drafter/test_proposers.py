@@ -102,3 +102,33 @@ def test_sampled_draft_model_reports_q():
                                generator=torch.Generator().manual_seed(0)))
     assert d.q.shape == (6, 256) and torch.allclose(d.q.sum(-1), torch.ones(6))
     assert d.parents == [-1, 0, -1, 2, -1, 4]  # three independent candidates (SpecTr)
+
+
+def test_concurrent_draft_model_requests_draft_together_as_each_drafts_alone():
+    """``propose_many``: one forward for the requests' catch-ups, then one per
+    draft step over those still drafting. Each request's draft is the one it
+    gets alone (a fresh proposer each time: its cache follows from its tokens),
+    a request whose draw fails gets its own error, and one at the draft's
+    context window drafts what fits."""
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(1, std=0.3).eval()
+    window = model.config.max_seq_len
+
+    def reqs():
+        def req(rid, tokens, k, greedy=True, seed=0, candidates=1, temperature=1.0):
+            return DraftRequest(rid, tokens, new=len(tokens), k=k, candidates=candidates,
+                                sampling=Sampling(temperature=0.0 if greedy else temperature),
+                                generator=torch.Generator().manual_seed(seed))
+        return [req("a", [3, 4, 5, 6], 3), req("b", [9, 8], 1), req("c", [7, 7, 1], 2, greedy=False, seed=4),
+                req("d", [3, 4], 2, greedy=False, seed=5, candidates=2), req("e", [2, 2], 2, greedy=False, temperature=float("nan")),
+                req("f", [t % 200 for t in range(window - 2)], 4)]
+
+    together = DraftModelProposer(model).propose_many(reqs())
+    assert isinstance(together[4], ValueError)
+    assert [len(d.tokens) for i, d in enumerate(together) if i != 4] == [3, 1, 2, 4, 2]
+    for i, req in enumerate(reqs()):
+        if i == 4:
+            continue
+        alone = DraftModelProposer(model).propose(req)
+        got = together[i]
+        assert got.tokens == alone.tokens and got.parents == alone.parents
+        assert (got.q is None) == (alone.q is None) and (got.q is None or torch.allclose(got.q, alone.q, rtol=1e-4, atol=1e-6))
