@@ -9,9 +9,11 @@ Several candidates (SpecTr) are independent samples from the same prefix.
 Concurrent requests' chains draft together (``propose_many``): their
 catch-up forwards are one ``forward_batch``, and so is each later draft
 step over the requests still drafting, so the draft's weights are read once
-a step for all of them. A request's chain is the same alone and in company
-(decode rows and chains keep their bits in any batch: ``core.decode_stack``).
-A context at the draft's window drafts what still fits, or nothing.
+a step for all of them. Greedy chains are the same alone and in company; a sampled request's q may
+differ in its last bits with the company where a forward's products are
+not batch invariant (a prompt-sized catch-up, a GPU). A request's error in
+choosing its tokens is its own; an error in the joined forward fails the
+run. A context at the draft's window drafts what still fits, or nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class DraftModelProposer(Proposer):
 
     @torch.inference_mode()
     def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        out: list[Draft | Exception] = [Draft([])] * len(reqs)
+        out: list[Draft | Exception] = [Draft([]) for _ in reqs]
         chains: list[int] = []  # the requests drafting one chain, drafted together
         for j, r in enumerate(reqs):
             if r.request_id not in self.states:
@@ -79,18 +81,24 @@ class DraftModelProposer(Proposer):
         return out
 
     def _room(self, req: DraftRequest) -> int:
-        """Draft tokens that fit: k, or fewer at the draft's context window."""
-        return min(req.k, self.states[req.request_id].cache.max_positions - len(req.tokens))
+        """Draft tokens that fit: k, or fewer at the draft's context window
+        (the committed tokens and every draft token but the last are fed)."""
+        return min(req.k, self.states[req.request_id].cache.max_positions - len(req.tokens) + 1)
 
     def _catch_up(self, req: DraftRequest) -> ScoreItem:
         """Roll the request's cache back to what it shares with the committed
-        tokens; the item that feeds the rest (logits of the last position)."""
+        tokens; the item that feeds the rest (logits of the last position).
+        The state claims the fed tokens once the forward has run (``_caught_up``)."""
         st = self.states[req.request_id]
-        keep = min(common_prefix(st.tokens, req.tokens), len(req.tokens) - 1)
+        keep = min(common_prefix(st.tokens, req.tokens), len(req.tokens) - 1, st.cache.length)
         st.cache.rollback(keep)
-        st.tokens = list(req.tokens)
+        st.tokens = st.tokens[:keep]
         return ScoreItem(torch.tensor(req.tokens[keep:], device=self.device), st.cache,
                          logits_from=len(req.tokens) - keep - 1)
+
+    def _caught_up(self, reqs: list[DraftRequest]) -> None:
+        for r in reqs:
+            self.states[r.request_id].tokens = list(r.tokens)
 
     def _pick(self, row: torch.Tensor, req: DraftRequest) -> tuple[int, torch.Tensor | None]:
         """The draft token from logits row [1, vocab or V']: the argmax, or a draw from q (returned, [vocab])."""
@@ -106,6 +114,7 @@ class DraftModelProposer(Proposer):
         ks = [self._room(r) for r in reqs]
         caches = [self.states[r.request_id].cache for r in reqs]
         rows = dict(enumerate(self.model.forward_batch([self._catch_up(r) for r in reqs])))  # i -> [1, vocab]
+        self._caught_up(reqs)
         tokens: list[list[int]] = [[] for _ in range(n)]
         qs: list[list[torch.Tensor]] = [[] for _ in range(n)]
         failed: dict[int, Exception] = {}
@@ -136,6 +145,7 @@ class DraftModelProposer(Proposer):
         """Several independent candidates from the committed prefix, as a tree."""
         st = self.states[req.request_id]
         logits = self.model.forward_batch([self._catch_up(req)])[0]
+        self._caught_up([req])
         base = len(req.tokens)
         tokens: list[int] = []
         parents: list[int] = []

@@ -7,9 +7,12 @@ A chain is each head's argmax in turn (greedy requests) or a sample from its
 distribution under the request's sampling parameters (q is returned).
 Concurrent requests' chains draft together (``propose_many``): head i runs
 once over every request still drafting, so its matrices are read once a
-step for all of them instead of once per request. A request's chain is the
-same alone and in company (the row products are batch invariant:
-``core.row_invariance``).
+step for all of them instead of once per request. Served on a CPU (packed:
+the row products, batch invariant, ``core.row_invariance``) a request's
+chain and q are the same bits alone and in company; through torch's GEMM
+(a GPU) a sampled request's q may differ in its last bits. A request's
+error in drawing its tokens is its own; an error in a head step fails the
+joined run.
 With ``candidates`` > 1, greedy drafts a tree: the first head's top
 candidates, each continued by the later heads' argmax (Medusa-style
 top-k branching at the root, where heads are least sure), merged into a
@@ -45,7 +48,7 @@ class HeadsProposer(Proposer):
 
     @torch.inference_mode()
     def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        out: list[Draft | Exception] = [Draft([])] * len(reqs)
+        out: list[Draft | Exception] = [Draft([]) for _ in reqs]
         chains: list[int] = []  # the requests drafting one chain, drafted together
         for j, r in enumerate(reqs):
             if min(r.k, self.heads.num_heads) <= 0 or r.hidden is None or not r.tokens:

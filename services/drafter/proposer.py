@@ -54,6 +54,7 @@ class Proposer(ABC):
 
     name: str = ""
     device = torch.device("cpu")  # where it drafts: the service hands it inputs and a generator there
+    vocab_size: int | None = None  # token ids it can read are below this (a model's); None: any
     hidden_size: int | None = None  # the target hidden state's width it drafts from (draft heads); None: none
     batches = False  # propose_many shares work between requests: the drafter joins concurrent calls for it
 
@@ -62,9 +63,11 @@ class Proposer(ABC):
         """Draft up to ``req.k`` tokens per candidate (fewer, or none, is fine)."""
 
     def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        """Several requests' drafts, each as ``propose`` gives it; a request's
-        error is its result alone (one request never fails another's).
-        Proposers whose ``batches`` is set compute them together."""
+        """Several requests' drafts, each as ``propose`` gives it; an error
+        in one request's own work (its draw, its tree) is its result alone.
+        Proposers whose ``batches`` is set compute them together, so an
+        error in their shared computation fails every request of the call
+        (the drafter checks each request's inputs before it joins one)."""
         out: list[Draft | Exception] = []
         for r in reqs:
             try:

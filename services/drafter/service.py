@@ -39,6 +39,12 @@ class DrafterService:
         proposer = self.proposers.get(req.method)
         if proposer is None:
             raise InvalidArgument(f"method {req.method!r} has no proposer here; known: {sorted(self.proposers)}")
+        bad = [t for t in req.new_token_ids if t < 0 or (proposer.vocab_size and t >= proposer.vocab_size)]
+        if bad:
+            raise InvalidArgument(f"token id {bad[0]} is outside the vocabulary ({proposer.vocab_size})")
+        if req.hidden.shape and proposer.hidden_size and list(req.hidden.shape) != [proposer.hidden_size]:
+            raise InvalidArgument(f"hidden has shape {list(req.hidden.shape)}; method {req.method!r} drafts "
+                                  f"from [{proposer.hidden_size}]")
         key = (req.method, req.request_id)
         tokens = self.contexts.setdefault(key, [])
         known = req.committed_length - len(req.new_token_ids)
@@ -47,9 +53,6 @@ class DrafterService:
                 f"drafter holds {len(tokens)} tokens of request {req.request_id!r}; the call assumes {known}")
         del tokens[known:]
         tokens.extend(req.new_token_ids)
-        if req.hidden.shape and proposer.hidden_size and list(req.hidden.shape) != [proposer.hidden_size]:
-            raise InvalidArgument(f"hidden has shape {list(req.hidden.shape)}; method {req.method!r} drafts "
-                                  f"from [{proposer.hidden_size}]")
         draft_req = DraftRequest(
             request_id=req.request_id, tokens=list(tokens), new=len(req.new_token_ids), k=req.num_draft_tokens,
             candidates=max(1, req.num_candidates),
@@ -58,6 +61,8 @@ class DrafterService:
         )
         if proposer.batches:
             draft = await self.joins.submit(req.method, (proposer, draft_req), caller=key)
+            if key not in self.contexts:  # released while the call waited to join a run: forget it again
+                await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, req.request_id)
             if isinstance(draft, Exception):
                 raise draft
         else:

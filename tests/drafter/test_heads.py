@@ -164,7 +164,7 @@ def test_concurrent_requests_draft_together_as_each_drafts_alone(pack):
     assert [len(d.tokens) for d in together[:3]] == [3, 1, 2]
 
 
-def test_the_drafter_joins_concurrent_head_calls_and_refuses_a_hidden_state_of_the_wrong_width():
+def test_the_drafter_joins_concurrent_head_calls_and_refuses_bad_inputs_before_they_join():
     from arserve.errors import InvalidArgument
     from arserve.pb.v1 import drafter_pb2 as dpb
     from arserve.wire import to_proto
@@ -185,3 +185,8 @@ def test_the_drafter_joins_concurrent_head_calls_and_refuses_a_hidden_state_of_t
     assert [list(r.draft.token_ids) for r in joined] == [list(r.draft.token_ids) for r in alone]
     with pytest.raises(InvalidArgument, match=r"hidden has shape \[32\]; method 'heads' drafts from \[64\]"):
         asyncio.run(drafter.Propose(call(7, dim=32)))
+    bad = call(8)
+    bad.new_token_ids[:] = [5, VOCAB]
+    with pytest.raises(InvalidArgument, match=f"token id {VOCAB} is outside the vocabulary"):
+        asyncio.run(drafter.Propose(bad))
+    assert ("heads", "r8") not in drafter.contexts or drafter.contexts[("heads", "r8")] == []

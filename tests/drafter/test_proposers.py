@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from arserve.core.config import LlamaConfig
@@ -29,8 +30,9 @@ def test_ngram_copies_from_the_occurrence_that_agrees_longest():
 
 
 def test_ngram_drafts_what_most_occurrences_continue_with():
-    """Three occurrences of "3 4", none agreeing further back: two go on with
-    6, the latest with 5. The draft votes token by token: 4, then 6, then
+    """Key "3" (the context's "13 3" never occurred) has three occurrences,
+    none agreeing further back: all go on with 4, then two with 6 and the
+    latest with 5. The draft votes token by token: 4, then 6, then
     what the 6-occurrences continue with."""
     p = NgramProposer(max_n=2)
     tokens = [10, 3, 4, 6, 20, 11, 3, 4, 6, 21, 12, 3, 4, 5, 22, 13, 3]
@@ -120,7 +122,7 @@ def test_concurrent_draft_model_requests_draft_together_as_each_drafts_alone():
                                 generator=torch.Generator().manual_seed(seed))
         return [req("a", [3, 4, 5, 6], 3), req("b", [9, 8], 1), req("c", [7, 7, 1], 2, greedy=False, seed=4),
                 req("d", [3, 4], 2, greedy=False, seed=5, candidates=2), req("e", [2, 2], 2, greedy=False, temperature=float("nan")),
-                req("f", [t % 200 for t in range(window - 2)], 4)]
+                req("f", [t % 200 for t in range(window - 1)], 4)]
 
     together = DraftModelProposer(model).propose_many(reqs())
     assert isinstance(together[4], ValueError)
@@ -132,3 +134,66 @@ def test_concurrent_draft_model_requests_draft_together_as_each_drafts_alone():
         got = together[i]
         assert got.tokens == alone.tokens and got.parents == alone.parents
         assert (got.q is None) == (alone.q is None) and (got.q is None or torch.allclose(got.q, alone.q, rtol=1e-4, atol=1e-6))
+
+
+def test_joined_draft_model_requests_follow_their_commits_and_survive_a_failed_forward(monkeypatch):
+    """Round after round each request's cache follows its own commits (the
+    draft equals a fresh proposer's on the same tokens), and a joined
+    forward that fails leaves every request able to draft next round."""
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(1, std=0.3).eval()
+    p = DraftModelProposer(model)
+    ctx = {"a": [3, 4, 5, 6], "b": [9, 8, 7]}
+
+    def round_(k=3):
+        return dict(zip(ctx, p.propose_many([DraftRequest(r, list(t), new=1, k=k) for r, t in ctx.items()])))
+
+    def fresh(r, k=3):
+        return DraftModelProposer(model).propose(DraftRequest(r, list(ctx[r]), new=len(ctx[r]), k=k)).tokens
+
+    first = round_()
+    assert {r: d.tokens for r, d in first.items()} == {r: fresh(r) for r in ctx}
+    ctx["a"] += [first["a"].tokens[0], 77]  # one draft token kept, then the target's own
+    ctx["b"] += [11]  # none kept
+    assert {r: d.tokens for r, d in round_().items()} == {r: fresh(r) for r in ctx}
+
+    calls = {"n": 0}
+    forward_batch = model.forward_batch
+
+    def failing(items):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the forward failed")
+        return forward_batch(items)
+
+    monkeypatch.setattr(model, "forward_batch", failing)
+    ctx["a"] += [12, 13]
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        p.propose_many([DraftRequest(r, list(t), new=1, k=3) for r, t in ctx.items()])
+    ctx["b"] += [14]
+    assert {r: d.tokens for r, d in round_().items()} == {r: fresh(r) for r in ctx}
+    assert all(p.states[r].cache.length == len(t) for r, t in ctx.items())
+
+
+def test_a_request_released_while_its_draft_call_waits_to_join_keeps_no_state():
+    """Propose and Release of one request started together: the release runs
+    first, the joined run then drafts it; the drafter forgets it again."""
+    import asyncio
+
+    from arserve.drafter.service import DrafterService
+    from arserve.pb.v1 import drafter_pb2 as dpb
+
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(1, std=0.3).eval()
+    proposer = DraftModelProposer(model)
+    drafter = DrafterService({"draft_model": proposer})
+
+    def call(rid):
+        return dpb.ProposeRequest(request_id=rid, method="draft_model", new_token_ids=[3, 4, 5], committed_length=3,
+                                  num_draft_tokens=2)
+
+    async def together():
+        return await asyncio.gather(drafter.Propose(call("r1")), drafter.Propose(call("r2")),
+                                    drafter.Release(dpb.DrafterReleaseRequest(request_id="r2", method="draft_model")))
+
+    outs = asyncio.run(together())
+    assert len(outs[0].draft.token_ids) == 2
+    assert set(proposer.states) == {"r1"} and set(drafter.contexts) == {("draft_model", "r1")}
