@@ -105,13 +105,18 @@ def backbone(settings: ServiceSettings) -> BackboneService:
                            lease_s=settings.state_lease_s, prefill_chunk=settings.prefill_chunk_tokens)
 
 
-def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> DrafterService | None:
-    """The drafter, or None when no model asks for a drafting method."""
+def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig],
+            targets: dict[str, Llama] | None = None) -> DrafterService | None:
+    """The drafter, or None when no model asks for a drafting method.
+    targets: the models this process decodes (embedded), whose embedding
+    matrices the trained drafters then share instead of reading their own."""
     proposers = {}
     for m in settings.decoded_by("arserve"):  # proposers are per method: one target model per drafter for now
+        device = devices.resolve(m.device, f"model {m.id!r}'s drafter")
+        target = (targets or {}).get(m.id)
+        embed = target.embed.detach() if target is not None and target.device == device else None
         proposers.update(compute.call(build_proposers, m.speculative_methods, config[m.id], DTYPES[m.dtype],
-                                      m.model_dump(), m.weights_path(),
-                                      devices.resolve(m.device, f"model {m.id!r}'s drafter")))
+                                      m.model_dump(), m.weights_path(), device, embed))
     return DrafterService(proposers, lease_s=settings.state_lease_s) if proposers else None
 
 

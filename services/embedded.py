@@ -22,7 +22,8 @@ def build(settings: ServerSettings) -> GenerationService:
     compute.start(settings.torch_threads)  # before any tensor work: one OpenMP team in the process
     config = assemble.configs(settings)
     backbone = assemble.backbone(settings) if settings.decoded_by("arserve") else None
-    verifier = assemble.verifier(settings, config, backbone, assemble.drafter(settings, config))
+    drafter = assemble.drafter(settings, config, backbone.models if backbone is not None else None)
+    verifier = assemble.verifier(settings, config, backbone, drafter)
     tokenizer = assemble.tokenizer(settings)
     images = assemble.embedded_images(settings, tokenizer)
     return assemble.gateway(settings, config, tokenizer, verifier, images)

@@ -56,13 +56,15 @@ def save_draft_model(model: Llama, path: Path, info: dict[str, str]) -> str:
 
 
 def load_draft_model(ref: str, embed: torch.Tensor, dtype: torch.dtype = torch.float32) -> Llama:
-    """A draft model around the target's embedding matrix [vocab, dim]."""
+    """A draft model around the target's embedding matrix [vocab, dim]: held,
+    not copied, where it is already in ``dtype`` (the target's own)."""
     tensors, info = _checked(ref, "draft_model")
     cfg = json.loads(info["config"])
     config = LlamaConfig(**{**cfg, "eos_ids": tuple(cfg["eos_ids"])})
     model = Llama(config)
     head_ids = tensors.pop("head_ids").long()
-    model.load_state_dict({"embed": embed, **{k: v.float() for k, v in tensors.items()}})
+    state = {"embed": embed.detach().to(dtype), **{k: v.to(dtype) for k, v in tensors.items()}}
+    model.load_state_dict(state, assign=True)  # the parameters become these tensors (the embedding: shared)
     model.head_ids = head_ids
     return model.to(dtype).eval().requires_grad_(False)  # the caller places it (core.devices.prepare)
 

@@ -35,6 +35,11 @@ class DraftInputs:
     weights: str | None = None  # the method's weights (the ModelSettings field MethodSpec.weights names)
     target_source: object = None  # the target's weights path (trained drafters share its embedding)
     device: torch.device = torch.device("cpu")  # where the draft computes (the target's device)
+    embedding: Callable[[], torch.Tensor] | None = None  # the target's embedding [vocab, dim], one tensor for all
+
+    def embed(self) -> torch.Tensor:
+        """The target's embedding matrix [vocab, dim]: the one every method shares, or read from its weights."""
+        return self.embedding() if self.embedding is not None else read_embedding(self.target_source)
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,15 @@ def is_checkpoint(source: str) -> bool:
 
 
 def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, target_source=None,
-                     device: torch.device | str = "cpu") -> Llama:
-    """The draft model on ``device``, checked against the target's config (same vocabulary)."""
+                     device: torch.device | str = "cpu", embed: torch.Tensor | None = None) -> Llama:
+    """The draft model on ``device``, checked against the target's config (same vocabulary); a trained
+    checkpoint around ``embed`` (the target's embedding, shared) or the one in ``target_source``."""
     if source == "random-tiny":
         config = LlamaConfig.from_name("tiny").with_(vocab_size=target.vocab_size, max_seq_len=target.max_seq_len)
         return devices.prepare(Llama(config).init_random(seed=0).to(dtype).eval().requires_grad_(False), device)
     if is_checkpoint(source):
-        return devices.prepare(checkpoints.load_draft_model(source, read_embedding(target_source), dtype), device)
+        embed = embed if embed is not None else read_embedding(target_source)
+        return devices.prepare(checkpoints.load_draft_model(source, embed, dtype), device)
     draft = devices.prepare(load_llama(source, dtype), device)
     if draft.config.vocab_size != target.vocab_size:
         raise ValueError(f"draft model {source!r} has {draft.config.vocab_size} tokens; the target has "
@@ -82,12 +89,13 @@ def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, targe
 
 
 def _draft_model(i: DraftInputs) -> Proposer:
-    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source, i.device),
+    embed = i.embed() if is_checkpoint(i.weights) else None
+    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source, i.device, embed),
                               i.target.vocab_size)
 
 
 def _heads(i: DraftInputs) -> Proposer:
-    heads = checkpoints.load_heads(i.weights, read_embedding(i.target_source), i.dtype).to(i.device)
+    heads = checkpoints.load_heads(i.weights, i.embed(), i.dtype).to(i.device)
     heads.set_embedding(heads.embed.to(i.device))  # the target's embedding is an attribute, not a parameter
     return HeadsProposer(heads.pack(), i.target.vocab_size)
 
@@ -112,10 +120,20 @@ def method_spec(name: str) -> MethodSpec:
 
 def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
                     weights: dict[str, str | None] | None = None, target_source=None,
-                    device: torch.device | str = "cpu") -> dict[str, Proposer]:
+                    device: torch.device | str = "cpu", embed: torch.Tensor | None = None) -> dict[str, Proposer]:
     """The proposer of each drafting method. weights: ModelSettings field ->
     value (``MethodSpec.weights``); target_source: the target's weights
-    (trained drafters share its embedding); device: where drafts compute."""
+    (trained drafters share its embedding); device: where drafts compute;
+    embed: the target's embedding matrix where the target is in this process
+    (the drafters then hold no copy of it). Without it the matrix is read
+    once from ``target_source`` and shared by every method."""
+    shared: list[torch.Tensor] = [] if embed is None else [embed]
+
+    def embedding() -> torch.Tensor:
+        if not shared:
+            shared.append(read_embedding(target_source))
+        return shared[0]
+
     proposers: dict[str, Proposer] = {}
     for name in methods:
         spec = method_spec(name)
@@ -124,5 +142,5 @@ def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
         source = (weights or {}).get(spec.weights) if spec.weights else None
         if spec.weights and not source:
             raise ValueError(f"method {name} needs {spec.weights} weights")
-        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source, torch.device(device)))
+        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source, torch.device(device), embedding))
     return proposers
