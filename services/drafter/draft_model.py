@@ -25,7 +25,7 @@ import torch
 from ..core.kv_cache import KVCache
 from ..core.model import Llama, ScoreItem
 from ..core.sampling import draw, probs
-from .proposer import Draft, DraftRequest, Proposer, full_vocab
+from .proposer import Draft, DraftRequest, JoinedProposer, full_vocab
 
 
 @dataclass
@@ -42,7 +42,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(JoinedProposer):
     name = "draft_model"
 
     def __init__(self, model: Llama, vocab_size: int | None = None):
@@ -51,34 +51,10 @@ class DraftModelProposer(Proposer):
         self.states: dict[str, DraftModelState] = {}
         self.device = model.device
 
-    batches = True
-
-    def propose(self, req: DraftRequest) -> Draft:
-        out = self.propose_many([req])[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
-
-    @torch.inference_mode()
-    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        out: list[Draft | Exception] = [Draft([]) for _ in reqs]
-        chains: list[int] = []  # the requests drafting one chain, drafted together
-        for j, r in enumerate(reqs):
-            if r.request_id not in self.states:
-                self.states[r.request_id] = DraftModelState(self.model.new_cache())
-            if self._room(r) <= 0 or not r.tokens:
-                continue
-            if max(1, r.candidates) == 1:
-                chains.append(j)
-            else:
-                try:
-                    out[j] = self._candidates(r)
-                except Exception as e:  # noqa: BLE001 - that request's result alone
-                    out[j] = e
-        if chains:
-            for j, d in zip(chains, self._chains([reqs[j] for j in chains])):
-                out[j] = d
-        return out
+    def drafts(self, req: DraftRequest) -> bool:
+        if req.request_id not in self.states:  # a request's draft cache starts at its first call
+            self.states[req.request_id] = DraftModelState(self.model.new_cache())
+        return self._room(req) > 0 and bool(req.tokens)
 
     def _room(self, req: DraftRequest) -> int:
         """Draft tokens that fit: k, or fewer at the draft's context window
@@ -108,7 +84,7 @@ class DraftModelProposer(Proposer):
         q = probs(full_vocab(row, self.model.head_ids, self.vocab_size), req.sampling)  # [1, vocab]
         return int(draw(q, req.generator)[0]), q[0]
 
-    def _chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+    def chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
         """One chain per request: a forward over every request still drafting per step."""
         n = len(reqs)
         ks = [self._room(r) for r in reqs]
@@ -141,7 +117,7 @@ class DraftModelProposer(Proposer):
         return [failed[i] if i in failed else Draft(tokens[i], None, torch.stack(qs[i]) if qs[i] else None)
                 for i in range(n)]
 
-    def _candidates(self, req: DraftRequest) -> Draft:
+    def tree(self, req: DraftRequest) -> Draft:
         """Several independent candidates from the committed prefix, as a tree."""
         st = self.states[req.request_id]
         logits = self.model.forward_batch([self._catch_up(req)])[0]

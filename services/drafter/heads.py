@@ -27,12 +27,11 @@ from torch import Tensor
 
 from ..core.hydra import HydraHeads
 from ..core.sampling import draw, probs
-from .proposer import Draft, DraftRequest, Proposer, full_vocab, merge_into_tree
+from .proposer import Draft, DraftRequest, JoinedProposer, full_vocab, merge_into_tree
 
 
-class HeadsProposer(Proposer):
+class HeadsProposer(JoinedProposer):
     name = "heads"
-    batches = True
 
     def __init__(self, heads: HydraHeads, vocab_size: int):
         self.heads = heads
@@ -40,36 +39,10 @@ class HeadsProposer(Proposer):
         self.device = heads.out_matrix.device
         self.hidden_size = heads.dim
 
-    def propose(self, req: DraftRequest) -> Draft:
-        out = self.propose_many([req])[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
+    def drafts(self, req: DraftRequest) -> bool:
+        return min(req.k, self.heads.num_heads) > 0 and req.hidden is not None and bool(req.tokens)
 
-    @torch.inference_mode()
-    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        out: list[Draft | Exception] = [Draft([]) for _ in reqs]
-        chains: list[int] = []  # the requests drafting one chain, drafted together
-        for j, r in enumerate(reqs):
-            if min(r.k, self.heads.num_heads) <= 0 or r.hidden is None or not r.tokens:
-                continue
-            if max(1, r.candidates) == 1:
-                chains.append(j)
-            else:
-                out[j] = self._catch(self._tree, r)
-        if chains:
-            for j, d in zip(chains, self._chains([reqs[j] for j in chains])):
-                out[j] = d
-        return out
-
-    @staticmethod
-    def _catch(f, *args) -> Draft | Exception:
-        try:
-            return f(*args)
-        except Exception as e:  # noqa: BLE001 - that request's result alone
-            return e
-
-    def _chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+    def chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
         """One chain per request: head i over the n' requests whose k > i, rows [n', dim]."""
         n = len(reqs)
         ks = [min(r.k, self.heads.num_heads) for r in reqs]
@@ -99,8 +72,7 @@ class HeadsProposer(Proposer):
                 Draft(drafted[j][:ks[j]], None, torch.cat(qs[j]) if qs[j] else None)  # q: [k, vocab]
                 for j in range(n)]
 
-    @torch.inference_mode()
-    def _tree(self, req: DraftRequest) -> Draft:
+    def tree(self, req: DraftRequest) -> Draft:
         """Several candidates: greedy, the first head's top c each continued
         by the later heads' argmax; sampled, c independent chains."""
         k = min(req.k, self.heads.num_heads)

@@ -80,6 +80,52 @@ class Proposer(ABC):
         """Forget a finished request."""
 
 
+class JoinedProposer(Proposer):
+    """A proposer that drafts concurrent requests' chains as one computation
+    (``batches``): a subclass says whether a request drafts at all
+    (``drafts``), drafts every chain of a call together (``chains``) and a
+    request's tree (candidates > 1) alone (``tree``)."""
+
+    batches = True
+
+    def propose(self, req: DraftRequest) -> Draft:
+        out = self.propose_many([req])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @torch.inference_mode()
+    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        out: list[Draft | Exception] = [Draft([]) for _ in reqs]
+        chains: list[int] = []  # the requests drafting one chain, drafted together
+        for j, r in enumerate(reqs):
+            if not self.drafts(r):
+                continue
+            if max(1, r.candidates) == 1:
+                chains.append(j)
+                continue
+            try:
+                out[j] = self.tree(r)
+            except Exception as e:  # noqa: BLE001 - that request's result alone
+                out[j] = e
+        if chains:
+            for j, d in zip(chains, self.chains([reqs[j] for j in chains])):
+                out[j] = d
+        return out
+
+    @abstractmethod
+    def drafts(self, req: DraftRequest) -> bool:
+        """Whether ``req`` gets a draft this round (else an empty one)."""
+
+    @abstractmethod
+    def chains(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
+        """One chain per request, computed together; a request's own error is its result."""
+
+    @abstractmethod
+    def tree(self, req: DraftRequest) -> Draft:
+        """Several candidates of one request, as a tree."""
+
+
 def merge_into_tree(sequences: list[list[int]]) -> Draft:
     """Candidate sequences -> a prefix tree (shared prefixes scored once)."""
     tokens: list[int] = []
