@@ -60,8 +60,9 @@ def speculative_sampling(draft: Tensor, p: Tensor, q: Tensor | None, generator: 
     2023, "Accelerating Large Language Model Decoding with Speculative
     Sampling").
 
-    draft: [k] int64; p: [k + 1, vocab] target; q: [k, vocab] draft, or None
-    for a one-hot q on the drafted tokens.
+    draft: [k] int64; p: [k + 1, vocab] target (or ``sampling.RowProbs``:
+    rows are read in order, and none past the first rejection); q: [k, vocab]
+    draft, or None for a one-hot q on the drafted tokens.
     """
     k = draft.shape[0]
     for i in range(k):

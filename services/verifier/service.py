@@ -44,7 +44,7 @@ import torch
 from arserve_client.v1 import generation_pb2 as gpb
 
 from ..core.acceptance import Verdict, greedy_match, speculative_sampling, verify_tree
-from ..core.sampling import Sampling, probs, sample
+from ..core.sampling import RowProbs, Sampling, sample
 from ..errors import NotFound, ReplicaLost
 from ..metrics import DRAFT_FAILURES, RESUMED
 from ..pb.v1 import backbone_pb2 as bpb
@@ -159,15 +159,16 @@ def failed_with(e: Exception, code: str) -> bool:
     return status is not None and status[0].name == code
 
 
-def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor:
+def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor | RowProbs:
     """What the acceptance rules read of a Score call: greedy requests ask
-    for the argmax ids only ([m] int64); others get [m, vocab] distributions."""
+    for the argmax ids only ([m] int64); others get the [m, vocab]
+    distributions, each row computed when a rule first reads it."""
     if sampling.greedy:
         return torch.tensor(list(out.argmax), dtype=torch.long)
-    return probs(from_proto(out.logits), sampling)
+    return RowProbs(from_proto(out.logits), sampling)
 
 
-def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> Verdict:
+def verify(draft: dpb.Draft, p: torch.Tensor | RowProbs, sampling: Sampling, generator: torch.Generator) -> Verdict:
     """Choose the acceptance rule for a draft. p: ``target`` of the n + 1
     scored positions (row 0 at the root, row i + 1 after draft node i)."""
     tokens = torch.tensor(list(draft.token_ids), dtype=torch.long)  # [n]
@@ -175,8 +176,9 @@ def verify(draft: dpb.Draft, p: torch.Tensor, sampling: Sampling, generator: tor
     if not draft.parents:
         if sampling.greedy:
             return greedy_match(tokens, p)
-        return speculative_sampling(tokens, p, q, generator)
-    return verify_tree(tokens, list(draft.parents), p, q, generator, greedy=sampling.greedy)
+        return speculative_sampling(tokens, p, q, generator)  # reads p's rows up to its first rejection
+    return verify_tree(tokens, list(draft.parents), p if sampling.greedy else p.all(), q, generator,
+                       greedy=sampling.greedy)
 
 
 @dataclass

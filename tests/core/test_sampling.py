@@ -1,6 +1,6 @@
 import torch
 
-from arserve.core.sampling import Sampling, draw, nucleus, probs, sample, warp
+from arserve.core.sampling import RowProbs, Sampling, draw, nucleus, probs, sample, warp
 
 
 def test_greedy_is_argmax():
@@ -73,3 +73,24 @@ def test_draw_refuses_a_distribution_without_mass_and_a_tiny_temperature_is_gree
             draw(torch.tensor([bad]), g)
     logits = torch.randn(4, 300, generator=g)
     assert torch.equal(sample(logits, Sampling(temperature=1e-40), g), logits.argmax(-1))
+
+
+def test_row_probs_are_probs_row_by_row_and_a_chain_rule_reads_rows_only_to_its_first_rejection():
+    """``RowProbs`` gives each row the bits ``probs`` gives it among all rows;
+    speculative sampling's verdicts are the same with it as with the full
+    tensor, and it computes no row past the round's first rejection."""
+    from arserve.core.acceptance import speculative_sampling
+
+    g = torch.Generator().manual_seed(0)
+    for s in (Sampling(temperature=0.8, top_p=0.95), Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=40)):
+        logits = torch.randn(9, 4096, generator=g) * 3.0
+        logits[:, :4] += 6.0  # peaked rows, as a trained model's
+        full, lazy = probs(logits, s), RowProbs(logits, s)
+        assert all(torch.equal(full[i], lazy[i]) for i in range(9)) and torch.equal(lazy.all(), full)
+        for seed in range(40):
+            draft = torch.randint(0, 6, (8,), generator=torch.Generator().manual_seed(seed))
+            lazy = RowProbs(logits, s)
+            a = speculative_sampling(draft, full, None, torch.Generator().manual_seed(seed))
+            b = speculative_sampling(draft, lazy, None, torch.Generator().manual_seed(seed))
+            assert (a.accepted, a.token) == (b.accepted, b.token)
+            assert sorted(lazy.rows) == list(range(len(a.accepted) + 1))  # rows 0 .. the first rejection (or bonus)
