@@ -166,8 +166,8 @@ class BackboneService:
                                   f"{state.reserved} it reserved (max_positions)")
         state.cache.rollback(state.committed)
         logits_from = len(context_ids) + req.outputs_from
-        # greedy rounds (argmax_only) score a chain with decoding's bits, so greedy speculative output is plain
-        # greedy's token for token; a sampled round's chain costs one SDPA call (its output is a distribution)
+        # a chain is scored with decoding's bits (row by row, in the decode stack's one C++ call), so greedy
+        # speculative output is plain greedy's token for token, and a sampled round reads plain decoding's logits
         batcher = self.batchers[req.model]
         done = 0  # positions of `tokens` in the cache: a long prompt's leading chunks (``_prefill_chunks``)
         for end in self._prefill_chunks(len(tokens), logits_from, tree_mask is None):
@@ -176,7 +176,7 @@ class BackboneService:
                 raise FailedPrecondition(f"request {req.request_id!r} was released while its prompt was scored")
             done = end
         item = ScoreItem(tokens[done:], state.cache, tree_mask, depths, logits_from - done,
-                         want_hidden=req.return_hidden, exact=req.argmax_only, want_argmax=req.argmax_only)
+                         want_hidden=req.return_hidden, want_argmax=req.argmax_only)
         logits = await batcher.score(item, key)
         state.tokens.extend(context_ids)
         if req.commit:

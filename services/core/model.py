@@ -240,7 +240,6 @@ class ScoreItem:
     depths: Tensor | None = None  # [n] int64 tree depth of each new token (positions = start + depth)
     logits_from: int = 0  # logits are returned for new positions [logits_from, n)
     want_hidden: bool = False  # also set `hidden`: the final-normed hidden states of those positions
-    exact: bool = True  # a chain's rows get decoding's bits (``attend_chain``); False: one SDPA call, last bits differ
     want_argmax: bool = False  # also set `argmax`: each position's highest-scoring token (greedy decoding)
     hidden: Tensor | None = None  # [n - logits_from, dim], set by forward_batch when asked for
     argmax: Tensor | None = None  # [n - logits_from] int64, set by forward_batch when asked for
@@ -294,7 +293,7 @@ class Segment:
 
     @property
     def chain(self) -> bool:
-        """A greedy draft after a cached context: each row as it decodes (``attend_chain``)."""
+        """A draft chain after a cached context: each row as it decodes (``attend_chain``)."""
         return self.rowwise and self.start > 0 and self.n <= CHAIN_ROWS
 
 
@@ -455,7 +454,7 @@ class Llama(nn.Module):
             pos = torch.arange(start, start + n, device=dev) if it.depths is None else it.depths.to(dev) + start
             cos.append(self.cos[pos])
             sin.append(self.sin[pos])
-            seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None and it.exact)
+            seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None)
             if not (seg.alone or seg.chain or it.tree_mask is not None):
                 seg.skip = min(it.logits_from, n)
             if it.tree_mask is not None:  # SDPA's mask: the context, then the tree

@@ -111,3 +111,27 @@ def test_a_request_released_between_two_chunks_stops_there_and_the_backbone_keep
         return out
 
     assert asyncio.run(main()).length == 5
+
+
+def test_a_sampled_round_scores_its_chain_with_the_bits_of_decoding():
+    """A sampled speculative round (logits, not argmax_only) scores its chain
+    as decoding scores the same tokens one at a time, bit for bit: the chain
+    goes through the decode stack row by row, as a greedy round's does."""
+    backbone = BackboneService({"tiny": tiny_target()})
+    chain = [11, 12, 13, 14, 15]
+
+    async def go():
+        for rid in ("chain", "steps"):
+            await backbone.Score(bpb.ScoreRequest(request_id=rid, model="tiny", token_ids=PROMPT,
+                                                  outputs_from=len(PROMPT) - 1, commit=True))
+        at_once = from_proto((await backbone.Score(bpb.ScoreRequest(
+            request_id="chain", model="tiny", start=len(PROMPT), token_ids=chain))).logits)  # [5, vocab]
+        steps = []
+        for i, t in enumerate(chain):
+            out = await backbone.Score(bpb.ScoreRequest(request_id="steps", model="tiny", start=len(PROMPT) + i,
+                                                        token_ids=[t], commit=True))
+            steps.append(from_proto(out.logits))  # [1, vocab]
+        return at_once, torch.cat(steps)
+
+    at_once, steps = asyncio.run(go())
+    assert at_once.shape == steps.shape and torch.equal(at_once, steps)
