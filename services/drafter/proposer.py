@@ -56,25 +56,10 @@ class Proposer(ABC):
     device = torch.device("cpu")  # where it drafts: the service hands it inputs and a generator there
     vocab_size: int | None = None  # token ids it can read are below this (a model's); None: any
     hidden_size: int | None = None  # the target hidden state's width it drafts from (draft heads); None: none
-    batches = False  # propose_many shares work between requests: the drafter joins concurrent calls for it
 
     @abstractmethod
     def propose(self, req: DraftRequest) -> Draft:
         """Draft up to ``req.k`` tokens per candidate (fewer, or none, is fine)."""
-
-    def propose_many(self, reqs: list[DraftRequest]) -> list[Draft | Exception]:
-        """Several requests' drafts, each as ``propose`` gives it; an error
-        in one request's own work (its draw, its tree) is its result alone.
-        Proposers whose ``batches`` is set compute them together, so an
-        error in their shared computation fails every request of the call
-        (the drafter checks each request's inputs before it joins one)."""
-        out: list[Draft | Exception] = []
-        for r in reqs:
-            try:
-                out.append(self.propose(r))
-            except Exception as e:  # noqa: BLE001 - handed to that request's caller
-                out.append(e)
-        return out
 
     def release(self, request_id: str) -> None:
         """Forget a finished request."""
@@ -82,11 +67,12 @@ class Proposer(ABC):
 
 class JoinedProposer(Proposer):
     """A proposer that drafts concurrent requests' chains as one computation
-    (``batches``): a subclass says whether a request drafts at all
-    (``drafts``), drafts every chain of a call together (``chains``) and a
-    request's tree (candidates > 1) alone (``tree``)."""
-
-    batches = True
+    (``propose_many``; the drafter joins their calls for it): a subclass says
+    whether a request drafts at all (``drafts``), drafts every chain of a
+    call together (``chains``) and a request's tree (candidates > 1) alone
+    (``tree``). An error in one request's own work (its draw, its tree) is
+    its result alone; one in the shared computation fails every request of
+    the call, so the drafter checks each request's inputs before it joins."""
 
     def propose(self, req: DraftRequest) -> Draft:
         out = self.propose_many([req])[0]

@@ -7,9 +7,9 @@ then fails with FAILED_PRECONDITION and the verifier resends the whole
 context, as it does for a drafter replica that died.
 
 A proposer that drafts several requests as one computation
-(``Proposer.batches``: the Hydra heads) gets concurrent requests' calls
-joined (``arserve.batching``): requests decoding together ask for drafts
-together, after their shared forward."""
+(``JoinedProposer``: the Hydra heads, the draft model) gets concurrent
+requests' calls joined (``arserve.batching``): requests decoding together
+ask for drafts together, after their shared forward."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ..leases import Leases, leased
 from ..many import answer_each
 from ..pb.v1 import drafter_pb2 as pb
 from ..wire import from_proto, to_proto
-from .proposer import DraftRequest, Proposer
+from .proposer import DraftRequest, JoinedProposer, Proposer
 
 
 class DrafterService:
@@ -59,7 +59,7 @@ class DrafterService:
             sampling=Sampling.from_params(req.sampling), generator=seeded(req.seed, proposer.device),
             hidden=from_proto(req.hidden).to(proposer.device) if req.hidden.shape else None,
         )
-        if proposer.batches:
+        if isinstance(proposer, JoinedProposer):
             draft = await self.joins.submit(req.method, (proposer, draft_req), caller=key)
             if key not in self.contexts:  # released while the call waited to join a run: forget it again
                 await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, req.request_id)
@@ -91,6 +91,6 @@ class DrafterService:
         self.contexts.pop(key, None)
 
 
-def _propose_many(items: list[tuple[Proposer, DraftRequest]]) -> list:
+def _propose_many(items: list[tuple[JoinedProposer, DraftRequest]]) -> list:
     """A run of joined calls (one method, so one proposer): its drafts, or each request's error."""
     return items[0][0].propose_many([r for _, r in items])
