@@ -9,9 +9,10 @@ Several candidates (SpecTr) are independent samples from the same prefix.
 Concurrent requests' chains draft together (``propose_many``): their
 catch-up forwards are one ``forward_batch``, and so is each later draft
 step over the requests still drafting, so the draft's weights are read once
-a step for all of them. Greedy chains are the same alone and in company; a sampled request's q may
-differ in its last bits with the company where a forward's products are
-not batch invariant (a prompt-sized catch-up, a GPU). A request's error in
+a step for all of them. Greedy chains are the same alone and in company; a
+sampled request's q may differ in its last bits with the company where a
+forward's products are not batch invariant (a prompt-sized catch-up, a
+GPU). A request's error in
 choosing its tokens is its own; an error in the joined forward fails the
 run. A context at the draft's window drafts what still fits, or nothing.
 """

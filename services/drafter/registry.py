@@ -33,13 +33,9 @@ class DraftInputs:
     target: LlamaConfig  # the target's config (the draft shares its vocabulary)
     dtype: torch.dtype  # compute dtype of the draft's weights
     weights: str | None = None  # the method's weights (the ModelSettings field MethodSpec.weights names)
-    target_source: object = None  # the target's weights path (trained drafters share its embedding)
     device: torch.device = torch.device("cpu")  # where the draft computes (the target's device)
-    embedding: Callable[[], torch.Tensor] | None = None  # the target's embedding [vocab, dim], one tensor for all
-
-    def embed(self) -> torch.Tensor:
-        """The target's embedding matrix [vocab, dim]: the one every method shares, or read from its weights."""
-        return self.embedding() if self.embedding is not None else read_embedding(self.target_source)
+    # the target's embedding matrix [vocab, dim], one tensor for every method (trained drafters share it)
+    embedding: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,16 +67,15 @@ def is_checkpoint(source: str) -> bool:
     return source in checkpoints.HASHES or source.endswith(".safetensors")
 
 
-def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, target_source=None,
-                     device: torch.device | str = "cpu", embed: torch.Tensor | None = None) -> Llama:
+def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype,
+                     embedding: Callable[[], torch.Tensor], device: torch.device | str = "cpu") -> Llama:
     """The draft model on ``device``, checked against the target's config (same vocabulary); a trained
-    checkpoint around ``embed`` (the target's embedding, shared) or the one in ``target_source``."""
+    checkpoint around the target's embedding (``embedding()``, shared)."""
     if source == "random-tiny":
         config = LlamaConfig.from_name("tiny").with_(vocab_size=target.vocab_size, max_seq_len=target.max_seq_len)
         return devices.prepare(Llama(config).init_random(seed=0).to(dtype).eval().requires_grad_(False), device)
     if is_checkpoint(source):
-        embed = embed if embed is not None else read_embedding(target_source)
-        return devices.prepare(checkpoints.load_draft_model(source, embed, dtype), device)
+        return devices.prepare(checkpoints.load_draft_model(source, embedding(), dtype), device)
     draft = devices.prepare(load_llama(source, dtype), device)
     if draft.config.vocab_size != target.vocab_size:
         raise ValueError(f"draft model {source!r} has {draft.config.vocab_size} tokens; the target has "
@@ -89,13 +84,12 @@ def load_draft_model(source: str, target: LlamaConfig, dtype: torch.dtype, targe
 
 
 def _draft_model(i: DraftInputs) -> Proposer:
-    embed = i.embed() if is_checkpoint(i.weights) else None
-    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.target_source, i.device, embed),
+    return DraftModelProposer(load_draft_model(i.weights, i.target, i.dtype, i.embedding, i.device),
                               i.target.vocab_size)
 
 
 def _heads(i: DraftInputs) -> Proposer:
-    heads = checkpoints.load_heads(i.weights, i.embed(), i.dtype).to(i.device)
+    heads = checkpoints.load_heads(i.weights, i.embedding(), i.dtype).to(i.device)
     heads.set_embedding(heads.embed.to(i.device))  # the target's embedding is an attribute, not a parameter
     return HeadsProposer(heads.pack(), i.target.vocab_size)
 
@@ -142,5 +136,5 @@ def build_proposers(methods: list[str], target: LlamaConfig, dtype: torch.dtype,
         source = (weights or {}).get(spec.weights) if spec.weights else None
         if spec.weights and not source:
             raise ValueError(f"method {name} needs {spec.weights} weights")
-        proposers[name] = spec.build(DraftInputs(target, dtype, source, target_source, torch.device(device), embedding))
+        proposers[name] = spec.build(DraftInputs(target, dtype, source, torch.device(device), embedding))
     return proposers

@@ -49,9 +49,13 @@ positions (a proposal has a fixed part about one token's size), a round
 that drafts costs 1 + c k + u (k + 1) plain rounds. u is the method's
 (``MethodSpec.draft_cost``), not timed per round: the draft length, and so a
 seeded request's tokens, must not depend on how busy the machine was
-(decision 54). With B requests drafting, their B proposals run one after
-another on the drafter's compute thread while a plain round grows only to
-T0 (1 + B rho): u(B) = u B (1 + rho) / (1 + B rho) (``batch_overhead``).
+(decision 54). With B requests drafting, B proposals made one after
+another on the drafter's compute thread cost B times one while a plain
+round grows only to T0 (1 + B rho): u(B) = u B (1 + rho) / (1 + B rho)
+(``batch_overhead``). The heads and the draft model now draft concurrent
+requests together (decision 65), so for them u(B) is an upper bound; it is
+kept because heads at 8 streams were measured at plain's speed with it, and
+a lower u would not start drafting at their acceptance there (a = 0.45).
 """
 
 from __future__ import annotations
