@@ -70,13 +70,16 @@ def attend(
     v: Tensor,  # [B, K, P, hd]
     lengths: list[int],  # [B]: row b attends keys [0, lengths[b])
     mask: Tensor | None = None,  # [B, 1, 1, P] bool, ``lengths`` as a mask where the caller has it
+    tails: list[list[int]] | None = None,  # [B] lists: row b's last keys read from these positions (the kernel's)
 ) -> Tensor:  # [B, H, hd]
     """On a CPU, the fused kernel (``fused.decode_attention``: each row alone,
     in a fixed order, so key groups do not matter to it); elsewhere PyTorch's
     SDPA over whole key groups."""
     kernels = fused.on(q)
     if kernels is not None:
-        return kernels.decode_attention(q, k, v, lengths, q.shape[-1] ** -0.5)
+        return kernels.decode_attention(q, k, v, lengths, q.shape[-1] ** -0.5, tails or [])
+    if tails:
+        raise ValueError("tails need the fused CPU kernels (attend_tree's callers check fused.on)")
     if mask is None:
         mask = _mask(k.shape[2], tuple(lengths), k.device)
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
@@ -117,6 +120,33 @@ def attend_chain(q: Tensor, cache: KVCache, layer: int, start: int) -> Tensor:
     if k.shape[1] < P:  # capacity ends inside the last group
         k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
     out = attend(q.transpose(0, 1), k.expand(n, *k.shape), v.expand(n, *v.shape), list(range(start + 1, start + n + 1)))
+    return out.transpose(0, 1)  # [H, n, hd]
+
+
+def tree_paths(tree_mask: Tensor) -> list[list[int]]:
+    """[n, n] bool (row i may attend new token j: its ancestors and itself)
+    -> each row's path, root first: the new tokens it attends, in order (a
+    parent comes before its child)."""
+    return [row.nonzero().flatten().tolist() for row in tree_mask.cpu()]
+
+
+def attend_tree(q: Tensor, cache: KVCache, layer: int, start: int, paths: list[list[int]]) -> Tensor:
+    """The rows of a draft tree of n new tokens after ``start`` cached
+    positions, each attended as the same token on a chain of its path would
+    be (``attend_chain``): q [H, n, hd] -> [H, n, hd]. The tree's keys sit in
+    the cache at start + i, row i's path (``tree_paths``) somewhere among them;
+    the kernel reads the context, then the path's positions, in the order a
+    chain holds them contiguously, so the path's rows get the chain's bits,
+    and the accepted path of a greedy tree those of plain decoding. CPU
+    kernels only (``fused.on``)."""
+    n = q.shape[1]
+    P = padded_length(start + n)
+    k, v = cache.k[layer, :, :P], cache.v[layer, :, :P]  # [K, P, hd]
+    if k.shape[1] < P:  # capacity ends inside the last group
+        k, v = F.pad(k, (0, 0, 0, P - k.shape[1])), F.pad(v, (0, 0, 0, P - v.shape[1]))
+    tails = [[start + j for j in path] for path in paths]
+    out = attend(q.transpose(0, 1), k.expand(n, *k.shape), v.expand(n, *v.shape), [start + len(t) for t in tails],
+                 tails=tails)
     return out.transpose(0, 1)  # [H, n, hd]
 
 

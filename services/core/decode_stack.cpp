@@ -1,5 +1,5 @@
 // A decode step's transformer layers in one call: decode rows and draft
-// chains under verification (arserve.core.decode_stack; docs/decisions.md,
+// chains and trees under verification (arserve.core.decode_stack; docs/decisions.md,
 // decision 51).
 //
 // Why: a batch-1 decode step of a 135M model on a CPU reads its ~540 MB of
@@ -29,8 +29,10 @@ struct Layer {
   torch::Tensor attn_norm, wqkv, wo, ffn_norm, w_gate_up, w_down;
 };
 
-// Rows that attend one KV: (k, v [layers, B, K, P, hd], each row's new position [B]).
-using Group = std::tuple<torch::Tensor, torch::Tensor, std::vector<int64_t>>;
+// Rows that attend one KV: (k, v [layers, B, K, P, hd], each row's new position [B], tails, context).
+// Without tails ([]) row b attends positions [0, at[b] + 1); with them (one per row, a draft tree's rows)
+// row b attends [0, context), then the positions tails[b] (its ancestors' and its own, root first).
+using Group = std::tuple<torch::Tensor, torch::Tensor, std::vector<int64_t>, std::vector<std::vector<int64_t>>, int64_t>;
 
 class DecodeStack {
  public:
@@ -53,25 +55,27 @@ class DecodeStack {
   // attends positions [0, at[b] + 1) there. Decode rows attended together
   // are one group over their padded copy; a chain of new tokens on one cache
   // is a group over that cache broadcast to its rows (stride 0), at = start,
-  // start + 1, ...; cos, sin [N, hd] (sin sign-folded) -> the hidden states
-  // [N, D] after the last layer.
+  // start + 1, ...; a tree of new tokens likewise, each row attending the
+  // context and its path (tails); cos, sin [N, hd] (sin sign-folded) -> the
+  // hidden states [N, D] after the last layer.
   torch::Tensor forward(torch::Tensor x, const std::vector<Group>& groups, const torch::Tensor& cos,
                         const torch::Tensor& sin) const {
     const int64_t N = x.size(0), n_layers = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [rows, dim]");
     std::vector<std::vector<int64_t>> lengths;
     int64_t rows = 0;
-    for (const auto& [k, v, at] : groups) {
+    for (const auto& [k, v, at, tails, context] : groups) {
       const int64_t B = static_cast<int64_t>(at.size());
       TORCH_CHECK(k.dim() == 5 && v.sizes() == k.sizes() && k.size(0) == n_layers && k.size(1) == B &&
                       k.size(2) == K_ && k.size(4) == hd_,
                   "a group's k and v must be [layers, rows, kv_heads, positions, head_dim], one position per row");
       TORCH_CHECK(k.stride(4) == 1 && v.stride(4) == 1, "k and v must have contiguous heads");
       TORCH_CHECK(k.scalar_type() == x.scalar_type() && v.scalar_type() == x.scalar_type(), "k, v and x share a dtype");
+      TORCH_CHECK(tails.empty() || static_cast<int64_t>(tails.size()) == B, "a group's tails: none, or one per row");
       lengths.emplace_back(B);
       for (int64_t b = 0; b < B; ++b) {
         TORCH_CHECK(at[b] >= 0 && at[b] < k.size(3), "a row's position must be inside its cache");
-        lengths.back()[b] = at[b] + 1;
+        lengths.back()[b] = tails.empty() ? at[b] + 1 : context + static_cast<int64_t>(tails[b].size());
       }
       rows += B;
     }
@@ -88,7 +92,7 @@ class DecodeStack {
       const char* vnew = static_cast<const char*>(v_new.data_ptr());
       int64_t row = 0;
       for (size_t i = 0; i < groups.size(); ++i) {
-        const auto& [k, v, at] = groups[i];
+        const auto& [k, v, at, tails, context] = groups[i];
         const int64_t B = static_cast<int64_t>(at.size());
         const torch::Tensor kl = k.select(0, l), vl = v.select(0, l);  // [B, K, P, hd]
         char* kp = static_cast<char*>(kl.data_ptr());
@@ -101,7 +105,7 @@ class DecodeStack {
                         vnew + (g * N + row + b) * row_bytes, row_bytes);
           }
         }
-        outs[i] = decode_attention(q.narrow(0, row, B), kl, vl, lengths[i], scale_);  // [B, H, hd]
+        outs[i] = decode_attention(q.narrow(0, row, B), kl, vl, lengths[i], scale_, tails);  // [B, H, hd]
         row += B;
       }
       const torch::Tensor attn = outs.size() == 1 ? outs[0] : torch::cat(outs, 0);  // [N, H, hd]
@@ -129,7 +133,9 @@ void bind_decode_stack(pybind11::module& m) {
            pybind11::arg("layers"), pybind11::arg("features"), pybind11::arg("n_heads"), pybind11::arg("n_kv_heads"),
            pybind11::arg("head_dim"), pybind11::arg("eps"))
       .def("forward", &DecodeStack::forward, pybind11::arg("x"), pybind11::arg("groups"), pybind11::arg("cos"),
-           pybind11::arg("sin"), "x [N, D], groups [(k, v [layers, B, K, P, hd], at [B])], cos, sin [N, hd] -> [N, D]");
+           pybind11::arg("sin"),
+           "x [N, D], groups [(k, v [layers, B, K, P, hd], at [B], tails [] or [B] lists, context)], cos, sin [N, hd] "
+           "-> [N, D]");
 }
 
 }  // namespace arserve

@@ -16,9 +16,11 @@ products chosen). Its rows come in *groups*, each attending one KV:
 * a decode row alone: its cache;
 * a chain of up to ``decode_attention.CHAIN_ROWS`` draft tokens after a cached context
   (``attend_chain``): its cache, broadcast to the chain's rows, row i
-  attending the context and the chain's first i + 1 tokens.
+  attending the context and the chain's first i + 1 tokens;
+* a tree of as many (``attend_tree``): likewise, row i attending the context
+  and its path's tokens (its *tail*).
 
-A forward with anything else (a prompt, a tree, a longer chain) goes layer by
+A forward with anything else (a prompt, a longer chain or tree) goes layer by
 layer. ``ARSERVE_DECODE_STACK=0`` turns the stack off (A/B runs).
 """
 
@@ -46,17 +48,25 @@ def build(model) -> object | None:
         [first.features[n] for n in names], first.n_heads, first.n_kv_heads, first.head_dim, first.eps)
 
 
-def groups(stack, segments: list, decode: DecodeRows | None) -> list[tuple[Tensor, Tensor, list[int]]] | None:
+Group = tuple[Tensor, Tensor, list[int], list[list[int]], int]
+
+
+def groups(stack, segments: list, decode: DecodeRows | None) -> list[Group] | None:
     """What ``stack.forward`` attends, group by group in row order, when
-    every row of the forward is a decode row or a row of a draft chain (else
-    None: the forward goes layer by layer): (k, v [layers, B, kv_heads,
-    positions, head_dim], each row's new position)."""
+    every row of the forward is a decode row or a row of a draft chain or
+    tree (else None: the forward goes layer by layer): (k, v [layers, B,
+    kv_heads, positions, head_dim], each row's new position, each row's tail
+    or [] for none, the context before the tails)."""
     if stack is None:
         return None
-    out = [] if decode is None else [(decode.k, decode.v, decode.starts)]
+    out = [] if decode is None else [(decode.k, decode.v, decode.starts, [], 0)]
     for seg in segments[0 if decode is None else decode.n:]:
-        if not (seg.alone or seg.chain):  # a prompt, a tree, a long chain: layer by layer
+        if not (seg.alone or seg.chain or seg.tree):  # a prompt, a long chain or tree: layer by layer
             return None
         k, v = (t.unsqueeze(1).expand(-1, seg.n, -1, -1, -1) for t in (seg.cache.k, seg.cache.v))
-        out.append((k, v, list(range(seg.start, seg.start + seg.n))))  # row i attends [0, start + i]
+        at = list(range(seg.start, seg.start + seg.n))  # the new keys' positions
+        if seg.tree:  # row i attends [0, start), then its path's positions
+            out.append((k, v, at, [[seg.start + j for j in path] for path in seg.paths], seg.start))
+        else:  # row i attends [0, start + i]
+            out.append((k, v, at, [], 0))
     return out

@@ -234,6 +234,10 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
 // -> [B, H, hd]. Each (query, key/value head) pair is computed alone, in one
 // fixed order whatever B or P: a decode row's bits are the same alone, in a
 // batch of decode rows, or as a row of a draft chain under verification.
+// tails (empty, or one per query): query b's last tails[b].size() keys are
+// read from those positions instead, in that order. A draft tree's row reads
+// its context, then its ancestors' slots and its own: the keys a chain of
+// that path holds contiguously, read in the same order, so the same bits.
 namespace {
 
 constexpr int64_t kLanes = 16;  // floats in one vector (one AVX-512 register; two AVX2 ones)
@@ -270,7 +274,8 @@ float dot(const vfloat* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: v
 }  // namespace
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const std::vector<int64_t>& lengths, double scale) {
+                               const std::vector<int64_t>& lengths, double scale,
+                               const std::vector<std::vector<int64_t>>& tails) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "q, k, v must be on the CPU");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "q must be [B, H, hd], k and v [B, K, P, hd]");
   const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), K = k.size(1), P = k.size(2);
@@ -278,10 +283,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(q.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim must be contiguous");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
   TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B, "one length per query");
+  TORCH_CHECK(tails.empty() || static_cast<int64_t>(tails.size()) == B, "tails: none, or one per query");
   int64_t longest = 0;
-  for (int64_t n : lengths) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = lengths[b];
     TORCH_CHECK(n >= 1 && n <= P, "a query's length must be in [1, P]");
     longest = std::max(longest, n);
+    if (tails.empty()) continue;
+    TORCH_CHECK(static_cast<int64_t>(tails[b].size()) <= n, "a query's tail must not be longer than its length");
+    for (int64_t t : tails[b]) TORCH_CHECK(t >= 0 && t < P, "a tail's position must be in [0, P)");
   }
   TORCH_CHECK(hd % kLanes == 0, "head_dim must be a multiple of ", kLanes);
   auto out = torch::empty({B, H, hd}, q.options());
@@ -297,6 +307,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       std::vector<float> s(G * longest + kLanes);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / K, g = task % K, L = lengths[b];
+        const int64_t* tail = tails.empty() ? nullptr : tails[b].data();
+        const int64_t split = tails.empty() ? L : L - static_cast<int64_t>(tails[b].size());
+        auto at = [&](int64_t j) { return j < split ? j : tail[j - split]; };  // key j's position
         for (int64_t i = 0; i < G; ++i) {
           const scalar_t* qh = qp + b * q.stride(0) + (g * G + i) * q.stride(1);
           for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_lanes(qh + c * kLanes) * fscale;
@@ -304,7 +317,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         const scalar_t* kb = kp + b * k.stride(0) + g * k.stride(1);
         const scalar_t* vb = vp + b * v.stride(0) + g * v.stride(1);
         for (int64_t j = 0; j < L; ++j) {  // scores: each key read once for the G query heads
-          const scalar_t* kj = kb + j * k.stride(2);
+          const scalar_t* kj = kb + at(j) * k.stride(2);
           for (int64_t i = 0; i < G; ++i) s[i * L + j] = dot(qv.data() + i * V, kj, V);
         }
         for (int64_t i = 0; i < G; ++i) {  // softmax, then the probability-weighted sum of values
@@ -330,7 +343,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           const float total = sum_lanes(denom);
           for (int64_t c = 0; c < V; ++c) o[c] = vfloat{};
           for (int64_t jj = 0; jj < L; ++jj) {
-            const scalar_t* vj = vb + jj * v.stride(2);
+            const scalar_t* vj = vb + at(jj) * v.stride(2);
             const vfloat p = splat(si[jj]);
             for (int64_t c = 0; c < V; ++c) o[c] += p * load_lanes(vj + c * kLanes);
           }
@@ -354,8 +367,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x [R, D], w [D], eps -> [R, D]");
   m.def("add_rms_norm", &add_rms_norm, "x, delta [R, D], w [D], eps -> (x + delta, rms_norm(x + delta))");
   m.def("silu_mul", &silu_mul, "gate_up [R, 2I] -> silu(gate) * up [R, I]");
-  m.def("decode_attention", &decode_attention,
-        "q [B, H, hd], k, v [B, K, P, hd], lengths [B], scale -> [B, H, hd]: query b attends keys [0, lengths[b])");
+  m.def("decode_attention", &decode_attention, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("lengths"), pybind11::arg("scale"), pybind11::arg("tails") = std::vector<std::vector<int64_t>>{},
+        "q [B, H, hd], k, v [B, K, P, hd], lengths [B], scale, tails ([] or [B] lists) -> [B, H, hd]: query b "
+        "attends keys [0, lengths[b]), its last len(tails[b]) read from the positions tails[b]");
   m.def("causal_attention", &arserve::causal_attention,
         "q [H, n, hd], k, v [K, start + n, hd], start, scale -> [H, n, hd]: query p attends keys [0, start + p]");
   m.def("causal_attention_width", &arserve::causal_attention_width, "causal_attention's head_dim must be a multiple of it");

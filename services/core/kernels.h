@@ -191,4 +191,5 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up);
 std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& cos,
                                                   const torch::Tensor& sin, int64_t H, int64_t K);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const std::vector<int64_t>& lengths, double scale);
+                               const std::vector<int64_t>& lengths, double scale,
+                               const std::vector<std::vector<int64_t>>& tails = {});

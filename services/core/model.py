@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import decode_stack, fused, products
 from .config import LlamaConfig
 from .cpu import PACKED, ROWS, onednn_packs, weight_layout
-from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one
+from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one, attend_tree, tree_paths
 from .kv_cache import KVCache
 from .products import SHARED_ROWS, RowSplit
 from .row_invariance import PROBE_MAX, Floor, caveat, floor_of, padded
@@ -190,6 +190,9 @@ class Block(nn.Module):
             if seg.chain:  # a greedy draft: each row as it decodes
                 outs.append(attend_chain(q[:, rows], seg.cache, layer, seg.start))
                 continue
+            if seg.tree:  # a draft tree: each row as a chain of its path
+                outs.append(attend_tree(q[:, rows], seg.cache, layer, seg.start, seg.paths))
+                continue
             if seg.mask is None:  # a prompt, or a chunk of one after seg.start cached positions: causal
                 skip = seg.skip if outputs is not None else 0
                 if skip < seg.n:
@@ -285,6 +288,7 @@ class Segment:
     mask: Tensor | None  # a tree's [n, start + n] bool, True = may attend; None = causal
     skip: int = 0  # a causal segment's rows before its first output: in the last layer, keys and values only
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
+    paths: list[list[int]] | None = None  # a tree's rows' paths (``tree_paths``), where they attend row by row
 
     @property
     def alone(self) -> bool:
@@ -295,6 +299,11 @@ class Segment:
     def chain(self) -> bool:
         """A draft chain after a cached context: each row as it decodes (``attend_chain``)."""
         return self.rowwise and self.start > 0 and self.n <= CHAIN_ROWS
+
+    @property
+    def tree(self) -> bool:
+        """A draft tree after a cached context: each row as a chain of its path decodes (``attend_tree``)."""
+        return self.paths is not None and self.start > 0 and self.n <= CHAIN_ROWS
 
 
 class Llama(nn.Module):
@@ -460,6 +469,8 @@ class Llama(nn.Module):
             if it.tree_mask is not None:  # SDPA's mask: the context, then the tree
                 context = torch.ones(n, start, dtype=torch.bool, device=dev)
                 seg.mask = torch.cat((context, it.tree_mask.to(dev)), dim=1)  # [n, start + n]
+                if fused.on(it.cache.k) is not None:  # the kernel reads each row's path (``attend_tree``)
+                    seg.paths = tree_paths(it.tree_mask)
             segments.append(seg)
             row_of[i] = len(segments) - 1
             row += n

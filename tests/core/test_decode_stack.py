@@ -9,6 +9,7 @@ import torch
 
 from arserve.core import fused
 from arserve.core.config import LlamaConfig
+from arserve.backbone.service import tree_inputs
 from arserve.core.model import Llama, ScoreItem
 
 pytestmark = pytest.mark.skipif(fused.kernels() is None, reason="the fused CPU kernels need a C++ compiler")
@@ -81,6 +82,45 @@ def test_a_draft_chain_through_the_stack_equals_decoding_layer_by_layer():
         assert torch.equal(chain, one), (start, n, (chain - one).abs().max().item())
 
 
+def test_a_draft_tree_through_the_stack_gives_each_path_the_bits_of_decoding_it():
+    """What makes a greedy tree lossless bit for bit: each row of a tree
+    (SmolLM2's shapes, two roots, branches at several depths), through the
+    stack and layer by layer, has the logits of decoding its path's tokens
+    one by one; and its keys, kept (``KVCache.keep``), are decoding's."""
+    model = packed("smollm2-135m", seed=11)
+    stack = model.stack = Counting(model.stack)
+    g = torch.Generator().manual_seed(12)
+    parents = [-1, 0, 1, 1, 3, -1, 5, 0, 7]  # two roots; row 4's path is 0, 1, 3, 4
+    start = 29
+    ids = torch.randint(0, model.config.vocab_size, (start,), generator=g)
+    tokens = torch.randint(0, model.config.vocab_size, (len(parents),), generator=g)
+    mask, depths = tree_inputs(parents)
+    scored = {}
+    for use_stack in (True, False):
+        model.stack = stack if use_stack else None
+        cache = model.new_cache()
+        model(ids, cache)
+        stack.calls.clear()
+        scored[use_stack] = model(tokens, cache, tree_mask=mask, depths=depths)
+        assert stack.calls == ([len(parents)] if use_stack else [])
+    assert torch.equal(scored[True], scored[False])
+    model.stack = None
+    for leaf in (2, 4, 6, 8):
+        path = mask[leaf].nonzero().flatten().tolist()
+        cache = model.new_cache()
+        model(ids, cache)
+        one = torch.cat([model(tokens[i:i + 1], cache) for i in path])  # plain decoding of the path
+        assert torch.equal(scored[True][path], one), (leaf, path)
+        model.stack = stack
+        tree_cache = model.new_cache()
+        model(ids, tree_cache)
+        model(tokens, tree_cache, tree_mask=mask, depths=depths)
+        tree_cache.keep(start, path)
+        model.stack = None
+        n = start + len(path)
+        assert torch.equal(tree_cache.k[:, :, :n], cache.k[:, :, :n]) and torch.equal(tree_cache.v[:, :, :n], cache.v[:, :, :n])
+
+
 def test_decode_rows_beside_draft_chains_get_the_layer_by_layer_bits():
     """A verification step of several requests: two decode rows (attended
     together), a chain of 5 drafts and a chain of 1 on their own caches."""
@@ -102,17 +142,19 @@ def test_decode_rows_beside_draft_chains_get_the_layer_by_layer_bits():
     assert stack.calls == [sum(news)] * 2
 
 
-def test_prompts_and_trees_go_layer_by_layer(monkeypatch):
+def test_prompts_go_layer_by_layer_and_drafts_through_the_stack(monkeypatch):
     model = packed("tiny")
     stack = model.stack = Counting(model.stack)
     caches = prefilled(model, [9, 20], 6)
     stack.calls.clear()
     model(torch.tensor([1, 2, 3]), model.new_cache())  # a prompt
     model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([1, 2]), model.new_cache())])
-    model(torch.tensor([4, 5]), caches[0], tree_mask=torch.ones(2, 2, dtype=torch.bool).tril())  # a tree
     assert stack.calls == []
+    mask, depths = tree_inputs([-1, 0, -1])
+    model(torch.tensor([4, 5, 6]), caches[0], tree_mask=mask, depths=depths)  # a tree
+    assert stack.calls == [3]
     model.forward_batch([ScoreItem(torch.tensor([3]), caches[0]), ScoreItem(torch.tensor([4, 5]), caches[1])])
-    assert stack.calls == [3]  # a decode row and a chain
+    assert stack.calls == [3, 3]  # a decode row and a chain
     monkeypatch.setenv("ARSERVE_DECODE_STACK", "0")
     assert packed("tiny").stack is None
 
@@ -125,8 +167,12 @@ def test_bad_input_is_a_clear_error_not_a_crash():
     cos = sin = torch.zeros(1, model.config.head_dim)
     k, v = cache.k.unsqueeze(1), cache.v.unsqueeze(1)
     with pytest.raises(RuntimeError, match="inside its cache"):
-        model.stack.forward(x, [(k, v, [cache.k.shape[2]])], cos, sin)
+        model.stack.forward(x, [(k, v, [cache.k.shape[2]], [], 0)], cos, sin)
     with pytest.raises(RuntimeError, match="one position per row"):
-        model.stack.forward(x, [(k, v, [2, 3])], cos, sin)
+        model.stack.forward(x, [(k, v, [2, 3], [], 0)], cos, sin)
     with pytest.raises(RuntimeError, match="the groups hold 2 rows, x 1"):
-        model.stack.forward(x, [(k, v, [2]), (k, v, [3])], cos, sin)
+        model.stack.forward(x, [(k, v, [2], [], 0), (k, v, [3], [], 0)], cos, sin)
+    with pytest.raises(RuntimeError, match="tails: none, or one per row"):
+        model.stack.forward(x, [(k, v, [2], [[2], [2]], 2)], cos, sin)
+    with pytest.raises(RuntimeError, match="a tail's position must be in"):
+        model.stack.forward(x, [(k, v, [2], [[1 << 20]], 2)], cos, sin)

@@ -126,6 +126,29 @@ def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
         K.decode_attention(q, k, v, [0] * B, 1.0)
 
 
+def test_decode_attention_reads_a_rows_tail_from_where_it_lies_with_the_bits_of_a_contiguous_path():
+    """A draft tree's row: its context, then its path's keys wherever the
+    tree put them, read in path order: the bits of the same keys held
+    contiguously (a chain of that path)."""
+    torch.manual_seed(5)
+    H, Kv, hd, start = 9, 3, 64, 37
+    q = torch.randn(1, H, hd)
+    k, v = torch.randn(1, Kv, 80, hd), torch.randn(1, Kv, 80, hd)
+    path = [start + 5, start + 1, start + 9]  # the tree's slots of the path, root first
+    chain_k, chain_v = k.clone(), v.clone()  # the same path laid out after the context, as a chain holds it
+    chain_k[:, :, start:start + 3], chain_v[:, :, start:start + 3] = k[:, :, path], v[:, :, path]
+    chain = K.decode_attention(q, chain_k, chain_v, [start + 3], hd ** -0.5)
+    tree = K.decode_attention(q, k, v, [start + 3], hd ** -0.5, [path])
+    assert torch.equal(tree, chain)
+    assert not torch.equal(K.decode_attention(q, k, v, [start + 3], hd ** -0.5), chain)  # (the positions mattered)
+    with pytest.raises(RuntimeError, match="none, or one per query"):
+        K.decode_attention(q, k, v, [start + 3], 1.0, [path, path])
+    with pytest.raises(RuntimeError, match="tail's position"):
+        K.decode_attention(q, k, v, [start + 3], 1.0, [[80]])
+    with pytest.raises(RuntimeError, match="longer than its length"):
+        K.decode_attention(q, k, v, [2], 1.0, [path])
+
+
 def causal_reference(q, k, v, start):  # float64 SDPA: query p attends keys [0, start + p]
     n = q.shape[1]
     mask = torch.ones(n, start + n, dtype=torch.bool).tril_(start)
