@@ -15,6 +15,11 @@ far, as SuffixDecoding (Oliaro et al. 2024) follows the most frequent
 branch of its suffix tree. Equal weights go to the latest occurrence.
 Deterministic: q is one-hot. A match near the end of the context continues
 as a loop (``continuation``).
+
+A chain's confidence class is how far its best occurrence agrees, in powers
+of two (``confidence``): the verifier learns an acceptance rate per class
+(``verifier.draft_length.ClassedLength``), so a draft that continues a long
+copy is verified at length while one-token matches draft little (decision 68).
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .proposer import Draft, DraftRequest, Proposer, merge_into_tree
+
+
+CLASSES = 4  # confidence classes: agreement 1, 2-3, 4-7, 8 or more tokens
+
+
+def confidence(agreement: int) -> int:
+    """A chain's confidence class, 1..CLASSES, from its best occurrence's agreement (tokens)."""
+    return min(CLASSES, max(1, agreement).bit_length())
 
 
 def continuation(tokens: list[int], p: int, k: int, loop: bool) -> list[int]:
@@ -114,7 +127,10 @@ class NgramProposer(Proposer):
             # a chain follows the heaviest first token; a tree's branches, the next ones too
             heaviest = sorted(groups, key=lambda t: -sum(weights[i] for i in groups[t]))[: max(1, req.candidates)]
             chosen = [self._vote([conts[i] for i in groups[t]], [weights[i] for i in groups[t]], req.k) for t in heaviest]
-            return Draft(chosen[0]) if req.candidates <= 1 else merge_into_tree(chosen)
+            if req.candidates > 1:
+                return merge_into_tree(chosen)
+            best = max(round(weights[i]) for i in groups[heaviest[0]])  # the chain's best occurrence's agreement
+            return Draft(chosen[0], confidence=confidence(best))
         return Draft([])
 
     def release(self, request_id: str) -> None:

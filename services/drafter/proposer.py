@@ -39,6 +39,7 @@ class Draft:
     tokens: list[int]  # [n] draft token ids
     parents: list[int] | None = None  # [n] parent of each token (-1 = last committed); None = a chain
     q: Tensor | None = None  # [n, vocab] distribution each token was drawn from; None = deterministic (one-hot)
+    confidence: int = 0  # a chain's confidence class (0: none; the verifier's ``ClassedLength``)
 
     @property
     def is_chain(self) -> bool:

@@ -55,6 +55,7 @@ class MethodSpec:
     # the proposer's own time per draft position + 1, in plain rounds (verifier.draft_length's overhead u;
     # a 2-core EPYC, SmolLM2: Hydra heads 0.03 in float32 to 0.064 in bfloat16)
     draft_cost: float = 0.0
+    classes: bool = False  # its chains carry a confidence class: the verifier learns a draft length per class
 
     @property
     def drafts(self) -> bool:
@@ -96,7 +97,7 @@ def _heads(i: DraftInputs) -> Proposer:
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("none"),
-    MethodSpec("ngram", build=lambda i: NgramProposer(), request_cache=True, trees=True),
+    MethodSpec("ngram", build=lambda i: NgramProposer(), request_cache=True, trees=True, classes=True),
     MethodSpec("draft_model", build=_draft_model, weights="draft_model", request_cache=True, trees=True,
                sampled=True, acceptance_memory=16, draft_cost=0.05),
     MethodSpec("heads", build=_heads, weights="draft_heads", hidden=True, trees=True, sampled=True,

@@ -67,7 +67,7 @@ class DrafterService:
                 raise draft
         else:
             draft = await asyncio.get_running_loop().run_in_executor(self.executor, proposer.propose, draft_req)
-        out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [])
+        out = pb.Draft(token_ids=draft.tokens, parents=draft.parents or [], confidence=draft.confidence)
         if draft.q is not None:
             out.probs.CopyFrom(to_proto(draft.q.float()))
         return pb.ProposeResponse(draft=out)

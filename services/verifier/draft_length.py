@@ -56,6 +56,14 @@ round grows only to T0 (1 + B rho): u(B) = u B (1 + rho) / (1 + B rho)
 requests together (decision 65), so for them u(B) is an upper bound; it is
 kept because heads at 8 streams were measured at plain's speed with it, and
 a lower u would not start drafting at their acceptance there (a = 0.45).
+
+A proposer may also say how much it trusts each draft: its *confidence
+class* (``Draft.confidence``; the n-gram proposer's is how long a context
+its chosen occurrence agrees with, decision 68). Then the rate is kept per
+class (``ClassedLength``): a draft whose match agrees over 8 tokens is
+verified at full length while one-token matches draft nothing, where one
+rate for both would draft both short. The proposer is asked for the most
+any class would keep, and its draft is cut to its class's length.
 """
 
 from __future__ import annotations
@@ -141,6 +149,23 @@ class DraftLength:
                 return 1
         return k
 
+    def wants(self, requests: int = 1) -> bool:
+        """Whether ``next`` would draft now (its choice, or a probe due), without counting a round."""
+        if not self.adaptive or self.k_max == 0:
+            return self.k_max > 0
+        c = batch_cost(self.cost_per_token, requests, self.row_cost)
+        u = batch_overhead(self.overhead, self.cost_per_token, requests, self.row_cost)
+        return (max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u)) > 0
+                or self.idle + 1 >= self.probe_interval(c, u))
+
+    def ask(self, requests: int = 1) -> int:
+        """Tokens to ask the proposer for this round (``ClassedLength``'s protocol): ``next``."""
+        return self.next(requests)
+
+    def keep(self, confidence: int, requests: int, asked: int) -> int:
+        """Of a draft of ``asked`` tokens, how many to verify: all (one rate for every draft)."""
+        return asked
+
     def probe_interval(self, c: float, u: float) -> int:
         """Rounds between 1-token probes when a probe costs c + 2u: ``probe_every``
         at one request's cost, further apart as a probe costs more."""
@@ -168,3 +193,37 @@ class DraftLength:
         keep = (1.0 - 1.0 / self.memory) ** trials
         self.pooled = (keep * self.pooled[0] + accepted, keep * self.pooled[1] + trials)
         self.rate = self.pooled[0] / self.pooled[1]
+
+
+@dataclass
+class ClassedLength:
+    """One ``DraftLength`` per confidence class of the proposer's drafts
+    (``Draft.confidence``), each learning its class's acceptance rate. The
+    proposer is asked for up to k_max tokens while some class would draft
+    (each class unseen so far counts, at the prior rate) and for none once
+    none would, every class then counting the round as one without a draft;
+    its draft is cut to what its class keeps (``keep``), and the round's
+    verdict goes to that class (``update``)."""
+
+    make: Callable[[], DraftLength]  # a class's length when it is first seen
+    classes: dict[int, DraftLength] = field(default_factory=dict)
+    current: int | None = None  # the class of the draft under verification
+
+    def ask(self, requests: int = 1) -> int:
+        self.current = None
+        if not self.classes or any(length.wants(requests) for length in self.classes.values()):
+            return self.make().k_max
+        for length in self.classes.values():  # no class drafts: a plain round for each (probes come due)
+            length.next(requests)
+        return 0
+
+    def keep(self, confidence: int, requests: int, asked: int) -> int:
+        length = self.classes.get(confidence)
+        if length is None:
+            length = self.classes[confidence] = self.make()
+        self.current = confidence
+        return min(asked, length.next(requests))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if self.current is not None:
+            self.classes[self.current].update(drafted, accepted)

@@ -22,7 +22,7 @@ from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ServiceSettings
 from ..wire import TensorProto, proto_row
-from .draft_length import DraftLength
+from .draft_length import ClassedLength, DraftLength
 
 
 def _default(name: str):
@@ -109,10 +109,16 @@ class RequestPlan:
         """The drafter drafts from the target's hidden state (Score returns it)."""
         return self.drafting and self.method.hidden
 
-    def draft_length(self) -> DraftLength:
-        return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token,
-                           overhead=self.method.draft_cost, memory=self.method.acceptance_memory,
-                           row_cost=self.row_cost)
+    def draft_length(self) -> DraftLength | ClassedLength:
+        """The request's adaptive draft length: one per confidence class where the method's chains
+        carry one (``MethodSpec.classes``)."""
+        def make() -> DraftLength:
+            return DraftLength(self.k_max, adaptive=self.adaptive, cost_per_token=self.cost_per_token,
+                               overhead=self.method.draft_cost, memory=self.method.acceptance_memory,
+                               row_cost=self.row_cost)
+        if self.method.classes and self.adaptive and self.candidates <= 1 and self.k_max > 0:
+            return ClassedLength(make)
+        return make()
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
         """A Score call of this request: greedy asks only for the argmax; max_positions and the salt go

@@ -51,8 +51,8 @@ from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as pb
 from ..rpc import status_of
-from ..wire import TensorProto, from_proto
-from .draft_length import DraftLength
+from ..wire import TensorProto, from_proto, to_proto
+from .draft_length import ClassedLength, DraftLength
 from .plan import RequestPlan, SpeculationDefaults
 from .stats import count_draft, update_mean
 
@@ -168,6 +168,14 @@ def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor | RowProb
     return RowProbs(from_proto(out.logits), sampling)
 
 
+def cut(draft: dpb.Draft, n: int) -> dpb.Draft:
+    """A chain's first n tokens (and their q rows, where it carries them)."""
+    out = dpb.Draft(token_ids=draft.token_ids[:n], confidence=draft.confidence)
+    if draft.probs.shape:
+        out.probs.CopyFrom(to_proto(from_proto(draft.probs)[:n]))
+    return out
+
+
 def verify(draft: dpb.Draft, p: torch.Tensor | RowProbs, sampling: Sampling, generator: torch.Generator) -> Verdict:
     """Choose the acceptance rule for a draft. p: ``target`` of the n + 1
     scored positions (row 0 at the root, row i + 1 after draft node i)."""
@@ -186,7 +194,7 @@ class Decoding:
     """A Run's state between rounds."""
 
     tokens: list[int]  # [L + generated] committed: prompt, then output (the pending token included)
-    length: DraftLength  # the adaptive draft length
+    length: DraftLength | ClassedLength  # the adaptive draft length
     stats: gpb.SpeculativeStats  # what the request reports (arserve.verifier.stats)
     pending: int = -1  # the last sampled token: decided and streamed, scored at the next round's root
     anchor: TensorProto | None = None  # hidden-state methods: the hidden state [dim] that decided `pending`
@@ -284,7 +292,7 @@ class VerifierService:
 
     async def _draft(self, plan: RequestPlan, state: Decoding) -> dpb.Draft | None:
         """This round's draft, or None: a plain round (no draft asked, none proposed, or a failed drafter)."""
-        k = min(state.length.next(self.decoding), plan.max_tokens - state.generated - 1)
+        k = min(state.length.ask(self.decoding), plan.max_tokens - state.generated - 1)
         if k <= 0:
             return None
         draft = await self._propose(dpb.ProposeRequest(
@@ -295,6 +303,12 @@ class VerifierService:
         if draft is False:  # the drafter failed: a plain round, and the whole context next time
             state.told = 0
             return None
+        if draft is not None and not draft.parents:  # a chain: as much as its confidence class keeps
+            keep = state.length.keep(draft.confidence, self.decoding, len(draft.token_ids))
+            if keep <= 0:
+                return None
+            if keep < len(draft.token_ids):
+                draft = cut(draft, keep)
         return draft
 
     async def _propose(self, req: dpb.ProposeRequest) -> dpb.Draft | None | bool:

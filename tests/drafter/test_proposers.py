@@ -29,6 +29,19 @@ def test_ngram_copies_from_the_occurrence_that_agrees_longest():
     assert NgramProposer(max_n=1, max_agreement=1).propose(DraftRequest("r", tokens, new=len(tokens), k=2)).tokens == [9, 9]
 
 
+def test_an_ngram_chain_says_how_far_its_best_occurrence_agrees():
+    """Confidence classes 1..4: agreement 1, 2-3, 4-7, 8 or more tokens."""
+    from arserve.drafter.ngram import confidence
+
+    assert [confidence(a) for a in (1, 2, 3, 4, 7, 8, 32)] == [1, 2, 2, 3, 3, 4, 4]
+    copied = list(range(100, 112))  # a 12-token passage, then its first 10 tokens again
+    d = NgramProposer().propose(DraftRequest("r", copied + [7] + copied[:10], new=23, k=2))
+    assert d.tokens == copied[10:12] and d.confidence == 4
+    d = NgramProposer().propose(DraftRequest("r", [5, 3, 9, 1, 3], new=5, k=2))  # "3" once before, after 5, not 1
+    assert d.tokens == [9, 1] and d.confidence == 1
+    assert NgramProposer().propose(DraftRequest("r", copied + [7] + copied[:10], new=23, k=2, candidates=2)).confidence == 0
+
+
 def test_ngram_drafts_what_most_occurrences_continue_with():
     """Key "3" (the context's "13 3" never occurred) has three occurrences,
     none agreeing further back: all go on with 4, then two with 6 and the

@@ -11,7 +11,7 @@ from conftest import PROMPT, tiny_target
 
 from arserve.backbone.service import BackboneService
 from arserve.drafter.registry import METHODS
-from arserve.verifier.draft_length import DraftLength, batch_cost, batch_overhead
+from arserve.verifier.draft_length import ClassedLength, DraftLength, batch_cost, batch_overhead
 from arserve.verifier.service import VerifierService
 
 
@@ -52,6 +52,57 @@ def test_the_draft_is_shorter_at_8_streams_and_still_drafts_when_most_tokens_are
     assert 0 < eight < alone
     assert DraftLength(8, True, 0.06, rate=0.97).next(8) >= 4  # copying: drafting pays at any load
     assert DraftLength(8, False, 0.06, rate=0.1).next(8) == 8  # not adaptive: always k_max
+
+
+def test_each_confidence_class_learns_its_own_draft_length():
+    """Drafts of class 4 are always kept, class 1's never: class 4 drafts at full length while class 1
+    stops drafting; one rate for both would draft both at the same middling length."""
+    length, one = ClassedLength(lambda: DraftLength(8, True, 0.06)), DraftLength(8, True, 0.06)
+    assert length.ask() == 8  # no class seen: ask for all
+    for _ in range(10):
+        assert length.ask() == 8
+        k = length.keep(4, 1, 8)
+        length.update(k, k)  # all kept
+        assert length.ask() == 8
+        k = length.keep(1, 1, 8)
+        length.update(k, 0)  # none kept
+        one.update(one.next(), one.next())
+        one.update(one.next(), 0)
+    assert length.keep(4, 1, 8) == 8 and length.keep(1, 1, 8) == 0
+    assert 0 < one.next() < 8
+    assert length.keep(1, 1, 3) == 0 and length.keep(4, 1, 3) == 3  # (never more than was drafted)
+    assert length.keep(2, 1, 8) == DraftLength(8, True, 0.06).next()  # an unseen class starts at the prior
+
+
+def test_when_no_class_would_draft_the_proposer_is_not_asked_until_a_probe_is_due():
+    length = ClassedLength(lambda: DraftLength(8, True, 0.06, rate=0.05))
+    assert length.ask() == 8 and length.keep(1, 1, 8) == 0  # class 1 at a rate that never pays
+    kept = []
+    for _ in range(16):
+        if length.ask() == 0:
+            kept.append(None)  # a plain round, the proposer not asked
+            continue
+        kept.append(length.keep(1, 1, 8))
+        length.update(kept[-1], 0)
+    # plain rounds, then a 1-token probe every 8 rounds (``probe_every``; the first keep was one of them)
+    assert kept[:15] == [None] * 6 + [1] + [None] * 7 + [1]
+    length.ask()
+    length.update(1, 1)  # (a verdict with no class under verification changes nothing)
+    assert length.classes[1].rate < 0.05
+
+
+def test_a_chain_is_cut_with_its_draw_distributions():
+    import torch
+
+    from arserve.pb.v1 import drafter_pb2 as dpb
+    from arserve.verifier.service import cut
+    from arserve.wire import from_proto, to_proto
+
+    q = torch.rand(5, 7)
+    draft = dpb.Draft(token_ids=[1, 2, 3, 4, 5], confidence=3, probs=to_proto(q))
+    short = cut(draft, 2)
+    assert list(short.token_ids) == [1, 2] and short.confidence == 3 and torch.equal(from_proto(short.probs), q[:2])
+    assert not cut(dpb.Draft(token_ids=[1, 2, 3]), 1).probs.shape
 
 
 def test_the_verifier_counts_the_requests_decoding_on_it():

@@ -26,7 +26,7 @@ from arserve_client.v1 import generation_pb2 as arserve_dot_v1_dot_generation__p
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61rserve/v1/drafter.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\xb4\x02\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rnew_token_ids\x18\x04 \x03(\r\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\r\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\"\n\x06hidden\x18\n \x01(\x0b\x32\x12.arserve.v1.Tensor\x12,\n\x05image\x18\x0b \x01(\x0b\x32\x1d.arserve.v1.ImageDraftRequest\"\xc3\x01\n\x11ImageDraftRequest\x12\x0e\n\x06labels\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12#\n\x07pending\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12!\n\x05noise\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x06 \x01(\x02\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x08 \x01(\r\"\xde\x01\n\x05\x44raft\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12!\n\x05probs\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\'\n\x0blog_density\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\"3\n\x0fProposeResponse\x12 \n\x05\x64raft\x18\x01 \x01(\x0b\x32\x11.arserve.v1.Draft\"J\n\x15\x44rafterReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x18\n\x16\x44rafterReleaseResponse\"?\n\x12ProposeManyRequest\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.arserve.v1.ProposeRequest\"A\n\x13ProposeManyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.arserve.v1.ProposeResult\"]\n\rProposeResult\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x1b.arserve.v1.ProposeResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xef\x01\n\x07\x44rafter\x12\x42\n\x07Propose\x12\x1a.arserve.v1.ProposeRequest\x1a\x1b.arserve.v1.ProposeResponse\x12N\n\x0bProposeMany\x12\x1e.arserve.v1.ProposeManyRequest\x1a\x1f.arserve.v1.ProposeManyResponse\x12P\n\x07Release\x12!.arserve.v1.DrafterReleaseRequest\x1a\".arserve.v1.DrafterReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61rserve/v1/drafter.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\xb4\x02\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\rnew_token_ids\x18\x04 \x03(\r\x12\x18\n\x10\x63ommitted_length\x18\x05 \x01(\r\x12\x18\n\x10num_draft_tokens\x18\x06 \x01(\r\x12\x16\n\x0enum_candidates\x18\x07 \x01(\r\x12,\n\x08sampling\x18\x08 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\"\n\x06hidden\x18\n \x01(\x0b\x32\x12.arserve.v1.Tensor\x12,\n\x05image\x18\x0b \x01(\x0b\x32\x1d.arserve.v1.ImageDraftRequest\"\xc3\x01\n\x11ImageDraftRequest\x12\x0e\n\x06labels\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\x12#\n\x07pending\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12!\n\x05noise\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x06 \x01(\x02\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x08 \x01(\r\"\xf2\x01\n\x05\x44raft\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12!\n\x05probs\x18\x03 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\"\n\x06states\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\'\n\x0blog_density\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x1d\n\x01z\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x12\n\nconfidence\x18\x08 \x01(\r\"3\n\x0fProposeResponse\x12 \n\x05\x64raft\x18\x01 \x01(\x0b\x32\x11.arserve.v1.Draft\"J\n\x15\x44rafterReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x18\n\x16\x44rafterReleaseResponse\"?\n\x12ProposeManyRequest\x12)\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x1a.arserve.v1.ProposeRequest\"A\n\x13ProposeManyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.arserve.v1.ProposeResult\"]\n\rProposeResult\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x1b.arserve.v1.ProposeResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xef\x01\n\x07\x44rafter\x12\x42\n\x07Propose\x12\x1a.arserve.v1.ProposeRequest\x1a\x1b.arserve.v1.ProposeResponse\x12N\n\x0bProposeMany\x12\x1e.arserve.v1.ProposeManyRequest\x1a\x1f.arserve.v1.ProposeManyResponse\x12P\n\x07Release\x12!.arserve.v1.DrafterReleaseRequest\x1a\".arserve.v1.DrafterReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEDRAFTREQUEST']._serialized_start=406
   _globals['_IMAGEDRAFTREQUEST']._serialized_end=601
   _globals['_DRAFT']._serialized_start=604
-  _globals['_DRAFT']._serialized_end=826
-  _globals['_PROPOSERESPONSE']._serialized_start=828
-  _globals['_PROPOSERESPONSE']._serialized_end=879
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=881
-  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=955
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=957
-  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=981
-  _globals['_PROPOSEMANYREQUEST']._serialized_start=983
-  _globals['_PROPOSEMANYREQUEST']._serialized_end=1046
-  _globals['_PROPOSEMANYRESPONSE']._serialized_start=1048
-  _globals['_PROPOSEMANYRESPONSE']._serialized_end=1113
-  _globals['_PROPOSERESULT']._serialized_start=1115
-  _globals['_PROPOSERESULT']._serialized_end=1208
-  _globals['_DRAFTER']._serialized_start=1211
-  _globals['_DRAFTER']._serialized_end=1450
+  _globals['_DRAFT']._serialized_end=846
+  _globals['_PROPOSERESPONSE']._serialized_start=848
+  _globals['_PROPOSERESPONSE']._serialized_end=899
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_start=901
+  _globals['_DRAFTERRELEASEREQUEST']._serialized_end=975
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_start=977
+  _globals['_DRAFTERRELEASERESPONSE']._serialized_end=1001
+  _globals['_PROPOSEMANYREQUEST']._serialized_start=1003
+  _globals['_PROPOSEMANYREQUEST']._serialized_end=1066
+  _globals['_PROPOSEMANYRESPONSE']._serialized_start=1068
+  _globals['_PROPOSEMANYRESPONSE']._serialized_end=1133
+  _globals['_PROPOSERESULT']._serialized_start=1135
+  _globals['_PROPOSERESULT']._serialized_end=1228
+  _globals['_DRAFTER']._serialized_start=1231
+  _globals['_DRAFTER']._serialized_end=1470
 # @@protoc_insertion_point(module_scope)

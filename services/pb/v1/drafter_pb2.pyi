@@ -55,7 +55,7 @@ class ImageDraftRequest(_message.Message):
     def __init__(self, labels: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., pending: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., cfg: _Optional[float] = ..., num_steps: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("token_ids", "parents", "probs", "tokens", "states", "log_density", "z")
+    __slots__ = ("token_ids", "parents", "probs", "tokens", "states", "log_density", "z", "confidence")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class Draft(_message.Message):
     STATES_FIELD_NUMBER: _ClassVar[int]
     LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     probs: _tensor_pb2.Tensor
@@ -70,7 +71,8 @@ class Draft(_message.Message):
     states: _tensor_pb2.Tensor
     log_density: _tensor_pb2.Tensor
     z: _tensor_pb2.Tensor
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_density: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    confidence: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_density: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., z: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[int] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("draft",)
