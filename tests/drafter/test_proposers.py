@@ -42,6 +42,20 @@ def test_an_ngram_chain_says_how_far_its_best_occurrence_agrees():
     assert NgramProposer().propose(DraftRequest("r", copied + [7] + copied[:10], new=23, k=2, candidates=2)).confidence == 0
 
 
+def test_the_drafter_sends_a_chains_confidence_class_on_the_wire():
+    import asyncio
+
+    from arserve.drafter.service import DrafterService
+    from arserve.pb.v1 import drafter_pb2 as dpb
+
+    copied = list(range(100, 112))
+    req = dpb.ProposeRequest(request_id="r", method="ngram", new_token_ids=copied + [7] + copied[:10],
+                             committed_length=23, num_draft_tokens=2)
+    out = asyncio.run(DrafterService({"ngram": NgramProposer()}).Propose(req))
+    got = dpb.ProposeResponse.FromString(out.SerializeToString()).draft  # as gRPC carries it
+    assert list(got.token_ids) == copied[10:12] and got.confidence == 4
+
+
 def test_ngram_drafts_what_most_occurrences_continue_with():
     """Key "3" (the context's "13 3" never occurred) has three occurrences,
     none agreeing further back: all go on with 4, then two with 6 and the
