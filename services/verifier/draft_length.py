@@ -135,16 +135,20 @@ class DraftLength:
     def __post_init__(self):
         self.pooled = (self.rate * self.PRIOR_TRIALS, self.PRIOR_TRIALS)
 
+    def _choice(self, requests: int) -> tuple[int, int]:
+        """(the k the cost model picks at the current rate, the probe interval), with ``requests`` decoding."""
+        c = batch_cost(self.cost_per_token, requests, self.row_cost)
+        u = batch_overhead(self.overhead, self.cost_per_token, requests, self.row_cost)
+        return max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u)), self.probe_interval(c, u)
+
     def next(self, requests: int = 1) -> int:
         """The next round's draft length, with ``requests`` decoding together (``batch_cost``)."""
         if not self.adaptive or self.k_max == 0:
             return self.k_max
-        c = batch_cost(self.cost_per_token, requests, self.row_cost)
-        u = batch_overhead(self.overhead, self.cost_per_token, requests, self.row_cost)
-        k = max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u))
+        k, interval = self._choice(requests)
         if k == 0:
             self.idle += 1
-            if self.idle >= self.probe_interval(c, u):
+            if self.idle >= interval:
                 self.idle = 0
                 return 1
         return k
@@ -153,10 +157,8 @@ class DraftLength:
         """Whether ``next`` would draft now (its choice, or a probe due), without counting a round."""
         if not self.adaptive or self.k_max == 0:
             return self.k_max > 0
-        c = batch_cost(self.cost_per_token, requests, self.row_cost)
-        u = batch_overhead(self.overhead, self.cost_per_token, requests, self.row_cost)
-        return (max(range(self.k_max + 1), key=lambda j: self.speedup(self.rate, j, c, u)) > 0
-                or self.idle + 1 >= self.probe_interval(c, u))
+        k, interval = self._choice(requests)
+        return k > 0 or self.idle + 1 >= interval
 
     def ask(self, requests: int = 1) -> int:
         """Tokens to ask the proposer for this round (``ClassedLength``'s protocol): ``next``."""
@@ -208,11 +210,15 @@ class ClassedLength:
     make: Callable[[], DraftLength]  # a class's length when it is first seen
     classes: dict[int, DraftLength] = field(default_factory=dict)
     current: int | None = None  # the class of the draft under verification
+    k_max: int = field(init=False)  # every class's upper bound
+
+    def __post_init__(self):
+        self.k_max = self.make().k_max
 
     def ask(self, requests: int = 1) -> int:
         self.current = None
         if not self.classes or any(length.wants(requests) for length in self.classes.values()):
-            return self.make().k_max
+            return self.k_max
         for length in self.classes.values():  # no class drafts: a plain round for each (probes come due)
             length.next(requests)
         return 0
