@@ -153,12 +153,11 @@ class DraftLength:
                 return 1
         return k
 
-    def wants(self, requests: int = 1) -> bool:
-        """Whether ``next`` would draft now (its choice, or a probe due), without counting a round."""
+    def chooses(self, requests: int = 1) -> bool:
+        """Whether the cost model drafts at the current rate (a probe aside), without counting a round."""
         if not self.adaptive or self.k_max == 0:
             return self.k_max > 0
-        k, interval = self._choice(requests)
-        return k > 0 or self.idle + 1 >= interval
+        return self._choice(requests)[0] > 0
 
     def ask(self, requests: int = 1) -> int:
         """Tokens to ask the proposer for this round (``ClassedLength``'s protocol): ``next``."""
@@ -200,16 +199,20 @@ class DraftLength:
 @dataclass
 class ClassedLength:
     """One ``DraftLength`` per confidence class of the proposer's drafts
-    (``Draft.confidence``), each learning its class's acceptance rate. The
-    proposer is asked for up to k_max tokens while some class would draft
-    (each class unseen so far counts, at the prior rate) and for none once
-    none would, every class then counting the round as one without a draft;
-    its draft is cut to what its class keeps (``keep``), and the round's
-    verdict goes to that class (``update``)."""
+    (``Draft.confidence``), each learning its class's acceptance rate; a class
+    first seen starts at the prior rate. While some class's cost model would
+    draft (or before any draft), the proposer is asked for k_max tokens and
+    its chain is cut to what its class keeps (``keep``). Otherwise every
+    class counts the round as one without a draft, and when one's probe
+    comes due the proposer is asked for a single token, verified whatever
+    its class: the probe that keeps the rates alive (``DraftLength.next``),
+    once per due period even where no chain comes back. The round's verdict
+    goes to the class of its draft (``update``)."""
 
     make: Callable[[], DraftLength]  # a class's length when it is first seen
     classes: dict[int, DraftLength] = field(default_factory=dict)
     current: int | None = None  # the class of the draft under verification
+    probing: bool = False  # this round asked for a probe
     k_max: int = field(init=False)  # every class's upper bound
 
     def __post_init__(self):
@@ -217,18 +220,19 @@ class ClassedLength:
 
     def ask(self, requests: int = 1) -> int:
         self.current = None
-        if not self.classes or any(length.wants(requests) for length in self.classes.values()):
+        self.probing = False
+        if not self.classes or any(length.chooses(requests) for length in self.classes.values()):
             return self.k_max
-        for length in self.classes.values():  # no class drafts: a plain round for each (probes come due)
-            length.next(requests)
-        return 0
+        # no class drafts: a round without a draft for each, or a probe where one comes due
+        self.probing = max(length.next(requests) for length in self.classes.values()) > 0
+        return 1 if self.probing else 0
 
     def keep(self, confidence: int, requests: int, asked: int) -> int:
         length = self.classes.get(confidence)
         if length is None:
             length = self.classes[confidence] = self.make()
         self.current = confidence
-        return min(asked, length.next(requests))
+        return min(asked, 1 if self.probing else length.next(requests))
 
     def update(self, drafted: int, accepted: int) -> None:
         if self.current is not None:

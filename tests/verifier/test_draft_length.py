@@ -91,6 +91,17 @@ def test_when_no_class_would_draft_the_proposer_is_not_asked_until_a_probe_is_du
     assert length.classes[1].rate < 0.05
 
 
+def test_a_due_probe_fires_once_a_period_even_when_the_proposer_has_nothing():
+    """Classes that stopped drafting, and a proposer that finds no match: it is asked for one token
+    once every probe period, not every round (a remote drafter's call a round)."""
+    length = ClassedLength(lambda: DraftLength(8, True, 0.06, rate=0.05))
+    for c in (1, 4):
+        length.ask()
+        length.keep(c, 1, 8)
+    asks = [length.ask() for _ in range(40)]  # nothing comes back: no keep, no verdict
+    assert asks.count(0) >= 30 and set(asks) == {0, 1}
+
+
 def test_a_chain_is_cut_with_its_draw_distributions():
     import torch
 
