@@ -285,14 +285,14 @@ class Segment:
     n: int  # rows
     start: int  # positions already in the cache
     cache: KVCache
-    mask: Tensor | None  # a tree's [n, start + n] bool, True = may attend; None = causal
+    mask: Tensor | None  # a tree's [n, start + n] bool, True = may attend, where SDPA attends it; else None
     skip: int = 0  # a causal segment's rows before its first output: in the last layer, keys and values only
     rowwise: bool = False  # a causal chain attended row by row, as decoding attends (``attend_chain``)
-    paths: list[list[int]] | None = None  # a tree's rows' paths (``tree_paths``), where they attend row by row
+    paths: list[list[int]] | None = None  # a tree's rows' paths (``tree_paths``), where they attend as chains
 
     @property
     def alone(self) -> bool:
-        """A decode row alone: one query against its cache (``attend_one``)."""
+        """A decode row alone (or a one-node tree, the same row): one query against its cache (``attend_one``)."""
         return self.n == 1 and self.mask is None
 
     @property
@@ -302,8 +302,9 @@ class Segment:
 
     @property
     def tree(self) -> bool:
-        """A draft tree after a cached context: each row as a chain of its path decodes (``attend_tree``)."""
-        return self.paths is not None and self.start > 0 and self.n <= CHAIN_ROWS
+        """A draft tree after a cached context, on the CPU kernels: each row as a chain of its path decodes
+        (``attend_tree``; at most ``CHAIN_ROWS`` rows, as a chain)."""
+        return self.paths is not None
 
 
 class Llama(nn.Module):
@@ -466,11 +467,12 @@ class Llama(nn.Module):
             seg = Segment(row, n, start, it.cache, None, rowwise=it.tree_mask is None)
             if not (seg.alone or seg.chain or it.tree_mask is not None):
                 seg.skip = min(it.logits_from, n)
-            if it.tree_mask is not None:  # SDPA's mask: the context, then the tree
-                context = torch.ones(n, start, dtype=torch.bool, device=dev)
-                seg.mask = torch.cat((context, it.tree_mask.to(dev)), dim=1)  # [n, start + n]
-                if fused.on(it.cache.k) is not None:  # the kernel reads each row's path (``attend_tree``)
+            if it.tree_mask is not None:
+                if fused.on(it.cache.k) is not None and start > 0 and n <= CHAIN_ROWS:  # rows as chains (``attend_tree``)
                     seg.paths = tree_paths(it.tree_mask)
+                else:  # SDPA's mask: the context, then the tree
+                    context = torch.ones(n, start, dtype=torch.bool, device=dev)
+                    seg.mask = torch.cat((context, it.tree_mask.to(dev)), dim=1)  # [n, start + n]
             segments.append(seg)
             row_of[i] = len(segments) - 1
             row += n

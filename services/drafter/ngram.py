@@ -117,7 +117,8 @@ class NgramProposer(Proposer):
                 continue
             # the occurrences' continuations, latest first, weighted by agreement (ties: the latest)
             conts = [continuation(tokens, p, req.k, loop=n >= 2) for p in reversed(positions)]
-            weights = [self._agreement(tokens, p, n) - 1e-3 * i for i, p in enumerate(reversed(positions))]
+            agreements = [self._agreement(tokens, p, n) for p in reversed(positions)]
+            weights = [a - 1e-3 * i for i, a in enumerate(agreements)]
             groups: dict[int, list[int]] = defaultdict(list)  # first token -> its occurrences
             for i, c in enumerate(conts):
                 if c:
@@ -129,7 +130,7 @@ class NgramProposer(Proposer):
             chosen = [self._vote([conts[i] for i in groups[t]], [weights[i] for i in groups[t]], req.k) for t in heaviest]
             if req.candidates > 1:
                 return merge_into_tree(chosen)
-            best = max(round(weights[i]) for i in groups[heaviest[0]])  # the chain's best occurrence's agreement
+            best = max(agreements[i] for i in groups[heaviest[0]])  # the agreement of the chain's best occurrence
             return Draft(chosen[0], confidence=confidence(best))
         return Draft([])
 
