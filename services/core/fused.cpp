@@ -140,9 +140,30 @@ inline uint16_t float_bf16(float f) {
   return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// bfloat16 rounding in L lanes, bit for bit float_bf16: f -> its bfloat16's bits, in each lane's low half.
+typedef uint32_t vbits __attribute__((vector_size(arserve::L * sizeof(uint32_t))));
+typedef uint16_t vhalf __attribute__((vector_size(arserve::L * sizeof(uint16_t))));
+inline vbits float_bf16_lanes(arserve::vec f) {
+  vbits bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const vbits rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? vbits{} + 0x7FC0u : rounded;
+}
+inline arserve::vec bf16_float_lanes(vbits h) {  // h's low halves as floats
+  const vbits bits = h << 16;
+  arserve::vec f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // SwiGLU's gate (Shazeer 2020): gate_up [R, 2I] (gate | up) -> silu(gate) * up [R, I].
-// silu(a) = a / (1 + e^-a), e^x by exp_cephes (kernels.h), in vector lanes.
+// silu(a) = a / (1 + e^-a), e^x by exp_cephes (kernels.h), in vector lanes:
+// L elements at a time as GCC vectors, the rest one by one in the same
+// arithmetic. (A scalar loop under `omp simd` was left scalar by GCC without
+// AVX-512: 5.7x slower there, a tenth of a 1,000-token prefill.)
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  using arserve::L;
+  using arserve::vec;
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width (gate | up)");
   const int64_t R = gate_up.size(0), I = gate_up.size(1) / 2;
@@ -156,19 +177,30 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
         const scalar_t* g = gp + r * gs;
         const scalar_t* u = g + I;
         scalar_t* yr = yp + r * I;
+        int64_t i = 0;
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // bit for bit c10's conversions, in lanes
           const uint16_t* gb = reinterpret_cast<const uint16_t*>(g);
           const uint16_t* ub = reinterpret_cast<const uint16_t*>(u);
           uint16_t* yb = reinterpret_cast<uint16_t*>(yr);
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < I; ++i) {
+          for (; i + L <= I; i += L) {
+            const vec a = arserve::load_vec(g + i);
+            const vec s = bf16_float_lanes(float_bf16_lanes(a / (1.0f + exp_cephes(-a))));
+            const vhalf out = __builtin_convertvector(float_bf16_lanes(s * arserve::load_vec(u + i)), vhalf);
+            std::memcpy(yb + i, &out, sizeof(out));
+          }
+          for (; i < I; ++i) {
             const float a = bf16_float(gb[i]);
             const float s = bf16_float(float_bf16(a / (1.0f + exp_cephes(-a))));
             yb[i] = float_bf16(s * bf16_float(ub[i]));
           }
         } else {
-          _Pragma("omp simd")
-          for (int64_t i = 0; i < I; ++i) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            for (; i + L <= I; i += L) {
+              const vec a = arserve::load_vec(g + i);
+              arserve::store_vec(reinterpret_cast<float*>(yr + i), a / (1.0f + exp_cephes(-a)) * arserve::load_vec(u + i));
+            }
+          }
+          for (; i < I; ++i) {
             const float a = static_cast<float>(g[i]);
             const float s = static_cast<float>(static_cast<scalar_t>(a / (1.0f + exp_cephes(-a))));
             yr[i] = static_cast<scalar_t>(s * static_cast<float>(u[i]));

@@ -79,6 +79,22 @@ def test_rope_is_bitwise_pytorchs(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_in_vector_lanes_has_the_bits_of_one_element_at_a_time(dtype):
+    """A row's whole vectors run in lanes, its last elements one by one: the
+    same arithmetic, so each element's bits do not depend on where it sits
+    (a gate one element wide runs only the one-by-one path)."""
+    torch.manual_seed(5)
+    g = torch.cat([torch.randn(3, 60) * 8, torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0]] * 3)], 1)
+    g[:, 0] = torch.tensor([100.0, -100.0, 1e-30])  # e^-a clamped both ways, a denormal-sized gate
+    g, u = g.to(dtype), (torch.randn(3, 64) * 3).to(dtype)
+    lanes = fused.silu_mul(torch.cat([g, u], 1))
+    for j in range(64):
+        one = fused.silu_mul(torch.cat([g[:, j:j + 1], u[:, j:j + 1]], 1))
+        assert torch.equal(lanes[:, j:j + 1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           one.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), j
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_bits_do_not_depend_on_the_batch(dtype):
     torch.manual_seed(3)
     R = 200  # large enough that threads split the rows
