@@ -272,8 +272,10 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
 // that path holds contiguously, read in the same order, so the same bits.
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats in one vector (one AVX-512 register; two AVX2 ones)
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));  // GCC/Clang vector extension
+// floats in one vector register (16 with AVX-512, 8 with AVX2: a GCC vector
+// wider than the registers was lowered through the stack, 3.5x slower)
+constexpr int64_t kLanes = arserve::L;
+typedef arserve::vec vfloat;  // GCC/Clang vector extension
 
 inline vfloat splat(float x) { return vfloat{} + x; }
 
@@ -291,7 +293,11 @@ inline vfloat load_lanes(const T* p) {  // kLanes elements as floats
 inline float sum_lanes(vfloat v) {  // a fixed order: halves added, then halves of those
   typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
   typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+#if defined(__AVX512F__)
   const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const v8 a = v;
+#endif
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
