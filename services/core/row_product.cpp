@@ -43,7 +43,7 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int64_t NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
 #else
-constexpr int64_t NR = 4, MR = 2;  // 8 accumulators + 4 weight vectors of 16 ymm registers
+constexpr int64_t NR = 4, MR = 3;  // 12 accumulators + 4 weight vectors of 16 ymm registers (x from memory)
 #endif
 
 #if defined(__AVX512BF16__)
@@ -136,27 +136,39 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
   }
 }
 
-// every row of x [M, K] against one tile: micro-tiles of MR rows, then the
-// rest. With more rows than one micro-tile, every pass prefetches its share
-// of tile `next` (or null): the first pass reads this tile from memory, the
-// later ones from cache, and with the next tile's lines asked for only in
-// the first, the memory stream idled through the later passes: a forward's
-// time was its reads plus its multiplies (9 rows 1.3-1.5x one row, where the
-// multiplies alone take half a row's reads). So does a row alone in bfloat16
-// pairs (decision 52).
+// every row of x [M, K] against one tile: micro-tiles of MR = 3 rows, the
+// rest in one of two, except that where that would leave a row alone after
+// others, the last four rows go as two of two: a pass of one row holds only NR
+// accumulators, too few to keep the FMA units busy with AVX2's NR = 4 (9
+// rows as 3 + 3 + 3 instead of 2 + 2 + 2 + 2 + 1: the products of a forward
+// 10-20% faster there). With more rows than one micro-tile, every pass
+// prefetches its share of tile `next` (or null): the first pass reads this
+// tile from memory, the later ones from cache, and with the next tile's lines
+// asked for only in the first, the memory stream idled through the later
+// passes: a forward's time was its reads plus its multiplies (9 rows 1.3-1.5x
+// one row, where the multiplies alone take half a row's reads). So does a row
+// alone in bfloat16 pairs (decision 52). Every pass computes each of its rows
+// as any other pass would: the grouping never changes a row's bits.
 template <typename T>
 inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
                          const T* next) {
-  const int64_t parts = (M + MR - 1) / MR;
+  static_assert(MR == 3, "the passes below are of 3, 2 and 1 rows");
+  const bool lone = M > 1 && M % MR == 1;  // the last four rows as two passes of two
+  const int64_t threes = M / MR - (lone ? 1 : 0), parts = threes + (lone ? 2 : M % MR ? 1 : 0);
   const T* ahead = parts > 1 ? next : nullptr;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
   // a row alone in pairs runs through a tile in half the instructions and
   // prefetches the next too (without: 1 row 3-5% slower than widening, measured)
   if (M == 1 && slice_of<T>() != L) ahead = next;
-  if (M - m == 1) micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
-  if constexpr (MR > 2) {
-    if (M - m == 2) micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, m / MR, parts);
+  int64_t m = 0, part = 0;
+  for (; part < threes; ++part, m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, part, parts);
+  for (; m < M; ++part) {
+    if (M - m >= 2) {
+      micro_tile<T, 2>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, part, parts);
+      m += 2;
+    } else {
+      micro_tile<T, 1>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, part, parts);
+      m += 1;
+    }
   }
 }
 
