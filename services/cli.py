@@ -325,6 +325,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="image: denoising steps (default 50)")
     b.add_argument("--image-model", default="digits", choices=["digits", "digits-l"],
                    help="image: the model pair (digits-l: trained locally, `arserve train digits-l`, then digits-l-draft)")
+    b.add_argument("--isa", default="native", choices=["native", "avx2"],
+                   help="vllm: avx2 runs every server as on an AVX2-only CPU: arserve's kernels built without "
+                   "AVX-512, ATen, oneDNN and MKL capped at AVX2 (vLLM's own C++ kernels and llama.cpp keep theirs)")
     b.add_argument("--device", default="cuda", help="gpu: where models compute (cpu rehearses the suite)")
     b.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b", help="gpu: model shapes (comma-separated)")
     b.add_argument("--prompt-len", type=int, default=32, help="gpu: random prompt tokens")

@@ -382,15 +382,25 @@ def run_dtype(dtype: str, prompts: list[dict], max_tokens: int, copy_gbs: float)
             "goals": goals(r, b8, long, rl)}
 
 
+# The environment that makes a server compute as on an AVX2-only CPU (``--isa avx2``): arserve's kernels
+# (``fused.ISA``), ATen's dispatch, oneDNN (arserve's prompt products and, where it reads it, vLLM's) and MKL.
+AVX2_ONLY = {"ARSERVE_KERNELS_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def main(args) -> None:
     import vllm
+
+    if getattr(args, "isa", "native") == "avx2":  # inherited by the servers this process starts
+        os.environ.update(AVX2_ONLY)
 
     prompts_path = args.prompts or default_prompts_path()
     prompts = load_prompts(prompts_path, args.limit)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": "vllm", "prompts_file": str(prompts_path), "machine": {**machine_info(),
-               "vllm_version": vllm.__version__}, "dtypes": {}}
+               "vllm_version": vllm.__version__,
+               "isa": {name: os.environ.get(name, "") for name in AVX2_ONLY}}, "dtypes": {}}
     copy_gbs = copy_bandwidth_gbs()
     log(f"copy bandwidth {copy_gbs:.1f} GB/s")
     for dtype in args.dtypes.split(","):
