@@ -102,7 +102,8 @@ def backbone(settings: ServiceSettings) -> BackboneService:
     budget = BudgetConfig(settings.kv_budget_bytes, settings.kv_budget_tokens, settings.kv_budget_queue,
                           settings.kv_budget_wait_s)
     return BackboneService(targets, **kv_tiers(settings, {k: v.config for k, v in targets.items()}), budget=budget,
-                           lease_s=settings.state_lease_s, prefill_chunk=settings.prefill_chunk_tokens)
+                           lease_s=settings.state_lease_s, prefill_chunk=settings.prefill_chunk_tokens,
+                           prefill_batch_tokens=settings.prefill_batch_tokens)
 
 
 def drafter(settings: ServiceSettings, config: dict[str, LlamaConfig],

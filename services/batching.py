@@ -99,13 +99,21 @@ class JoinQueue(Generic[Item, Result]):
     on serving). A caller that is cancelled before its run leaves it; one
     cancelled during the run has its result dropped. With ``size`` and
     ``budget``, a run takes calls while their sizes sum to at most
-    ``budget`` (always at least one)."""
+    ``budget`` (always at least one). With ``prefill`` and
+    ``prefill_budget``, a run also takes the calls' prefill work (a prompt's
+    rows) while it sums to at most ``prefill_budget`` (always at least one
+    such call): a later prompt waits for the next run, while calls with no
+    prefill behind it (decode steps) still join this one, as vLLM's scheduler
+    fills a step with its decode rows first and prompt tokens up to a budget.
+    """
 
     def __init__(self, run: Callable[[list[Item]], list[Result]], executor: Executor, name: str,
-                 size: Callable[[Item], int] | None = None, budget: int | None = None):
+                 size: Callable[[Item], int] | None = None, budget: int | None = None,
+                 prefill: Callable[[Item], int] | None = None, prefill_budget: int | None = None):
         self.run = run
         self.executor = executor
         self.size, self.budget = size, budget
+        self.prefill, self.prefill_budget = prefill, prefill_budget
         self.queue: list[_Waiting[Item]] = []
         self.cohort = Cohort()
         self.worker: asyncio.Task | None = None
@@ -139,8 +147,10 @@ class JoinQueue(Generic[Item, Result]):
     def _next(self) -> list[_Waiting[Item]]:
         """Takes the next run's calls off the queue: the first call's key, in arrival order, up to the
         first call that would overrun the budget (that one and the calls after it wait: first come, first
-        served)."""
+        served); a call whose prefill would overrun the prefill budget waits, and so does every later
+        call with prefill (prompts in arrival order), while later calls without any still join."""
         key, batch, rest, used, full = self.queue[0].key, [], [], 0, False
+        prefilled, prompts_full = None, False  # prefill taken (None: no call with prefill yet)
         for w in self.queue:
             if w.key == key and w.done.done():  # a cancelled caller leaves
                 continue
@@ -152,6 +162,14 @@ class JoinQueue(Generic[Item, Result]):
                 full = True
                 rest.append(w)
                 continue
+            p = self.prefill(w.item) if self.prefill is not None else 0
+            if p and (prompts_full or (prefilled is not None and self.prefill_budget is not None
+                                       and prefilled + p > self.prefill_budget)):
+                prompts_full = True
+                rest.append(w)
+                continue
+            if p:
+                prefilled = (prefilled or 0) + p
             batch.append(w)
             used += n
         self.queue = rest

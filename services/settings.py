@@ -360,6 +360,11 @@ class ServiceSettings(BaseModel):
         "chunk's forward at a time rather than by its whole prefill. The cut depends only on the prompt, so its "
         "output is the same alone or beside others. Smaller chunks shorten that delay and cost the prompt's own "
         "first token more (512 on a 1,001-token prompt: 3-14% later); 0 scores every prompt in one forward.")
+    prefill_batch_tokens: int = Field(
+        -1, ge=-1, description="Prompt rows one forward takes (prompts that arrive together join a forward "
+        "while their rows sum to at most this; decode steps always join). On a CPU prefill is compute-bound: "
+        "scoring prompts together saves nothing, and each then waits for the last one's rows before its first "
+        "token. -1 picks by device: 128 on a CPU, no limit on a GPU; 0: no limit.")
     state_lease_s: float = Field(300.0, gt=0, description="Seconds a request's state (backbone KV cache, drafter "
                                  "context) may sit idle before it is freed: a verifier that died or a lost Release "
                                  "cannot hold memory forever. Longer than any round; a request that comes back "

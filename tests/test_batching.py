@@ -84,6 +84,37 @@ def test_a_run_takes_the_first_calls_key_in_arrival_order_up_to_the_budget():
     assert asyncio.run(main()) == [["x"], ["aa", "bbb"], ["c"], ["dddd", "e"]]
 
 
+def test_prompts_join_a_run_up_to_the_prefill_budget_and_decode_steps_join_past_them():
+    """Prefill rows (here: the upper-case letters of an item) join a run while
+    they sum to at most the prefill budget, and always one prompt at least;
+    a prompt past it waits, and so do the prompts after it (first come,
+    first served), while calls without prefill behind them still join."""
+    import threading
+
+    async def main(prefill_budget):
+        runs, going = [], threading.Event()
+
+        def run(items):
+            going.wait(5)
+            runs.append(list(items))
+            return items
+
+        q = JoinQueue(run, ThreadPoolExecutor(1), "test", size=len, budget=100,
+                      prefill=lambda item: sum(c.isupper() for c in item), prefill_budget=prefill_budget)
+        calls = [asyncio.create_task(q.submit("a", "x"))]
+        await asyncio.sleep(0.05)  # "x" runs alone, held until the others are queued
+        calls += [asyncio.create_task(q.submit("a", item)) for item in ("d1", "PPPPPp", "d2", "QQQq", "RRr", "d3")]
+        await asyncio.sleep(0.05)
+        going.set()
+        assert await asyncio.gather(*calls) == ["x", "d1", "PPPPPp", "d2", "QQQq", "RRr", "d3"]
+        return runs
+
+    # a prompt over the budget alone still runs (with the decode steps); the next two share one run
+    assert asyncio.run(main(4)) == [["x"], ["d1", "PPPPPp", "d2", "d3"], ["QQQq"], ["RRr"]]
+    assert asyncio.run(main(5)) == [["x"], ["d1", "PPPPPp", "d2", "d3"], ["QQQq", "RRr"]]
+    assert asyncio.run(main(None)) == [["x"], ["d1", "PPPPPp", "d2", "QQQq", "RRr", "d3"]]
+
+
 def test_a_released_caller_is_not_waited_for_and_a_silent_one_costs_the_grace_once():
     async def main(leave: bool):
         q, runs = _queue(0.005, Cohort(fraction=100.0, max_s=0.3))
@@ -135,6 +166,50 @@ def test_the_backbone_runs_one_forward_per_step_for_concurrent_decodes():
     assert all(len(o) == 20 for o in outputs)
     # 4 prompts (one or two forwards, as they arrive) and 19 decode steps of all 4 requests
     assert batcher.runs <= 2 + 19, batcher.runs
+    for i, tokens in enumerate(outputs):
+        alone = asyncio.run(collect(VerifierService(BackboneService({"tiny": target}), None, {"tiny": (300,)}),
+                                    request(i)))
+        assert tokens == alone
+
+
+def test_prompts_that_arrive_together_are_scored_a_budget_at_a_time_with_their_own_tokens():
+    """Six requests at once against a backbone taking 12 prompt rows a
+    forward: no forward scores more than 12 prefill rows unless it holds a
+    single prompt, the prompts take several forwards while the decode steps
+    of those already started ride along, and every request's tokens are
+    its tokens alone. A CPU backbone's default is CPU_PREFILL_BATCH."""
+    from arserve.backbone.service import CPU_PREFILL_BATCH
+
+    target = tiny_target()
+
+    def request(i: int) -> vpb.VerifyRequest:
+        return vpb.VerifyRequest(request_id=f"r{i}", model="tiny", prompt_token_ids=PROMPT[i:i + 7],
+                                 sampling=gpb.SamplingParams(max_tokens=6),
+                                 speculative=gpb.SpeculativeParams(method="none"))
+
+    async def collect(v, r):
+        return [t async for ev in v.Run(r) for t in ev.token_ids]
+
+    assert BackboneService({"tiny": target}).batchers["tiny"].prefill_budget == CPU_PREFILL_BATCH
+    backbone = BackboneService({"tiny": target}, prefill_batch_tokens=12)
+    forwards, forward_batch = [], target.forward_batch
+
+    def recorded(items):
+        forwards.append([item.logits_from for item in items])
+        return forward_batch(items)
+    target.forward_batch = recorded
+    verifier = VerifierService(backbone, None, {"tiny": (300,)})
+
+    async def together():
+        return await asyncio.gather(*(collect(verifier, request(i)) for i in range(6)))
+
+    outputs = asyncio.run(together())
+    target.forward_batch = forward_batch
+    prompts = [[p for p in f if p] for f in forwards]
+    assert sum(len(p) for p in prompts) == 6
+    assert all(sum(p) <= 12 or len(p) == 1 for p in prompts), prompts
+    assert sum(1 for p in prompts if p) >= 3  # 6 prompts of 6 prefill rows: two a forward at most
+    assert any(p and len(f) > len(p) for p, f in zip(prompts, forwards))  # a decode step beside a prompt
     for i, tokens in enumerate(outputs):
         alone = asyncio.run(collect(VerifierService(BackboneService({"tiny": target}), None, {"tiny": (300,)}),
                                     request(i)))

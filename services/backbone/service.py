@@ -39,6 +39,9 @@ from .budget import BudgetConfig, KVBudget
 log = logging.getLogger("arserve.backbone")
 
 PREFILL_CHUNK = 1024  # positions: a long prompt is scored in forwards of this many (``BackboneService._prefill_chunks``)
+# prompt rows a forward takes on a CPU (``ForwardBatcher``; decision 69): prompts that arrive together are
+# scored a few at a time, so their first tokens come out one after another instead of all after the last
+CPU_PREFILL_BATCH = 128
 
 
 @dataclass
@@ -76,11 +79,18 @@ class ForwardBatcher(JoinQueue[ScoreItem, torch.Tensor]):
     A call waits only while a forward is already running; the calls queued
     meanwhile (up to ``max_batch_tokens`` new tokens) form the next batch,
     once the requests of the last forward are back (``batching.Cohort``: a
-    decode step's requests all join the next step).
+    decode step's requests all join the next step). Of these, prompts join
+    while their prefill rows (those scored only for their keys and values,
+    ``ScoreItem.logits_from``) sum to at most ``prefill_batch_tokens`` (None:
+    no limit; always at least one prompt): on a CPU, where prefill is
+    compute-bound, scoring prompts together saves nothing and makes the
+    first of them wait for the last.
     """
 
-    def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096, name: str = ""):
-        super().__init__(self._forward, executor, name, size=lambda item: len(item.tokens), budget=max_batch_tokens)
+    def __init__(self, model: Llama, executor: ThreadPoolExecutor, max_batch_tokens: int = 4096, name: str = "",
+                 prefill_batch_tokens: int | None = None):
+        super().__init__(self._forward, executor, name, size=lambda item: len(item.tokens), budget=max_batch_tokens,
+                         prefill=lambda item: item.logits_from, prefill_budget=prefill_batch_tokens)
         self.model = model
 
     def _forward(self, items: list[ScoreItem]) -> list[torch.Tensor]:  # on the compute thread; looked up per run,
@@ -92,10 +102,20 @@ class ForwardBatcher(JoinQueue[ScoreItem, torch.Tensor]):
         return await self.submit(None, item, caller)
 
 
+def _prefill_batch(tokens: int | None, model: Llama) -> int | None:
+    """The prompt rows per forward for ``model``: -1 by its device (a GPU scores prompts together at
+    little more than one's cost), 0 or None no limit."""
+    if tokens == -1:
+        return CPU_PREFILL_BATCH if model.device.type == "cpu" else None
+    return tokens or None
+
+
 class BackboneService:
     def __init__(self, models: dict[str, Llama], max_batch_tokens: int = 4096, kv_store=None,
                  spaces: dict[str, BlockSpace] | None = None, budget: BudgetConfig = BudgetConfig(),
-                 lease_s: float = 300.0, prefill_chunk: int = PREFILL_CHUNK):
+                 lease_s: float = 300.0, prefill_chunk: int = PREFILL_CHUNK, prefill_batch_tokens: int | None = -1):
+        """``prefill_batch_tokens``: prompt rows per forward (``ForwardBatcher``); -1 picks by the model's
+        device (CPU_PREFILL_BATCH on a CPU, no limit on a GPU); None or 0: no limit."""
         self.models = models
         self.prefill_chunk = prefill_chunk  # a prompt's positions scored per forward (0: the whole prompt at once)
         self.kv_store = kv_store  # a TieredStore (process memory, Redis) or None
@@ -103,7 +123,8 @@ class BackboneService:
         self.requests: dict[tuple[str, str], RequestState] = {}
         self._storing: set[asyncio.Task] = set()  # KV stores in flight
         self.executor = compute.executor()  # the process's compute thread (arserve.core.compute)
-        self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name) for name, m in models.items()}
+        self.batchers = {name: ForwardBatcher(m, self.executor, max_batch_tokens, name,
+                                              _prefill_batch(prefill_batch_tokens, m)) for name, m in models.items()}
         self.budgets = {name: KVBudget(budget.capacity(m.config, m.dtype, len(models)), budget.queue, budget.wait_s,
                                        name) for name, m in models.items()}
         self.leases = Leases(lease_s, self._expire, "backbone")  # frees the caches of requests left idle
