@@ -157,15 +157,15 @@ class JoinQueue(Generic[Item, Result]):
             if w.key != key or full:
                 rest.append(w)
                 continue
-            n = self.size(w.item) if self.size is not None else 0
-            if batch and self.budget is not None and used + n > self.budget:
-                full = True
-                rest.append(w)
-                continue
             p = self.prefill(w.item) if self.prefill is not None else 0
             if p and (prompts_full or (prefilled is not None and self.prefill_budget is not None
                                        and prefilled + p > self.prefill_budget)):
-                prompts_full = True
+                prompts_full = True  # (before the size budget: a prompt that waits anyway holds up no decode step)
+                rest.append(w)
+                continue
+            n = self.size(w.item) if self.size is not None else 0
+            if batch and self.budget is not None and used + n > self.budget:
+                full = True
                 rest.append(w)
                 continue
             if p:

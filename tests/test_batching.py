@@ -91,7 +91,7 @@ def test_prompts_join_a_run_up_to_the_prefill_budget_and_decode_steps_join_past_
     first served), while calls without prefill behind them still join."""
     import threading
 
-    async def main(prefill_budget):
+    async def main(prefill_budget, size_budget=100):
         runs, going = [], threading.Event()
 
         def run(items):
@@ -99,7 +99,7 @@ def test_prompts_join_a_run_up_to_the_prefill_budget_and_decode_steps_join_past_
             runs.append(list(items))
             return items
 
-        q = JoinQueue(run, ThreadPoolExecutor(1), "test", size=len, budget=100,
+        q = JoinQueue(run, ThreadPoolExecutor(1), "test", size=len, budget=size_budget,
                       prefill=lambda item: sum(c.isupper() for c in item), prefill_budget=prefill_budget)
         calls = [asyncio.create_task(q.submit("a", "x"))]
         await asyncio.sleep(0.05)  # "x" runs alone, held until the others are queued
@@ -113,6 +113,9 @@ def test_prompts_join_a_run_up_to_the_prefill_budget_and_decode_steps_join_past_
     assert asyncio.run(main(4)) == [["x"], ["d1", "PPPPPp", "d2", "d3"], ["QQQq"], ["RRr"]]
     assert asyncio.run(main(5)) == [["x"], ["d1", "PPPPPp", "d2", "d3"], ["QQQq", "RRr"]]
     assert asyncio.run(main(None)) == [["x"], ["d1", "PPPPPp", "d2", "QQQq", "RRr", "d3"]]
+    # a prompt that waits for the prefill budget does not count against the size budget either: the decode
+    # step behind it still joins ("d1" + "PPPPPp" + "d2" + "QQQq" would overrun 13)
+    assert asyncio.run(main(4, size_budget=13)) == [["x"], ["d1", "PPPPPp", "d2", "d3"], ["QQQq"], ["RRr"]]
 
 
 def test_a_released_caller_is_not_waited_for_and_a_silent_one_costs_the_grace_once():
