@@ -62,22 +62,6 @@ inline vec in_register(vec v) {
   return v;
 }
 
-// lanes reduced in a fixed order: halves combined, then halves of those
-template <typename F>
-inline float reduce_lanes(vec v, F&& op) {
-#if defined(__AVX512F__)
-  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-  const v8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-#else
-  const vec a = v;
-#endif
-  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-  const v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-  typedef float v2 __attribute__((vector_size(2 * sizeof(float))));
-  const v2 c = op(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
-  return op(c, __builtin_shufflevector(c, c, 1, 0))[0];
-}
-
 inline vec lane_index() {
   vec i;
   for (int64_t l = 0; l < L; ++l) i[l] = static_cast<float>(l);

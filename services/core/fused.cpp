@@ -272,40 +272,19 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
 // that path holds contiguously, read in the same order, so the same bits.
 namespace {
 
-// floats in one vector register (16 with AVX-512, 8 with AVX2: a GCC vector
-// wider than the registers was lowered through the stack, 3.5x slower)
+// The CPU's own vector width (kernels.h: 16 floats with AVX-512, 8 with AVX2;
+// a fixed 16 was lowered through the stack on AVX2, 3.5x slower), and the
+// same fixed-order lane sum as prompt attention's.
+using arserve::load_vec;
+using arserve::splat;
+using arserve::vec;
 constexpr int64_t kLanes = arserve::L;
-typedef arserve::vec vfloat;  // GCC/Clang vector extension
-
-inline vfloat splat(float x) { return vfloat{} + x; }
+inline float sum_lanes(vec v) { return arserve::reduce_lanes(v, [](auto a, auto b) { return a + b; }); }
 
 template <typename T>
-inline vfloat load_lanes(const T* p) {  // kLanes elements as floats
-  vfloat r;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&r, p, sizeof(r));
-  } else {
-    for (int64_t l = 0; l < kLanes; ++l) r[l] = static_cast<float>(p[l]);
-  }
-  return r;
-}
-
-inline float sum_lanes(vfloat v) {  // a fixed order: halves added, then halves of those
-  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-#if defined(__AVX512F__)
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  const v8 a = v;
-#endif
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-template <typename T>
-float dot(const vfloat* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs * kLanes elements
-  vfloat acc = q[0] * load_lanes(k);
-  for (int64_t i = 1; i < vecs; ++i) acc += q[i] * load_lanes(k + i * kLanes);
+float dot(const vec* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs * kLanes elements
+  vec acc = q[0] * load_vec(k);
+  for (int64_t i = 1; i < vecs; ++i) acc += q[i] * load_vec(k + i * kLanes);
   return sum_lanes(acc);
 }
 
@@ -341,7 +320,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     auto pairs = [&](int64_t lo, int64_t hi) {
-      std::vector<vfloat> qv(G * V), o(V);
+      std::vector<vec> qv(G * V), o(V);
       std::vector<float> s(G * longest + kLanes);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / K, g = task % K, L = lengths[b];
@@ -350,7 +329,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         auto at = [&](int64_t j) { return j < split ? j : tail[j - split]; };  // key j's position
         for (int64_t i = 0; i < G; ++i) {
           const scalar_t* qh = qp + b * q.stride(0) + (g * G + i) * q.stride(1);
-          for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_lanes(qh + c * kLanes) * fscale;
+          for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_vec(qh + c * kLanes) * fscale;
         }
         const scalar_t* kb = kp + b * k.stride(0) + g * k.stride(1);
         const scalar_t* vb = vp + b * v.stride(0) + g * v.stride(1);
@@ -362,32 +341,32 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           float* si = s.data() + i * L;
           float m = si[0];
           for (int64_t j = 1; j < L; ++j) m = std::max(m, si[j]);
-          vfloat denom = {};
+          vec denom = {};
           int64_t j = 0;
           for (; j + kLanes <= L; j += kLanes) {
-            const vfloat e = exp_cephes(load_lanes(si + j) - m);
+            const vec e = exp_cephes(load_vec(si + j) - m);
             std::memcpy(si + j, &e, sizeof(e));
             denom += e;
           }
           if (j < L) {  // the last partial vector: its lanes past L neither stored nor summed
-            vfloat x = splat(0.0f);
+            vec x = splat(0.0f);
             for (int64_t l = 0; j + l < L; ++l) x[l] = si[j + l] - m;
-            vfloat e = exp_cephes(x);
+            vec e = exp_cephes(x);
             for (int64_t l = 0; l < kLanes; ++l) {
               if (j + l < L) si[j + l] = e[l]; else e[l] = 0.0f;
             }
             denom += e;
           }
           const float total = sum_lanes(denom);
-          for (int64_t c = 0; c < V; ++c) o[c] = vfloat{};
+          for (int64_t c = 0; c < V; ++c) o[c] = vec{};
           for (int64_t jj = 0; jj < L; ++jj) {
             const scalar_t* vj = vb + at(jj) * v.stride(2);
-            const vfloat p = splat(si[jj]);
-            for (int64_t c = 0; c < V; ++c) o[c] += p * load_lanes(vj + c * kLanes);
+            const vec p = splat(si[jj]);
+            for (int64_t c = 0; c < V; ++c) o[c] += p * load_vec(vj + c * kLanes);
           }
           scalar_t* oh = op + (b * H + g * G + i) * hd;
           for (int64_t c = 0; c < V; ++c) {
-            const vfloat r = o[c] / total;
+            const vec r = o[c] / total;
             for (int64_t l = 0; l < kLanes; ++l) oh[c * kLanes + l] = static_cast<scalar_t>(r[l]);
           }
         }

@@ -112,6 +112,22 @@ inline vec load_vec(const T* p) {  // L elements as floats
 }
 
 
+// lanes reduced in a fixed order: halves combined, then halves of those
+template <typename F>
+inline float reduce_lanes(vec v, F&& op) {
+#if defined(__AVX512F__)
+  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+  const v8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  const vec a = v;
+#endif
+  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+  const v4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  typedef float v2 __attribute__((vector_size(2 * sizeof(float))));
+  const v2 c = op(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+  return op(c, __builtin_shufflevector(c, c, 1, 0))[0];
+}
+
 // e^x by Cephes' expf (Moshier 1992; within about 1 ulp) in straight-line
 // arithmetic that stays in vector lanes: V is float (a loop the compiler
 // vectorizes; libm's expf is a scalar call per element) or a GCC vector of
