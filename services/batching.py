@@ -150,7 +150,7 @@ class JoinQueue(Generic[Item, Result]):
         served); a call whose prefill would overrun the prefill budget waits, and so does every later
         call with prefill (prompts in arrival order), while later calls without any still join."""
         key, batch, rest, used, full = self.queue[0].key, [], [], 0, False
-        prefilled, prompts_full = None, False  # prefill taken (None: no call with prefill yet)
+        prefilled, prompts_full = 0, False  # prefill taken (0: no call with prefill yet, so the next one joins)
         for w in self.queue:
             if w.key == key and w.done.done():  # a cancelled caller leaves
                 continue
@@ -158,7 +158,7 @@ class JoinQueue(Generic[Item, Result]):
                 rest.append(w)
                 continue
             p = self.prefill(w.item) if self.prefill is not None else 0
-            if p and (prompts_full or (prefilled is not None and self.prefill_budget is not None
+            if p and (prompts_full or (prefilled and self.prefill_budget is not None
                                        and prefilled + p > self.prefill_budget)):
                 prompts_full = True  # (before the size budget: a prompt that waits anyway holds up no decode step)
                 rest.append(w)
@@ -168,8 +168,7 @@ class JoinQueue(Generic[Item, Result]):
                 full = True
                 rest.append(w)
                 continue
-            if p:
-                prefilled = (prefilled or 0) + p
+            prefilled += p
             batch.append(w)
             used += n
         self.queue = rest
