@@ -19,14 +19,15 @@
 //   elements as CV vectors) and the values as [blocks * BK, hd], both float
 //   and zero past the last key.
 // - a micro-tile: MR rows against one key block (scores, MR x BK) or against
-//   CV vectors of the head dimension (the value sum), its accumulators in
+//   CVV vectors of the head dimension (the value sum), its accumulators in
 //   registers.
 // - online softmax: each row keeps its running maximum m, denominator l and
 //   unnormalized output O; a key block with a larger maximum rescales l and
 //   O by e^(m_old - m_new) (Milakov & Gimelshein 2018). Here in log2 units
 //   (scores times log2(e), 2^x for e^x), l kept in vector lanes and summed
-//   across them once at the end, and nothing rescaled where the maximum
-//   stayed: the softmax was a fifth of the kernel's time, now about a tenth.
+//   across them once at the end, and m moved only where a score passes it by
+//   kSlack (below): the softmax was a fifth of the kernel's time, now less
+//   than a tenth.
 //
 // Query position p (0-based in the chunk) attends keys [0, start + p]. Every
 // sum is in float32 in a fixed order; the result does not depend on the
@@ -46,12 +47,17 @@ namespace arserve {
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int64_t MR = 4;  // rows per micro-tile: 16 accumulators + 4 key or value vectors of 32 registers
+constexpr int64_t MR = 4;   // rows per micro-tile: 16 accumulators + 4 key or value vectors of 32 registers
+constexpr int64_t CV = 4;   // key vectors of a score micro-tile
+constexpr int64_t CVV = 4;  // head-dimension vectors of a value micro-tile
 #else
-constexpr int64_t MR = 2;  // 8 accumulators + 4 key or value vectors of 16 registers
+// 12 score accumulators + 3 key vectors + a query broadcast of 16 registers; values 8 + 2 + 1. Two rows
+// against 4 vectors (8 accumulators, as many as an FMA's latency times its throughput) ran 8% slower.
+constexpr int64_t MR = 4;
+constexpr int64_t CV = 3;
+constexpr int64_t CVV = 2;
 #endif
-constexpr int64_t CV = 4;       // vectors per micro-tile: keys (scores) or head dimensions (values)
-constexpr int64_t BK = CV * L;  // keys per block: 64 with AVX-512, 32 with AVX2
+constexpr int64_t BK = CV * L;  // keys per block: 64 with AVX-512, 24 with AVX2
 constexpr int64_t BQ = 32;      // query positions per task
 constexpr float kNoScore = -std::numeric_limits<float>::infinity();
 
@@ -68,14 +74,14 @@ inline vec lane_index() {
   return i;
 }
 
-// 2^t for t <= 0 (a shifted score in log2 units), t clamped at -126 (2^-126,
+// 2^t for t <= kSlack (a shifted score in log2 units), t clamped at -126 (2^-126,
 // the smallest normal float: a key that far under the row's maximum weighs
 // nothing next to it): Cephes' exp2f (Moshier 1992; within about 1 ulp),
 // t = n + f with n = round(t), f in [-0.5, 0.5], 2^f = 1 + f P(f) by FMAs, and
 // 2^n through the exponent (VSCALEFPS with AVX-512). In log2 units the
 // score's scale and the row's maximum fold into one FMA before it (as
 // FlashAttention-2's kernels fold log2(e) into the softmax scale).
-inline vec exp2_nonpositive(vec t) {
+inline vec exp2_at_most_slack(vec t) {
   const auto k = [](float c) { return splat(c); };
   t = t < -126.0f ? k(-126.0f) : t;
   const vec n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
@@ -98,12 +104,29 @@ inline vec exp2_nonpositive(vec t) {
 #endif
 }
 
+// Whether some lane of v is above t (v and t in log2 units).
+inline bool any_above(vec v, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+#else
+  return _mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+#endif
+}
+
+// How far a score may rise above its row's running maximum m before m moves
+// (log2 units): the weights 2^(score - m) stay at most 2^8, far from float's
+// range, and the result O / l is the same quotient whatever m is. Most key
+// blocks then skip the row's maximum across lanes and the rescale of O and l
+// (FlashAttention-4's conditional rescaling, Dao et al. 2025).
+constexpr float kSlack = 8.0f;
+
 // One row's online-softmax step over a key block, in log2 units: s [BK] raw
 // scores (times `alpha` = the scores' scale times log2(e) to get log2 units),
-// the first `valid` of them unmasked -> s holds 2^(alpha s - m_new) (0 past
-// `valid`); the row's maximum m updated and its denominator's lanes l [L]
-// rescaled and added to (summed across lanes once, at the end); returns the
-// factor the row's output must be multiplied by (1 where the maximum stayed).
+// the first `valid` of them unmasked -> s holds 2^(alpha s - m) (0 past
+// `valid`); the row's maximum m moved where a score passed it by kSlack, and
+// its denominator's lanes l [L] rescaled and added to (summed across lanes
+// once, at the end); returns the factor the row's output must be multiplied
+// by (1 where the maximum stayed).
 inline float softmax_step(float* s, float alpha, int64_t valid, float& m, float* l) {
   const vec lanes = lane_index(), none = splat(kNoScore);
   const float fvalid = static_cast<float>(valid);
@@ -114,18 +137,21 @@ inline float softmax_step(float* s, float alpha, int64_t valid, float& m, float*
     if (valid < BK) x[c] = lanes + static_cast<float>(c * L) < fvalid ? x[c] : none;
     top = x[c] > top ? x[c] : top;
   }
-  const float m_new = std::max(m, alpha * reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; }));
-  const float rescale = m_new == m ? 1.0f : m == kNoScore ? 0.0f : std::exp2(m - m_new);
-  const vec by = splat(alpha), shift = splat(-m_new);
-  vec total = load_vec(l) * rescale;
+  float rescale = 1.0f;
+  if (m == kNoScore || any_above(top * alpha, m + kSlack)) {
+    const float m_new = std::max(m, alpha * reduce_lanes(top, [](auto a, auto b) { return a > b ? a : b; }));
+    rescale = m == kNoScore ? 0.0f : std::exp2(m - m_new);
+    m = m_new;
+  }
+  const vec by = splat(alpha), shift = splat(-m);
+  vec total = rescale == 1.0f ? load_vec(l) : load_vec(l) * rescale;
   for (int64_t c = 0; c < CV; ++c) {
-    vec e = exp2_nonpositive(fma_lanes(x[c], by, shift));
+    vec e = exp2_at_most_slack(fma_lanes(x[c], by, shift));
     if (valid < BK) e = lanes + static_cast<float>(c * L) < fvalid ? e : vec{};
     store_vec(s + c * L, e);
     total += e;
   }
   store_vec(l, total);
-  m = m_new;
   return rescale;
 }
 
@@ -193,21 +219,21 @@ struct Widened {
   // o [MR, hd] += p [MR, BK] . block b of head g's values, its first `keys`
   void add_values(const float* p, int64_t g, int64_t b, int64_t keys, float* o) const {
     const float* vb = vp.data() + (g * blocks + b) * BK * hd;
-    for (int64_t c0 = 0; c0 < hd; c0 += CV * L) {
-      vec acc[MR][CV];
+    for (int64_t c0 = 0; c0 < hd; c0 += CVV * L) {
+      vec acc[MR][CVV];
       for (int64_t r = 0; r < MR; ++r) {
-        for (int64_t c = 0; c < CV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
+        for (int64_t c = 0; c < CVV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
       }
       for (int64_t j = 0; j < keys; ++j) {
-        vec vv[CV];
-        for (int64_t c = 0; c < CV; ++c) vv[c] = in_register(load_vec(vb + j * hd + c0 + c * L));
+        vec vv[CVV];
+        for (int64_t c = 0; c < CVV; ++c) vv[c] = in_register(load_vec(vb + j * hd + c0 + c * L));
         for (int64_t r = 0; r < MR; ++r) {
           const vec pj = splat(p[r * BK + j]);
-          for (int64_t c = 0; c < CV; ++c) acc[r][c] = fma_lanes(pj, vv[c], acc[r][c]);
+          for (int64_t c = 0; c < CVV; ++c) acc[r][c] = fma_lanes(pj, vv[c], acc[r][c]);
         }
       }
       for (int64_t r = 0; r < MR; ++r) {
-        for (int64_t c = 0; c < CV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
+        for (int64_t c = 0; c < CVV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
       }
     }
   }
@@ -267,30 +293,30 @@ struct Pairs {
     const T* vb = vp.data() + (g * blocks + b) * BK * hd;
     alignas(64) uint16_t pb[MR][BK];  // the probabilities in bfloat16 (round to nearest even)
     for (int64_t r = 0; r < MR; ++r) {
-      for (int64_t c = 0; c < CV; ++c) {
+      for (int64_t c = 0; c < BK / L; ++c) {
         const __m256bh h = _mm512_cvtneps_pbh((__m512)load_vec(p + r * BK + c * L));
         std::memcpy(&pb[r][c * L], &h, sizeof(h));
       }
     }
-    for (int64_t c0 = 0; c0 < hd; c0 += CV * L) {
-      vec acc[MR][CV];
+    for (int64_t c0 = 0; c0 < hd; c0 += CVV * L) {
+      vec acc[MR][CVV];
       for (int64_t r = 0; r < MR; ++r) {
-        for (int64_t c = 0; c < CV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
+        for (int64_t c = 0; c < CVV; ++c) acc[r][c] = load_vec(o + r * hd + c0 + c * L);
       }
       for (int64_t j = 0; j < keys; j += 2) {
-        __m512bh vv[CV];
-        for (int64_t c = 0; c < CV; ++c) {
+        __m512bh vv[CVV];
+        for (int64_t c = 0; c < CVV; ++c) {
           vv[c] = (__m512bh)in_register((vec)_mm512_loadu_si512(vb + ((j / 2) * hd + c0 + c * L) * 2));
         }
         for (int64_t r = 0; r < MR; ++r) {
           int32_t pair;
           std::memcpy(&pair, &pb[r][j], sizeof(pair));
           const __m512bh pj = (__m512bh)_mm512_set1_epi32(pair);
-          for (int64_t c = 0; c < CV; ++c) acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)acc[r][c], pj, vv[c]);
+          for (int64_t c = 0; c < CVV; ++c) acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)acc[r][c], pj, vv[c]);
         }
       }
       for (int64_t r = 0; r < MR; ++r) {
-        for (int64_t c = 0; c < CV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
+        for (int64_t c = 0; c < CVV; ++c) store_vec(o + r * hd + c0 + c * L, acc[r][c]);
       }
     }
   }
@@ -356,7 +382,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
 
 }  // namespace
 
-int64_t causal_attention_width() { return CV * L; }
+int64_t causal_attention_width() { return CVV * L; }
 
 // q [H, n, hd], k and v [K, start + n, hd] (any strides but the last), start,
 // scale -> [H, n, hd]: query p attends keys [0, start + p].
@@ -369,7 +395,7 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(start >= 0 && k.size(1) == start + n, "k and v must hold start + n keys");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "head_dim must be contiguous");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
-  TORCH_CHECK(hd % (CV * L) == 0, "head_dim must be a multiple of ", CV * L);
+  TORCH_CHECK(hd % (CVV * L) == 0, "head_dim must be a multiple of ", CVV * L);
   // [n, H, hd] in memory, returned as its [H, n, hd] view: the output projection reads it as [n, H * hd]
   auto out = torch::empty({n, H, hd}, q.options()).transpose(0, 1);
   if (n == 0) return out;

@@ -189,6 +189,26 @@ def test_causal_attention_matches_sdpa(dtype, H, Kv, n, start, hd):
     torch.testing.assert_close(out.double(), causal_reference(q, k, v, start), **tol)
 
 
+@pytest.mark.parametrize("keys", ["rising", "falling"])
+def test_causal_attention_holds_scores_far_above_and_below_a_rows_running_maximum(keys):
+    # The kernel moves a row's maximum only where a score passes it by kSlack (2^8): keys whose scores grow
+    # along the row make it move, block after block, and keys whose scores shrink leave later weights to
+    # underflow. Either way the result is softmax's.
+    torch.manual_seed(7)
+    n = 300
+    grow = torch.linspace(0.0, 100.0, n) if keys == "rising" else torch.linspace(100.0, 0.0, n)  # [n]
+    q, v = torch.randn(9, n, 64), torch.randn(3, n, 64)
+    # scores up to 100x their usual size: weights past float's 2^128 unless the maximum moves
+    k = torch.randn(3, n, 64) * (1.0 + grow)[None, :, None]
+    out = K.causal_attention(q, k, v, 0, 0.125)
+    assert torch.isfinite(out).all()
+    # scores this large lose digits in float32 whoever computes them: the bound is PyTorch's own float32 error
+    ref = causal_reference(q, k, v, 0)
+    torch_error = (F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True,
+                                                  scale=0.125)[0].double() - ref).abs().max()
+    assert (out.double() - ref).abs().max() <= 1.5 * torch_error
+
+
 def test_causal_attention_gives_a_row_its_own_bits_in_chunks_and_alone():
     # a prompt scored in chunks (chunked prefill) attends exactly as scored whole
     torch.manual_seed(6)

@@ -231,10 +231,10 @@ def test_decode_rows_of_many_requests_are_attended_in_one_call_per_layer(monkeyp
         caches.append(model.new_cache())
         model(p, caches[-1])
     calls = []
-    real, real_sdpa = decode_attention.attend, model_module.F.scaled_dot_product_attention
+    real, real_causal = decode_attention.attend, model_module.fused.causal_attention
     monkeypatch.setattr(decode_attention, "attend", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
-    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",  # the prompt's (not attend's own, eager)
-                        lambda q, *a, **k: (q.shape[2] > 1 and calls.append(q.shape[0])) or real_sdpa(q, *a, **k))
+    monkeypatch.setattr(model_module.fused, "causal_attention",  # the prompt's (the kernel's or SDPA's)
+                        lambda q, *a, **k: calls.append(1) or real_causal(q, *a, **k))
     chain = ScoreItem(torch.tensor([1, 2]), model.new_cache())  # a prompt beside them, attended on its own
     batched = model.forward_batch([ScoreItem(t, c) for t, c in zip(news, caches)] + [chain])
     monkeypatch.undo()
