@@ -108,14 +108,20 @@ inline vec exp2_at_most_slack(vec t) {
 inline bool any_above(vec v, float t) {
 #if defined(__AVX512F__)
   return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
-#else
+#elif defined(__AVX__) && defined(__FMA__)
   return _mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+#else
+  for (int64_t l = 0; l < L; ++l) {
+    if (v[l] > t) return true;
+  }
+  return false;
 #endif
 }
 
 // How far a score may rise above its row's running maximum m before m moves
-// (log2 units): the weights 2^(score - m) stay at most 2^8, far from float's
-// range, and the result O / l is the same quotient whatever m is. Most key
+// (log2 units): the weights 2^(score - m) stay at most 2^8 (while |m| < 2^27,
+// where m + kSlack is exact), far from float's range, and the result O / l
+// is the same quotient whatever m is. Most key
 // blocks then skip the row's maximum across lanes and the rescale of O and l
 // (FlashAttention-4's conditional rescaling, Dao et al. 2025).
 constexpr float kSlack = 8.0f;

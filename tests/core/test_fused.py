@@ -189,6 +189,20 @@ def test_causal_attention_matches_sdpa(dtype, H, Kv, n, start, hd):
     torch.testing.assert_close(out.double(), causal_reference(q, k, v, start), **tol)
 
 
+@pytest.mark.parametrize("hd", [16, 48])
+def test_narrow_heads_run_the_kernel_where_its_width_divides_them_and_sdpa_elsewhere(hd):
+    # The kernel's head-dimension multiple is its value tile's width: 16 on an AVX2 build, 64 with AVX-512.
+    torch.manual_seed(8)
+    q, k, v = torch.randn(6, 90, hd), torch.randn(2, 100, hd), torch.randn(2, 100, hd)
+    if hd % K.causal_attention_width() == 0:
+        out = K.causal_attention(q, k, v, 10, hd ** -0.5)
+    else:
+        with pytest.raises(RuntimeError, match="head_dim must be a multiple"):
+            K.causal_attention(q, k, v, 10, hd ** -0.5)
+        out = fused.causal_attention(q, k, v, 10)  # PyTorch's SDPA
+    torch.testing.assert_close(out.double(), causal_reference(q, k, v, 10), rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("keys", ["rising", "falling"])
 def test_causal_attention_holds_scores_far_above_and_below_a_rows_running_maximum(keys):
     # The kernel moves a row's maximum only where a score passes it by kSlack (2^8): keys whose scores grow
