@@ -121,9 +121,9 @@ inline bool any_above(vec v, float t) {
 // How far a score may rise above its row's running maximum m before m moves
 // (log2 units): the weights 2^(score - m) stay at most 2^8 (while |m| < 2^27,
 // where m + kSlack is exact), far from float's range, and the result O / l
-// is the same quotient whatever m is. Most key
-// blocks then skip the row's maximum across lanes and the rescale of O and l
-// (FlashAttention-4's conditional rescaling, Dao et al. 2025).
+// is the same quotient whatever m is. Most key blocks then skip the row's
+// maximum across lanes and the rescale of O and l (FlashAttention-4's
+// conditional rescaling, Dao et al. 2025).
 constexpr float kSlack = 8.0f;
 
 // One row's online-softmax step over a key block, in log2 units: s [BK] raw
