@@ -150,7 +150,7 @@ inline float softmax_step(float* s, float alpha, int64_t valid, float& m, float*
     m = m_new;
   }
   const vec by = splat(alpha), shift = splat(-m);
-  vec total = rescale == 1.0f ? load_vec(l) : load_vec(l) * rescale;
+  vec total = load_vec(l) * rescale;
   for (int64_t c = 0; c < CV; ++c) {
     vec e = exp2_at_most_slack(fma_lanes(x[c], by, shift));
     if (valid < BK) e = lanes + static_cast<float>(c * L) < fvalid ? e : vec{};
