@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu import cpu_name_and_flags
+
 log = logging.getLogger("arserve.core")
 
 SOURCES = [Path(__file__).with_name(name)
@@ -50,16 +52,16 @@ SOURCES = [Path(__file__).with_name(name)
                         "diffusion_head.cpp", "kernels.h", "row_tiles.h")]
 NAME = "arserve_fused"
 # Built for the CPU it runs on; a * b + c rounds twice (but where a kernel asks for an FMA); OpenMP threads.
-# ARSERVE_KERNELS_ISA=avx2 leaves AVX-512 out, as on the AVX2-only CPUs of this project's class (the tests use it).
+# ARSERVE_KERNELS_ISA=avx2 leaves AVX-512 out, as on the AVX2-only CPUs of this project's class (the tests use it);
+# on such a CPU that is the native build already, and the same flags share its build (no second one).
 ISA = os.environ.get("ARSERVE_KERNELS_ISA", "native")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"] + (["-mno-avx512f"] if ISA == "avx2" else [])
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"] + (
+    ["-mno-avx512f"] if ISA == "avx2" and "avx512f" in cpu_name_and_flags()[1] else [])
 
 
 def build_dir() -> Path:
     """Where this machine's build lives: one folder per source, flags, torch,
     Python and CPU (``-march=native`` code must not run on another CPU)."""
-    from .cpu import cpu_name_and_flags
-
     key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, torch.__version__, sys.version,
                                      platform.machine(), repr(cpu_name_and_flags())]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ARSERVE_KERNELS_DIR", Path.home() / ".cache" / "arserve" / "kernels")).expanduser()
