@@ -42,8 +42,10 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int64_t NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
+constexpr int64_t kPrefetchRows = 4;  // a single pass prefetches the next tile from this many rows (never)
 #else
 constexpr int64_t NR = 4, MR = 3;  // 12 accumulators + 4 weight vectors of 16 ymm registers (x from memory)
+constexpr int64_t kPrefetchRows = 3;  // a single pass prefetches the next tile from this many rows (decision 71)
 #endif
 
 #if defined(__AVX512BF16__)
@@ -96,21 +98,24 @@ inline half_vec sum_tile(const vec a[NR]) {  // NR = 4, L = 8 -> 4 sums
 // y[m, n] for the `rows` (<= MR) rows of x at `x` (row stride xs) and one tile
 // (`w`: [K / S, NR, S], S = slice_of<T>()); y's row stride ys, only columns < `cols` stored.
 // `next`: a tile to prefetch into L2 meanwhile (or null): this pass is `part`
-// of `parts` over the tile, and prefetches its share of the lines of each of
-// next's slices as the loop reads its own slice.
+// of `parts` over the tile and prefetches its share of next's lines, one
+// contiguous run, spread evenly over its own k steps.
 template <typename T, int64_t ROWS>
 inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
                        const T* next = nullptr, int64_t part = 0, int64_t parts = 1) {
   constexpr int64_t S = slice_of<T>(), kLine = 64 / sizeof(T), kLines = NR * S / kLine;  // lines per k step
-  const int64_t first = part * kLines / parts, last = (part + 1) * kLines / parts;  // this pass's lines of a slice
+  const int64_t steps = K / S, lines = steps * kLines;  // k steps of a tile, 64-byte lines of a tile
+  const int64_t lo = part * lines / parts, span = (part + 1) * lines / parts - lo;  // this pass's lines of next
+  const T* ahead = next == nullptr ? nullptr : next + lo * kLine;
+  int64_t owed = 0;  // span / steps lines per k step: Bresenham's running remainder
   vec acc[ROWS][NR];
   for (int64_t m = 0; m < ROWS; ++m) {
     for (int64_t n = 0; n < NR; ++n) acc[m][n] = vec{};
   }
   for (int64_t k = 0; k < K; k += S) {
     const T* wk = w + k * NR;
-    if (next != nullptr) {
-      for (int64_t e = first; e < last; ++e) __builtin_prefetch(next + k * NR + e * kLine, 0, 2);
+    if (ahead != nullptr) {
+      for (owed += span; owed >= steps; owed -= steps, ahead += kLine) __builtin_prefetch(ahead, 0, 2);
     }
 #if defined(__AVX512BF16__)
     if constexpr (S != L) {  // bfloat16 in pairs: 2L elements per vector, one VDPBF16PS each
@@ -147,15 +152,17 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
 // asked for only in the first, the memory stream idled through the later
 // passes: a forward's time was its reads plus its multiplies (9 rows 1.3-1.5x
 // one row, where the multiplies alone take half a row's reads). So does a row
-// alone in bfloat16 pairs (decision 52). Every pass computes each of its rows
-// as any other pass would: the grouping never changes a row's bits.
+// alone in bfloat16 pairs (decision 52), and with AVX2 a single pass of three
+// rows: its multiplies take long enough for the stream to idle too (decision
+// 71). Every pass computes each of its rows as any other pass would: the
+// grouping never changes a row's bits.
 template <typename T>
 inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t K, T* y, int64_t ys, int64_t cols,
                          const T* next) {
   static_assert(MR == 3, "the passes below are of 3, 2 and 1 rows");
   const bool lone = M > 1 && M % MR == 1;  // the last four rows as two passes of two
   const int64_t threes = M / MR - (lone ? 1 : 0), parts = threes + (lone ? 2 : M % MR ? 1 : 0);
-  const T* ahead = parts > 1 ? next : nullptr;
+  const T* ahead = parts > 1 || M >= kPrefetchRows ? next : nullptr;
   // a row alone in pairs runs through a tile in half the instructions and
   // prefetches the next too (without: 1 row 3-5% slower than widening, measured)
   if (M == 1 && slice_of<T>() != L) ahead = next;
