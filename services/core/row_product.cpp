@@ -42,10 +42,10 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int64_t NR = 8, MR = 3;  // 24 accumulators + 8 weight vectors of 32 zmm registers
-constexpr int64_t kPrefetchRows = 4;  // a single pass prefetches the next tile from this many rows (never)
+constexpr int64_t kPrefetchRows = 4;  // rows from which a single pass prefetches the next tile: none (a pass holds 3)
 #else
 constexpr int64_t NR = 4, MR = 3;  // 12 accumulators + 4 weight vectors of 16 ymm registers (x from memory)
-constexpr int64_t kPrefetchRows = 3;  // a single pass prefetches the next tile from this many rows (decision 71)
+constexpr int64_t kPrefetchRows = 3;  // rows from which a single pass prefetches the next tile (decision 71)
 #endif
 
 #if defined(__AVX512BF16__)
