@@ -307,6 +307,54 @@ float dot(const vec* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs
   return sum_lanes(acc);
 }
 
+// dot(q, k[t], vecs) for kKeys keys at once, each summed in dot's own order
+// (so the same bits): one dot is a chain of `vecs` dependent adds, and alone
+// the adds' latency, not the CPU's throughput, set its pace (decision 72).
+constexpr int64_t kKeys = 4;
+
+template <typename T>
+void dots(const vec* q, const T* const* k, int64_t vecs, float* out) {
+  vec acc[kKeys];
+  for (int64_t t = 0; t < kKeys; ++t) acc[t] = q[0] * load_vec(k[t]);
+  for (int64_t i = 1; i < vecs; ++i) {
+    const vec qi = q[i];
+    for (int64_t t = 0; t < kKeys; ++t) acc[t] += qi * load_vec(k[t] + i * kLanes);
+  }
+  for (int64_t t = 0; t < kKeys; ++t) out[t] = sum_lanes(acc[t]);
+}
+
+// o = sum_j p[j] v[at(j)] over j in [0, L), each lane summed in j order
+// from 0 (so the same bits for any V). With V a constant the V accumulators
+// stay in registers; a runtime V kept them in memory, a store and a load per
+// vector per key (decision 72).
+template <int64_t V, typename T, typename At>
+void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at, vec* o) {
+  vec acc[V];
+  for (int64_t c = 0; c < V; ++c) acc[c] = vec{};
+  for (int64_t j = 0; j < L; ++j) {
+    const T* vj = vb + at(j) * stride;
+    const vec pj = splat(p[j]);
+    for (int64_t c = 0; c < V; ++c) acc[c] += pj * load_vec(vj + c * kLanes);
+  }
+  for (int64_t c = 0; c < V; ++c) o[c] = acc[c];
+}
+
+template <typename T, typename At>
+void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at, vec* o, int64_t V) {
+  switch (V) {
+    case 2: return weighted_sum<2>(p, vb, stride, L, at, o);
+    case 4: return weighted_sum<4>(p, vb, stride, L, at, o);
+    case 8: return weighted_sum<8>(p, vb, stride, L, at, o);
+    case 16: return weighted_sum<16>(p, vb, stride, L, at, o);
+  }
+  for (int64_t c = 0; c < V; ++c) o[c] = vec{};
+  for (int64_t j = 0; j < L; ++j) {
+    const T* vj = vb + at(j) * stride;
+    const vec pj = splat(p[j]);
+    for (int64_t c = 0; c < V; ++c) o[c] += pj * load_vec(vj + c * kLanes);
+  }
+}
+
 }  // namespace
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -352,14 +400,33 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         }
         const scalar_t* kb = kp + b * k.stride(0) + g * k.stride(1);
         const scalar_t* vb = vp + b * v.stride(0) + g * v.stride(1);
-        for (int64_t j = 0; j < L; ++j) {  // scores: each key read once for the G query heads
+        int64_t j = 0;  // scores: kKeys keys at a time for the G query heads, then the rest one by one
+        for (; j + kKeys <= L; j += kKeys) {
+          const scalar_t* kj[kKeys];
+          for (int64_t t = 0; t < kKeys; ++t) kj[t] = kb + at(j + t) * k.stride(2);
+          float st[kKeys];
+          for (int64_t i = 0; i < G; ++i) {
+            dots(qv.data() + i * V, kj, V, st);
+            for (int64_t t = 0; t < kKeys; ++t) s[i * L + j + t] = st[t];
+          }
+        }
+        for (; j < L; ++j) {
           const scalar_t* kj = kb + at(j) * k.stride(2);
           for (int64_t i = 0; i < G; ++i) s[i * L + j] = dot(qv.data() + i * V, kj, V);
         }
         for (int64_t i = 0; i < G; ++i) {  // softmax, then the probability-weighted sum of values
           float* si = s.data() + i * L;
-          float m = si[0];
-          for (int64_t j = 1; j < L; ++j) m = std::max(m, si[j]);
+          float m = si[0];  // the largest score: exact in any order (a sign of zero changes no s - m)
+          {
+            int64_t j = 0;
+            const auto larger = [](auto a, auto b) { return a > b ? a : b; };  // lane by lane for vectors
+            if (L >= kLanes) {
+              vec mv = load_vec(si);
+              for (j = kLanes; j + kLanes <= L; j += kLanes) mv = larger(mv, load_vec(si + j));
+              m = arserve::reduce_lanes(mv, larger);
+            }
+            for (; j < L; ++j) m = std::max(m, si[j]);
+          }
           vec denom = {};
           int64_t j = 0;
           for (; j + kLanes <= L; j += kLanes) {
@@ -377,12 +444,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
             denom += e;
           }
           const float total = sum_lanes(denom);
-          for (int64_t c = 0; c < V; ++c) o[c] = vec{};
-          for (int64_t jj = 0; jj < L; ++jj) {
-            const scalar_t* vj = vb + at(jj) * v.stride(2);
-            const vec p = splat(si[jj]);
-            for (int64_t c = 0; c < V; ++c) o[c] += p * load_vec(vj + c * kLanes);
-          }
+          weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
           scalar_t* oh = op + (b * H + g * G + i) * hd;
           for (int64_t c = 0; c < V; ++c) {
             const vec r = o[c] / total;
