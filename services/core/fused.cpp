@@ -390,7 +390,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       std::vector<vec> qv(G * V), o(V);
       std::vector<float> s(G * longest + kLanes);
       for (int64_t task = lo; task < hi; ++task) {
-        const int64_t b = task / K, g = task % K, L = lengths[b];
+        const int64_t g = task / B, b = task % B, L = lengths[b];  // head-major: a thread reads one head's keys for many rows
         const int64_t* tail = tails.empty() ? nullptr : tails[b].data();
         const int64_t split = tails.empty() ? L : L - static_cast<int64_t>(tails[b].size());
         auto at = [&](int64_t j) { return j < split ? j : tail[j - split]; };  // key j's position
