@@ -324,9 +324,9 @@ void dots(const vec* q, const T* const* k, int64_t vecs, float* out) {
 }
 
 // o = sum_j p[j] v[at(j)] over j in [0, L), each lane summed in j order
-// from 0 (so the same bits for any V). With V a constant the V accumulators
-// stay in registers; a runtime V kept them in memory, a store and a load per
-// vector per key (decision 72).
+// from 0 (so the same bits however the vectors are grouped). With V a
+// constant the V accumulators stay in registers; a runtime V kept them in
+// memory, a store and a load per vector per key (decision 72).
 template <int64_t V, typename T, typename At>
 void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at, vec* o) {
   vec acc[V];
@@ -339,20 +339,14 @@ void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at,
   for (int64_t c = 0; c < V; ++c) o[c] = acc[c];
 }
 
+// The same for any V, in slices of 8, 4, 2 and 1 vectors (each lane's sum is its own).
 template <typename T, typename At>
 void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at, vec* o, int64_t V) {
-  switch (V) {
-    case 2: return weighted_sum<2>(p, vb, stride, L, at, o);
-    case 4: return weighted_sum<4>(p, vb, stride, L, at, o);
-    case 8: return weighted_sum<8>(p, vb, stride, L, at, o);
-    case 16: return weighted_sum<16>(p, vb, stride, L, at, o);
-  }
-  for (int64_t c = 0; c < V; ++c) o[c] = vec{};
-  for (int64_t j = 0; j < L; ++j) {
-    const T* vj = vb + at(j) * stride;
-    const vec pj = splat(p[j]);
-    for (int64_t c = 0; c < V; ++c) o[c] += pj * load_vec(vj + c * kLanes);
-  }
+  int64_t c = 0;
+  for (; c + 8 <= V; c += 8) weighted_sum<8>(p, vb + c * kLanes, stride, L, at, o + c);
+  if (c + 4 <= V) weighted_sum<4>(p, vb + c * kLanes, stride, L, at, o + c), c += 4;
+  if (c + 2 <= V) weighted_sum<2>(p, vb + c * kLanes, stride, L, at, o + c), c += 2;
+  if (c < V) weighted_sum<1>(p, vb + c * kLanes, stride, L, at, o + c);
 }
 
 }  // namespace
