@@ -20,10 +20,12 @@ log = logging.getLogger("arserve.kvstore")
 
 class RedisTier:
     def __init__(self, url: str, ttl_s: int = 3600, prefix: str = "arserve:kv:", retry_after_s: float = 1.0,
-                 timeout_s: float = 0.5, store_timeout_s: float = 10.0):
+                 timeout_s: float = 2.0, store_timeout_s: float = 10.0):
         # redis:// or rediss:// (TLS); a password rides in the URL. Lookups are on a prompt's path and give up
-        # after timeout_s; stores run in the background and carry a long prompt's blocks (1,152 positions of
-        # SmolLM2 float32: 53 MB in one pipeline), which a busy host did not always write within 0.5 s
+        # after timeout_s: a long prompt's blocks are as large as its stores (1,152 positions of SmolLM2 float32:
+        # 53 MB in one MGET), which a busy host did not always read within 0.5 s (a miss, and the tier marked
+        # down), while recomputing them takes about 2 s on 2 cores (decision 73). Stores run in the background
+        # and get longer still.
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.writer = aioredis.Redis.from_url(url, socket_timeout=store_timeout_s, socket_connect_timeout=timeout_s)
         self.ttl_s = ttl_s  # seconds a block lives
