@@ -300,28 +300,22 @@ using arserve::vec;
 constexpr int64_t kLanes = arserve::L;
 inline float sum_lanes(vec v) { return arserve::reduce_lanes(v, [](auto a, auto b) { return a + b; }); }
 
-template <typename T>
-float dot(const vec* q, const T* k, int64_t vecs) {  // q: vecs vectors; k: vecs * kLanes elements
-  vec acc = q[0] * load_vec(k);
-  for (int64_t i = 1; i < vecs; ++i) acc += q[i] * load_vec(k + i * kLanes);
-  return sum_lanes(acc);
-}
-
-// dot(q, k[t], vecs) for kKeys keys at once, each summed in dot's own order
-// (so the same bits): one dot is a chain of `vecs` dependent adds, and alone
-// the adds' latency, not the CPU's throughput, set its pace (decision 72).
-constexpr int64_t kKeys = 4;
-
-template <typename T>
+// The scores of `keys` keys at once: out[t] = q . k[t] (q and each k[t]:
+// vecs vectors), each summed lane by lane in q's order, then across its
+// lanes in a fixed order, whatever `keys` is (so the same bits). One score
+// alone is a chain of `vecs` dependent adds whose latency, not the CPU's
+// throughput, sets its pace; four keys run four chains (decision 72).
+template <int64_t keys, typename T>
 void dots(const vec* q, const T* const* k, int64_t vecs, float* out) {
-  vec acc[kKeys];
-  for (int64_t t = 0; t < kKeys; ++t) acc[t] = q[0] * load_vec(k[t]);
+  vec acc[keys];
+  for (int64_t t = 0; t < keys; ++t) acc[t] = q[0] * load_vec(k[t]);
   for (int64_t i = 1; i < vecs; ++i) {
     const vec qi = q[i];
-    for (int64_t t = 0; t < kKeys; ++t) acc[t] += qi * load_vec(k[t] + i * kLanes);
+    for (int64_t t = 0; t < keys; ++t) acc[t] += qi * load_vec(k[t] + i * kLanes);
   }
-  for (int64_t t = 0; t < kKeys; ++t) out[t] = sum_lanes(acc[t]);
+  for (int64_t t = 0; t < keys; ++t) out[t] = sum_lanes(acc[t]);
 }
+constexpr int64_t kKeys = 4;
 
 // o = sum_j p[j] v[at(j)] over j in [0, L), each lane summed in j order
 // from 0 (so the same bits however the vectors are grouped). With V a
@@ -398,15 +392,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         for (; j + kKeys <= L; j += kKeys) {
           const scalar_t* kj[kKeys];
           for (int64_t t = 0; t < kKeys; ++t) kj[t] = kb + at(j + t) * k.stride(2);
-          float st[kKeys];
-          for (int64_t i = 0; i < G; ++i) {
-            dots(qv.data() + i * V, kj, V, st);
-            for (int64_t t = 0; t < kKeys; ++t) s[i * L + j + t] = st[t];
-          }
+          for (int64_t i = 0; i < G; ++i) dots<kKeys>(qv.data() + i * V, kj, V, s.data() + i * L + j);
         }
         for (; j < L; ++j) {
-          const scalar_t* kj = kb + at(j) * k.stride(2);
-          for (int64_t i = 0; i < G; ++i) s[i * L + j] = dot(qv.data() + i * V, kj, V);
+          const scalar_t* kj[1] = {kb + at(j) * k.stride(2)};
+          for (int64_t i = 0; i < G; ++i) dots<1>(qv.data() + i * V, kj, V, s.data() + i * L + j);
         }
         for (int64_t i = 0; i < G; ++i) {  // softmax, then the probability-weighted sum of values
           float* si = s.data() + i * L;
