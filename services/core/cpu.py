@@ -90,9 +90,9 @@ def onednn_packs(dtype: torch.dtype) -> bool:
 
 
 def row_lanes(dtype: torch.dtype = torch.float32) -> int:
-    """Elements of ``dtype`` per vector of the row products' build (float32:
-    16 with AVX-512, 8 with AVX2; bfloat16 32 where it multiplies in pairs,
-    AVX-512 BF16); an input width must be a multiple. 0 without the fused kernels."""
+    """Elements of ``dtype`` per slice of the row products' build (float32:
+    16 with AVX-512, 8 with AVX2; bfloat16 twice that: it multiplies in pairs,
+    ``row_product.cpp``); an input width must be a multiple. 0 without the fused kernels."""
     from . import fused
 
     k = fused.kernels()
@@ -103,10 +103,14 @@ def describe(dtype: torch.dtype) -> str:
     """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
-    prompts = "oneDNN" if onednn_packs(dtype) else "F.linear"
-    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors"
-                 f"{', bfloat16 in pairs' if dtype == torch.bfloat16 and row_lanes(dtype) > row_lanes() else ''}; "
-                 f"prompt chunks by {prompts})",
+    prompts = "oneDNN" if onednn_packs(dtype) else "the row products too"
+    pairs = ""
+    if dtype == torch.bfloat16:
+        from . import fused
+
+        native = "avx512_bf16" in flags and fused.ISA != "avx2"  # (an AVX2 build leaves VDPBF16PS out)
+        pairs = ", bfloat16 in pairs " + ("(VDPBF16PS)" if native else "split into floats")
+    how = {ROWS: f"arserve's row products ({row_lanes()}-lane vectors{pairs}; prompt chunks by {prompts})",
            PACKED: "oneDNN packed linears",
            PLAIN: "plain F.linear (no oneDNN packing for this dtype here)"}[layout]
     return (f"{str(dtype).removeprefix('torch.')} matrix products: {how}; CPU {name}, ATen capability "

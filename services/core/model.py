@@ -129,11 +129,12 @@ class Block(nn.Module):
 
     def release_dense(self) -> int:
         """Free the dense matrices where every path that serves reads packed
-        copies instead (the row layout for decode rows and drafts, oneDNN's
-        packs for prompt chunks): they were a third of a served model's
-        memory. Training's whole-sequence path (``forward_dense``) then fails.
-        -> bytes freed (0: kept, or freed before)."""
-        if self.released or not self.rows or len(self.prompt) != len(MATRICES):
+        copies instead (the row layout for decode rows and drafts, and for
+        prompt chunks oneDNN's packs or, where oneDNN packs none, the row
+        layout too): they were a third of a served model's memory (half of a
+        bfloat16 one's where oneDNN packs none). Training's whole-sequence
+        path (``forward_dense``) then fails. -> bytes freed (0: kept, or freed before)."""
+        if self.released or not self.rows:
             return 0
         freed = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in MATRICES)
         for name in MATRICES:
@@ -154,8 +155,7 @@ class Block(nn.Module):
         """x [M, in] -> [M, out], each row batch-invariant: row products for the
         shared rows of ``split`` (None: all), own products for the rest."""
         if self.rows:
-            return products.split_product(x, split, self.features[name], self.rows[name], self.prompt.get(name),
-                                          getattr(self, name))
+            return products.split_product(x, split, self.features[name], self.rows[name], self.prompt.get(name))
         return padded(x, self.floors.get(name, 1), product, getattr(self, name), self.packed.get(name))
 
     def forward(

@@ -19,10 +19,11 @@ Words used here:
   verification, and every segment of at most ``SHARED_ROWS`` rows. They share
   one row product per matrix.
 - **own product**: a longer segment (a prompt chunk) is multiplied alone, by
-  oneDNN over a packed copy of the weights kept for prompts (``F.linear``
-  where oneDNN cannot pack the dtype): faster than the row product at
-  prefill sizes. Its bits then depend on that segment only, never on what
-  else is in the forward.
+  oneDNN over a packed copy of the weights kept for prompts: faster than the
+  row product at prefill sizes. Its bits then depend on that segment only,
+  never on what else is in the forward. Where oneDNN cannot pack the dtype
+  (bfloat16 without AVX-512 BF16 or AVX-NE-CONVERT), the chunk goes through
+  the row product too: 4-5x ``F.linear``'s speed there (decision 74).
 
 The output matrix (the logits) always runs as one row product: its rows are
 mostly one per request, and a row product of any size gives each row its bits.
@@ -33,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
@@ -85,23 +85,21 @@ def row_product(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     return fused.kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
 
 
-def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor, prompt: Tensor | None = None,
-                  w: Tensor | None = None) -> Tensor:
-    """x [N, in] @ w.T -> [N, out]: the shared rows through the row product,
-    each own range alone through ``own_product`` (over ``prompt``, else the
-    dense ``w``). ``split`` None: every row shared."""
-    if split is None or not split.own:
+def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor, prompt: Tensor | None = None) -> Tensor:
+    """x [N, in] @ w.T -> [N, out]: the shared rows through the row product
+    (``packed``), each own range alone through oneDNN's ``prompt`` copy
+    (``own_product``), or through the row product where there is none.
+    ``split`` None: every row shared."""
+    if split is None or not split.own or prompt is None:
         return row_product(x, packed, out)
     parts = [row_product(x[:split.shared], packed, out)] if split.shared else []
-    parts += [own_product(x[a:b], w, prompt) for a, b in split.own]
+    parts += [own_product(x[a:b], prompt) for a, b in split.own]
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (a prompt alone: no copy)
 
 
-def own_product(x: Tensor, w: Tensor | None, prompt: Tensor | None) -> Tensor:
-    """A prompt chunk's product: oneDNN's over its packed copy of w (``prompt``:
-    ``model.pack_weight(w)``) where there is one, else ``F.linear`` (MKL).
-    At 1,000 rows of SmolLM2's shapes on an AVX-512 EPYC: oneDNN 196-213
-    GFLOP/s, MKL 166-175, the row products 143-149 (decision 51)."""
-    if prompt is None:
-        return F.linear(x, w)
+def own_product(x: Tensor, prompt: Tensor) -> Tensor:
+    """A prompt chunk's product through oneDNN's packed copy of w (``prompt``:
+    ``model.pack_weight(w)``). At 1,000 rows of SmolLM2's shapes on an
+    AVX-512 EPYC: oneDNN 196-213 GFLOP/s, MKL 166-175, the row products
+    143-149 (decision 51)."""
     return torch.ops.mkldnn._linear_pointwise(x, prompt, None, "none", [], "")

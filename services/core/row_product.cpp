@@ -22,13 +22,17 @@
 //   rows past N).
 // - a micro-tile: MR rows of x against one tile: MR * NR accumulators in
 //   registers, each weight vector loaded once for MR rows.
-// - pairs: where the CPU has AVX-512 BF16, bfloat16 slices are 2L wide and
-//   one VDPBF16PS adds to lane l the products of elements 2l and 2l + 1
+// - pairs: bfloat16 slices are 2L wide, and lane l takes the products of
+//   elements 2l and 2l + 1 of each slice (a 32-bit word holds such a pair, 2l
+//   in its low half). Where the CPU has AVX-512 BF16, one VDPBF16PS adds both
 //   (x[k+2l] w[k+2l] + x[k+2l+1] w[k+2l+1], each exact in float32, summed and
-//   added in float32 with round-to-nearest): half the instructions of
-//   widening to floats and one FMA per element, in an order that is again
-//   fixed whatever the rows (decision 52). A bfloat16 row then needs a width
-//   that is a multiple of 2L.
+//   added in float32 with round-to-nearest; decision 52). Elsewhere (AVX2,
+//   AVX-512 without BF16) the words are split: a shift makes the even
+//   elements floats and a mask the odd ones, each one integer op for L
+//   elements, and two FMAs add them, even then odd (decision 74): widening
+//   element by element took two ops for L elements, as many as the
+//   multiplies. Either order is fixed whatever the rows. A bfloat16 row then
+//   needs a width that is a multiple of 2L.
 
 #include "kernels.h"
 
@@ -48,16 +52,10 @@ constexpr int64_t NR = 4, MR = 3;  // 12 accumulators + 4 weight vectors of 16 y
 constexpr int64_t kPrefetchRows = 3;  // rows from which a single pass prefetches the next tile (decision 71)
 #endif
 
-#if defined(__AVX512BF16__)
-constexpr bool kPairs = true;  // bfloat16 multiplies in pairs (VDPBF16PS)
-#else
-constexpr bool kPairs = false;
-#endif
-
-// elements of T per slice of K: L, or 2L for bfloat16 in pairs
+// elements of T per slice of K: L, or 2L for bfloat16 (in pairs)
 template <typename T>
 constexpr int64_t slice_of() {
-  return std::is_same_v<T, c10::BFloat16> && kPairs ? 2 * L : L;
+  return std::is_same_v<T, c10::BFloat16> ? 2 * L : L;
 }
 
 // The NR sums of NR accumulators' lanes at once, each in one fixed order:
@@ -127,6 +125,26 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
       }
       continue;
     }
+#else
+    if constexpr (S != L) {  // bfloat16 pairs split: the even elements as floats, then the odd ones
+      typedef int32_t words __attribute__((vector_size(L * sizeof(int32_t))));  // L pairs
+      constexpr int32_t kHigh = static_cast<int32_t>(0xFFFF0000u);
+      for (int odd = 0; odd < 2; ++odd) {
+        vec wv[NR];
+        for (int64_t n = 0; n < NR; ++n) {
+          words p;
+          std::memcpy(&p, wk + n * S, sizeof(p));
+          wv[n] = (vec)(odd ? p & kHigh : p << 16);
+        }
+        for (int64_t m = 0; m < ROWS; ++m) {
+          words p;
+          std::memcpy(&p, x + m * xs + k, sizeof(p));
+          const vec xv = (vec)(odd ? p & kHigh : p << 16);
+          for (int64_t n = 0; n < NR; ++n) acc[m][n] = fma_lanes(xv, wv[n], acc[m][n]);
+        }
+      }
+      continue;
+    }
 #endif
     vec wv[NR];
     for (int64_t n = 0; n < NR; ++n) wv[n] = load_vec(wk + n * L);
@@ -164,7 +182,8 @@ inline void rows_of_tile(const T* x, int64_t xs, int64_t M, const T* w, int64_t 
   const int64_t threes = M / MR - (lone ? 1 : 0), parts = threes + (lone ? 2 : M % MR ? 1 : 0);
   const T* ahead = parts > 1 || M >= kPrefetchRows ? next : nullptr;
   // a row alone in pairs runs through a tile in half the instructions and
-  // prefetches the next too (without: 1 row 3-5% slower than widening, measured)
+  // prefetches the next too (without: 1 row 3-5% slower than widening with
+  // VDPBF16PS, 7-15% slower split on AVX2; measured)
   if (M == 1 && slice_of<T>() != L) ahead = next;
   int64_t m = 0, part = 0;
   for (; part < threes; ++part, m += MR) micro_tile<T, MR>(x + m * xs, xs, w, K, y + m * ys, ys, cols, ahead, part, parts);
