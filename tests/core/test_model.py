@@ -401,3 +401,29 @@ def test_a_served_model_frees_its_dense_matrices_and_decodes_the_same_bits():
     with pytest.raises(RuntimeError, match="released for serving"):
         model.to(torch.bfloat16)  # the packs would stay behind
     assert model.release_dense() == 0  # once
+
+
+def test_where_onednn_packs_no_bfloat16_a_prompt_runs_through_the_row_products_and_the_dense_matrices_go(monkeypatch):
+    """bfloat16 on a CPU where oneDNN cannot pack it (AVX2-only EPYCs): a
+    prompt chunk longer than the shared rows goes through the row products
+    (not ``F.linear``, 4-5x slower there), so a served model keeps only the
+    row layout, and a prompt gives the same bits before and after."""
+    import arserve.core.model as model_module
+    from arserve.core.model import MATRICES
+    from arserve.core.products import SHARED_ROWS
+
+    monkeypatch.setattr(model_module, "onednn_packs", lambda dtype: False)
+    model = Llama(LlamaConfig.from_name("tiny")).init_random(6).eval().to(torch.bfloat16).pack()
+    assert all(layer.rows and not layer.prompt for layer in model.layers)
+    prompt = torch.randint(0, 256, (SHARED_ROWS + 40,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = (model.hidden_dense(prompt[None])[0] @ model.output_matrix().T).float()  # F.linear, dense
+        before = model(prompt, model.new_cache())  # [T, vocab]
+    assert before.shape == reference.shape
+    assert (before - reference).abs().max() < 0.05 * reference.abs().max()  # bfloat16 sums in another order
+    assert (before.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    assert model.release_dense() > 0
+    assert all(getattr(layer, n) is None for layer in model.layers for n in MATRICES)
+    with torch.no_grad():
+        after = model(prompt, model.new_cache())
+    assert torch.equal(before, after)
