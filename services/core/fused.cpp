@@ -294,6 +294,7 @@ namespace {
 // The CPU's own vector width (kernels.h: 16 floats with AVX-512, 8 with AVX2;
 // a fixed 16 was lowered through the stack on AVX2, 3.5x slower), and the
 // same fixed-order lane sum as prompt attention's.
+using arserve::fma_lanes;
 using arserve::load_vec;
 using arserve::splat;
 using arserve::vec;
@@ -317,6 +318,55 @@ void dots(const vec* q, const T* const* k, int64_t vecs, float* out) {
 }
 constexpr int64_t kKeys = 4;
 
+// bfloat16 keys and values in pairs (decision 75): a 32-bit word holds elements
+// 2l and 2l + 1, so 2L of them load as L words, and the even elements are
+// the words' low halves shifted up, the odd ones their high halves masked:
+// two integer ops for 2L elements where widening took two per L.
+typedef int32_t words __attribute__((vector_size(kLanes * sizeof(int32_t))));  // L pairs
+constexpr int32_t kHigh = static_cast<int32_t>(0xFFFF0000u);
+inline words load_words(const c10::BFloat16* p) {
+  words w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// Scores of bfloat16 keys, a pair of elements at a time, for `pairs` vectors
+// of 2L elements each: with VDPBF16PS (AVX-512 BF16) one instruction per
+// pair against q's own bfloat16 bits, else q's even and odd elements
+// (floats) times the key's, fused. Each score in one fixed order whatever
+// `keys` is; times `scale` after the sum (q stays bfloat16).
+#if defined(__AVX512BF16__)
+typedef __m512bh qpairs;  // q's 2L bfloat16 elements of one pair vector, as loaded
+#else
+struct qpairs {
+  vec even, odd;
+};
+#endif
+inline qpairs load_q_pairs(const c10::BFloat16* q) {
+#if defined(__AVX512BF16__)
+  return (__m512bh)_mm512_loadu_si512(q);
+#else
+  const words w = load_words(q);
+  return {(vec)(w << 16), (vec)(w & kHigh)};
+#endif
+}
+template <int64_t keys>
+void dots_pairs(const qpairs* q, const c10::BFloat16* const* k, int64_t pairs, float scale, float* out) {
+  vec acc[keys];
+  for (int64_t t = 0; t < keys; ++t) acc[t] = vec{};
+  for (int64_t c = 0; c < pairs; ++c) {
+    for (int64_t t = 0; t < keys; ++t) {
+#if defined(__AVX512BF16__)
+      acc[t] = (vec)_mm512_dpbf16_ps((__m512)acc[t], q[c], (__m512bh)_mm512_loadu_si512(k[t] + c * 2 * kLanes));
+#else
+      const words w = load_words(k[t] + c * 2 * kLanes);
+      acc[t] = fma_lanes(q[c].odd, (vec)(w & kHigh), fma_lanes(q[c].even, (vec)(w << 16), acc[t]));
+#endif
+    }
+  }
+  for (int64_t t = 0; t < keys; ++t) out[t] = sum_lanes(acc[t]) * scale;
+}
+
 // o = sum_j p[j] v[at(j)] over j in [0, L), each lane summed in j order
 // from 0 (so the same bits however the vectors are grouped). With V a
 // constant the V accumulators stay in registers; a runtime V kept them in
@@ -331,6 +381,42 @@ void weighted_sum(const float* p, const T* vb, int64_t stride, int64_t L, At at,
     for (int64_t c = 0; c < V; ++c) acc[c] += pj * load_vec(vj + c * kLanes);
   }
   for (int64_t c = 0; c < V; ++c) o[c] = acc[c];
+}
+
+// weighted_sum for bfloat16 values in pairs: P accumulators of even elements
+// and P of odd ones, each lane summed in j order from 0 as there, so every
+// output element has the bits it has there (only the loads differ); o:
+// the 2 L P floats in element order.
+template <int64_t P, typename At>
+void weighted_sum_pairs(const float* p, const c10::BFloat16* vb, int64_t stride, int64_t L, At at, float* o) {
+  vec acc[2 * P];
+  for (int64_t c = 0; c < 2 * P; ++c) acc[c] = vec{};
+  for (int64_t j = 0; j < L; ++j) {
+    const c10::BFloat16* vj = vb + at(j) * stride;
+    const vec pj = splat(p[j]);
+    for (int64_t c = 0; c < P; ++c) {
+      const words w = load_words(vj + c * 2 * kLanes);
+      acc[c] += pj * (vec)(w << 16);
+      acc[P + c] += pj * (vec)(w & kHigh);
+    }
+  }
+  for (int64_t c = 0; c < P; ++c) {  // back in element order
+    for (int64_t l = 0; l < kLanes; ++l) {
+      o[c * 2 * kLanes + 2 * l] = acc[c][l];
+      o[c * 2 * kLanes + 2 * l + 1] = acc[P + c][l];
+    }
+  }
+}
+
+// The same for any number of pair vectors, in slices of 4, 2 and 1; o: floats in element order.
+template <typename At>
+void weighted_sum_pairs(const float* p, const c10::BFloat16* vb, int64_t stride, int64_t L, At at, float* o,
+                        int64_t pairs) {
+  constexpr int64_t E = 2 * kLanes;  // elements per pair vector
+  int64_t c = 0;
+  for (; c + 4 <= pairs; c += 4) weighted_sum_pairs<4>(p, vb + c * E, stride, L, at, o + c * E);
+  if (c + 2 <= pairs) weighted_sum_pairs<2>(p, vb + c * E, stride, L, at, o + c * E), c += 2;
+  if (c < pairs) weighted_sum_pairs<1>(p, vb + c * E, stride, L, at, o + c * E);
 }
 
 // The same for any V, in slices of 8, 4, 2 and 1 vectors (each lane's sum is its own).
@@ -374,8 +460,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     const scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    // bfloat16 keys and values in pairs where a head is whole pair vectors (weighted_sum_pairs)
+    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+    const int64_t PV = kBf16 && hd % (2 * kLanes) == 0 ? hd / (2 * kLanes) : 0;  // pair vectors per head, or 0
     auto pairs = [&](int64_t lo, int64_t hi) {
       std::vector<vec> qv(G * V), o(V);
+      std::vector<qpairs> qp2(G * PV);
       std::vector<float> s(G * longest + kLanes);
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t g = task / B, b = task % B, L = lengths[b];  // head-major: a thread reads one head's keys for many rows
@@ -384,20 +474,34 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         auto at = [&](int64_t j) { return j < split ? j : tail[j - split]; };  // key j's position
         for (int64_t i = 0; i < G; ++i) {
           const scalar_t* qh = qp + b * q.stride(0) + (g * G + i) * q.stride(1);
+          if constexpr (kBf16) {
+            if (PV) {
+              for (int64_t c = 0; c < PV; ++c) qp2[i * PV + c] = load_q_pairs(reinterpret_cast<const c10::BFloat16*>(qh) + c * 2 * kLanes);
+              continue;
+            }
+          }
           for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_vec(qh + c * kLanes) * fscale;
         }
         const scalar_t* kb = kp + b * k.stride(0) + g * k.stride(1);
         const scalar_t* vb = vp + b * v.stride(0) + g * v.stride(1);
-        int64_t j = 0;  // scores: kKeys keys at a time for the G query heads, then the rest one by one
-        for (; j + kKeys <= L; j += kKeys) {
-          const scalar_t* kj[kKeys];
-          for (int64_t t = 0; t < kKeys; ++t) kj[t] = kb + at(j + t) * k.stride(2);
-          for (int64_t i = 0; i < G; ++i) dots<kKeys>(qv.data() + i * V, kj, V, s.data() + i * L + j);
-        }
-        for (; j < L; ++j) {
-          const scalar_t* kj[1] = {kb + at(j) * k.stride(2)};
-          for (int64_t i = 0; i < G; ++i) dots<1>(qv.data() + i * V, kj, V, s.data() + i * L + j);
-        }
+        // scores: kKeys keys at a time for the G query heads, then the rest one by one
+        auto score = [&]<int64_t keys>(int64_t j) {
+          const scalar_t* kj[keys];
+          for (int64_t t = 0; t < keys; ++t) kj[t] = kb + at(j + t) * k.stride(2);
+          for (int64_t i = 0; i < G; ++i) {
+            if constexpr (kBf16) {
+              if (PV) {
+                dots_pairs<keys>(qp2.data() + i * PV, reinterpret_cast<const c10::BFloat16* const*>(kj), PV, fscale,
+                                 s.data() + i * L + j);
+                continue;
+              }
+            }
+            dots<keys>(qv.data() + i * V, kj, V, s.data() + i * L + j);
+          }
+        };
+        int64_t j = 0;
+        for (; j + kKeys <= L; j += kKeys) score.template operator()<kKeys>(j);
+        for (; j < L; ++j) score.template operator()<1>(j);
         for (int64_t i = 0; i < G; ++i) {  // softmax, then the probability-weighted sum of values
           float* si = s.data() + i * L;
           float m = si[0];  // the largest score: exact in any order (a sign of zero changes no s - m)
@@ -428,7 +532,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
             denom += e;
           }
           const float total = sum_lanes(denom);
-          weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
+          if constexpr (kBf16) {
+            if (PV) weighted_sum_pairs(si, reinterpret_cast<const c10::BFloat16*>(vb), v.stride(2), L, at,
+                                     reinterpret_cast<float*>(o.data()), PV);
+            else weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
+          } else {
+            weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
+          }
           scalar_t* oh = op + (b * H + g * G + i) * hd;
           for (int64_t c = 0; c < V; ++c) {
             const vec r = o[c] / total;

@@ -121,10 +121,11 @@ def test_non_cpu_or_off_takes_the_eager_path(monkeypatch):
     assert torch.equal(fused.rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
 
 
+@pytest.mark.parametrize("hd", [64, 48])  # bfloat16: whole pair vectors, or (AVX-512) widened a vector at a time
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
+def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype, hd):
     torch.manual_seed(4)
-    B, H, Kv, P, hd = 6, 9, 3, 240, 64
+    B, H, Kv, P = 6, 9, 3, 240
     q, k, v = torch.randn(B, H, hd, dtype=dtype), torch.randn(B, Kv, P, hd, dtype=dtype), torch.randn(B, Kv, P, hd, dtype=dtype)
     lengths = [200, 1, 240, 17, 33, 100]  # a partial last vector of keys, a single key, all keys
     out = K.decode_attention(q, k, v, lengths, hd ** -0.5)
@@ -140,6 +141,23 @@ def test_decode_attention_matches_sdpa_and_each_rows_bits_are_its_own(dtype):
     assert torch.equal(chain[2:], out[:1])
     with pytest.raises(RuntimeError, match="length must be in"):
         K.decode_attention(q, k, v, [0] * B, 1.0)
+
+
+@pytest.mark.parametrize("hd", [64, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_sums_the_values_in_key_order_in_float32(dtype, hd):
+    """Equal scores (q = 0): each output element is the float32 sum of its
+    values taken key by key, over the count, bit for bit, whether bfloat16
+    values are loaded in pairs or widened (decision 75)."""
+    torch.manual_seed(6)
+    Kv, n = 3, 37
+    v = torch.randn(1, Kv, n, hd, dtype=dtype)
+    out = K.decode_attention(torch.zeros(1, 9, hd, dtype=dtype), torch.randn(1, Kv, n, hd, dtype=dtype), v, [n], 1.0)
+    total = torch.zeros(Kv, hd)
+    for j in range(n):
+        total = total + v[0, :, j].float()
+    expected = (total / n).to(dtype).repeat_interleave(3, 0)  # [H, hd]: three query heads a key/value head
+    assert torch.equal(out[0], expected)
 
 
 def test_decode_attention_reads_a_rows_tail_from_where_it_lies_with_the_bits_of_a_contiguous_path():
