@@ -289,6 +289,8 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
 // read from those positions instead, in that order. A draft tree's row reads
 // its context, then its ancestors' slots and its own: the keys a chain of
 // that path holds contiguously, read in the same order, so the same bits.
+// bfloat16 keys and values are read a pair of elements at a time where a head
+// is whole pair vectors (dots_pairs, weighted_sum_pairs; decision 75).
 namespace {
 
 // The CPU's own vector width (kernels.h: 16 floats with AVX-512, 8 with AVX2;
