@@ -103,7 +103,9 @@ def describe(dtype: torch.dtype) -> str:
     """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
-    prompts = "oneDNN" if onednn_packs(dtype) else "the row products too"
+    prompts = ("oneDNN" if onednn_packs(dtype) else
+               "oneDNN in float32, widened" if dtype == torch.bfloat16 and onednn_packs(torch.float32) else
+               "the row products too")
     pairs = ""
     if dtype == torch.bfloat16:
         from . import fused

@@ -109,7 +109,7 @@ class Block(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = c.n_heads, c.n_kv_heads, hd, c.norm_eps
         self.rows: dict[str, Tensor] = {}  # name -> the row layout of a weight matrix (``products``)
         self.packed: dict[str, Tensor] = {}  # name -> oneDNN-packed copy of a weight matrix (no fused kernels)
-        self.prompt: dict[str, Tensor] = {}  # name -> oneDNN-packed copy for prompt chunks, beside ``rows``
+        self.prompt: dict[str, Tensor | products.Widened] = {}  # name -> the copy prompt chunks use, beside ``rows``
         self.floors: dict[str, int] = {}  # name -> its products' floor (``row_invariance``); unset: 1
         self.features = {name: getattr(self, name).shape[0] for name in MATRICES}  # name -> its output width
 
@@ -119,8 +119,11 @@ class Block(nn.Module):
             raise RuntimeError("this layer's dense matrices were released for serving (Llama.release_dense)")
         self.rows = {name: products.pack(getattr(self, name)) for name in MATRICES} if layout == ROWS else {}
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES} if layout == PACKED else {}
-        prompts = layout == ROWS and onednn_packs(self.wqkv.dtype)  # (``products.own_product``)
-        self.prompt = {name: pack_weight(getattr(self, name)) for name in MATRICES} if prompts else {}
+        self.prompt = {}  # (``products.own_product``)
+        if layout == ROWS and onednn_packs(self.wqkv.dtype):
+            self.prompt = {name: pack_weight(getattr(self, name)) for name in MATRICES}
+        elif layout == ROWS and self.wqkv.dtype == torch.bfloat16 and onednn_packs(torch.float32):
+            self.prompt = {name: products.Widened(getattr(self, name).detach()) for name in MATRICES}
 
     @property
     def released(self) -> bool:
@@ -130,13 +133,14 @@ class Block(nn.Module):
     def release_dense(self) -> int:
         """Free the dense matrices where every path that serves reads packed
         copies instead (the row layout for decode rows and drafts, and for
-        prompt chunks oneDNN's packs or, where oneDNN packs none, the row
-        layout too): they were a third of a served model's memory (half of a
-        bfloat16 one's where oneDNN packs none). Training's whole-sequence
-        path (``forward_dense``) then fails. -> bytes freed (0: kept, or freed before)."""
+        prompt chunks oneDNN's packs): they were a third of a served model's
+        memory. Where oneDNN packs no bfloat16, prompt chunks keep them
+        (``products.Widened``). Training's whole-sequence path
+        (``forward_dense``) then fails. -> bytes freed (0: kept, or freed before)."""
         if self.released or not self.rows:
             return 0
-        freed = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in MATRICES)
+        freed = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in MATRICES
+                    if not isinstance(self.prompt.get(n), products.Widened))
         for name in MATRICES:
             setattr(self, name, None)  # a registered parameter set to None: gone from state_dict and parameters()
         return freed

@@ -22,8 +22,10 @@ Words used here:
   oneDNN over a packed copy of the weights kept for prompts: faster than the
   row product at prefill sizes. Its bits then depend on that segment only,
   never on what else is in the forward. Where oneDNN cannot pack the dtype
-  (bfloat16 without AVX-512 BF16 or AVX-NE-CONVERT), the chunk goes through
-  the row product too: 4-5x ``F.linear``'s speed there (decision 74).
+  (bfloat16 without AVX-512 BF16 or AVX-NE-CONVERT), the chunk and the
+  bfloat16 matrix are widened to float32 for it (``Widened``): 1.3-1.6x the
+  row product's speed at prompt sizes there, for a dense bfloat16 copy of
+  the matrices (decision 76).
 
 The output matrix (the logits) always runs as one row product: its rows are
 mostly one per request, and a row product of any size gives each row its bits.
@@ -34,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
@@ -85,9 +88,10 @@ def row_product(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     return fused.kernels().row_product(x if x.stride(-1) == 1 else x.contiguous(), packed, out_features)
 
 
-def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor, prompt: Tensor | None = None) -> Tensor:
+def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor,
+                  prompt: "Tensor | Widened | None" = None) -> Tensor:
     """x [N, in] @ w.T -> [N, out]: the shared rows through the row product
-    (``packed``), each own range alone through oneDNN's ``prompt`` copy
+    (``packed``), each own range alone through the ``prompt`` copy
     (``own_product``), or through the row product where there is none.
     ``split`` None: every row shared."""
     if split is None or not split.own or prompt is None:
@@ -97,9 +101,22 @@ def split_product(x: Tensor, split: RowSplit | None, out: int, packed: Tensor, p
     return parts[0] if len(parts) == 1 else torch.cat(parts)  # (a prompt alone: no copy)
 
 
-def own_product(x: Tensor, prompt: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class Widened:
+    """A bfloat16 matrix kept dense for prompt chunks where oneDNN packs no
+    bfloat16 (AVX2-only CPUs): each chunk's product runs in float32, the
+    matrix widened for that call (``own_product``). Widening SmolLM2's
+    matrices costs about 4% of a 512-row chunk's product; float32 GEMM runs
+    at 1.3-1.6x the row products' bfloat16 speed there (decision 76)."""
+
+    w: Tensor  # [out, in] bfloat16
+
+
+def own_product(x: Tensor, prompt: "Tensor | Widened") -> Tensor:
     """A prompt chunk's product through oneDNN's packed copy of w (``prompt``:
-    ``model.pack_weight(w)``). At 1,000 rows of SmolLM2's shapes on an
-    AVX-512 EPYC: oneDNN 196-213 GFLOP/s, MKL 166-175, the row products
-    143-149 (decision 51)."""
+    ``model.pack_weight(w)``), or in float32 over a ``Widened`` matrix. At
+    1,000 rows of SmolLM2's shapes on an AVX-512 EPYC: oneDNN 196-213
+    GFLOP/s, MKL 166-175, the row products 143-149 (decision 51)."""
+    if isinstance(prompt, Widened):
+        return F.linear(x.float(), prompt.w.float()).to(x.dtype)
     return torch.ops.mkldnn._linear_pointwise(x, prompt, None, "none", [], "")

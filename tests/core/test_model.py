@@ -403,18 +403,27 @@ def test_a_served_model_frees_its_dense_matrices_and_decodes_the_same_bits():
     assert model.release_dense() == 0  # once
 
 
-def test_where_onednn_packs_no_bfloat16_a_prompt_runs_through_the_row_products_and_the_dense_matrices_go(monkeypatch):
+def test_where_onednn_packs_no_bfloat16_a_prompt_is_multiplied_in_float32_and_keeps_its_bits_after_release(monkeypatch):
     """bfloat16 on a CPU where oneDNN cannot pack it (AVX2-only EPYCs): a
-    prompt chunk longer than the shared rows goes through the row products
-    (not ``F.linear``, 4-5x slower there), so a served model keeps only the
-    row layout, and a prompt gives the same bits before and after."""
+    prompt chunk longer than the shared rows is multiplied in float32 over
+    the widened bfloat16 matrix (``products.Widened``: 1.3-1.6x the row
+    products there), decode rows by the row products; serving frees the
+    parameters but keeps that dense copy, and a prompt gives the same bits
+    before and after."""
     import arserve.core.model as model_module
     from arserve.core.model import MATRICES
-    from arserve.core.products import SHARED_ROWS
+    from arserve.core.products import SHARED_ROWS, RowSplit, Widened, split_product
 
-    monkeypatch.setattr(model_module, "onednn_packs", lambda dtype: False)
+    monkeypatch.setattr(model_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
     model = Llama(LlamaConfig.from_name("tiny")).init_random(6).eval().to(torch.bfloat16).pack()
-    assert all(layer.rows and not layer.prompt for layer in model.layers)
+    assert all(layer.rows and all(isinstance(layer.prompt[n], Widened) for n in MATRICES) for layer in model.layers)
+    layer = model.layers[0]
+    x = torch.randn(2 + SHARED_ROWS + 40, model.config.dim, generator=torch.Generator().manual_seed(8)).bfloat16()
+    split = RowSplit.of([1, 1, SHARED_ROWS + 40])  # two decode rows, then a prompt chunk of its own
+    out = split_product(x, split, layer.features["wqkv"], layer.rows["wqkv"], layer.prompt["wqkv"])
+    widened = torch.nn.functional.linear(x[2:].float(), layer.wqkv.float()).bfloat16()
+    assert torch.equal(out[2:], widened)  # the chunk: float32 products, rounded once
+    assert torch.equal(out[:2], split_product(x[:2], None, layer.features["wqkv"], layer.rows["wqkv"]))
     prompt = torch.randint(0, 256, (SHARED_ROWS + 40,), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         reference = (model.hidden_dense(prompt[None])[0] @ model.output_matrix().T).float()  # F.linear, dense
@@ -422,7 +431,7 @@ def test_where_onednn_packs_no_bfloat16_a_prompt_runs_through_the_row_products_a
     assert before.shape == reference.shape
     assert (before - reference).abs().max() < 0.05 * reference.abs().max()  # bfloat16 sums in another order
     assert (before.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
-    assert model.release_dense() > 0
+    assert model.release_dense() == 0  # the prompts' copies are the matrices themselves
     assert all(getattr(layer, n) is None for layer in model.layers for n in MATRICES)
     with torch.no_grad():
         after = model(prompt, model.new_cache())
