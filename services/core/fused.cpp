@@ -320,17 +320,12 @@ void dots(const vec* q, const T* const* k, int64_t vecs, float* out) {
 }
 constexpr int64_t kKeys = 4;
 
-// bfloat16 keys and values in pairs (decision 75): a 32-bit word holds elements
-// 2l and 2l + 1, so 2L of them load as L words, and the even elements are
-// the words' low halves shifted up, the odd ones their high halves masked:
-// two integer ops for 2L elements where widening took two per L.
-typedef int32_t words __attribute__((vector_size(kLanes * sizeof(int32_t))));  // L pairs
-constexpr int32_t kHigh = static_cast<int32_t>(0xFFFF0000u);
-inline words load_words(const c10::BFloat16* p) {
-  words w;
-  std::memcpy(&w, p, sizeof(w));
-  return w;
-}
+// bfloat16 keys and values in pairs (decision 75; kernels.h's pair_words): two
+// integer ops for 2L elements where widening took two per L.
+using arserve::even_floats;
+using arserve::load_pairs;
+using arserve::odd_floats;
+using arserve::pair_words;
 
 // Scores of bfloat16 keys, a pair of elements at a time, for `pairs` vectors
 // of 2L elements each: with VDPBF16PS (AVX-512 BF16) one instruction per
@@ -348,8 +343,8 @@ inline qpairs load_q_pairs(const c10::BFloat16* q) {
 #if defined(__AVX512BF16__)
   return (__m512bh)_mm512_loadu_si512(q);
 #else
-  const words w = load_words(q);
-  return {(vec)(w << 16), (vec)(w & kHigh)};
+  const pair_words w = load_pairs(q);
+  return {even_floats(w), odd_floats(w)};
 #endif
 }
 template <int64_t keys>
@@ -361,8 +356,8 @@ void dots_pairs(const qpairs* q, const c10::BFloat16* const* k, int64_t pairs, f
 #if defined(__AVX512BF16__)
       acc[t] = (vec)_mm512_dpbf16_ps((__m512)acc[t], q[c], (__m512bh)_mm512_loadu_si512(k[t] + c * 2 * kLanes));
 #else
-      const words w = load_words(k[t] + c * 2 * kLanes);
-      acc[t] = fma_lanes(q[c].odd, (vec)(w & kHigh), fma_lanes(q[c].even, (vec)(w << 16), acc[t]));
+      const pair_words w = load_pairs(k[t] + c * 2 * kLanes);
+      acc[t] = fma_lanes(q[c].odd, odd_floats(w), fma_lanes(q[c].even, even_floats(w), acc[t]));
 #endif
     }
   }
@@ -397,9 +392,9 @@ void weighted_sum_pairs(const float* p, const c10::BFloat16* vb, int64_t stride,
     const c10::BFloat16* vj = vb + at(j) * stride;
     const vec pj = splat(p[j]);
     for (int64_t c = 0; c < P; ++c) {
-      const words w = load_words(vj + c * 2 * kLanes);
-      acc[c] += pj * (vec)(w << 16);
-      acc[P + c] += pj * (vec)(w & kHigh);
+      const pair_words w = load_pairs(vj + c * 2 * kLanes);
+      acc[c] += pj * even_floats(w);
+      acc[P + c] += pj * odd_floats(w);
     }
   }
   for (int64_t c = 0; c < P; ++c) {  // back in element order

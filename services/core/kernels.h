@@ -111,6 +111,18 @@ inline vec load_vec(const T* p) {  // L elements as floats
   return r;
 }
 
+// bfloat16 in pairs: a 32-bit word holds elements 2l (its low half) and 2l + 1
+// (its high half), so 2L bfloat16 load as L words, and each half is a float
+// with one integer op: the even element shifted up, the odd one masked.
+typedef int32_t pair_words __attribute__((vector_size(L * sizeof(int32_t))));  // L pairs
+inline pair_words load_pairs(const void* p) {  // 2L bfloat16
+  pair_words w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+inline vec even_floats(pair_words w) { return (vec)(w << 16); }
+inline vec odd_floats(pair_words w) { return (vec)(w & static_cast<int32_t>(0xFFFF0000u)); }
+
 
 // lanes reduced in a fixed order: halves combined, then halves of those
 template <typename F>

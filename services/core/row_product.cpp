@@ -127,19 +127,15 @@ inline void micro_tile(const T* x, int64_t xs, const T* w, int64_t K, T* y, int6
     }
 #else
     if constexpr (S != L) {  // bfloat16 pairs split: the even elements as floats, then the odd ones
-      typedef int32_t words __attribute__((vector_size(L * sizeof(int32_t))));  // L pairs
-      constexpr int32_t kHigh = static_cast<int32_t>(0xFFFF0000u);
       for (int odd = 0; odd < 2; ++odd) {
         vec wv[NR];
         for (int64_t n = 0; n < NR; ++n) {
-          words p;
-          std::memcpy(&p, wk + n * S, sizeof(p));
-          wv[n] = (vec)(odd ? p & kHigh : p << 16);
+          const pair_words p = load_pairs(wk + n * S);
+          wv[n] = odd ? odd_floats(p) : even_floats(p);
         }
         for (int64_t m = 0; m < ROWS; ++m) {
-          words p;
-          std::memcpy(&p, x + m * xs + k, sizeof(p));
-          const vec xv = (vec)(odd ? p & kHigh : p << 16);
+          const pair_words p = load_pairs(x + m * xs + k);
+          const vec xv = odd ? odd_floats(p) : even_floats(p);
           for (int64_t n = 0; n < NR; ++n) acc[m][n] = fma_lanes(xv, wv[n], acc[m][n]);
         }
       }
