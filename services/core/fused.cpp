@@ -458,8 +458,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     // bfloat16 keys and values in pairs where a head is whole pair vectors (weighted_sum_pairs)
-    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-    const int64_t PV = kBf16 && hd % (2 * kLanes) == 0 ? hd / (2 * kLanes) : 0;  // pair vectors per head, or 0
+    const int64_t PV = std::is_same_v<scalar_t, c10::BFloat16> && hd % (2 * kLanes) == 0 ? hd / (2 * kLanes) : 0;
     auto pairs = [&](int64_t lo, int64_t hi) {
       std::vector<vec> qv(G * V), o(V);
       std::vector<qpairs> qp2(G * PV);
@@ -471,11 +470,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         auto at = [&](int64_t j) { return j < split ? j : tail[j - split]; };  // key j's position
         for (int64_t i = 0; i < G; ++i) {
           const scalar_t* qh = qp + b * q.stride(0) + (g * G + i) * q.stride(1);
-          if constexpr (kBf16) {
-            if (PV) {
-              for (int64_t c = 0; c < PV; ++c) qp2[i * PV + c] = load_q_pairs(reinterpret_cast<const c10::BFloat16*>(qh) + c * 2 * kLanes);
-              continue;
-            }
+          if (PV) {  // (0 but for bfloat16: the casts below only run on bfloat16)
+            for (int64_t c = 0; c < PV; ++c) qp2[i * PV + c] = load_q_pairs(reinterpret_cast<const c10::BFloat16*>(qh) + c * 2 * kLanes);
+            continue;
           }
           for (int64_t c = 0; c < V; ++c) qv[i * V + c] = load_vec(qh + c * kLanes) * fscale;
         }
@@ -486,12 +483,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           const scalar_t* kj[keys];
           for (int64_t t = 0; t < keys; ++t) kj[t] = kb + at(j + t) * k.stride(2);
           for (int64_t i = 0; i < G; ++i) {
-            if constexpr (kBf16) {
-              if (PV) {
-                dots_pairs<keys>(qp2.data() + i * PV, reinterpret_cast<const c10::BFloat16* const*>(kj), PV, fscale,
-                                 s.data() + i * L + j);
-                continue;
-              }
+            if (PV) {
+              dots_pairs<keys>(qp2.data() + i * PV, reinterpret_cast<const c10::BFloat16* const*>(kj), PV, fscale,
+                               s.data() + i * L + j);
+              continue;
             }
             dots<keys>(qv.data() + i * V, kj, V, s.data() + i * L + j);
           }
@@ -529,13 +524,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
             denom += e;
           }
           const float total = sum_lanes(denom);
-          if constexpr (kBf16) {
-            if (PV) weighted_sum_pairs(si, reinterpret_cast<const c10::BFloat16*>(vb), v.stride(2), L, at,
+          if (PV) weighted_sum_pairs(si, reinterpret_cast<const c10::BFloat16*>(vb), v.stride(2), L, at,
                                      reinterpret_cast<float*>(o.data()), PV);
-            else weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
-          } else {
-            weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
-          }
+          else weighted_sum(si, vb, v.stride(2), L, at, o.data(), V);
           scalar_t* oh = op + (b * H + g * G + i) * hd;
           for (int64_t c = 0; c < V; ++c) {
             const vec r = o[c] / total;
