@@ -89,6 +89,16 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def prompt_copy(dtype: torch.dtype) -> str | None:
+    """Beside the row layout, the copy a prompt chunk's products use
+    (``products.own_product``): "packed" where oneDNN packs ``dtype``,
+    "widened" for bfloat16 where it packs only float32 (the dense bfloat16
+    matrices multiplied in float32, decision 76), else None (the row products)."""
+    if onednn_packs(dtype):
+        return "packed"
+    return "widened" if dtype == torch.bfloat16 and onednn_packs(torch.float32) else None
+
+
 def row_lanes(dtype: torch.dtype = torch.float32) -> int:
     """Elements of ``dtype`` per slice of the row products' build (float32:
     16 with AVX-512, 8 with AVX2; bfloat16 twice that: it multiplies in pairs,
@@ -103,9 +113,8 @@ def describe(dtype: torch.dtype) -> str:
     """One log line: the CPU, the kernels ATen dispatches to, and the weight layout for ``dtype``."""
     name, flags = cpu_name_and_flags()
     layout = weight_layout(dtype)
-    prompts = ("oneDNN" if onednn_packs(dtype) else
-               "oneDNN in float32, widened" if dtype == torch.bfloat16 and onednn_packs(torch.float32) else
-               "the row products too")
+    prompts = {"packed": "oneDNN", "widened": "oneDNN in float32, widened", None: "the row products too"}[
+        prompt_copy(dtype)]
     pairs = ""
     if dtype == torch.bfloat16:
         from . import fused

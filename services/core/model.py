@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import decode_stack, fused, products
 from .config import LlamaConfig
-from .cpu import PACKED, ROWS, onednn_packs, weight_layout
+from .cpu import PACKED, ROWS, prompt_copy, weight_layout
 from .decode_attention import CHAIN_ROWS, DecodeKV, DecodeRows, attend_chain, attend_one, attend_tree, tree_paths
 from .kv_cache import KVCache
 from .products import SHARED_ROWS, RowSplit
@@ -119,11 +119,10 @@ class Block(nn.Module):
             raise RuntimeError("this layer's dense matrices were released for serving (Llama.release_dense)")
         self.rows = {name: products.pack(getattr(self, name)) for name in MATRICES} if layout == ROWS else {}
         self.packed = {name: pack_weight(getattr(self, name)) for name in MATRICES} if layout == PACKED else {}
-        self.prompt = {}  # (``products.own_product``)
-        if layout == ROWS and onednn_packs(self.wqkv.dtype):
-            self.prompt = {name: pack_weight(getattr(self, name)) for name in MATRICES}
-        elif layout == ROWS and self.wqkv.dtype == torch.bfloat16 and onednn_packs(torch.float32):
-            self.prompt = {name: products.Widened(getattr(self, name).detach()) for name in MATRICES}
+        copy = prompt_copy(self.wqkv.dtype) if layout == ROWS else None  # (``products.own_product``)
+        self.prompt = ({name: pack_weight(getattr(self, name)) for name in MATRICES} if copy == "packed" else
+                       {name: products.Widened(getattr(self, name).detach()) for name in MATRICES} if copy == "widened"
+                       else {})
 
     @property
     def released(self) -> bool:

@@ -410,11 +410,11 @@ def test_where_onednn_packs_no_bfloat16_a_prompt_is_multiplied_in_float32_and_ke
     products there), decode rows by the row products; serving frees the
     parameters but keeps that dense copy, and a prompt gives the same bits
     before and after."""
-    import arserve.core.model as model_module
+    import arserve.core.cpu as cpu_module
     from arserve.core.model import MATRICES
     from arserve.core.products import SHARED_ROWS, RowSplit, Widened, split_product
 
-    monkeypatch.setattr(model_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    monkeypatch.setattr(cpu_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
     model = Llama(LlamaConfig.from_name("tiny")).init_random(6).eval().to(torch.bfloat16).pack()
     assert all(layer.rows and all(isinstance(layer.prompt[n], Widened) for n in MATRICES) for layer in model.layers)
     layer = model.layers[0]
