@@ -11,7 +11,10 @@ for every prompt of ../shared/bench/prompts.jsonl:
 
 tokens/s is client wall-clock (prefill included); speedup = method tokens/s /
 arserve plain tokens/s of the same prompt. Mean accepted length is tokens
-committed per target forward (arserve's own counter). Goals (issue 3): ngram
+committed per target forward (arserve's own counter). Beside them, for
+reading the goal: each method's speedup after the first token (decode
+tokens/s, prefill excluded) and the first token's share of its wall time
+(a short answer's prefill caps its wall-clock speedup). Goals (issue 3): ngram
 >= 2.5x plain on copy and >= 0.95x on every category; arserve ngram >= 1.3x
 transformers' prompt lookup on copy. Methods alternate prompt by prompt so
 machine noise hits all alike, and each prompt runs every arserve method
@@ -70,12 +73,17 @@ def bench_dtype(dtype: str, prompts: list[dict], max_tokens: int, repeats: int =
                     row[f"{name}_speedup"] = r.tok_s / plain.tok_s
                     row[f"{name}_mean_accepted_length"] = r.mean_accepted_length
                     row[f"{name}_identical_to_plain"] = first_difference(r.token_ids, plain.token_ids) is None
+                    row[f"{name}_ttft_s"] = r.ttft_s
+                    row[f"{name}_first_token_share"] = r.ttft_s / r.wall_s if r.ttft_s and r.wall_s else None
+                    row[f"{name}_decode_speedup"] = (r.decode_tok_s / plain.decode_tok_s
+                                                     if r.decode_tok_s and plain.decode_tok_s else None)
                 row["ngram_vs_transformers_pld"] = runs["ngram"].tok_s / pld.tok_s
                 rows.append(row)
                 log(f"[{dtype}] {i:>2}/{len(prompts)} {p['id']:<8} {p['category']:<5} plain {plain.tok_s:5.1f}  "
                     + "  ".join(f"{n} {runs[n].tok_s:5.1f} ({runs[n].mean_accepted_length:.2f})" for n in METHODS
                                 if n != "none")
-                    + f"  transformers-pld {pld.tok_s:5.1f} tok/s")
+                    + f"  transformers-pld {pld.tok_s:5.1f} tok/s  ({plain.tokens} tokens; ngram after the first token "
+                    f"{row['ngram_decode_speedup'] or 0:.2f}x, first token {row['ngram_first_token_share'] or 0:.0%} of its time)")
     finally:
         hf.close()
     return rows
@@ -88,7 +96,10 @@ def summarize(rows: list[dict]) -> dict:
         out[name] = {"tok_s": spread([r[f"{name}_tok_s"] for r in rows]),
                      "speedup": spread([r[f"{name}_speedup"] for r in rows]),
                      "mean_accepted_length": spread([r[f"{name}_mean_accepted_length"] for r in rows]),
-                     "identical_to_plain": sum(r[f"{name}_identical_to_plain"] for r in rows)}
+                     "identical_to_plain": sum(r[f"{name}_identical_to_plain"] for r in rows),
+                     "decode_speedup": spread([r[f"{name}_decode_speedup"] for r in rows]),
+                     "first_token_share": spread([r[f"{name}_first_token_share"] for r in rows])}
+    out["tokens"] = spread([r["tokens"] for r in rows])
     return out
 
 
