@@ -93,11 +93,18 @@ def error_response(e: BaseException) -> JSONResponse:
 
 def validation_error(e: RequestValidationError) -> JSONResponse:
     """pydantic's errors as one INVALID_ARGUMENT naming the field (400, as OpenAI answers a bad parameter)."""
-    first = e.errors()[0] if e.errors() else {}
+    errors = e.errors()
+    if errors and errors[0].get("type") == "json_invalid":  # loc holds a character offset, not a field
+        at = [x for x in errors[0].get("loc", ()) if isinstance(x, int)]
+        why = (errors[0].get("ctx") or {}).get("error", "")
+        err = InvalidArgument(f"body: not valid JSON{f' at character {at[0]}' if at else ''}{f' ({why})' if why else ''}")
+        err.param = None
+        return error_response(err)
+    first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
-                for err in e.errors()]
+                for err in errors]
     err = InvalidArgument("; ".join(messages) or "request body does not parse")
     err.param = param
     return error_response(err)

@@ -8,7 +8,8 @@ stop strings, speculative methods, context window, ...) stays in
 ``gateway.validate`` so both front doors refuse the same requests with the
 same messages. arserve's own options ride as extra body fields, as vLLM
 takes its extra sampling parameters (the ``openai`` package's
-``extra_body``): ``top_k``, ``speculative`` (the method), ``num_draft_tokens``;
+``extra_body``): ``top_k``, ``speculative`` (the method), ``num_draft_tokens``,
+``cache_salt`` (the tenant's namespace of shared KV blocks, vLLM's option);
 for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
 """
 
@@ -49,6 +50,8 @@ class GenerationBody(BaseModel):
     stream_options: StreamOptions | None = None
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -57,13 +60,17 @@ class GenerationBody(BaseModel):
     speculative: str | None = Field(None, description="Speculative method (none, ngram, draft_model, heads; "
                                     "default: the model's).")
     num_draft_tokens: int | None = Field(None, ge=0, le=UINT32, description="Draft length (the adaptive bound).")
+    cache_salt: str | None = Field(None, description="Namespace of this request's shared KV blocks (vLLM's "
+                                   "cache_salt): prefixes are shared only with requests sending the same salt.")
 
     def refuse_unserved(self) -> None:
         if self.n != 1:
             raise InvalidArgument(f"n: arserve returns one choice per request (n=1), got n={self.n}; "
                                   f"send {self.n} requests instead")
-        if self.logprobs:
-            raise InvalidArgument("logprobs: not served by arserve")
+        if self.logprobs or self.top_logprobs:
+            raise InvalidArgument("logprobs, top_logprobs: not served by arserve")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidArgument(f"response_format: only text is served, got {self.response_format.get('type')!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidArgument(f"{name}: not served by arserve (leave it unset or 0)")
@@ -89,7 +96,8 @@ class GenerationBody(BaseModel):
         speculative = pb.SpeculativeParams(method=self.speculative or "")
         if self.num_draft_tokens is not None:
             speculative.num_draft_tokens = self.num_draft_tokens
-        return pb.GenerateRequest(model=self.model or "", sampling=sampling, speculative=speculative)
+        return pb.GenerateRequest(model=self.model or "", sampling=sampling, speculative=speculative,
+                                  cache_salt=self.cache_salt)
 
 
 class TextPart(BaseModel):

@@ -50,6 +50,8 @@ def test_stop_strings_end_generation_before_the_stop(client):
     out = client.generate(prompt="Count: 1, 2, 3, 4, 5,", max_tokens=16, stop=[" 7"])
     assert out.finish_reason == "stop"
     assert out.text == full.text[: full.text.index(" 7")]
+    # one stop string as a string: that string, not its characters (" " would stop at once)
+    assert client.generate(prompt="Count: 1, 2, 3, 4, 5,", max_tokens=16, stop=" 7").text == out.text
 
 
 def test_list_models(client):
@@ -87,6 +89,10 @@ BAD = [
     (dict(messages=[{"role": "wizard", "content": "hi"}]), InvalidArgument, "messages[0].role"),
     (dict(prompt="hi", speculative="telepathy"), InvalidArgument, "speculative.method"),
     (dict(prompt="hi", stop=[""]), InvalidArgument, "sampling.stop[0]"),
+    # values a request cannot hold: refused by the SDK, naming the option, as the server would
+    (dict(prompt="hi", max_tokens=-1), InvalidArgument, "max_tokens: Value out of range: -1"),
+    (dict(prompt="hi", seed=1 << 64), InvalidArgument, "seed: Value out of range"),
+    (dict(prompt="hi", temperature="hot"), InvalidArgument, "temperature"),
 ]
 
 

@@ -133,6 +133,18 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
     with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: not served"):
+        oai.chat.completions.create(**chat, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="response_format: only text is served, got 'json_object'"):
+        oai.chat.completions.create(**chat, response_format={"type": "json_object"})
+    assert oai.chat.completions.create(**chat, response_format={"type": "text"}).usage.completion_tokens == 2
+    request = urllib.request.Request(f"{server.http_url}/chat/completions", data=b'{"model": "x",, }',
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    body = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and body["param"] is None
+    assert body["message"].startswith("body: not valid JSON at character 14 (Expecting property name"), body
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # the gateway's check, not a second one
         oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=100_000)
     for stream in (False, True):

@@ -1,13 +1,17 @@
 """What a caller learns about the shared KV cache: Usage.cached_prompt_tokens
 is reported in the caller's own namespace (cache_salt) or where the operator
 opts in (report_cached_tokens), never as an oracle for the shared namespace;
-cache_salt is validated at the edge. Real gRPC and the SDK in front of the
-session server's SmolLM2, its tokenizer and its drafter, with a backbone that
-shares prefixes through a process-memory KV tier."""
+cache_salt is validated at the edge, and the OpenAI door's salt is the same
+namespace as the gRPC API's. Real gRPC and the SDK (and the ``openai``
+package over HTTP) in front of the session server's SmolLM2, its tokenizer
+and its drafter, with a backbone that shares prefixes through a
+process-memory KV tier."""
 
 from __future__ import annotations
 
+import openai
 import pytest
+from test_http_api import api, door
 from test_security import public
 
 from arserve_client import Client, InvalidArgument
@@ -55,3 +59,22 @@ def test_cached_prompt_tokens_are_reported_only_in_a_namespace(server, sharing_v
                 ask(c, "When do you open?", cache_salt=bad)
     with public(server, verifier=sharing_verifier, report_cached_tokens=True) as srv, Client(srv.target) as c:
         assert ask(c, "When do you open?").cached_prompt_tokens == full  # the operator trusts every caller
+
+
+def test_the_http_door_keeps_a_salted_prompt_in_its_tenants_namespace(server, sharing_verifier):
+    store = sharing_verifier.backbone.kv_store
+    chat = dict(model="smollm2-135m-instruct", max_tokens=2, temperature=0,
+                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Are you open on Sundays?"}])
+    with door(server, verifier=sharing_verifier) as d, api(d.url) as oai, \
+            public(server, verifier=sharing_verifier) as srv, Client(srv.target) as c:
+        first, again = (oai.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-h"}).usage
+                        for _ in range(2))
+        full = (first.prompt_tokens - 1) // 16 * 16
+        assert full >= 32
+        assert [first.prompt_tokens_details.cached_tokens, again.prompt_tokens_details.cached_tokens] == [0, full]
+        hits = store.hits["local"]
+        assert ask(c, "Are you open on Sundays?").cached_prompt_tokens == 0  # no salt: the common namespace ...
+        assert store.hits["local"] == hits  # ... which holds none of the tenant's blocks
+        assert ask(c, "Are you open on Sundays?", cache_salt="tenant-h").cached_prompt_tokens == full  # one namespace
+        with pytest.raises(openai.BadRequestError, match="cache_salt must be 1 to 256 UTF-8 bytes, got 0"):
+            oai.chat.completions.create(**chat, extra_body={"cache_salt": ""})

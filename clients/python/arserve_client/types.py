@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+import grpc
+
+from .errors import InvalidArgument
 from .v1 import generation_pb2 as pb
 
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
@@ -93,7 +96,7 @@ def build_request(
     top_p: float | None = None,
     top_k: int | None = None,
     seed: int | None = None,
-    stop: Iterable[str] = (),
+    stop: str | Iterable[str] = (),
     speculative: str = "",
     num_draft_tokens: int | None = None,
     num_candidates: int | None = None,
@@ -104,17 +107,13 @@ def build_request(
     """A GenerateRequest; unset options take the server's defaults.
     ``cache_salt``: the namespace of this request's cached prompt prefixes
     (shared only with requests sending the same salt; also reports
-    ``cached_prompt_tokens``)."""
-    sampling = pb.SamplingParams(stop=list(stop))
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed)):
-        if value is not None:
-            setattr(sampling, name, value)
+    ``cached_prompt_tokens``). ``stop``: one string or several. A value the
+    request cannot hold (a negative ``max_tokens``, a string for a number)
+    raises ``InvalidArgument`` naming the option, before anything is sent."""
+    sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop))
+    _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     spec = pb.SpeculativeParams(method=speculative)
-    for name, value in (("num_draft_tokens", num_draft_tokens), ("num_candidates", num_candidates),
-                        ("adaptive", adaptive)):
-        if value is not None:
-            setattr(spec, name, value)
+    _set(spec, num_draft_tokens=num_draft_tokens, num_candidates=num_candidates, adaptive=adaptive)
     return pb.GenerateRequest(
         request_id=request_id, model=model, prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],
@@ -167,14 +166,25 @@ def build_image_request(
     request_id: str = "",
 ) -> pb.GenerateImageRequest:
     """A GenerateImageRequest: one image per label; unset options take the model's defaults."""
-    req = pb.GenerateImageRequest(request_id=request_id, model=model, labels=list(labels),
-                                  return_tokens=return_tokens, speculative=pb.SpeculativeParams(method=speculative))
-    for name, value in (("seed", seed), ("temperature", temperature), ("cfg_scale", cfg_scale),
-                        ("num_steps", num_steps)):
-        if value is not None:
-            setattr(req, name, value)
-    if num_draft_tokens is not None:
-        req.speculative.num_draft_tokens = num_draft_tokens
-    if adaptive is not None:
-        req.speculative.adaptive = adaptive
+    try:
+        labels = list(labels)
+        req = pb.GenerateImageRequest(request_id=request_id, model=model, labels=labels, return_tokens=return_tokens,
+                                      speculative=pb.SpeculativeParams(method=speculative))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"labels: {e}") from None
+    _set(req, seed=seed, temperature=temperature, cfg_scale=cfg_scale, num_steps=num_steps)
+    _set(req.speculative, num_draft_tokens=num_draft_tokens, adaptive=adaptive)
     return req
+
+
+def _set(msg, **values) -> None:
+    """Set the options that are not None on a protobuf message; a value its
+    field cannot hold is the caller's mistake (InvalidArgument), not the
+    protobuf runtime's ValueError."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            setattr(msg, name, value)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e} (got {value!r})") from None
