@@ -96,7 +96,7 @@ def build_request(
     top_p: float | None = None,
     top_k: int | None = None,
     seed: int | None = None,
-    stop: str | Iterable[str] = (),
+    stop: str | Iterable[str] | None = (),
     speculative: str = "",
     num_draft_tokens: int | None = None,
     num_candidates: int | None = None,
@@ -107,18 +107,23 @@ def build_request(
     """A GenerateRequest; unset options take the server's defaults.
     ``cache_salt``: the namespace of this request's cached prompt prefixes
     (shared only with requests sending the same salt; also reports
-    ``cached_prompt_tokens``). ``stop``: one string or several. A value the
+    ``cached_prompt_tokens``). ``stop``: one string or several (None: none). A value the
     request cannot hold (a negative ``max_tokens``, a string for a number)
     raises ``InvalidArgument`` naming the option, before anything is sent."""
-    sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop))
+    sampling = pb.SamplingParams()
+    _extend(sampling.stop, "stop", [stop] if isinstance(stop, str) else list(stop or ()))
     _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     spec = pb.SpeculativeParams(method=speculative)
     _set(spec, num_draft_tokens=num_draft_tokens, num_candidates=num_candidates, adaptive=adaptive)
-    return pb.GenerateRequest(
-        request_id=request_id, model=model, prompt=prompt or "",
-        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in (messages or [])],
-        sampling=sampling, speculative=spec, cache_salt=cache_salt,
-    )
+    req = pb.GenerateRequest(sampling=sampling, speculative=spec)
+    _set(req, request_id=request_id, model=model, prompt=prompt or "", cache_salt=cache_salt)
+    for i, m in enumerate(messages or []):
+        try:
+            req.messages.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"messages[{i}]: a mapping with string 'role' and 'content' ({e!r})") from None
+    return req
 
 
 @dataclass
@@ -166,15 +171,20 @@ def build_image_request(
     request_id: str = "",
 ) -> pb.GenerateImageRequest:
     """A GenerateImageRequest: one image per label; unset options take the model's defaults."""
-    try:
-        labels = list(labels)
-        req = pb.GenerateImageRequest(request_id=request_id, model=model, labels=labels, return_tokens=return_tokens,
-                                      speculative=pb.SpeculativeParams(method=speculative))
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"labels: {e}") from None
+    req = pb.GenerateImageRequest(speculative=pb.SpeculativeParams())
+    _extend(req.labels, "labels", list(labels))
+    _set(req, request_id=request_id, model=model, return_tokens=return_tokens)
+    _set(req.speculative, method=speculative)
     _set(req, seed=seed, temperature=temperature, cfg_scale=cfg_scale, num_steps=num_steps)
     _set(req.speculative, num_draft_tokens=num_draft_tokens, adaptive=adaptive)
     return req
+
+
+def _extend(field, name: str, values: list) -> None:
+    try:
+        field.extend(values)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e} (got {values!r})") from None
 
 
 def _set(msg, **values) -> None:
