@@ -24,7 +24,52 @@ def _model(args):
 def _client(args):
     from arserve_client import Client
 
-    return Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls, root_certificates=args.ca)
+    try:
+        return Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls, root_certificates=args.ca)
+    except OSError as e:  # --ca names no readable file
+        _fail(f"--ca {args.ca}: {e.strerror or e}")
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _label_list(text: str) -> list[int]:
+    """argparse type of --label: one class label or several, comma-separated."""
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
+    if not labels:
+        raise argparse.ArgumentTypeError(f"{text!r} names no label")
+    return labels
+
+
+def _grid_path(path: Path) -> Path:
+    """Where the image grid goes, checked before any image is generated."""
+    if path.is_dir():
+        _fail(f"--output {str(path)!r} is a directory; name a .png file")
+    if path.suffix.lower() != ".png":
+        _fail(f"--output {str(path)!r}: the grid is written as PNG; name a .png file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--output {str(path)!r}: cannot create its directory ({e.strerror or e})")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"--output {str(path)!r}: not writable")
+    return path
 
 
 def cmd_serve(args) -> None:
@@ -135,7 +180,7 @@ def cmd_models(args) -> None:
 
 
 def _labels(args) -> list[int]:
-    labels = [int(x) for spec in (args.label or ["0,1,2,3,4,5,6,7,8,9"]) for x in spec.split(",") if x.strip()]
+    labels = [label for spec in (args.label or [list(range(10))]) for label in spec]
     return [label for label in labels for _ in range(args.n)]
 
 
@@ -148,6 +193,7 @@ def cmd_image(args) -> None:
 
     from .image.grid import save_grid
 
+    output = _grid_path(args.output)
     labels = _labels(args)
     batches = [labels[i:i + args.batch] for i in range(0, len(labels), args.batch)]
     images, stats = [], []
@@ -171,7 +217,10 @@ def cmd_image(args) -> None:
 
     pixels = np.stack([np.asarray(im.pixels, dtype=np.float32).reshape(im.channels, im.height, im.width)
                        for im in images])
-    path = save_grid(pixels, args.output)
+    try:
+        path = save_grid(pixels, output)
+    except OSError as e:
+        _fail(f"--output {str(output)!r}: {e.strerror or e}")
     seconds = sum(s.total_s for s in stats)
     drafted, accepted = sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats)
     print(f"wrote {len(images)} images to {path} ({len(images) / seconds:.1f} images/s at the server, "
@@ -272,8 +321,9 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--speculative", default="", help="speculative method (default: the model's)")
             g.add_argument("--model-id", default=None)
         if name == "image":
-            g.add_argument("--label", action="append", help="class label(s), e.g. 7 or 0,1,2 (default: 0-9)")
-            g.add_argument("-n", type=int, default=1, help="images per label")
+            g.add_argument("--label", action="append", type=_label_list,
+                           help="class label(s), e.g. 7 or 0,1,2 (default: 0-9)")
+            g.add_argument("-n", type=_positive, default=1, help="images per label")
             g.add_argument("-o", "--output", type=Path, default=Path("images.png"), help="PNG grid to write")
             g.add_argument("--seed", type=int, default=None, help="seed (batch i uses seed + i)")
             g.add_argument("--temperature", type=float, default=None)
@@ -281,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--steps", type=int, default=None, help="denoising steps")
             g.add_argument("--speculative", default="", help="none or draft_model (default: the model's)")
             g.add_argument("--num-draft-tokens", type=int, default=None)
-            g.add_argument("--batch", type=int, default=16, help="images per request")
+            g.add_argument("--batch", type=_positive, default=16, help="images per request")
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 

@@ -85,3 +85,30 @@ def test_train_refuses_a_teacher_for_a_target():
     args = parser().parse_args(["train", "digits-l", "--teacher", "digits"])
     with pytest.raises(SystemExit, match="digits-l is a target"):
         args.func(args)
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["--label", "x"], 2, "argument --label: 'x': labels are integers"),
+    (["--label", ""], 2, "argument --label: '' names no label"),
+    (["-n", "0"], 2, "argument -n: must be at least 1, got 0"),
+    (["--batch", "-1"], 2, "argument --batch: must be at least 1, got -1"),
+    (["-o", "{tmp}"], 1, "is a directory; name a .png file"),
+    (["-o", "{tmp}/grid.jpg"], 1, "the grid is written as PNG"),
+    (["-o", "/proc/arserve/grid.png"], 1, "cannot create its directory"),
+], ids=["label-x", "label-empty", "n-0", "batch-negative", "output-dir", "output-jpg", "output-unwritable"])
+def test_image_arguments_are_checked_before_any_image_is_generated(argv, code, message, tmp_path, capsys):
+    """One line on stderr and an exit status, never a traceback (nothing listens at the target: nothing is sent)."""
+    from arserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["image", "--target", "127.0.0.1:1", "--timeout", "5"] + [a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err and "Traceback" not in err, err
+
+
+def test_a_missing_ca_file_is_one_line(tmp_path, capsys):
+    from arserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["models", "--target", "127.0.0.1:1", "--ca", str(tmp_path / "nowhere.pem")])
+    assert e.value.code == 1 and f"error: --ca {tmp_path / 'nowhere.pem'}: No such file" in capsys.readouterr().err
