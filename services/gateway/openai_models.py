@@ -160,6 +160,7 @@ class ImageBody(BaseModel):
     model: str | None = Field(None, description="Image model id (default: the first image model).")
     n: int = Field(1, ge=1, le=MAX_IMAGES_ASKED, description="Images of that class.")
     response_format: str | None = Field("b64_json", description="Only b64_json (PNG bytes in base64).")
+    size: str | None = Field(None, description="Unset or auto: the model draws at its one size.")
     seed: int | None = Field(None, ge=0, le=UINT64)
     steps: int | None = Field(None, ge=0, le=UINT32, description="Denoising steps of the diffusion head.")
     guidance: float | None = Field(None, description="Classifier-free guidance scale.")
@@ -170,8 +171,11 @@ class ImageBody(BaseModel):
     def to_generate_image_request(self) -> pb.GenerateImageRequest:
         if self.response_format not in (None, "b64_json"):
             raise InvalidArgument(f"response_format: only b64_json is served, got {self.response_format!r}")
+        if self.size not in (None, "auto"):
+            raise InvalidArgument(f"size: the model draws at its own fixed size; leave size unset or 'auto', "
+                                  f"got {self.size!r}")
         label = self.prompt.strip()
-        if not label.isdecimal() or int(label) > UINT32:
+        if not (label.isascii() and label.isdecimal()) or int(label) > UINT32:
             raise InvalidArgument(f"prompt: name the class to draw as a number (e.g. '7'), got {self.prompt[:40]!r}")
         req = pb.GenerateImageRequest(model=self.model or "", labels=[int(label)] * self.n,
                                       speculative=pb.SpeculativeParams(method=self.speculative or ""))

@@ -237,7 +237,10 @@ def test_images_are_pngs_of_the_asked_class(oai, client):
     assert judge().recognized_rate(images, np.full(8, 7)) >= 0.75  # the model: 94-95% recognized
     same = client.generate_image([7] * 8, seed=3, num_steps=50, speculative="draft_model")
     assert pngs == [im.png for im in same.images]  # the same request as on gRPC
-    with pytest.raises(openai.BadRequestError, match="prompt: name the class"):
-        oai.images.generate(model="digits-mar", prompt="a cat")
+    for prompt in ("a cat", "\u0663"):  # an Arabic-Indic three is not the number 3 here
+        with pytest.raises(openai.BadRequestError, match="prompt: name the class"):
+            oai.images.generate(model="digits-mar", prompt=prompt)
+    with pytest.raises(openai.BadRequestError, match="size: the model draws at its own fixed size"):
+        oai.images.generate(model="digits-mar", prompt="7", size="1024x1024")
     with pytest.raises(openai.BadRequestError, match="labels\\[0\\] = 12"):
         oai.images.generate(model="digits-mar", prompt="12")
