@@ -72,27 +72,83 @@ def _grid_path(path: Path) -> Path:
     return path
 
 
+def _startup_failure(e: BaseException) -> str | None:
+    """The one line an operator's mistake at start deserves (a setting out of
+    range, a file that is not there or not what it should be, a device
+    missing); None for anything else, which keeps its traceback."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .checkpoint_files import CheckpointError
+    from .core.devices import DeviceUnavailable
+
+    if isinstance(e, ValidationError):
+        return "; ".join(": ".join(filter(None, (".".join(str(x) for x in err["loc"]),
+                                                 err["msg"].removeprefix("Value error, ")))) for err in e.errors())
+    if isinstance(e, yaml.YAMLError):
+        return "not valid YAML: " + " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, (CheckpointError, DeviceUnavailable, ValueError, FileNotFoundError)):
+        return str(e)
+    return None
+
+
+def _check_ports(host: str, ports: dict[str, int | None]) -> None:
+    """Fail at once, naming the flag, where a port cannot be listened on
+    (taken, or the host unknown), rather than after the models load."""
+    import socket
+
+    taken: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not port:
+            continue
+        if port in taken:
+            _fail(f"{flag} {port}: {taken[port]} uses that port too")
+        taken[port] = flag
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            _fail(f"--host {host!r}: {e.strerror}")
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a listener still fails
+            try:
+                probe.bind(address)
+            except OSError as e:
+                _fail(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror})")
+
+
 def cmd_serve(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray or args.config:
         return serve_ray(args)
+    import threading
+
     from .embedded import serve
+    from .settings import ImageModelSettings, ServerSettings
 
     args.port = 50051 if args.port is None else args.port
-    if args.metrics_port:
-        from .metrics import serve_metrics
-
-        serve_metrics(args.metrics_port, args.host)
-        logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+    listening = threading.Event()
     try:
-        from .settings import ImageModelSettings, ServerSettings
-
-        asyncio.run(serve(ServerSettings(
+        settings = ServerSettings(
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port,
-            image_models=[ImageModelSettings.named(args.image_model)])))
+            image_models=[ImageModelSettings.named(args.image_model)])
+        _check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
+                                 "--metrics-port": args.metrics_port})
+        if args.metrics_port:
+            from .metrics import serve_metrics
+
+            serve_metrics(args.metrics_port, args.host)
+            logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+        asyncio.run(serve(settings, ready=listening))
     except KeyboardInterrupt:
         pass
+    except Exception as e:
+        message = None if listening.is_set() else _startup_failure(e)  # once serving, a failure keeps its traceback
+        if message is None:
+            raise
+        _fail(message)
 
 
 def ray_app_args(args):
@@ -122,7 +178,13 @@ def serve_ray(args) -> None:
 
     from .rayserve.run import RayServer
 
-    app_args, port = ray_app_args(args)
+    try:
+        app_args, port = ray_app_args(args)
+    except Exception as e:
+        message = _startup_failure(e)
+        if message is None:
+            raise
+        _fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
                        address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,

@@ -407,4 +407,14 @@ class ServerSettings(ServiceSettings):
         for f in (self.tls_cert_file, self.tls_key_file):
             if f is not None and not f.is_file():
                 raise ValueError(f"{f} does not exist")
+        if self.tls_cert_file is not None:  # parsed now, not found wanting when the port binds
+            import ssl
+
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"tls_cert_file {self.tls_cert_file} and tls_key_file {self.tls_key_file} are not "
+                                 f"a PEM certificate chain and its private key ({e})") from None
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"http_port and port are both {self.port}: the HTTP API needs a port of its own")
         return self

@@ -112,3 +112,42 @@ def test_a_missing_ca_file_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["models", "--target", "127.0.0.1:1", "--ca", str(tmp_path / "nowhere.pem")])
     assert e.value.code == 1 and f"error: --ca {tmp_path / 'nowhere.pem'}: No such file" in capsys.readouterr().err
+
+
+@pytest.fixture
+def listener():
+    """A port something else already listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--port", "-1"], "error: port: Input should be greater than or equal to 0"),
+    (["--tls-cert", "{tmp}/x.pem"], "error: tls_cert_file and tls_key_file go together"),
+    (["--tls-cert", "{tmp}/x.pem", "--tls-key", "{tmp}/x.pem"], "are not a PEM certificate chain and its private key"),
+    (["--port", "50093", "--http-port", "50093"], "error: http_port and port are both 50093"),
+    (["--port", "{busy}"], "error: --port {busy}: cannot listen on 127.0.0.1:{busy} (Address already in use)"),
+    (["--port", "0", "--http-port", "{busy}"], "error: --http-port {busy}: cannot listen"),
+    (["--port", "50094", "--metrics-port", "50094"], "error: --metrics-port 50094: --port uses that port too"),
+    (["--host", "no.such.host.invalid"], "error: --host 'no.such.host.invalid'"),
+    (["--model", "{tmp}/x.pem"], "x.pem is not a GGUF file (it starts b'not '"),
+    (["--model", "{tmp}/none.gguf"], "error: model 'smollm2-135m-instruct': source"),
+    (["--device", "cuda"], "torch.cuda.is_available() is False"),
+    (["--config", "{tmp}/none.yaml"], "none.yaml: No such file or directory"),
+    (["--config", "{tmp}/bad.yaml"], "bad.yaml: not valid YAML: "),
+], ids=["port", "tls-half", "tls-not-pem", "http-port-is-port", "port-busy", "http-port-busy", "metrics-port-twice",
+        "host", "model-not-gguf", "model-missing", "no-gpu", "config-missing", "config-not-yaml"])
+def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, message, tmp_path, listener, capsys):
+    from arserve.cli import main
+
+    (tmp_path / "x.pem").write_text("not a certificate\n")
+    (tmp_path / "bad.yaml").write_text("applications: [\n")
+    fill = dict(tmp=tmp_path, busy=listener)
+    with pytest.raises(SystemExit) as e:
+        main(["serve"] + [a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and message.format(**fill) in err and "Traceback" not in err, err

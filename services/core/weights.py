@@ -84,14 +84,24 @@ def read_config(source: str | Path) -> LlamaConfig:
         return LlamaConfig.from_hf(json.loads((source / "config.json").read_text()))
     from gguf import GGUFReader
 
-    return _gguf_config(GGUFReader(str(source)), source)
+    return _gguf_config(GGUFReader(str(gguf_file(source))), source)
+
+
+def gguf_file(path: Path) -> Path:
+    """``path``, once its first bytes say it is a GGUF file; else a ValueError that says what a source is."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts {magic!r}, not b'GGUF') nor a Hugging Face "
+                         f"model directory")
+    return path
 
 
 def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """Config and Hugging Face-named float32 state dict of a Llama GGUF file."""
     from gguf import dequantize, GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = GGUFReader(str(gguf_file(Path(path))))
     config = _gguf_config(reader, path)
     per_layer = {
         "attn_norm": "input_layernorm",

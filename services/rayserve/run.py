@@ -36,7 +36,10 @@ def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
     if len(apps) != 1:
         raise ValueError(f"{path}: expected one application importing arserve.rayserve.app:build_app, "
                          f"found {len(apps)}")
-    return AppArgs.model_validate(apps[0].args or {}), schema.grpc_options.port
+    port = schema.grpc_options.port
+    if not 0 < port <= 65535:
+        raise ValueError(f"{path}: grpc_options.port must be 1 to 65535, got {port}")
+    return AppArgs.model_validate(apps[0].args or {}), port
 
 
 def free_port(host: str = "127.0.0.1") -> int:
