@@ -73,6 +73,7 @@ def kv_tiers(settings: ServiceSettings, config: dict[str, LlamaConfig]) -> dict:
     redis = mac_key = None
     if settings.redis_url:
         redis = RedisTier(settings.resolved_redis_url(), ttl_s=settings.kv_ttl_s)
+        redis.check()  # the log says at start whether Redis answers; a request never waits for it
         mac_key = derive_key(kv_secret(settings), "kv-blocks")
     spaces = {}
     for m in settings.decoded_by("arserve"):

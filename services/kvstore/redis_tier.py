@@ -26,6 +26,7 @@ class RedisTier:
         # 53 MB in one MGET), which a busy host did not always read within 0.5 s (a miss, and the tier marked
         # down), while recomputing them takes about 2 s on 2 cores (decision 73). Stores run in the background
         # and get longer still.
+        self.url, self.timeout_s = url, timeout_s
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.writer = aioredis.Redis.from_url(url, socket_timeout=store_timeout_s, socket_connect_timeout=timeout_s)
         self.ttl_s = ttl_s  # seconds a block lives
@@ -33,6 +34,24 @@ class RedisTier:
         self.retry_after_s = retry_after_s  # after a failure, skip Redis this long before trying again
         self.down_since: float | None = None
         self.warned = False
+
+    def check(self) -> bool:
+        """Ask Redis once, at start, so that the log says from the first line
+        whether the tier answers (a blocking PING, bounded by the timeout);
+        a tier that does not is marked down, as after a failed call."""
+        import redis
+
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        try:
+            with redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.url, socket_timeout=self.timeout_s,
+                                                                           socket_connect_timeout=self.timeout_s)) as r:
+                r.ping()
+        except (RedisError, OSError) as e:
+            self._failed(e)
+            return False
+        log.info("Redis KV tier at %s answers", where)
+        return True
 
     def _available(self) -> bool:
         return self.down_since is None or time.monotonic() - self.down_since >= self.retry_after_s

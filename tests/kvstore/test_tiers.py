@@ -105,6 +105,19 @@ def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
     run(go())
 
 
+def test_the_start_says_whether_redis_answers(redis_server, caplog):
+    """A server whose Redis is down says so when it starts, not at the first long prompt."""
+    with caplog.at_level(logging.INFO, logger="arserve.kvstore"):
+        up = RedisTier(redis_server.url)
+        assert up.check() and up.down_since is None
+        redis_server.stop()
+        down = RedisTier(redis_server.url)
+        assert not down.check() and down.down_since is not None
+    said = [r.message for r in caplog.records]
+    assert any("answers" in m and str(redis_server.port) in m for m in said)
+    assert sum("unavailable" in m for m in said) == 1
+
+
 def test_a_backbone_reuses_a_prefix_another_backbone_computed(redis_server):
     model = on_test_device(Llama(LlamaConfig.from_name("tiny")).init_random(0, std=0.2).eval())
     space = BlockSpace("tiny", "seed0", "float32", 2, 2, 16, block_size=8)
