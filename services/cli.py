@@ -267,7 +267,7 @@ def cmd_image(args) -> None:
                 out = client.generate_image(
                     batch, model=args.model_id or "", seed=None if args.seed is None else args.seed + i,
                     temperature=args.temperature, cfg_scale=args.cfg, num_steps=args.steps,
-                    speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
+                    speculative=args.speculative, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive)
             except ArserveError as e:
                 progress.stop()
                 print(f"error: {e}", file=sys.stderr)
@@ -393,6 +393,8 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--steps", type=int, default=None, help="denoising steps")
             g.add_argument("--speculative", default="", help="none or draft_model (default: the model's)")
             g.add_argument("--num-draft-tokens", type=int, default=None)
+            g.add_argument("--no-adaptive", dest="adaptive", action="store_false", default=None,
+                           help="draft --num-draft-tokens every round (default: adaptive, drafting where it pays)")
             g.add_argument("--batch", type=_positive, default=16, help="images per request")
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)

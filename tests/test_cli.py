@@ -40,6 +40,11 @@ def test_image_writes_a_grid_and_reports_bad_labels(server, tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"wrote 6 images to {grid}" in out.stdout and "method none" in out.stdout
     assert Image.open(grid).size == (3 * 65 + 1, 2 * 65 + 1)  # 3 x 2 cells of 8 x 8 pixels at scale 8, 1-pixel gaps
+    out = arserve("image", "--target", server.target, "--label", "7", "-n", "2", "--steps", "10", "--seed", "1",
+                  "--speculative", "draft_model", "--no-adaptive", "-o", str(tmp_path / "cspd.png"))
+    assert out.returncode == 0 and "method draft_model" in out.stdout, out.stderr
+    assert int(out.stdout.split("drafted ")[1].split(",")[0]) > 0  # every round drafts: the digits pair's adaptive
+    # default would decode plainly
     out = arserve("image", "--target", server.target, "--label", "12", "-o", str(tmp_path / "x.png"))
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "labels[0] = 12" in out.stderr
 
