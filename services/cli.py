@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_checks import check_ports, fail, grid_path, label_list, positive, startup_failure
+
 
 def _model(args):
     from .settings import ModelSettings
@@ -27,95 +29,7 @@ def _client(args):
     try:
         return Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls, root_certificates=args.ca)
     except OSError as e:  # --ca names no readable file
-        _fail(f"--ca {args.ca}: {e.strerror or e}")
-
-
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _label_list(text: str) -> list[int]:
-    """argparse type of --label: one class label or several, comma-separated."""
-    try:
-        labels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
-    if not labels:
-        raise argparse.ArgumentTypeError(f"{text!r} names no label")
-    return labels
-
-
-def _grid_path(path: Path) -> Path:
-    """Where the image grid goes, checked before any image is generated."""
-    if path.is_dir():
-        _fail(f"--output {str(path)!r} is a directory; name a .png file")
-    if path.suffix.lower() != ".png":
-        _fail(f"--output {str(path)!r}: the grid is written as PNG; name a .png file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _fail(f"--output {str(path)!r}: cannot create its directory ({e.strerror or e})")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        _fail(f"--output {str(path)!r}: not writable")
-    return path
-
-
-def _startup_failure(e: BaseException) -> str | None:
-    """The one line an operator's mistake at start deserves (a setting out of
-    range, a file that is not there or not what it should be, a device
-    missing); None for anything else, which keeps its traceback."""
-    import yaml
-    from pydantic import ValidationError
-
-    from .checkpoint_files import CheckpointError
-    from .core.devices import DeviceUnavailable
-
-    if isinstance(e, ValidationError):
-        return "; ".join(": ".join(filter(None, (".".join(str(x) for x in err["loc"]),
-                                                 err["msg"].removeprefix("Value error, ")))) for err in e.errors())
-    if isinstance(e, yaml.YAMLError):
-        return "not valid YAML: " + " ".join(str(e).split())
-    if isinstance(e, OSError) and e.filename:
-        return f"{e.filename}: {e.strerror or e}"
-    if isinstance(e, (CheckpointError, DeviceUnavailable, ValueError, FileNotFoundError)):
-        return str(e)
-    return None
-
-
-def _check_ports(host: str, ports: dict[str, int | None]) -> None:
-    """Fail at once, naming the flag, where a port cannot be listened on
-    (taken, or the host unknown), rather than after the models load."""
-    import socket
-
-    taken: dict[int, str] = {}
-    for flag, port in ports.items():
-        if not port:
-            continue
-        if port in taken:
-            _fail(f"{flag} {port}: {taken[port]} uses that port too")
-        taken[port] = flag
-        try:
-            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        except socket.gaierror as e:
-            _fail(f"--host {host!r}: {e.strerror}")
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a listener still fails
-            try:
-                probe.bind(address)
-            except OSError as e:
-                _fail(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror})")
+        fail(f"--ca {args.ca}: {e.strerror or e}")
 
 
 def cmd_serve(args) -> None:
@@ -134,7 +48,7 @@ def cmd_serve(args) -> None:
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port,
             image_models=[ImageModelSettings.named(args.image_model)])
-        _check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
+        check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
                                  "--metrics-port": args.metrics_port})
         if args.metrics_port:
             from .metrics import serve_metrics
@@ -145,10 +59,10 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         pass
     except Exception as e:
-        message = None if listening.is_set() else _startup_failure(e)  # once serving, a failure keeps its traceback
+        message = None if listening.is_set() else startup_failure(e)  # once serving, a failure keeps its traceback
         if message is None:
             raise
-        _fail(message)
+        fail(message)
 
 
 def ray_app_args(args):
@@ -181,10 +95,10 @@ def serve_ray(args) -> None:
     try:
         app_args, port = ray_app_args(args)
     except Exception as e:
-        message = _startup_failure(e)
+        message = startup_failure(e)
         if message is None:
             raise
-        _fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
+        fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
                        address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,
@@ -222,8 +136,7 @@ def cmd_generate(args) -> None:
                 print(done.text)
                 stats = done.stats
         except ArserveError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1)
+            fail(str(e))
     if stats:
         print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
               f"TTFT {stats.time_to_first_token_s * 1e3:.0f} ms, method {stats.method}, "
@@ -255,7 +168,7 @@ def cmd_image(args) -> None:
 
     from .image.grid import save_grid
 
-    output = _grid_path(args.output)
+    output = grid_path(args.output)
     labels = _labels(args)
     batches = [labels[i:i + args.batch] for i in range(0, len(labels), args.batch)]
     images, stats = [], []
@@ -270,8 +183,7 @@ def cmd_image(args) -> None:
                     speculative=args.speculative, num_draft_tokens=args.num_draft_tokens, adaptive=args.adaptive)
             except ArserveError as e:
                 progress.stop()
-                print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(1)
+                fail(str(e))
             images.extend(out.images)
             stats.append(out.stats)
             progress.advance(task, len(batch))
@@ -282,7 +194,7 @@ def cmd_image(args) -> None:
     try:
         path = save_grid(pixels, output)
     except OSError as e:
-        _fail(f"--output {str(output)!r}: {e.strerror or e}")
+        fail(f"--output {str(output)!r}: {e.strerror or e}")
     seconds = sum(s.total_s for s in stats)
     drafted, accepted = sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats)
     print(f"wrote {len(images)} images to {path} ({len(images) / seconds:.1f} images/s at the server, "
@@ -383,9 +295,9 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--speculative", default="", help="speculative method (default: the model's)")
             g.add_argument("--model-id", default=None)
         if name == "image":
-            g.add_argument("--label", action="append", type=_label_list,
+            g.add_argument("--label", action="append", type=label_list,
                            help="class label(s), e.g. 7 or 0,1,2 (default: 0-9)")
-            g.add_argument("-n", type=_positive, default=1, help="images per label")
+            g.add_argument("-n", type=positive, default=1, help="images per label")
             g.add_argument("-o", "--output", type=Path, default=Path("images.png"), help="PNG grid to write")
             g.add_argument("--seed", type=int, default=None, help="seed (batch i uses seed + i)")
             g.add_argument("--temperature", type=float, default=None)
@@ -395,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--num-draft-tokens", type=int, default=None)
             g.add_argument("--no-adaptive", dest="adaptive", action="store_false", default=None,
                            help="draft --num-draft-tokens every round (default: adaptive, drafting where it pays)")
-            g.add_argument("--batch", type=_positive, default=16, help="images per request")
+            g.add_argument("--batch", type=positive, default=16, help="images per request")
             g.add_argument("--model-id", default=None)
         g.set_defaults(func=func)
 

@@ -1,0 +1,99 @@
+"""What the command line checks before it acts: argument types, the image
+grid's path, the ports a server will listen on, and the one line an
+operator's mistake at start deserves. Each failure is ``error: ...`` on
+stderr and exit status 1 (argparse's own types: its usage line and 2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def label_list(text: str) -> list[int]:
+    """argparse type of --label: one class label or several, comma-separated."""
+    try:
+        labels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
+    if not labels:
+        raise argparse.ArgumentTypeError(f"{text!r} names no label")
+    return labels
+
+
+def grid_path(path: Path) -> Path:
+    """Where the image grid goes, checked before any image is generated."""
+    if path.is_dir():
+        fail(f"--output {str(path)!r} is a directory; name a .png file")
+    if path.suffix.lower() != ".png":
+        fail(f"--output {str(path)!r}: the grid is written as PNG; name a .png file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--output {str(path)!r}: cannot create its directory ({e.strerror or e})")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"--output {str(path)!r}: not writable")
+    return path
+
+
+def startup_failure(e: BaseException) -> str | None:
+    """The one line an operator's mistake at start deserves (a setting out of
+    range, a file that is not there or not what it should be, a device
+    missing); None for anything else, which keeps its traceback."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .checkpoint_files import CheckpointError
+    from .core.devices import DeviceUnavailable
+
+    if isinstance(e, ValidationError):
+        return "; ".join(": ".join(filter(None, (".".join(str(x) for x in err["loc"]),
+                                                 err["msg"].removeprefix("Value error, ")))) for err in e.errors())
+    if isinstance(e, yaml.YAMLError):
+        return "not valid YAML: " + " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, (CheckpointError, DeviceUnavailable, ValueError, FileNotFoundError)):
+        return str(e)
+    return None
+
+
+def check_ports(host: str, ports: dict[str, int | None]) -> None:
+    """Fail at once, naming the flag, where a port cannot be listened on
+    (taken, or the host unknown), rather than after the models load."""
+    import socket
+
+    taken: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not port:
+            continue
+        if port in taken:
+            fail(f"{flag} {port}: {taken[port]} uses that port too")
+        taken[port] = flag
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            fail(f"--host {host!r}: {e.strerror}")
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a listener still fails
+            try:
+                probe.bind(address)
+            except OSError as e:
+                fail(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror})")
