@@ -46,7 +46,7 @@ from arserve_client.v1 import generation_pb2 as pb
 
 from ..errors import InvalidArgument, Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
-from .openai_models import ChatCompletionBody, CompletionBody, ImageBody
+from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of
 
 log = logging.getLogger("arserve.http")
 
@@ -82,8 +82,9 @@ def error_body(e: BaseException) -> tuple[int, dict]:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         message = AUTH_FAILED_HTTP if message == AUTH_FAILED else message
     http, kind = STATUS.get(code, (500, "internal_error"))
-    return http, {"error": {"message": message, "type": kind, "param": getattr(e, "param", None),
-                            "code": code.name.lower()}}
+    param = getattr(e, "param") if hasattr(e, "param") else (
+        param_of(message) if code == grpc.StatusCode.INVALID_ARGUMENT else None)
+    return http, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
 
 
 def error_response(e: BaseException) -> JSONResponse:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from arserve_client.v1 import generation_pb2 as pb
@@ -26,6 +28,32 @@ from ..errors import InvalidArgument
 UINT32 = (1 << 32) - 1
 UINT64 = (1 << 64) - 1
 MAX_IMAGES_ASKED = 1 << 16  # bounds n before the gateway's own limit (max_images_per_request) answers
+
+
+# The OpenAI body field that a gateway message's leading field path came from ("sampling.top_p must be ...",
+# "messages[0].role ..."): the ``param`` of an HTTP error, as OpenAI names the parameter. Messages keep the
+# gRPC names, which both doors share.
+OPENAI_PARAMS = {
+    "sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.stop": "stop", "speculative.method": "speculative",
+    "speculative.num_draft_tokens": "num_draft_tokens", "cache_salt": "cache_salt", "prompt": "prompt",
+    "messages": "messages", "request_id": "request_id", "labels": "prompt", "num_steps": "steps",
+    "cfg_scale": "guidance", "temperature": "temperature",
+}
+_LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
+
+
+def param_of(message: str) -> str | None:
+    """The OpenAI parameter a gateway INVALID_ARGUMENT message names first, or None."""
+    m = _LEADING_FIELD.match(message)
+    if m is None or m.group(1) not in OPENAI_PARAMS:
+        return None
+    param = OPENAI_PARAMS[m.group(1)]
+    if m.group(1) == "labels" and not m.group(2):  # how many images: the body's n (one label for all)
+        return "n"
+    if param == "messages" and m.group(2):  # messages[0].role -> messages.0.role, as pydantic's loc reads
+        param += "." + m.group(2).strip("[").replace("]", "")
+    return param
 
 
 class StreamOptions(BaseModel):

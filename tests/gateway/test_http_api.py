@@ -128,6 +128,13 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
     with pytest.raises(openai.BadRequestError, match="top_p") as e:
         oai.chat.completions.create(**{**chat, "top_p": 1.5})
     assert e.value.body["code"] == "invalid_argument" and e.value.body["type"] == "invalid_request_error"
+    assert e.value.body["param"] == "top_p"  # the gateway's check, named as OpenAI names the parameter
+    with pytest.raises(openai.BadRequestError, match="speculative.method 'no-such'") as e:
+        oai.chat.completions.create(**chat, extra_body={"speculative": "no-such"})
+    assert e.value.body["param"] == "speculative"
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role 'wizard'") as e:
+        oai.chat.completions.create(**{**chat, "messages": [{"role": "wizard", "content": "Hi"}]})
+    assert e.value.body["param"] == "messages.0.role"
     with pytest.raises(openai.BadRequestError, match="n=1"):
         oai.chat.completions.create(**{**chat, "n": 2})
     with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
@@ -242,5 +249,6 @@ def test_images_are_pngs_of_the_asked_class(oai, client):
             oai.images.generate(model="digits-mar", prompt=prompt)
     with pytest.raises(openai.BadRequestError, match="size: the model draws at its own fixed size"):
         oai.images.generate(model="digits-mar", prompt="7", size="1024x1024")
-    with pytest.raises(openai.BadRequestError, match="labels\\[0\\] = 12"):
+    with pytest.raises(openai.BadRequestError, match="labels\\[0\\] = 12") as e:
         oai.images.generate(model="digits-mar", prompt="12")
+    assert e.value.body["param"] == "prompt"
