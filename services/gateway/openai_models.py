@@ -15,9 +15,8 @@ for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,8 +36,9 @@ OPENAI_PARAMS = {
     "sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
     "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.stop": "stop", "speculative.method": "speculative",
     "speculative.num_draft_tokens": "num_draft_tokens", "cache_salt": "cache_salt", "prompt": "prompt",
-    "messages": "messages", "request_id": "request_id", "labels": "prompt", "num_steps": "steps",
-    "cfg_scale": "guidance", "temperature": "temperature",
+    "messages": "messages", "request_id": "request_id", "num_steps": "steps", "cfg_scale": "guidance",
+    "temperature": "temperature",
+    "labels": "n", "labels[]": "prompt",  # how many images; one image's class (the prompt names it)
 }
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
@@ -46,11 +46,10 @@ _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?
 def param_of(message: str) -> str | None:
     """The OpenAI parameter a gateway INVALID_ARGUMENT message names first, or None."""
     m = _LEADING_FIELD.match(message)
-    if m is None or m.group(1) not in OPENAI_PARAMS:
+    if m is None:
         return None
-    param = OPENAI_PARAMS[m.group(1)]
-    if m.group(1) == "labels" and not m.group(2):  # how many images: the body's n (one label for all)
-        return "n"
+    indexed = m.group(1) + "[]"
+    param = OPENAI_PARAMS.get(indexed if m.group(2).startswith("[") and indexed in OPENAI_PARAMS else m.group(1))
     if param == "messages" and m.group(2):  # messages[0].role -> messages.0.role, as pydantic's loc reads
         param += "." + m.group(2).strip("[").replace("]", "")
     return param

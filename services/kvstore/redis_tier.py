@@ -44,8 +44,8 @@ class RedisTier:
         kwargs = self.client.connection_pool.connection_kwargs
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         try:
-            with redis.Redis(connection_pool=redis.ConnectionPool.from_url(self.url, socket_timeout=self.timeout_s,
-                                                                           socket_connect_timeout=self.timeout_s)) as r:
+            with redis.Redis.from_url(self.url, socket_timeout=self.timeout_s,
+                                      socket_connect_timeout=self.timeout_s) as r:
                 r.ping()
         except (RedisError, OSError) as e:
             self._failed(e)
