@@ -104,14 +104,19 @@ def serve_ray(args) -> None:
                        address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,
                        http_tls=tls)
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with server:
+    try:
+        server.start()
+    except ValueError as e:  # the deployments do not fit the local Ray (RayServer._check_fits)
+        fail(str(e))
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # after Ray's start, which installs its own
+    try:
         print(f"arserve on Ray Serve: gRPC {server.target}, OpenAI-compatible HTTP {server.http_url} "
               f"(Ctrl-C to stop)", flush=True)
-        try:
-            done.wait()
-        except KeyboardInterrupt:
-            pass
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 def cmd_generate(args) -> None:

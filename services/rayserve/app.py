@@ -205,12 +205,17 @@ def build_app(args: dict) -> Application:
 
     directory = serve.deployment(name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                  max_ongoing_requests=1024)(Directory).bind(cfg.internal_secret)
-    services = [deployment(Tokenizer, "tokenizer").bind(raw, directory),
-                deployment(Verifier, "verifier").bind(raw, directory)]  # vLLM's engines run in its replicas
-    if cfg.decoded_by("arserve") or cfg.image_models:
-        services.append(deployment(Backbone, "backbone").bind(raw, directory))
-    if drafting(cfg):
-        services.append(deployment(Drafter, "drafter").bind(raw, directory))
-    if cfg.image_models:
-        services.append(deployment(DiffusionHead, "diffusion_head").bind(raw, directory))
+    classes = {"tokenizer": Tokenizer, "verifier": Verifier, "backbone": Backbone, "drafter": Drafter,
+               "diffusion_head": DiffusionHead}
+    services = [deployment(classes[name], name).bind(raw, directory) for name in deployed(cfg) if name != "gateway"]
     return deployment(Gateway, "gateway").bind(raw, directory, *services)
+
+
+def deployed(cfg: AppArgs) -> list[str]:
+    """The services the application deploys, in the gateway's binding order:
+    the gateway, tokenizer and verifier always (vLLM's engines run in the
+    verifier's replicas), the others only where some model needs them."""
+    return ["gateway", "tokenizer", "verifier",
+            *(["backbone"] if cfg.decoded_by("arserve") or cfg.image_models else []),
+            *(["drafter"] if drafting(cfg) else []),
+            *(["diffusion_head"] if cfg.image_models else [])]

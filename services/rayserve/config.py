@@ -92,10 +92,14 @@ class DeploymentOptions(BaseModel):
 
 
 def _defaults() -> dict[str, DeploymentOptions]:
-    """Sized for one small machine; a cluster sets its own in the config."""
-    cpus = {"gateway": 0.25, "tokenizer": 0.25, "verifier": 0.25, "drafter": 0.25, "backbone": 1.0,
-            "diffusion_head": 0.25}
-    return {name: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=c)) for name, c in cpus.items()}
+    """Sized for one small machine, as ``deploy/serve_config.yaml``: one
+    replica of each fits a 2-CPU node (2.0 CPUs in all; a replica that does
+    not fit is never scheduled). A cluster sets its own in the config."""
+    cpus = {"gateway": 0.1, "tokenizer": 0.1, "verifier": 0.2, "drafter": 0.2, "backbone": 1.0,
+            "diffusion_head": 0.4}
+    threads = {"drafter": 1, "backbone": 2, "diffusion_head": 1}
+    return {name: DeploymentOptions(ray_actor_options=ActorOptions(num_cpus=c), torch_threads=threads.get(name))
+            for name, c in cpus.items()}
 
 
 class AppArgs(ServiceSettings):
@@ -149,6 +153,17 @@ class AppArgs(ServiceSettings):
             if gpus > 0 and models and not any(m.device.startswith("cuda") for m in models):
                 raise ValueError(f"deployment {service!r} has ray_actor_options.num_gpus {gpus} but its models "
                                  f"{[m.id for m in models]} have device cpu: set their device to cuda or num_gpus 0")
+
+    def reserved(self, services: list[str]) -> dict[str, float]:
+        """The CPUs and GPUs the starting replicas of ``services`` reserve:
+        what a Ray cluster must have for every replica to be scheduled."""
+        total = {"CPU": 0.0, "GPU": 0.0}
+        for name in services:
+            d = self.deployments[name]
+            replicas = d.autoscaling.min_replicas if d.autoscaling else d.num_replicas
+            total["CPU"] += replicas * d.ray_actor_options.num_cpus
+            total["GPU"] += replicas * d.ray_actor_options.num_gpus
+        return total
 
     def deployment_options(self) -> dict[str, dict]:
         """Service -> ``Deployment.options`` keyword arguments."""

@@ -14,7 +14,7 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from .app import build_app
+from .app import build_app, deployed
 from .config import AppArgs
 
 log = logging.getLogger("arserve.rayserve")
@@ -91,6 +91,11 @@ class RayServer:
                 os.environ.setdefault("RAY_worker_niceness", "0")
                 self._init_local_ray()
             self._started_ray = True
+        try:
+            self._check_fits()
+        except ValueError:
+            self.stop()
+            raise
         serve.start(proxy_location="HeadOnly",
                     grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
                     http_options={"host": self.host, "port": self.http_port,
@@ -115,6 +120,26 @@ class RayServer:
                 if attempt == attempts:
                     raise
                 log.warning("local Ray did not start (%s); trying again (%d/%d)", e, attempt + 1, attempts)
+
+    def _check_fits(self) -> None:
+        """Refuse at once an application whose starting replicas need more
+        CPUs or GPUs than the local Ray started here has: Serve would wait
+        for them forever, saying only that replicas are not scheduled. On a
+        cluster (``address``) nodes may still join, so it is a warning."""
+        services = deployed(self.args)
+        need, have = self.args.reserved(services), ray.cluster_resources()
+        short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}
+        if not short:
+            return
+        each = ", ".join(f"{name} {self.args.deployments[name].ray_actor_options.num_cpus:g}" for name in services)
+        message = ("the deployments' starting replicas need " +
+                   " and ".join(f"{n:g} {r}s" for r, (n, _) in short.items()) + ", the Ray cluster has " +
+                   " and ".join(f"{h:g}" for _, h in short.values()) + f" (num_cpus per replica: {each}); "
+                   "lower ray_actor_options.num_cpus in the config's deployments, or start Ray with more")
+        if self.address:
+            log.warning("%s: replicas wait until nodes with the resources join", message)
+            return
+        raise ValueError(message)
 
     def stop(self) -> None:
         try:

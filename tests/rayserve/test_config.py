@@ -10,10 +10,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from arserve.rayserve.app import deployed
 from arserve.rayserve.autoscaling import desired_replicas
 from arserve.rayserve.config import SERVICES, AppArgs
 from arserve.rayserve.directory import Directory
 from arserve.rayserve.run import load_serve_config
+from arserve.settings import ImageModelSettings
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 
@@ -43,6 +45,22 @@ def test_the_shipped_config_fits_a_two_cpu_node():
         replicas = options.get("autoscaling_config", {}).get("min_replicas", options.get("num_replicas", 1))
         need += replicas * options["ray_actor_options"].get("num_cpus", 1)
     assert need <= 2.0, need
+    assert args.reserved(deployed(args)) == {"CPU": need, "GPU": 0.0}
+
+
+def test_the_default_deployments_fit_a_two_cpu_node_and_a_local_ray_too_small_is_refused_at_once(monkeypatch):
+    """`arserve serve --ray` with no config: at 2.25 CPUs its replicas waited
+    for a third CPU forever on a 2-CPU machine, the log saying only that
+    replicas were not scheduled."""
+    from arserve.rayserve import run
+
+    args = AppArgs(image_models=[ImageModelSettings.named("digits")])
+    assert deployed(args) == ["gateway", "tokenizer", "verifier", "backbone", "drafter", "diffusion_head"]
+    assert args.reserved(deployed(args))["CPU"] <= 2.0
+    monkeypatch.setattr(run.ray, "cluster_resources", lambda: {"CPU": 1.0})
+    with pytest.raises(ValueError, match=r"need 2 CPUs, the Ray cluster has 1 .*backbone 1"):
+        run.RayServer(args)._check_fits()
+    run.RayServer(args, address="ray://head:10001")._check_fits()  # a cluster: nodes may join (a warning)
 
 
 @pytest.mark.parametrize("service", ["drafter", "diffusion_head"])
@@ -87,7 +105,7 @@ def test_bad_fields_are_named(change, field):
 def test_left_out_services_keep_their_defaults():
     args = AppArgs.model_validate({"deployments": {"backbone": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 2}}}})
     assert args.deployments["backbone"].num_replicas == 2
-    assert args.deployments["drafter"].ray_actor_options.num_cpus == 0.25
+    assert args.deployments["drafter"].ray_actor_options.num_cpus == 0.2
 
 
 def test_autoscaling_asks_for_enough_replicas_for_the_reported_load():
