@@ -3,10 +3,14 @@ incremental detokenization.
 
 Incremental detokenization follows vLLM's ``detokenize_incrementally``: the
 text of new ids is the decode of a window of ids minus the decode of the
-window's already-read part, and nothing is emitted while the decode ends in
-U+FFFD (an incomplete UTF-8 character). The window starts a few ids before
-the read offset so that byte-level and SentencePiece merges see their left
-context.
+window's already-read part, and no text ends in U+FFFD (an incomplete UTF-8
+character). Where vLLM emits nothing while the decode ends in one, this
+emits the text up to the last id that completes a character: a speculative
+round brings several ids at once and often ends inside a character (an
+emoji is three of SmolLM2's ids), and holding the whole round back held a
+stop string's match back with it, rounds past the stop. The window starts a
+few ids before the read offset so that byte-level and SentencePiece merges
+see their left context.
 """
 
 from __future__ import annotations
@@ -60,11 +64,15 @@ class TextTokenizer:
         """
         ids = list(window) + list(new_ids)
         prefix = self.decode(ids[:read_offset])
-        full = self.decode(ids)
+        end, full = len(ids), self.decode(ids)
+        if not final:  # back off to the last id that ends a character (a UTF-8 character is at most 4 ids)
+            while end > read_offset + 1 and full.endswith("\ufffd") and len(ids) - end < 4:
+                end -= 1
+                full = self.decode(ids[:end])
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return "", ids, read_offset
-        keep = max(0, len(ids) - CONTEXT_IDS)
-        return full[len(prefix):], ids[keep:], len(ids) - keep
+        keep = max(0, end - CONTEXT_IDS)
+        return full[len(prefix):], ids[keep:], end - keep
 
     @staticmethod
     def initial_window(prompt_ids: list[int]) -> tuple[list[int], int]:

@@ -54,6 +54,26 @@ def test_stop_strings_end_generation_before_the_stop(client):
     assert client.generate(prompt="Count: 1, 2, 3, 4, 5,", max_tokens=16, stop=" 7").text == out.text
 
 
+def test_a_stop_inside_multibyte_text_ends_a_speculative_request_where_it_ends_a_plain_one(client):
+    """A speculative round often ends inside an emoji (three ids each). The
+    detokenizer held such a round's whole text back, and the stop string
+    with it, so n-gram decoding ran rounds past the stop: 57 token ids
+    where plain decoding returns 9."""
+    opts = dict(messages=[{"role": "user", "content": "Write a line of ten different emojis and some Chinese "
+                                                      "characters."}], max_tokens=60)
+    full = client.generate(**opts)
+    wide = [i for i, ch in enumerate(full.text) if ord(ch) > 0xFFFF]  # characters of four UTF-8 bytes
+    assert len(wide) >= 3, full.text
+    stop = full.text[wide[1]:wide[2] + 1]  # from the second such character on, ending in the third
+    plain = client.generate(**opts, stop=[stop])
+    assert plain.finish_reason == "stop" and plain.text == full.text[:full.text.index(stop)]
+    assert 0 < len(plain.token_ids) < len(full.token_ids)
+    for method in ("ngram", "heads"):
+        out = client.generate(**opts, stop=[stop], speculative=method)
+        assert (out.text, out.token_ids, out.finish_reason) == (plain.text, plain.token_ids, "stop"), method
+        assert out.stats.completion_tokens == len(plain.token_ids)
+
+
 def test_list_models(client):
     (m,) = [m for m in client.models() if m.kind == "text"]  # the image model: tests/gateway/test_image_api.py
     assert m.id == "smollm2-135m-instruct" and m.is_default and m.kind == "text"

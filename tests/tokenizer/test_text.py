@@ -72,3 +72,20 @@ def test_encode_returns_the_first_detokenizer_state(tok):
     decoded = asyncio.run(service.DecodeIncremental(pb.DecodeIncrementalRequest(
         model="m", state=encoded.state, token_ids=answer, final=True)))
     assert decoded.text == tok.decode(ids + answer)[len(tok.decode(ids)):] == " naps in the sun 🙂."
+
+
+def test_a_round_that_ends_inside_a_character_releases_the_characters_before_it(tok):
+    """A speculative round brings several ids at once and often ends inside
+    an emoji (three ids each here). Its complete characters are released at
+    once; only the unfinished one waits. Holding the whole round back held a
+    stop string's match back with it: the decoder ran rounds past the stop."""
+    ids = tok.hf("🌍🌍🌍🌍", add_special_tokens=False)["input_ids"]
+    per = len(ids) // 4
+    assert per > 1 and len(ids) == 4 * per
+    window, read = tok.initial_window(tok.encode_chat([{"role": "user", "content": "Emojis."}]))
+    out = []
+    for start, stop in ((0, per + 1), (per + 1, 3 * per - 1), (3 * per - 1, len(ids))):  # rounds cut mid-emoji
+        piece, window, read = tok.decode_incremental(window, read, ids[start:stop], final=stop == len(ids))
+        out.append(piece)
+    assert out == ["🌍", "🌍", "🌍🌍"]
+    assert len(window) <= 5 + 4
