@@ -292,7 +292,7 @@ class VerifierService:
 
     async def _draft(self, plan: RequestPlan, state: Decoding) -> dpb.Draft | None:
         """This round's draft, or None: a plain round (no draft asked, none proposed, or a failed drafter)."""
-        k = min(state.length.ask(self.decoding), plan.max_tokens - state.generated - 1)
+        k = min(state.length.ask(plan.load(self.decoding)), plan.max_tokens - state.generated - 1)
         if k <= 0:
             return None
         draft = await self._propose(dpb.ProposeRequest(
@@ -304,7 +304,7 @@ class VerifierService:
             state.told = 0
             return None
         if draft is not None and not draft.parents:  # a chain: as much as its confidence class keeps
-            keep = state.length.keep(draft.confidence, self.decoding, len(draft.token_ids))
+            keep = state.length.keep(draft.confidence, plan.load(self.decoding), len(draft.token_ids))
             if keep <= 0:
                 return None
             if keep < len(draft.token_ids):

@@ -26,6 +26,37 @@ def test_generate_answers_a_chat(client):
     assert out.stats.method == "none" and out.stats.drafted_tokens == 0 and out.stats.accepted_tokens == 0
 
 
+def test_a_seeded_sampled_speculative_request_gives_the_same_text_however_busy_the_server_is(server):
+    """A sampled request's tokens depend on its draft lengths, and the
+    adaptive length drafted shorter with more requests decoding: the same
+    seeded request gave another text beside three others than alone."""
+    async def main():
+        async with AsyncClient(server.target, timeout=300) as client:
+            opts = dict(messages=[{"role": "user", "content": "Write a short poem about the sea."}], max_tokens=40,
+                        temperature=0.9, seed=1234, speculative="ngram")
+            alone = await client.generate(**opts)
+            busy, started = [], asyncio.Event()
+
+            async def other(i: int):
+                async for chunk in client.stream(prompt=f"List the numbers from {i} to 200:", max_tokens=120):
+                    if chunk.token_ids:
+                        busy.append(i)
+                        if len(set(busy)) == 3:
+                            started.set()
+
+            others = [asyncio.create_task(other(i)) for i in range(3)]
+            await asyncio.wait_for(started.wait(), 120)  # three requests decoding
+            beside = await client.generate(**opts)
+            still = not any(t.done() for t in others)
+            await asyncio.gather(*others)
+            return alone, beside, still
+
+    alone, beside, still = asyncio.run(main())
+    assert still, "the other requests finished before the seeded one: it did not decode beside them"
+    assert alone.stats.drafted_tokens > 0
+    assert beside.token_ids == alone.token_ids and beside.text == alone.text
+
+
 def test_stream_equals_generate(client):
     whole = client.generate(prompt="The three primary colors are", max_tokens=20)
     chunks = list(client.stream(prompt="The three primary colors are", max_tokens=20))
