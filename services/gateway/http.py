@@ -16,7 +16,7 @@ Errors come in OpenAI's shape, ``{"error": {"message", "type", "param",
 (``STATUS``, the one map). A request may carry a deadline in the
 ``X-Request-Timeout`` header (seconds), as a gRPC call carries one: past it
 the request is cancelled and answered 504. A client that disconnects
-mid-stream cancels its request, as on gRPC.
+cancels its request, mid-stream or waiting for a whole answer, as on gRPC.
 
 The embedded wiring serves the app with uvicorn on the gRPC server's event
 loop (``start_http_server``); the Ray wiring's gateway deployment is a
@@ -252,9 +252,11 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         if not body.stream:
             try:
                 async with asyncio.timeout_at(deadline):
-                    out = await service.Generate(req)
+                    out = await unless_disconnected(request, service.Generate(req))
             except Exception as e:  # noqa: BLE001
                 return error_response(e)
+            if out is None:  # the client went away: nobody reads a response
+                return Response(status_code=499)
             return JSONResponse(Shape(chat, out.request_id, model).whole(out))
         chunks = service.GenerateStream(req)
         try:  # the first chunk before the 200: a refused request gets its status, not a broken stream
@@ -264,6 +266,27 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             await chunks.aclose()
             return error_response(e)
         return EventStream(events(first, chunks, Shape(chat, first.request_id, model), body.include_usage(), deadline))
+
+    async def unless_disconnected(request: Request, call):
+        """``call``'s result, or None where the client disconnects first: then
+        the call is cancelled, as a stream is when its client goes away (its
+        KV cache and admission slot freed, rather than decoding to the end
+        for nobody: an ``openai`` client that times out and retries ran every
+        attempt to its full length)."""
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":  # the body is read already
+                pass
+
+        work, watch = asyncio.ensure_future(call), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        await asyncio.gather(work, return_exceptions=True)  # cancelled: let it clean up first
+        return None
 
     async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,
                      deadline: float | None) -> AsyncIterator[bytes]:
@@ -305,9 +328,11 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             deadline = deadline_of(request)
             req = body.to_generate_image_request()
             async with asyncio.timeout_at(deadline):
-                out = await service.GenerateImage(req)
+                out = await unless_disconnected(request, service.GenerateImage(req))
         except Exception as e:  # noqa: BLE001
             return error_response(e)
+        if out is None:
+            return Response(status_code=499)
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(im.png).decode()} for im in out.images]})
 

@@ -235,6 +235,24 @@ def test_an_abandoned_stream_is_cancelled(oai, server):
     assert cancelled() == before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(oai, server):
+    """Without a stream too: an ``openai`` client that timed out (and retried
+    twice) left every attempt decoding to its full length for nobody."""
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "smollm2-135m-instruct", "method": "none", "outcome": "cancelled"}
+    cancelled = lambda: REGISTRY.get_sample_value("arserve_requests_total", labels) or 0.0  # noqa: E731
+    before = cancelled()
+    verifier = server.service.verifier
+    impatient = oai.with_options(timeout=1.5, max_retries=0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="smollm2-135m-instruct", prompt="Count to a thousand:", max_tokens=2000,
+                                     extra_body={"speculative": "none"})
+    assert wait_until(lambda: not verifier.backbone.requests and server.service.active == 0), \
+        (verifier.backbone.requests, server.service.active)
+    assert cancelled() == before + 1
+
+
 def test_images_are_pngs_of_the_asked_class(oai, client):
     out = oai.images.generate(model="digits-mar", prompt="7", n=8, response_format="b64_json",
                               extra_body={"seed": 3, "steps": 50, "speculative": "draft_model"})
