@@ -55,7 +55,7 @@ def cmd_serve(args) -> None:
 
             serve_metrics(args.metrics_port, args.host)
             logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
-        asyncio.run(serve(settings, ready=listening))
+        asyncio.run(serve(settings, ready=listening, signals=True))
     except KeyboardInterrupt:
         pass
     except Exception as e:

@@ -38,15 +38,17 @@ def close(service: GenerationService) -> None:
 
 async def serve(settings: ServerSettings, ready: threading.Event | None = None,
                 service: GenerationService | None = None, on_port=None, stop: asyncio.Event | None = None,
-                on_http_port=None) -> None:
+                on_http_port=None, signals: bool = False) -> None:
     """Serve until cancelled (or until ``stop`` is set): gRPC, and the
     OpenAI-compatible HTTP API on the same event loop when
     ``settings.http_port`` is set. A service built here is closed here; one
-    passed in belongs to the caller."""
+    passed in belongs to the caller. ``signals`` (the main thread only):
+    once listening, SIGTERM and Ctrl-C stop the server with a drain
+    (``drain``), a second Ctrl-C at once."""
     built = service is None
     service = service or build(settings)
     compute.quiet()  # this thread runs the event loop (sampling, conversions): no OpenMP team of its own (#41)
-    server, port = await start_server(service, settings)
+    server, port, checks = await start_server(service, settings)
     log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
     http = None
     if settings.http_port is not None:
@@ -63,17 +65,44 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
         on_port(port)
     if ready:
         ready.set()
+    if signals:
+        stop = stop or asyncio.Event()
+        stop_on_signals(stop)
     try:
         if stop is None:
             await server.wait_for_termination()
         else:
             await stop.wait()
     finally:
-        if http is not None:
-            await http.stop()
-        await server.stop(grace=1.0)
+        await drain(server, checks, http, settings.shutdown_grace_s)
         if built:
             close(service)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM (Kubernetes, ``docker stop``) and Ctrl-C set ``stop``; after
+    the first, Ctrl-C raises KeyboardInterrupt again (a second one stops at once)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+
+    def first(name: str) -> None:
+        log.info("%s: stopping; requests in flight may finish, new ones are refused", name)
+        loop.remove_signal_handler(signal.SIGINT)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, first, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, first, "SIGINT")
+
+
+async def drain(server, checks, http, grace_s: float) -> None:
+    """Stop serving with a grace period: both doors close their ports to new
+    connections and refuse new calls on open ones (health answers
+    NOT_SERVING while a connection lasts), and the requests in flight get
+    ``grace_s`` to finish, the doors side by side; what still runs after it
+    is cancelled."""
+    await checks.enter_graceful_shutdown()
+    await asyncio.gather(server.stop(grace=grace_s), *([http.stop()] if http is not None else []))
 
 
 class EmbeddedServer:

@@ -220,10 +220,11 @@ async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host:
                             auth_token: str | None = None, open_health: bool = True,
                             tls: tuple[bytes, bytes] | None = None, max_request_s: float | None = None,
                             keepalive_s: float | None = None,
-                            ) -> tuple[grpc.aio.Server, int, ServiceInterceptor]:
+                            ) -> tuple[grpc.aio.Server, int, ServiceInterceptor, health.aio.HealthServicer]:
     """Serve ``services`` ((add_XServicer_to_server, servicer, full service
     name) each) with grpc.health.v1 and reflection; returns the server, the
-    bound port and the interceptor (for its in-flight count). ``auth_token``:
+    bound port, the interceptor (for its in-flight count) and the health
+    servicer (``enter_graceful_shutdown`` before a drain). ``auth_token``:
     calls must carry it; ``tls``: (certificate chain, private key) in PEM;
     ``max_request_s``: the longest deadline a call gets; ``keepalive_s``:
     clients may ping this often."""
@@ -249,7 +250,7 @@ async def start_grpc_server(services: Sequence[tuple[AddFn, object, str]], host:
     await server.start()
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, interceptor
+    return server, bound, interceptor, health_servicer
 
 
 def service_name(pb2_module, service: str) -> str:

@@ -399,6 +399,10 @@ class ServerSettings(ServiceSettings):
     http_port: int | None = Field(None, ge=0, le=65535, description="Port of the OpenAI-compatible HTTP API "
                                   "(arserve.gateway.http; same host, token and TLS as the gRPC port; 0 picks "
                                   "a free one); None: no HTTP API.")
+    shutdown_grace_s: float = Field(20.0, ge=0, description="On SIGTERM or Ctrl-C: seconds the requests in "
+                                    "flight get to finish while new ones are refused (Kubernetes waits 30 s "
+                                    "before it kills a pod); those still running after it are cancelled. A "
+                                    "second Ctrl-C stops at once.")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerSettings":

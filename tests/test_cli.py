@@ -156,3 +156,52 @@ def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, m
         main(["serve"] + [a.format(**fill) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 1 and message.format(**fill) in err and "Traceback" not in err, err
+
+
+def test_serve_drains_on_sigterm_finishing_what_runs_and_refusing_what_comes(tmp_path):
+    """`arserve serve` as Kubernetes and `docker stop` end it: SIGTERM. It
+    died at once, cutting every stream (UNAVAILABLE "Socket closed"). Now
+    the stream running finishes, a new request is refused, and the process
+    exits 0."""
+    import signal
+    import socket
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from arserve_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "arserve.cli", "serve", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            chunks = client.stream(prompt="Count: 1, 2, 3,", max_tokens=48)
+            tokens = list(next(chunks).token_ids)
+            proc.send_signal(signal.SIGTERM)
+            for chunk in chunks:
+                tokens += chunk.token_ids
+            assert chunk.finish_reason == "length" and len(tokens) == 48
+        with pytest.raises(Exception, match="UNAVAILABLE|Unavailable|unavailable"):
+            with Client(f"127.0.0.1:{port}", timeout=10, retries=0) as late:
+                late.generate(prompt="Hi", max_tokens=4)
+        assert proc.wait(timeout=30) == 0
+        assert "SIGTERM: stopping" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

@@ -365,7 +365,7 @@ class HttpServer:
     wiring: the same loop, and so the same GenerationService, as the gRPC
     server)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None, grace_s: float = 1.0):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -374,7 +374,7 @@ class HttpServer:
 
         ssl = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
         self.config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
-                                     access_log=False, timeout_graceful_shutdown=1, **ssl)
+                                     access_log=False, timeout_graceful_shutdown=grace_s, **ssl)
         self.server = Server(self.config)
         self.port = 0
         self._task: asyncio.Task | None = None
@@ -402,6 +402,6 @@ async def start_http_server(service, settings) -> HttpServer:
     a free one), with the gRPC port's token and TLS certificate."""
     tls = (str(settings.tls_cert_file), str(settings.tls_key_file)) if settings.tls_cert_file else None
     app = build_app(service, settings.resolved_auth_token(), settings.auth_open_health)
-    server = HttpServer(app, settings.host, settings.http_port, tls)
+    server = HttpServer(app, settings.host, settings.http_port, tls, grace_s=settings.shutdown_grace_s)
     await server.start()
     return server

@@ -50,7 +50,7 @@ class ServiceReplica:
             raise ValueError("internal_secret is not set: build_app sets one per application")
         node = ray.util.get_node_ip_address()
         host = args.grpc_bind_host or node
-        self._server, port, self._interceptor = await start_grpc_server(
+        self._server, port, self._interceptor, _ = await start_grpc_server(
             services, host, 0, args.internal_max_concurrent_rpcs, args.max_message_bytes,
             auth_token=internal_token(secret), open_health=True, max_request_s=args.max_request_s,
             keepalive_s=args.keepalive_s)

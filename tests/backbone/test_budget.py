@@ -187,7 +187,7 @@ def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_request
                                budget=BudgetConfig(budget_tokens=budget, queue=0))
     settings = ServerSettings(port=0, models=server.settings.models)
     gateway = GenerationService(settings, s.tokenizer, VerifierService(backbone, None, s.verifier.eos_ids), s.windows)
-    grpc_server, port = asyncio.run_coroutine_threadsafe(start_server(gateway, settings), server._loop).result(30)
+    grpc_server, port, _ = asyncio.run_coroutine_threadsafe(start_server(gateway, settings), server._loop).result(30)
     try:
         with Client(f"127.0.0.1:{port}", timeout=300) as c:
             running = c.stream(prompt=prompt, max_tokens=n, speculative="none")  # reserves p + n

@@ -45,7 +45,7 @@ class public:
 
     async def _start(self):
         await asyncio.sleep(self.delay_s)
-        self.grpc_server, self.port = await start_server(self.service, self.settings)
+        self.grpc_server, self.port, _ = await start_server(self.service, self.settings)
 
     def start(self) -> "public":
         if self.delay_s:  # comes up later, while a client is already trying
