@@ -46,6 +46,14 @@ def begin(limit_s: float | None, client_left_s: float | None = None) -> float | 
     return deadline
 
 
+def passed(slack_s: float = 0.05) -> bool:
+    """Whether the deadline has passed, or is within ``slack_s`` (a client's
+    timeout cancels the call about when the server's deadline passes: a
+    cancellation that close to it is the deadline's)."""
+    remaining = left()
+    return remaining is not None and remaining <= slack_s
+
+
 def left() -> float | None:
     """Seconds until the deadline (0 when it passed); None: no deadline."""
     deadline = DEADLINE.get()

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 
 from arserve_client.v1 import generation_pb2 as pb
 
+from .. import deadlines
 from ..errors import InvalidArgument, Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of
@@ -118,7 +119,9 @@ def usage(u: pb.Usage) -> dict:
 
 
 def deadline_of(request: Request) -> float | None:
-    """The loop time the request must end by (X-Request-Timeout: seconds), or None."""
+    """The loop time the request must end by (X-Request-Timeout: seconds), or
+    None. It starts the request's deadline (``deadlines.begin``) too, so the
+    internal calls made for it carry it as a gRPC call's would."""
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
@@ -128,6 +131,7 @@ def deadline_of(request: Request) -> float | None:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidArgument(f"header X-Request-Timeout must be a positive number of seconds, got {raw[:32]!r}")
+    deadlines.begin(None, seconds)
     return asyncio.get_running_loop().time() + seconds
 
 

@@ -131,6 +131,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.active += 1
         try:
             yield outcome
+        except asyncio.CancelledError:  # the client went away, or its timeout cancelled the call
+            if deadlines.passed():
+                outcome[0] = "deadline_exceeded"
+            raise
         except Exception as e:  # ours, or a status another service answered (the Ray wiring's gRPC calls)
             status = status_of(e)
             outcome[0] = status[0].name.lower() if status else "internal"

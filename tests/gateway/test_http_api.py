@@ -253,6 +253,25 @@ def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(oai, serve
     assert cancelled() == before + 1
 
 
+def test_a_request_its_deadline_ends_is_counted_as_deadline_exceeded_on_both_doors(oai, server):
+    """The client's timeout cancels the call; the metric said "cancelled",
+    as for a client that went away. The HTTP door's X-Request-Timeout now
+    also reaches the request's internal calls (``deadlines``)."""
+    from arserve_client import Client, DeadlineExceeded
+    from prometheus_client import REGISTRY
+
+    labels = {"model": "smollm2-135m-instruct", "method": "none", "outcome": "deadline_exceeded"}
+    count = lambda: REGISTRY.get_sample_value("arserve_requests_total", labels) or 0.0  # noqa: E731
+    before = count()
+    with Client(server.target, timeout=1.0, retries=0) as hasty, pytest.raises(DeadlineExceeded):
+        hasty.generate(prompt="Count to a thousand:", max_tokens=2000, speculative="none")
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Count to a thousand:", max_tokens=2000,
+                               extra_headers={"X-Request-Timeout": "1"}, extra_body={"speculative": "none"})
+    assert e.value.status_code == 504
+    assert wait_until(lambda: server.service.active == 0 and count() == before + 2), (count(), before)
+
+
 def test_images_are_pngs_of_the_asked_class(oai, client):
     out = oai.images.generate(model="digits-mar", prompt="7", n=8, response_format="b64_json",
                               extra_body={"seed": 3, "steps": 50, "speculative": "draft_model"})
