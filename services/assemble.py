@@ -140,8 +140,8 @@ def _image_models(settings: ServiceSettings) -> dict:
     for m in settings.image_models:
         t = time.perf_counter()
         device = devices.resolve(m.device, f"image model {m.id!r}")
-        draft = load_checkpoint(m.draft_checkpoint).to(device) if m.draft_checkpoint else None
-        pairs[m.id] = (load_checkpoint(m.checkpoint).to(device), draft)
+        target = load_checkpoint(m.checkpoint).to(device)  # the target first: its draft is distilled from it
+        pairs[m.id] = (target, load_checkpoint(m.draft_checkpoint).to(device) if m.draft_checkpoint else None)
         log.info("loaded image model %s (%s, draft %s) in %.1fs", m.id, m.checkpoint, m.draft_checkpoint,
                  time.perf_counter() - t)
     return pairs

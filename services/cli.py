@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_checks import check_ports, fail, grid_path, label_list, positive, startup_failure
+from .cli_checks import (check_image_checkpoints, check_ports, fail, grid_path, label_list, positive,
+                         startup_failure, user_error)
 
 
 def _model(args):
@@ -50,6 +51,7 @@ def cmd_serve(args) -> None:
             image_models=[ImageModelSettings.named(args.image_model)])
         check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
                                  "--metrics-port": args.metrics_port})
+        check_image_checkpoints(settings.image_models)
         if args.metrics_port:
             from .metrics import serve_metrics
 
@@ -377,7 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "generate" and args.chat is None and args.prompt is None:
         p.error("generate needs a message or --prompt")
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        fail(message)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,28 @@ def startup_failure(e: BaseException) -> str | None:
     return None
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one line a command's expected failure deserves: a status the
+    server answered (``ArserveError``: TLS refused, not found, ...) or a
+    checkpoint that is not there; None for anything else (a traceback)."""
+    from arserve_client import ArserveError
+
+    from .checkpoint_files import CheckpointError
+
+    return str(e) if isinstance(e, (ArserveError, CheckpointError)) else None
+
+
+def check_image_checkpoints(models) -> None:
+    """Every image model's checkpoints are there (the target's first: its
+    draft is distilled from it), before the text model takes its seconds to load."""
+    from .image.checkpoints import check_present
+
+    for m in models:
+        for ref in (m.checkpoint, m.draft_checkpoint):
+            if ref:
+                check_present(ref)
+
+
 def check_ports(host: str, ports: dict[str, int | None]) -> None:
     """Fail at once, naming the flag, where a port cannot be listened on
     (taken, or the host unknown), rather than after the models load."""

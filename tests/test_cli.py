@@ -84,6 +84,22 @@ def test_serve_ray_image_model_reaches_the_app_args():
     assert pair.round_costs_batch1 != ImageModelSettings().round_costs_batch1  # its own cost model
 
 
+def test_client_and_checkpoint_failures_are_one_line(tmp_path, monkeypatch, capsys):
+    """`arserve models` against no server, and training a draft before its
+    teacher, ended in tracebacks."""
+    from arserve import checkpoint_files
+    from arserve.cli import main
+
+    monkeypatch.setattr(checkpoint_files, "LOCAL_DIR", tmp_path)
+    for argv, message in ((["models", "--target", "127.0.0.1:1", "--timeout", "2"], "error: UNAVAILABLE"),
+                          (["train", "digits-l-draft", "--steps", "1", "--out", str(tmp_path / "d.safetensors")],
+                           "digits-l.safetensors does not exist; `arserve train digits-l` makes it")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and message in err and "Traceback" not in err, err
+
+
 def test_train_refuses_a_teacher_for_a_target():
     from arserve.cli import parser
 
@@ -144,10 +160,15 @@ def listener():
     (["--device", "cuda"], "torch.cuda.is_available() is False"),
     (["--config", "{tmp}/none.yaml"], "none.yaml: No such file or directory"),
     (["--config", "{tmp}/bad.yaml"], "bad.yaml: not valid YAML: "),
+    (["--image-model", "digits-l"], "{tmp}/digits-l.safetensors does not exist; `arserve train digits-l` makes it"),
 ], ids=["port", "tls-half", "tls-not-pem", "http-port-is-port", "port-busy", "http-port-busy", "metrics-port-twice",
-        "host", "model-not-gguf", "model-missing", "no-gpu", "config-missing", "config-not-yaml"])
-def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, message, tmp_path, listener, capsys):
+        "host", "model-not-gguf", "model-missing", "no-gpu", "config-missing", "config-not-yaml", "image-untrained"])
+def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, message, tmp_path, listener, capsys,
+                                                                         monkeypatch):
+    from arserve import checkpoint_files
     from arserve.cli import main
+
+    monkeypatch.setattr(checkpoint_files, "LOCAL_DIR", tmp_path)  # where `arserve train digits-l` would write
 
     (tmp_path / "x.pem").write_text("not a certificate\n")
     (tmp_path / "bad.yaml").write_text("applications: [\n")

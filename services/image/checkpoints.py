@@ -12,7 +12,7 @@ from pathlib import Path
 from ..checkpoint_files import CHECKPOINT_DIR, LOCAL_DIR, CheckpointError, read_checked, resolve, write
 from ..core.image_model import ImageAR, ImageConfig
 
-__all__ = ["CHECKPOINT_DIR", "HASHES", "LOCAL", "LOCAL_DIR", "CheckpointError", "load_checkpoint", "load_file_checked",
+__all__ = ["CHECKPOINT_DIR", "HASHES", "LOCAL", "LOCAL_DIR", "CheckpointError", "check_present", "load_checkpoint", "load_file_checked",
            "save_checkpoint"]
 
 # name -> sha256 of checkpoints/NAME.safetensors, as `arserve train NAME` wrote it
@@ -46,6 +46,14 @@ def load_file_checked(path: Path, expected_sha256: str | None) -> ImageAR:
     model = ImageAR(ImageConfig(**json.loads(info["config"])))
     model.load_state_dict({k: v.float() for k, v in tensors.items()})
     return model.eval()
+
+
+def check_present(ref: str) -> None:
+    """Raise CheckpointError (the command that makes it) where ``ref`` names
+    no checkpoint file: a server checks before it loads anything."""
+    path, _ = resolve(ref, HASHES, "image checkpoint", LOCAL)
+    if not Path(path).expanduser().is_file():
+        raise CheckpointError(f"image checkpoint {path} does not exist; `arserve train {Path(path).stem}` makes it")
 
 
 def load_checkpoint(ref: str) -> ImageAR:
