@@ -40,6 +40,9 @@ OPENAI_PARAMS = {
     "temperature": "temperature",
     "labels": "n", "labels[]": "prompt",  # how many images; one image's class (the prompt names it)
 }
+OPENAI_PARAMS.update({name: name for name in (  # the HTTP door's own refusals name OpenAI's parameters
+    "n", "logprobs", "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "logit_bias",
+    "tools", "echo", "size")})
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
 

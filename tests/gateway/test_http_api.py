@@ -135,15 +135,21 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
     with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role 'wizard'") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"role": "wizard", "content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
+    with pytest.raises(openai.BadRequestError, match="n=1") as e:
         oai.chat.completions.create(**{**chat, "n": 2})
+    assert e.value.body["param"] == "n"  # the door's own refusals name the parameter too (they said null)
     with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
     with pytest.raises(openai.BadRequestError, match="top_logprobs: not served"):
         oai.chat.completions.create(**chat, top_logprobs=2)
-    with pytest.raises(openai.BadRequestError, match="response_format: only text is served, got 'json_object'"):
+    with pytest.raises(openai.BadRequestError, match="response_format: only text is served, got 'json_object'") as e:
         oai.chat.completions.create(**chat, response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    for unserved in (dict(logit_bias={"1": 5}), dict(presence_penalty=0.5), dict(logprobs=True)):
+        with pytest.raises(openai.BadRequestError, match="not served") as e:
+            oai.chat.completions.create(**chat, **unserved)
+        assert e.value.body["param"] == next(iter(unserved)), e.value.body
     assert oai.chat.completions.create(**chat, response_format={"type": "text"}).usage.completion_tokens == 2
     request = urllib.request.Request(f"{server.http_url}/chat/completions", data=b'{"model": "x",, }',
                                      headers={"Content-Type": "application/json"})
