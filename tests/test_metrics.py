@@ -56,3 +56,23 @@ def test_every_metric_is_exported_to_ray():
     families = [v for v in vars(metrics).values() if isinstance(v, metrics.Family)]
     assert families and set(map(id, families)) == set(map(id, metrics.ALL)), \
         sorted(f.name for f in families if f not in metrics.ALL)
+
+
+def test_tokens_sent_to_a_request_that_is_then_cancelled_are_counted(client, server):
+    """The counter took a request's tokens when it finished, so none of a
+    cancelled or timed-out request's were counted, though they were sent."""
+    import time
+
+    model = "smollm2-135m-instruct"
+    before = value("arserve_generated_tokens_total", model=model)
+    got = 0
+    stream = client.stream(prompt="Count to a hundred: 1, 2,", max_tokens=200, speculative="none")
+    for chunk in stream:
+        got += len(chunk.token_ids)
+        if got >= 5:
+            break
+    stream.close()
+    deadline = time.time() + 30
+    while server.service.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert got <= value("arserve_generated_tokens_total", model=model) - before < 200

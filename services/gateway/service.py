@@ -166,6 +166,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         deadlines.begin(self.settings.max_request_s)  # the client's, when the server's interceptor started it
         with self._admitted(model_id, method, model.speculative_methods if model else None) as outcome:
             async for chunk in self._generate(req):
+                metrics.GENERATED.labels(model_id).inc(len(chunk.token_ids))  # as sent: a cancelled request's too
                 if chunk.finish_reason:
                     outcome[0] = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
                     self._observe(model_id, chunk)
@@ -178,7 +179,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         metrics.TTFT.labels(model).observe(t.time_to_first_token_s)
         if n > 1:
             metrics.TPOT.labels(model).observe((t.total_s - t.time_to_first_token_s) / (n - 1))
-        metrics.GENERATED.labels(model).inc(n)
         metrics.DRAFTED.labels(model, last.speculative.method).inc(last.speculative.drafted_tokens)
         metrics.ACCEPTED.labels(model, last.speculative.method).inc(last.speculative.accepted_tokens)
 
