@@ -52,11 +52,15 @@ def cmd_serve(args) -> None:
         check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
                                  "--metrics-port": args.metrics_port})
         check_image_checkpoints(settings.image_models)
-        if args.metrics_port:
-            from .metrics import serve_metrics
+        if args.metrics_port:  # once the API answers: a probe of /metrics must not find it ready sooner
+            def metrics_when_listening() -> None:
+                from .metrics import serve_metrics
 
-            serve_metrics(args.metrics_port, args.host)
-            logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+                listening.wait()
+                serve_metrics(args.metrics_port, args.host)
+                logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+
+            threading.Thread(target=metrics_when_listening, name="metrics", daemon=True).start()
         asyncio.run(serve(settings, ready=listening, signals=True))
     except KeyboardInterrupt:
         pass
