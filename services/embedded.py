@@ -155,7 +155,7 @@ class EmbeddedServer:
     def stop(self) -> None:
         if self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=self.settings.shutdown_grace_s + 10)
         close(self.service)
 
     def __enter__(self) -> "EmbeddedServer":

@@ -160,7 +160,7 @@ class AppArgs(ServiceSettings):
         total = {"CPU": 0.0, "GPU": 0.0}
         for name in services:
             d = self.deployments[name]
-            replicas = d.autoscaling.min_replicas if d.autoscaling else d.num_replicas
+            replicas = d.num_replicas  # the starting count (autoscaling's initial_replicas too)
             total["CPU"] += replicas * d.ray_actor_options.num_cpus
             total["GPU"] += replicas * d.ray_actor_options.num_gpus
         return total

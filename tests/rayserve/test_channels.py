@@ -50,7 +50,7 @@ def announce(directory: Directory, service: str, replica: str, address: str) -> 
 async def serve(kind, servicer, max_request_s=None):
     """An internal server as replicas start it (internal token required) -> (server, address)."""
     add, name = kind
-    server, port, _ = await start_grpc_server([(add, servicer, name)], "127.0.0.1", 0, 64, 64 << 20,
+    server, port, _, _ = await start_grpc_server([(add, servicer, name)], "127.0.0.1", 0, 64, 64 << 20,
                                               auth_token=internal_token(SECRET), max_request_s=max_request_s,
                                               keepalive_s=1)
     return server, f"127.0.0.1:{port}"
