@@ -65,13 +65,19 @@ def checkpoint_info(path: Path) -> dict[str, str]:
         return dict(f.metadata())
 
 
+def require_file(path: Path, what: str) -> Path:
+    """``path`` (user-expanded), or CheckpointError naming the command that makes it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist; `arserve train {path.stem}` makes it")
+    return path
+
+
 def read_checked(path: Path, expected_sha256: str | None,
                  what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a checkpoint file; with ``expected_sha256``, refuse a file whose
     hash differs, before anything in it is read."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist; `arserve train {path.stem}` makes it")
+    path = require_file(path, what)
     if expected_sha256 is not None:
         check_sha256(path, expected_sha256, what)
     return dequantized(load_file(str(path))), checkpoint_info(path)

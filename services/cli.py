@@ -96,7 +96,7 @@ def serve_ray(args) -> None:
     import signal
     import threading
 
-    from .rayserve.run import RayServer
+    from .rayserve.run import DoesNotFit, RayServer
 
     try:
         app_args, port = ray_app_args(args)
@@ -112,7 +112,7 @@ def serve_ray(args) -> None:
     done = threading.Event()
     try:
         server.start()
-    except ValueError as e:  # the deployments do not fit the local Ray (RayServer._check_fits)
+    except DoesNotFit as e:
         fail(str(e))
     signal.signal(signal.SIGTERM, lambda *_: done.set())  # after Ray's start, which installs its own
     try:

@@ -289,7 +289,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                 task.cancel()
         if work.done() and not work.cancelled():
             return work.result()
-        await asyncio.gather(work, return_exceptions=True)  # cancelled: let it clean up first
+        await asyncio.wait([work])  # cancelled: let it clean up first (wait, unlike gather, passes no cancel on)
         return None
 
     async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint_files import CHECKPOINT_DIR, LOCAL_DIR, CheckpointError, read_checked, resolve, write
+from ..checkpoint_files import (CHECKPOINT_DIR, LOCAL_DIR, CheckpointError, read_checked, require_file, resolve,
+                                write)
 from ..core.image_model import ImageAR, ImageConfig
 
 __all__ = ["CHECKPOINT_DIR", "HASHES", "LOCAL", "LOCAL_DIR", "CheckpointError", "check_present", "load_checkpoint", "load_file_checked",
@@ -51,9 +52,7 @@ def load_file_checked(path: Path, expected_sha256: str | None) -> ImageAR:
 def check_present(ref: str) -> None:
     """Raise CheckpointError (the command that makes it) where ``ref`` names
     no checkpoint file: a server checks before it loads anything."""
-    path, _ = resolve(ref, HASHES, "image checkpoint", LOCAL)
-    if not Path(path).expanduser().is_file():
-        raise CheckpointError(f"image checkpoint {path} does not exist; `arserve train {Path(path).stem}` makes it")
+    require_file(resolve(ref, HASHES, "image checkpoint", LOCAL)[0], "image checkpoint")
 
 
 def load_checkpoint(ref: str) -> ImageAR:

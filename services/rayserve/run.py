@@ -50,6 +50,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class DoesNotFit(ValueError):
+    """The starting replicas need more than the local Ray has (``RayServer._check_fits``)."""
+
+
 class RayServer:
     """The Ray wiring, started and stopped as a unit::
 
@@ -93,7 +97,7 @@ class RayServer:
             self._started_ray = True
         try:
             self._check_fits()
-        except ValueError:
+        except DoesNotFit:
             self.stop()
             raise
         serve.start(proxy_location="HeadOnly",
@@ -139,7 +143,7 @@ class RayServer:
         if self.address:
             log.warning("%s: replicas wait until nodes with the resources join", message)
             return
-        raise ValueError(message)
+        raise DoesNotFit(message)
 
     def stop(self) -> None:
         try:

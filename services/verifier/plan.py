@@ -70,7 +70,6 @@ class RequestPlan:
     params: gpb.SamplingParams  # the request's sampling fields, as sent (the drafter reads them too)
     sampling: Sampling  # the same, as the acceptance rules read them
     generator: torch.Generator  # the request's randomness: sampling, acceptance and draft seeds
-    reproducible: bool  # sampled with a seed: its tokens follow from the request alone (``load``)
     eos: frozenset[int]  # end-of-sequence token ids of the model
     method: MethodSpec  # the speculative method and what it needs
     drafting: bool  # the method drafts and a drafter is there (else every round is plain)
@@ -96,16 +95,19 @@ class RequestPlan:
         # the most positions the cache holds: a chain round ends at most at prompt + max_tokens - 1;
         # a tree of c branches has up to (c - 1) * k more nodes than a chain
         tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
-        sampling = Sampling.from_params(s)
         return cls(
             request_id=req.request_id, ids=dict(request_id=run_id(req.request_id), model=req.model),
             prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
-            sampling=sampling, generator=request_generator(s), reproducible=s.HasField("seed") and not sampling.greedy,
-            eos=frozenset(eos), method=method,
+            sampling=Sampling.from_params(s), generator=request_generator(s), eos=frozenset(eos), method=method,
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             row_cost=defaults.row_cost,
             max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt)
+
+    @property
+    def reproducible(self) -> bool:
+        """Sampled with a seed: its tokens follow from the request alone (``load``)."""
+        return self.params.HasField("seed") and not self.sampling.greedy
 
     def load(self, decoding: int) -> int:
         """The requests decoding together as this request's draft length reads
