@@ -37,6 +37,7 @@ def cmd_serve(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray or args.config:
         return serve_ray(args)
+    import signal
     import threading
 
     from .embedded import serve
@@ -44,6 +45,7 @@ def cmd_serve(args) -> None:
 
     args.port = 50051 if args.port is None else args.port
     listening = threading.Event()
+    metrics_failed: list[str] = []
     try:
         settings = ServerSettings(
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
@@ -57,7 +59,12 @@ def cmd_serve(args) -> None:
                 from .metrics import serve_metrics
 
                 listening.wait()
-                serve_metrics(args.metrics_port, args.host)
+                try:
+                    serve_metrics(args.metrics_port, args.host)
+                except OSError as e:  # taken since the check above: stop the server (a drain), then say why
+                    metrics_failed.append(f"--metrics-port {args.metrics_port}: {e.strerror or e}")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
                 logging.getLogger("arserve").info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
 
             threading.Thread(target=metrics_when_listening, name="metrics", daemon=True).start()
@@ -69,6 +76,8 @@ def cmd_serve(args) -> None:
         if message is None:
             raise
         fail(message)
+    if metrics_failed:
+        fail(metrics_failed[0])
 
 
 def ray_app_args(args):

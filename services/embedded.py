@@ -74,9 +74,11 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
         else:
             await stop.wait()
     finally:
-        await drain(server, checks, http, settings.shutdown_grace_s)
-        if built:
-            close(service)
+        try:
+            await drain(server, checks, http, settings.shutdown_grace_s)
+        finally:  # a second Ctrl-C cuts the drain short, not the engines' close
+            if built:
+                close(service)
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

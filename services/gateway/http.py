@@ -278,8 +278,12 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         for nobody: an ``openai`` client that times out and retries ran every
         attempt to its full length)."""
         async def gone() -> None:
-            while (await request.receive())["type"] != "http.disconnect":  # the body is read already
-                pass
+            try:
+                while (await request.receive())["type"] != "http.disconnect":  # the body is read already
+                    pass
+            except Exception as e:  # noqa: BLE001 - a connection that cannot be read is not a disconnect
+                log.debug("not watching for a disconnect: %s", e)
+                await asyncio.Future()  # never: the call finishes on its own
 
         work, watch = asyncio.ensure_future(call), asyncio.ensure_future(gone())
         try:

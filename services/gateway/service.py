@@ -131,7 +131,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.active += 1
         try:
             yield outcome
-        except asyncio.CancelledError:  # the client went away, or its timeout cancelled the call
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (a stream closed at its
+            # yield), or its timeout cancelled the call
             if deadlines.passed():
                 outcome[0] = "deadline_exceeded"
             raise

@@ -42,6 +42,45 @@ def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
     return AppArgs.model_validate(apps[0].args or {}), port
 
 
+def stop_the_routers_loop(timeout_s: float = 10.0) -> None:
+    """Stop the event loop Ray Serve starts in this process the first time a
+    ``DeploymentHandle`` here is called (``SingletonThreadRouter``, Ray 2.60).
+    Serve never stops it: a daemon thread whose loop monitor records Ray
+    metrics on a timer, through Ray's core worker, after ``ray.shutdown()``
+    has freed it and on into the interpreter's exit. A test process that
+    called a deployment through a handle passed its whole suite and then died
+    of a segmentation fault at exit (decision 79). Called after
+    ``serve.shutdown()`` (which shuts the handles down on this loop) and
+    before ``ray.shutdown()``."""
+    import asyncio
+    import threading
+
+    from ray.serve._private.router import SingletonThreadRouter
+
+    loop = SingletonThreadRouter._asyncio_loop
+    if loop is None or loop.is_closed():
+        return
+
+    async def cancel_the_rest() -> None:  # the loop monitor's task among them
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(timeout_s)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_run_router_event_loop)"):
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("Ray Serve's router loop did not stop within %.0f s", timeout_s)
+                return
+    loop.close()
+    SingletonThreadRouter._asyncio_loop = None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     import socket
 
@@ -129,7 +168,8 @@ class RayServer:
         """Refuse at once an application whose starting replicas need more
         CPUs or GPUs than the local Ray started here has: Serve would wait
         for them forever, saying only that replicas are not scheduled. On a
-        cluster (``address``) nodes may still join, so it is a warning."""
+        cluster (``address``), or a Ray the caller started, nodes may still
+        join, so it is a warning."""
         services = deployed(self.args)
         need, have = self.args.reserved(services), ray.cluster_resources()
         short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}
@@ -140,16 +180,17 @@ class RayServer:
                    " and ".join(f"{n:g} {r}s" for r, (n, _) in short.items()) + ", the Ray cluster has " +
                    " and ".join(f"{h:g}" for _, h in short.values()) + f" (num_cpus per replica: {each}); "
                    "lower ray_actor_options.num_cpus in the config's deployments, or start Ray with more")
-        if self.address:
+        if self.address or not self._started_ray:
             log.warning("%s: replicas wait until nodes with the resources join", message)
             return
         raise DoesNotFit(message)
 
     def stop(self) -> None:
         try:
-            serve.shutdown()
+            serve.shutdown()  # shuts down this process's handles, on the router's loop
         finally:
             if self._started_ray:
+                stop_the_routers_loop()
                 ray.shutdown()
 
     def __enter__(self) -> "RayServer":

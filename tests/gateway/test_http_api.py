@@ -278,6 +278,33 @@ def test_a_request_its_deadline_ends_is_counted_as_deadline_exceeded_on_both_doo
     assert wait_until(lambda: server.service.active == 0 and count() == before + 2), (count(), before)
 
 
+def test_a_stream_its_reader_closes_after_the_deadline_counts_as_deadline_exceeded(server):
+    """A stream closed at its yield (the HTTP door's response ended) raises
+    GeneratorExit in the generator, not CancelledError: past the deadline
+    that outcome was counted "cancelled"."""
+    from prometheus_client import REGISTRY
+
+    from arserve import deadlines
+    from arserve_client.v1 import generation_pb2 as pb
+
+    labels = {"model": "smollm2-135m-instruct", "method": "none", "outcome": "deadline_exceeded"}
+    count = lambda: REGISTRY.get_sample_value("arserve_requests_total", labels) or 0.0  # noqa: E731
+    before = count()
+
+    async def read_one_then_close() -> None:
+        deadlines.begin(None, client_left_s=1.0)
+        req = pb.GenerateRequest(prompt="Count to a thousand:", sampling=pb.SamplingParams(max_tokens=2000),
+                                 speculative=pb.SpeculativeParams(method="none"))
+        stream = server.service.GenerateStream(req)
+        await anext(stream)
+        await asyncio.sleep(1.1)
+        await stream.aclose()
+
+    asyncio.run_coroutine_threadsafe(read_one_then_close(), server._loop).result(60)
+    assert count() == before + 1
+    assert wait_until(lambda: server.service.active == 0)
+
+
 def test_images_are_pngs_of_the_asked_class(oai, client):
     out = oai.images.generate(model="digits-mar", prompt="7", n=8, response_format="b64_json",
                               extra_body={"seed": 3, "steps": 50, "speculative": "draft_model"})

@@ -58,8 +58,11 @@ def test_the_default_deployments_fit_a_two_cpu_node_and_a_local_ray_too_small_is
     assert deployed(args) == ["gateway", "tokenizer", "verifier", "backbone", "drafter", "diffusion_head"]
     assert args.reserved(deployed(args))["CPU"] <= 2.0
     monkeypatch.setattr(run.ray, "cluster_resources", lambda: {"CPU": 1.0})
+    ours = run.RayServer(args)
+    ours._started_ray = True  # the local Ray this server started
     with pytest.raises(ValueError, match=r"need 2 CPUs, the Ray cluster has 1 .*backbone 1"):
-        run.RayServer(args)._check_fits()
+        ours._check_fits()
+    run.RayServer(args)._check_fits()  # a Ray the caller started: nodes may join (a warning)
     run.RayServer(args, address="ray://head:10001")._check_fits()  # a cluster: nodes may join (a warning)
 
 
