@@ -66,10 +66,14 @@ def checkpoint_info(path: Path) -> dict[str, str]:
 
 
 def require_file(path: Path, what: str) -> Path:
-    """``path`` (user-expanded), or CheckpointError naming the command that makes it."""
+    """``path`` (user-expanded), or CheckpointError naming the command that
+    makes it (where ``arserve train`` knows the name)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist; `arserve train {path.stem}` makes it")
+        trainable = path.stem in ("digits", "digits-draft", "digits-l", "digits-l-draft", "smollm2-draft",
+                                  "smollm2-heads")
+        raise CheckpointError(f"{what} {path} does not exist" +
+                              (f"; `arserve train {path.stem}` makes it" if trainable else ""))
     return path
 
 

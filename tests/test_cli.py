@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,8 +162,10 @@ def listener():
     (["--config", "{tmp}/none.yaml"], "none.yaml: No such file or directory"),
     (["--config", "{tmp}/bad.yaml"], "bad.yaml: not valid YAML: "),
     (["--image-model", "digits-l"], "{tmp}/digits-l.safetensors does not exist; `arserve train digits-l` makes it"),
+    (["--engine", "vllm"], "error: vLLM is not installed: `make install-vllm`"),
 ], ids=["port", "tls-half", "tls-not-pem", "http-port-is-port", "port-busy", "http-port-busy", "metrics-port-twice",
-        "host", "model-not-gguf", "model-missing", "no-gpu", "config-missing", "config-not-yaml", "image-untrained"])
+        "host", "model-not-gguf", "model-missing", "no-gpu", "config-missing", "config-not-yaml", "image-untrained",
+        "vllm-not-installed"])
 def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, message, tmp_path, listener, capsys,
                                                                          monkeypatch):
     from arserve import checkpoint_files
@@ -177,6 +180,39 @@ def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, m
         main(["serve"] + [a.format(**fill) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 1 and message.format(**fill) in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--token", "env:ARSERVE_TEST_UNSET"], "error: auth_token is 'env:ARSERVE_TEST_UNSET' but the environment "
+                                            "variable ARSERVE_TEST_UNSET is not set"),
+    (["--metrics-port", "99999"], "error: --metrics-port 99999: a port is 0 (any free one) to 65535"),
+    (["--metrics-port", "-1"], "error: --metrics-port -1: a port is 0"),
+    (["--ray", "--metrics-port", "9090"], "error: --metrics-port serves the embedded server's metrics; on Ray"),
+    (["--config", "deploy/serve_config.yaml", "--model", "{tmp}/x.gguf", "--dtype", "bfloat16"],
+     "error: --model, --dtype: with --config the serve config's models decide these; edit deploy/serve_config.yaml"),
+    (["--ray", "--model", "{tmp}/none.gguf"], "error: model 'smollm2-135m-instruct': source"),
+    (["--ray", "--token", "env:ARSERVE_TEST_UNSET"], "the environment variable ARSERVE_TEST_UNSET is not set"),
+    (["--ray", "--port", "{busy}"], "error: --port {busy}: cannot listen on 127.0.0.1:{busy}"),
+], ids=["token-env-unset", "metrics-port-range", "metrics-port-negative", "ray-metrics-port", "config-and-model-flags",
+        "ray-model-missing", "ray-token-env-unset", "ray-port-busy"])
+def test_serve_refuses_before_a_model_loads_or_ray_starts(argv, message, tmp_path, listener, capsys, monkeypatch):
+    """The probe of docs/operating.md found these reported only after the
+    models loaded (an unset env: token), never (a metrics port out of range:
+    the server ran on without metrics; --metrics-port or model flags that
+    --ray/--config ignore), or by Ray 48 s later in a traceback that named no
+    path (a missing model on --ray)."""
+    from arserve import embedded
+    from arserve.cli import main
+    from arserve.rayserve import run
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.delenv("ARSERVE_TEST_UNSET", raising=False)
+    monkeypatch.setattr(embedded, "build", lambda *_: pytest.fail("the models loaded before the check"))
+    monkeypatch.setattr(run.RayServer, "start", lambda *_: pytest.fail("Ray started before the check"))
+    with pytest.raises(SystemExit) as e:
+        main(["serve"] + [a.format(tmp=tmp_path, busy=listener) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and message.format(tmp=tmp_path, busy=listener) in err and "Traceback" not in err, err
 
 
 def test_serve_drains_on_sigterm_finishing_what_runs_and_refusing_what_comes(tmp_path):
@@ -226,3 +262,16 @@ def test_serve_drains_on_sigterm_finishing_what_runs_and_refusing_what_comes(tmp
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_training_a_drafter_without_its_data_names_the_command_that_writes_it(tmp_path, capsys):
+    """It ended in a traceback, and --data did not exist: data written with
+    `smollm2-data --out X`, or from another directory, could not be used."""
+    from arserve.cli import main
+
+    data = tmp_path / "none.safetensors"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "smollm2-heads", "--data", str(data), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert f"error: training data {data} does not exist: `arserve train smollm2-data --out {data}` writes it" in err

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint_files import CheckpointError
 from ..core.model import Llama
 from ..core.weights import load_llama, smollm2_gguf_path
 from ..tokenizer.text import TextTokenizer
@@ -146,6 +147,9 @@ def make_data(out: Path = DATA, max_new: int = 128, concurrency: int = 16, limit
 
 
 def load_data(path: Path = DATA) -> dict[str, torch.Tensor]:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist: run `arserve train smollm2-data` first")
+    path = Path(path)
+    if not path.exists():
+        make = "`arserve train smollm2-data` writes it (it writes under the directory it runs in)" if path == DATA \
+            else f"`arserve train smollm2-data --out {path}` writes it"
+        raise CheckpointError(f"training data {path.resolve()} does not exist: {make}")
     return load_file(str(path))

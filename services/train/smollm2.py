@@ -293,11 +293,12 @@ def train_heads(out: Path, c: DrafterTrainConfig = DrafterTrainConfig(**HEADS_RE
     return {**info, "sha256": digest}
 
 
-def train(name: str, out: Path | None = None, **overrides) -> dict:
-    """``arserve train smollm2-draft`` / ``smollm2-heads`` (``smollm2-data`` first)."""
+def train(name: str, out: Path | None = None, data_path: Path = DATA, **overrides) -> dict:
+    """``arserve train smollm2-draft`` / ``smollm2-heads`` (``smollm2-data`` first,
+    which writes ``data_path``)."""
     out = out or CHECKPOINT_DIR / f"{name}.safetensors"
     if name == "smollm2-draft":
-        return train_draft_model(out, DrafterTrainConfig(**overrides))
+        return train_draft_model(out, DrafterTrainConfig(**overrides), data_path)
     if name == "smollm2-heads":
-        return train_heads(out, DrafterTrainConfig(**{**HEADS_RECIPE, **overrides}))
+        return train_heads(out, DrafterTrainConfig(**{**HEADS_RECIPE, **overrides}), data_path)
     raise ValueError(f"unknown drafter {name!r}")
