@@ -68,13 +68,14 @@ class KVBudget:
         self.gauges = KV_BUDGET.labels(model), KV_RESERVED.labels(model), KV_WAITING.labels(model)
         self._publish()
 
-    async def reserve(self, n: int, request_id: str) -> None:
-        """Reserve ``n`` positions for ``request_id``, waiting behind earlier
+    async def reserve(self, n: int) -> None:
+        """Reserve ``n`` positions for a request, waiting behind earlier
         requests; InvalidArgument when ``n`` exceeds the capacity,
         ResourceExhausted when the queue is full or the wait too long."""
         if n > self.capacity:
             raise InvalidArgument(
-                f"request {request_id!r} needs {n} KV positions (prompt + max_tokens), more than the whole KV budget "
+                # no request id: the client knows its request, and the server's id for it is not the client's
+                f"the request needs {n} KV positions (prompt + max_tokens), more than the whole KV budget "
                 f"of model {self.model!r} on a backbone replica ({self.capacity} positions, kv_budget_tokens); "
                 f"lower max_tokens or shorten the prompt")
         if not self.waiting and self.used + n <= self.capacity:

@@ -253,7 +253,7 @@ class BackboneService:
                 f"idle lease, or held by another replica); resend its committed tokens as context")
         n = min(req.max_positions or model.config.max_seq_len, model.config.max_seq_len)
         budget = self.budgets[req.model]
-        await budget.reserve(n, req.request_id)
+        await budget.reserve(n)
         key = (req.model, req.request_id)
         if key in self.requests:  # another call created it while this one waited
             budget.free(n)
