@@ -114,7 +114,7 @@ def serve_ray(args) -> None:
     import signal
     import threading
 
-    from .rayserve.run import DoesNotFit, RayServer
+    from .rayserve.run import DoesNotFit, RayServer, serve_config_http_port
 
     if args.metrics_port is not None:
         fail("--metrics-port serves the embedded server's metrics; on Ray every replica's metrics are on "
@@ -124,10 +124,12 @@ def serve_ray(args) -> None:
         if given:
             fail(f"{', '.join(given)}: with --config the serve config's models decide "
                  f"{'this' if len(given) == 1 else 'these'}; edit {args.config}")
-    grpc_port, http_port = args.port, 8000 if args.http_port is None else args.http_port
+    grpc_port, http_port = args.port, args.http_port
     try:
         app_args, port = ray_app_args(args)
         grpc_port = port if grpc_port is None else grpc_port
+        if http_port is None:
+            http_port = serve_config_http_port(args.config) if args.config else 8000
         if not args.ray_address:  # a cluster's files, environment and ports are its nodes', not this machine's
             check_settings(app_args)
     except Exception as e:
@@ -136,7 +138,10 @@ def serve_ray(args) -> None:
             raise
         fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
     if not args.ray_address:
-        check_ports(args.host, {"--port": grpc_port, "--http-port": http_port})
+        from_config = args.config and args.http_port is None
+        check_ports(args.host, {"--port" if args.port is not None or not args.config else
+                                f"{args.config}: grpc_options.port": grpc_port,
+                                f"{args.config}: http_options.port" if from_config else "--http-port": http_port})
     tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
     server = RayServer(app_args, grpc_port=grpc_port, host=args.host, address=args.ray_address,
                        http_port=http_port, http_tls=tls)

@@ -193,14 +193,16 @@ def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, m
     (["--ray", "--model", "{tmp}/none.gguf"], "error: model 'smollm2-135m-instruct': source"),
     (["--ray", "--token", "env:ARSERVE_TEST_UNSET"], "the environment variable ARSERVE_TEST_UNSET is not set"),
     (["--ray", "--port", "{busy}"], "error: --port {busy}: cannot listen on 127.0.0.1:{busy}"),
+    (["--config", "{tmp}/busy-http.yaml"], "error: {tmp}/busy-http.yaml: http_options.port {busy}: cannot listen"),
 ], ids=["token-env-unset", "metrics-port-range", "metrics-port-negative", "ray-metrics-port", "config-and-model-flags",
-        "ray-model-missing", "ray-token-env-unset", "ray-port-busy"])
+        "ray-model-missing", "ray-token-env-unset", "ray-port-busy", "config-http-port-busy"])
 def test_serve_refuses_before_a_model_loads_or_ray_starts(argv, message, tmp_path, listener, capsys, monkeypatch):
     """The probe of docs/operating.md found these reported only after the
     models loaded (an unset env: token), never (a metrics port out of range:
     the server ran on without metrics; --metrics-port or model flags that
     --ray/--config ignore), or by Ray 48 s later in a traceback that named no
-    path (a missing model on --ray)."""
+    path (a missing model on --ray); a serve config's HTTP port was not read.
+    """
     from arserve import embedded
     from arserve.cli import main
     from arserve.rayserve import run
@@ -209,6 +211,9 @@ def test_serve_refuses_before_a_model_loads_or_ray_starts(argv, message, tmp_pat
     monkeypatch.delenv("ARSERVE_TEST_UNSET", raising=False)
     monkeypatch.setattr(embedded, "build", lambda *_: pytest.fail("the models loaded before the check"))
     monkeypatch.setattr(run.RayServer, "start", lambda *_: pytest.fail("Ray started before the check"))
+    config = Path("deploy/serve_config.yaml").read_text()
+    assert "  port: 8000\n" in config
+    (tmp_path / "busy-http.yaml").write_text(config.replace("  port: 8000\n", f"  port: {listener}\n"))
     with pytest.raises(SystemExit) as e:
         main(["serve"] + [a.format(tmp=tmp_path, busy=listener) for a in argv])
     err = capsys.readouterr().err

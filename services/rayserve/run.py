@@ -23,15 +23,20 @@ APP = "arserve"
 SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
 
 
-def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
-    """The arserve application's args and the gRPC port of a serve config
-    YAML, checked by Ray's schema and by ``AppArgs``."""
+def serve_config(path: str | Path):
+    """A serve config YAML as Ray's ``ServeDeploySchema`` checks it."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(Path(path).read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+    return ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(raw)
+
+
+def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
+    """The arserve application's args and the gRPC port of a serve config
+    YAML, checked by Ray's schema and by ``AppArgs``."""
+    schema = serve_config(path)
     apps = [a for a in schema.applications if a.import_path.endswith(":build_app") and "arserve" in a.import_path]
     if len(apps) != 1:
         raise ValueError(f"{path}: expected one application importing arserve.rayserve.app:build_app, "
@@ -40,6 +45,12 @@ def load_serve_config(path: str | Path) -> tuple[AppArgs, int]:
     if not 0 < port <= 65535:
         raise ValueError(f"{path}: grpc_options.port must be 1 to 65535, got {port}")
     return AppArgs.model_validate(apps[0].args or {}), port
+
+
+def serve_config_http_port(path: str | Path) -> int:
+    """The HTTP proxy's port a serve config names (``http_options.port``;
+    Ray's default 8000 where it names none)."""
+    return serve_config(path).http_options.port
 
 
 def stop_the_routers_loop(timeout_s: float = 10.0) -> None:
