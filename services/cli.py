@@ -51,6 +51,8 @@ def cmd_serve(args) -> None:
             host=args.host, port=args.port, models=[_model(args)], auth_token=args.token,
             tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, http_port=args.http_port,
             image_models=[ImageModelSettings.named(args.image_model)])
+        if args.metrics_port == 0:
+            fail("--metrics-port 0: name the port (nothing would say which one it got)")
         check_ports(args.host, {"--port": args.port, "--http-port": args.http_port,
                                  "--metrics-port": args.metrics_port})
         check_settings(settings)
@@ -119,6 +121,11 @@ def serve_ray(args) -> None:
     if args.metrics_port is not None:
         fail("--metrics-port serves the embedded server's metrics; on Ray every replica's metrics are on "
              "Ray's metrics agents (docs/operating.md), and a gateway's on the HTTP port's /metrics")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        fail("--tls-cert and --tls-key go together")
+    if 0 in (args.port, args.http_port):
+        fail(f"{'--port' if args.port == 0 else '--http-port'} 0: name the port with --ray "
+             "(Ray Serve's proxies would not say which one they got)")
     if args.config:
         given = [flag for flag, default in CONFIG_DECIDES.items() if getattr(args, flag_attr(flag)) != default]
         if given:
@@ -142,7 +149,7 @@ def serve_ray(args) -> None:
         check_ports(args.host, {"--port" if args.port is not None or not args.config else
                                 f"{args.config}: grpc_options.port": grpc_port,
                                 f"{args.config}: http_options.port" if from_config else "--http-port": http_port})
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     server = RayServer(app_args, grpc_port=grpc_port, host=args.host, address=args.ray_address,
                        http_port=http_port, http_tls=tls)
     done = threading.Event()

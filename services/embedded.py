@@ -63,11 +63,11 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
             on_http_port(http.port)
     if on_port:
         on_port(port)
-    if ready:
-        ready.set()
-    if signals:
+    if signals:  # before ready: a thread that waits for it may signal at once (cli's metrics port)
         stop = stop or asyncio.Event()
         stop_on_signals(stop)
+    if ready:
+        ready.set()
     try:
         if stop is None:
             await server.wait_for_termination()

@@ -68,26 +68,25 @@ def stop_the_routers_loop(timeout_s: float = 10.0) -> None:
 
     from ray.serve._private.router import SingletonThreadRouter
 
-    loop = SingletonThreadRouter._asyncio_loop
-    if loop is None or loop.is_closed():
+    loop = getattr(SingletonThreadRouter, "_asyncio_loop", None)
+    if loop is None or loop.is_closed() or not loop.is_running():
         return
 
-    async def cancel_the_rest() -> None:  # the loop monitor's task among them
+    async def cancel_the_rest() -> threading.Thread:  # the loop monitor's task among them
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in rest:
             task.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+        return threading.current_thread()  # the loop's own
 
     try:
-        asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(timeout_s)
+        thread = asyncio.run_coroutine_threadsafe(cancel_the_rest(), loop).result(timeout_s)
     finally:
         loop.call_soon_threadsafe(loop.stop)
-    for thread in threading.enumerate():
-        if thread.name.endswith("(_run_router_event_loop)"):
-            thread.join(timeout_s)
-            if thread.is_alive():
-                log.warning("Ray Serve's router loop did not stop within %.0f s", timeout_s)
-                return
+    thread.join(timeout_s)
+    if thread.is_alive() or loop.is_running():
+        log.warning("Ray Serve's router loop did not stop within %.0f s", timeout_s)
+        return
     loop.close()
     SingletonThreadRouter._asyncio_loop = None
 
@@ -201,8 +200,12 @@ class RayServer:
             serve.shutdown()  # shuts down this process's handles, on the router's loop
         finally:
             if self._started_ray:
-                stop_the_routers_loop()
-                ray.shutdown()
+                try:
+                    stop_the_routers_loop()
+                except Exception:  # noqa: BLE001 - Ray's internals: never skip the shutdown for them
+                    log.warning("could not stop Ray Serve's router loop", exc_info=True)
+                finally:
+                    ray.shutdown()
 
     def __enter__(self) -> "RayServer":
         return self.start()
