@@ -67,13 +67,13 @@ def checkpoint_info(path: Path) -> dict[str, str]:
 
 def require_file(path: Path, what: str) -> Path:
     """``path`` (user-expanded), or CheckpointError naming the command that
-    makes it (where ``arserve train`` knows the name)."""
+    makes it where the path is a name's (``resolve``: where ``arserve train``
+    writes it); a path of the user's own gets no such advice."""
     path = Path(path).expanduser()
     if not path.is_file():
-        trainable = path.stem in ("digits", "digits-draft", "digits-l", "digits-l-draft", "smollm2-draft",
-                                  "smollm2-heads")
+        named = path.parent in (CHECKPOINT_DIR, LOCAL_DIR)
         raise CheckpointError(f"{what} {path} does not exist" +
-                              (f"; `arserve train {path.stem}` makes it" if trainable else ""))
+                              (f"; `arserve train {path.stem}` makes it" if named else ""))
     return path
 
 

@@ -142,10 +142,11 @@ def serve_ray(args) -> None:
             raise
         fail(f"{args.config}: {message}" if args.config and str(args.config) not in message else message)
     if not args.ray_address:
-        from_config = args.config and args.http_port is None
-        check_ports(args.host, {"--port" if args.port is not None or not args.config else
-                                f"{args.config}: grpc_options.port": grpc_port,
-                                f"{args.config}: http_options.port" if from_config else "--http-port": http_port})
+        def named_by(flag: str, given: int | None, key: str) -> str:  # the flag, or the config's key it came from
+            return f"{args.config}: {key}" if args.config and given is None else flag
+
+        check_ports(args.host, {named_by("--port", args.port, "grpc_options.port"): grpc_port,
+                                named_by("--http-port", args.http_port, "http_options.port"): http_port})
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     server = RayServer(app_args, grpc_port=grpc_port, host=args.host, address=args.ray_address,
                        http_port=http_port, http_tls=tls)
@@ -263,8 +264,7 @@ def cmd_train(args) -> None:
         overrides = {"steps": args.steps} if args.steps else {}
         if args.loss:
             overrides["loss"] = args.loss
-        train_drafter(args.name, args.out, **({"data_path": args.data} if args.data else {}), seed=args.seed,
-                      **overrides)
+        train_drafter(args.name, args.out, args.data, seed=args.seed, **overrides)
     else:
         from .train.digits import TrainConfig, train
 

@@ -288,3 +288,16 @@ def test_training_a_drafter_without_its_data_names_the_command_that_writes_it(tm
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err, err
     assert f"error: training data {data.resolve()} does not exist: `arserve train smollm2-data --out {data}` writes it" in err
+
+
+def test_a_missing_checkpoint_path_of_the_users_own_gets_no_train_command(tmp_path, capsys):
+    """`--teacher /x/missing.safetensors` was told "`arserve train missing`
+    makes it": a name no command knows (a named checkpoint keeps its advice:
+    the image-untrained case above)."""
+    from arserve.cli import main
+
+    teacher = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "digits-draft", "--teacher", str(teacher), "--steps", "1", "--out", str(tmp_path / "d.st")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.strip() == f"error: image checkpoint {teacher} does not exist", err

@@ -293,10 +293,11 @@ def train_heads(out: Path, c: DrafterTrainConfig = DrafterTrainConfig(**HEADS_RE
     return {**info, "sha256": digest}
 
 
-def train(name: str, out: Path | None = None, data_path: Path = DATA, **overrides) -> dict:
+def train(name: str, out: Path | None = None, data_path: Path | None = None, **overrides) -> dict:
     """``arserve train smollm2-draft`` / ``smollm2-heads`` (``smollm2-data`` first,
-    which writes ``data_path``)."""
+    which writes ``data_path``, by default ``DATA``)."""
     out = out or CHECKPOINT_DIR / f"{name}.safetensors"
+    data_path = data_path or DATA
     if name == "smollm2-draft":
         return train_draft_model(out, DrafterTrainConfig(**overrides), data_path)
     if name == "smollm2-heads":
