@@ -159,7 +159,7 @@ def arserve_run(client, messages: list[dict], max_tokens: int, **options) -> Run
     c = client.generate(messages=messages, max_tokens=max_tokens, **{"temperature": 0.0, **options})  # greedy unless asked
     wall = time.perf_counter() - t
     s = c.stats
-    n = s.completion_tokens
+    n = len(c.token_ids)  # tokens delivered (usage also counts an end-of-sequence token)
     decode_s = s.total_s - s.time_to_first_token_s
     return Run(token_ids=list(c.token_ids), tokens=n, wall_s=wall, tok_s=n / wall if wall > 0 else 0.0,
                server_tok_s=s.tokens_per_second, ttft_s=s.time_to_first_token_s,

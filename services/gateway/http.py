@@ -69,10 +69,11 @@ AUTH_FAILED_HTTP = AUTH_FAILED.replace("metadata 'authorization: Bearer <token>'
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop"}
 
 
-def error_body(e: BaseException) -> tuple[int, dict]:
+def error_body(e: BaseException, sent_as=None) -> tuple[int, dict]:
     """The HTTP status and OpenAI error body an exception stands for: the
     gRPC status the gateway's interceptor would give it (``rpc.status_of``),
-    a passed deadline as DEADLINE_EXCEEDED, anything else INTERNAL."""
+    a passed deadline as DEADLINE_EXCEEDED, anything else INTERNAL.
+    sent_as: the request body's name for the parameter (``GenerationBody.sent_as``)."""
     status = status_of(e)
     if status is None and isinstance(e, TimeoutError):
         status = grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline (X-Request-Timeout) passed"
@@ -85,11 +86,13 @@ def error_body(e: BaseException) -> tuple[int, dict]:
     http, kind = STATUS.get(code, (500, "internal_error"))
     param = getattr(e, "param") if hasattr(e, "param") else (
         param_of(message) if code == grpc.StatusCode.INVALID_ARGUMENT else None)
+    if sent_as is not None:
+        param = sent_as(param)
     return http, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
 
 
-def error_response(e: BaseException) -> JSONResponse:
-    http, body = error_body(e)
+def error_response(e: BaseException, sent_as=None) -> JSONResponse:
+    http, body = error_body(e, sent_as)
     return JSONResponse(body, status_code=http)
 
 
@@ -251,24 +254,32 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             deadline = deadline_of(request)
             req = body.to_generate_request()
         except Exception as e:  # noqa: BLE001 - every error becomes a status
-            return error_response(e)
+            return error_response(e, body.sent_as)
         model = req.model or service.default_model
         if not body.stream:
             try:
                 async with asyncio.timeout_at(deadline):
                     out = await unless_disconnected(request, service.Generate(req))
             except Exception as e:  # noqa: BLE001
-                return error_response(e)
+                return error_response(e, body.sent_as)
             if out is None:  # the client went away: nobody reads a response
                 return Response(status_code=499)
             return JSONResponse(Shape(chat, out.request_id, model).whole(out))
         chunks = service.GenerateStream(req)
-        try:  # the first chunk before the 200: a refused request gets its status, not a broken stream
+
+        async def first_chunk() -> pb.GenerateChunk:
+            return await anext(chunks)
+
+        try:  # the first chunk before the 200: a refused request gets its status, not a broken stream;
+            # a client that leaves before it (a long prefill, a wait for KV budget) cancels the request
             async with asyncio.timeout_at(deadline):
-                first = await anext(chunks)
+                first = await unless_disconnected(request, first_chunk())
         except Exception as e:  # noqa: BLE001
             await chunks.aclose()
-            return error_response(e)
+            return error_response(e, body.sent_as)
+        if first is None:
+            await chunks.aclose()
+            return Response(status_code=499)
         return EventStream(events(first, chunks, Shape(chat, first.request_id, model), body.include_usage(), deadline))
 
     async def unless_disconnected(request: Request, call):
@@ -356,6 +367,19 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
              "speculative_methods": list(m.speculative_methods),
              "default_speculative_method": m.default_speculative_method}
             for m in listed.models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        listed = await models()
+        if isinstance(listed, Response):
+            return listed
+        for m in listed["data"]:
+            if m["id"] == model_id:
+                return m
+        return JSONResponse({"error": {"message": f"model {model_id!r} is not served; known: "
+                                                  f"{sorted(m['id'] for m in listed['data'])}",
+                                       "type": "not_found_error", "param": "model", "code": "not_found"}},
+                            status_code=404)
 
     @app.get("/health")
     async def health():

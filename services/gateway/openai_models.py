@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from arserve_client.v1 import generation_pb2 as pb
 
@@ -26,6 +26,7 @@ from ..errors import InvalidArgument
 
 UINT32 = (1 << 32) - 1
 UINT64 = (1 << 64) - 1
+INT64_MIN = -(1 << 63)  # vLLM's seed range starts here; a negative seed is its 64-bit two's complement
 MAX_IMAGES_ASKED = 1 << 16  # bounds n before the gateway's own limit (max_images_per_request) answers
 
 
@@ -42,7 +43,8 @@ OPENAI_PARAMS = {
 }
 OPENAI_PARAMS.update({name: name for name in (  # the HTTP door's own refusals name OpenAI's parameters
     "n", "logprobs", "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "logit_bias",
-    "tools", "echo", "size")})
+    "tools", "tool_choice", "functions", "function_call", "echo", "best_of", "suffix", "size", "stream_options",
+    "max_completion_tokens")})
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
 
@@ -58,6 +60,26 @@ def param_of(message: str) -> str | None:
     return param
 
 
+def check_encodable(value, path: str = "") -> None:
+    """Refuse a string that UTF-8 cannot encode, naming its field: JSON may
+    spell a lone surrogate (``"\\ud800"``), which no protobuf string holds."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as e:
+            err = InvalidArgument(f"{path or 'body'}: not valid Unicode text: a lone surrogate "
+                                  f"{value[e.start]!r} at character {e.start}")
+            err.param = path or None
+            raise err from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_encodable(key, path)
+            check_encodable(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_encodable(item, f"{path}.{i}")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send one more chunk before [DONE] with the usage.")
 
@@ -70,13 +92,15 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Model id (default: the server's first text model).")
-    max_tokens: int | None = Field(None, ge=0, le=UINT32, description="Most completion tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=UINT32, description="Most completion tokens.")
     temperature: float | None = Field(None, description="0 is greedy; unset: arserve's default, greedy.")
     top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
-    seed: int | None = Field(None, ge=0, le=UINT64, description="Seed of the request's sampler.")
+    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64, description="Seed of the request's sampler "
+                             "(a negative one as its 64-bit two's complement).")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text).")
-    n: int = Field(1, description="Choices per request: only 1.")
-    stream: bool = Field(False, description="Answer with server-sent events, ending in data: [DONE].")
+    n: int | None = Field(1, description="Choices per request: only 1 (null: 1).")
+    stream: bool | None = Field(False, description="Answer with server-sent events, ending in data: [DONE] "
+                                "(null: false).")
     stream_options: StreamOptions | None = None
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
     logprobs: bool | int | None = None
@@ -85,6 +109,9 @@ class GenerationBody(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None  # tools' older spelling
+    function_call: str | dict | None = None
     # arserve's own (extra_body)
     top_k: int | None = Field(None, ge=-1, le=UINT32, description="Top-k sampling; 0 or -1: off (vLLM's spelling).")
     speculative: str | None = Field(None, description="Speculative method (none, ngram, draft_model, heads; "
@@ -93,12 +120,28 @@ class GenerationBody(BaseModel):
     cache_salt: str | None = Field(None, description="Namespace of this request's shared KV blocks (vLLM's "
                                    "cache_salt): prefixes are shared only with requests sending the same salt.")
 
+    @model_validator(mode="after")
+    def _nulls_mean_defaults(self):
+        """OpenAI's spec lets a client send null for these; it means the default."""
+        self.n = 1 if self.n is None else self.n
+        self.stream = bool(self.stream)
+        return self
+
     def refuse_unserved(self) -> None:
         if self.n != 1:
-            raise InvalidArgument(f"n: arserve returns one choice per request (n=1), got n={self.n}; "
-                                  f"send {self.n} requests instead")
-        if self.logprobs or self.top_logprobs:
-            raise InvalidArgument("logprobs, top_logprobs: not served by arserve")
+            more = f"; send {self.n} requests instead" if self.n > 1 else ""
+            raise InvalidArgument(f"n: arserve returns one choice per request (n=1), got n={self.n}{more}")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidArgument("stream_options: only allowed when stream is true")
+        if self.logprobs is not None and self.logprobs is not False:  # completions' 0: the sampled token's
+            raise InvalidArgument(f"logprobs: not served by arserve, got {self.logprobs!r}")
+        if self.top_logprobs:
+            raise InvalidArgument("top_logprobs: not served by arserve")
+        if self.functions or self.function_call not in (None, "none"):
+            raise InvalidArgument(f"{'functions' if self.functions else 'function_call'}: function calling is "
+                                  f"not served by arserve")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidArgument(f"tool_choice: tool calling is not served by arserve, got {self.tool_choice!r}")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidArgument(f"response_format: only text is served, got {self.response_format.get('type')!r}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -106,6 +149,10 @@ class GenerationBody(BaseModel):
                 raise InvalidArgument(f"{name}: not served by arserve (leave it unset or 0)")
         if self.logit_bias:
             raise InvalidArgument("logit_bias: not served by arserve")
+
+    def sent_as(self, param: str | None) -> str | None:
+        """The name this body gave the parameter an error names (``param``)."""
+        return param
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -116,9 +163,11 @@ class GenerationBody(BaseModel):
         sampling = pb.SamplingParams()
         if max_tokens is not None:
             sampling.max_tokens = max_tokens
-        for name in ("temperature", "top_p", "seed"):
+        for name in ("temperature", "top_p"):
             if getattr(self, name) is not None:
                 setattr(sampling, name, getattr(self, name))
+        if self.seed is not None:
+            sampling.seed = self.seed & UINT64
         if self.top_k is not None and self.top_k > 0:
             sampling.top_k = self.top_k
         if self.stop is not None:
@@ -149,13 +198,19 @@ class Message(BaseModel):
 
 class ChatCompletionBody(GenerationBody):
     messages: list[Message] = Field(..., description="The conversation; the chat template is applied.")
-    max_completion_tokens: int | None = Field(None, ge=0, le=UINT32, description="max_tokens' newer name; "
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32, description="max_tokens' newer name; "
                                               "wins when both are set.")
     tools: list | None = None
 
+    def sent_as(self, param: str | None) -> str | None:
+        return "max_completion_tokens" if param == "max_tokens" and self.max_completion_tokens is not None else param
+
     def to_generate_request(self) -> pb.GenerateRequest:
+        check_encodable(self.model_dump(exclude_none=True))
         if self.tools:
             raise InvalidArgument("tools: not served by arserve")
+        if not self.messages:
+            raise InvalidArgument("messages: at least one message is required, got []")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         req = self.to_proto(limit)
         # OpenAI's newer "developer" role is the system role of older chat templates
@@ -166,15 +221,17 @@ class ChatCompletionBody(GenerationBody):
 
 class CompletionBody(GenerationBody):
     prompt: str | list[str] = Field(..., description="One prompt (a list holding one string is taken too).")
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
     def to_generate_request(self) -> pb.GenerateRequest:
+        check_encodable(self.model_dump(exclude_none=True))
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise InvalidArgument(f"prompt: one prompt per request, got a list of {len(self.prompt)}")
-        if self.echo or (self.best_of or 1) != 1 or self.suffix:
-            raise InvalidArgument("echo, best_of and suffix: not served by arserve")
+        for name, neutral in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
+            if getattr(self, name) not in neutral:
+                raise InvalidArgument(f"{name}: not served by arserve, got {getattr(self, name)!r}")
         req = self.to_proto(self.max_tokens)
         req.prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
         return req
@@ -199,6 +256,7 @@ class ImageBody(BaseModel):
     num_draft_tokens: int | None = Field(None, ge=0, le=UINT32)
 
     def to_generate_image_request(self) -> pb.GenerateImageRequest:
+        check_encodable(self.model_dump(exclude_none=True))
         if self.response_format not in (None, "b64_json"):
             raise InvalidArgument(f"response_format: only b64_json is served, got {self.response_format!r}")
         if self.size not in (None, "auto"):

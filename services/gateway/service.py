@@ -194,7 +194,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _generate(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateChunk]:
         t0 = time.perf_counter()
         check_size(req, self.settings.max_prompt_bytes)
-        model = resolve_model(req, self.models, self.default_model)
+        model = resolve_model(req, self.models, self.default_model, self.images.models if self.images else ())
         check_request(req, model)
         # the request's id inside the server: every service keys its state on it. The client's
         # request_id is only echoed (two clients may send the same one); without one, this is echoed.
@@ -246,6 +246,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 elif finish:
                     text += stops.flush()
                 completion += len(token_ids)
+                if finish == pb.FINISH_REASON_EOS:  # the model generated it: usage counts it, as vLLM and
+                    completion += 1  # OpenAI do, though token_ids and text leave it out
                 chunk = pb.GenerateChunk(request_id=echoed, text=text, token_ids=token_ids)
                 if finish:
                     now = time.perf_counter()

@@ -4,6 +4,7 @@ InvalidArgument or NotFound whose message names the field."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from arserve_client.v1 import generation_pb2 as pb
 
@@ -21,11 +22,17 @@ MAX_CACHE_SALT_BYTES = 256
 MAX_REQUEST_ID_LENGTH = 128  # characters of a client's request_id (it is echoed back, never a key)
 
 
-def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str) -> ModelSettings:
+def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str,
+                  image_models: Iterable[str] = ()) -> ModelSettings:
+    """The text model a request names (NOT_FOUND, as OpenAI answers a chat call to a non-chat model,
+    naming what it is where it is an image model)."""
     name = req.model or default
-    if name not in models:
-        raise NotFound(f"model {req.model!r} is not served; known: {sorted(models)}")
-    return models[name]
+    if name in models:
+        return models[name]
+    if name in image_models:
+        raise NotFound(f"model {name!r} is an image model: ask it for images (GenerateImage, "
+                       f"POST /v1/images/generations); text models: {sorted(models)}")
+    raise NotFound(f"model {req.model!r} is not served; known: {sorted(models)}")
 
 
 def check_size(req: pb.GenerateRequest, max_prompt_bytes: int) -> None:

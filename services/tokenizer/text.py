@@ -8,9 +8,11 @@ character). Where vLLM emits nothing while the decode ends in one, this
 emits the text up to the last id that completes a character: a speculative
 round brings several ids at once and often ends inside a character (an
 emoji is three of SmolLM2's ids), and holding the whole round back held a
-stop string's match back with it, rounds past the stop. The window starts a
-few ids before the read offset so that byte-level and SentencePiece merges
-see their left context.
+stop string's match back with it, rounds past the stop. The last decode
+(``final``) drops a character its ids leave incomplete, as vLLM never emits
+one: a completion that ``max_tokens`` cuts inside an emoji ends before it,
+not in U+FFFD. The window starts a few ids before the read offset so that
+byte-level and SentencePiece merges see their left context.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ class TextTokenizer:
         ids = list(window) + list(new_ids)
         prefix = self.decode(ids[:read_offset])
         end, full = len(ids), self.decode(ids)
-        if not final:  # back off to the last id that ends a character (a UTF-8 character is at most 4 ids)
-            while end > read_offset + 1 and full.endswith("\ufffd") and len(ids) - end < 4:
-                end -= 1
-                full = self.decode(ids[:end])
+        # back off to the last id that ends a character (a UTF-8 character is at most 4 ids); the final
+        # decode too, which then drops the incomplete character (with it, as in vLLM, trailing invalid bytes)
+        floor = read_offset if final else read_offset + 1
+        while end > floor and full.endswith("\ufffd") and len(ids) - end < 4:
+            end -= 1
+            full = self.decode(ids[:end])
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return "", ids, read_offset
         keep = max(0, end - CONTEXT_IDS)

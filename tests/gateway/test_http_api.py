@@ -32,7 +32,7 @@ MAX_TOKENS = 12
 
 
 def api(base_url: str, token: str = "unused", **options) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key=token, max_retries=0, timeout=300, **options)
+    return openai.OpenAI(base_url=base_url, api_key=token, **{"max_retries": 0, "timeout": 300, **options})
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,97 @@ def test_an_abandoned_stream_is_cancelled(oai, server):
         (verifier.backbone.requests, server.service.active)
     assert wait_until(lambda: not verifier.drafter.contexts), verifier.drafter.contexts
     assert cancelled() == before + 1
+
+
+def test_a_stream_its_client_leaves_before_the_first_token_is_cancelled(server):
+    """A stream's first chunk is awaited before the 200 (so a refused
+    request gets its status); a client that left during that wait (a long
+    prompt's prefill, a wait for KV budget) kept its request running until
+    the first token. Here the first token never comes: the request must be
+    cancelled when the client goes."""
+    ran, cancelled = asyncio.Event(), []
+
+    class Stall:
+        async def Run(self, req):
+            ran.set()
+            try:
+                await asyncio.Future()  # a first token that never comes
+            except asyncio.CancelledError:
+                cancelled.append(req.request_id)
+                raise
+            yield  # pragma: no cover
+
+    with door(server, verifier=Stall()) as d, api(d.url, timeout=1.0) as c:
+        with pytest.raises(openai.APITimeoutError):
+            c.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=4, stream=True)
+        assert ran.is_set()
+        assert wait_until(lambda: len(cancelled) == 1 and d.service.active == 0), (cancelled, d.service.active)
+
+
+def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
+    """What a probe with the openai package found: a lone surrogate was a
+    500 (protobuf cannot hold it), fields that change the answer were
+    ignored, nulls the spec allows were refused, an error named the wrong
+    parameter, a chat call to the image model said it was not served."""
+    chat = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+
+    def post(route: str, body: dict) -> tuple[int, dict]:  # json.dumps escapes a surrogate; the openai package cannot
+        request = urllib.request.Request(f"{server.http_url}/{route}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    for where, param in (({"messages": [{"role": "user", "content": "hi \ud800 there"}]}, "messages.0.content"),
+                         ({"stop": ["\udfff"]}, "stop.0"), ({"cache_salt": "\ud800"}, "cache_salt")):
+        for stream in (False, True):
+            status, body = post("chat/completions", {**chat, **where, "stream": stream})
+            assert status == 400 and "lone surrogate" in body["error"]["message"], body
+            assert body["error"]["param"] == param, body
+    status, body = post("completions", {"model": "smollm2-135m-instruct", "prompt": "a\ud800", "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "prompt", body
+    for unserved in (dict(tool_choice="required"), dict(functions=[{"name": "f", "parameters": {}}]),
+                     dict(stream_options={"include_usage": True})):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(**chat, **unserved)
+        assert e.value.body["param"] == next(iter(unserved)), e.value.body
+    with pytest.raises(openai.BadRequestError, match="logprobs: not served"):  # 0 asks for the sampled token's
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, logprobs=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, best_of=2)
+    assert e.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(**{**chat, "max_tokens": None}, max_completion_tokens=100_000)
+    assert e.value.body["param"] == "max_completion_tokens", e.value.body
+    with pytest.raises(openai.BadRequestError, match="messages: at least one") as e:
+        oai.chat.completions.create(**{**chat, "messages": []})
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError, match="'digits-mar' is an image model"):
+        oai.chat.completions.create(**{**chat, "model": "digits-mar"})
+    taken = oai.chat.completions.create(**chat, extra_body={"n": None, "stream": None, "tool_choice": "none"})
+    assert taken.usage.completion_tokens == 2 and taken.object == "chat.completion"
+    seeded = dict(model="smollm2-135m-instruct", prompt="Once upon a time", max_tokens=6, temperature=1.0)
+    negative = oai.completions.create(**seeded, seed=-5).choices[0].text  # vLLM's seeds are signed
+    assert negative == oai.completions.create(**seeded, seed=(1 << 64) - 5).choices[0].text
+    assert oai.models.retrieve("digits-mar").kind == "image"
+    with pytest.raises(openai.NotFoundError, match="no-such"):
+        oai.models.retrieve("no-such")
+    assert oai.chat.completions.create(**chat).usage.completion_tokens == 2  # still serving
+
+
+def test_usage_counts_the_end_of_sequence_token(oai, client):
+    """vLLM counts the EOS token the model generated in completion_tokens;
+    token_ids and the text leave it out."""
+    ask = [{"role": "user", "content": "Say just the word yes."}]
+    short = client.generate(messages=ask, max_tokens=16)
+    assert short.finish_reason == "eos", short
+    assert short.stats.completion_tokens == len(short.token_ids) + 1
+    via_http = oai.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, messages=ask)
+    assert via_http.choices[0].finish_reason == "stop"
+    assert via_http.usage.completion_tokens == len(short.token_ids) + 1
+    assert via_http.choices[0].message.content == short.text
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(oai, server):

@@ -89,3 +89,22 @@ def test_a_round_that_ends_inside_a_character_releases_the_characters_before_it(
         out.append(piece)
     assert out == ["🌍", "🌍", "🌍🌍"]
     assert len(window) <= 5 + 4
+
+
+def test_the_last_decode_drops_a_character_its_ids_leave_incomplete(tok):
+    """A completion that max_tokens cuts inside an emoji ends before it, as
+    vLLM's does, instead of in U+FFFD, whether the cut comes in a round of
+    several ids or one at a time."""
+    ids = tok.hf("ok 🌍🌍", add_special_tokens=False)["input_ids"]
+    per = len(tok.hf("🌍", add_special_tokens=False)["input_ids"])
+    assert per > 1
+    for cut in range(1, per):  # the last emoji's first `cut` ids
+        kept = ids[:len(ids) - per + cut]
+        for step in (1, len(kept)):
+            window, read = tok.initial_window(tok.encode_chat([{"role": "user", "content": "Emojis."}]))
+            text = ""
+            for i in range(0, len(kept), step):
+                piece, window, read = tok.decode_incremental(window, read, kept[i:i + step],
+                                                             final=i + step >= len(kept))
+                text += piece
+            assert text == "ok 🌍", (cut, step, text)
