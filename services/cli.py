@@ -44,6 +44,7 @@ def cmd_serve(args) -> None:
     from .settings import ImageModelSettings, ServerSettings
 
     args.port = 50051 if args.port is None else args.port
+    args.host = args.host or "127.0.0.1"
     listening = threading.Event()
     metrics_failed: list[str] = []
     try:
@@ -111,7 +112,7 @@ def serve_ray(args) -> None:
     import signal
     import threading
 
-    from .rayserve.run import DoesNotFit, RayServer, serve_config_http_port
+    from .rayserve.run import DoesNotFit, RayServer, serve_config_http_host, serve_config_http_port
 
     if args.metrics_port is not None:
         fail("--metrics-port serves the embedded server's metrics; on Ray every replica's metrics are on "
@@ -134,6 +135,8 @@ def serve_ray(args) -> None:
         grpc_port = port if grpc_port is None else grpc_port
         if http_port is None:
             http_port = serve_config_http_port(args.config) if args.config else 8000
+        if args.host is None:
+            args.host = (serve_config_http_host(args.config) if args.config else None) or "127.0.0.1"
         if not args.ray_address:  # a cluster's files, environment and ports are its nodes', not this machine's
             check_settings(app_args)
     except Exception as e:
@@ -300,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", help="where the model computes: cpu, cuda or cuda:N")
 
     s = sub.add_parser("serve", help="run the server: embedded (one process), or on Ray Serve with --ray")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default=None, help="address to serve on (default 127.0.0.1, or with --config the "
+                   "config's http_options.host)")
     s.add_argument("--port", type=int, default=None, help="public gRPC port (default 50051; 9000 with --ray)")
     s.add_argument("--ray", action="store_true", help="every service a Ray Serve deployment (gRPC proxy)")
     s.add_argument("--config", type=Path, default=None,

@@ -200,9 +200,10 @@ def test_serve_refuses_a_bad_setting_in_one_line_before_loading_anything(argv, m
     (["--ray", "--http-port", "0"], "error: --http-port 0: name the port with --ray"),
     (["--ray", "--tls-cert", "{tmp}/x.pem"], "error: --tls-cert and --tls-key go together"),
     (["--config", "{tmp}/busy-http.yaml"], "error: {tmp}/busy-http.yaml: http_options.port {busy}: cannot listen"),
+    (["--config", "{tmp}/other-host.yaml"], "cannot listen on 192.0.2.1:"),  # the config's host, not 127.0.0.1
 ], ids=["token-env-unset", "metrics-port-range", "metrics-port-negative", "ray-metrics-port", "config-and-model-flags",
         "ray-model-missing", "ray-token-env-unset", "ray-port-busy", "metrics-port-zero", "ray-http-port-zero",
-        "ray-tls-half", "config-http-port-busy"])
+        "ray-tls-half", "config-http-port-busy", "config-http-host"])
 def test_serve_refuses_before_a_model_loads_or_ray_starts(argv, message, tmp_path, listener, capsys, monkeypatch):
     """The probe of docs/operating.md found these reported only after the
     models loaded (an unset env: token), never (a metrics port out of range:
@@ -222,6 +223,8 @@ def test_serve_refuses_before_a_model_loads_or_ray_starts(argv, message, tmp_pat
     assert "  port: 8000\n" in config and "  port: 9000\n" in config
     (tmp_path / "busy-http.yaml").write_text(config.replace("  port: 8000\n", f"  port: {listener}\n")
                                              .replace("  port: 9000\n", f"  port: {run.free_port()}\n"))
+    assert "  host: 127.0.0.1\n" in config
+    (tmp_path / "other-host.yaml").write_text(config.replace("  host: 127.0.0.1\n", "  host: 192.0.2.1\n"))
     with pytest.raises(SystemExit) as e:
         main(["serve"] + [a.format(tmp=tmp_path, busy=listener) for a in argv])
     err = capsys.readouterr().err

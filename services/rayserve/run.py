@@ -53,6 +53,14 @@ def serve_config_http_port(path: str | Path) -> int:
     return serve_config(path).http_options.port
 
 
+def serve_config_http_host(path: str | Path) -> str | None:
+    """The address a serve config names for its proxies (``http_options.host``),
+    or None where it names none (Ray's default would be 0.0.0.0; arserve's is
+    127.0.0.1 unless asked)."""
+    config = serve_config(path)
+    return config.http_options.host if "host" in config.http_options.model_fields_set else None
+
+
 def stop_the_routers_loop(timeout_s: float = 10.0) -> None:
     """Stop the event loop Ray Serve starts in this process the first time a
     ``DeploymentHandle`` here is called (``SingletonThreadRouter``, Ray 2.60).
