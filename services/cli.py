@@ -252,7 +252,7 @@ def cmd_image(args) -> None:
         fail(f"--output {str(output)!r}: {e.strerror or e}")
     seconds = sum(s.total_s for s in stats)
     drafted, accepted = sum(s.drafted_tokens for s in stats), sum(s.accepted_tokens for s in stats)
-    print(f"wrote {len(images)} images to {path} ({len(images) / seconds:.1f} images/s at the server, "
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {path} ({len(images) / seconds:.1f} images/s at the server, "
           f"method {stats[0].method or 'none'}, drafted {drafted}, accepted {accepted})")
 
 
@@ -432,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "generate" and args.chat is None and args.prompt is None:
         p.error("generate needs a message or --prompt")
+    if args.command == "generate" and args.chat is not None and args.prompt is not None:
+        p.error(f"generate takes a message or --prompt, not both (got the message {args.chat!r} and --prompt)")
     try:
         args.func(args)
     except Exception as e:

@@ -49,7 +49,8 @@ async def serve(settings: ServerSettings, ready: threading.Event | None = None,
     service = service or build(settings)
     compute.quiet()  # this thread runs the event loop (sampling, conversions): no OpenMP team of its own (#41)
     server, port, checks = await start_server(service, settings)
-    log.info("arserve listening on %s:%d (models: %s)", settings.host, port, ", ".join(service.models))
+    log.info("arserve listening on %s:%d (models: %s)", settings.host, port,
+             ", ".join([*service.models, *(service.images.models if service.images else ())]))
     http = None
     if settings.http_port is not None:
         try:

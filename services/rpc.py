@@ -18,6 +18,7 @@ internal ports against the internal token only, so neither opens the other.
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -101,6 +102,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 unary_unary, response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_stream):
+            # a stream written with context.write (grpc_health's Watch): called, not iterated; not counted
+            # in flight (a watch stays open for as long as its client likes, and is no load)
+            async def unary_stream_writes(raw, context):
+                request = await parse(raw, context)
+                deadlines.begin(self.max_request_s, context.time_remaining())
+                try:
+                    await inner_stream(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    await fail(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writes, response_serializer=handler.response_serializer)
 
         async def unary_stream(raw, context):
             request = await parse(raw, context)
@@ -125,11 +141,13 @@ AUTH_FAILED = "missing or wrong bearer token (metadata 'authorization: Bearer <t
 
 def token_ok(metadata, token: str) -> bool:
     """Whether call metadata carries ``authorization: Bearer <token>``
-    (constant-time comparison)."""
+    (the scheme's name in any case, as RFC 7235 reads it; the token
+    compared in constant time)."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            given = value.decode() if isinstance(value, bytes) else value
-            return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+            given = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, credentials = given.strip().partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
     return False
 
 

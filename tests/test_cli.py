@@ -28,9 +28,15 @@ def test_stream_and_models(server):
     assert "smollm2-135m-instruct (default)" in out.stdout and "ngram" in out.stdout
 
 
-def test_bad_input_exits_nonzero_with_the_status(server):
+def test_bad_input_exits_nonzero_with_the_status(server, capsys):
+    from arserve.cli import main
+
     out = arserve("generate", "--target", server.target, "--prompt", "hi", "--top-p", "3")
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "top_p" in out.stderr
+    for argv, says in ((["--prompt", "x", "hi"], "not both"), ([], "a message or --prompt")):  # it dropped "hi"
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--target", server.target, *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_image_writes_a_grid_and_reports_bad_labels(server, tmp_path):

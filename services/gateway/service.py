@@ -106,6 +106,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         ] + (self.images.model_infos() if self.images else []))
 
     async def GenerateImage(self, req: pb.GenerateImageRequest, context=None) -> pb.GenerateImageResponse:
+        if req.model in self.models:
+            raise NotFound(f"model {req.model!r} is a text model: ask it with Generate or GenerateStream "
+                           f"(/v1/chat/completions); image models: "
+                           f"{sorted(self.images.models) if self.images else 'none on this server'}")
         if self.images is None:
             raise NotFound("this server serves no image models")
         with self._admitted(*self.images.labels(req)) as outcome:

@@ -123,12 +123,12 @@ def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings,
     if req.HasField("temperature") and not low <= req.temperature <= high:  # NaN fails too
         raise InvalidArgument(f"temperature must be {low} to {high}, got {req.temperature}")
     if req.HasField("cfg_scale") and not 1 <= req.cfg_scale <= MAX_CFG:
-        raise InvalidArgument(f"cfg_scale must be 1 to {MAX_CFG}, got {req.cfg_scale}")
+        raise InvalidArgument(f"cfg_scale must be 1 to {MAX_CFG:g}, got {req.cfg_scale:g}")
     if req.HasField("num_steps") and not 1 <= req.num_steps <= TRAIN_STEPS:
         raise InvalidArgument(f"num_steps must be 1 to {TRAIN_STEPS}, got {req.num_steps}")
     spec = req.speculative
-    if spec.HasField("num_draft_tokens") and not 1 <= spec.num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise InvalidArgument(f"speculative.num_draft_tokens must be 1 to {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")
+    if spec.HasField("num_draft_tokens") and spec.num_draft_tokens > MAX_DRAFT_TOKENS:  # 0: plain rounds, as for text
+        raise InvalidArgument(f"speculative.num_draft_tokens must be at most {MAX_DRAFT_TOKENS}, got {spec.num_draft_tokens}")
     if spec.HasField("num_candidates") and spec.num_candidates != 1:
         raise InvalidArgument("speculative.num_candidates does not apply to images (one draft chain per image)")
     method = spec.method or model.default_speculative_method

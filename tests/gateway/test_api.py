@@ -3,6 +3,7 @@ SmolLM2 weights: generation, streaming, models, health, reflection, and
 bad input that gets a clear status while the server keeps serving."""
 
 import asyncio
+import json
 import math
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from arserve_client import AsyncClient, InvalidArgument, NotFound
 from arserve_client.v1 import generation_pb2 as pb
+from arserve_client.v1 import generation_pb2_grpc
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -120,6 +122,15 @@ def test_health_and_reflection(server):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in reply.list_services_response.service}
         assert {"arserve.v1.Generation", "grpc.health.v1.Health"} <= names
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # was INTERNAL: the interceptor
+        watch.cancel()  # iterated a handler that writes with context.write
+    # gRPC's client-side health checking (a channel that watches the service before it sends a call)
+    config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                         "healthCheckConfig": {"serviceName": "arserve.v1.Generation"}})
+    with grpc.insecure_channel(server.target, options=[("grpc.service_config", config)]) as ch:
+        listed = generation_pb2_grpc.GenerationStub(ch).ListModels(pb.ListModelsRequest(), timeout=30)
+        assert "smollm2-135m-instruct" in {m.id for m in listed.models}
 
 
 LONG_PROMPT = "word " * 9000

@@ -132,6 +132,15 @@ def test_concurrent_speculative_requests_start_rounds_together_and_keep_their_im
 def test_unknown_image_model_is_not_found(client):
     with pytest.raises(NotFound, match="image model 'nope'"):
         client.generate_image([1], model="nope")
+    with pytest.raises(NotFound, match="'smollm2-135m-instruct' is a text model"):
+        client.generate_image([1], model="smollm2-135m-instruct")
+
+
+def test_zero_draft_tokens_decode_plainly_as_for_text(client):
+    """num_draft_tokens 0 drafts nothing (the proto's reading for text); images refused it."""
+    plain = client.generate_image([5], seed=4, num_steps=8)
+    zero = client.generate_image([5], seed=4, num_steps=8, speculative="draft_model", num_draft_tokens=0)
+    assert zero.stats.drafted_tokens == 0 and zero.images[0].png == plain.images[0].png
 
 
 def test_a_checkpoint_whose_hash_differs_is_refused(tmp_path):

@@ -77,6 +77,12 @@ def test_a_token_is_required_when_configured(server):
                 c.models()
         with Client(srv.target, token="s3cret-token") as c:
             assert c.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2
+        with Client(srv.target, token="s3cret-token\n") as c:  # read from a file, newline and all
+            assert c.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2
+        with pytest.raises(InvalidArgument, match=r"token: .* got '\\x01' at 2"):  # not "INTERNAL: Invalid metadata"
+            Client(srv.target, token="s3\x01cret")
+        with Client(srv.target, metadata=[("authorization", "bearer s3cret-token")]) as c:  # RFC 7235: any case
+            assert c.generate(prompt="Hi", max_tokens=2).stats.completion_tokens == 2
         with grpc.insecure_channel(srv.target) as channel:  # health checks stay open for probes
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -109,7 +115,7 @@ def test_tls_with_the_sdk(server, tmp_path):
         target = f"localhost:{srv.port}"
         with Client(target, root_certificates=str(cert), token="t0ken", timeout=120) as c:
             assert c.generate(prompt="Hi", max_tokens=3).stats.completion_tokens == 3
-        with Client(target, timeout=5) as plain, pytest.raises(Unavailable):
+        with Client(target, timeout=5) as plain, pytest.raises(Unavailable, match="connect with tls=True"):
             plain.generate(prompt="Hi", max_tokens=1)
 
 

@@ -7,7 +7,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from .errors import Unavailable, from_rpc_error
+from .errors import InvalidArgument, Unavailable, from_rpc_error
 from .types import Chunk, Completion, ImageResult, build_image_request, build_request
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -22,6 +22,11 @@ def _channel_args(token: str | None, tls: bool, root_certificates: bytes | str |
     """Credentials (None: plaintext) and per-call metadata (the bearer token rides there)."""
     metadata = list(metadata or [])
     if token:
+        token = token.strip()  # as read from a file or a variable, with its newline
+        bad = next((i for i, ch in enumerate(token) if not " " < ch <= "~"), None)
+        if bad is not None:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, f"token: a bearer token is printable ASCII "
+                                                                    f"without spaces, got {token[bad]!r} at {bad}")
         metadata.append(("authorization", f"Bearer {token}"))
     if isinstance(root_certificates, str):
         with open(root_certificates, "rb") as f:

@@ -54,7 +54,19 @@ _BY_CODE = {
 }
 
 
+# What gRPC says when one side speaks TLS and the other does not, and what to do about it.
+TLS_MISMATCH = (
+    ("WRONG_VERSION_NUMBER", "the TLS handshake got no TLS answer: does the server serve TLS? Connect "
+                             "without tls/root_certificates (the CLI without --tls/--ca)"),
+    ("Socket closed", "if the server serves TLS, connect with tls=True or root_certificates (the CLI's --tls "
+                      "or --ca)"),
+)
+
+
 def from_rpc_error(e: grpc.RpcError) -> ArserveError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        hint = next((hint for sign, hint in TLS_MISMATCH if sign in details), None)
+        details = f"{details} ({hint})" if hint else details
     return _BY_CODE.get(code, ArserveError)(code, details)
