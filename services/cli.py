@@ -25,12 +25,15 @@ def _model(args):
 
 
 def _client(args):
-    from arserve_client import Client
+    from arserve_client import Client, InvalidArgument
 
     try:
         return Client(args.target, timeout=args.timeout, token=args.token, tls=args.tls, root_certificates=args.ca)
     except OSError as e:  # --ca names no readable file
         fail(f"--ca {args.ca}: {e.strerror or e}")
+    except InvalidArgument as e:  # --ca names no certificate, --token holds what metadata cannot
+        option = "--ca" if e.details.startswith("root_certificates") else "--token"
+        fail(f"{option}{f' {args.ca}' if option == '--ca' else ''}: {e.details.split(': ', 1)[1]}")
 
 
 def cmd_serve(args) -> None:

@@ -136,11 +136,18 @@ def test_image_arguments_are_checked_before_any_image_is_generated(argv, code, m
 
 
 def test_a_missing_ca_file_is_one_line(tmp_path, capsys):
+    """And a --ca that is no certificate (a key file: eight lines of gRPC's
+    C-core log, then UNAVAILABLE), and a --token metadata cannot carry."""
     from arserve.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["models", "--target", "127.0.0.1:1", "--ca", str(tmp_path / "nowhere.pem")])
-    assert e.value.code == 1 and f"error: --ca {tmp_path / 'nowhere.pem'}: No such file" in capsys.readouterr().err
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIGHAgEA\n-----END PRIVATE KEY-----\n")
+    for argv, says in ((["--ca", str(tmp_path / "nowhere.pem")], f"error: --ca {tmp_path / 'nowhere.pem'}: No such file"),
+                       (["--ca", str(tmp_path / "key.pem")], f"error: --ca {tmp_path / 'key.pem'}: not a PEM certificate"),
+                       (["--token", "two words"], "error: --token: a bearer token is printable ASCII")):
+        with pytest.raises(SystemExit) as e:
+            main(["models", "--target", "127.0.0.1:1", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and says in err and len(err.splitlines()) == 1, err
 
 
 @pytest.fixture

@@ -31,6 +31,9 @@ def _channel_args(token: str | None, tls: bool, root_certificates: bytes | str |
     if isinstance(root_certificates, str):
         with open(root_certificates, "rb") as f:
             root_certificates = f.read()
+    if root_certificates is not None and b"-----BEGIN CERTIFICATE-----" not in root_certificates:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "root_certificates: not a PEM certificate (no "
+                                                                "'-----BEGIN CERTIFICATE-----' block)")
     creds = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
     return creds, metadata
 
