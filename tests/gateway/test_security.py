@@ -115,8 +115,11 @@ def test_tls_with_the_sdk(server, tmp_path):
         target = f"localhost:{srv.port}"
         with Client(target, root_certificates=str(cert), token="t0ken", timeout=120) as c:
             assert c.generate(prompt="Hi", max_tokens=3).stats.completion_tokens == 3
-        with Client(target, timeout=5) as plain, pytest.raises(Unavailable, match="connect with tls=True"):
+        with Client(target, timeout=5) as plain, pytest.raises(Unavailable, match="If it serves TLS, connect with tls=True"):
             plain.generate(prompt="Hi", max_tokens=1)
+    with Client(server.target, root_certificates=str(cert), timeout=5) as tls, \
+            pytest.raises(Unavailable, match="does the server serve TLS"):  # the other way round
+        tls.generate(prompt="Hi", max_tokens=1)
 
 
 def test_oversized_requests_are_refused(server):

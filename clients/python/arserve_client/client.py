@@ -85,6 +85,7 @@ class Client:
                  metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | None = None, retries: int = 3):
         creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
+        self.tls = creds is not None
         self.channel = (grpc.secure_channel(target, creds, options=_OPTIONS) if creds
                         else grpc.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
@@ -103,7 +104,7 @@ class Client:
                 pause = 0.2 * 2 ** attempt
                 if (e.code() not in RETRY_CODES or attempt >= self.retries or not replayable(req)
                         or (deadline is not None and time.monotonic() + pause >= deadline)):
-                    raise from_rpc_error(e) from None
+                    raise from_rpc_error(e, self.tls) from None
             time.sleep(pause)
             attempt += 1
 
@@ -116,7 +117,7 @@ class Client:
                 if chunk.finish_reason:
                     return
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
         finally:
             call.cancel()
         raise unfinished("the stream")
@@ -127,14 +128,14 @@ class Client:
             return ImageResult.from_proto(self.stub.GenerateImage(
                 build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
 
     def models(self) -> list[pb.ModelInfo]:
         try:
             return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
                                              metadata=self.metadata).models)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
 
     def close(self) -> None:
         self.channel.close()
@@ -154,6 +155,7 @@ class AsyncClient:
                  metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | None = None):
         creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
+        self.tls = creds is not None
         self.channel = (grpc.aio.secure_channel(target, creds, options=_OPTIONS) if creds
                         else grpc.aio.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
@@ -164,7 +166,7 @@ class AsyncClient:
             return completed(await self.stub.Generate(
                 build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
 
     async def stream(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[Chunk]:
         call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout,
@@ -175,7 +177,7 @@ class AsyncClient:
                 if chunk.finish_reason:
                     return
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
         finally:
             call.cancel()
         raise unfinished("the stream")
@@ -185,14 +187,14 @@ class AsyncClient:
             return ImageResult.from_proto(await self.stub.GenerateImage(
                 build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
 
     async def models(self) -> list[pb.ModelInfo]:
         try:
             return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
                                                     metadata=self.metadata)).models)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise from_rpc_error(e, self.tls) from None
 
     async def close(self) -> None:
         await self.channel.close()

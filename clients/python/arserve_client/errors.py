@@ -54,19 +54,23 @@ _BY_CODE = {
 }
 
 
-# What gRPC says when one side speaks TLS and the other does not, and what to do about it.
-TLS_MISMATCH = (
-    ("WRONG_VERSION_NUMBER", "the TLS handshake got no TLS answer: does the server serve TLS? Connect "
-                             "without tls/root_certificates (the CLI without --tls/--ca)"),
-    ("Socket closed", "if the server serves TLS, connect with tls=True or root_certificates (the CLI's --tls "
-                      "or --ca)"),
-)
+# What to try where a call found no server it could speak to: one side may speak TLS and the other not.
+TLS_HINT = {
+    True: "does the server serve TLS? If not, connect without tls/root_certificates (the CLI without --tls/--ca)",
+    False: "is the server up at that address? If it serves TLS, connect with tls=True or root_certificates "
+           "(the CLI's --tls or --ca)",
+}
+# gRPC's words for it: a TLS handshake that got something else; a plaintext connection the server closed
+# (its last error may instead be another address's "Connection refused": localhost is ::1 too)
+NOT_SPOKEN = ("WRONG_VERSION_NUMBER", "Socket closed", "failed to connect to all addresses")
 
 
-def from_rpc_error(e: grpc.RpcError) -> ArserveError:
+def from_rpc_error(e: grpc.RpcError, tls: bool | None = None) -> ArserveError:
+    """The typed error of a failed call; ``tls``: whether the channel spoke
+    TLS (None: unknown), for the hint an unreachable server gets."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(e)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        hint = next((hint for sign, hint in TLS_MISMATCH if sign in details), None)
-        details = f"{details} ({hint})" if hint else details
+    if code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN):
+        hint = TLS_HINT[tls if tls is not None else "WRONG_VERSION_NUMBER" in details]
+        details = f"{details} ({hint})"
     return _BY_CODE.get(code, ArserveError)(code, details)
