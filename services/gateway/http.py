@@ -302,10 +302,10 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         finally:
             for task in (work, watch):
                 task.cancel()
-        if work.done() and not work.cancelled():
-            return work.result()
-        await asyncio.wait([work])  # cancelled: let it clean up first (wait, unlike gather, passes no cancel on)
-        return None
+            # let the call clean up first, also where this wait itself was cancelled (a deadline): the
+            # caller then closes the stream it was reading (wait, unlike gather, passes no cancel on)
+            await asyncio.wait([work])
+        return None if work.cancelled() else work.result()
 
     async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,
                      deadline: float | None) -> AsyncIterator[bytes]:

@@ -264,6 +264,11 @@ def test_a_stream_its_client_leaves_before_the_first_token_is_cancelled(server):
             c.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=4, stream=True)
         assert ran.is_set()
         assert wait_until(lambda: len(cancelled) == 1 and d.service.active == 0), (cancelled, d.service.active)
+        with pytest.raises(openai.APIStatusError) as e:  # its deadline passes before the first token: 504
+            c.with_options(timeout=30).completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=4,
+                                                          stream=True, extra_headers={"X-Request-Timeout": "0.5"})
+        assert e.value.status_code == 504, e.value
+        assert wait_until(lambda: len(cancelled) == 2 and d.service.active == 0), (cancelled, d.service.active)
 
 
 def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
