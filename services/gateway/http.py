@@ -265,6 +265,9 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             if out is None:  # the client went away: nobody reads a response
                 return Response(status_code=499)
             return JSONResponse(Shape(chat, out.request_id, model).whole(out))
+        # the request's deadline in this context: the stream's first step runs in a task of its own (below),
+        # its later ones in a copy of this context (EventStream), which must carry the deadline too
+        deadlines.begin(service.settings.max_request_s)
         chunks = service.GenerateStream(req)
 
         async def first_chunk() -> pb.GenerateChunk:
@@ -305,6 +308,8 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             # let the call clean up first, also where this wait itself was cancelled (a deadline): the
             # caller then closes the stream it was reading (wait, unlike gather, passes no cancel on)
             await asyncio.wait([work])
+            if not work.cancelled():
+                work.exception()  # retrieved, also where a deadline cancelled this wait as the call failed
         return None if work.cancelled() else work.result()
 
     async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,

@@ -22,6 +22,7 @@ from PIL import Image
 
 from arserve.errors import Unavailable
 from arserve.gateway.http import start_http_server
+from arserve.pb.v1 import verifier_pb2 as vpb
 from arserve.gateway.service import GenerationService
 from arserve.image.quality import judge
 from arserve.settings import ServerSettings
@@ -269,6 +270,24 @@ def test_a_stream_its_client_leaves_before_the_first_token_is_cancelled(server):
                                                           stream=True, extra_headers={"X-Request-Timeout": "0.5"})
         assert e.value.status_code == 504, e.value
         assert wait_until(lambda: len(cancelled) == 2 and d.service.active == 0), (cancelled, d.service.active)
+
+
+def test_a_stream_past_the_servers_max_request_s_ends_with_an_error_event(server):
+    """The server's own limit (max_request_s) holds after a stream's first
+    chunk too: that chunk is read in a task of its own (for the disconnect
+    watch), and the deadline it set stayed in that task's context."""
+    class FirstThenStall:
+        async def Run(self, req):
+            yield vpb.VerifyEvent(token_ids=[28])
+            await asyncio.Future()  # no more tokens
+
+    with door(server, verifier=FirstThenStall(), max_request_s=1.0) as d, api(d.url, timeout=30) as c:
+        t = time.time()
+        stream = c.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=4, stream=True)
+        with pytest.raises(openai.APIError, match="deadline"):
+            list(stream)
+        assert time.time() - t < 15
+        assert wait_until(lambda: d.service.active == 0)
 
 
 def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
