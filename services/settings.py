@@ -245,13 +245,15 @@ class ImageModelSettings(BaseModel):
 
 def from_env(field: str, value: str | None) -> str | None:
     """``value``, or the environment variable it names as env:NAME (secrets
-    stay out of config files)."""
+    stay out of config files), without surrounding whitespace (a secret
+    written from a file, as ``kubectl create secret --from-file`` does,
+    keeps the file's final newline, and a token with it matched no client)."""
     if value is None or not value.startswith("env:"):
         return value
     name = value.removeprefix("env:")
-    found = os.environ.get(name)
+    found = (os.environ.get(name) or "").strip()
     if not found:
-        raise ValueError(f"{field} is {value!r} but the environment variable {name} is not set")
+        raise ValueError(f"{field} is {value!r} but the environment variable {name} is not set (or blank)")
     return found
 
 
@@ -369,6 +371,18 @@ class ServiceSettings(BaseModel):
                                  "context) may sit idle before it is freed: a verifier that died or a lost Release "
                                  "cannot hold memory forever. Longer than any round; a request that comes back "
                                  "after it rebuilds its cache from its committed tokens.")
+
+    @field_validator("auth_token", "internal_secret")
+    @classmethod
+    def _credential(cls, value: str | None, info) -> str | None:
+        """Surrounding whitespace dropped (clients' credentials are compared without it); one that is blank or
+        holds whitespace or control characters inside could never be sent as a bearer token: refused."""
+        if value is None:
+            return None
+        value = value.strip()
+        if not value or not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError(f"{info.field_name} must be non-blank printable text without spaces")
+        return value
 
     @model_validator(mode="after")
     def _two_credentials(self) -> "ServiceSettings":

@@ -221,3 +221,19 @@ def test_replicas_with_more_torch_threads_than_cpus_let_their_openmp_workers_sle
     assert "runtime_env" not in owned.ray_options()["ray_actor_options"]
     assert "runtime_env" not in single.ray_options()["ray_actor_options"]
     assert (shared.threads(), owned.threads(), single.threads()) == (2, 2, 1)
+
+
+def test_credentials_lose_the_newline_of_the_file_they_came_from(monkeypatch):
+    # a secret from `kubectl create secret --from-file` keeps the file's newline: clients' tokens are compared
+    # without surrounding whitespace, so a configured token with it matched no client
+    monkeypatch.setenv("ARSERVE_TEST_TOKEN", "s3cret-token\n")
+    args = AppArgs.model_validate({"auth_token": "env:ARSERVE_TEST_TOKEN", "internal_secret": " inner\n"})
+    assert args.resolved_auth_token() == "s3cret-token"
+    assert args.resolved_internal_secret() == "inner"
+    assert AppArgs.model_validate({"auth_token": "tok\n"}).auth_token == "tok"
+    monkeypatch.setenv("ARSERVE_TEST_TOKEN", " \n")
+    with pytest.raises(ValueError, match="ARSERVE_TEST_TOKEN is not set"):
+        args.resolved_auth_token()
+    for bad in ("two words", "", "tab\there", "bell\x07"):
+        with pytest.raises(ValidationError, match="auth_token must be non-blank printable text without spaces"):
+            AppArgs.model_validate({"auth_token": bad})
