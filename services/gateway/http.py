@@ -6,7 +6,7 @@ LLM answer) to and from the same ``GenerationService`` that serves
 metrics and errors are the gateway's, and this module only converts.
 
     POST /v1/chat/completions   -> GenerateStream   (stream: server-sent events, ending in ``data: [DONE]``)
-    POST /v1/completions        -> GenerateStream
+    POST /v1/completions        -> GenerateStream   (a prompt or a list of them; n choices each: ``choices``)
     POST /v1/images/generations -> GenerateImage    (the prompt names the class: "7")
     GET  /v1/models             -> ListModels       (text and image models)
     GET  /health, GET /metrics                      (prometheus_client's registry, as --metrics-port)
@@ -47,6 +47,7 @@ from arserve_client.v1 import generation_pb2 as pb
 from .. import deadlines
 from ..errors import InvalidArgument, Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
+from .choices import all_of, merged, total_usage
 from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of
 
 log = logging.getLogger("arserve.http")
@@ -148,23 +149,26 @@ class Shape:
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, out: pb.GenerateResponse) -> dict:
-        finish = FINISH.get(out.finish_reason)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}
-        body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        body["usage"] = usage(out.usage)
+    def whole(self, outs: list[pb.GenerateResponse], n: int) -> dict:
+        """The answer of every choice (``n`` per prompt), in order."""
+        choices = []
+        for index, out in enumerate(outs):
+            finish = FINISH.get(out.finish_reason)
+            if self.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
+                                "logprobs": None, "finish_reason": finish})
+            else:
+                choices.append({"index": index, "text": out.text, "logprobs": None, "finish_reason": finish})
+        body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        body["usage"] = usage(total_usage([out.usage for out in outs], n))
         return body
 
-    def chunk(self, text: str, finish: str | None, first: bool = False) -> dict:
+    def chunk(self, text: str, finish: str | None, first: bool = False, index: int = 0) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
     def usage_chunk(self, u: pb.Usage) -> dict:
@@ -252,38 +256,43 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
     async def complete(body: ChatCompletionBody | CompletionBody, request: Request, chat: bool):
         try:
             deadline = deadline_of(request)
-            req = body.to_generate_request()
+            reqs = body.to_generate_requests()  # one per choice (gateway.choices)
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             return error_response(e, body.sent_as)
-        model = req.model or service.default_model
+        model = reqs[0].model or service.default_model
         if not body.stream:
             try:
                 async with asyncio.timeout_at(deadline):
-                    out = await unless_disconnected(request, service.Generate(req))
+                    outs = await unless_disconnected(request, all_of(service.Generate(req) for req in reqs))
             except Exception as e:  # noqa: BLE001
                 return error_response(e, body.sent_as)
-            if out is None:  # the client went away: nobody reads a response
+            if outs is None:  # the client went away: nobody reads a response
                 return Response(status_code=499)
-            return JSONResponse(Shape(chat, out.request_id, model).whole(out))
-        # the request's deadline in this context: the stream's first step runs in a task of its own (below),
-        # its later ones in a copy of this context (EventStream), which must carry the deadline too
+            return JSONResponse(Shape(chat, outs[0].request_id, model).whole(outs, body.n))
+        # the request's deadline in this context: the streams' first steps run in tasks of their own (below),
+        # their later ones in a copy of this context (EventStream), which must carry the deadline too
         deadlines.begin(service.settings.max_request_s)
-        chunks = service.GenerateStream(req)
+        streams = [service.GenerateStream(req) for req in reqs]
 
-        async def first_chunk() -> pb.GenerateChunk:
-            return await anext(chunks)
+        async def first_chunk(stream) -> pb.GenerateChunk:
+            return await anext(stream)
 
-        try:  # the first chunk before the 200: a refused request gets its status, not a broken stream;
-            # a client that leaves before it (a long prefill, a wait for KV budget) cancels the request
+        async def close() -> None:
+            for stream in streams:
+                await stream.aclose()
+
+        try:  # the first chunks before the 200: a refused request gets its status, not a broken stream;
+            # a client that leaves before them (a long prefill, a wait for KV budget) cancels the request
             async with asyncio.timeout_at(deadline):
-                first = await unless_disconnected(request, first_chunk())
+                firsts = await unless_disconnected(request, all_of(first_chunk(s) for s in streams))
         except Exception as e:  # noqa: BLE001
-            await chunks.aclose()
+            await close()
             return error_response(e, body.sent_as)
-        if first is None:
-            await chunks.aclose()
+        if firsts is None:
+            await close()
             return Response(status_code=499)
-        return EventStream(events(first, chunks, Shape(chat, first.request_id, model), body.include_usage(), deadline))
+        shape = Shape(chat, firsts[0].request_id, model)
+        return EventStream(events(firsts, streams, close, shape, body.n, body.include_usage(), deadline))
 
     async def unless_disconnected(request: Request, call):
         """``call``'s result, or None where the client disconnects first: then
@@ -312,30 +321,40 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                 work.exception()  # retrieved, also where a deadline cancelled this wait as the call failed
         return None if work.cancelled() else work.result()
 
-    async def events(first: pb.GenerateChunk, chunks, shape: Shape, include_usage: bool,
-                     deadline: float | None) -> AsyncIterator[bytes]:
-        chunk, opened = first, False
+    async def events(firsts: list[pb.GenerateChunk], streams: list, close, shape: Shape, n: int,
+                     include_usage: bool, deadline: float | None) -> AsyncIterator[bytes]:
+        async def until_finished(chunk: pb.GenerateChunk, stream) -> AsyncIterator[pb.GenerateChunk]:
+            while chunk is not None:
+                yield chunk
+                if chunk.finish_reason:
+                    return
+                chunk = await anext(stream, None)
+
+        chunks = merged([until_finished(first, stream) for first, stream in zip(firsts, streams)])
+        opened, usages = [False] * len(streams), [None] * len(streams)
         try:
             while True:
+                async with asyncio.timeout_at(deadline):
+                    got = await anext(chunks, None)
+                if got is None:
+                    break
+                index, chunk = got
                 finish = FINISH.get(chunk.finish_reason)
-                if chunk.text or finish or not opened:
-                    body = shape.chunk(chunk.text, finish, first=not opened)
+                if chunk.text or finish or not opened[index]:
+                    body = shape.chunk(chunk.text, finish, first=not opened[index], index=index)
                     if include_usage:
                         body["usage"] = None
                     yield sse(body)
-                    opened = True
+                    opened[index] = True
                 if chunk.finish_reason:
-                    if include_usage:
-                        yield sse(shape.usage_chunk(chunk.usage))
-                    break
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
+                    usages[index] = chunk.usage
+            if include_usage and None not in usages:
+                yield sse(shape.usage_chunk(total_usage(usages, n)))
         except Exception as e:  # noqa: BLE001 - after the 200 an error is an event (as vLLM sends it)
             yield sse(error_body(e)[1])
         finally:
             await chunks.aclose()
+            await close()
         yield sse("[DONE]")
 
     @app.post("/v1/chat/completions")

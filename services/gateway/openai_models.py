@@ -28,6 +28,7 @@ UINT32 = (1 << 32) - 1
 UINT64 = (1 << 64) - 1
 INT64_MIN = -(1 << 63)  # vLLM's seed range starts here; a negative seed is its 64-bit two's complement
 MAX_IMAGES_ASKED = 1 << 16  # bounds n before the gateway's own limit (max_images_per_request) answers
+MAX_CHOICES = 64  # most choices one completion request fans out to (n times its prompts); each is a request
 
 
 # The OpenAI body field that a gateway message's leading field path came from ("sampling.top_p must be ...",
@@ -98,7 +99,8 @@ class GenerationBody(BaseModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64, description="Seed of the request's sampler "
                              "(a negative one as its 64-bit two's complement).")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text).")
-    n: int | None = Field(1, description="Choices per request: only 1 (null: 1).")
+    n: int | None = Field(1, description="Choices per prompt (null: 1), each decoded as a request of its own; "
+                          "with a seed, choice j samples with seed + j (as vLLM seeds them).")
     stream: bool | None = Field(False, description="Answer with server-sent events, ending in data: [DONE] "
                                 "(null: false).")
     stream_options: StreamOptions | None = None
@@ -128,9 +130,8 @@ class GenerationBody(BaseModel):
         return self
 
     def refuse_unserved(self) -> None:
-        if self.n != 1:
-            more = f"; send {self.n} requests instead" if self.n > 1 else ""
-            raise InvalidArgument(f"n: arserve returns one choice per request (n=1), got n={self.n}{more}")
+        if self.n < 1:
+            raise InvalidArgument(f"n: choices per prompt must be at least 1, got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options: only allowed when stream is true")
         if self.logprobs is not None and self.logprobs is not False:  # completions' 0: the sampled token's
@@ -178,6 +179,24 @@ class GenerationBody(BaseModel):
         return pb.GenerateRequest(model=self.model or "", sampling=sampling, speculative=speculative,
                                   cache_salt=self.cache_salt)
 
+    def choices(self, prompts: list[pb.GenerateRequest], param: str) -> list[pb.GenerateRequest]:
+        """One request per choice, prompt by prompt (choice i answers prompt i // n, as OpenAI orders them):
+        ``n`` copies of each prompt's request, copy j seeded seed + j where a seed is set."""
+        if len(prompts) * self.n > MAX_CHOICES:
+            err = InvalidArgument(f"{param}: at most {MAX_CHOICES} choices a request (n times the prompts), got "
+                                  f"{len(prompts)} prompt(s) x n={self.n}; send more requests")
+            err.param = param
+            raise err
+        out = []
+        for req in prompts:
+            for j in range(self.n):
+                choice = pb.GenerateRequest()
+                choice.CopyFrom(req)
+                if j and choice.sampling.HasField("seed"):
+                    choice.sampling.seed = (choice.sampling.seed + j) & UINT64
+                out.append(choice)
+        return out
+
 
 class TextPart(BaseModel):
     type: Literal["text"] = Field(..., description="Only text parts are served.")
@@ -205,7 +224,8 @@ class ChatCompletionBody(GenerationBody):
     def sent_as(self, param: str | None) -> str | None:
         return "max_completion_tokens" if param == "max_tokens" and self.max_completion_tokens is not None else param
 
-    def to_generate_request(self) -> pb.GenerateRequest:
+    def to_generate_requests(self) -> list[pb.GenerateRequest]:
+        """One request per choice (``choices``)."""
         check_encodable(self.model_dump(exclude_none=True))
         if self.tools:
             raise InvalidArgument("tools: not served by arserve")
@@ -216,25 +236,33 @@ class ChatCompletionBody(GenerationBody):
         # OpenAI's newer "developer" role is the system role of older chat templates
         req.messages.extend(pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
                             for m in self.messages)
-        return req
+        return self.choices([req], "n")
 
 
 class CompletionBody(GenerationBody):
-    prompt: str | list[str] = Field(..., description="One prompt (a list holding one string is taken too).")
+    prompt: str | list[str] = Field(..., description="A prompt, or a list of prompts (a batch: their choices "
+                                    "in order, n per prompt).")
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
-    def to_generate_request(self) -> pb.GenerateRequest:
+    def to_generate_requests(self) -> list[pb.GenerateRequest]:
+        """One request per choice (``choices``)."""
         check_encodable(self.model_dump(exclude_none=True))
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise InvalidArgument(f"prompt: one prompt per request, got a list of {len(self.prompt)}")
+        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        if not prompts:
+            raise InvalidArgument("prompt: at least one prompt is required, got []")
         for name, neutral in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
             if getattr(self, name) not in neutral:
                 raise InvalidArgument(f"{name}: not served by arserve, got {getattr(self, name)!r}")
         req = self.to_proto(self.max_tokens)
-        req.prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        return req
+        each = []
+        for text in prompts:
+            one = pb.GenerateRequest()
+            one.CopyFrom(req)
+            one.prompt = text
+            each.append(one)
+        return self.choices(each, "n" if self.n > 1 else "prompt")
 
 
 class ImageBody(BaseModel):

@@ -136,9 +136,14 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
     with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role 'wizard'") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"role": "wizard", "content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
-    with pytest.raises(openai.BadRequestError, match="n=1") as e:
-        oai.chat.completions.create(**{**chat, "n": 2})
+    with pytest.raises(openai.BadRequestError, match="n: choices per prompt must be at least 1, got 0") as e:
+        oai.chat.completions.create(**{**chat, "n": 0})
     assert e.value.body["param"] == "n"  # the door's own refusals name the parameter too (they said null)
+    with pytest.raises(openai.BadRequestError, match=r"at most 64 choices a request .* 3 prompt\(s\) x n=22") as e:
+        oai.completions.create(model="smollm2-135m-instruct", prompt=["a", "b", "c"], n=22, max_tokens=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError, match=r"prompt: at least one prompt") as e:
+        oai.completions.create(model="smollm2-135m-instruct", prompt=[], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
@@ -341,6 +346,48 @@ def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
     with pytest.raises(openai.NotFoundError, match="no-such"):
         oai.models.retrieve("no-such")
     assert oai.chat.completions.create(**chat).usage.completion_tokens == 2  # still serving
+
+
+def test_n_choices_and_batched_prompts_are_each_what_the_request_alone_gives(oai, client):
+    """n choices of each prompt of a batch (lm-eval's completions send lists; samplers ask for n): choice
+    i answers prompt i // n, and with a seed, choice j of a prompt is the request alone with seed + j (as
+    vLLM seeds its child requests); usage counts a prompt once and every completion. Streamed, the
+    chunks of each index make the same texts. A batch with one bad prompt fails whole."""
+    sampled = dict(max_tokens=8, temperature=1.0, seed=11)
+    prompts = ["Once upon a time", "The capital of France is"]
+    alone = [[client.generate(prompt=p, max_tokens=8, temperature=1.0, seed=11 + j) for j in range(3)]
+             for p in prompts]
+    out = oai.completions.create(model="smollm2-135m-instruct", prompt=prompts, n=3, **sampled)
+    assert [c.index for c in out.choices] == list(range(6))
+    assert [c.text for c in out.choices] == [a.text for per in alone for a in per]
+    assert len({c.text for c in out.choices[:3]}) == 3  # the seeds differ, so do the samples
+    assert out.usage.prompt_tokens == sum(per[0].stats.prompt_tokens for per in alone)
+    assert out.usage.completion_tokens == sum(a.stats.completion_tokens for per in alone for a in per)
+    chunks = list(oai.completions.create(model="smollm2-135m-instruct", prompt=prompts, n=3, stream=True,
+                                         stream_options={"include_usage": True}, **sampled))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(6)]
+    assert streamed == [c.text for c in out.choices]
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == list(range(6))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+    ask = [{"role": "user", "content": "Name a colour."}]
+    chat = oai.chat.completions.create(model="smollm2-135m-instruct", messages=ask, n=2, **sampled)
+    assert [c.message.content for c in chat.choices] == [
+        client.generate(messages=ask, max_tokens=8, temperature=1.0, seed=11 + j).text for j in range(2)]
+    streamed = list(oai.chat.completions.create(model="smollm2-135m-instruct", messages=ask, n=2, stream=True,
+                                                **sampled))
+    assert sorted(c.choices[0].index for c in streamed if c.choices[0].delta.role == "assistant") == [0, 1]
+    assert ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i)
+            for i in range(2)] == [c.message.content for c in chat.choices]
+
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="context") as e:
+            oai.completions.create(model="smollm2-135m-instruct", prompt=["Hi", "word " * 9000], max_tokens=2,
+                                   stream=stream)
+    assert oai.completions.create(model="smollm2-135m-instruct", prompt=["Hi"], max_tokens=2).usage.completion_tokens == 2
 
 
 def test_usage_counts_the_end_of_sequence_token(oai, client):
