@@ -15,6 +15,7 @@ for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -25,6 +26,7 @@ from arserve_client.v1 import generation_pb2 as pb
 from ..errors import InvalidArgument
 
 UINT32 = (1 << 32) - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the protobuf float fields' largest finite value
 UINT64 = (1 << 64) - 1
 INT64_MIN = -(1 << 63)  # vLLM's seed range starts here; a negative seed is its 64-bit two's complement
 MAX_IMAGES_ASKED = 1 << 16  # bounds n before the gateway's own limit (max_images_per_request) answers
@@ -165,8 +167,11 @@ class GenerationBody(BaseModel):
         if max_tokens is not None:
             sampling.max_tokens = max_tokens
         for name in ("temperature", "top_p"):
-            if getattr(self, name) is not None:
-                setattr(sampling, name, getattr(self, name))
+            value = getattr(self, name)
+            if value is not None:
+                if abs(value) > FLOAT32_MAX and value not in (math.inf, -math.inf):  # would arrive as inf
+                    raise InvalidArgument(f"{name}: {value!r} is beyond the range of a 32-bit float")
+                setattr(sampling, name, value)
         if self.seed is not None:
             sampling.seed = self.seed & UINT64
         if self.top_k is not None and self.top_k > 0:

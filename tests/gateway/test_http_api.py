@@ -332,6 +332,9 @@ def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(**{**chat, "max_tokens": None}, max_completion_tokens=100_000)
     assert e.value.body["param"] == "max_completion_tokens", e.value.body
+    with pytest.raises(openai.BadRequestError, match=r"temperature: 1e\+300 is beyond the range of a 32-bit float") as e:
+        oai.chat.completions.create(**chat, temperature=1e300)  # not "got inf": the float field's rounding
+    assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="messages: at least one") as e:
         oai.chat.completions.create(**{**chat, "messages": []})
     assert e.value.body["param"] == "messages"
