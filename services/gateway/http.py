@@ -97,8 +97,15 @@ def error_response(e: BaseException, sent_as=None) -> JSONResponse:
     return JSONResponse(body, status_code=http)
 
 
-def validation_error(e: RequestValidationError) -> JSONResponse:
-    """pydantic's errors as one INVALID_ARGUMENT naming the field (400, as OpenAI answers a bad parameter)."""
+def validation_error(e: RequestValidationError, content_type: str | None = None) -> JSONResponse:
+    """pydantic's errors as one INVALID_ARGUMENT naming the field (400, as OpenAI answers a bad parameter).
+    content_type: the request's, where it is not JSON (FastAPI then never parsed the body: `curl -d`
+    without a header sends a form)."""
+    if content_type is not None:
+        err = InvalidArgument(f"body: Content-Type {content_type!r} is not JSON; send the body as JSON with "
+                              f"'Content-Type: application/json'")
+        err.param = None
+        return error_response(err)
     errors = e.errors()
     if errors and errors[0].get("type") == "json_invalid":  # loc holds a character offset, not a field
         at = [x for x in errors[0].get("loc", ()) if isinstance(x, int)]
@@ -107,10 +114,15 @@ def validation_error(e: RequestValidationError) -> JSONResponse:
         err.param = None
         return error_response(err)
     first = errors[0] if errors else {}
+    if [x for x in first.get("loc", ()) if x != "body"] == []:  # the body as a whole: empty, or not an object
+        why = "the body is empty" if first.get("type") == "missing" else f"got {type(first.get('input')).__name__}"
+        err = InvalidArgument(f"body: a JSON object is required ({why})")
+        err.param = None
+        return error_response(err)
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
-    messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
-                for err in errors]
+    messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
+                f"{err.get('msg', '').removeprefix('Value error, ')}" for err in errors]
     err = InvalidArgument("; ".join(messages) or "request body does not parse")
     err.param = param
     return error_response(err)
@@ -245,7 +257,9 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        return validation_error(e)
+        content_type = request.headers.get("content-type", "")
+        json_body = content_type.split(";")[0].strip().lower() in ("application/json", "") or "+json" in content_type
+        return validation_error(e, None if json_body else content_type)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown route, wrong method

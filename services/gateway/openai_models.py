@@ -19,7 +19,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from arserve_client.v1 import generation_pb2 as pb
 
@@ -250,6 +250,16 @@ class CompletionBody(GenerationBody):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, prompt):
+        """Token-id prompts (vLLM takes ``[1, 2]`` and ``[[1, 2], [3]]``) are named, not lost in a union's errors."""
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(p, int) or (isinstance(p, list) and all(isinstance(t, int) for t in p)) for p in prompt):
+            raise ValueError("token-id prompts are not served by arserve; send the prompt as text "
+                             "(a string, or a list of strings)")
+        return prompt
 
     def to_generate_requests(self) -> list[pb.GenerateRequest]:
         """One request per choice (``choices``)."""

@@ -319,6 +319,21 @@ def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
             assert body["error"]["param"] == param, body
     status, body = post("completions", {"model": "smollm2-135m-instruct", "prompt": "a\ud800", "max_tokens": 2})
     assert status == 400 and body["error"]["param"] == "prompt", body
+    for prompt in ([1, 2, 3], [[1, 2], [3]]):  # vLLM's token-id prompts: named, not a union's four errors
+        status, body = post("completions", {"prompt": prompt, "max_tokens": 2})
+        assert status == 400 and body["error"]["message"] == (
+            "prompt: token-id prompts are not served by arserve; send the prompt as text (a string, or a list "
+            "of strings)") and body["error"]["param"] == "prompt", body
+    for data, headers, says in ((b'{"prompt": "Hi"}', {}, "Content-Type 'application/x-www-form-urlencoded' is "
+                                 "not JSON; send the body as JSON with 'Content-Type: application/json'"),
+                                (b"Hi", {"Content-Type": "text/plain"}, "Content-Type 'text/plain' is not JSON"),
+                                (b"[1]", {"Content-Type": "application/json"}, "a JSON object is required (got list)"),
+                                (b"", {"Content-Type": "application/json"}, "a JSON object is required (the body is "
+                                 "empty)")):  # curl -d without a header sends a form
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/completions", data=data,
+                                                          headers=headers, method="POST"), timeout=60)
+        assert e.value.code == 400 and says in json.loads(e.value.read())["error"]["message"]
     for unserved in (dict(tool_choice="required"), dict(functions=[{"name": "f", "parameters": {}}]),
                      dict(stream_options={"include_usage": True})):
         with pytest.raises(openai.BadRequestError) as e:
