@@ -115,7 +115,7 @@ def serve_ray(args) -> None:
     import signal
     import threading
 
-    from .rayserve.run import DoesNotFit, RayServer, serve_config_http_host, serve_config_http_port
+    from .rayserve.run import LOOPBACK, DoesNotFit, RayServer, serve_config_http_host, serve_config_http_port
 
     if args.metrics_port is not None:
         fail("--metrics-port serves the embedded server's metrics; on Ray every replica's metrics are on "
@@ -162,8 +162,11 @@ def serve_ray(args) -> None:
     except DoesNotFit as e:
         fail(str(e))
     signal.signal(signal.SIGTERM, lambda *_: done.set())  # after Ray's start, which installs its own
+    # SIGINT too: a shell script's background job starts with SIGINT ignored, so no KeyboardInterrupt comes
+    signal.signal(signal.SIGINT, lambda *_: done.set())
     try:
-        print(f"arserve on Ray Serve: gRPC {server.target}, OpenAI-compatible HTTP {server.http_url} "
+        grpc_at = server.target + (" (Ray's gRPC proxy listens on every interface)" if server.host in LOOPBACK else "")
+        print(f"arserve on Ray Serve: gRPC {grpc_at}, OpenAI-compatible HTTP {server.http_url} "
               f"(Ctrl-C to stop)", flush=True)
         done.wait()
     except KeyboardInterrupt:

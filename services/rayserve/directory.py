@@ -302,8 +302,14 @@ class Remote:
         return ReplicaLost(f"{self.peers.service} replica {peer.address} stopped answering: {_details(e)}")
 
     def _retry(self, peer: Peer, e: Exception, attempt: int, tried: set[str]) -> bool:
-        """Whether a stateless call that failed on ``peer`` goes to another replica."""
-        if self.sticky or not _unavailable(e) or attempt + 1 >= ATTEMPTS or deadlines.left() == 0:
+        """Whether a stateless call that failed on ``peer`` goes to another replica. An unavailable
+        replica is dropped (as a sticky one is): the directory lists a dead one until its announcements
+        expire, and a service's only replica, killed, had every call for that long fail at once on it,
+        where they should wait for its successor (``pick``) within their deadline."""
+        if self.sticky or not _unavailable(e):
+            return False
+        self.peers.drop(peer)
+        if attempt + 1 >= ATTEMPTS or deadlines.left() == 0:
             return False
         tried.add(peer.address)
         log.warning("%s replica %s unavailable (%s); trying another", self.peers.service, peer.address, _details(e))
@@ -381,7 +387,11 @@ class Remote:
                     yield item
                 return
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
-                if yielded or not self._retry(peer, e, attempt, tried):
+                if yielded:  # the caller has seen output a retry would repeat
+                    if not self.sticky and _unavailable(e):
+                        self.peers.drop(peer)
+                    raise
+                if not self._retry(peer, e, attempt, tried):
                     raise
             finally:
                 if call is not None:

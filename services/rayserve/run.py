@@ -20,6 +20,7 @@ from .config import AppArgs
 log = logging.getLogger("arserve.rayserve")
 
 APP = "arserve"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # hosts that promise no other machine reaches the port
 SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
 
 
@@ -163,9 +164,25 @@ class RayServer:
                                   **({"ssl_certfile": str(self.http_tls[0]), "ssl_keyfile": str(self.http_tls[1])}
                                      if self.http_tls else {})})
         serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
-        log.info("arserve on Ray Serve: gRPC %s, HTTP %s (%.0fs to start)", self.target, self.http_url,
-                 time.perf_counter() - t)
+        log.info("Ray Serve application %r ready in %.0fs; replica logs in %s", APP, time.perf_counter() - t,
+                 self.logs_dir or "each node's Ray session directory (logs/serve)")
+        if self.host in LOOPBACK:
+            log.warning("Ray Serve's gRPC proxy listens on every interface (port %d), whatever the host: only "
+                        "the HTTP proxy keeps to %s. %s", self.grpc_port, self.host,
+                        "Clients must send the auth_token." if self.args.resolved_auth_token() else
+                        "No auth_token is set: any host that reaches this port can call the API "
+                        "(set auth_token, or a firewall).")
         return self
+
+    @property
+    def logs_dir(self) -> str | None:
+        """The local Ray's log folder of Serve (replicas, proxies, controller), or None on a cluster."""
+        if not self._started_ray or self.address:
+            return None
+        try:
+            return str(Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve")
+        except Exception:  # noqa: BLE001 - Ray's internals: the path is a courtesy
+            return None
 
     def _init_local_ray(self, attempts: int = 3) -> None:
         """ray.init, tried again when the node does not come up in time (Ray

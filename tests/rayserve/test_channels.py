@@ -135,6 +135,35 @@ def test_stateless_calls_try_another_replica_after_unavailable(model):
     assert asyncio.run(scenario()) == [reference] * 4
 
 
+def test_a_call_to_a_services_killed_only_replica_waits_for_its_successor(model):
+    """The only verifier replica is dead (killed: the directory lists it until its announcements expire)
+    and its successor announces itself a moment later: a Run waits for it within its deadline and
+    completes, where every call used to fail at once on the dead address for as long as it was listed."""
+    reference, _ = asyncio.run(run(VerifierService(BackboneService({"tiny": model}), None, {"tiny": (300,)}), "none"))
+
+    async def scenario():
+        backbone = BackboneService({"tiny": model})
+        server, address = await serve(VERIFIER, VerifierService(backbone, None, {"tiny": (300,)}))
+        directory = Directory(SECRET)
+        announce(directory, "verifier", "killed", dead_address())
+        verifiers = Peers(Handle(directory), "verifier", verifier_pb2_grpc.VerifierStub, LINK, refresh_s=0.2)
+        deadlines.begin(None, 20.0)
+        try:
+            async def successor():
+                await asyncio.sleep(1.0)
+                announce(directory, "verifier", "successor", address)
+            later = asyncio.create_task(successor())
+            tokens = [t async for e in Remote(verifiers).Run(request()) for t in e.token_ids]
+            await later
+            assert set(verifiers.peers) == {address}  # the dead one is not picked again
+            return tokens
+        finally:
+            verifiers._task.cancel()
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == reference
+
+
 def test_with_no_replica_left_a_call_is_unavailable_within_the_requests_deadline():
     """Every diffusion-head replica gone (or none scheduled, as under a
     `serve run` whose replicas did not fit the node): the call fails with
