@@ -128,6 +128,12 @@ def validation_error(e: RequestValidationError, content_type: str | None = None)
     return error_response(err)
 
 
+def max_body_bytes(settings) -> int:
+    """The largest request body the door reads: room for a prompt of ``max_prompt_bytes`` escaped as JSON
+    (a character may take 6 bytes, ``\\u00e9``) plus the other fields."""
+    return 8 * settings.max_prompt_bytes + (64 << 10)
+
+
 def usage(u: pb.Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
@@ -246,12 +252,64 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """Bodies longer than ``max_bytes`` get 413 before anything parses them
+    (a plain ASGI middleware). The gRPC port refuses messages past
+    ``max_message_bytes``; without this, the door read and parsed a body of
+    any size (400 MB grew a gateway by 1.3 GB) before refusing its prompt.
+    A declared Content-Length is checked first; a chunked body is read up to
+    the limit, then replayed to the app."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(int(declared), scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(size, scope, receive, send, at_least=True)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the disconnect watch
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+        err = InvalidArgument(f"body: {'more than ' if at_least else ''}{size} bytes, past the server's limit of "
+                              f"{self.max_bytes} (about 8 times max_prompt_bytes)")
+        err.param = None
+        _, body = error_body(err)
+        body["error"].update(type="invalid_request_error", code="request_too_large")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
 def build_app(service, auth_token: str | None = None, open_health: bool = True) -> FastAPI:
     """The HTTP door of ``service`` (a ``GenerationService``). auth_token:
     every route but an open /health requires ``Authorization: Bearer``
     (the gRPC port's token and comparison, ``rpc.token_ok``)."""
     app = FastAPI(title="arserve (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
 
+    # BearerAuth, added after it, runs before it: a caller without the token is refused before its body is read
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes(service.settings))
     if auth_token:
         app.add_middleware(BearerAuth, token=auth_token, open_paths=("/health",) if open_health else ())
 

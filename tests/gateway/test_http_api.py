@@ -408,6 +408,41 @@ def test_n_choices_and_batched_prompts_are_each_what_the_request_alone_gives(oai
     assert oai.completions.create(model="smollm2-135m-instruct", prompt=["Hi"], max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_body_past_the_limit_is_refused_before_it_is_parsed(server):
+    """A probe sent a 400 MB body: the door read and parsed it, then refused its prompt, and the gateway
+    kept 1.3 GB. Past 8 times max_prompt_bytes (plus 64 KiB) a body is a 413, declared or chunked; one
+    under the limit whose prompt is too long still gets the gateway's 400 naming the prompt."""
+    import http.client
+
+    with door(server, max_prompt_bytes=4096) as d:
+        limit = 8 * 4096 + (64 << 10)
+
+        def post(body: bytes, chunked: bool = False) -> tuple[int, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", d.http.port, timeout=60)
+            try:
+                headers = {"Content-Type": "application/json"}
+                if chunked:  # no Content-Length: the door must count what it reads
+                    conn.request("POST", "/v1/completions", body=iter([body[i:i + 65536]
+                                                                       for i in range(0, len(body), 65536)]),
+                                 headers=headers, encode_chunked=True)
+                else:
+                    conn.request("POST", "/v1/completions", body=body, headers=headers)
+                r = conn.getresponse()
+                return r.status, json.loads(r.read())
+            finally:
+                conn.close()
+
+        big = json.dumps({"prompt": "x" * (limit + 10), "max_tokens": 2}).encode()
+        for chunked in (False, True):
+            status, body = post(big, chunked)
+            assert status == 413 and body["error"]["code"] == "request_too_large", body
+            assert f"past the server's limit of {limit}" in body["error"]["message"], body
+        status, body = post(json.dumps({"prompt": "x" * 5000, "max_tokens": 2}).encode(), chunked=True)
+        assert status == 400 and body["error"]["param"] == "prompt", body
+        status, body = post(json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(), chunked=True)
+        assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+
+
 def test_usage_counts_the_end_of_sequence_token(oai, client):
     """vLLM counts the EOS token the model generated in completion_tokens;
     token_ids and the text leave it out."""
