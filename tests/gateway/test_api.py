@@ -196,3 +196,56 @@ async def _async_client_concurrent_requests(server):
         assert "".join(ch.text for ch in chunks) == alone[0].text
         with pytest.raises(InvalidArgument):
             await c.generate(prompt="hi", top_p=2.0)
+
+
+class _Ends(generation_pb2_grpc.GenerationServicer):
+    """A stream that sends its finish chunk, then takes a moment to end (as a gateway releasing a
+    request, or Ray Serve's proxy relaying the end), noting whether its call ended or was cancelled."""
+
+    def __init__(self):
+        self.ends: list[str] = []
+
+    async def GenerateStream(self, request, context):
+        yield pb.GenerateChunk(text="hi", token_ids=[1])
+        yield pb.GenerateChunk(finish_reason=pb.FINISH_REASON_LENGTH)
+        try:
+            await asyncio.sleep(0.3)
+            self.ends.append("ended")
+        except asyncio.CancelledError:
+            self.ends.append("cancelled")
+            raise
+
+
+def test_a_stream_read_to_its_finish_chunk_ends_instead_of_being_cancelled():
+    """The SDK cancelled a stream once it had the finish chunk, racing the server's own end: Ray Serve's
+    gRPC proxy logged each such stream as a failed request with a traceback. It now waits for the end
+    (before handing over the finish chunk, so a reader that stops there cancels nothing); a reader that
+    leaves earlier still cancels."""
+    from arserve_client import Client
+
+    async def scenario() -> list[str]:
+        servicer = _Ends()
+        server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        target = f"127.0.0.1:{port}"
+        try:
+            async with AsyncClient(target, timeout=30) as c:
+                async for chunk in c.stream(prompt="x"):
+                    if chunk.finish_reason:
+                        break
+            with Client(target, timeout=30) as c:
+                await asyncio.to_thread(lambda: [ch for ch in c.stream(prompt="x") if ch.finish_reason])
+            async with AsyncClient(target, timeout=30) as c:
+                async for chunk in c.stream(prompt="x"):
+                    break  # gone before the end: cancelled
+            for _ in range(50):
+                if len(servicer.ends) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            return servicer.ends
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()) == ["ended", "ended", "cancelled"]

@@ -57,6 +57,28 @@ def unfinished(what: str) -> Unavailable:
                                                     f"incomplete")
 
 
+def _drain(call) -> None:
+    """Wait for a stream's end after its finish chunk (the server closes it
+    with OK at once). Cancelling it instead raced the server's own end: Ray
+    Serve's gRPC proxy logged every such stream as a failed request, with a
+    traceback. What comes after the finish chunk, an error included, changes
+    nothing the caller gets."""
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError:
+        pass
+
+
+async def _drain_async(call) -> None:
+    """``_drain`` for a grpc.aio call."""
+    try:
+        async for _ in call:
+            pass
+    except grpc.RpcError:
+        pass
+
+
 def completed(r: pb.GenerateResponse) -> Completion:
     if r.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         raise unfinished("the response")
@@ -113,9 +135,11 @@ class Client:
                                         metadata=self.metadata)
         try:
             for chunk in call:
-                yield Chunk.from_proto(chunk)
                 if chunk.finish_reason:
+                    _drain(call)  # before the last chunk: a reader that stops at it leaves no call to cancel
+                    yield Chunk.from_proto(chunk)
                     return
+                yield Chunk.from_proto(chunk)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.tls) from None
         finally:
@@ -173,9 +197,11 @@ class AsyncClient:
                                         metadata=self.metadata)
         try:
             async for chunk in call:
-                yield Chunk.from_proto(chunk)
                 if chunk.finish_reason:
+                    await _drain_async(call)  # as in Client.stream
+                    yield Chunk.from_proto(chunk)
                     return
+                yield Chunk.from_proto(chunk)
         except grpc.RpcError as e:
             raise from_rpc_error(e, self.tls) from None
         finally:
