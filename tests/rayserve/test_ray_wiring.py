@@ -165,6 +165,10 @@ def test_a_forged_announcement_is_refused(ray_server):
             directory_handle().announce.remote(*args).result()
     assert fake[2] not in listed("backbone")
     assert len(listed("backbone")) == 2  # the real replicas still are
+    # the heartbeat leaves no access-log line a call (a console filled with them every 2 s), the refusals do log
+    files = list((Path(ray_server.logs) / "serve").glob("replica_*directory*.log"))
+    directory_logs = "".join(f.read_text(errors="replace") for f in files)
+    assert files and "CALL announce" not in directory_logs and "CALL addresses" not in directory_logs
 
 
 def test_every_service_reports_metrics_through_ray(ray_server, ray_client):
