@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from ray import serve
 from ray.serve import Application
 
@@ -124,6 +125,32 @@ def _fail(grpc_context, e: Exception) -> None:
         grpc_context.set_details(status[1])
 
 
+# Statuses that describe the caller's request, not a fault of the server.
+CALLERS_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+
+
+class CallersErrorsAsInfo(logging.Filter):
+    """Ray Serve logs every exception a deployment raises as an ERROR with
+    its traceback ("Request failed."). The gateway raises a caller's error
+    (bad input, no token, overload, a passed deadline) so that Ray's proxy
+    answers with its status; a log alerting on ERROR then fired per bad
+    request. Those become one INFO line with the status; a fault of the
+    server keeps its ERROR and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            status = status_of(getattr(e, "original_exception", e))  # Ray wraps it with the status set
+            if status is not None and status[0] in CALLERS_CODES:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                record.msg, record.args = "%s %s: %s", (record.getMessage(), status[0].name, status[1])
+                record.exc_info = record.exc_text = None
+        return True
+
+
 @serve.ingress()  # the app is built per replica, around its GenerationService (__serve_build_asgi_app__)
 class Gateway:
     """The ingress: Ray Serve's gRPC proxy calls these methods with the
@@ -134,6 +161,9 @@ class Gateway:
     async def __init__(self, args: dict, directory, *services):
         args = AppArgs.model_validate(args)
         metrics.export_to_ray()
+        serve_log = logging.getLogger("ray.serve")  # the replica's "Request failed." records
+        if not any(isinstance(f, CallersErrorsAsInfo) for f in serve_log.filters):
+            serve_log.addFilter(CallersErrorsAsInfo())
         tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
         images = assemble.image_front(args, tokenizer, verifier, assemble.image_configs(args))

@@ -91,16 +91,28 @@ def test_greedy_output_equals_the_embedded_wiring(ray_client, plain_greedy, meth
         assert sum(o.stats.accepted_tokens for o in outs.values()) > 0
 
 
-def test_streaming_and_errors_through_the_proxy(ray_client):
+def test_streaming_and_errors_through_the_proxy(ray_server, ray_client):
+    """Errors reach the client with their status; a caller's error is one INFO line in the gateway's log,
+    not an ERROR with a traceback per bad request (Ray Serve logs what a deployment raises)."""
+    def gateway_log() -> str:
+        return "".join(f.read_text(errors="replace")
+                       for f in (Path(ray_server.logs) / "serve").glob("replica_*gateway*.log"))
+
     chunks = list(ray_client.stream(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram"))
     whole = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram")
     assert len(chunks) > 1 and "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].stats.completion_tokens == 24
+    tracebacks = gateway_log().count("Traceback")
     with pytest.raises(InvalidArgument, match="top_p"):
         ray_client.generate(prompt="Hi", top_p=1.5)
     with pytest.raises(InvalidArgument, match="vocabulary|speculative"):
         ray_client.generate(prompt="Hi", speculative="no-such-method")
+    with pytest.raises(InvalidArgument, match="top_p"):
+        list(ray_client.stream(prompt="Hi", top_p=1.5))
     assert ray_client.generate(prompt="Hi", max_tokens=4).stats.completion_tokens == 4
+    assert _poll(gateway_log, lambda log: log.count("INVALID_ARGUMENT: sampling.top_p") >= 2, 10).count(
+        "INVALID_ARGUMENT: sampling.top_p") >= 2
+    assert gateway_log().count("Traceback") == tracebacks
 
 
 def test_replica_ports_take_the_internal_credential_only(ray_server, ray_client):
