@@ -23,16 +23,18 @@ credentials and deadlines"). ``serve run deploy/serve_config.yaml`` imports
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve import Application
 
 from .. import assemble, metrics
 from ..core import compute
 from ..drafter.registry import method_spec
-from ..errors import Unauthenticated
+from ..errors import NotFound, Unauthenticated
 from ..gateway import http
 from ..pb.v1 import (
     backbone_pb2,
@@ -125,6 +127,7 @@ def _fail(grpc_context, e: Exception) -> None:
         grpc_context.set_details(status[1])
 
 
+GENERATION_SERVICE = "arserve.v1.Generation"  # the public service, as grpc.health.v1 names it
 # Statuses that describe the caller's request, not a fault of the server.
 CALLERS_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
@@ -196,6 +199,28 @@ class Gateway:
 
     async def GenerateImage(self, request, grpc_context=None):  # NOT_FOUND with a message where no image models are
         return await self._unary("GenerateImage", request, grpc_context)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        """grpc.health.v1 on Ray's public port, as on the embedded one: SERVING while a gateway replica
+        answers, for "" and arserve.v1.Generation (another service name is NOT_FOUND, as grpc_health
+        answers); open to probes unless ``auth_open_health`` is off."""
+        return await self._health(request, grpc_context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        """The same status, streamed; the stream stays open until its client leaves."""
+        yield await self._health(request, grpc_context)
+        await asyncio.Event().wait()
+
+    async def _health(self, request, grpc_context) -> health_pb2.HealthCheckResponse:
+        try:
+            if not self.open_health:
+                self._authenticate(grpc_context)
+            if request.service not in ("", GENERATION_SERVICE):
+                raise NotFound(f"unknown service {request.service!r}; this port serves {GENERATION_SERVICE!r}")
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        except Exception as e:
+            _fail(grpc_context, e)
+            raise
 
     async def GenerateStream(self, request, grpc_context=None):
         try:

@@ -22,6 +22,7 @@ log = logging.getLogger("arserve.rayserve")
 APP = "arserve"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # hosts that promise no other machine reaches the port
 SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # Gateway.Check, Gateway.Watch
 
 
 def serve_config(path: str | Path):
@@ -159,7 +160,7 @@ class RayServer:
             self.stop()
             raise
         serve.start(proxy_location="HeadOnly",
-                    grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER]),
+                    grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=[SERVICER, HEALTH_SERVICER]),
                     http_options={"host": self.host, "port": self.http_port,
                                   **({"ssl_certfile": str(self.http_tls[0]), "ssl_keyfile": str(self.http_tls[1])}
                                      if self.http_tls else {})})

@@ -26,7 +26,7 @@ import yaml
 from pydantic import ValidationError
 
 from arserve.rayserve.config import SERVICES, AppArgs
-from arserve.rayserve.run import SERVICER, load_serve_config
+from arserve.rayserve.run import HEALTH_SERVICER, SERVICER, load_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "arserve"
@@ -203,7 +203,7 @@ def test_serve_config_validates_with_arserves_own_loader(variant, tmp_path):
     v = merged(values)
     config = yaml.safe_load(text)
     assert port == v["serve"]["grpcPort"]
-    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER, HEALTH_SERVICER]
     assert config["proxy_location"] == v["serve"]["proxyLocation"]
     assert set(args.deployments) == set(SERVICES)
     assert args.models[0].id == v["model"]["id"]

@@ -115,6 +115,24 @@ def test_streaming_and_errors_through_the_proxy(ray_server, ray_client):
     assert gateway_log().count("Traceback") == tracebacks
 
 
+def test_the_public_port_answers_grpc_health_as_the_embedded_one_does(ray_server):
+    """Probes and health-checked channels use grpc.health.v1; Ray's proxy answered UNIMPLEMENTED."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(ray_server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "arserve.v1.Generation"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
 def test_replica_ports_take_the_internal_credential_only(ray_server, ray_client):
     """Each internal service's replica refuses calls without the internal
     credential and calls with the public token; the public port refuses the
