@@ -249,3 +249,42 @@ def test_a_stream_read_to_its_finish_chunk_ends_instead_of_being_cancelled():
             await server.stop(None)
 
     assert asyncio.run(scenario()) == ["ended", "ended", "cancelled"]
+
+
+class _DiesOnce(generation_pb2_grpc.GenerationServicer):
+    """Ray Serve's proxy where the gateway replica serving a call is killed: INTERNAL, with Ray's obituary."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def Generate(self, request, context):
+        self.calls += 1
+        if self.calls == 1:
+            await context.abort(grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task."
+                                "\n\tclass_name: ServeReplica:arserve:gateway\n\tactor_id: 7c1e\n\tpid: 4242")
+        return pb.GenerateResponse(text="ok", finish_reason=pb.FINISH_REASON_LENGTH)
+
+
+def test_a_replica_that_died_under_a_call_is_unavailable_and_a_replayable_call_is_retried():
+    """A probe killed the Ray wiring's gateway replica mid-call: the SDK got INTERNAL with Ray's actor
+    ids and pid and did not retry. It reads as UNAVAILABLE (short message); a greedy call is sent again."""
+    from arserve_client import Client, Unavailable
+
+    async def scenario():
+        servicer = _DiesOnce()
+        server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            with Client(f"127.0.0.1:{port}", timeout=30) as c:
+                greedy = await asyncio.to_thread(c.generate, prompt="x")
+                servicer.calls = 0
+                with pytest.raises(Unavailable, match="replica serving this call died") as e:
+                    await asyncio.to_thread(c.generate, prompt="x", temperature=1.0)  # not replayable
+            return greedy.text, str(e.value)
+        finally:
+            await server.stop(None)
+
+    text, message = asyncio.run(scenario())
+    assert text == "ok" and "actor_id" not in message and "pid" not in message

@@ -7,7 +7,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from .errors import InvalidArgument, Unavailable, from_rpc_error
+from .errors import InvalidArgument, Unavailable, code_of, from_rpc_error
 from .types import Chunk, Completion, ImageResult, build_image_request, build_request
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc
@@ -124,7 +124,7 @@ class Client:
                 return completed(self.stub.Generate(req, timeout=left, metadata=self.metadata))
             except grpc.RpcError as e:
                 pause = 0.2 * 2 ** attempt
-                if (e.code() not in RETRY_CODES or attempt >= self.retries or not replayable(req)
+                if (code_of(e) not in RETRY_CODES or attempt >= self.retries or not replayable(req)
                         or (deadline is not None and time.monotonic() + pause >= deadline)):
                     raise from_rpc_error(e, self.tls) from None
             time.sleep(pause)

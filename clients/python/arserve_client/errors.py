@@ -65,11 +65,28 @@ TLS_HINT = {
 NOT_SPOKEN = ("WRONG_VERSION_NUMBER", "Socket closed", "failed to connect to all addresses")
 
 
+# Ray Serve's gRPC proxy answers INTERNAL, with the actor's whole obituary (ids, pid, a guess at the OOM
+# killer), where the replica serving a call died under it. The call never ran to an answer, and another
+# replica takes the next one: to the caller it is UNAVAILABLE, retried as any such call is.
+REPLICA_DIED = ("The actor died unexpectedly", "ActorDiedError", "ActorUnavailableError")
+
+
+def code_of(e: grpc.RpcError) -> grpc.StatusCode:
+    """The status of a failed call as the caller should read it (a Ray replica's death is UNAVAILABLE)."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or ""
+    if code == grpc.StatusCode.INTERNAL and any(sign in details for sign in REPLICA_DIED):
+        return grpc.StatusCode.UNAVAILABLE
+    return code
+
+
 def from_rpc_error(e: grpc.RpcError, tls: bool | None = None) -> ArserveError:
     """The typed error of a failed call; ``tls``: whether the channel spoke
     TLS (None: unknown), for the hint an unreachable server gets."""
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    code = code_of(e)
     details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code != (e.code() if hasattr(e, "code") else None):  # a replica died: its obituary is Ray's, not ours
+        return Unavailable(code, "the server replica serving this call died; another one takes the next call")
     if code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN):
         hint = TLS_HINT[tls if tls is not None else "WRONG_VERSION_NUMBER" in details]
         details = f"{details} ({hint})"
