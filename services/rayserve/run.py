@@ -164,6 +164,7 @@ class RayServer:
                     http_options={"host": self.host, "port": self.http_port,
                                   **({"ssl_certfile": str(self.http_tls[0]), "ssl_keyfile": str(self.http_tls[1])}
                                      if self.http_tls else {})})
+        log.info("deploying %s (replicas load their models: about 30 s on 2 cores)", ", ".join(deployed(self.args)))
         serve.run(build_app(self.args.model_dump(mode="json")), name=APP, route_prefix="/")
         log.info("Ray Serve application %r ready in %.0fs; replica logs in %s", APP, time.perf_counter() - t,
                  self.logs_dir or "each node's Ray session directory (logs/serve)")
@@ -200,6 +201,20 @@ class RayServer:
                     raise
                 log.warning("local Ray did not start (%s); trying again (%d/%d)", e, attempt + 1, attempts)
 
+    def _warn_ceilings(self, services: list[str], have: dict[str, float]) -> None:
+        """Say at start where autoscaling may ask for more replicas than a local Ray can place: those
+        wait unscheduled (`serve status` shows the deployment UPSCALING for minutes), while the placed
+        replicas serve on."""
+        if self.address:
+            return
+        for name in services:
+            d = self.args.deployments[name]
+            cpus = d.ray_actor_options.num_cpus
+            if d.autoscaling and cpus and d.autoscaling.max_replicas * cpus > have.get("CPU", 0.0) + 1e-9:
+                log.warning("%s may scale to %d replicas of %g CPUs; this Ray has %g: replicas past what fits "
+                            "wait unscheduled (the others serve on)", name, d.autoscaling.max_replicas, cpus,
+                            have.get("CPU", 0.0))
+
     def _check_fits(self) -> None:
         """Refuse at once an application whose starting replicas need more
         CPUs or GPUs than the local Ray started here has: Serve would wait
@@ -210,6 +225,7 @@ class RayServer:
         need, have = self.args.reserved(services), ray.cluster_resources()
         short = {r: (n, have.get(r, 0.0)) for r, n in need.items() if n > have.get(r, 0.0) + 1e-9}
         if not short:
+            self._warn_ceilings(services, have)
             return
         each = ", ".join(f"{name} {self.args.deployments[name].ray_actor_options.num_cpus:g}" for name in services)
         message = ("the deployments' starting replicas need " +
