@@ -66,6 +66,23 @@ def test_the_default_deployments_fit_a_two_cpu_node_and_a_local_ray_too_small_is
     run.RayServer(args, address="ray://head:10001")._check_fits()  # a cluster: nodes may join (a warning)
 
 
+def test_the_start_says_where_autoscaling_may_ask_for_more_cpus_than_the_local_ray_has(monkeypatch, caplog):
+    """The shipped config on a 2-CPU machine: under load the backbone upscaled to a replica that could
+    never be placed, and `serve status` said UPSCALING for minutes with nothing at start to say why."""
+    from arserve.rayserve import run
+
+    args, _ = load_serve_config(CONFIG)
+    monkeypatch.setattr(run.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with caplog.at_level("WARNING", logger="arserve"):
+        run.RayServer(args)._check_fits()
+    ceiling = args.deployments["backbone"].autoscaling.max_replicas
+    assert f"backbone may scale to {ceiling} replicas of 1 CPUs; this Ray has 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="arserve"):
+        run.RayServer(args, address="ray://head:10001")._check_fits()  # a cluster: nodes may join
+    assert "may scale to" not in caplog.text
+
+
 @pytest.mark.parametrize("service", ["drafter", "diffusion_head"])
 def test_changing_one_services_replicas_changes_nothing_else(service):
     raw = yaml.safe_load(CONFIG.read_text())
