@@ -226,6 +226,16 @@ class Peers:
             self._close(peer)
             log.warning("%s replica %s stopped answering; dropped", self.service, peer.address)
 
+    def retire(self, peer: Peer) -> None:
+        """A stateless call found ``peer`` unavailable: stop picking it (as ``drop``), but let the calls
+        still running on it end first, as a replica leaving the directory does (one that is shutting
+        down refuses new calls while its last ones finish)."""
+        self.lost[peer.address] = time.monotonic()
+        if self.peers.get(peer.address) is peer:
+            del self.peers[peer.address]
+            self.leaving[peer.address] = peer  # closed by settle() when its calls end
+            log.warning("%s replica %s unavailable; not picked again", self.service, peer.address)
+
     def _close(self, peer: Peer) -> None:
         task = asyncio.get_running_loop().create_task(peer.channel.close(grace=None))
         self._closing.add(task)
@@ -303,12 +313,12 @@ class Remote:
 
     def _retry(self, peer: Peer, e: Exception, attempt: int, tried: set[str]) -> bool:
         """Whether a stateless call that failed on ``peer`` goes to another replica. An unavailable
-        replica is dropped (as a sticky one is): the directory lists a dead one until its announcements
+        replica is retired (not picked again): the directory lists a dead one until its announcements
         expire, and a service's only replica, killed, had every call for that long fail at once on it,
         where they should wait for its successor (``pick``) within their deadline."""
         if self.sticky or not _unavailable(e):
             return False
-        self.peers.drop(peer)
+        self.peers.retire(peer)
         if attempt + 1 >= ATTEMPTS or deadlines.left() == 0:
             return False
         tried.add(peer.address)
@@ -389,7 +399,7 @@ class Remote:
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
                 if yielded:  # the caller has seen output a retry would repeat
                     if not self.sticky and _unavailable(e):
-                        self.peers.drop(peer)
+                        self.peers.retire(peer)
                     raise
                 if not self._retry(peer, e, attempt, tried):
                     raise
