@@ -238,9 +238,11 @@ def test_a_stream_read_to_its_finish_chunk_ends_instead_of_being_cancelled():
             with Client(target, timeout=30) as c:
                 await asyncio.to_thread(lambda: [ch for ch in c.stream(prompt="x") if ch.finish_reason])
             async with AsyncClient(target, timeout=30) as c:
-                async for chunk in c.stream(prompt="x"):
+                early = c.stream(prompt="x")
+                async for chunk in early:
                     break  # gone before the end: cancelled
-            for _ in range(50):
+                await early.aclose()
+            for _ in range(200):
                 if len(servicer.ends) == 3:
                     break
                 await asyncio.sleep(0.05)
@@ -288,3 +290,28 @@ def test_a_replica_that_died_under_a_call_is_unavailable_and_a_replayable_call_i
 
     text, message = asyncio.run(scenario())
     assert text == "ok" and "actor_id" not in message and "pid" not in message
+
+
+def test_the_tls_hint_is_for_the_clients_own_connection_only():
+    """A probe's UNAVAILABLE relayed from a dead internal replica (another address) got "is the server up
+    at that address? ... connect with tls=True", which misled: the hint is for the client's own dial."""
+    from arserve_client.errors import Unavailable, from_rpc_error
+
+    class Failed(grpc.RpcError):
+        def __init__(self, details):
+            self._details = details
+
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return self._details
+
+    relayed = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:192.0.2.2:37791: "
+               "Failed to connect to remote host: Connection refused")
+    own = relayed.replace("192.0.2.2:37791", "127.0.0.1:9000")
+    mine_v6 = relayed.replace("ipv4:192.0.2.2:37791", "ipv6:%5B::1%5D:9000")
+    assert "tls=True" not in str(from_rpc_error(Failed(relayed), False, "localhost:9000"))
+    for details in (own, mine_v6, "Socket closed"):
+        error = from_rpc_error(Failed(details), False, "localhost:9000")
+        assert isinstance(error, Unavailable) and "connect with tls=True" in str(error), details

@@ -107,7 +107,7 @@ class Client:
                  metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | None = None, retries: int = 3):
         creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
-        self.tls = creds is not None
+        self.tls, self.target = creds is not None, target
         self.channel = (grpc.secure_channel(target, creds, options=_OPTIONS) if creds
                         else grpc.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
@@ -126,7 +126,7 @@ class Client:
                 pause = 0.2 * 2 ** attempt
                 if (code_of(e) not in RETRY_CODES or attempt >= self.retries or not replayable(req)
                         or (deadline is not None and time.monotonic() + pause >= deadline)):
-                    raise from_rpc_error(e, self.tls) from None
+                    raise from_rpc_error(e, self.tls, self.target) from None
             time.sleep(pause)
             attempt += 1
 
@@ -141,7 +141,7 @@ class Client:
                     return
                 yield Chunk.from_proto(chunk)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
         finally:
             call.cancel()
         raise unfinished("the stream")
@@ -152,14 +152,14 @@ class Client:
             return ImageResult.from_proto(self.stub.GenerateImage(
                 build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
 
     def models(self) -> list[pb.ModelInfo]:
         try:
             return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
                                              metadata=self.metadata).models)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
 
     def close(self) -> None:
         self.channel.close()
@@ -179,7 +179,7 @@ class AsyncClient:
                  metadata: list[tuple[str, str]] | None = None, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | None = None):
         creds, self.metadata = _channel_args(token, tls, root_certificates, metadata)
-        self.tls = creds is not None
+        self.tls, self.target = creds is not None, target
         self.channel = (grpc.aio.secure_channel(target, creds, options=_OPTIONS) if creds
                         else grpc.aio.insecure_channel(target, options=_OPTIONS))
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
@@ -190,7 +190,7 @@ class AsyncClient:
             return completed(await self.stub.Generate(
                 build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
 
     async def stream(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[Chunk]:
         call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout,
@@ -203,7 +203,7 @@ class AsyncClient:
                     return
                 yield Chunk.from_proto(chunk)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
         finally:
             call.cancel()
         raise unfinished("the stream")
@@ -213,14 +213,14 @@ class AsyncClient:
             return ImageResult.from_proto(await self.stub.GenerateImage(
                 build_image_request(labels, **options), timeout=self.timeout, metadata=self.metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
 
     async def models(self) -> list[pb.ModelInfo]:
         try:
             return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
                                                     metadata=self.metadata)).models)
         except grpc.RpcError as e:
-            raise from_rpc_error(e, self.tls) from None
+            raise from_rpc_error(e, self.tls, self.target) from None
 
     async def close(self) -> None:
         await self.channel.close()

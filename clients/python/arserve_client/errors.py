@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -80,14 +82,25 @@ def code_of(e: grpc.RpcError) -> grpc.StatusCode:
     return code
 
 
-def from_rpc_error(e: grpc.RpcError, tls: bool | None = None) -> ArserveError:
+def _elsewhere(details: str, target: str | None) -> bool:
+    """Whether gRPC's words name only addresses other than the client's own target: the server passed on
+    a failure of one of its internal calls (the Ray wiring), which the TLS hint would misread."""
+    ports = [address.rstrip(":,;").rsplit(":", 1)[-1] for address in re.findall(r"ipv[46]:(\S+)", details)]
+    mine = target.rsplit(":", 1)[-1] if target and ":" in target else None
+    return bool(ports) and mine is not None and mine not in ports
+
+
+def from_rpc_error(e: grpc.RpcError, tls: bool | None = None, target: str | None = None) -> ArserveError:
     """The typed error of a failed call; ``tls``: whether the channel spoke
-    TLS (None: unknown), for the hint an unreachable server gets."""
+    TLS (None: unknown), for the hint an unreachable server gets;
+    ``target``: the address the client dialled (a failure that names only
+    other addresses is the server's, and gets no hint)."""
     code = code_of(e)
     details = (e.details() if hasattr(e, "details") else None) or str(e)
     if code != (e.code() if hasattr(e, "code") else None):  # a replica died: its obituary is Ray's, not ours
         return Unavailable(code, "the server replica serving this call died; another one takes the next call")
-    if code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN):
+    if (code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN)
+            and not _elsewhere(details, target)):
         hint = TLS_HINT[tls if tls is not None else "WRONG_VERSION_NUMBER" in details]
         details = f"{details} ({hint})"
     return _BY_CODE.get(code, ArserveError)(code, details)
