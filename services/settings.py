@@ -243,16 +243,19 @@ class ImageModelSettings(BaseModel):
         return self
 
 
-def from_env(field: str, value: str | None) -> str | None:
+def from_env(field: str, value: str | None, strip: bool = True) -> str | None:
     """``value``, or the environment variable it names as env:NAME (secrets
-    stay out of config files), without surrounding whitespace (a secret
-    written from a file, as ``kubectl create secret --from-file`` does,
-    keeps the file's final newline, and a token with it matched no client)."""
+    stay out of config files); ``strip``: without surrounding whitespace (a
+    token written from a file, as ``kubectl create secret --from-file``
+    does, keeps the file's final newline, and matched no client). The
+    internal secret is kept as it is: it only derives keys, and a stripped
+    one would derive others than the replicas already running."""
     if value is None or not value.startswith("env:"):
         return value
     name = value.removeprefix("env:")
-    found = (os.environ.get(name) or "").strip()
-    if not found:
+    found = os.environ.get(name) or ""
+    found = found.strip() if strip else found
+    if not found.strip():
         raise ValueError(f"{field} is {value!r} but the environment variable {name} is not set (or blank)")
     return found
 
@@ -311,7 +314,7 @@ class ServiceSettings(BaseModel):
 
     def resolved_internal_secret(self) -> str | None:
         """internal_secret with env:NAME replaced by that variable's value."""
-        return from_env("internal_secret", self.internal_secret)
+        return from_env("internal_secret", self.internal_secret, strip=False)
     kv_ttl_s: int = Field(3600, gt=0, description="Seconds a KV block lives in Redis.")
     auth_token: str | None = Field(None, description="Bearer token the public API requires "
                                    "(metadata 'authorization: Bearer <token>'), or env:NAME to read it from "
@@ -372,16 +375,17 @@ class ServiceSettings(BaseModel):
                                  "cannot hold memory forever. Longer than any round; a request that comes back "
                                  "after it rebuilds its cache from its committed tokens.")
 
-    @field_validator("auth_token", "internal_secret")
+    @field_validator("auth_token")
     @classmethod
-    def _credential(cls, value: str | None, info) -> str | None:
-        """Surrounding whitespace dropped (clients' credentials are compared without it); one that is blank or
-        holds whitespace or control characters inside could never be sent as a bearer token: refused."""
-        if value is None:
+    def _bearer_token(cls, value: str | None) -> str | None:
+        """Surrounding whitespace dropped (clients' tokens are compared without it); blank is no
+        authentication, as it always was; whitespace or control characters inside could never be sent as
+        a bearer token: refused."""
+        if value is None or not value.strip():
             return None
         value = value.strip()
-        if not value or not value.isprintable() or any(c.isspace() for c in value):
-            raise ValueError(f"{info.field_name} must be non-blank printable text without spaces")
+        if not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError("auth_token must be printable text without spaces (a bearer token)")
         return value
 
     @model_validator(mode="after")

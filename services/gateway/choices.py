@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 
 from arserve_client.v1 import generation_pb2 as pb
 
+from ..errors import Unavailable
+
 
 async def all_of(calls: Iterable[Awaitable]) -> list:
     """Every call's result, in order; the first failure is raised and the
@@ -44,7 +46,7 @@ async def merged(streams: list[AsyncIterator[pb.GenerateChunk]]) -> AsyncIterato
         async for chunk in streams[0]:
             yield 0, chunk
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue()  # unbounded: a choice's chunks are bounded by its max_tokens
     done = object()
 
     async def pump(i: int, stream: AsyncIterator[pb.GenerateChunk]) -> None:
@@ -52,8 +54,11 @@ async def merged(streams: list[AsyncIterator[pb.GenerateChunk]]) -> AsyncIterato
             async for chunk in stream:
                 await queue.put((i, chunk))
             await queue.put((i, done))
-        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
-            await queue.put((i, e))
+        except BaseException as e:  # handed to the reader, which raises it (a cancellation the reader did not
+            # ask for, such as a call the channel cancelled, too: else the reader would wait for it forever)
+            queue.put_nowait((i, e))  # never waits, also in a task being cancelled
+            if not isinstance(e, Exception):
+                raise
 
     pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
@@ -64,6 +69,8 @@ async def merged(streams: list[AsyncIterator[pb.GenerateChunk]]) -> AsyncIterato
                 running -= 1
             elif isinstance(item, Exception):
                 raise item
+            elif isinstance(item, BaseException):  # cancelled under the reader, which did not ask for it
+                raise Unavailable(f"choice {i}'s stream was cancelled before it finished") from item
             else:
                 yield i, item
     finally:

@@ -271,10 +271,11 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(int(declared), scope, receive, send)
             return
-        chunks, size, more = [], 0, True
+        chunks, size, more, left = [], 0, True, None
         while more:
             message = await receive()
-            if message["type"] != "http.request":  # the client left: let the app see it
+            if message["type"] != "http.request":  # the client left mid-body: the app sees that, not half a body
+                left = message
                 break
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
@@ -288,7 +289,7 @@ class BodyLimit:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return left or {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()  # after the body: the disconnect watch
 
         await self.app(scope, replay, send)
@@ -351,7 +352,10 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
 
         async def close() -> None:
             for stream in streams:
-                await stream.aclose()
+                try:
+                    await stream.aclose()
+                except RuntimeError as e:  # still running in a task a second cancellation left: it ends there
+                    log.debug("a choice's stream closes in its own task: %s", e)
 
         try:  # the first chunks before the 200: a refused request gets its status, not a broken stream;
             # a client that leaves before them (a long prefill, a wait for KV budget) cancels the request
@@ -360,6 +364,9 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         except Exception as e:  # noqa: BLE001
             await close()
             return error_response(e, body.sent_as)
+        except BaseException:  # the handler cancelled (Ray Serve's proxy cancels it when the client leaves)
+            await close()
+            raise
         if firsts is None:
             await close()
             return Response(status_code=499)

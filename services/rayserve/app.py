@@ -34,7 +34,7 @@ from ray.serve import Application
 from .. import assemble, metrics
 from ..core import compute
 from ..drafter.registry import method_spec
-from ..errors import NotFound, Unauthenticated
+from ..errors import ArserveError, NotFound, Unauthenticated
 from ..gateway import http
 from ..pb.v1 import (
     backbone_pb2,
@@ -128,6 +128,7 @@ def _fail(grpc_context, e: Exception) -> None:
 
 
 GENERATION_SERVICE = "arserve.v1.Generation"  # the public service, as grpc.health.v1 names it
+WATCH_S = 10.0  # how long one health Watch stream stays open
 # Statuses that describe the caller's request, not a fault of the server.
 CALLERS_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
@@ -145,8 +146,10 @@ class CallersErrorsAsInfo(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
-            e = record.exc_info[1]
-            status = status_of(getattr(e, "original_exception", e))  # Ray wraps it with the status set
+            e = getattr(record.exc_info[1], "original_exception", record.exc_info[1])  # Ray wraps it
+            # arserve's own errors only: an internal call's status (a secret the replicas disagree on is
+            # UNAUTHENTICATED there) is the server's fault, and keeps its ERROR
+            status = status_of(e) if isinstance(e, ArserveError) else None
             if status is not None and status[0] in CALLERS_CODES:
                 record.levelno, record.levelname = logging.INFO, "INFO"
                 record.msg, record.args = "%s %s: %s", (record.getMessage(), status[0].name, status[1])
@@ -207,9 +210,11 @@ class Gateway:
         return await self._health(request, grpc_context)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
-        """The same status, streamed; the stream stays open until its client leaves."""
+        """The same status, streamed. The stream ends after ``WATCH_S`` and the client's health checker
+        watches again: an open Watch counts as an ongoing request of this replica, which Ray Serve lets
+        finish before a replica stops."""
         yield await self._health(request, grpc_context)
-        await asyncio.Event().wait()
+        await asyncio.sleep(WATCH_S)
 
     async def _health(self, request, grpc_context) -> health_pb2.HealthCheckResponse:
         try:

@@ -249,6 +249,15 @@ def _unavailable(e: Exception) -> bool:
         isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE)
 
 
+def _unreachable(peer: Peer, e: Exception) -> bool:
+    """A call that failed because ``peer`` could not be reached (refused, reset, its channel closed), not
+    an UNAVAILABLE the replica answered itself (a verifier that found no backbone): only then is the
+    replica not picked again. A connected channel stays READY after a replica's own answer."""
+    if isinstance(e, grpc.aio.UsageError):
+        return True
+    return _unavailable(e) and peer.channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.READY
+
+
 def _details(e: Exception) -> str:
     return e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
 
@@ -312,13 +321,14 @@ class Remote:
         return ReplicaLost(f"{self.peers.service} replica {peer.address} stopped answering: {_details(e)}")
 
     def _retry(self, peer: Peer, e: Exception, attempt: int, tried: set[str]) -> bool:
-        """Whether a stateless call that failed on ``peer`` goes to another replica. An unavailable
+        """Whether a stateless call that failed on ``peer`` goes to another replica. An unreachable
         replica is retired (not picked again): the directory lists a dead one until its announcements
         expire, and a service's only replica, killed, had every call for that long fail at once on it,
         where they should wait for its successor (``pick``) within their deadline."""
         if self.sticky or not _unavailable(e):
             return False
-        self.peers.retire(peer)
+        if _unreachable(peer, e):
+            self.peers.retire(peer)
         if attempt + 1 >= ATTEMPTS or deadlines.left() == 0:
             return False
         tried.add(peer.address)
@@ -398,7 +408,7 @@ class Remote:
                 return
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
                 if yielded:  # the caller has seen output a retry would repeat
-                    if not self.sticky and _unavailable(e):
+                    if not self.sticky and _unreachable(peer, e):
                         self.peers.retire(peer)
                     raise
                 if not self._retry(peer, e, attempt, tried):

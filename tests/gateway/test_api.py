@@ -202,14 +202,15 @@ class _Ends(generation_pb2_grpc.GenerationServicer):
     """A stream that sends its finish chunk, then takes a moment to end (as a gateway releasing a
     request, or Ray Serve's proxy relaying the end), noting whether its call ended or was cancelled."""
 
-    def __init__(self):
+    def __init__(self, hold_s: float = 0.3):
         self.ends: list[str] = []
+        self.hold_s = hold_s
 
     async def GenerateStream(self, request, context):
         yield pb.GenerateChunk(text="hi", token_ids=[1])
         yield pb.GenerateChunk(finish_reason=pb.FINISH_REASON_LENGTH)
         try:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(self.hold_s)
             self.ends.append("ended")
         except asyncio.CancelledError:
             self.ends.append("cancelled")
@@ -251,6 +252,42 @@ def test_a_stream_read_to_its_finish_chunk_ends_instead_of_being_cancelled():
             await server.stop(None)
 
     assert asyncio.run(scenario()) == ["ended", "ended", "cancelled"]
+
+
+def test_a_stream_held_open_after_its_finish_chunk_is_cancelled_after_a_bounded_wait(monkeypatch):
+    """The wait for a stream's end is bounded (a server or proxy that keeps it open must not hang the
+    reader): past DRAIN_S the SDK hands over the finish chunk and cancels the call."""
+    import time
+
+    from arserve_client import Client, client as sdk
+
+    monkeypatch.setattr(sdk, "DRAIN_S", 0.5)
+
+    async def scenario() -> tuple[list[str], float, float]:
+        servicer = _Ends(hold_s=60)
+        server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        target = f"127.0.0.1:{port}"
+        try:
+            t = time.monotonic()
+            async with AsyncClient(target) as c:
+                assert [ch.finish_reason async for ch in c.stream(prompt="x")][-1] == "length"
+            async_s, t = time.monotonic() - t, time.monotonic()
+            with Client(target) as c:
+                await asyncio.to_thread(lambda: list(c.stream(prompt="x")))
+            sync_s = time.monotonic() - t
+            for _ in range(200):
+                if len(servicer.ends) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            return servicer.ends, async_s, sync_s
+        finally:
+            await server.stop(None)
+
+    ends, async_s, sync_s = asyncio.run(scenario())
+    assert ends == ["cancelled", "cancelled"] and async_s < 10 and sync_s < 10
 
 
 class _DiesOnce(generation_pb2_grpc.GenerationServicer):

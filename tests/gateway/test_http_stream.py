@@ -68,3 +68,52 @@ def test_a_disconnected_stream_finishes_its_cleanup():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         pool.shutdown()
+
+
+def test_a_body_limit_passes_a_client_that_left_mid_body_on_as_a_disconnect():
+    """BodyLimit reads the body before the app: a client gone halfway must reach the app as a
+    disconnect, not as half a body marked complete (which the app would parse)."""
+    from arserve.gateway.http import BodyLimit
+
+    async def scenario() -> list[dict]:
+        sent = [{"type": "http.request", "body": b'{"prompt": "ha', "more_body": True}, {"type": "http.disconnect"}]
+        seen: list[dict] = []
+
+        async def receive():
+            return sent.pop(0) if sent else {"type": "http.disconnect"}
+
+        async def app(scope, receive, send):
+            seen.append(await receive())
+
+        await BodyLimit(app, 1 << 20)({"type": "http", "method": "POST", "headers": []}, receive, None)
+        return seen
+
+    assert asyncio.run(scenario()) == [{"type": "http.disconnect"}]
+
+
+def test_merged_choices_end_with_an_error_where_one_stream_is_cancelled_under_them():
+    """A choice's stream that ends in a cancellation the reader did not ask for (a call its channel
+    cancelled) ends the merge with an error; it used to leave the reader waiting for it forever."""
+    import pytest
+
+    from arserve.errors import Unavailable
+    from arserve.gateway.choices import merged
+
+    async def fine():
+        for i in range(3):
+            await asyncio.sleep(0.01)
+            yield f"a{i}"
+
+    async def cancelled_under_us():
+        yield "b0"
+        raise asyncio.CancelledError
+
+    async def scenario() -> list:
+        got = []
+        with pytest.raises(Unavailable, match="choice 1's stream was cancelled"):
+            async with asyncio.timeout(5):
+                async for item in merged([fine(), cancelled_under_us()]):
+                    got.append(item)
+        return got
+
+    assert (1, "b0") in asyncio.run(scenario())

@@ -244,13 +244,41 @@ def test_credentials_lose_the_newline_of_the_file_they_came_from(monkeypatch):
     # a secret from `kubectl create secret --from-file` keeps the file's newline: clients' tokens are compared
     # without surrounding whitespace, so a configured token with it matched no client
     monkeypatch.setenv("ARSERVE_TEST_TOKEN", "s3cret-token\n")
-    args = AppArgs.model_validate({"auth_token": "env:ARSERVE_TEST_TOKEN", "internal_secret": " inner\n"})
+    args = AppArgs.model_validate({"auth_token": "env:ARSERVE_TEST_TOKEN", "internal_secret": "a pass phrase\n"})
     assert args.resolved_auth_token() == "s3cret-token"
-    assert args.resolved_internal_secret() == "inner"
+    # the internal secret only derives keys: kept as is, so running replicas and stored KV blocks still agree
+    assert args.resolved_internal_secret() == "a pass phrase\n"
     assert AppArgs.model_validate({"auth_token": "tok\n"}).auth_token == "tok"
+    assert AppArgs.model_validate({"auth_token": ""}).auth_token is None  # no authentication, as before
     monkeypatch.setenv("ARSERVE_TEST_TOKEN", " \n")
     with pytest.raises(ValueError, match="ARSERVE_TEST_TOKEN is not set"):
         args.resolved_auth_token()
-    for bad in ("two words", "", "tab\there", "bell\x07"):
-        with pytest.raises(ValidationError, match="auth_token must be non-blank printable text without spaces"):
+    for bad in ("two words", "tab\there", "bell\x07"):
+        with pytest.raises(ValidationError, match="auth_token must be printable text without spaces"):
             AppArgs.model_validate({"auth_token": bad})
+
+
+def test_a_callers_error_is_an_info_line_and_a_servers_fault_keeps_its_error_and_traceback():
+    """The gateway replica's filter on Ray Serve's "Request failed." records (Ray logs every exception a
+    deployment raises as an ERROR with its traceback)."""
+    import logging
+    import sys
+
+    import grpc
+
+    from arserve.errors import InvalidArgument
+    from arserve.rayserve.app import CallersErrorsAsInfo
+
+    def record(e: BaseException) -> logging.LogRecord:
+        try:
+            raise e
+        except BaseException:  # noqa: BLE001
+            return logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None, sys.exc_info())
+
+    callers = record(InvalidArgument("sampling.top_p must be in (0, 1], got 1.5"))
+    assert CallersErrorsAsInfo().filter(callers) and callers.levelno == logging.INFO and callers.exc_info is None
+    assert callers.getMessage() == "Request failed. INVALID_ARGUMENT: sampling.top_p must be in (0, 1], got 1.5"
+    internal = grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                    "internal token mismatch")  # replicas that disagree on the secret
+    for fault in (record(internal), record(RuntimeError("a bug"))):
+        assert CallersErrorsAsInfo().filter(fault) and fault.levelno == logging.ERROR and fault.exc_info

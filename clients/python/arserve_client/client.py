@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import AsyncIterator, Iterator
 
@@ -57,25 +59,26 @@ def unfinished(what: str) -> Unavailable:
                                                     f"incomplete")
 
 
+DRAIN_S = 2.0  # how long a stream's end is awaited after its finish chunk
+
+
 def _drain(call) -> None:
-    """Wait for a stream's end after its finish chunk (the server closes it
-    with OK at once). Cancelling it instead raced the server's own end: Ray
-    Serve's gRPC proxy logged every such stream as a failed request, with a
-    traceback. What comes after the finish chunk, an error included, changes
-    nothing the caller gets."""
-    try:
-        for _ in call:
-            pass
-    except grpc.RpcError:
-        pass
+    """Wait, ``DRAIN_S`` at most, for a stream's end after its finish chunk
+    (the server closes it with OK once it has released the request).
+    Cancelling it at once raced that end: Ray Serve's gRPC proxy logged
+    every such stream as a failed request, with a traceback. What comes
+    after the finish chunk, an error included, changes nothing the caller
+    gets; a stream still open after ``DRAIN_S`` is cancelled."""
+    ended = threading.Event()
+    call.add_done_callback(lambda _: ended.set())
+    ended.wait(DRAIN_S)
 
 
 async def _drain_async(call) -> None:
     """``_drain`` for a grpc.aio call."""
     try:
-        async for _ in call:
-            pass
-    except grpc.RpcError:
+        await asyncio.wait_for(call.code(), DRAIN_S)
+    except (asyncio.TimeoutError, grpc.RpcError):
         pass
 
 

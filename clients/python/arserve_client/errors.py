@@ -97,7 +97,7 @@ def from_rpc_error(e: grpc.RpcError, tls: bool | None = None, target: str | None
     other addresses is the server's, and gets no hint)."""
     code = code_of(e)
     details = (e.details() if hasattr(e, "details") else None) or str(e)
-    if code != (e.code() if hasattr(e, "code") else None):  # a replica died: its obituary is Ray's, not ours
+    if code != (e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN):  # a replica died: Ray's obituary
         return Unavailable(code, "the server replica serving this call died; another one takes the next call")
     if (code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN)
             and not _elsewhere(details, target)):
