@@ -198,6 +198,16 @@ async def _async_client_concurrent_requests(server):
             await c.generate(prompt="hi", top_p=2.0)
 
 
+async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
+    """A bare gRPC server on a free local port serving ``servicer`` (a stand-in for the gateway) -> (server,
+    target)."""
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 class _Ends(generation_pb2_grpc.GenerationServicer):
     """A stream that sends its finish chunk, then takes a moment to end (as a gateway releasing a
     request, or Ray Serve's proxy relaying the end), noting whether its call ended or was cancelled."""
@@ -226,11 +236,7 @@ def test_a_stream_read_to_its_finish_chunk_ends_instead_of_being_cancelled():
 
     async def scenario() -> list[str]:
         servicer = _Ends()
-        server = grpc.aio.server()
-        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        target = f"127.0.0.1:{port}"
+        server, target = await _serve(servicer)
         try:
             async with AsyncClient(target, timeout=30) as c:
                 async for chunk in c.stream(prompt="x"):
@@ -265,11 +271,7 @@ def test_a_stream_held_open_after_its_finish_chunk_is_cancelled_after_a_bounded_
 
     async def scenario() -> tuple[list[str], float, float]:
         servicer = _Ends(hold_s=60)
-        server = grpc.aio.server()
-        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        target = f"127.0.0.1:{port}"
+        server, target = await _serve(servicer)
         try:
             t = time.monotonic()
             async with AsyncClient(target) as c:
@@ -311,12 +313,9 @@ def test_a_replica_that_died_under_a_call_is_unavailable_and_a_replayable_call_i
 
     async def scenario():
         servicer = _DiesOnce()
-        server = grpc.aio.server()
-        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, target = await _serve(servicer)
         try:
-            with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            with Client(target, timeout=30) as c:
                 greedy = await asyncio.to_thread(c.generate, prompt="x")
                 servicer.calls = 0
                 with pytest.raises(Unavailable, match="replica serving this call died") as e:
