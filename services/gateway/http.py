@@ -128,6 +128,20 @@ def validation_error(e: RequestValidationError, content_type: str | None = None)
     return error_response(err)
 
 
+# Series a client of the door must not read: KV block lookups by outcome say exactly whether a prompt
+# someone sent was cached (probe a guess, read the hit), which usage hides outside the caller's namespace.
+# The operator's ports (--metrics-port, Ray's metrics agents) keep them.
+OPERATORS_ONLY = (b"arserve_kv_block_lookups",)
+
+
+def clients_metrics(exposition: bytes) -> bytes:
+    """The Prometheus text without the operator-only series (their samples and HELP/TYPE lines)."""
+    def operators(line: bytes) -> bool:
+        name = line.split(b" ", 3)[2] if line.startswith(b"# ") and line.count(b" ") >= 2 else line
+        return name.startswith(OPERATORS_ONLY)
+    return b"\n".join(line for line in exposition.split(b"\n") if not operators(line))
+
+
 def max_body_bytes(settings) -> int:
     """The largest request body the door reads: room for a prompt of ``max_prompt_bytes`` escaped as JSON
     (a character may take 6 bytes, ``\\u00e9``) plus the other fields."""
@@ -330,6 +344,12 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         try:
             deadline = deadline_of(request)
             reqs = body.to_generate_requests()  # one per choice (gateway.choices)
+            if len(reqs) > service.settings.max_active_requests:  # a 429 it could never get past
+                err = InvalidArgument(f"{'n' if body.n > 1 else 'prompt'}: {len(reqs)} choices, each a request, "
+                                      f"past the {service.settings.max_active_requests} this server runs at once "
+                                      f"(max_active_requests)")
+                err.param = "n" if body.n > 1 else "prompt"
+                raise err
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             return error_response(e, body.sent_as)
         model = reqs[0].model or service.default_model
@@ -490,7 +510,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(clients_metrics(generate_latest(REGISTRY)), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -322,8 +322,10 @@ class VerifierService:
         except Exception as e:  # noqa: BLE001 - a failed proposal costs one plain round, never the request
             DRAFT_FAILURES.labels(req.model, req.method, "timeout" if isinstance(e, TimeoutError) else "error").inc()
             if not self._drafter_failing:
-                log.warning("drafter %r failed (%s: %s); decoding without drafts until it answers",
-                            req.method, type(e).__name__, e)
+                why = (f"no proposal within draft_timeout_s ({self.defaults.draft_timeout_s:g} s)"
+                       if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}")
+                log.warning("drafter %r failed (%s); its rounds decode without drafts until it answers "
+                            "(a seeded sampled request's text changes with them)", req.method, why)
                 self._drafter_failing = True
             return False
         if self._drafter_failing:

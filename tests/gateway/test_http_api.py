@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import openai
+from prometheus_client import REGISTRY, generate_latest
 import pytest
 from PIL import Image
 
@@ -122,6 +123,12 @@ def test_models_health_and_metrics(oai, server):
     assert urllib.request.urlopen(f"{base}/health", timeout=10).status == 200
     body = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     assert "arserve_requests_total" in body
+    # a client reading KV lookups by outcome learns whether a guessed prompt was cached (a probe found it):
+    # the door leaves them out, the operator's port keeps them
+    from arserve.metrics import KV_BLOCKS
+    KV_BLOCKS.labels("local").inc(0)  # the series exists in this process
+    assert "arserve_kv_block_lookups" not in urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    assert b"arserve_kv_block_lookups" in generate_latest(REGISTRY)
 
 
 def test_every_error_has_its_status_and_openai_exception(oai, server):
@@ -441,6 +448,15 @@ def test_a_body_past_the_limit_is_refused_before_it_is_parsed(server):
         assert status == 400 and body["error"]["param"] == "prompt", body
         status, body = post(json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(), chunked=True)
         assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+
+
+def test_more_choices_than_the_server_runs_at_once_is_a_400_not_a_429_forever(server):
+    """n = 5 where max_active_requests is 4 was a 429 "retry later" that no retry could get past."""
+    with door(server, max_active_requests=4) as d, api(d.url) as c:
+        with pytest.raises(openai.BadRequestError, match=r"n: 5 choices, each a request, past the 4") as e:
+            c.completions.create(model="smollm2-135m-instruct", prompt="Hi", n=5, max_tokens=2)
+        assert e.value.body["param"] == "n"
+        assert len(c.completions.create(model="smollm2-135m-instruct", prompt="Hi", n=4, max_tokens=2).choices) == 4
 
 
 def test_usage_counts_the_end_of_sequence_token(oai, client):
