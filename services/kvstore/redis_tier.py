@@ -4,7 +4,12 @@
 
 Redis is an accelerator, never a dependency of a request: when it is down,
 lookups miss and stores are skipped, a warning is logged once (not per
-request), and the tier reconnects by itself once Redis answers again.
+request), and the tier reconnects by itself once Redis answers again. It
+is asked again after ``retry_after_s``, doubling with each failure in a row
+up to ``MAX_RETRY_AFTER_S``: a Redis that hangs (each call waits out the
+timeout) then costs a lookup now and then, not one a second. A Redis that
+answers but refuses stores (full, with ``maxmemory-policy noeviction``) is
+not down: lookups go on, and the refusal is logged once.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("arserve.kvstore")
+MAX_RETRY_AFTER_S = 30.0  # the longest a failing Redis is left alone before it is asked again
+NEEDS_PASSWORD = ("NOAUTH", "HELLO must be called with the client already authenticated", "invalid password",
+                  "WRONGPASS", "Authentication required")
 
 
 class RedisTier:
@@ -33,7 +41,8 @@ class RedisTier:
         self.prefix = prefix
         self.retry_after_s = retry_after_s  # after a failure, skip Redis this long before trying again
         self.down_since: float | None = None
-        self.warned = False
+        self.failures = 0  # in a row: the wait before the next try doubles with each
+        self.warned = self.refused_warned = False
 
     def check(self) -> bool:
         """Ask Redis once, at start, so that the log says from the first line
@@ -53,19 +62,29 @@ class RedisTier:
         log.info("Redis KV tier at %s answers", where)
         return True
 
+    def wait_s(self) -> float:
+        """How long the tier is left alone after the last failure."""
+        return min(MAX_RETRY_AFTER_S, self.retry_after_s * 2 ** max(0, self.failures - 1))
+
     def _available(self) -> bool:
-        return self.down_since is None or time.monotonic() - self.down_since >= self.retry_after_s
+        return self.down_since is None or time.monotonic() - self.down_since >= self.wait_s()
 
     def _failed(self, e: Exception) -> None:
         self.down_since = time.monotonic()
+        self.failures += 1
         if not self.warned:
-            log.warning("Redis KV tier unavailable (%s: %s); recomputing until it answers", type(e).__name__, e)
+            hint = ("; Redis asks for a password: put it in redis_url (redis://:PASSWORD@host:port)"
+                    if any(sign in str(e) for sign in NEEDS_PASSWORD) else "")
+            log.warning("Redis KV tier unavailable (%s: %s)%s; recomputing until it answers (asked again after "
+                        "%g s, longer while it keeps failing, at most %g s)", type(e).__name__, e, hint,
+                        self.retry_after_s, MAX_RETRY_AFTER_S)
             self.warned = True
 
     def _ok(self) -> None:
         if self.down_since is not None:
             log.info("Redis KV tier answers again")
         self.down_since = None
+        self.failures = 0
         self.warned = False
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -87,10 +106,17 @@ class RedisTier:
                 for k, v in items.items():
                     pipe.set(self.prefix + k, v, ex=self.ttl_s)
                 await pipe.execute()
+        except ResponseError as e:  # Redis answered, and refused: not an outage, lookups go on
+            if not self.refused_warned:
+                log.warning("Redis refuses KV block stores (%s); lookups go on, new blocks are not shared. A "
+                            "full Redis needs an evicting maxmemory-policy (allkeys-lru)", e)
+                self.refused_warned = True
+            return
         except (RedisError, OSError) as e:
             self._failed(e)
             return
         self._ok()
+        self.refused_warned = False
 
     async def delete(self, key: str) -> None:
         try:

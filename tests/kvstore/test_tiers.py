@@ -105,6 +105,44 @@ def test_redis_down_recomputes_warns_once_and_reconnects(redis_server, caplog):
     run(go())
 
 
+def test_a_full_redis_refusing_stores_is_not_down_and_a_failing_one_is_asked_less_often(redis_server, caplog):
+    """A probe filled a Redis with maxmemory-policy noeviction: each refused store marked the tier down (no
+    lookups for a second, a warning and an "answers again" line every few requests). Refused stores now
+    leave lookups on, with one warning. And a Redis that keeps failing (a hung one costs each call the
+    whole timeout) is asked again after doubling waits, not every second."""
+    async def go():
+        redis = RedisTier(redis_server.url)
+        store = TieredStore(LocalTier(1 << 20), redis, KEY)
+        keys = block_keys(SPACE, list(range(16)))
+        await store.store({keys[0]: torch.ones(2, 2, 2, 8, 16)})
+        await redis.client.config_set("maxmemory-policy", "noeviction")  # first: an LRU policy would evict all
+        await redis.client.config_set("maxmemory", "1")  # full: every further write is refused
+        with caplog.at_level(logging.WARNING, logger="arserve.kvstore"):
+            for _ in range(3):
+                await store.store({keys[1]: torch.zeros(2, 2, 2, 8, 16)})
+                assert redis.down_since is None  # lookups go on
+                found = await TieredStore(LocalTier(1 << 20), redis, KEY).lookup(keys, SPACE)
+                assert len(found) == 1 and found[0].eq(1).all()
+        refused = [r.message for r in caplog.records if "refuses KV block stores" in r.message]
+        assert len(refused) == 1 and "allkeys-lru" in refused[0] and "unavailable" not in caplog.text
+        await redis.client.config_set("maxmemory", "0")
+        await redis.close()
+
+        redis_server.stop()
+        failing = RedisTier(redis_server.url, retry_after_s=0.2, timeout_s=0.5)
+        waits = []
+        for _ in range(4):
+            failing.down_since = None if not waits else failing.down_since - 100  # past any wait
+            assert await failing.get_many(["k"]) == [None]
+            waits.append(failing.wait_s())
+        assert waits == [0.2, 0.4, 0.8, 1.6] and not failing._available()
+        failing.failures = 20
+        assert failing.wait_s() == 30.0
+        await failing.close()
+
+    run(go())
+
+
 def test_the_start_says_whether_redis_answers(redis_server, caplog):
     """A server whose Redis is down says so when it starts, not at the first long prompt."""
     with caplog.at_level(logging.INFO, logger="arserve.kvstore"):
