@@ -271,8 +271,11 @@ class BackboneService:
         """Load the leading KV blocks of a prompt from the KV tiers; return the
         request for what is left to compute (at least one position, and every
         position whose outputs were asked for)."""
-        reused = await self._load_prefix(req.model, state, list(req.token_ids),
-                                         min(len(req.token_ids) - 1, req.outputs_from))
+        # the positions kept: not the last (its forward gives the first token's logits), nor any whose outputs
+        # were asked for. Blocks are looked up through one more position, so a prompt of exactly k blocks
+        # loads all k and recomputes its last position, not its whole last block.
+        keep = min(len(req.token_ids) - 1, req.outputs_from)
+        reused = await self._load_prefix(req.model, state, list(req.token_ids), keep + 1, keep)
         if not reused:
             return req
         rest = pb.ScoreRequest()
@@ -283,17 +286,20 @@ class BackboneService:
         rest.outputs_from = req.outputs_from - reused
         return rest
 
-    async def _load_prefix(self, model: str, state: RequestState, tokens: list[int], limit: int) -> int:
+    async def _load_prefix(self, model: str, state: RequestState, tokens: list[int], limit: int,
+                           keep: int | None = None) -> int:
         """Fill an empty cache with the leading KV blocks of ``tokens`` found in
-        the KV tiers (whole blocks within the first ``limit`` positions); ->
-        the positions loaded."""
+        the KV tiers (whole blocks within the first ``limit`` positions), of
+        which the first ``keep`` positions at most stay (default: all); ->
+        the positions kept."""
         space = self.spaces[model]
         keys = block_keys(space, tokens[:limit // space.block_size * space.block_size], state.salt)
         blocks = await self.kv_store.lookup(keys, space) if keys else []
         if not blocks:
             return 0
         state.cache.append_blocks(blocks)
-        reused = len(blocks) * space.block_size
+        reused = min(len(blocks) * space.block_size, limit if keep is None else keep)
+        state.cache.rollback(reused)  # the positions past it are computed again, to the same tokens
         state.committed = reused
         state.tokens = tokens[:reused]
         state.stored_blocks = len(blocks)
