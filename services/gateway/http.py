@@ -48,7 +48,7 @@ from .. import deadlines
 from ..errors import InvalidArgument, Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from .choices import all_of, merged, total_usage
-from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of
+from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of, refusal
 
 log = logging.getLogger("arserve.http")
 
@@ -102,30 +102,23 @@ def validation_error(e: RequestValidationError, content_type: str | None = None)
     content_type: the request's, where it is not JSON (FastAPI then never parsed the body: `curl -d`
     without a header sends a form)."""
     if content_type is not None:
-        err = InvalidArgument(f"body: Content-Type {content_type!r} is not JSON; send the body as JSON with "
-                              f"'Content-Type: application/json'")
-        err.param = None
-        return error_response(err)
+        return error_response(refusal(f"body: Content-Type {content_type!r} is not JSON; send the body as JSON "
+                                      f"with 'Content-Type: application/json'", None))
     errors = e.errors()
     if errors and errors[0].get("type") == "json_invalid":  # loc holds a character offset, not a field
         at = [x for x in errors[0].get("loc", ()) if isinstance(x, int)]
         why = (errors[0].get("ctx") or {}).get("error", "")
-        err = InvalidArgument(f"body: not valid JSON{f' at character {at[0]}' if at else ''}{f' ({why})' if why else ''}")
-        err.param = None
-        return error_response(err)
+        return error_response(refusal(
+            f"body: not valid JSON{f' at character {at[0]}' if at else ''}{f' ({why})' if why else ''}", None))
     first = errors[0] if errors else {}
     if [x for x in first.get("loc", ()) if x != "body"] == []:  # the body as a whole: empty, or not an object
         why = "the body is empty" if first.get("type") == "missing" else f"got {type(first.get('input')).__name__}"
-        err = InvalidArgument(f"body: a JSON object is required ({why})")
-        err.param = None
-        return error_response(err)
+        return error_response(refusal(f"body: a JSON object is required ({why})", None))
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
                 f"{err.get('msg', '').removeprefix('Value error, ')}" for err in errors]
-    err = InvalidArgument("; ".join(messages) or "request body does not parse")
-    err.param = param
-    return error_response(err)
+    return error_response(refusal("; ".join(messages) or "request body does not parse", param))
 
 
 # Series a client of the door must not read: KV block lookups by outcome say exactly whether a prompt
@@ -309,10 +302,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, size: int, scope, receive, send, at_least: bool = False) -> None:
-        err = InvalidArgument(f"body: {'more than ' if at_least else ''}{size} bytes, past the server's limit of "
-                              f"{self.max_bytes} (about 8 times max_prompt_bytes)")
-        err.param = None
-        _, body = error_body(err)
+        _, body = error_body(refusal(f"body: {'more than ' if at_least else ''}{size} bytes, past the server's "
+                                     f"limit of {self.max_bytes} (about 8 times max_prompt_bytes)", None))
         body["error"].update(type="invalid_request_error", code="request_too_large")
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
@@ -345,11 +336,10 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
             deadline = deadline_of(request)
             reqs = body.to_generate_requests()  # one per choice (gateway.choices)
             if len(reqs) > service.settings.max_active_requests:  # a 429 it could never get past
-                err = InvalidArgument(f"{'n' if body.n > 1 else 'prompt'}: {len(reqs)} choices, each a request, "
-                                      f"past the {service.settings.max_active_requests} this server runs at once "
-                                      f"(max_active_requests)")
-                err.param = "n" if body.n > 1 else "prompt"
-                raise err
+                param = "n" if body.n > 1 else "prompt"
+                raise refusal(f"{param}: {len(reqs)} choices, each a request, past the "
+                              f"{service.settings.max_active_requests} this server runs at once (max_active_requests)",
+                              param)
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             return error_response(e, body.sent_as)
         model = reqs[0].model or service.default_model

@@ -51,6 +51,13 @@ OPENAI_PARAMS.update({name: name for name in (  # the HTTP door's own refusals n
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
 
+def refusal(message: str, param: str | None) -> InvalidArgument:
+    """INVALID_ARGUMENT naming ``param``, the OpenAI parameter an HTTP error's ``param`` gives (None: the body)."""
+    err = InvalidArgument(message)
+    err.param = param
+    return err
+
+
 def param_of(message: str) -> str | None:
     """The OpenAI parameter a gateway INVALID_ARGUMENT message names first, or None."""
     m = _LEADING_FIELD.match(message)
@@ -70,10 +77,8 @@ def check_encodable(value, path: str = "") -> None:
         try:
             value.encode()
         except UnicodeEncodeError as e:
-            err = InvalidArgument(f"{path or 'body'}: not valid Unicode text: a lone surrogate "
-                                  f"{value[e.start]!r} at character {e.start}")
-            err.param = path or None
-            raise err from None
+            raise refusal(f"{path or 'body'}: not valid Unicode text: a lone surrogate {value[e.start]!r} at "
+                          f"character {e.start}", path or None) from None
     elif isinstance(value, dict):
         for key, item in value.items():
             check_encodable(key, path)
@@ -188,10 +193,8 @@ class GenerationBody(BaseModel):
         """One request per choice, prompt by prompt (choice i answers prompt i // n, as OpenAI orders them):
         ``n`` copies of each prompt's request, copy j seeded seed + j where a seed is set."""
         if len(prompts) * self.n > MAX_CHOICES:
-            err = InvalidArgument(f"{param}: at most {MAX_CHOICES} choices a request (n times the prompts), got "
-                                  f"{len(prompts)} prompt(s) x n={self.n}; send more requests")
-            err.param = param
-            raise err
+            raise refusal(f"{param}: at most {MAX_CHOICES} choices a request (n times the prompts), got "
+                          f"{len(prompts)} prompt(s) x n={self.n}; send more requests", param)
         out = []
         for req in prompts:
             for j in range(self.n):
