@@ -367,21 +367,22 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                 except RuntimeError as e:  # still running in a task a second cancellation left: it ends there
                     log.debug("a choice's stream closes in its own task: %s", e)
 
+        handed = False  # to the event stream, which closes the streams itself
         try:  # the first chunks before the 200: a refused request gets its status, not a broken stream;
             # a client that leaves before them (a long prefill, a wait for KV budget) cancels the request
             async with asyncio.timeout_at(deadline):
                 firsts = await unless_disconnected(request, all_of(first_chunk(s) for s in streams))
+            if firsts is None:
+                return Response(status_code=499)
+            shape = Shape(chat, firsts[0].request_id, model)
+            answer = EventStream(events(firsts, streams, close, shape, body.n, body.include_usage(), deadline))
+            handed = True
+            return answer
         except Exception as e:  # noqa: BLE001
-            await close()
             return error_response(e, body.sent_as)
-        except BaseException:  # the handler cancelled (Ray Serve's proxy cancels it when the client leaves)
-            await close()
-            raise
-        if firsts is None:
-            await close()
-            return Response(status_code=499)
-        shape = Shape(chat, firsts[0].request_id, model)
-        return EventStream(events(firsts, streams, close, shape, body.n, body.include_usage(), deadline))
+        finally:  # also where the handler is cancelled (Ray Serve's proxy cancels it when the client leaves)
+            if not handed:
+                await close()
 
     async def unless_disconnected(request: Request, call):
         """``call``'s result, or None where the client disconnects first: then

@@ -31,6 +31,8 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve import Application
 
+from arserve_client.v1 import generation_pb2
+
 from .. import assemble, metrics
 from ..core import compute
 from ..drafter.registry import method_spec
@@ -48,7 +50,7 @@ from ..pb.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-from ..rpc import AUTH_FAILED, status_of, token_ok
+from ..rpc import AUTH_FAILED, service_name, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs
 from .directory import Directory, Link, Peers, Remote
@@ -127,7 +129,7 @@ def _fail(grpc_context, e: Exception) -> None:
         grpc_context.set_details(status[1])
 
 
-GENERATION_SERVICE = "arserve.v1.Generation"  # the public service, as grpc.health.v1 names it
+GENERATION_SERVICE = service_name(generation_pb2, "Generation")  # the public service, as grpc.health.v1 names it
 WATCH_S = 10.0  # how long one health Watch stream stays open
 # Statuses that describe the caller's request, not a fault of the server.
 CALLERS_CODES = frozenset({

@@ -159,12 +159,8 @@ class Peers:
         listed = await asyncio.wait_for(self.directory.addresses.remote(self.service), DIRECTORY_CALL_S)
         addresses = set(listed) - set(self.lost)
         for gone in set(self.peers) - addresses:
-            peer = self.peers.pop(gone)
             log.info("%s replica %s left the directory", self.service, gone)
-            if peer.load:
-                self.leaving[gone] = peer  # closed by settle() when its requests end
-            else:
-                self._close(peer)
+            self._leave(self.peers.pop(gone))
         for new in addresses - set(self.peers):
             peer = self.leaving.pop(new, None)  # back again (a directory that restarted): same channel
             if peer is None:
@@ -232,9 +228,15 @@ class Peers:
         down refuses new calls while its last ones finish)."""
         self.lost[peer.address] = time.monotonic()
         if self.peers.get(peer.address) is peer:
-            del self.peers[peer.address]
-            self.leaving[peer.address] = peer  # closed by settle() when its calls end
             log.warning("%s replica %s unavailable; not picked again", self.service, peer.address)
+            self._leave(self.peers.pop(peer.address))
+
+    def _leave(self, peer: Peer) -> None:
+        """``peer`` is no longer picked: its channel closes now, or once the calls still on it end (``settle``)."""
+        if peer.load:
+            self.leaving[peer.address] = peer
+        else:
+            self._close(peer)
 
     def _close(self, peer: Peer) -> None:
         task = asyncio.get_running_loop().create_task(peer.channel.close(grace=None))
@@ -320,6 +322,10 @@ class Remote:
         self._unpin(req)
         return ReplicaLost(f"{self.peers.service} replica {peer.address} stopped answering: {_details(e)}")
 
+    def _retire_if_unreachable(self, peer: Peer, e: Exception) -> None:
+        if not self.sticky and _unreachable(peer, e):
+            self.peers.retire(peer)
+
     def _retry(self, peer: Peer, e: Exception, attempt: int, tried: set[str]) -> bool:
         """Whether a stateless call that failed on ``peer`` goes to another replica. An unreachable
         replica is retired (not picked again): the directory lists a dead one until its announcements
@@ -327,8 +333,7 @@ class Remote:
         where they should wait for its successor (``pick``) within their deadline."""
         if self.sticky or not _unavailable(e):
             return False
-        if _unreachable(peer, e):
-            self.peers.retire(peer)
+        self._retire_if_unreachable(peer, e)
         if attempt + 1 >= ATTEMPTS or deadlines.left() == 0:
             return False
         tried.add(peer.address)
@@ -408,8 +413,7 @@ class Remote:
                 return
             except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
                 if yielded:  # the caller has seen output a retry would repeat
-                    if not self.sticky and _unreachable(peer, e):
-                        self.peers.retire(peer)
+                    self._retire_if_unreachable(peer, e)
                     raise
                 if not self._retry(peer, e, attempt, tried):
                     raise

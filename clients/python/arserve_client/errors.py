@@ -73,13 +73,20 @@ NOT_SPOKEN = ("WRONG_VERSION_NUMBER", "Socket closed", "failed to connect to all
 REPLICA_DIED = ("The actor died unexpectedly", "ActorDiedError", "ActorUnavailableError")
 
 
+def _status(e: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """A failed call's code and details as gRPC gave them (UNKNOWN and the error's text where it has none)."""
+    return (e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN,
+            (e.details() if hasattr(e, "details") else None) or str(e))
+
+
+def _replica_died(code: grpc.StatusCode, details: str) -> bool:
+    return code == grpc.StatusCode.INTERNAL and any(sign in details for sign in REPLICA_DIED)
+
+
 def code_of(e: grpc.RpcError) -> grpc.StatusCode:
     """The status of a failed call as the caller should read it (a Ray replica's death is UNAVAILABLE)."""
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    details = (e.details() if hasattr(e, "details") else None) or ""
-    if code == grpc.StatusCode.INTERNAL and any(sign in details for sign in REPLICA_DIED):
-        return grpc.StatusCode.UNAVAILABLE
-    return code
+    code, details = _status(e)
+    return grpc.StatusCode.UNAVAILABLE if _replica_died(code, details) else code
 
 
 def _elsewhere(details: str, target: str | None) -> bool:
@@ -95,10 +102,10 @@ def from_rpc_error(e: grpc.RpcError, tls: bool | None = None, target: str | None
     TLS (None: unknown), for the hint an unreachable server gets;
     ``target``: the address the client dialled (a failure that names only
     other addresses is the server's, and gets no hint)."""
-    code = code_of(e)
-    details = (e.details() if hasattr(e, "details") else None) or str(e)
-    if code != (e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN):  # a replica died: Ray's obituary
-        return Unavailable(code, "the server replica serving this call died; another one takes the next call")
+    code, details = _status(e)
+    if _replica_died(code, details):  # Ray's obituary (actor ids, pid) is not the caller's business
+        return Unavailable(grpc.StatusCode.UNAVAILABLE,
+                           "the server replica serving this call died; another one takes the next call")
     if (code == grpc.StatusCode.UNAVAILABLE and any(sign in details for sign in NOT_SPOKEN)
             and not _elsewhere(details, target)):
         hint = TLS_HINT[tls if tls is not None else "WRONG_VERSION_NUMBER" in details]
