@@ -177,7 +177,7 @@ def test_past_the_kv_budget_the_sdk_gets_resource_exhausted_and_admitted_request
     from arserve.gateway.service import GenerationService
     from arserve.settings import ServerSettings
 
-    prompt, n = "Count from one to twenty.", 12
+    prompt, n = "Count from one to twenty.", 40  # the holder decodes for ~1 s: the probe arrives while it holds
     solo = client.generate(prompt=prompt, max_tokens=n, speculative="none")  # the session server: no small budget
     p = solo.stats.prompt_tokens
     s = server.service

@@ -485,8 +485,8 @@ def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_request(oai, serve
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model="smollm2-135m-instruct", prompt="Count to a thousand:", max_tokens=2000,
                                      extra_body={"speculative": "none"})
-    assert wait_until(lambda: not verifier.backbone.requests and server.service.active == 0), \
-        (verifier.backbone.requests, server.service.active)
+    assert wait_until(lambda: not verifier.backbone.requests and server.service.active == 0
+                      and cancelled() == before + 1), (verifier.backbone.requests, server.service.active)
     assert cancelled() == before + 1
 
 

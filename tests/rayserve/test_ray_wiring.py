@@ -269,7 +269,7 @@ def test_the_openai_api_through_rays_http_proxy(ray_server, ray_client):
 
         before = _cancelled(ray_server.http_url)
         stream = oai.completions.create(model=model, prompt="one two three four one two three four",
-                                        max_tokens=300, stream=True, extra_body={"speculative": "ngram"})
+                                        max_tokens=2000, stream=True, extra_body={"speculative": "none"})
         chunks = iter(stream)
         next(chunks), next(chunks)
         stream.close()  # the client goes away mid-stream: the gateway's admission counts it cancelled
@@ -332,12 +332,12 @@ def test_a_backbone_killed_mid_stream_its_requests_resume_on_the_other(ray_serve
 
     prompts = [long_prompt(seed=11), long_prompt(seed=12)]
     methods = ("none", "ngram")
-    reference = [list(ray_client.generate(prompt=p, max_tokens=48, speculative=m).token_ids)
+    reference = [list(ray_client.generate(prompt=p, max_tokens=64, speculative=m).token_ids)
                  for p, m in zip(prompts, methods)]
-    streams = [ray_client.stream(prompt=p, max_tokens=48, speculative=m) for p, m in zip(prompts, methods)]
+    before = _resumes(ray_server)  # looked up before the streams start, so that they are still decoding
+    replicas = _backbone_replicas()  # when the replica is killed
+    streams = [ray_client.stream(prompt=p, max_tokens=64, speculative=m) for p, m in zip(prompts, methods)]
     chunks = [[next(s)] for s in streams]  # both requests hold a KV cache now
-    before = _resumes(ray_server)
-    replicas = _backbone_replicas()
     name = _serving(replicas)
     address = replicas[name][0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
@@ -414,9 +414,14 @@ def _serving(replicas: dict[str, tuple[str, int]], sample_s: float = 0.3) -> str
         t = psutil.Process(pid).cpu_times()
         return t.user + t.system
 
-    start = {name: cpu(pid) for name, (_, pid) in replicas.items()}
-    time.sleep(sample_s)
-    return max(replicas, key=lambda name: cpu(replicas[name][1]) - start[name])
+    for _ in range(3):  # sampled again while one leads only a little (a replica that just restarted also works)
+        start = {name: cpu(pid) for name, (_, pid) in replicas.items()}
+        time.sleep(sample_s)
+        (first, busiest), (second, _) = sorted(((cpu(pid) - start[name], name) for name, (_, pid) in replicas.items()),
+                                               reverse=True)[:2]
+        if first > 2 * second + 0.02 or second > sample_s / 3:  # one leads clearly, or both decode a stream
+            break
+    return busiest
 
 
 def _assert_resumed_from(resumes: list[Resume], lost: str, streams: int) -> None:
