@@ -10,6 +10,11 @@ up to ``MAX_RETRY_AFTER_S``: a Redis that hangs (each call waits out the
 timeout) then costs a lookup now and then, not one a second. A Redis that
 answers but refuses stores (full, with ``maxmemory-policy noeviction``) is
 not down: lookups go on, and the refusal is logged once.
+
+A lookup reads a prompt's blocks in order, ``LOOKUP_BLOCKS`` to a request
+(``MGET``), and stops at the first block missing: the blocks after it are no
+use (a prefix ends there), and the timeout bounds each request's read, not
+a long prompt's whole prefix. Blocks read before a failure are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger("arserve.kvstore")
 MAX_RETRY_AFTER_S = 10.0  # the longest a failing Redis is left alone: a hung one then costs one 2 s try in 12 s,
 # and one that is back is used again within 10 s
+LOOKUP_BLOCKS = 4  # blocks a lookup asks for at once: SmolLM2 float32's blocks are ~3 MB, so 12 MB a read
 NEEDS_PASSWORD = ("NOAUTH", "HELLO must be called with the client already authenticated", "invalid password",
                   "WRONGPASS", "Authentication required")
 
@@ -30,11 +36,11 @@ NEEDS_PASSWORD = ("NOAUTH", "HELLO must be called with the client already authen
 class RedisTier:
     def __init__(self, url: str, ttl_s: int = 3600, prefix: str = "arserve:kv:", retry_after_s: float = 1.0,
                  timeout_s: float = 2.0, store_timeout_s: float = 10.0):
-        # redis:// or rediss:// (TLS); a password rides in the URL. Lookups are on a prompt's path and give up
-        # after timeout_s: a long prompt's blocks are as large as its stores (1,152 positions of SmolLM2 float32:
-        # 53 MB in one MGET), which a busy host did not always read within 0.5 s (a miss, and the tier marked
-        # down), while recomputing them takes about 2 s on 2 cores (decision 73). Stores run in the background
-        # and get longer still.
+        # redis:// or rediss:// (TLS); a password rides in the URL. Lookups are on a prompt's path and each read
+        # gives up after timeout_s: a long prompt's blocks are as large as its stores (1,152 positions of SmolLM2
+        # float32: 53 MB), which a busy host did not always read within 0.5 s in one MGET (a miss, and the tier
+        # marked down), while recomputing them takes about 2 s on 2 cores (decision 73); reads of LOOKUP_BLOCKS
+        # now. Stores run in the background and get longer still.
         self.url, self.timeout_s = url, timeout_s
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.writer = aioredis.Redis.from_url(url, socket_timeout=store_timeout_s, socket_connect_timeout=timeout_s)
@@ -89,15 +95,23 @@ class RedisTier:
         self.warned = False
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """A prompt's blocks in order -> their bytes, None from the first
+        block missing on (or from where Redis failed)."""
         if not keys or not self._available():
             return [None] * len(keys)
-        try:
-            values = await self.client.mget([self.prefix + k for k in keys])
-        except (RedisError, OSError) as e:
-            self._failed(e)
-            return [None] * len(keys)
-        self._ok()
-        return list(values)
+        found: list[bytes] = []
+        for i in range(0, len(keys), LOOKUP_BLOCKS):
+            try:
+                values = await self.client.mget([self.prefix + k for k in keys[i:i + LOOKUP_BLOCKS]])
+            except (RedisError, OSError) as e:
+                self._failed(e)
+                break
+            self._ok()
+            found += values
+            if None in values:
+                found = found[:found.index(None)]
+                break
+        return found + [None] * (len(keys) - len(found))
 
     async def put_many(self, items: dict[str, bytes]) -> None:
         if not items or not self._available():

@@ -143,6 +143,43 @@ def test_a_full_redis_refusing_stores_is_not_down_and_a_failing_one_is_asked_les
     run(go())
 
 
+def test_a_lookup_reads_a_few_blocks_at_a_time_and_stops_where_the_prefix_ends(redis_server):
+    """A long prompt's blocks (53 MB for 1,152 positions of SmolLM2) in one
+    MGET made the lookup's timeout bound the whole read; it is read
+    LOOKUP_BLOCKS at a time, no further than the first missing block, and
+    what was read before a failure is kept."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from arserve.kvstore.redis_tier import LOOKUP_BLOCKS
+
+    async def go():
+        redis = RedisTier(redis_server.url)
+        keys = [f"b{i}" for i in range(3 * LOOKUP_BLOCKS)]
+        await redis.put_many({k: k.encode() for k in keys})
+        await redis.client.delete(redis.prefix + keys[LOOKUP_BLOCKS + 1])  # the prefix ends in the second read
+        before = (await redis.client.info("commandstats")).get("cmdstat_mget", {}).get("calls", 0)
+        got = await redis.get_many(keys)
+        after = (await redis.client.info("commandstats"))["cmdstat_mget"]["calls"]
+        assert got == [k.encode() for k in keys[:LOOKUP_BLOCKS + 1]] + [None] * (2 * LOOKUP_BLOCKS - 1)
+        assert after - before == 2  # the third read was not asked for
+
+        mget, reads = redis.client.mget, []
+
+        async def fails_second(names):  # Redis times out on the second read
+            reads.append(names)
+            if len(reads) == 2:
+                raise RedisTimeout("Timeout reading from socket")
+            return await mget(names)
+
+        redis.client.mget = fails_second
+        got = await redis.get_many(keys)
+        assert got == [k.encode() for k in keys[:LOOKUP_BLOCKS]] + [None] * (2 * LOOKUP_BLOCKS)
+        assert redis.down_since is not None and len(reads) == 2
+        await redis.close()
+
+    run(go())
+
+
 def test_the_start_says_whether_redis_answers(redis_server, caplog):
     """A server whose Redis is down says so when it starts, not at the first long prompt."""
     with caplog.at_level(logging.INFO, logger="arserve.kvstore"):
