@@ -41,13 +41,17 @@ class Leases:
         self.service = service
         self.used: dict[Hashable, float] = {}  # key -> time.monotonic() of its last call's end
         self.busy: dict[Hashable, int] = {}  # key -> calls in flight
+        self.released: set[Hashable] = set()  # keys dropped while calls were still in flight
         self.expired = LEASES_EXPIRED.labels(service)
         self._sweeper: asyncio.Task | None = None
 
     @contextlib.contextmanager
     def using(self, key: Hashable) -> Iterator[None]:
-        """Mark ``key`` in use for one call; its lease restarts when the call ends."""
+        """Mark ``key`` in use for one call; its lease restarts when the call
+        ends, unless the state was released meanwhile (a call cancelled with
+        its request unwinds after the request's Release)."""
         self._start_sweeper()
+        self.released.discard(key)  # a call after a release acts on state of its own
         self.busy[key] = self.busy.get(key, 0) + 1
         try:
             yield
@@ -55,11 +59,16 @@ class Leases:
             self.busy[key] -= 1
             if not self.busy[key]:
                 del self.busy[key]
-            self.used[key] = time.monotonic()
+            if key not in self.released:
+                self.used[key] = time.monotonic()
+            elif key not in self.busy:
+                self.released.discard(key)
 
     def drop(self, key: Hashable) -> None:
         """The state was released: nothing to expire."""
         self.used.pop(key, None)
+        if key in self.busy:  # its calls in flight end without restarting a lease
+            self.released.add(key)
 
     async def sweep(self, now: float | None = None) -> list[Hashable]:
         """Free every state idle longer than the lease at ``now``; -> their keys."""

@@ -83,6 +83,32 @@ def test_state_in_use_is_not_expired_however_long_the_call():
     assert asyncio.run(scenario()) == ["busy"] and freed == ["busy"]
 
 
+def test_a_call_that_unwinds_after_its_release_leaves_no_lease():
+    """A soak probe: an image request cancelled by its deadline had its
+    Release run before its cancelled Score unwound; the Score's end
+    restarted a lease on freed state, and 300 s later the sweep "freed" it
+    and warned that a caller had died (about 0.6% of cancelled image
+    requests). A call that starts after the release still gets a lease."""
+    freed = []
+
+    async def free(key):
+        freed.append(key)
+
+    async def scenario():
+        leases = Leases(60.0, free, "test")
+        with leases.using("cancelled"), leases.using("cancelled"):  # two calls in flight
+            leases.drop("cancelled")  # the request's Release
+        after = dict(leases.used)
+        with leases.using("resent"):  # cancelled, and unwinding after its Release, when
+            leases.drop("resent")
+            with leases.using("resent"):  # a call after the release comes: state of its own, leased
+                pass
+        return after, await leases.sweep(now=time.monotonic() + 61)
+
+    after, swept = asyncio.run(scenario())
+    assert after == {} and swept == ["resent"] and freed == ["resent"]
+
+
 class SweptBeforeCommit:
     """The backbone, with every request's state expired (the real sweep,
     run as if the lease had passed) just before the first Commit: the

@@ -23,7 +23,7 @@ from .. import deadlines, metrics
 from ..errors import ArserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..pb.v1 import tokenizer_pb2 as tpb
 from ..pb.v1 import verifier_pb2 as vpb
-from ..rpc import status_of
+from ..rpc import callers_error, status_of
 from ..settings import ServerSettings
 from .images import ImageFront
 from .stops import StopMatcher, tokens_through_stop
@@ -271,9 +271,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             # never report that as a completion
             raise Unavailable(f"generation ended after {completion} tokens without a finish reason (the decode "
                               f"loop's stream ended early); retry the request")
-        except Exception as e:
-            log.warning("request %s (client request_id %r) failed: %s: %s",
-                        request_id, req.request_id, type(e).__name__, e)
+        except Exception as e:  # the caller's own errors (its deadline, bad input) are not the server's warnings
+            log.log(logging.INFO if callers_error(e) else logging.WARNING,
+                    "request %s (client request_id %r) failed: %s: %s", request_id, req.request_id, type(e).__name__, e)
             raise
         finally:
             await events.aclose()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve import Application
@@ -36,7 +35,7 @@ from arserve_client.v1 import generation_pb2
 from .. import assemble, metrics
 from ..core import compute
 from ..drafter.registry import method_spec
-from ..errors import ArserveError, NotFound, Unauthenticated
+from ..errors import NotFound, Unauthenticated
 from ..gateway import http
 from ..pb.v1 import (
     backbone_pb2,
@@ -50,7 +49,7 @@ from ..pb.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-from ..rpc import AUTH_FAILED, service_name, status_of, token_ok
+from ..rpc import AUTH_FAILED, callers_error, service_name, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs
 from .directory import Directory, Link, Peers, Remote
@@ -131,11 +130,6 @@ def _fail(grpc_context, e: Exception) -> None:
 
 GENERATION_SERVICE = service_name(generation_pb2, "Generation")  # the public service, as grpc.health.v1 names it
 WATCH_S = 10.0  # how long one health Watch stream stays open
-# Statuses that describe the caller's request, not a fault of the server.
-CALLERS_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 class CallersErrorsAsInfo(logging.Filter):
@@ -148,11 +142,8 @@ class CallersErrorsAsInfo(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
-            e = getattr(record.exc_info[1], "original_exception", record.exc_info[1])  # Ray wraps it
-            # arserve's own errors only: an internal call's status (a secret the replicas disagree on is
-            # UNAUTHENTICATED there) is the server's fault, and keeps its ERROR
-            status = status_of(e) if isinstance(e, ArserveError) else None
-            if status is not None and status[0] in CALLERS_CODES:
+            status = callers_error(getattr(record.exc_info[1], "original_exception", record.exc_info[1]))  # Ray
+            if status is not None:  # wraps it; a server fault keeps its ERROR
                 record.levelno, record.levelname = logging.INFO, "INFO"
                 record.msg, record.args = "%s %s: %s", (record.getMessage(), status[0].name, status[1])
                 record.exc_info = record.exc_text = None

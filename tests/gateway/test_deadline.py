@@ -59,6 +59,24 @@ def test_a_request_past_max_request_s_is_deadline_exceeded(where):
         assert len(verifier.left) == 1 and 0 < verifier.left[0] <= 0.5  # what internal calls carry on
 
 
+def test_a_passed_deadline_is_logged_as_the_callers_and_a_server_fault_as_a_warning(caplog):
+    """A soak probe counted 169 WARNING lines in 25 minutes, one per client
+    deadline: the caller's doing, so an INFO line; a fault of the server
+    keeps its WARNING."""
+    class Broken:
+        async def Run(self, req):
+            raise RuntimeError("the decode loop broke")
+            yield  # pragma: no cover
+
+    with caplog.at_level("INFO", logger="arserve.gateway"):
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(generate(gateway(Tokenizer(), WedgedVerifier(), max_request_s=0.3)))
+        with pytest.raises(RuntimeError):
+            asyncio.run(generate(gateway(Tokenizer(), Broken(), max_request_s=30)))
+    failed = {r.getMessage().split(": ", 2)[1]: r.levelname for r in caplog.records if "failed: " in r.getMessage()}
+    assert failed == {"DeadlineExceeded": "INFO", "RuntimeError": "WARNING"}, failed
+
+
 def test_the_clients_deadline_wins_when_it_is_sooner():
     verifier = WedgedVerifier()
     service = gateway(Tokenizer(), verifier, max_request_s=600)
@@ -91,3 +109,37 @@ def test_a_cancellation_that_meets_a_finished_step_is_not_swallowed():
             await task
 
     asyncio.run(main())
+
+
+def test_a_status_the_ended_call_cannot_take_is_not_a_server_fault(caplog):
+    """A soak probe: where gRPC's deadline timer ended a call just as the
+    handler failed with DEADLINE_EXCEEDED, ``abort`` itself failed
+    (ExecuteBatchError) and gRPC logged an ERROR with two tracebacks. The
+    interceptor now ends such a call as cancelled, which gRPC notes at DEBUG."""
+    from types import SimpleNamespace
+
+    import grpc
+    from grpc._cython import cygrpc
+
+    from arserve.rpc import ServiceInterceptor
+
+    async def handler(request, context):
+        raise DeadlineExceeded("the request's deadline passed while its images were decoded")
+
+    class Ended:  # the context of a call whose status gRPC has already sent
+        def time_remaining(self):
+            return -0.001
+
+        async def abort(self, code, details):
+            raise cygrpc.ExecuteBatchError("Failed \"execute_batch\"")
+
+    async def call():
+        details = SimpleNamespace(method="/arserve.v1.Generation/GenerateImage", invocation_metadata=())
+        wrapped = await ServiceInterceptor().intercept_service(
+            lambda d: asyncio.sleep(0, grpc.unary_unary_rpc_method_handler(handler)), details)
+        await wrapped.unary_unary(b"", Ended())
+
+    with caplog.at_level("DEBUG", logger="arserve.rpc"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(call())
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    assert "DEADLINE_EXCEEDED not sent, the call had ended" in caplog.text
