@@ -49,10 +49,11 @@ from ..pb.v1 import (
     verifier_pb2,
     verifier_pb2_grpc,
 )
-from ..rpc import AUTH_FAILED, callers_error, service_name, status_of, token_ok
+from ..rpc import AUTH_FAILED, service_name, status_of, token_ok
 from ..secrets import new_secret
 from .config import AppArgs
 from .directory import Directory, Link, Peers, Remote
+from .logs import callers_errors_as_info
 from .replica import ServiceReplica
 
 log = logging.getLogger("arserve.rayserve")
@@ -132,24 +133,6 @@ GENERATION_SERVICE = service_name(generation_pb2, "Generation")  # the public se
 WATCH_S = 10.0  # how long one health Watch stream stays open
 
 
-class CallersErrorsAsInfo(logging.Filter):
-    """Ray Serve logs every exception a deployment raises as an ERROR with
-    its traceback ("Request failed."). The gateway raises a caller's error
-    (bad input, no token, overload, a passed deadline) so that Ray's proxy
-    answers with its status; a log alerting on ERROR then fired per bad
-    request. Those become one INFO line with the status; a fault of the
-    server keeps its ERROR and traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
-            status = callers_error(getattr(record.exc_info[1], "original_exception", record.exc_info[1]))  # Ray
-            if status is not None:  # wraps it; a server fault keeps its ERROR
-                record.levelno, record.levelname = logging.INFO, "INFO"
-                record.msg, record.args = "%s %s: %s", (record.getMessage(), status[0].name, status[1])
-                record.exc_info = record.exc_text = None
-        return True
-
-
 @serve.ingress()  # the app is built per replica, around its GenerationService (__serve_build_asgi_app__)
 class Gateway:
     """The ingress: Ray Serve's gRPC proxy calls these methods with the
@@ -160,9 +143,7 @@ class Gateway:
     async def __init__(self, args: dict, directory, *services):
         args = AppArgs.model_validate(args)
         metrics.export_to_ray()
-        serve_log = logging.getLogger("ray.serve")  # the replica's "Request failed." records
-        if not any(isinstance(f, CallersErrorsAsInfo) for f in serve_log.filters):
-            serve_log.addFilter(CallersErrorsAsInfo())
+        callers_errors_as_info()  # the replica's "Request failed." records
         tokenizer = _remote(args, directory, "tokenizer", tokenizer_pb2_grpc.TokenizerStub)
         verifier = _remote(args, directory, "verifier", verifier_pb2_grpc.VerifierStub)
         images = assemble.image_front(args, tokenizer, verifier, assemble.image_configs(args))

@@ -21,7 +21,8 @@ log = logging.getLogger("arserve.rayserve")
 
 APP = "arserve"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # hosts that promise no other machine reaches the port
-SERVICER = "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+SERVICER = "arserve.rayserve.proxy.add_GenerationServicer_to_server"  # the generated one; the proxy then
+# logs callers' errors as INFO (arserve.rayserve.logs)
 HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"  # Gateway.Check, Gateway.Watch
 
 

@@ -259,15 +259,15 @@ def test_credentials_lose_the_newline_of_the_file_they_came_from(monkeypatch):
 
 
 def test_a_callers_error_is_an_info_line_and_a_servers_fault_keeps_its_error_and_traceback():
-    """The gateway replica's filter on Ray Serve's "Request failed." records (Ray logs every exception a
-    deployment raises as an ERROR with its traceback)."""
+    """The filter on Ray Serve's "Request failed." records, in the gateway replicas and Ray's proxy (Ray
+    logs every exception a deployment raises as an ERROR with its traceback, in both)."""
     import logging
     import sys
 
     import grpc
 
     from arserve.errors import InvalidArgument
-    from arserve.rayserve.app import CallersErrorsAsInfo
+    from arserve.rayserve.logs import CallersErrorsAsInfo
 
     def record(e: BaseException) -> logging.LogRecord:
         try:
@@ -280,5 +280,8 @@ def test_a_callers_error_is_an_info_line_and_a_servers_fault_keeps_its_error_and
     assert callers.getMessage() == "Request failed. INVALID_ARGUMENT: sampling.top_p must be in (0, 1], got 1.5"
     internal = grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                     "internal token mismatch")  # replicas that disagree on the secret
+    left = record(GeneratorExit())  # Ray's proxy, when the client closes a stream
+    assert CallersErrorsAsInfo().filter(left) and left.levelno == logging.INFO and left.exc_info is None
+    assert left.getMessage() == "Request failed. the client closed its call"
     for fault in (record(internal), record(RuntimeError("a bug"))):
         assert CallersErrorsAsInfo().filter(fault) and fault.levelno == logging.ERROR and fault.exc_info

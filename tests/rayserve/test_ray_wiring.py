@@ -92,17 +92,20 @@ def test_greedy_output_equals_the_embedded_wiring(ray_client, plain_greedy, meth
 
 
 def test_streaming_and_errors_through_the_proxy(ray_server, ray_client):
-    """Errors reach the client with their status; a caller's error is one INFO line in the gateway's log,
-    not an ERROR with a traceback per bad request (Ray Serve logs what a deployment raises)."""
-    def gateway_log() -> str:
-        return "".join(f.read_text(errors="replace")
-                       for f in (Path(ray_server.logs) / "serve").glob("replica_*gateway*.log"))
+    """Errors reach the client with their status; a caller's error is one INFO line in the gateway's log
+    and in the proxy's, not an ERROR with a traceback in each per bad request (Ray Serve logs what a
+    deployment raises, twice)."""
+    def gateway_log(pattern: str = "replica_*gateway*.log") -> str:
+        return "".join(f.read_text(errors="replace") for f in (Path(ray_server.logs) / "serve").glob(pattern))
+
+    def proxy_log() -> str:
+        return gateway_log("proxy_*.log")
 
     chunks = list(ray_client.stream(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram"))
     whole = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram")
     assert len(chunks) > 1 and "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].stats.completion_tokens == 24
-    tracebacks = gateway_log().count("Traceback")
+    tracebacks = gateway_log().count("Traceback"), proxy_log().count("Traceback")
     with pytest.raises(InvalidArgument, match="top_p"):
         ray_client.generate(prompt="Hi", top_p=1.5)
     with pytest.raises(InvalidArgument, match="vocabulary|speculative"):
@@ -110,9 +113,10 @@ def test_streaming_and_errors_through_the_proxy(ray_server, ray_client):
     with pytest.raises(InvalidArgument, match="top_p"):
         list(ray_client.stream(prompt="Hi", top_p=1.5))
     assert ray_client.generate(prompt="Hi", max_tokens=4).stats.completion_tokens == 4
-    assert _poll(gateway_log, lambda log: log.count("INVALID_ARGUMENT: sampling.top_p") >= 2, 10).count(
-        "INVALID_ARGUMENT: sampling.top_p") >= 2
-    assert gateway_log().count("Traceback") == tracebacks
+    for log in (gateway_log, proxy_log):
+        assert _poll(log, lambda text: text.count("INVALID_ARGUMENT: sampling.top_p") >= 2, 10).count(
+            "INVALID_ARGUMENT: sampling.top_p") >= 2, log.__name__
+    assert (gateway_log().count("Traceback"), proxy_log().count("Traceback")) == tracebacks
 
 
 def test_the_public_port_answers_grpc_health_as_the_embedded_one_does(ray_server):

@@ -467,7 +467,7 @@ Call with (dict "root" $ "mask" BOOL).
 {{- $_ := set $args "max_message_bytes" (int64 $v.serve.maxMessageBytes) }}
 {{- $args = mergeOverwrite $args (deepCopy $v.serve.extraArgs) }}
 {{- $app := dict "name" $v.serve.appName "route_prefix" "/" "import_path" "arserve.rayserve.app:build_app" "args" $args }}
-{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "arserve_client.v1.generation_pb2_grpc.add_GenerationServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") }}
+{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "arserve.rayserve.proxy.add_GenerationServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $v.serve.httpPort) }}
 {{- dict "proxy_location" $v.serve.proxyLocation "http_options" $http "grpc_options" $grpc "applications" (list $app) | toYaml }}
 {{- end }}
