@@ -16,10 +16,18 @@ serve=""
 # starts with SIGINT ignored.
 export ARSERVE_CHECK="$work"
 export RAY_AUTH_MODE=token  # `ray start` turns token auth on; `serve run` must send the token it wrote
-mine() { grep -lsz "^ARSERVE_CHECK=$work\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx "$$"; }
+# The raylet starts its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) with an environment of their own:
+# they are found by the raylet's pid, and outlived it when only the others were stopped.
+mine() {
+  local pids p
+  pids=$(grep -lsz "^ARSERVE_CHECK=$work\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx "$$")
+  for p in $pids; do echo "$p"; grep -lsz "^RAY_RAYLET_PID=$p\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3; done
+}
 cleanup() {
   [ -n "$serve" ] && kill -TERM "$serve" 2>/dev/null && sleep 5
-  kill -TERM $(mine) 2>/dev/null; sleep 3; kill -KILL $(mine) 2>/dev/null
+  local pids
+  pids=$(mine)
+  kill -TERM $pids 2>/dev/null; sleep 3; kill -KILL $pids $(mine) 2>/dev/null
   [ -f "$work/redis.pid" ] && kill "$(cat "$work/redis.pid")" 2>/dev/null
   return 0
 }
