@@ -52,11 +52,14 @@ class DeadlineExceeded(ArserveError):
 def from_status(code: str, message: str) -> ArserveError:
     """The error a status stands for (a status carried in a message, as
     ``ScoreResult`` carries each call's): the class of that code, or a plain
-    ArserveError with it."""
+    ArserveError with it; ``relayed`` marks it as another service's status."""
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable, Unimplemented,
                 Unauthenticated, DeadlineExceeded):
         if cls.code == code:
-            return cls(message)
-    error = ArserveError(message)
-    error.code = code
+            error = cls(message)
+            break
+    else:
+        error = ArserveError(message)
+        error.code = code
+    error.relayed = True
     return error

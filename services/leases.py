@@ -29,11 +29,12 @@ log = logging.getLogger("arserve.leases")
 
 class Leases:
     """Last-used times of one service's per-request states, and the sweep
-    that frees expired ones with ``free(key)`` (idempotent: a key may have
-    been released meanwhile). A state in use by a call in flight is never
-    expired, however long the call takes."""
+    that frees expired ones with ``free(key)`` -> whether there was state to
+    free (a key may have been released meanwhile: then it is forgotten
+    without a word). A state in use by a call in flight is never expired,
+    however long the call takes."""
 
-    def __init__(self, lease_s: float, free: Callable[[Hashable], Awaitable[None]], service: str):
+    def __init__(self, lease_s: float, free: Callable[[Hashable], Awaitable[bool]], service: str):
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
         self.lease_s = lease_s
@@ -41,17 +42,16 @@ class Leases:
         self.service = service
         self.used: dict[Hashable, float] = {}  # key -> time.monotonic() of its last call's end
         self.busy: dict[Hashable, int] = {}  # key -> calls in flight
-        self.released: set[Hashable] = set()  # keys dropped while calls were still in flight
         self.expired = LEASES_EXPIRED.labels(service)
         self._sweeper: asyncio.Task | None = None
 
     @contextlib.contextmanager
     def using(self, key: Hashable) -> Iterator[None]:
         """Mark ``key`` in use for one call; its lease restarts when the call
-        ends, unless the state was released meanwhile (a call cancelled with
-        its request unwinds after the request's Release)."""
+        ends, also where the request was released meanwhile (a call cancelled
+        with its request can unwind after the Release, and may have created
+        state as it went: the sweep frees whatever is there)."""
         self._start_sweeper()
-        self.released.discard(key)  # a call after a release acts on state of its own
         self.busy[key] = self.busy.get(key, 0) + 1
         try:
             yield
@@ -59,24 +59,23 @@ class Leases:
             self.busy[key] -= 1
             if not self.busy[key]:
                 del self.busy[key]
-            if key not in self.released:
-                self.used[key] = time.monotonic()
-            elif key not in self.busy:
-                self.released.discard(key)
+            self.used[key] = time.monotonic()
 
     def drop(self, key: Hashable) -> None:
         """The state was released: nothing to expire."""
         self.used.pop(key, None)
-        if key in self.busy:  # its calls in flight end without restarting a lease
-            self.released.add(key)
 
     async def sweep(self, now: float | None = None) -> list[Hashable]:
-        """Free every state idle longer than the lease at ``now``; -> their keys."""
+        """Free every state idle longer than the lease at ``now``; -> the keys
+        whose state was there to free (the leases of released requests go
+        quietly: a call that unwound after its request's Release restarted one)."""
         now = time.monotonic() if now is None else now
-        gone = [k for k, t in self.used.items() if now - t > self.lease_s and k not in self.busy]
-        for key in gone:
+        idle = [k for k, t in self.used.items() if now - t > self.lease_s and k not in self.busy]
+        gone = []
+        for key in idle:
             del self.used[key]
-            await self.free(key)
+            if await self.free(key):
+                gone.append(key)
         if gone:
             self.expired.inc(len(gone))
             log.warning("%s: freed the state of %d request(s) idle longer than the %.0fs lease (state_lease_s): "

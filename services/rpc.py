@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import grpc
+from grpc._cython import cygrpc  # ExecuteBatchError: a status sent to a call that has ended
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -57,9 +58,9 @@ def callers_error(e: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status of an error the caller caused (bad input, no token,
     overload, its deadline), for a log line rather than an alert; None for
     a fault of the server. arserve's own errors only: an internal call's
-    status (a secret the replicas disagree on is UNAUTHENTICATED there) is
-    the server's fault."""
-    status = status_of(e) if isinstance(e, ArserveError) else None
+    status (a secret the replicas disagree on is UNAUTHENTICATED there), a
+    relayed one too (``errors.from_status``), is the server's fault."""
+    status = status_of(e) if isinstance(e, ArserveError) and not getattr(e, "relayed", False) else None
     return status if status is not None and status[0] in CALLERS_CODES else None
 
 
@@ -89,10 +90,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 status = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
             try:
                 await context.abort(*status)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as ended:  # noqa: BLE001 - the call ended first: gRPC's own deadline timer fired as
-                # arserve's did (a soak probe: 6 in ~3,000 deadlines); ExecuteBatchError, logged as a server fault
+            except cygrpc.ExecuteBatchError as ended:  # the call ended first: gRPC's own deadline timer fired as
+                # arserve's did (a soak probe: 6 in ~3,000 deadlines); gRPC logged it as a fault of the server
                 log.debug("%s: %s not sent, the call had ended (%r)", method, status[0].name, ended)
                 raise asyncio.CancelledError from None  # what gRPC expects of a call that ended under it
 

@@ -186,9 +186,10 @@ class ImageBackboneService:
         await self._free(key)
         return pb.ReleaseResponse()
 
-    async def _free(self, key: tuple[str, str]) -> None:
-        self.sessions.pop(key, None)
+    async def _free(self, key: tuple[str, str]) -> bool:
+        held = self.sessions.pop(key, None) is not None
         self.joins.left(key)
+        return held
 
 
 def _parse(image: pb.ImageScore, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

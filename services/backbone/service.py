@@ -261,11 +261,13 @@ class BackboneService:
         state = self.requests[key] = RequestState(model.new_cache(n), reserved=n, salt=req.cache_salt)
         return state
 
-    async def _expire(self, key: tuple[str, str]) -> None:
-        """The lease of a request's state ran out (``Leases``): free its cache and reservation."""
+    async def _expire(self, key: tuple[str, str]) -> bool:
+        """The lease of a request's state ran out (``Leases``): free its cache and reservation -> whether
+        there was one."""
         state = self.requests.pop(key, None)
         if state is not None:
             self.budgets[key[0]].free(state.reserved)
+        return state is not None
 
     async def _reuse_prefix(self, req: pb.ScoreRequest, state: RequestState) -> pb.ScoreRequest:
         """Load the leading KV blocks of a prompt from the KV tiers; return the

@@ -206,9 +206,10 @@ class ImageDrafter:
         await self._free(key)
         return pb.DrafterReleaseResponse()
 
-    async def _free(self, key: tuple[str, str]) -> None:
-        self.sessions.pop(key, None)
+    async def _free(self, key: tuple[str, str]) -> bool:
+        held = self.sessions.pop(key, None) is not None
         self.joins.left(key)
+        return held
 
 
 @torch.no_grad()

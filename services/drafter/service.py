@@ -82,13 +82,14 @@ class DrafterService:
         await self._free((req.method, req.request_id))
         return pb.DrafterReleaseResponse()
 
-    async def _free(self, key: tuple[str, str]) -> None:
-        """Forget a request: its context here and its proposer's state (Release, or an expired lease)."""
+    async def _free(self, key: tuple[str, str]) -> bool:
+        """Forget a request: its context here and its proposer's state (Release, or an expired lease) ->
+        whether it had a context."""
         method, request_id = key
         proposer = self.proposers.get(method)
         if proposer is not None:
             await asyncio.get_running_loop().run_in_executor(self.executor, proposer.release, request_id)
-        self.contexts.pop(key, None)
+        return self.contexts.pop(key, None) is not None
 
 
 def _propose_many(items: list[tuple[JoinedProposer, DraftRequest]]) -> list:

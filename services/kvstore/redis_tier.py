@@ -14,7 +14,8 @@ not down: lookups go on, and the refusal is logged once.
 A lookup reads a prompt's blocks in order, ``LOOKUP_BLOCKS`` to a request
 (``MGET``), and stops at the first block missing: the blocks after it are no
 use (a prefix ends there), and the timeout bounds each request's read, not
-a long prompt's whole prefix. Blocks read before a failure are kept.
+a long prompt's whole prefix. Blocks read before a failure are kept; no
+read starts once the lookup has taken the timeout.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class RedisTier:
         if not keys or not self._available():
             return [None] * len(keys)
         found: list[bytes] = []
+        deadline = time.monotonic() + self.timeout_s  # the whole lookup, too: past it recomputing is cheaper
         for i in range(0, len(keys), LOOKUP_BLOCKS):
+            if i and (time.monotonic() > deadline or not self._available()):  # slow, or down meanwhile
+                break
             try:
                 values = await self.client.mget([self.prefix + k for k in keys[i:i + LOOKUP_BLOCKS]])
             except (RedisError, OSError) as e:

@@ -9,4 +9,6 @@ resources and autoscaling; gRPC between them; KV blocks shared through Redis.
   report load).
 - ``app``: the deployments and the application builder that
   ``serve run deploy/serve_config.yaml`` imports.
+- ``proxy``: the public servicer as Ray's gRPC proxy imports it.
+- ``logs``: callers' errors as INFO lines in Ray Serve's logs.
 """

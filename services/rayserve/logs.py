@@ -25,7 +25,8 @@ class CallersErrorsAsInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and record.exc_info and record.exc_info[1] is not None:
             e = getattr(record.exc_info[1], "original_exception", record.exc_info[1])  # Ray wraps it
-            if isinstance(e, (GeneratorExit, asyncio.CancelledError)):  # the client left its stream
+            if isinstance(e, (GeneratorExit, asyncio.CancelledError)) and str(record.msg).startswith(
+                    "Request failed"):  # the client left its stream (Ray's proxy's record of that request)
                 self._as_info(record, "%s the client closed its call", (record.getMessage(),))
             elif (status := callers_error(e)) is not None:
                 self._as_info(record, "%s %s: %s", (record.getMessage(), status[0].name, status[1]))

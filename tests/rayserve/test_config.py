@@ -266,7 +266,7 @@ def test_a_callers_error_is_an_info_line_and_a_servers_fault_keeps_its_error_and
 
     import grpc
 
-    from arserve.errors import InvalidArgument
+    from arserve.errors import InvalidArgument, from_status
     from arserve.rayserve.logs import CallersErrorsAsInfo
 
     def record(e: BaseException) -> logging.LogRecord:
@@ -283,5 +283,8 @@ def test_a_callers_error_is_an_info_line_and_a_servers_fault_keeps_its_error_and
     left = record(GeneratorExit())  # Ray's proxy, when the client closes a stream
     assert CallersErrorsAsInfo().filter(left) and left.levelno == logging.INFO and left.exc_info is None
     assert left.getMessage() == "Request failed. the client closed its call"
-    for fault in (record(internal), record(RuntimeError("a bug"))):
+    relayed = from_status("NOT_FOUND", "model 'x' is not served by this backbone")  # another service's status
+    other = record(GeneratorExit())
+    other.msg = "Replica shutdown failed."  # not a request's record: a real fault, whatever its exception
+    for fault in (record(internal), record(RuntimeError("a bug")), record(relayed), other):
         assert CallersErrorsAsInfo().filter(fault) and fault.levelno == logging.ERROR and fault.exc_info
