@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_checks import (check_ports, check_settings, fail, grid_path, label_list, positive,
+from .cli_checks import (check_ports, check_settings, fail, grid_path, label_list, positive, seconds,
                          startup_failure, user_error)
 
 
@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
                             ("models", cmd_models, "list a running server's models")):
         g = sub.add_parser(name, help=hlp)
         g.add_argument("--target", default="localhost:50051", help="server address")
-        g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        g.add_argument("--timeout", type=seconds, default=None, help="deadline in seconds")
         g.add_argument("--token", default=os.environ.get("ARSERVE_TOKEN"),
                        help="bearer token (default: $ARSERVE_TOKEN)")
         g.add_argument("--tls", action="store_true", help="connect over TLS (system roots)")

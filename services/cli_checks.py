@@ -27,14 +27,29 @@ def positive(text: str) -> int:
     return value
 
 
-def label_list(text: str) -> list[int]:
-    """argparse type of --label: one class label or several, comma-separated."""
+def seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (a deadline of 0 or -1 failed every call)."""
     try:
-        labels = [int(x) for x in text.split(",") if x.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
-    if not labels:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def label_list(text: str) -> list[int]:
+    """argparse type of --label: one class label or several, comma-separated (an empty item is refused:
+    ``1,,2`` dropped it silently)."""
+    if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} names no label")
+    items = text.split(",")
+    try:
+        labels = [int(x) for x in items]
+    except ValueError:
+        if any(not x.strip() for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty label, e.g. 7 or 0,1,2") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
     return labels
 
 

@@ -124,7 +124,11 @@ def test_train_refuses_a_teacher_for_a_target():
     (["-o", "{tmp}"], 1, "is a directory; name a .png file"),
     (["-o", "{tmp}/grid.jpg"], 1, "the grid is written as PNG"),
     (["-o", "/proc/arserve/grid.png"], 1, "cannot create its directory"),
-], ids=["label-x", "label-empty", "n-0", "batch-negative", "output-dir", "output-jpg", "output-unwritable"])
+    (["--label", "1,,2"], 2, "argument --label: '1,,2' has an empty label"),  # the empty item was dropped
+    (["--timeout", "0"], 2, "argument --timeout: must be a positive number of seconds, got 0"),  # failed every call
+    (["--timeout", "nan"], 2, "argument --timeout: must be a positive number of seconds, got nan"),
+], ids=["label-x", "label-empty", "n-0", "batch-negative", "output-dir", "output-jpg", "output-unwritable",
+        "label-empty-item", "timeout-0", "timeout-nan"])
 def test_image_arguments_are_checked_before_any_image_is_generated(argv, code, message, tmp_path, capsys):
     """One line on stderr and an exit status, never a traceback (nothing listens at the target: nothing is sent)."""
     from arserve.cli import main

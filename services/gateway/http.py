@@ -49,6 +49,7 @@ from ..errors import InvalidArgument, Unauthenticated
 from ..rpc import AUTH_FAILED, status_of, token_ok
 from .choices import all_of, merged, total_usage
 from .openai_models import ChatCompletionBody, CompletionBody, ImageBody, param_of, refusal
+from .validate import quoted
 
 log = logging.getLogger("arserve.http")
 
@@ -490,7 +491,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         for m in listed["data"]:
             if m["id"] == model_id:
                 return m
-        return JSONResponse({"error": {"message": f"model {model_id!r} is not served; known: "
+        return JSONResponse({"error": {"message": f"model {quoted(model_id)} is not served; known: "
                                                   f"{sorted(m['id'] for m in listed['data'])}",
                                        "type": "not_found_error", "param": "model", "code": "not_found"}},
                             status_code=404)

@@ -18,7 +18,7 @@ from ..pb.v1 import tokenizer_pb2 as tpb
 from ..settings import ServerSettings
 from ..pb.v1 import verifier_pb2 as vpb
 from ..wire import from_proto, to_proto
-from .validate import check_image_request
+from .validate import check_image_request, quoted
 
 
 class ImageFront:
@@ -48,7 +48,7 @@ class ImageFront:
         model_id, method, _ = self.labels(req)
         model = self.models.get(model_id)
         if model is None:
-            raise NotFound(f"image model {req.model!r} is not served; image models: {sorted(self.models)}")
+            raise NotFound(f"image model {quoted(req.model)} is not served; image models: {sorted(self.models)}")
         config = self.configs[model.id]
         check_image_request(req, model, config.num_classes, self.settings.max_images_per_request)
         spec = req.speculative

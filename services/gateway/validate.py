@@ -22,6 +22,12 @@ MAX_CACHE_SALT_BYTES = 256
 MAX_REQUEST_ID_LENGTH = 128  # characters of a client's request_id (it is echoed back, never a key)
 
 
+def quoted(name: str, limit: int = MAX_REQUEST_ID_LENGTH) -> str:
+    """A name the client sent, quoted for an error message: at most ``limit``
+    characters of it (a 10,000-character model id came back whole)."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
+
+
 def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], default: str,
                   image_models: Iterable[str] = ()) -> ModelSettings:
     """The text model a request names (NOT_FOUND, as OpenAI answers a chat call to a non-chat model,
@@ -32,7 +38,7 @@ def resolve_model(req: pb.GenerateRequest, models: dict[str, ModelSettings], def
     if name in image_models:
         raise NotFound(f"model {name!r} is an image model: ask it for images (GenerateImage, "
                        f"POST /v1/images/generations); text models: {sorted(models)}")
-    raise NotFound(f"model {req.model!r} is not served; known: {sorted(models)}")
+    raise NotFound(f"model {quoted(req.model)} is not served; known: {sorted(models)}")
 
 
 def check_size(req: pb.GenerateRequest, max_prompt_bytes: int) -> None:

@@ -158,6 +158,16 @@ BAD = [
 ]
 
 
+def test_a_long_unknown_model_id_is_not_echoed_whole(client):
+    """A probe: a 10,000-character model id came back whole in the NOT_FOUND message (request_id is capped)."""
+    for call in (lambda: client.generate(prompt="hi", model="x" * 10_000),
+                 lambda: client.generate_image([1], model="x" * 10_000)):
+        with pytest.raises(NotFound) as info:
+            call()
+        assert "x" * 129 not in info.value.details
+        assert "... (10000 characters) is not served" in info.value.details
+
+
 @pytest.mark.parametrize("kwargs,error,field", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
 def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(client, kwargs, error, field):
     with pytest.raises(error) as info:
