@@ -41,16 +41,15 @@ def seconds(text: str) -> float:
 def label_list(text: str) -> list[int]:
     """argparse type of --label: one class label or several, comma-separated (an empty item is refused:
     ``1,,2`` dropped it silently)."""
-    if not text.strip():
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
         raise argparse.ArgumentTypeError(f"{text!r} names no label")
-    items = text.split(",")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty label, e.g. 7 or 0,1,2")
     try:
-        labels = [int(x) for x in items]
+        return [int(x) for x in items]
     except ValueError:
-        if any(not x.strip() for x in items):
-            raise argparse.ArgumentTypeError(f"{text!r} has an empty label, e.g. 7 or 0,1,2") from None
         raise argparse.ArgumentTypeError(f"{text!r}: labels are integers, e.g. 7 or 0,1,2") from None
-    return labels
 
 
 def grid_path(path: Path) -> Path:

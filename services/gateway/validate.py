@@ -23,8 +23,9 @@ MAX_REQUEST_ID_LENGTH = 128  # characters of a client's request_id (it is echoed
 
 
 def quoted(name: str, limit: int = MAX_REQUEST_ID_LENGTH) -> str:
-    """A name the client sent, quoted for an error message: at most ``limit``
-    characters of it (a 10,000-character model id came back whole)."""
+    """A name the client sent (a model id, a role, a method), quoted for an
+    error message: at most ``limit`` characters of it (a 10,000-character
+    model id came back whole)."""
     return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
 
 
@@ -65,7 +66,7 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
         raise InvalidArgument("give either prompt or messages, not both")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role {m.role!r} is not one of {list(ROLES)}")
+            raise InvalidArgument(f"messages[{i}].role {quoted(m.role)} is not one of {list(ROLES)}")
     s = req.sampling
     if s.HasField("max_tokens") and s.max_tokens == 0:
         raise InvalidArgument("sampling.max_tokens must be at least 1")
@@ -91,7 +92,7 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     method = req.speculative.method or model.default_speculative_method
     if method not in model.speculative_methods:
         raise InvalidArgument(
-            f"speculative.method {req.speculative.method!r} is not available for model {model.id!r}; "
+            f"speculative.method {quoted(req.speculative.method)} is not available for model {model.id!r}; "
             f"choose one of {model.speculative_methods}"
         )
 
@@ -139,5 +140,5 @@ def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings,
         raise InvalidArgument("speculative.num_candidates does not apply to images (one draft chain per image)")
     method = spec.method or model.default_speculative_method
     if method not in model.speculative_methods:
-        raise InvalidArgument(f"speculative.method {spec.method!r} is not available for image model {model.id!r}; "
+        raise InvalidArgument(f"speculative.method {quoted(spec.method)} is not available for image model {model.id!r}; "
                               f"choose one of {model.speculative_methods}")

@@ -166,6 +166,9 @@ def test_a_long_unknown_model_id_is_not_echoed_whole(client):
             call()
         assert "x" * 129 not in info.value.details
         assert "... (10000 characters) is not served" in info.value.details
+    with pytest.raises(InvalidArgument) as info:  # the other names a request carries: the same
+        client.generate(prompt="hi", speculative="x" * 10_000)
+    assert "x" * 129 not in info.value.details and "... (10000 characters) is not available" in info.value.details
 
 
 @pytest.mark.parametrize("kwargs,error,field", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
