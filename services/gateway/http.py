@@ -165,12 +165,54 @@ def deadline_of(request: Request) -> float | None:
     return asyncio.get_running_loop().time() + seconds
 
 
+def token_text(token: bytes) -> str:
+    """A token's bytes as OpenAI's ``token`` string (a part of a UTF-8 character reads as U+FFFD, as in
+    vLLM; ``bytes`` keeps the exact bytes)."""
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(logprobs) -> dict:
+    """A chat choice's ``logprobs``: ``content``, one entry per token (pb.TokenLogprob)."""
+    return {"content": [{"token": token_text(lp.token), "logprob": lp.logprob, "bytes": list(lp.token),
+                         "top_logprobs": [{"token": token_text(t.token), "logprob": t.logprob, "bytes": list(t.token)}
+                                          for t in lp.top]}
+                        for lp in logprobs], "refusal": None}
+
+
+def text_logprobs(logprobs, offset: int = 0) -> dict:
+    """A completion choice's ``logprobs`` (OpenAI's legacy shape): tokens, their log-probabilities, the most
+    likely tokens with the chosen one at each position, and each token's character offset in the text
+    (``offset``: the characters of the completion before these tokens)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in logprobs:
+        token = token_text(lp.token)
+        out["tokens"].append(token)
+        out["token_logprobs"].append(lp.logprob)
+        top = {token_text(t.token): t.logprob for t in lp.top}
+        top.setdefault(token, lp.logprob)  # "up to logprobs + 1 elements": the chosen token always
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out
+
+
 class Shape:
     """How one kind of completion looks on the wire (chat or text)."""
 
-    def __init__(self, chat: bool, request_id: str, model: str):
+    def __init__(self, chat: bool, request_id: str, model: str, logprobs: bool = False):
         self.chat, self.created, self.model = chat, int(time.time()), model
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.logprobs = logprobs  # the request asked for log-probabilities
+        self.offsets: dict[int, int] = {}  # a streamed completion choice's characters of tokens so far
+
+    def _logprobs(self, logprobs, index: int = 0) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(logprobs)
+        out = text_logprobs(logprobs, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in out["tokens"])
+        return out
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -180,21 +222,24 @@ class Shape:
         choices = []
         for index, out in enumerate(outs):
             finish = FINISH.get(out.finish_reason)
+            logprobs = self._logprobs(out.logprobs)
             if self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
-                                "logprobs": None, "finish_reason": finish})
+                                "logprobs": logprobs, "finish_reason": finish})
             else:
-                choices.append({"index": index, "text": out.text, "logprobs": None, "finish_reason": finish})
+                choices.append({"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish})
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         body["usage"] = usage(total_usage([out.usage for out in outs], n))
         return body
 
-    def chunk(self, text: str, finish: str | None, first: bool = False, index: int = 0) -> dict:
+    def chunk(self, text: str, finish: str | None, first: bool = False, index: int = 0, logprobs=()) -> dict:
+        """logprobs: the chunk's tokens' (pb.TokenLogprob)."""
+        logprobs = self._logprobs(logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
     def usage_chunk(self, u: pb.Usage) -> dict:
@@ -344,6 +389,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             return error_response(e, body.sent_as)
         model = reqs[0].model or service.default_model
+        logprobs = reqs[0].sampling.HasField("logprobs")
         if not body.stream:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -352,7 +398,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                 return error_response(e, body.sent_as)
             if outs is None:  # the client went away: nobody reads a response
                 return Response(status_code=499)
-            return JSONResponse(Shape(chat, outs[0].request_id, model).whole(outs, body.n))
+            return JSONResponse(Shape(chat, outs[0].request_id, model, logprobs).whole(outs, body.n))
         # the request's deadline in this context: the streams' first steps run in tasks of their own (below),
         # their later ones in a copy of this context (EventStream), which must carry the deadline too
         deadlines.begin(service.settings.max_request_s)
@@ -375,7 +421,7 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                 firsts = await unless_disconnected(request, all_of(first_chunk(s) for s in streams))
             if firsts is None:
                 return Response(status_code=499)
-            shape = Shape(chat, firsts[0].request_id, model)
+            shape = Shape(chat, firsts[0].request_id, model, logprobs)
             answer = EventStream(events(firsts, streams, close, shape, body.n, body.include_usage(), deadline))
             handed = True
             return answer
@@ -431,8 +477,9 @@ def build_app(service, auth_token: str | None = None, open_health: bool = True) 
                     break
                 index, chunk = got
                 finish = FINISH.get(chunk.finish_reason)
-                if chunk.text or finish or not opened[index]:
-                    body = shape.chunk(chunk.text, finish, first=not opened[index], index=index)
+                if chunk.text or finish or not opened[index] or chunk.logprobs:
+                    body = shape.chunk(chunk.text, finish, first=not opened[index], index=index,
+                                       logprobs=chunk.logprobs)
                     if include_usage:
                         body["usage"] = None
                     yield sse(body)

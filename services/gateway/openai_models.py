@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from arserve_client.v1 import generation_pb2 as pb
 
 from ..errors import InvalidArgument
+from ..verifier.logprobs import MAX_LOGPROBS
 
 UINT32 = (1 << 32) - 1
 FLOAT32_MAX = 3.4028234663852886e38  # the protobuf float fields' largest finite value
@@ -111,9 +112,10 @@ class GenerationBody(BaseModel):
     stream: bool | None = Field(False, description="Answer with server-sent events, ending in data: [DONE] "
                                 "(null: false).")
     stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = Field(None, description="Chat: true reports each token's log-probability "
+                                        "(with top_logprobs); completions: the number of most likely tokens "
+                                        "reported beside the chosen one.")
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
     response_format: dict | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -141,10 +143,6 @@ class GenerationBody(BaseModel):
             raise InvalidArgument(f"n: choices per prompt must be at least 1, got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options: only allowed when stream is true")
-        if self.logprobs is not None and self.logprobs is not False:  # completions' 0: the sampled token's
-            raise InvalidArgument(f"logprobs: not served by arserve, got {self.logprobs!r}")
-        if self.top_logprobs:
-            raise InvalidArgument("top_logprobs: not served by arserve")
         if self.functions or self.function_call not in (None, "none"):
             raise InvalidArgument(f"{'functions' if self.functions else 'function_call'}: function calling is "
                                   f"not served by arserve")
@@ -161,6 +159,18 @@ class GenerationBody(BaseModel):
     def sent_as(self, param: str | None) -> str | None:
         """The name this body gave the parameter an error names (``param``)."""
         return param
+
+    def logprobs_asked(self) -> int | None:
+        """SamplingParams.logprobs: the most likely tokens reported beside each chosen token's
+        log-probability; None: no log-probabilities."""
+        return None
+
+    @staticmethod
+    def _top_count(name: str, value) -> int:
+        if isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS:
+            raise refusal(f"{name}: the number of most likely tokens to report, 0 to {MAX_LOGPROBS}, got "
+                          f"{value!r}", name)
+        return value
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -181,6 +191,8 @@ class GenerationBody(BaseModel):
             sampling.seed = self.seed & UINT64
         if self.top_k is not None and self.top_k > 0:
             sampling.top_k = self.top_k
+        if (logprobs := self.logprobs_asked()) is not None:
+            sampling.logprobs = logprobs
         if self.stop is not None:
             sampling.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
         speculative = pb.SpeculativeParams(method=self.speculative or "")
@@ -228,6 +240,19 @@ class ChatCompletionBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32, description="max_tokens' newer name; "
                                               "wins when both are set.")
     tools: list | None = None
+    top_logprobs: int | None = Field(None, description="With logprobs: the most likely tokens reported at "
+                                     "each position (0 to 20).")
+
+    def logprobs_asked(self) -> int | None:
+        """OpenAI's chat: ``logprobs`` true reports the chosen tokens', ``top_logprobs`` counts the others."""
+        if self.logprobs not in (None, True, False):  # 0 and 1 read as false and true, as pydantic's bool reads them
+            raise refusal(f"logprobs: true or false in chat completions (top_logprobs counts the most likely "
+                          f"tokens), got {self.logprobs!r}", "logprobs")
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise refusal("top_logprobs: set logprobs to true to use it", "top_logprobs")
+            return None
+        return self._top_count("top_logprobs", self.top_logprobs or 0)
 
     def sent_as(self, param: str | None) -> str | None:
         return "max_completion_tokens" if param == "max_tokens" and self.max_completion_tokens is not None else param
@@ -253,6 +278,12 @@ class CompletionBody(GenerationBody):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+
+    def logprobs_asked(self) -> int | None:
+        """OpenAI's completions: ``logprobs`` counts the most likely tokens reported beside the chosen one."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        return self._top_count("logprobs", self.logprobs)
 
     @field_validator("prompt", mode="before")
     @classmethod

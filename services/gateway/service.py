@@ -67,6 +67,7 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
             while pending and isinstance(pending[0], vpb.VerifyEvent):
                 nxt = pending.popleft()
                 merged.token_ids.extend(nxt.token_ids)
+                merged.logprobs.extend(nxt.logprobs)
                 merged.finish_reason = nxt.finish_reason
                 merged.speculative.CopyFrom(nxt.speculative)
                 merged.cached_prompt_tokens += nxt.cached_prompt_tokens
@@ -154,6 +155,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         async for chunk in self.GenerateStream(req, context):
             texts.append(chunk.text)
             out.token_ids.extend(chunk.token_ids)
+            out.logprobs.extend(chunk.logprobs)
             out.request_id = chunk.request_id
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason
@@ -252,7 +254,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 completion += len(token_ids)
                 if finish == pb.FINISH_REASON_EOS:  # the model generated it: usage counts it, as vLLM and
                     completion += 1  # OpenAI do, though token_ids and text leave it out
-                chunk = pb.GenerateChunk(request_id=echoed, text=text, token_ids=token_ids)
+                chunk = pb.GenerateChunk(request_id=echoed, text=text, token_ids=token_ids,
+                                         logprobs=await self._named(model.id, event.logprobs[:len(token_ids)]))
                 if finish:
                     now = time.perf_counter()
                     total = now - t0
@@ -277,6 +280,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise
         finally:
             await events.aclose()
+
+    async def _named(self, model: str, logprobs) -> list[pb.TokenLogprob]:
+        """The verifier's log-probabilities with each token's bytes (the tokenizer's ``TokenBytes``)."""
+        if not logprobs:
+            return []
+        ids = sorted({t for lp in logprobs for t in (lp.token_id, *(top.token_id for top in lp.top))})
+        named = await deadlines.within(self.tokenizer.TokenBytes(tpb.TokenBytesRequest(model=model, token_ids=ids)),
+                                       "the tokenizer")
+        token = dict(zip(ids, named.tokens))
+        out = []
+        for lp in logprobs:
+            entry = pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=token[lp.token_id])
+            entry.top.extend(pb.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=token[t.token_id])
+                             for t in lp.top)
+            out.append(entry)
+        return out
 
     async def _tokens_through_stop(self, model: str, before: StopMatcher, state: tpb.DetokenizerState,
                                    token_ids: list[int], final: bool) -> int:

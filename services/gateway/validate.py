@@ -4,6 +4,7 @@ InvalidArgument or NotFound whose message names the field."""
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable
 
 from arserve_client.v1 import generation_pb2 as pb
@@ -12,6 +13,7 @@ from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
 from ..errors import InvalidArgument, NotFound
 from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
+from ..verifier.logprobs import MAX_LOGPROBS
 from ..vllm_engine.params import check_request as check_vllm_request
 
 MAX_STOP_STRINGS = 16
@@ -55,6 +57,10 @@ def check_request_id(request_id: str) -> None:
     value is safe but an unbounded one would bloat every response and log."""
     if len(request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidArgument(f"request_id is {len(request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
+    control = next((i for i, c in enumerate(request_id) if unicodedata.category(c) == "Cc"), None)
+    if control is not None:  # a newline or an escape would forge lines in the logs that echo it
+        raise InvalidArgument(f"request_id holds a control character ({request_id[control]!r} at {control}); "
+                              f"use printable characters")
 
 
 def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
@@ -74,6 +80,8 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
         raise InvalidArgument(f"sampling.temperature must be finite and >= 0, got {s.temperature}")
     if s.HasField("top_p") and not (0 < s.top_p <= 1):  # NaN fails too
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
+        raise InvalidArgument(f"sampling.logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}")
     if len(s.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"sampling.stop has {len(s.stop)} strings; at most {MAX_STOP_STRINGS}")
     for i, stop in enumerate(s.stop):

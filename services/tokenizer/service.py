@@ -39,6 +39,13 @@ class TokenizerService:
         text, window, read = tok.decode_incremental(list(req.state.window), req.state.read_offset, list(req.token_ids), req.final)
         return pb.DecodeIncrementalResponse(text=text, state=pb.DetokenizerState(window=window, read_offset=read))
 
+    async def TokenBytes(self, req: pb.TokenBytesRequest, context=None) -> pb.TokenBytesResponse:
+        tok = self._get(req.model)
+        bad = next((t for t in req.token_ids if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(f"token_ids: {bad} is not below the vocabulary size {tok.vocab_size}")
+        return pb.TokenBytesResponse(tokens=tok.token_bytes(list(req.token_ids)))
+
     def _patchifier(self, model: str) -> Patchifier:
         try:
             return self.patchifiers[model]

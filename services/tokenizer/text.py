@@ -17,10 +17,20 @@ byte-level and SentencePiece merges see their left context.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 CONTEXT_IDS = 5  # ids of left context kept in the window (vLLM's initial offset)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of each byte to a printable character (``encoder.py`` of
+    openai/gpt-2, as byte-level BPE tokenizers spell their pieces): printable
+    Latin-1 bytes stand for themselves, the rest for characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
 
 class TextTokenizer:
@@ -55,6 +65,28 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    @cached_property
+    def _byte_of(self) -> dict[str, int] | None:
+        """Byte-level BPE's alphabet (GPT-2's ``bytes_to_unicode``, a printable character per byte) back to
+        the bytes; None where the tokenizer is not byte-level (SentencePiece)."""
+        if type(self.hf.backend_tokenizer.decoder).__name__ != "ByteLevel":
+            return None
+        return {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (what a log-probability names): a byte-level
+        piece maps back to its bytes, which may be part of a UTF-8 character
+        (the third of an emoji's ids is no text alone); an added or special
+        token is its text; a SentencePiece piece is its text with its spaces."""
+        added = set(self.hf.get_added_vocab().values())
+        out = []
+        for i, piece in zip(ids, self.hf.convert_ids_to_tokens(list(ids))):
+            if i not in added and self._byte_of is not None and all(c in self._byte_of for c in piece):
+                out.append(bytes(self._byte_of[c] for c in piece))
+            else:
+                out.append(self.hf.convert_tokens_to_string([piece]).encode())
+        return out
 
     def decode_incremental(
         self, window: list[int], read_offset: int, new_ids: list[int], final: bool = False

@@ -21,8 +21,9 @@ from ..errors import InvalidArgument
 from ..pb.v1 import backbone_pb2 as bpb
 from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ServiceSettings
-from ..wire import TensorProto, proto_row
+from ..wire import TensorProto, from_proto, proto_row
 from .draft_length import ClassedLength, DraftLength
+from .logprobs import MAX_LOGPROBS, token_logprobs
 
 
 def _default(name: str):
@@ -80,6 +81,7 @@ class RequestPlan:
     row_cost: float | None  # the same, with requests decoding together
     max_positions: int  # the most KV positions the request holds (reserved from the backbone's budget)
     cache_salt: str  # the caller's KV namespace ("" = shared)
+    logprobs: int | None = None  # most likely tokens reported beside each token's log-probability; None: none
 
     @classmethod
     def from_proto(cls, req: pb.VerifyRequest, defaults: SpeculationDefaults, eos: tuple[int, ...] = (),
@@ -95,6 +97,8 @@ class RequestPlan:
         # the most positions the cache holds: a chain round ends at most at prompt + max_tokens - 1;
         # a tree of c branches has up to (c - 1) * k more nodes than a chain
         tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
+        if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
+            raise InvalidArgument(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {s.logprobs}")
         return cls(
             request_id=req.request_id, ids=dict(request_id=run_id(req.request_id), model=req.model),
             prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
@@ -102,7 +106,8 @@ class RequestPlan:
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             row_cost=defaults.row_cost,
-            max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt)
+            max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt,
+            logprobs=s.logprobs if s.HasField("logprobs") else None)
 
     @property
     def reproducible(self) -> bool:
@@ -135,9 +140,11 @@ class RequestPlan:
         return make()
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
-        """A Score call of this request: greedy asks only for the argmax; max_positions and the salt go
-        with every call (a resume on another replica reserves and reads by them)."""
-        return bpb.ScoreRequest(token_ids=token_ids, start=start, argmax_only=self.sampling.greedy,
+        """A Score call of this request: greedy asks only for the argmax (unless it reports
+        log-probabilities); max_positions and the salt go with every call (a resume on another replica
+        reserves and reads by them)."""
+        return bpb.ScoreRequest(token_ids=token_ids, start=start,
+                                argmax_only=self.sampling.greedy and self.logprobs is None,
                                 return_hidden=self.hidden, max_positions=self.max_positions,
                                 cache_salt=self.cache_salt, **self.ids, **fields)
 
@@ -145,3 +152,10 @@ class RequestPlan:
         """The hidden state [dim] at scored row ``row`` (the position that decided the pending token),
         for methods that draft from it; else None."""
         return proto_row(out.hidden, row) if self.hidden else None
+
+    def logprobs_of(self, out: bpb.ScoreResponse, rows: list[int], tokens: list[int]) -> list[gpb.TokenLogprob]:
+        """The log-probabilities of ``tokens``, decided by the scored rows ``rows`` (``logprobs``);
+        empty when the request asks for none."""
+        if self.logprobs is None:
+            return []
+        return token_logprobs(from_proto(out.logits), rows, tokens, self.logprobs)

@@ -53,6 +53,7 @@ from ..pb.v1 import verifier_pb2 as pb
 from ..rpc import status_of
 from ..wire import TensorProto, from_proto, to_proto
 from .draft_length import ClassedLength, DraftLength
+from .logprobs import deciding_rows
 from .plan import RequestPlan, SpeculationDefaults
 from .stats import count_draft, update_mean
 
@@ -163,8 +164,8 @@ def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor | RowProb
     """What the acceptance rules read of a Score call: greedy requests ask
     for the argmax ids only ([m] int64); others get the [m, vocab]
     distributions, each row computed when a rule first reads it."""
-    if sampling.greedy:
-        return torch.tensor(list(out.argmax), dtype=torch.long)
+    if sampling.greedy:  # the argmax, or the logits' where the request reports log-probabilities
+        return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else from_proto(out.logits).argmax(-1)
     return RowProbs(from_proto(out.logits), sampling)
 
 
@@ -227,15 +228,16 @@ class VerifierService:
             state.in_cache, state.cached = len(state.tokens), out.cached
             state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
             new_tokens, finish = self._decided(plan, state, [])  # the first token streams as soon as it is sampled
+            logprobs = plan.logprobs_of(out, [0], new_tokens)
             self.decoding += 1
             try:
                 while True:
                     yield pb.VerifyEvent(token_ids=new_tokens, finish_reason=finish, speculative=state.stats,
-                                         cached_prompt_tokens=state.cached)
+                                         cached_prompt_tokens=state.cached, logprobs=logprobs)
                     state.cached = 0
                     if finish:
                         break
-                    new_tokens, finish = await self._round(plan, state, kv)
+                    new_tokens, finish, logprobs = await self._round(plan, state, kv)
             finally:
                 self.decoding -= 1
         finally:
@@ -245,9 +247,11 @@ class VerifierService:
         """Image requests run on the image loop (``arserve.verifier.image.WithImages``), not here."""
         raise NotFound(f"this verifier serves no image models (asked for {req.model!r})")
 
-    async def _round(self, plan: RequestPlan, state: Decoding, kv: KVSession) -> tuple[list[int], int]:
+    async def _round(self, plan: RequestPlan, state: Decoding,
+                     kv: KVSession) -> tuple[list[int], int, list[gpb.TokenLogprob]]:
         """Draft, score the pending token (streamed already) with the draft, accept, commit
-        -> (the tokens decided this round, to stream: the accepted ones, then the next pending; the finish)."""
+        -> (the tokens decided this round, to stream: the accepted ones, then the next pending; the finish;
+        their log-probabilities where the request asks for them)."""
         pending = state.pending
         draft = await self._draft(plan, state)
         state.stats.rounds += 1
@@ -256,6 +260,7 @@ class VerifierService:
             state.in_cache += 1
             state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
             accepted: list[int] = []
+            rows = [0]
         else:  # the pending token at the root, the draft after it, in one forward
             parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
             out = await kv.score(plan.score([pending, *draft.token_ids], state.in_cache, parents=parents),
@@ -269,8 +274,10 @@ class VerifierService:
             state.pending = verdict.token
             state.anchor = plan.anchor(out, verdict.accepted[-1] + 1 if verdict.accepted else 0)
             accepted = [int(draft.token_ids[i]) for i in verdict.accepted]
+            rows = deciding_rows(verdict.accepted, list(draft.parents))
         update_mean(state.stats)
-        return self._decided(plan, state, accepted)
+        new_tokens, finish = self._decided(plan, state, accepted)
+        return new_tokens, finish, plan.logprobs_of(out, rows, new_tokens)
 
     @staticmethod
     def _decided(plan: RequestPlan, state: Decoding, accepted: list[int]) -> tuple[list[int], int]:
@@ -347,7 +354,7 @@ class VerifierService:
     def _sample(out: bpb.ScoreResponse, plan: RequestPlan) -> int:
         """The next token from a Score call with one output position."""
         if plan.sampling.greedy:
-            return int(out.argmax[0])
+            return int(out.argmax[0]) if out.argmax else int(from_proto(out.logits)[0].argmax())
         return int(sample(from_proto(out.logits), plan.sampling, plan.generator)[0])
 
     @staticmethod

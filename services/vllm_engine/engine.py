@@ -25,7 +25,7 @@ from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ModelSettings
 from ..verifier.stats import count_positions, update_mean
 from .export import hf_dir
-from .params import sampling_kwargs
+from .params import sampling_kwargs, token_logprobs
 
 log = logging.getLogger("arserve.vllm")
 
@@ -152,6 +152,8 @@ class VllmEngine:
                     metrics = c.spec_decode_metrics.to_dict() if c.spec_decode_metrics else None
                     event.speculative.CopyFrom(speculative_stats(method, generated, metrics))
                 event.token_ids.extend(ids)
+                if req.sampling.HasField("logprobs"):  # an end-of-sequence id popped above has its entry cut
+                    event.logprobs.extend(token_logprobs(ids, list(c.logprobs or [])[:len(ids)], req.sampling.logprobs))
                 yield event
                 if out.finished:
                     return

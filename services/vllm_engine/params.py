@@ -52,4 +52,20 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
                stop_token_ids=list(eos_ids), detokenize=False)
     if sampling.HasField("seed"):
         out["seed"] = sampling.seed & SEED_MASK
+    if sampling.HasField("logprobs"):  # vLLM's default logprobs_mode (raw_logprobs) is arserve's
+        out["logprobs"] = sampling.logprobs
+    return out
+
+
+def token_logprobs(token_ids: list[int], positions: list[dict], top: int) -> list[gpb.TokenLogprob]:
+    """vLLM's ``CompletionOutput.logprobs`` (per token, {token id: Logprob
+    with .logprob and .rank}: the sampled token and the ``top`` ranked
+    first) as arserve's, most likely first."""
+    out = []
+    for token, entries in zip(token_ids, positions):
+        entry = gpb.TokenLogprob(token_id=token, logprob=entries[token].logprob)
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entries.items()
+                        if lp.rank is not None and lp.rank <= top)
+        entry.top.extend(gpb.TopLogprob(token_id=t, logprob=v) for _, t, v in ranked)
+        out.append(entry)
     return out

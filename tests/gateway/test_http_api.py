@@ -154,12 +154,10 @@ def test_every_error_has_its_status_and_openai_exception(oai, server):
     with pytest.raises(openai.BadRequestError, match="messages.0.role") as e:
         oai.chat.completions.create(**{**chat, "messages": [{"content": "Hi"}]})
     assert e.value.body["param"] == "messages.0.role"
-    with pytest.raises(openai.BadRequestError, match="top_logprobs: not served"):
-        oai.chat.completions.create(**chat, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="response_format: only text is served, got 'json_object'") as e:
         oai.chat.completions.create(**chat, response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
-    for unserved in (dict(logit_bias={"1": 5}), dict(presence_penalty=0.5), dict(logprobs=True)):
+    for unserved in (dict(logit_bias={"1": 5}), dict(presence_penalty=0.5)):
         with pytest.raises(openai.BadRequestError, match="not served") as e:
             oai.chat.completions.create(**chat, **unserved)
         assert e.value.body["param"] == next(iter(unserved)), e.value.body
@@ -346,8 +344,13 @@ def test_openai_fields_are_refused_or_taken_as_the_spec_says(oai, server):
         with pytest.raises(openai.BadRequestError) as e:
             oai.chat.completions.create(**chat, **unserved)
         assert e.value.body["param"] == next(iter(unserved)), e.value.body
-    with pytest.raises(openai.BadRequestError, match="logprobs: not served"):  # 0 asks for the sampled token's
-        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, logprobs=0)
+    with pytest.raises(openai.BadRequestError, match="logprobs: the number of most likely tokens to report, 0 to "
+                       "20, got 21") as e:
+        oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, logprobs=21)
+    assert e.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: set logprobs to true") as e:
+        oai.chat.completions.create(**chat, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="smollm2-135m-instruct", prompt="Hi", max_tokens=2, best_of=2)
     assert e.value.body["param"] == "best_of"

@@ -105,6 +105,10 @@ def test_streaming_and_errors_through_the_proxy(ray_server, ray_client):
     whole = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram")
     assert len(chunks) > 1 and "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].stats.completion_tokens == 24
+    scored = ray_client.generate(prompt="Count from 1 to 10:", max_tokens=24, speculative="ngram", logprobs=2)
+    assert scored.token_ids == whole.token_ids  # log-probabilities through the services, named by the tokenizer's
+    assert b"".join(lp.token for lp in scored.logprobs).decode() == whole.text  # TokenBytes replica
+    assert all(len(lp.top) == 2 and lp.top[0].token_id == lp.token_id for lp in scored.logprobs)
     tracebacks = gateway_log().count("Traceback"), proxy_log().count("Traceback")
     with pytest.raises(InvalidArgument, match="top_p"):
         ray_client.generate(prompt="Hi", top_p=1.5)

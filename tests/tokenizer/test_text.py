@@ -108,3 +108,27 @@ def test_the_last_decode_drops_a_character_its_ids_leave_incomplete(tok):
                                                              final=i + step >= len(kept))
                 text += piece
             assert text == "ok 🌍", (cut, step, text)
+
+
+def test_a_tokens_bytes_are_its_own_even_inside_a_character(tok):
+    """What a log-probability names: the bytes of each token, which join to the text (an emoji's three
+    ids each hold part of its four bytes); a special token is its text."""
+    from arserve.tokenizer.text import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    assert sorted(alphabet) == list(range(256)) and len(set(alphabet.values())) == 256
+    assert (alphabet[ord("a")], alphabet[ord(" ")], alphabet[ord("\n")]) == ("a", "\u0120", "\u010a")
+    text = "Hello world 😀 é\nx"
+    ids = tok.encode(text)
+    pieces = tok.token_bytes(ids)
+    assert b"".join(pieces).decode() == text
+    assert any(not _decodes(p) for p in pieces)  # a piece of the emoji is no text alone
+    assert tok.token_bytes([tok.hf.convert_tokens_to_ids("<|im_end|>")]) == [b"<|im_end|>"]
+
+
+def _decodes(piece: bytes) -> bool:
+    try:
+        piece.decode()
+        return True
+    except UnicodeDecodeError:
+        return False

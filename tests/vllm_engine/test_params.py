@@ -10,7 +10,7 @@ from arserve.errors import InvalidArgument
 from arserve.gateway.validate import check_request
 from arserve.settings import ModelSettings
 from arserve.vllm_engine.engine import speculative_stats
-from arserve.vllm_engine.params import check_request as check_vllm, sampling_kwargs
+from arserve.vllm_engine.params import check_request as check_vllm, sampling_kwargs, token_logprobs
 
 NGRAM = ModelSettings(id="v", engine="vllm", vllm={"speculative": "ngram", "num_speculative_tokens": 5})
 PLAIN = ModelSettings(id="p", engine="vllm")
@@ -78,3 +78,18 @@ def test_speculative_stats_from_vllms_per_request_metrics():
     assert (plain.rounds, plain.mean_accepted_length, plain.drafted_tokens) == (9, 1.0, 0)
     # a step cut short by end-of-sequence: at least the drafted steps are rounds
     assert speculative_stats("ngram", 4, {**metrics, "per_step_drafted": [], "per_step_accepted": []}).rounds == 3
+
+
+def test_vllms_logprobs_become_arserves_most_likely_first():
+    """vLLM's per-token dicts hold the sampled token (here ranked 3rd) beside the top ``logprobs``
+    ranked 1..n; arserve's entry holds the sampled token's and the top n, most likely first."""
+    from types import SimpleNamespace as Logprob
+
+    assert sampling_kwargs(gpb.SamplingParams(max_tokens=4, logprobs=2), ())["logprobs"] == 2
+    assert "logprobs" not in sampling_kwargs(gpb.SamplingParams(max_tokens=4), ())
+    positions = [{7: Logprob(logprob=-3.0, rank=3), 5: Logprob(logprob=-0.5, rank=2), 9: Logprob(logprob=-0.25, rank=1)},
+                 {4: Logprob(logprob=-0.125, rank=1), 6: Logprob(logprob=-2.0, rank=2)}]
+    a, b = token_logprobs([7, 4], positions, top=2)
+    assert (a.token_id, a.logprob, [(t.token_id, t.logprob) for t in a.top]) == (7, -3.0, [(9, -0.25), (5, -0.5)])
+    assert (b.token_id, b.logprob, [t.token_id for t in b.top]) == (4, -0.125, [4, 6])
+    assert [t.token_id for t in token_logprobs([4], positions[1:], top=0)[0].top] == []

@@ -52,6 +52,22 @@ class Stats:
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the target model (``logprobs=`` of
+    ``generate`` and ``stream``); ``top``: the most likely tokens at its
+    position, most likely first (their own ``top`` empty)."""
+
+    token_id: int
+    logprob: float
+    token: bytes  # the token's bytes (part of a UTF-8 character where a character spans tokens)
+    top: list["Logprob"] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, lp) -> "Logprob":
+        return cls(lp.token_id, lp.logprob, lp.token, [cls(t.token_id, t.logprob, t.token) for t in lp.top])
+
+
+@dataclass
 class Completion:
     """The result of ``generate``."""
 
@@ -61,11 +77,12 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "length", "stop" or "eos"
     stats: Stats = field(default_factory=Stats)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token id, with logprobs=
 
     @classmethod
     def from_proto(cls, r: pb.GenerateResponse) -> "Completion":
         return cls(r.request_id, r.model, r.text, list(r.token_ids), FINISH.get(r.finish_reason, ""),
-                   Stats.from_proto(r))
+                   Stats.from_proto(r), [Logprob.from_proto(lp) for lp in r.logprobs])
 
 
 @dataclass
@@ -78,12 +95,14 @@ class Chunk:
     finish_reason: str | None = None
     stats: Stats | None = None
     request_id: str = ""  # the request's request_id, echoed
+    logprobs: list[Logprob] = field(default_factory=list)  # one per token id, with logprobs=
 
     @classmethod
     def from_proto(cls, c: pb.GenerateChunk) -> "Chunk":
         done = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         return cls(c.text, list(c.token_ids), FINISH.get(c.finish_reason) if done else None,
-                   Stats.from_proto(c) if done else None, c.request_id)
+                   Stats.from_proto(c) if done else None, c.request_id,
+                   [Logprob.from_proto(lp) for lp in c.logprobs])
 
 
 def build_request(
@@ -97,6 +116,7 @@ def build_request(
     top_k: int | None = None,
     seed: int | None = None,
     stop: str | Iterable[str] | None = (),
+    logprobs: int | None = None,
     speculative: str = "",
     num_draft_tokens: int | None = None,
     num_candidates: int | None = None,
@@ -107,12 +127,15 @@ def build_request(
     """A GenerateRequest; unset options take the server's defaults.
     ``cache_salt``: the namespace of this request's cached prompt prefixes
     (shared only with requests sending the same salt; also reports
-    ``cached_prompt_tokens``). ``stop``: one string or several (None: none). A value the
+    ``cached_prompt_tokens``). ``stop``: one string or several (None: none).
+    ``logprobs``: report each token's log-probability and this many most
+    likely tokens beside it (0: its own alone; at most 20). A value the
     request cannot hold (a negative ``max_tokens``, a string for a number)
     raises ``InvalidArgument`` naming the option, before anything is sent."""
     sampling = pb.SamplingParams()
     _extend(sampling.stop, "stop", [stop] if isinstance(stop, str) else list(stop or ()))
-    _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+         logprobs=logprobs)
     spec = pb.SpeculativeParams(method=speculative)
     _set(spec, num_draft_tokens=num_draft_tokens, num_candidates=num_candidates, adaptive=adaptive)
     req = pb.GenerateRequest(sampling=sampling, speculative=spec)

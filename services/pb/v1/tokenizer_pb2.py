@@ -26,7 +26,7 @@ from arserve_client.v1 import generation_pb2 as arserve_dot_v1_dot_generation__p
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61rserve/v1/tokenizer.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"Y\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.arserve.v1.ChatMessage\"P\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\"7\n\x10\x44\x65tokenizerState\x12\x0e\n\x06window\x18\x01 \x03(\r\x12\x13\n\x0bread_offset\x18\x02 \x01(\r\"x\n\x18\x44\x65\x63odeIncrementalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"V\n\x19\x44\x65\x63odeIncrementalResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\"C\n\x0fPatchifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05image\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\"6\n\x10PatchifyResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\"F\n\x11UnpatchifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\"7\n\x12UnpatchifyResponse\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor2\xc2\x02\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.arserve.v1.EncodeRequest\x1a\x1a.arserve.v1.EncodeResponse\x12`\n\x11\x44\x65\x63odeIncremental\x12$.arserve.v1.DecodeIncrementalRequest\x1a%.arserve.v1.DecodeIncrementalResponse\x12\x45\n\x08Patchify\x12\x1b.arserve.v1.PatchifyRequest\x1a\x1c.arserve.v1.PatchifyResponse\x12K\n\nUnpatchify\x12\x1d.arserve.v1.UnpatchifyRequest\x1a\x1e.arserve.v1.UnpatchifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61rserve/v1/tokenizer.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"Y\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.arserve.v1.ChatMessage\"P\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\"7\n\x10\x44\x65tokenizerState\x12\x0e\n\x06window\x18\x01 \x03(\r\x12\x13\n\x0bread_offset\x18\x02 \x01(\r\"x\n\x18\x44\x65\x63odeIncrementalRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"V\n\x19\x44\x65\x63odeIncrementalResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0b\x32\x1c.arserve.v1.DetokenizerState\"5\n\x11TokenBytesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"$\n\x12TokenBytesResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"C\n\x0fPatchifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05image\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\"6\n\x10PatchifyResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\"F\n\x11UnpatchifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x01(\x0b\x32\x12.arserve.v1.Tensor\"7\n\x12UnpatchifyResponse\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor2\x8f\x03\n\tTokenizer\x12?\n\x06\x45ncode\x12\x19.arserve.v1.EncodeRequest\x1a\x1a.arserve.v1.EncodeResponse\x12`\n\x11\x44\x65\x63odeIncremental\x12$.arserve.v1.DecodeIncrementalRequest\x1a%.arserve.v1.DecodeIncrementalResponse\x12K\n\nTokenBytes\x12\x1d.arserve.v1.TokenBytesRequest\x1a\x1e.arserve.v1.TokenBytesResponse\x12\x45\n\x08Patchify\x12\x1b.arserve.v1.PatchifyRequest\x1a\x1c.arserve.v1.PatchifyResponse\x12K\n\nUnpatchify\x12\x1d.arserve.v1.UnpatchifyRequest\x1a\x1e.arserve.v1.UnpatchifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,14 +43,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEINCREMENTALREQUEST']._serialized_end=446
   _globals['_DECODEINCREMENTALRESPONSE']._serialized_start=448
   _globals['_DECODEINCREMENTALRESPONSE']._serialized_end=534
-  _globals['_PATCHIFYREQUEST']._serialized_start=536
-  _globals['_PATCHIFYREQUEST']._serialized_end=603
-  _globals['_PATCHIFYRESPONSE']._serialized_start=605
-  _globals['_PATCHIFYRESPONSE']._serialized_end=659
-  _globals['_UNPATCHIFYREQUEST']._serialized_start=661
-  _globals['_UNPATCHIFYREQUEST']._serialized_end=731
-  _globals['_UNPATCHIFYRESPONSE']._serialized_start=733
-  _globals['_UNPATCHIFYRESPONSE']._serialized_end=788
-  _globals['_TOKENIZER']._serialized_start=791
-  _globals['_TOKENIZER']._serialized_end=1113
+  _globals['_TOKENBYTESREQUEST']._serialized_start=536
+  _globals['_TOKENBYTESREQUEST']._serialized_end=589
+  _globals['_TOKENBYTESRESPONSE']._serialized_start=591
+  _globals['_TOKENBYTESRESPONSE']._serialized_end=627
+  _globals['_PATCHIFYREQUEST']._serialized_start=629
+  _globals['_PATCHIFYREQUEST']._serialized_end=696
+  _globals['_PATCHIFYRESPONSE']._serialized_start=698
+  _globals['_PATCHIFYRESPONSE']._serialized_end=752
+  _globals['_UNPATCHIFYREQUEST']._serialized_start=754
+  _globals['_UNPATCHIFYREQUEST']._serialized_end=824
+  _globals['_UNPATCHIFYRESPONSE']._serialized_start=826
+  _globals['_UNPATCHIFYRESPONSE']._serialized_end=881
+  _globals['_TOKENIZER']._serialized_start=884
+  _globals['_TOKENIZER']._serialized_end=1283
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,20 @@ class DecodeIncrementalResponse(_message.Message):
     state: DetokenizerState
     def __init__(self, text: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ...) -> None: ...
 
+class TokenBytesRequest(_message.Message):
+    __slots__ = ("model", "token_ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenBytesResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class PatchifyRequest(_message.Message):
     __slots__ = ("model", "image")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class TokenizerStub:
                 request_serializer=arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalRequest.SerializeToString,
                 response_deserializer=arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalResponse.FromString,
                 _registered_method=True)
+        self.TokenBytes = channel.unary_unary(
+                '/arserve.v1.Tokenizer/TokenBytes',
+                request_serializer=arserve_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.SerializeToString,
+                response_deserializer=arserve_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.FromString,
+                _registered_method=True)
         self.Patchify = channel.unary_unary(
                 '/arserve.v1.Tokenizer/Patchify',
                 request_serializer=arserve_dot_v1_dot_tokenizer__pb2.PatchifyRequest.SerializeToString,
@@ -70,6 +75,13 @@ class TokenizerServicer:
 
     def DecodeIncremental(self, request, context):
         """New token ids to new text, holding back incomplete UTF-8 characters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TokenBytes(self, request, context):
+        """Each token's own bytes (what a log-probability names).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +113,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.DecodeIncremental,
                     request_deserializer=arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalRequest.FromString,
                     response_serializer=arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalResponse.SerializeToString,
+            ),
+            'TokenBytes': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenBytes,
+                    request_deserializer=arserve_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.FromString,
+                    response_serializer=arserve_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.SerializeToString,
             ),
             'Patchify': grpc.unary_unary_rpc_method_handler(
                     servicer.Patchify,
@@ -168,6 +185,33 @@ class Tokenizer:
             '/arserve.v1.Tokenizer/DecodeIncremental',
             arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalRequest.SerializeToString,
             arserve_dot_v1_dot_tokenizer__pb2.DecodeIncrementalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenBytes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/arserve.v1.Tokenizer/TokenBytes',
+            arserve_dot_v1_dot_tokenizer__pb2.TokenBytesRequest.SerializeToString,
+            arserve_dot_v1_dot_tokenizer__pb2.TokenBytesResponse.FromString,
             options,
             channel_credentials,
             insecure,

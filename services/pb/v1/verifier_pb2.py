@@ -26,7 +26,7 @@ from arserve_client.v1 import generation_pb2 as arserve_dot_v1_dot_generation__p
 from arserve_client.v1 import tensor_pb2 as arserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/verifier.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\"\xa2\x01\n\x0bVerifyEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12\x31\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\"\x93\x02\n\x12VerifyImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x05 \x01(\x02\x12\x11\n\tnum_steps\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x18\n\x10num_draft_tokens\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x10\n\x08\x61\x64\x61ptive\x18\n \x01(\x08\x12\x12\n\nprior_rate\x18\x0b \x01(\x01\x12\x1a\n\x12round_costs_batch1\x18\x0c \x03(\x01\x12\x1b\n\x13round_costs_batch32\x18\r \x03(\x01\"\x8a\x01\n\x13VerifyImageResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x02\x32\x94\x01\n\x08Verifier\x12;\n\x03Run\x12\x19.arserve.v1.VerifyRequest\x1a\x17.arserve.v1.VerifyEvent0\x01\x12K\n\x08RunImage\x12\x1e.arserve.v1.VerifyImageRequest\x1a\x1f.arserve.v1.VerifyImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61rserve/v1/verifier.proto\x12\narserve.v1\x1a\x1b\x61rserve/v1/generation.proto\x1a\x17\x61rserve/v1/tensor.proto\"\xc2\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x12\n\ncache_salt\x18\x06 \x01(\t\"\xce\x01\n\x0bVerifyEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12\x31\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\r\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.arserve.v1.TokenLogprob\"\x93\x02\n\x12VerifyImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0b\n\x03\x63\x66g\x18\x05 \x01(\x02\x12\x11\n\tnum_steps\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x18\n\x10num_draft_tokens\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x10\n\x08\x61\x64\x61ptive\x18\n \x01(\x08\x12\x12\n\nprior_rate\x18\x0b \x01(\x01\x12\x1a\n\x12round_costs_batch1\x18\x0c \x03(\x01\x12\x1b\n\x13round_costs_batch32\x18\r \x03(\x01\"\x8a\x01\n\x13VerifyImageResponse\x12\"\n\x06tokens\x18\x01 \x01(\x0b\x32\x12.arserve.v1.Tensor\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x02\x32\x94\x01\n\x08Verifier\x12;\n\x03Run\x12\x19.arserve.v1.VerifyRequest\x1a\x17.arserve.v1.VerifyEvent0\x01\x12K\n\x08RunImage\x12\x1e.arserve.v1.VerifyImageRequest\x1a\x1f.arserve.v1.VerifyImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYREQUEST']._serialized_start=96
   _globals['_VERIFYREQUEST']._serialized_end=290
   _globals['_VERIFYEVENT']._serialized_start=293
-  _globals['_VERIFYEVENT']._serialized_end=455
-  _globals['_VERIFYIMAGEREQUEST']._serialized_start=458
-  _globals['_VERIFYIMAGEREQUEST']._serialized_end=733
-  _globals['_VERIFYIMAGERESPONSE']._serialized_start=736
-  _globals['_VERIFYIMAGERESPONSE']._serialized_end=874
-  _globals['_VERIFIER']._serialized_start=877
-  _globals['_VERIFIER']._serialized_end=1025
+  _globals['_VERIFYEVENT']._serialized_end=499
+  _globals['_VERIFYIMAGEREQUEST']._serialized_start=502
+  _globals['_VERIFYIMAGEREQUEST']._serialized_end=777
+  _globals['_VERIFYIMAGERESPONSE']._serialized_start=780
+  _globals['_VERIFYIMAGERESPONSE']._serialized_end=918
+  _globals['_VERIFIER']._serialized_start=921
+  _globals['_VERIFIER']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

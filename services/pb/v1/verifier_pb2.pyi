@@ -25,16 +25,18 @@ class VerifyRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class VerifyEvent(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "speculative", "cached_prompt_tokens")
+    __slots__ = ("token_ids", "finish_reason", "speculative", "cached_prompt_tokens", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _generation_pb2.FinishReason
     speculative: _generation_pb2.SpeculativeStats
     cached_prompt_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprob]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., speculative: _Optional[_Union[_generation_pb2.SpeculativeStats, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_generation_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class VerifyImageRequest(_message.Message):
     __slots__ = ("request_id", "model", "labels", "temperature", "cfg", "num_steps", "method", "num_draft_tokens", "seed", "adaptive", "prior_rate", "round_costs_batch1", "round_costs_batch32")
