@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -98,6 +99,13 @@ def error_response(e: BaseException, sent_as=None) -> JSONResponse:
     return JSONResponse(body, status_code=http)
 
 
+def union_member(loc: str) -> bool:
+    """Whether an item of a pydantic error's ``loc`` is the member of a union it tried (``bool``,
+    ``list[str]``, ``TextPart``, ``function-after[...]``) rather than a field: the parameter ends before it
+    (``logprobs.bool`` is the parameter ``logprobs``)."""
+    return loc in ("bool", "int", "float", "str", "dict", "list", "none") or "[" in loc or "-" in loc or loc[:1].isupper()
+
+
 def validation_error(e: RequestValidationError, content_type: str | None = None) -> JSONResponse:
     """pydantic's errors as one INVALID_ARGUMENT naming the field (400, as OpenAI answers a bad parameter).
     content_type: the request's, where it is not JSON (FastAPI then never parsed the body: `curl -d`
@@ -116,7 +124,7 @@ def validation_error(e: RequestValidationError, content_type: str | None = None)
         why = "the body is empty" if first.get("type") == "missing" else f"got {type(first.get('input')).__name__}"
         return error_response(refusal(f"body: a JSON object is required ({why})", None))
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    param = ".".join(itertools.takewhile(lambda x: not union_member(x), loc)) or None
     messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
                 f"{err.get('msg', '').removeprefix('Value error, ')}" for err in errors]
     return error_response(refusal("; ".join(messages) or "request body does not parse", param))
@@ -222,7 +230,7 @@ class Shape:
         choices = []
         for index, out in enumerate(outs):
             finish = FINISH.get(out.finish_reason)
-            logprobs = self._logprobs(out.logprobs)
+            logprobs = self._logprobs(out.logprobs, index)
             if self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
                                 "logprobs": logprobs, "finish_reason": finish})

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from arserve_client.v1 import generation_pb2 as pb
 
@@ -112,7 +112,7 @@ class GenerationBody(BaseModel):
     stream: bool | None = Field(False, description="Answer with server-sent events, ending in data: [DONE] "
                                 "(null: false).")
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = Field(None, description="Chat: true reports each token's log-probability "
+    logprobs: StrictBool | StrictInt | None = Field(None, description="Chat: true reports each token's log-probability "
                                         "(with top_logprobs); completions: the number of most likely tokens "
                                         "reported beside the chosen one.")
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
@@ -240,7 +240,7 @@ class ChatCompletionBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32, description="max_tokens' newer name; "
                                               "wins when both are set.")
     tools: list | None = None
-    top_logprobs: int | None = Field(None, description="With logprobs: the most likely tokens reported at "
+    top_logprobs: StrictInt | None = Field(None, description="With logprobs: the most likely tokens reported at "
                                      "each position (0 to 20).")
 
     def logprobs_asked(self) -> int | None:
@@ -278,9 +278,13 @@ class CompletionBody(GenerationBody):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    top_logprobs: int | None = None  # chat's; refused here, where logprobs counts them
 
     def logprobs_asked(self) -> int | None:
         """OpenAI's completions: ``logprobs`` counts the most likely tokens reported beside the chosen one."""
+        if self.top_logprobs is not None:
+            raise refusal("top_logprobs: a chat completions parameter; completions count the most likely "
+                          "tokens in logprobs", "top_logprobs")
         if self.logprobs is None or self.logprobs is False:
             return None
         return self._top_count("logprobs", self.logprobs)

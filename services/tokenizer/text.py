@@ -17,11 +17,14 @@ byte-level and SentencePiece merges see their left context.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 CONTEXT_IDS = 5  # ids of left context kept in the window (vLLM's initial offset)
+SPACE_PIECE = "\u2581"  # SentencePiece's space
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback piece
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -70,22 +73,29 @@ class TextTokenizer:
     def _byte_of(self) -> dict[str, int] | None:
         """Byte-level BPE's alphabet (GPT-2's ``bytes_to_unicode``, a printable character per byte) back to
         the bytes; None where the tokenizer is not byte-level (SentencePiece)."""
-        if type(self.hf.backend_tokenizer.decoder).__name__ != "ByteLevel":
+        backend = getattr(self.hf, "backend_tokenizer", None)  # a slow tokenizer has none
+        if backend is None or type(backend.decoder).__name__ != "ByteLevel":
             return None
         return {char: byte for byte, char in bytes_to_unicode().items()}
 
     def token_bytes(self, ids: list[int]) -> list[bytes]:
-        """Each token's own bytes (what a log-probability names): a byte-level
-        piece maps back to its bytes, which may be part of a UTF-8 character
-        (the third of an emoji's ids is no text alone); an added or special
-        token is its text; a SentencePiece piece is its text with its spaces."""
+        """Each token's own bytes (what a log-probability names), which may be
+        part of a UTF-8 character (the third of an emoji's ids is no text
+        alone): a byte-level piece maps back through its alphabet; a
+        SentencePiece piece is its text with ``▁`` as a space, and a byte
+        fallback piece (``<0xF0>``) its byte; an added or special token is
+        its text."""
         added = set(self.hf.get_added_vocab().values())
         out = []
         for i, piece in zip(ids, self.hf.convert_ids_to_tokens(list(ids))):
-            if i not in added and self._byte_of is not None and all(c in self._byte_of for c in piece):
+            if i in added:
+                out.append(piece.encode())
+            elif self._byte_of is not None and all(c in self._byte_of for c in piece):
                 out.append(bytes(self._byte_of[c] for c in piece))
+            elif BYTE_PIECE.fullmatch(piece):
+                out.append(bytes([int(piece[3:5], 16)]))
             else:
-                out.append(self.hf.convert_tokens_to_string([piece]).encode())
+                out.append(piece.replace(SPACE_PIECE, " ").encode())
         return out
 
     def decode_incremental(

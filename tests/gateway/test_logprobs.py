@@ -45,8 +45,11 @@ def test_greedy_logprobs_are_the_targets_own_with_every_method_and_change_no_tok
     plain = client.generate(messages=COPY, max_tokens=40, speculative="none")
     ref = transformers_logprobs(smollm2_hf, COPY, plain.token_ids)
     first = None
-    for method in ("none", "ngram", "draft_model", "heads"):
-        out = client.generate(messages=COPY, max_tokens=40, speculative=method, logprobs=3)
+    for method, candidates in (("none", None), ("ngram", None), ("draft_model", None), ("heads", None),
+                               ("draft_model", 3)):  # and a tree of three candidates
+        out = client.generate(messages=COPY, max_tokens=40, speculative=method, logprobs=3,
+                              num_candidates=candidates)
+        method = f"{method}, {candidates or 1} candidate(s)"
         assert out.token_ids == plain.token_ids and out.text == plain.text, method
         assert [lp.token_id for lp in out.logprobs] == out.token_ids, method
         got = torch.tensor([lp.logprob for lp in out.logprobs])
@@ -58,7 +61,7 @@ def test_greedy_logprobs_are_the_targets_own_with_every_method_and_change_no_tok
             assert len(lp.top) == 3 and lp.top[0].token_id == lp.token_id  # greedy chose the most likely
             assert lp.top[0].logprob == lp.logprob and lp.logprob <= 0
         assert b"".join(lp.token for lp in out.logprobs).decode() == out.text, method
-        if method != "none":
+        if not method.startswith("none"):
             assert out.stats.accepted_tokens > 0, f"{method} decided no token by a draft: rows untested"
 
 
@@ -122,3 +125,22 @@ def test_the_http_door_reports_logprobs_as_openai_does(server):
         with pytest.raises(openai.BadRequestError, match="top_logprobs: the number of most likely tokens") as e:
             oai.chat.completions.create(**chat, logprobs=True, top_logprobs=21)
         assert e.value.body["param"] == "top_logprobs"
+        for body, param in (({"top_logprobs": True, "logprobs": True}, "top_logprobs"),  # not read as 1
+                            ({"logprobs": "1"}, "logprobs")):
+            with pytest.raises(openai.BadRequestError) as e:
+                oai.chat.completions.create(**{**chat, "extra_body": {**chat["extra_body"], **body}})
+            assert e.value.body["param"] == param, e.value.body
+        with pytest.raises(openai.BadRequestError, match="top_logprobs: a chat completions parameter") as e:
+            oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"top_logprobs": 2})
+
+
+def test_each_completion_choice_counts_its_own_text_offsets(server):
+    """n choices of a prompt and a batch of prompts: every choice's offsets start at its own text."""
+    with api(server.http_url) as oai:
+        out = oai.completions.create(model=MODEL, prompt=["The capital of France is", "One, two,"], max_tokens=6,
+                                     logprobs=1, n=2, temperature=1.0, seed=3)
+        assert len(out.choices) == 4
+        for choice in out.choices:
+            lp = choice.logprobs
+            assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))], choice.index
+            assert "".join(lp.tokens) == choice.text

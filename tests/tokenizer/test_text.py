@@ -132,3 +132,31 @@ def _decodes(piece: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_sentencepiece_pieces_keep_their_spaces_and_fallback_bytes():
+    """A SentencePiece vocabulary (Llama 2's kind: ``▁`` for a space, ``<0xF0>`` byte fallback pieces,
+    a decoder that strips the leading space) built in memory: each piece's bytes, not its decoded text."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581world": 1, "<0xF0>": 2, "\u2581hi": 3, "<s>": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>"))
+    assert tok.token_bytes([3, 1, 2, 4]) == [b" hi", b" world", b"\xf0", b"<s>"]
+
+
+def test_ids_past_the_tokenizers_vocabulary_have_no_bytes(tok):
+    """A model may pad its logits past the tokenizer's vocabulary (Qwen's 151,936 rows for 151,665 ids):
+    such an id among the most likely names no bytes rather than failing the request."""
+    import asyncio
+
+    from arserve.pb.v1 import tokenizer_pb2 as pb
+    from arserve.tokenizer.service import TokenizerService
+
+    hello = tok.encode("Hello")[0]
+    out = asyncio.run(TokenizerService({"m": tok}).TokenBytes(
+        pb.TokenBytesRequest(model="m", token_ids=[tok.vocab_size + 5, hello])))
+    assert list(out.tokens) == [b"", b"Hello"]
