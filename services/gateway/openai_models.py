@@ -9,7 +9,8 @@ stop strings, speculative methods, context window, ...) stays in
 same messages. arserve's own options ride as extra body fields, as vLLM
 takes its extra sampling parameters (the ``openai`` package's
 ``extra_body``): ``top_k``, ``speculative`` (the method), ``num_draft_tokens``,
-``cache_salt`` (the tenant's namespace of shared KV blocks, vLLM's option);
+``cache_salt`` (the tenant's namespace of shared KV blocks, vLLM's option),
+``ignore_eos`` (vLLM's);
 for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
 """
 
@@ -130,6 +131,8 @@ class GenerationBody(BaseModel):
     num_draft_tokens: int | None = Field(None, ge=0, le=UINT32, description="Draft length (the adaptive bound).")
     cache_salt: str | None = Field(None, description="Namespace of this request's shared KV blocks (vLLM's "
                                    "cache_salt): prefixes are shared only with requests sending the same salt.")
+    ignore_eos: StrictBool | None = Field(None, description="Generate to max_tokens past the end-of-sequence "
+                                          "token (vLLM's option, for benchmarks).")
 
     @model_validator(mode="after")
     def _nulls_mean_defaults(self):
@@ -191,6 +194,8 @@ class GenerationBody(BaseModel):
             sampling.seed = self.seed & UINT64
         if self.top_k is not None and self.top_k > 0:
             sampling.top_k = self.top_k
+        if self.ignore_eos:
+            sampling.ignore_eos = True
         if (logprobs := self.logprobs_asked()) is not None:
             sampling.logprobs = logprobs
         if self.stop is not None:

@@ -71,7 +71,7 @@ class RequestPlan:
     params: gpb.SamplingParams  # the request's sampling fields, as sent (the drafter reads them too)
     sampling: Sampling  # the same, as the acceptance rules read them
     generator: torch.Generator  # the request's randomness: sampling, acceptance and draft seeds
-    eos: frozenset[int]  # end-of-sequence token ids of the model
+    eos: frozenset[int]  # end-of-sequence token ids of the model (none where the request ignores them)
     method: MethodSpec  # the speculative method and what it needs
     drafting: bool  # the method drafts and a drafter is there (else every round is plain)
     k_max: int  # draft length, the adaptive length's upper bound; 0 when not drafting
@@ -102,7 +102,8 @@ class RequestPlan:
         return cls(
             request_id=req.request_id, ids=dict(request_id=run_id(req.request_id), model=req.model),
             prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
-            sampling=Sampling.from_params(s), generator=request_generator(s), eos=frozenset(eos), method=method,
+            sampling=Sampling.from_params(s), generator=request_generator(s),
+            eos=frozenset() if s.ignore_eos else frozenset(eos), method=method,
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             row_cost=defaults.row_cost,

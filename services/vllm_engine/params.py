@@ -52,6 +52,8 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
                stop_token_ids=list(eos_ids), detokenize=False)
     if sampling.HasField("seed"):
         out["seed"] = sampling.seed & SEED_MASK
+    if sampling.ignore_eos:
+        out.update(ignore_eos=True, stop_token_ids=[])
     if sampling.HasField("logprobs"):  # vLLM's default logprobs_mode (raw_logprobs) is arserve's
         out["logprobs"] = sampling.logprobs
     return out

@@ -556,3 +556,24 @@ def test_images_are_pngs_of_the_asked_class(oai, client):
     with pytest.raises(openai.BadRequestError, match="labels\\[0\\] = 12") as e:
         oai.images.generate(model="digits-mar", prompt="12")
     assert e.value.body["param"] == "prompt"
+
+
+def test_ignore_eos_generates_to_max_tokens_past_the_end_of_sequence(oai, client):
+    """vLLM's ``ignore_eos`` (benchmarks that need answers of one length): the end-of-sequence token is an
+    output token (in token_ids, no text), the answer runs to max_tokens, and up to the end-of-sequence token
+    it is the answer without the option; a speculative method gives plain decoding's tokens."""
+    ask = [{"role": "user", "content": "Say just the word yes."}]
+    short = client.generate(messages=ask, max_tokens=16)
+    assert short.finish_reason == "eos"
+    for method in ("none", "ngram"):
+        long = client.generate(messages=ask, max_tokens=24, ignore_eos=True, speculative=method)
+        assert long.finish_reason == "length" and len(long.token_ids) == long.stats.completion_tokens == 24
+        assert long.token_ids[:len(short.token_ids) + 1] == short.token_ids + [2]  # <|im_end|>, then on
+        assert long.text.startswith(short.text) and "<|im_end|>" not in long.text
+        if method == "none":
+            plain = long
+    assert long.token_ids == plain.token_ids
+    via_http = oai.chat.completions.create(model="smollm2-135m-instruct", max_tokens=24, messages=ask,
+                                           extra_body={"ignore_eos": True})
+    assert via_http.choices[0].finish_reason == "length" and via_http.usage.completion_tokens == 24
+    assert via_http.choices[0].message.content == plain.text

@@ -87,6 +87,8 @@ def test_vllms_logprobs_become_arserves_most_likely_first():
 
     assert sampling_kwargs(gpb.SamplingParams(max_tokens=4, logprobs=2), ())["logprobs"] == 2
     assert "logprobs" not in sampling_kwargs(gpb.SamplingParams(max_tokens=4), ())
+    ignoring = sampling_kwargs(gpb.SamplingParams(max_tokens=4, ignore_eos=True), (2,))
+    assert ignoring["ignore_eos"] and ignoring["stop_token_ids"] == []  # the model's EOS ids stop it no more
     positions = [{7: Logprob(logprob=-3.0, rank=3), 5: Logprob(logprob=-0.5, rank=2), 9: Logprob(logprob=-0.25, rank=1)},
                  {4: Logprob(logprob=-0.125, rank=1), 6: Logprob(logprob=-2.0, rank=2)}]
     a, b = token_logprobs([7, 4], positions, top=2)
