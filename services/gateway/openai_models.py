@@ -40,6 +40,7 @@ MAX_CHOICES = 64  # most choices one completion request fans out to (n times its
 # gRPC names, which both doors share.
 OPENAI_PARAMS = {
     "sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
+    "sampling.presence_penalty": "presence_penalty", "sampling.frequency_penalty": "frequency_penalty",
     "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.stop": "stop", "speculative.method": "speculative",
     "speculative.num_draft_tokens": "num_draft_tokens", "cache_salt": "cache_salt", "prompt": "prompt",
     "messages": "messages", "request_id": "request_id", "num_steps": "steps", "cfg_scale": "guidance",
@@ -105,6 +106,10 @@ class GenerationBody(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=UINT32, description="Most completion tokens.")
     temperature: float | None = Field(None, description="0 is greedy; unset: arserve's default, greedy.")
     top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
+    presence_penalty: float | None = Field(None, description="-2 to 2: subtracted from the logit of each token "
+                                           "the output holds.")
+    frequency_penalty: float | None = Field(None, description="-2 to 2: subtracted once per time the output "
+                                            "holds a token.")
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64, description="Seed of the request's sampler "
                              "(a negative one as its 64-bit two's complement).")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text).")
@@ -118,8 +123,6 @@ class GenerationBody(BaseModel):
                                         "reported beside the chosen one.")
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
     response_format: dict | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None  # tools' older spelling
@@ -153,9 +156,6 @@ class GenerationBody(BaseModel):
             raise InvalidArgument(f"tool_choice: tool calling is not served by arserve, got {self.tool_choice!r}")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidArgument(f"response_format: only text is served, got {self.response_format.get('type')!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidArgument(f"{name}: not served by arserve (leave it unset or 0)")
         if self.logit_bias:
             raise InvalidArgument("logit_bias: not served by arserve")
 
@@ -184,7 +184,7 @@ class GenerationBody(BaseModel):
         sampling = pb.SamplingParams()
         if max_tokens is not None:
             sampling.max_tokens = max_tokens
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None:
                 if abs(value) > FLOAT32_MAX and value not in (math.inf, -math.inf):  # would arrive as inf

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from arserve_client.v1 import generation_pb2 as pb
 
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
+from ..core.penalties import PENALTY_RANGE
 from ..errors import InvalidArgument, NotFound
 from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
@@ -80,6 +81,10 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
         raise InvalidArgument(f"sampling.temperature must be finite and >= 0, got {s.temperature}")
     if s.HasField("top_p") and not (0 < s.top_p <= 1):  # NaN fails too
         raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    low, high = PENALTY_RANGE
+    for name in ("presence_penalty", "frequency_penalty"):
+        if s.HasField(name) and not low <= getattr(s, name) <= high:  # NaN fails too
+            raise InvalidArgument(f"sampling.{name} must be {low:g} to {high:g}, got {getattr(s, name):g}")
     if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
         raise InvalidArgument(f"sampling.logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}")
     if len(s.stop) > MAX_STOP_STRINGS:

@@ -15,7 +15,8 @@ import torch
 
 from arserve_client.v1 import generation_pb2 as gpb
 
-from ..core.sampling import Sampling, seeded
+from ..core.penalties import Penalties
+from ..core.sampling import RowProbs, Sampling, seeded
 from ..drafter.registry import METHODS, MethodSpec
 from ..errors import InvalidArgument
 from ..pb.v1 import backbone_pb2 as bpb
@@ -82,6 +83,7 @@ class RequestPlan:
     max_positions: int  # the most KV positions the request holds (reserved from the backbone's budget)
     cache_salt: str  # the caller's KV namespace ("" = shared)
     logprobs: int | None = None  # most likely tokens reported beside each token's log-probability; None: none
+    penalties: Penalties = Penalties()  # presence and frequency penalties on the target's logits
 
     @classmethod
     def from_proto(cls, req: pb.VerifyRequest, defaults: SpeculationDefaults, eos: tuple[int, ...] = (),
@@ -108,7 +110,7 @@ class RequestPlan:
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             row_cost=defaults.row_cost,
             max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt,
-            logprobs=s.logprobs if s.HasField("logprobs") else None)
+            logprobs=s.logprobs if s.HasField("logprobs") else None, penalties=Penalties.from_params(s))
 
     @property
     def reproducible(self) -> bool:
@@ -142,10 +144,10 @@ class RequestPlan:
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
         """A Score call of this request: greedy asks only for the argmax (unless it reports
-        log-probabilities); max_positions and the salt go with every call (a resume on another replica
-        reserves and reads by them)."""
+        log-probabilities or penalizes the logits); max_positions and the salt go with every call (a resume
+        on another replica reserves and reads by them)."""
         return bpb.ScoreRequest(token_ids=token_ids, start=start,
-                                argmax_only=self.sampling.greedy and self.logprobs is None,
+                                argmax_only=self.sampling.greedy and self.logprobs is None and not self.penalties.active,
                                 return_hidden=self.hidden, max_positions=self.max_positions,
                                 cache_salt=self.cache_salt, **self.ids, **fields)
 
@@ -153,6 +155,19 @@ class RequestPlan:
         """The hidden state [dim] at scored row ``row`` (the position that decided the pending token),
         for methods that draft from it; else None."""
         return proto_row(out.hidden, row) if self.hidden else None
+
+    def target(self, out: bpb.ScoreResponse, output: list[int] = (),
+               after: list[list[int]] = ()) -> torch.Tensor | RowProbs:
+        """What the acceptance rules read of a Score call: greedy requests the argmax ids ([m] int64),
+        others the [m, vocab] distributions, each row computed when a rule first reads it. With
+        penalties, of the penalized logits: row r after the generated ``output`` and ``after[r]``."""
+        if not self.penalties.active:
+            if self.sampling.greedy:  # the backbone's argmax, or the logits' where the request reports logprobs
+                return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else \
+                    from_proto(out.logits).argmax(-1)
+            return RowProbs(from_proto(out.logits), self.sampling)
+        logits = self.penalties.apply(from_proto(out.logits), output, after)  # [m, vocab]
+        return logits.argmax(-1) if self.sampling.greedy else RowProbs(logits, self.sampling)
 
     def logprobs_of(self, out: bpb.ScoreResponse, rows: list[int], tokens: list[int]) -> list[gpb.TokenLogprob]:
         """The log-probabilities of ``tokens``, decided by the scored rows ``rows`` (``logprobs``);

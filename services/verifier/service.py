@@ -160,13 +160,15 @@ def failed_with(e: Exception, code: str) -> bool:
     return status is not None and status[0].name == code
 
 
-def target(out: bpb.ScoreResponse, sampling: Sampling) -> torch.Tensor | RowProbs:
-    """What the acceptance rules read of a Score call: greedy requests ask
-    for the argmax ids only ([m] int64); others get the [m, vocab]
-    distributions, each row computed when a rule first reads it."""
-    if sampling.greedy:  # the argmax, or the logits' where the request reports log-probabilities
-        return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else from_proto(out.logits).argmax(-1)
-    return RowProbs(from_proto(out.logits), sampling)
+def paths(draft: dpb.Draft) -> list[list[int]]:
+    """The draft tokens between the pending token and each scored row: none
+    before row 0, node i's path from the root (node i included) before row
+    i + 1 (a chain's first i + 1 tokens)."""
+    out: list[list[int]] = [[]]
+    for i, token in enumerate(draft.token_ids):
+        parent = draft.parents[i] if draft.parents else i - 1
+        out.append(out[parent + 1] + [int(token)])
+    return out
 
 
 def cut(draft: dpb.Draft, n: int) -> dpb.Draft:
@@ -226,7 +228,7 @@ class VerifierService:
             out = await kv.score(plan.score(state.tokens, 0, outputs_from=len(state.tokens) - 1, commit=True),
                                  state.tokens)
             state.in_cache, state.cached = len(state.tokens), out.cached
-            state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
+            state.pending, state.anchor = self._sample(out, plan, state), plan.anchor(out, 0)
             new_tokens, finish = self._decided(plan, state, [])  # the first token streams as soon as it is sampled
             logprobs = plan.logprobs_of(out, [0], new_tokens)
             self.decoding += 1
@@ -258,14 +260,15 @@ class VerifierService:
         if draft is None:  # plain round: score the pending token alone
             out = await kv.score(plan.score([pending], state.in_cache, commit=True), state.tokens)
             state.in_cache += 1
-            state.pending, state.anchor = self._sample(out, plan), plan.anchor(out, 0)
+            state.pending, state.anchor = self._sample(out, plan, state), plan.anchor(out, 0)
             accepted: list[int] = []
             rows = [0]
         else:  # the pending token at the root, the draft after it, in one forward
             parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
             out = await kv.score(plan.score([pending, *draft.token_ids], state.in_cache, parents=parents),
                                  state.tokens)
-            verdict = verify(draft, target(out, plan.sampling), plan.sampling, plan.generator)
+            p = plan.target(out, *((state.tokens[len(plan.prompt):], paths(draft)) if plan.penalties.active else ()))
+            verdict = verify(draft, p, plan.sampling, plan.generator)
             await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **plan.ids))
             state.in_cache += 1 + len(verdict.accepted)
             depth = self._depth(draft) if draft.parents else len(draft.token_ids)
@@ -351,11 +354,16 @@ class VerifierService:
                 log.debug("drafter release failed", exc_info=True)
 
     @staticmethod
-    def _sample(out: bpb.ScoreResponse, plan: RequestPlan) -> int:
+    def _sample(out: bpb.ScoreResponse, plan: RequestPlan, state: Decoding) -> int:
         """The next token from a Score call with one output position."""
         if plan.sampling.greedy:
-            return int(out.argmax[0]) if out.argmax else int(from_proto(out.logits)[0].argmax())
-        return int(sample(from_proto(out.logits), plan.sampling, plan.generator)[0])
+            if out.argmax:
+                return int(out.argmax[0])
+            return int(plan.target(out, state.tokens[len(plan.prompt):], [[]])[0])
+        logits = from_proto(out.logits)  # [1, vocab]
+        if plan.penalties.active:
+            logits = plan.penalties.apply(logits, state.tokens[len(plan.prompt):], [[]])
+        return int(sample(logits, plan.sampling, plan.generator)[0])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:

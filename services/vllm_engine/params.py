@@ -1,6 +1,7 @@
 """What of an ``arserve.v1`` request maps onto vLLM, and what does not.
 
 Maps one to one: max_tokens, temperature (0 is greedy in both), top_p,
+presence_penalty, frequency_penalty, logprobs, ignore_eos,
 top_k (0 is off in both), seed. Stop strings stay with the gateway, as for
 arserve's engine, so they behave the same on both; the model's
 end-of-sequence ids become vLLM's ``stop_token_ids``. Token ids go in and
@@ -52,6 +53,9 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
                stop_token_ids=list(eos_ids), detokenize=False)
     if sampling.HasField("seed"):
         out["seed"] = sampling.seed & SEED_MASK
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's, in both
+        if sampling.HasField(name):
+            out[name] = getattr(sampling, name)
     if sampling.ignore_eos:
         out.update(ignore_eos=True, stop_token_ids=[])
     if sampling.HasField("logprobs"):  # vLLM's default logprobs_mode (raw_logprobs) is arserve's

@@ -23,6 +23,7 @@ residual norm(max(p - q, 0)), patched into the verifier, must give p < 1e-6.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 
 import pytest
@@ -31,11 +32,13 @@ import torch
 from arserve.backbone.service import BackboneService
 from arserve.core.acceptance import Verdict
 from arserve.core.config import LlamaConfig
+from arserve.core.penalties import Penalties
 from arserve.core.model import Llama
 from arserve.core.sampling import Sampling, probs
 from arserve.drafter.draft_model import DraftModelProposer
 from arserve.drafter.service import DrafterService
 from arserve.verifier import service
+from arserve.verifier.plan import RequestPlan
 from arserve.verifier.service import SpeculationDefaults, VerifierService
 from arserve_client.v1 import generation_pb2 as gpb
 from arserve.pb.v1 import verifier_pb2 as vpb
@@ -58,23 +61,25 @@ def draft_model() -> Llama:
 
 
 @torch.inference_mode()
-def exact_first_two(target: Llama) -> dict[tuple[int, int], float]:
-    """The target's probability of each first two tokens after PROMPT, from its logits."""
+def exact_first_two(target: Llama, penalties: Penalties = Penalties()) -> dict[tuple[int, int], float]:
+    """The target's probability of each first two tokens after PROMPT, from its logits (the second's
+    penalized for the first, as OpenAI's penalties read the output)."""
     sampling = Sampling(temperature=TEMPERATURE, top_k=TOP_K)
 
-    def dist(tokens: list[int]) -> torch.Tensor:  # [vocab]
-        return probs(target(torch.tensor(tokens), target.new_cache())[-1:], sampling)[0]
+    def dist(tokens: list[int], output: list[int]) -> torch.Tensor:  # [vocab]
+        logits = target(torch.tensor(tokens), target.new_cache())[-1:].float()
+        return probs(penalties.apply(logits, output, [[]]), sampling)[0]
 
-    first = dist(PROMPT)
+    first = dist(PROMPT, [])
     out = {}
     for x in first.nonzero()[:, 0].tolist():
-        second = dist(PROMPT + [x])
+        second = dist(PROMPT + [x], [x])
         for y in second.nonzero()[:, 0].tolist():
             out[(x, y)] = float(first[x] * second[y])
     return out
 
 
-def first_two_tokens(target: Llama) -> list[tuple[int, int]]:
+def first_two_tokens(target: Llama, penalties: Penalties = Penalties()) -> list[tuple[int, int]]:
     """N_REQUESTS seeded requests, all in flight at once (the backbone batches
     their Score calls), each drafting 2 tokens per round -> first two tokens."""
     drafter = DrafterService({"draft_model": DraftModelProposer(draft_model())})
@@ -86,7 +91,8 @@ def first_two_tokens(target: Llama) -> list[tuple[int, int]]:
     async def one(i: int) -> tuple[int, int]:
         req = vpb.VerifyRequest(request_id=f"r{i}", model="tiny", prompt_token_ids=PROMPT,
                                 sampling=gpb.SamplingParams(max_tokens=3, temperature=TEMPERATURE, top_k=TOP_K,
-                                                            seed=i),
+                                                            seed=i, presence_penalty=penalties.presence,
+                                                            frequency_penalty=penalties.frequency),
                                 speculative=gpb.SpeculativeParams(method="draft_model", num_draft_tokens=2,
                                                                   adaptive=False))
         tokens, last = [], None
@@ -150,4 +156,23 @@ def test_a_rule_recovering_from_p_fails_through_the_verifier(target, monkeypatch
     # the name the verifier's verify() calls; measured: chi-square 61 at 300 requests, on 15 degrees of freedom
     monkeypatch.setattr(service, "speculative_sampling", recover_from_p)
     stat, p = chi_square(first_two_tokens(target), exact_first_two(target))
+    assert p < 1e-6, (stat, p)
+
+
+# a penalty the second token feels where it repeats the first (one of the top 4 in ~a quarter of the draws)
+PENALTIES = Penalties(presence=0.5, frequency=1.0)
+
+
+def test_penalized_speculative_sampling_keeps_the_penalized_distribution(target, monkeypatch):
+    """The draft proposes from its own unpenalized distribution; the rule must accept against the target's
+    penalized one (``RequestPlan.target``). Ignoring the penalty there, the loop samples the second token
+    from the unpenalized target instead."""
+    exact = exact_first_two(target, PENALTIES)
+    assert len(exact) == TOP_K**2 and min(exact.values()) * N_REQUESTS > 10
+    stat, p = chi_square(first_two_tokens(target, PENALTIES), exact)
+    assert p > 1e-4, (stat, p)
+    unpenalized = RequestPlan.target
+    monkeypatch.setattr(RequestPlan, "target", lambda self, out, output=(), after=(): unpenalized(
+        dataclasses.replace(self, penalties=Penalties()), out))
+    stat, p = chi_square(first_two_tokens(target, PENALTIES), exact)
     assert p < 1e-6, (stat, p)

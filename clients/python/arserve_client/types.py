@@ -118,6 +118,8 @@ def build_request(
     stop: str | Iterable[str] | None = (),
     logprobs: int | None = None,
     ignore_eos: bool | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     speculative: str = "",
     num_draft_tokens: int | None = None,
     num_candidates: int | None = None,
@@ -131,13 +133,15 @@ def build_request(
     ``cached_prompt_tokens``). ``stop``: one string or several (None: none).
     ``logprobs``: report each token's log-probability and this many most
     likely tokens beside it (0: its own alone; at most 20). ``ignore_eos``:
-    generate to ``max_tokens`` past the end-of-sequence token. A value the
+    generate to ``max_tokens`` past the end-of-sequence token.
+    ``presence_penalty``, ``frequency_penalty``: OpenAI's, -2 to 2. A value the
     request cannot hold (a negative ``max_tokens``, a string for a number)
     raises ``InvalidArgument`` naming the option, before anything is sent."""
     sampling = pb.SamplingParams()
     _extend(sampling.stop, "stop", [stop] if isinstance(stop, str) else list(stop or ()))
     _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-         logprobs=logprobs, ignore_eos=ignore_eos)
+         logprobs=logprobs, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+         frequency_penalty=frequency_penalty)
     spec = pb.SpeculativeParams(method=speculative)
     _set(spec, num_draft_tokens=num_draft_tokens, num_candidates=num_candidates, adaptive=adaptive)
     req = pb.GenerateRequest(sampling=sampling, speculative=spec)

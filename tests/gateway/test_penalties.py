@@ -1,0 +1,63 @@
+"""OpenAI's presence and frequency penalties through the gRPC SDK and the
+HTTP door, on SmolLM2: greedy decoding with them is transformers' argmax of
+the penalized logits, step by step, and every speculative method gives
+plain decoding's tokens (each verified row penalized for the draft before
+it). The sampled loop's distribution is tested in
+``verifier/test_sampled_distribution``."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from arserve_client import InvalidArgument
+
+from gateway.test_http_api import api
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "List the numbers from 1 to 40, separated by commas."}]
+PENALTIES = dict(presence_penalty=1.0, frequency_penalty=1.5)
+NEW_TOKENS = 24
+
+
+def transformers_penalized_greedy(smollm2_hf, messages, n: int) -> list[int]:
+    """Greedy decoding of transformers' logits with OpenAI's penalties on the generated tokens."""
+    hf, tok = smollm2_hf
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = hf(torch.tensor([ids + out])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+            logits -= PENALTIES["frequency_penalty"] * counts + PENALTIES["presence_penalty"] * (counts > 0).float()
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_greedy_with_penalties_is_the_penalized_argmax_with_every_method(client, smollm2_hf):
+    unpenalized = client.generate(messages=ASK, max_tokens=NEW_TOKENS, speculative="none")
+    plain = client.generate(messages=ASK, max_tokens=NEW_TOKENS, speculative="none", **PENALTIES)
+    assert plain.token_ids != unpenalized.token_ids  # the penalties change this answer
+    reference = transformers_penalized_greedy(smollm2_hf, ASK, len(plain.token_ids))
+    assert plain.token_ids == reference[:len(plain.token_ids)]
+    accepted = {}
+    for method, candidates in (("ngram", None), ("draft_model", None), ("heads", None), ("draft_model", 3)):
+        out = client.generate(messages=ASK, max_tokens=NEW_TOKENS, speculative=method, num_candidates=candidates,
+                              **PENALTIES)
+        assert out.token_ids == plain.token_ids, (method, candidates)
+        accepted[method, candidates] = out.stats.accepted_tokens
+    assert accepted["draft_model", None] > 0 and accepted["draft_model", 3] > 0, accepted  # rows after drafts
+
+
+def test_penalties_through_the_http_door_and_their_bounds(client, server):
+    plain = client.generate(messages=ASK, max_tokens=NEW_TOKENS, speculative="none", **PENALTIES)
+    with api(server.http_url) as oai:
+        out = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=NEW_TOKENS, **PENALTIES)
+        assert out.choices[0].message.content == plain.text
+        with pytest.raises(openai.BadRequestError, match="sampling.frequency_penalty must be -2 to 2, got 2.5") as e:
+            oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, frequency_penalty=2.5)
+        assert e.value.body["param"] == "frequency_penalty"
+    with pytest.raises(InvalidArgument, match="sampling.presence_penalty must be -2 to 2, got nan"):
+        client.generate(messages=ASK, max_tokens=2, presence_penalty=float("nan"))
