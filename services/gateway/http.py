@@ -123,10 +123,13 @@ def validation_error(e: RequestValidationError, content_type: str | None = None)
     if [x for x in first.get("loc", ()) if x != "body"] == []:  # the body as a whole: empty, or not an object
         why = "the body is empty" if first.get("type") == "missing" else f"got {type(first.get('input')).__name__}"
         return error_response(refusal(f"body: a JSON object is required ({why})", None))
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(itertools.takewhile(lambda x: not union_member(x), loc)) or None
-    messages = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: "
-                f"{err.get('msg', '').removeprefix('Value error, ')}" for err in errors]
+    def field(err: dict) -> str:  # the parameter an error is about, without the union member pydantic tried
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        return ".".join(itertools.takewhile(lambda x: not union_member(x), loc))
+
+    param = field(first) or None
+    messages = dict.fromkeys(f"{field(err) or 'body'}: {err.get('msg', '').removeprefix('Value error, ')}"
+                             for err in errors)  # a union's members each said theirs: in order, once each
     return error_response(refusal("; ".join(messages) or "request body does not parse", param))
 
 
@@ -187,10 +190,11 @@ def chat_logprobs(logprobs) -> dict:
                         for lp in logprobs], "refusal": None}
 
 
-def text_logprobs(logprobs, offset: int = 0) -> dict:
+def text_logprobs(logprobs, before: bytes = b"") -> tuple[dict, bytes]:
     """A completion choice's ``logprobs`` (OpenAI's legacy shape): tokens, their log-probabilities, the most
-    likely tokens with the chosen one at each position, and each token's character offset in the text
-    (``offset``: the characters of the completion before these tokens)."""
+    likely tokens with the chosen one at each position, and each token's character offset in the text, the
+    characters its bytes start in (a token inside an emoji starts where the emoji does) -> (that, the bytes
+    of the completion through these tokens). ``before``: the completion's bytes before these tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for lp in logprobs:
         token = token_text(lp.token)
@@ -199,9 +203,9 @@ def text_logprobs(logprobs, offset: int = 0) -> dict:
         top = {token_text(t.token): t.logprob for t in lp.top}
         top.setdefault(token, lp.logprob)  # "up to logprobs + 1 elements": the chosen token always
         out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(token)
-    return out
+        out["text_offset"].append(len(before.decode("utf-8", errors="ignore")))  # a partial last character: not yet
+        before += lp.token
+    return out, before
 
 
 class Shape:
@@ -211,15 +215,14 @@ class Shape:
         self.chat, self.created, self.model = chat, int(time.time()), model
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.logprobs = logprobs  # the request asked for log-probabilities
-        self.offsets: dict[int, int] = {}  # a streamed completion choice's characters of tokens so far
+        self.sent: dict[int, bytes] = {}  # a completion choice's bytes of the tokens reported so far
 
     def _logprobs(self, logprobs, index: int = 0) -> dict | None:
         if not self.logprobs:
             return None
         if self.chat:
             return chat_logprobs(logprobs)
-        out = text_logprobs(logprobs, self.offsets.get(index, 0))
-        self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in out["tokens"])
+        out, self.sent[index] = text_logprobs(logprobs, self.sent.get(index, b""))
         return out
 
     def _envelope(self, obj: str, choices: list) -> dict:

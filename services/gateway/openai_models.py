@@ -50,7 +50,7 @@ OPENAI_PARAMS = {
 OPENAI_PARAMS.update({name: name for name in (  # the HTTP door's own refusals name OpenAI's parameters
     "n", "logprobs", "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "logit_bias",
     "tools", "tool_choice", "functions", "function_call", "echo", "best_of", "suffix", "size", "stream_options",
-    "max_completion_tokens")})
+    "max_completion_tokens", "prompt_logprobs")})
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)((?:\[\d+\])?(?:\.[a-z_]+)?)")
 
 
@@ -123,6 +123,7 @@ class GenerationBody(BaseModel):
                                         "reported beside the chosen one.")
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
     response_format: dict | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt's log-probabilities (not served)
     logit_bias: dict | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None  # tools' older spelling
@@ -158,6 +159,9 @@ class GenerationBody(BaseModel):
             raise InvalidArgument(f"response_format: only text is served, got {self.response_format.get('type')!r}")
         if self.logit_bias:
             raise InvalidArgument("logit_bias: not served by arserve")
+        if self.prompt_logprobs is not None:
+            raise InvalidArgument("prompt_logprobs: the prompt's log-probabilities are not served by arserve "
+                                  "(logprobs reports the generated tokens')")
 
     def sent_as(self, param: str | None) -> str | None:
         """The name this body gave the parameter an error names (``param``)."""

@@ -114,7 +114,7 @@ def test_the_http_door_reports_logprobs_as_openai_does(server):
         text = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, logprobs=2)
         lp = text.choices[0].logprobs
         assert "".join(lp.tokens) == text.choices[0].text and len(lp.token_logprobs) == 8
-        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]  # ASCII: the tokens' lengths
         for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             assert 2 <= len(top) <= 3 and top[token] == logprob  # the two most likely, and the chosen one
         streamed = [c.choices[0].logprobs for c in oai.completions.create(
@@ -132,6 +132,13 @@ def test_the_http_door_reports_logprobs_as_openai_does(server):
             assert e.value.body["param"] == param, e.value.body
         with pytest.raises(openai.BadRequestError, match="top_logprobs: a chat completions parameter") as e:
             oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"top_logprobs": 2})
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs: .* not served") as e:  # vLLM's
+            oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"prompt_logprobs": 1})
+        assert e.value.body["param"] == "prompt_logprobs"
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logprobs="1")
+        assert e.value.body["message"] == ("logprobs: Input should be a valid boolean; logprobs: Input should be a "
+                                           "valid integer"), e.value.body  # the union's members not named
 
 
 def test_each_completion_choice_counts_its_own_text_offsets(server):
@@ -142,5 +149,19 @@ def test_each_completion_choice_counts_its_own_text_offsets(server):
         assert len(out.choices) == 4
         for choice in out.choices:
             lp = choice.logprobs
-            assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))], choice.index
-            assert "".join(lp.tokens) == choice.text
+            assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), choice.index
+            for token, offset in zip(lp.tokens, lp.text_offset):
+                if "\ufffd" not in token:  # a whole token: its text where its offset says
+                    assert choice.text[offset:offset + len(token)] == token, (choice.index, token, offset)
+
+
+def test_a_token_inside_a_character_is_offset_to_where_the_character_starts():
+    """An emoji in two byte-level tokens: both at the emoji's offset (vLLM counts U+FFFD's length each, and
+    its offsets run past the text); the token after it one character later."""
+    from arserve_client.v1 import generation_pb2 as pb
+    from arserve.gateway.http import text_logprobs
+
+    pieces = [b"\xf0\x9f\x8e", b"\x89", b"a"]  # "🎉a"
+    lp, sent = text_logprobs([pb.TokenLogprob(token_id=i, logprob=-1.0, token=p) for i, p in enumerate(pieces)])
+    assert lp["text_offset"] == [0, 0, 1] and lp["tokens"] == ["\ufffd", "\ufffd", "a"]
+    assert text_logprobs([pb.TokenLogprob(token=b"b")], sent)[0]["text_offset"] == [2]  # the next chunk goes on
