@@ -179,7 +179,9 @@ def cmd_generate(args) -> None:
     from arserve_client import ArserveError
 
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stop=args.stop or (), speculative=args.speculative, model=args.model_id or "")
+                   seed=args.seed, stop=args.stop or (), speculative=args.speculative, model=args.model_id or "",
+                   presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                   ignore_eos=args.ignore_eos or None, logprobs=args.logprobs)
     if args.prompt is not None:
         inputs = dict(prompt=args.prompt)
     else:
@@ -187,17 +189,20 @@ def cmd_generate(args) -> None:
     with _client(args) as client:
         try:
             if args.stream:
-                stats = None
+                stats, logprobs = None, []
                 for chunk in client.stream(**inputs, **options):
                     print(chunk.text, end="", flush=True)
-                    stats = chunk.stats or stats
+                    stats, logprobs = chunk.stats or stats, logprobs + chunk.logprobs
                 print()
             else:
                 done = client.generate(**inputs, **options)
                 print(done.text)
-                stats = done.stats
+                stats, logprobs = done.stats, done.logprobs
         except ArserveError as e:
             fail(str(e))
+    for lp in logprobs:  # one line a token: its bytes, its log-probability, the most likely beside it
+        top = "  ".join(f"{t.token.decode(errors='replace')!r} {t.logprob:.3f}" for t in lp.top)
+        print(f"{lp.token.decode(errors='replace')!r:>16} {lp.logprob:8.3f}{'    ' + top if top else ''}")
     if stats:
         print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
               f"TTFT {stats.time_to_first_token_s * 1e3:.0f} ms, method {stats.method}, "
@@ -354,6 +359,12 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--top-k", type=int, default=None)
             g.add_argument("--seed", type=int, default=None)
             g.add_argument("--stop", action="append")
+            g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's, -2 to 2")
+            g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's, -2 to 2")
+            g.add_argument("--ignore-eos", action="store_true", help="generate to --max-tokens past the "
+                           "end-of-sequence token")
+            g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                           help="print each token's log-probability and the N most likely tokens beside it")
             g.add_argument("--speculative", default="", help="speculative method (default: the model's)")
             g.add_argument("--model-id", default=None)
         if name == "image":

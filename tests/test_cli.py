@@ -28,6 +28,20 @@ def test_stream_and_models(server):
     assert "smollm2-135m-instruct (default)" in out.stdout and "ngram" in out.stdout
 
 
+def test_generate_prints_logprobs_and_takes_penalties_and_ignore_eos(server, client):
+    out = arserve("generate", "--target", server.target, "--stream", "--prompt", "The capital of France is",
+                  "--max-tokens", "4", "--logprobs", "2", "--frequency-penalty", "0.5", "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    want = client.generate(prompt="The capital of France is", max_tokens=4, logprobs=2, frequency_penalty=0.5,
+                           ignore_eos=True)
+    assert out.stdout.startswith(want.text + "\n")  # the text, then a line a token
+    lines = out.stdout[len(want.text) + 1:].splitlines()
+    assert len(lines) == 4
+    for line, lp in zip(lines, want.logprobs):
+        assert line.startswith(f"{lp.token.decode()!r:>16} {lp.logprob:8.3f}"), line
+        assert all(f"{t.token.decode()!r} {t.logprob:.3f}" in line for t in lp.top) and len(lp.top) == 2, line
+
+
 def test_bad_input_exits_nonzero_with_the_status(server, capsys):
     from arserve.cli import main
 
