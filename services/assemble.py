@@ -247,4 +247,4 @@ def verifier(settings: ServiceSettings, config: dict[str, LlamaConfig], backbone
 def gateway(settings: ServiceSettings, config: dict[str, LlamaConfig], tokenizer, verifier,
             images=None) -> GenerationService:
     return GenerationService(settings, tokenizer, verifier, windows={k: c.max_seq_len for k, c in config.items()},
-                             images=images)
+                             images=images, vocabs={k: c.vocab_size for k, c in config.items()})

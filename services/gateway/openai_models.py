@@ -10,7 +10,7 @@ same messages. arserve's own options ride as extra body fields, as vLLM
 takes its extra sampling parameters (the ``openai`` package's
 ``extra_body``): ``top_k``, ``speculative`` (the method), ``num_draft_tokens``,
 ``cache_salt`` (the tenant's namespace of shared KV blocks, vLLM's option),
-``ignore_eos`` (vLLM's);
+``ignore_eos``, ``min_tokens`` (vLLM's);
 for images ``seed``, ``steps``, ``guidance``, ``temperature``, ``speculative``.
 """
 
@@ -26,6 +26,7 @@ from arserve_client.v1 import generation_pb2 as pb
 
 from ..errors import InvalidArgument
 from ..verifier.logprobs import MAX_LOGPROBS
+from .validate import quoted
 
 UINT32 = (1 << 32) - 1
 FLOAT32_MAX = 3.4028234663852886e38  # the protobuf float fields' largest finite value
@@ -41,6 +42,7 @@ MAX_CHOICES = 64  # most choices one completion request fans out to (n times its
 OPENAI_PARAMS = {
     "sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature", "sampling.top_p": "top_p",
     "sampling.presence_penalty": "presence_penalty", "sampling.frequency_penalty": "frequency_penalty",
+    "sampling.logit_bias": "logit_bias", "sampling.min_tokens": "min_tokens",
     "sampling.top_k": "top_k", "sampling.seed": "seed", "sampling.stop": "stop", "speculative.method": "speculative",
     "speculative.num_draft_tokens": "num_draft_tokens", "cache_salt": "cache_salt", "prompt": "prompt",
     "messages": "messages", "request_id": "request_id", "num_steps": "steps", "cfg_scale": "guidance",
@@ -106,6 +108,8 @@ class GenerationBody(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=UINT32, description="Most completion tokens.")
     temperature: float | None = Field(None, description="0 is greedy; unset: arserve's default, greedy.")
     top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (a string, as JSON keys are) -> "
+                                                "-100 to 100 added to its logit.")
     presence_penalty: float | None = Field(None, description="-2 to 2: subtracted from the logit of each token "
                                            "the output holds.")
     frequency_penalty: float | None = Field(None, description="-2 to 2: subtracted once per time the output "
@@ -124,7 +128,6 @@ class GenerationBody(BaseModel):
     # What OpenAI defines and arserve does not serve: refused when set to anything but the neutral value.
     response_format: dict | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt's log-probabilities (not served)
-    logit_bias: dict | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None  # tools' older spelling
     function_call: str | dict | None = None
@@ -135,6 +138,8 @@ class GenerationBody(BaseModel):
     num_draft_tokens: int | None = Field(None, ge=0, le=UINT32, description="Draft length (the adaptive bound).")
     cache_salt: str | None = Field(None, description="Namespace of this request's shared KV blocks (vLLM's "
                                    "cache_salt): prefixes are shared only with requests sending the same salt.")
+    min_tokens: int | None = Field(None, ge=0, le=UINT32, description="The end-of-sequence token cannot come "
+                                   "before this many tokens (vLLM's option).")
     ignore_eos: StrictBool | None = Field(None, description="Generate to max_tokens past the end-of-sequence "
                                           "token (vLLM's option, for benchmarks).")
 
@@ -157,8 +162,6 @@ class GenerationBody(BaseModel):
             raise InvalidArgument(f"tool_choice: tool calling is not served by arserve, got {self.tool_choice!r}")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidArgument(f"response_format: only text is served, got {self.response_format.get('type')!r}")
-        if self.logit_bias:
-            raise InvalidArgument("logit_bias: not served by arserve")
         if self.prompt_logprobs is not None:
             raise InvalidArgument("prompt_logprobs: the prompt's log-probabilities are not served by arserve "
                                   "(logprobs reports the generated tokens')")
@@ -200,6 +203,14 @@ class GenerationBody(BaseModel):
             sampling.top_k = self.top_k
         if self.ignore_eos:
             sampling.ignore_eos = True
+        if self.min_tokens:
+            sampling.min_tokens = self.min_tokens
+        for token, bias in (self.logit_bias or {}).items():
+            if not (token.isascii() and token.isdecimal()) or int(token) > UINT32:
+                raise refusal(f"logit_bias: keys are token ids, got {quoted(token)}", "logit_bias")
+            if abs(bias) > FLOAT32_MAX:
+                raise refusal(f"logit_bias: {bias!r} is beyond the range of a 32-bit float", "logit_bias")
+            sampling.logit_bias[int(token)] = bias
         if (logprobs := self.logprobs_asked()) is not None:
             sampling.logprobs = logprobs
         if self.stop is not None:

@@ -27,7 +27,7 @@ from ..rpc import callers_error, status_of
 from ..settings import ServerSettings
 from .images import ImageFront
 from .stops import StopMatcher, tokens_through_stop
-from .validate import check_request, check_size, resolve_max_tokens, resolve_model
+from .validate import check_request, check_size, check_vocabulary, resolve_max_tokens, resolve_model
 
 log = logging.getLogger("arserve.gateway")
 
@@ -86,7 +86,7 @@ async def coalesced(events: AsyncIterator[vpb.VerifyEvent]) -> AsyncIterator[vpb
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, settings: ServerSettings, tokenizer, verifier, windows: dict[str, int],
-                 images: ImageFront | None = None):
+                 images: ImageFront | None = None, vocabs: dict[str, int] | None = None):
         self.settings = settings
         self.images = images  # GenerateImage, when image models are served
         self.models = {m.id: m for m in settings.models}
@@ -94,6 +94,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.tokenizer = tokenizer  # async Encode / DecodeIncremental
         self.verifier = verifier  # async-iterator Run
         self.windows = windows  # model id -> context window in tokens
+        self.vocabs = vocabs or {}  # model id -> vocabulary size (the logits' width)
         self.active = 0  # requests admitted and not finished
 
     async def ListModels(self, req: pb.ListModelsRequest, context=None) -> pb.ListModelsResponse:
@@ -202,6 +203,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         check_size(req, self.settings.max_prompt_bytes)
         model = resolve_model(req, self.models, self.default_model, self.images.models if self.images else ())
         check_request(req, model)
+        if model.id in self.vocabs:
+            check_vocabulary(req, self.vocabs[model.id])
         # the request's id inside the server: every service keys its state on it. The client's
         # request_id is only echoed (two clients may send the same one); without one, this is echoed.
         request_id = uuid.uuid4().hex

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from arserve_client.v1 import generation_pb2 as pb
 
 from ..core.diffusion_head import MAX_CFG, TEMPERATURE_RANGE, TRAIN_STEPS
-from ..core.penalties import PENALTY_RANGE
+from ..core.logits_processors import BIAS_RANGE, MAX_BIASED_TOKENS, PENALTY_RANGE
 from ..errors import InvalidArgument, NotFound
 from ..settings import ImageModelSettings, ModelSettings
 from ..tokenizer.text import ROLES
@@ -85,6 +85,12 @@ def check_request(req: pb.GenerateRequest, model: ModelSettings) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if s.HasField(name) and not low <= getattr(s, name) <= high:  # NaN fails too
             raise InvalidArgument(f"sampling.{name} must be {low:g} to {high:g}, got {getattr(s, name):g}")
+    if len(s.logit_bias) > MAX_BIASED_TOKENS:
+        raise InvalidArgument(f"sampling.logit_bias biases {len(s.logit_bias)} tokens; at most {MAX_BIASED_TOKENS}")
+    low, high = BIAS_RANGE
+    for token, bias in s.logit_bias.items():
+        if not low <= bias <= high:  # NaN fails too
+            raise InvalidArgument(f"sampling.logit_bias[{token}] must be {low:g} to {high:g}, got {bias:g}")
     if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
         raise InvalidArgument(f"sampling.logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}")
     if len(s.stop) > MAX_STOP_STRINGS:
@@ -118,13 +124,24 @@ def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tok
         raise InvalidArgument(f"prompt is {prompt_tokens} tokens; the context window is {window} tokens")
     s = req.sampling
     if not s.HasField("max_tokens"):
-        return min(model.default_max_tokens, room)
-    if s.max_tokens > room:
+        resolved = min(model.default_max_tokens, room)
+    elif s.max_tokens > room:
         raise InvalidArgument(
             f"sampling.max_tokens {s.max_tokens} exceeds the context window: "
             f"{prompt_tokens} prompt tokens + {s.max_tokens} > {window}"
         )
-    return s.max_tokens
+    else:
+        resolved = s.max_tokens
+    if s.min_tokens > resolved:
+        raise InvalidArgument(f"sampling.min_tokens {s.min_tokens} is more than max_tokens ({resolved})")
+    return resolved
+
+
+def check_vocabulary(req: pb.GenerateRequest, vocab: int) -> None:
+    """Token ids a request names (logit_bias) against the model's vocabulary."""
+    outside = [t for t in req.sampling.logit_bias if t >= vocab]
+    if outside:
+        raise InvalidArgument(f"sampling.logit_bias: token id {min(outside)} is outside the vocabulary ({vocab})")
 
 
 def check_image_request(req: pb.GenerateImageRequest, model: ImageModelSettings, num_classes: int,

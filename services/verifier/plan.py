@@ -15,7 +15,7 @@ import torch
 
 from arserve_client.v1 import generation_pb2 as gpb
 
-from ..core.penalties import Penalties
+from ..core.logits_processors import LogitsProcessors
 from ..core.sampling import RowProbs, Sampling, seeded
 from ..drafter.registry import METHODS, MethodSpec
 from ..errors import InvalidArgument
@@ -83,7 +83,7 @@ class RequestPlan:
     max_positions: int  # the most KV positions the request holds (reserved from the backbone's budget)
     cache_salt: str  # the caller's KV namespace ("" = shared)
     logprobs: int | None = None  # most likely tokens reported beside each token's log-probability; None: none
-    penalties: Penalties = Penalties()  # presence and frequency penalties on the target's logits
+    processors: LogitsProcessors = LogitsProcessors()  # penalties, logit bias, min_tokens on the target's logits
 
     @classmethod
     def from_proto(cls, req: pb.VerifyRequest, defaults: SpeculationDefaults, eos: tuple[int, ...] = (),
@@ -99,18 +99,18 @@ class RequestPlan:
         # the most positions the cache holds: a chain round ends at most at prompt + max_tokens - 1;
         # a tree of c branches has up to (c - 1) * k more nodes than a chain
         tree_nodes = (max(1, candidates) - 1) * k_max if drafting else 0
+        ends = frozenset() if s.ignore_eos else frozenset(eos)
         if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
             raise InvalidArgument(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {s.logprobs}")
         return cls(
             request_id=req.request_id, ids=dict(request_id=run_id(req.request_id), model=req.model),
             prompt=tuple(req.prompt_token_ids), max_tokens=s.max_tokens, params=s,
-            sampling=Sampling.from_params(s), generator=request_generator(s),
-            eos=frozenset() if s.ignore_eos else frozenset(eos), method=method,
+            sampling=Sampling.from_params(s), generator=request_generator(s), eos=ends, method=method,
             drafting=drafting, k_max=k_max if drafting else 0, candidates=candidates,
             adaptive=spec.adaptive if spec.HasField("adaptive") else defaults.adaptive, cost_per_token=defaults.cost_per_token,
             row_cost=defaults.row_cost,
             max_positions=len(req.prompt_token_ids) + s.max_tokens + tree_nodes, cache_salt=req.cache_salt,
-            logprobs=s.logprobs if s.HasField("logprobs") else None, penalties=Penalties.from_params(s))
+            logprobs=s.logprobs if s.HasField("logprobs") else None, processors=LogitsProcessors.from_params(s, ends))
 
     @property
     def reproducible(self) -> bool:
@@ -144,10 +144,10 @@ class RequestPlan:
 
     def score(self, token_ids: list[int], start: int, **fields) -> bpb.ScoreRequest:
         """A Score call of this request: greedy asks only for the argmax (unless it reports
-        log-probabilities or penalizes the logits); max_positions and the salt go with every call (a resume
+        log-probabilities or processes the logits); max_positions and the salt go with every call (a resume
         on another replica reserves and reads by them)."""
         return bpb.ScoreRequest(token_ids=token_ids, start=start,
-                                argmax_only=self.sampling.greedy and self.logprobs is None and not self.penalties.active,
+                                argmax_only=self.sampling.greedy and self.logprobs is None and not self.processors.active,
                                 return_hidden=self.hidden, max_positions=self.max_positions,
                                 cache_salt=self.cache_salt, **self.ids, **fields)
 
@@ -159,14 +159,14 @@ class RequestPlan:
     def target(self, out: bpb.ScoreResponse, output: list[int] = (),
                after: list[list[int]] = ()) -> torch.Tensor | RowProbs:
         """What the acceptance rules read of a Score call: greedy requests the argmax ids ([m] int64),
-        others the [m, vocab] distributions, each row computed when a rule first reads it. With
-        penalties, of the penalized logits: row r after the generated ``output`` and ``after[r]``."""
-        if not self.penalties.active:
+        others the [m, vocab] distributions, each row computed when a rule first reads it. With logits
+        processors, of the processed logits: row r after the generated ``output`` and ``after[r]``."""
+        if not self.processors.active:
             if self.sampling.greedy:  # the backbone's argmax, or the logits' where the request reports logprobs
                 return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else \
                     from_proto(out.logits).argmax(-1)
             return RowProbs(from_proto(out.logits), self.sampling)
-        logits = self.penalties.apply(from_proto(out.logits), output, after)  # [m, vocab]
+        logits = self.processors.apply(from_proto(out.logits), output, after)  # [m, vocab]
         return logits.argmax(-1) if self.sampling.greedy else RowProbs(logits, self.sampling)
 
     def logprobs_of(self, out: bpb.ScoreResponse, rows: list[int], tokens: list[int]) -> list[gpb.TokenLogprob]:

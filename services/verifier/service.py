@@ -267,7 +267,7 @@ class VerifierService:
             parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
             out = await kv.score(plan.score([pending, *draft.token_ids], state.in_cache, parents=parents),
                                  state.tokens)
-            p = plan.target(out, *((state.tokens[len(plan.prompt):], paths(draft)) if plan.penalties.active else ()))
+            p = plan.target(out, *((state.tokens[len(plan.prompt):], paths(draft)) if plan.processors.active else ()))
             verdict = verify(draft, p, plan.sampling, plan.generator)
             await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **plan.ids))
             state.in_cache += 1 + len(verdict.accepted)
@@ -361,8 +361,8 @@ class VerifierService:
                 return int(out.argmax[0])
             return int(plan.target(out, state.tokens[len(plan.prompt):], [[]])[0])
         logits = from_proto(out.logits)  # [1, vocab]
-        if plan.penalties.active:
-            logits = plan.penalties.apply(logits, state.tokens[len(plan.prompt):], [[]])
+        if plan.processors.active:
+            logits = plan.processors.apply(logits, state.tokens[len(plan.prompt):], [[]])
         return int(sample(logits, plan.sampling, plan.generator)[0])
 
     @staticmethod

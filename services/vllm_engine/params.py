@@ -1,7 +1,7 @@
 """What of an ``arserve.v1`` request maps onto vLLM, and what does not.
 
 Maps one to one: max_tokens, temperature (0 is greedy in both), top_p,
-presence_penalty, frequency_penalty, logprobs, ignore_eos,
+presence_penalty, frequency_penalty, logit_bias, min_tokens, logprobs, ignore_eos,
 top_k (0 is off in both), seed. Stop strings stay with the gateway, as for
 arserve's engine, so they behave the same on both; the model's
 end-of-sequence ids become vLLM's ``stop_token_ids``. Token ids go in and
@@ -56,6 +56,10 @@ def sampling_kwargs(sampling: gpb.SamplingParams, eos_ids: tuple[int, ...]) -> d
     for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's, in both
         if sampling.HasField(name):
             out[name] = getattr(sampling, name)
+    if sampling.logit_bias:
+        out["logit_bias"] = dict(sampling.logit_bias)
+    if sampling.min_tokens:
+        out["min_tokens"] = sampling.min_tokens
     if sampling.ignore_eos:
         out.update(ignore_eos=True, stop_token_ids=[])
     if sampling.HasField("logprobs"):  # vLLM's default logprobs_mode (raw_logprobs) is arserve's

@@ -32,7 +32,7 @@ import torch
 from arserve.backbone.service import BackboneService
 from arserve.core.acceptance import Verdict
 from arserve.core.config import LlamaConfig
-from arserve.core.penalties import Penalties
+from arserve.core.logits_processors import LogitsProcessors as Penalties
 from arserve.core.model import Llama
 from arserve.core.sampling import Sampling, probs
 from arserve.drafter.draft_model import DraftModelProposer
@@ -173,6 +173,6 @@ def test_penalized_speculative_sampling_keeps_the_penalized_distribution(target,
     assert p > 1e-4, (stat, p)
     unpenalized = RequestPlan.target
     monkeypatch.setattr(RequestPlan, "target", lambda self, out, output=(), after=(): unpenalized(
-        dataclasses.replace(self, penalties=Penalties()), out))
+        dataclasses.replace(self, processors=Penalties()), out))
     stat, p = chi_square(first_two_tokens(target, PENALTIES), exact)
     assert p < 1e-6, (stat, p)

@@ -87,6 +87,10 @@ def test_vllms_logprobs_become_arserves_most_likely_first():
 
     assert sampling_kwargs(gpb.SamplingParams(max_tokens=4, logprobs=2), ())["logprobs"] == 2
     assert "logprobs" not in sampling_kwargs(gpb.SamplingParams(max_tokens=4), ())
+    processed = sampling_kwargs(gpb.SamplingParams(max_tokens=4, presence_penalty=0.5, frequency_penalty=-0.25,
+                                                   logit_bias={7: 2.0}, min_tokens=3), (2,))
+    assert (processed["presence_penalty"], processed["frequency_penalty"]) == (0.5, -0.25)
+    assert processed["logit_bias"] == {7: 2.0} and processed["min_tokens"] == 3
     ignoring = sampling_kwargs(gpb.SamplingParams(max_tokens=4, ignore_eos=True), (2,))
     assert ignoring["ignore_eos"] and ignoring["stop_token_ids"] == []  # the model's EOS ids stop it no more
     positions = [{7: Logprob(logprob=-3.0, rank=3), 5: Logprob(logprob=-0.5, rank=2), 9: Logprob(logprob=-0.25, rank=1)},

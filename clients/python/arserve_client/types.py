@@ -120,6 +120,8 @@ def build_request(
     ignore_eos: bool | None = None,
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int | None = None,
     speculative: str = "",
     num_draft_tokens: int | None = None,
     num_candidates: int | None = None,
@@ -134,14 +136,21 @@ def build_request(
     ``logprobs``: report each token's log-probability and this many most
     likely tokens beside it (0: its own alone; at most 20). ``ignore_eos``:
     generate to ``max_tokens`` past the end-of-sequence token.
-    ``presence_penalty``, ``frequency_penalty``: OpenAI's, -2 to 2. A value the
+    ``presence_penalty``, ``frequency_penalty``: OpenAI's, -2 to 2.
+    ``logit_bias``: token id -> -100 to 100 added to its logit. ``min_tokens``:
+    the end-of-sequence token cannot come sooner. A value the
     request cannot hold (a negative ``max_tokens``, a string for a number)
     raises ``InvalidArgument`` naming the option, before anything is sent."""
     sampling = pb.SamplingParams()
     _extend(sampling.stop, "stop", [stop] if isinstance(stop, str) else list(stop or ()))
     _set(sampling, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
          logprobs=logprobs, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
-         frequency_penalty=frequency_penalty)
+         frequency_penalty=frequency_penalty, min_tokens=min_tokens)
+    try:
+        sampling.logit_bias.update(logit_bias or {})
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"logit_bias: token id -> bias ({e!r}, got {logit_bias!r})") from None
     spec = pb.SpeculativeParams(method=speculative)
     _set(spec, num_draft_tokens=num_draft_tokens, num_candidates=num_candidates, adaptive=adaptive)
     req = pb.GenerateRequest(sampling=sampling, speculative=spec)

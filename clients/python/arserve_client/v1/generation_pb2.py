@@ -24,49 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61rserve/v1/generation.proto\x12\narserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfe\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\x08logprobs\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xab\x01\n\x11SpeculativeParams\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1d\n\x10num_draft_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0enum_candidates\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x13\n\x11_num_draft_tokensB\x11\n\x0f_num_candidatesB\x0b\n\t_adaptive\"\xf9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.arserve.v1.ChatMessage\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_salt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"S\n\x06Timing\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\"\xaa\x01\n\x10SpeculativeStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x12\n\ndrafted_at\x18\x06 \x03(\r\x12\x13\n\x0b\x61\x63\x63\x65pted_at\x18\x07 \x03(\r\"\xac\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.arserve.v1.TokenLogprob\"\x9a\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x07 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.arserve.v1.TokenLogprob\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.arserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x1b\n\x13speculative_methods\x18\x06 \x03(\t\x12\"\n\x1a\x64\x65\x66\x61ult_speculative_method\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.arserve.v1.ModelInfo\"\xa6\x02\n\x14GenerateImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x16\n\tnum_steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x32\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x15\n\rreturn_tokens\x18\t \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x0c\n\n_cfg_scaleB\x0c\n\n_num_steps\"}\n\x0eGeneratedImage\x12\r\n\x05label\x18\x01 \x01(\r\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\x0e\n\x06pixels\x18\x06 \x03(\x02\x12\x0e\n\x06tokens\x18\x07 \x03(\x02\"\xdf\x01\n\x15GenerateImageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x06images\x18\x03 \x03(\x0b\x32\x1a.arserve.v1.GeneratedImage\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xc2\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.arserve.v1.GenerateRequest\x1a\x1c.arserve.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.arserve.v1.GenerateRequest\x1a\x19.arserve.v1.GenerateChunk0\x01\x12K\n\nListModels\x12\x1d.arserve.v1.ListModelsRequest\x1a\x1e.arserve.v1.ListModelsResponse\x12T\n\rGenerateImage\x12 .arserve.v1.GenerateImageRequest\x1a!.arserve.v1.GenerateImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61rserve/v1/generation.proto\x12\narserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x97\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\x08logprobs\x18\x07 \x01(\rH\x05\x88\x01\x01\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12=\n\nlogit_bias\x18\x0b \x03(\x0b\x32).arserve.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"\xab\x01\n\x11SpeculativeParams\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1d\n\x10num_draft_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0enum_candidates\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08\x61\x64\x61ptive\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x13\n\x11_num_draft_tokensB\x11\n\x0f_num_candidatesB\x0b\n\t_adaptive\"\xf9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.arserve.v1.ChatMessage\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.arserve.v1.SamplingParams\x12\x32\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x17\n\ncache_salt\x18\x07 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_salt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"S\n\x06Timing\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\"\xaa\x01\n\x10SpeculativeStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x12\n\ndrafted_at\x18\x06 \x03(\r\x12\x13\n\x0b\x61\x63\x63\x65pted_at\x18\x07 \x03(\r\"\xac\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x07 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.arserve.v1.TokenLogprob\"\x9a\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.arserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x07 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.arserve.v1.TokenLogprob\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.arserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xc1\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x1b\n\x13speculative_methods\x18\x06 \x03(\t\x12\"\n\x1a\x64\x65\x66\x61ult_speculative_method\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.arserve.v1.ModelInfo\"\xa6\x02\n\x14GenerateImageRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x16\n\tnum_steps\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x32\n\x0bspeculative\x18\x08 \x01(\x0b\x32\x1d.arserve.v1.SpeculativeParams\x12\x15\n\rreturn_tokens\x18\t \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x0c\n\n_cfg_scaleB\x0c\n\n_num_steps\"}\n\x0eGeneratedImage\x12\r\n\x05label\x18\x01 \x01(\r\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\x0e\n\x06pixels\x18\x06 \x03(\x02\x12\x0e\n\x06tokens\x18\x07 \x03(\x02\"\xdf\x01\n\x15GenerateImageResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x06images\x18\x03 \x03(\x0b\x32\x1a.arserve.v1.GeneratedImage\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.arserve.v1.Usage\x12\"\n\x06timing\x18\x05 \x01(\x0b\x32\x12.arserve.v1.Timing\x12\x31\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1c.arserve.v1.SpeculativeStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xc2\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.arserve.v1.GenerateRequest\x1a\x1c.arserve.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.arserve.v1.GenerateRequest\x1a\x19.arserve.v1.GenerateChunk0\x01\x12K\n\nListModels\x12\x1d.arserve.v1.ListModelsRequest\x1a\x1e.arserve.v1.ListModelsResponse\x12T\n\rGenerateImage\x12 .arserve.v1.GenerateImageRequest\x1a!.arserve.v1.GenerateImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'arserve_client.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2930
-  _globals['_FINISHREASON']._serialized_end=3048
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3083
+  _globals['_FINISHREASON']._serialized_end=3201
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_SAMPLINGPARAMS']._serialized_start=90
-  _globals['_SAMPLINGPARAMS']._serialized_end=472
-  _globals['_SPECULATIVEPARAMS']._serialized_start=475
-  _globals['_SPECULATIVEPARAMS']._serialized_end=646
-  _globals['_GENERATEREQUEST']._serialized_start=649
-  _globals['_GENERATEREQUEST']._serialized_end=898
-  _globals['_USAGE']._serialized_start=900
-  _globals['_USAGE']._serialized_end=987
-  _globals['_TIMING']._serialized_start=989
-  _globals['_TIMING']._serialized_end=1072
-  _globals['_SPECULATIVESTATS']._serialized_start=1075
-  _globals['_SPECULATIVESTATS']._serialized_end=1245
-  _globals['_GENERATERESPONSE']._serialized_start=1248
-  _globals['_GENERATERESPONSE']._serialized_end=1548
-  _globals['_GENERATECHUNK']._serialized_start=1551
-  _globals['_GENERATECHUNK']._serialized_end=1833
-  _globals['_TOKENLOGPROB']._serialized_start=1835
-  _globals['_TOKENLOGPROB']._serialized_end=1936
-  _globals['_TOPLOGPROB']._serialized_start=1938
-  _globals['_TOPLOGPROB']._serialized_end=2000
-  _globals['_LISTMODELSREQUEST']._serialized_start=2002
-  _globals['_LISTMODELSREQUEST']._serialized_end=2021
-  _globals['_MODELINFO']._serialized_start=2024
-  _globals['_MODELINFO']._serialized_end=2217
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2219
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2278
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=2281
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=2575
-  _globals['_GENERATEDIMAGE']._serialized_start=2577
-  _globals['_GENERATEDIMAGE']._serialized_end=2702
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=2705
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=2928
-  _globals['_GENERATION']._serialized_start=3051
-  _globals['_GENERATION']._serialized_end=3373
+  _globals['_SAMPLINGPARAMS']._serialized_end=625
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=431
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=479
+  _globals['_SPECULATIVEPARAMS']._serialized_start=628
+  _globals['_SPECULATIVEPARAMS']._serialized_end=799
+  _globals['_GENERATEREQUEST']._serialized_start=802
+  _globals['_GENERATEREQUEST']._serialized_end=1051
+  _globals['_USAGE']._serialized_start=1053
+  _globals['_USAGE']._serialized_end=1140
+  _globals['_TIMING']._serialized_start=1142
+  _globals['_TIMING']._serialized_end=1225
+  _globals['_SPECULATIVESTATS']._serialized_start=1228
+  _globals['_SPECULATIVESTATS']._serialized_end=1398
+  _globals['_GENERATERESPONSE']._serialized_start=1401
+  _globals['_GENERATERESPONSE']._serialized_end=1701
+  _globals['_GENERATECHUNK']._serialized_start=1704
+  _globals['_GENERATECHUNK']._serialized_end=1986
+  _globals['_TOKENLOGPROB']._serialized_start=1988
+  _globals['_TOKENLOGPROB']._serialized_end=2089
+  _globals['_TOPLOGPROB']._serialized_start=2091
+  _globals['_TOPLOGPROB']._serialized_end=2153
+  _globals['_LISTMODELSREQUEST']._serialized_start=2155
+  _globals['_LISTMODELSREQUEST']._serialized_end=2174
+  _globals['_MODELINFO']._serialized_start=2177
+  _globals['_MODELINFO']._serialized_end=2370
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2372
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2431
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=2434
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=2728
+  _globals['_GENERATEDIMAGE']._serialized_start=2730
+  _globals['_GENERATEDIMAGE']._serialized_end=2855
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=2858
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=3081
+  _globals['_GENERATION']._serialized_start=3204
+  _globals['_GENERATION']._serialized_end=3526
 # @@protoc_insertion_point(module_scope)

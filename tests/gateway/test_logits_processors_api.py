@@ -1,5 +1,6 @@
-"""OpenAI's presence and frequency penalties through the gRPC SDK and the
-HTTP door, on SmolLM2: greedy decoding with them is transformers' argmax of
+"""What a request does to the logits (OpenAI's penalties and logit bias,
+vLLM's min_tokens) through the gRPC SDK and the HTTP door, on SmolLM2.
+Penalties: greedy decoding with them is transformers' argmax of
 the penalized logits, step by step, and every speculative method gives
 plain decoding's tokens (each verified row penalized for the draft before
 it). The sampled loop's distribution is tested in
@@ -61,3 +62,47 @@ def test_penalties_through_the_http_door_and_their_bounds(client, server):
         assert e.value.body["param"] == "frequency_penalty"
     with pytest.raises(InvalidArgument, match="sampling.presence_penalty must be -2 to 2, got nan"):
         client.generate(messages=ASK, max_tokens=2, presence_penalty=float("nan"))
+
+
+SAY_YES = [{"role": "user", "content": "Say just the word yes."}]
+METHODS = (("none", None), ("ngram", None), ("draft_model", None), ("heads", None), ("draft_model", 3))
+
+
+def test_logit_bias_and_min_tokens_hold_under_every_method(client):
+    """A +100 bias makes the plain answer's second choice its first token; a -100 bias forbids a token;
+    min_tokens holds the end of sequence back to its length. Every method gives plain decoding's tokens."""
+    short = client.generate(messages=SAY_YES, max_tokens=16, logprobs=2)
+    assert short.finish_reason == "eos" and len(short.token_ids) < 8
+    second = short.logprobs[0].top[1].token_id
+    for method, candidates in METHODS:
+        options = dict(messages=SAY_YES, max_tokens=16, speculative=method, num_candidates=candidates)
+        biased = client.generate(**options, logit_bias={second: 100.0})
+        assert biased.token_ids[0] == second, method
+        banned = client.generate(**options, logit_bias={short.token_ids[0]: -100.0})
+        assert short.token_ids[0] not in banned.token_ids, method
+        held = client.generate(**options, min_tokens=12)
+        assert len(held.token_ids) >= 12 and held.token_ids[:len(short.token_ids)] == short.token_ids, method
+        if method == "none":
+            plain = (biased.token_ids, banned.token_ids, held.token_ids)
+        assert (biased.token_ids, banned.token_ids, held.token_ids) == plain, (method, candidates)
+    with pytest.raises(InvalidArgument, match=r"sampling.logit_bias: token id 49152 is outside the vocabulary"):
+        client.generate(messages=SAY_YES, max_tokens=2, logit_bias={49152: 1.0})
+    with pytest.raises(InvalidArgument, match=r"sampling.logit_bias\[5\] must be -100 to 100, got 101"):
+        client.generate(messages=SAY_YES, max_tokens=2, logit_bias={5: 101.0})
+    with pytest.raises(InvalidArgument, match="sampling.min_tokens 5 is more than max_tokens \\(4\\)"):
+        client.generate(messages=SAY_YES, max_tokens=4, min_tokens=5)
+
+
+def test_logit_bias_and_min_tokens_through_the_http_door(client, server):
+    short = client.generate(messages=SAY_YES, max_tokens=16, logprobs=2)
+    second = short.logprobs[0].top[1].token_id
+    with api(server.http_url) as oai:
+        out = oai.chat.completions.create(model=MODEL, messages=SAY_YES, max_tokens=16,
+                                          logit_bias={str(second): 100}, extra_body={"min_tokens": 12})
+        want = client.generate(messages=SAY_YES, max_tokens=16, logit_bias={second: 100.0}, min_tokens=12)
+        assert out.choices[0].message.content == want.text and out.usage.completion_tokens >= 12
+        for bias, says in (({"yes": 5}, "logit_bias: keys are token ids, got 'yes'"),
+                           ({"49152": 5}, "token id 49152 is outside the vocabulary")):
+            with pytest.raises(openai.BadRequestError, match=says) as e:
+                oai.chat.completions.create(model=MODEL, messages=SAY_YES, max_tokens=2, logit_bias=bias)
+            assert e.value.body["param"] == "logit_bias", e.value.body
