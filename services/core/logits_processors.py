@@ -55,6 +55,8 @@ class LogitsProcessors:
         out = logits.float().clone()
         if self.bias:
             ids, values = zip(*self.bias)
+            if max(ids) >= vocab:  # the gateway checks them against the model's vocabulary first
+                raise ValueError(f"sampling.logit_bias: token id {max(ids)} is outside the vocabulary ({vocab})")
             out[:, list(ids)] += torch.tensor(values)
         if self.presence or self.frequency:
             base = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).float()  # [vocab]

@@ -206,7 +206,7 @@ class GenerationBody(BaseModel):
         if self.min_tokens:
             sampling.min_tokens = self.min_tokens
         for token, bias in (self.logit_bias or {}).items():
-            if not (token.isascii() and token.isdecimal()) or int(token) > UINT32:
+            if not (token.isascii() and token.isdecimal() and len(token) <= 10) or int(token) > UINT32:
                 raise refusal(f"logit_bias: keys are token ids, got {quoted(token)}", "logit_bias")
             if abs(bias) > FLOAT32_MAX:
                 raise refusal(f"logit_bias: {bias!r} is beyond the range of a 32-bit float", "logit_bias")

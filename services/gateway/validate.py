@@ -123,8 +123,8 @@ def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tok
     if room < 1:
         raise InvalidArgument(f"prompt is {prompt_tokens} tokens; the context window is {window} tokens")
     s = req.sampling
-    if not s.HasField("max_tokens"):
-        resolved = min(model.default_max_tokens, room)
+    if not s.HasField("max_tokens"):  # the default, raised to min_tokens where that asks for more
+        resolved = min(max(model.default_max_tokens, s.min_tokens), room)
     elif s.max_tokens > room:
         raise InvalidArgument(
             f"sampling.max_tokens {s.max_tokens} exceeds the context window: "
@@ -133,7 +133,9 @@ def resolve_max_tokens(req: pb.GenerateRequest, model: ModelSettings, prompt_tok
     else:
         resolved = s.max_tokens
     if s.min_tokens > resolved:
-        raise InvalidArgument(f"sampling.min_tokens {s.min_tokens} is more than max_tokens ({resolved})")
+        raise InvalidArgument(f"sampling.min_tokens {s.min_tokens} is more than max_tokens ({resolved})"
+                              if s.HasField("max_tokens") else f"sampling.min_tokens {s.min_tokens} exceeds the "
+                              f"context window: {prompt_tokens} prompt tokens + {s.min_tokens} > {window}")
     return resolved
 
 

@@ -166,7 +166,10 @@ class RequestPlan:
                 return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else \
                     from_proto(out.logits).argmax(-1)
             return RowProbs(from_proto(out.logits), self.sampling)
-        logits = self.processors.apply(from_proto(out.logits), output, after)  # [m, vocab]
+        try:
+            logits = self.processors.apply(from_proto(out.logits), output, after)  # [m, vocab]
+        except ValueError as e:  # a token id outside the vocabulary
+            raise InvalidArgument(str(e)) from None
         return logits.argmax(-1) if self.sampling.greedy else RowProbs(logits, self.sampling)
 
     def logprobs_of(self, out: bpb.ScoreResponse, rows: list[int], tokens: list[int]) -> list[gpb.TokenLogprob]:

@@ -362,7 +362,7 @@ class VerifierService:
             return int(plan.target(out, state.tokens[len(plan.prompt):], [[]])[0])
         logits = from_proto(out.logits)  # [1, vocab]
         if plan.processors.active:
-            logits = plan.processors.apply(logits, state.tokens[len(plan.prompt):], [[]])
+            logits = plan.target(out, state.tokens[len(plan.prompt):], [[]]).logits
         return int(sample(logits, plan.sampling, plan.generator)[0])
 
     @staticmethod

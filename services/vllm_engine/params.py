@@ -1,7 +1,8 @@
 """What of an ``arserve.v1`` request maps onto vLLM, and what does not.
 
 Maps one to one: max_tokens, temperature (0 is greedy in both), top_p,
-presence_penalty, frequency_penalty, logit_bias, min_tokens, logprobs, ignore_eos,
+presence_penalty, frequency_penalty, logit_bias (not beside vLLM's speculation), min_tokens, logprobs,
+ignore_eos,
 top_k (0 is off in both), seed. Stop strings stay with the gateway, as for
 arserve's engine, so they behave the same on both; the model's
 end-of-sequence ids become vLLM's ``stop_token_ids``. Token ids go in and
@@ -33,6 +34,9 @@ def check_request(req: gpb.GenerateRequest, model: ModelSettings) -> None:
             f"whose engine runs {method!r} for every request (vLLM fixes speculation per engine, not per request)")
     if method == "none":
         return  # draft parameters do not apply, as with arserve's method none
+    if req.sampling.logit_bias:  # vLLM's SamplingParams refuses it beside a speculative config
+        raise InvalidArgument(f"sampling.logit_bias cannot be honoured by model {model.id!r}: its vLLM engine "
+                              f"speculates ({method!r}), and vLLM serves no logit bias with speculative decoding")
     k = model.vllm.num_speculative_tokens
     if spec.HasField("num_draft_tokens") and spec.num_draft_tokens != k:
         raise InvalidArgument(f"speculative.num_draft_tokens {spec.num_draft_tokens} cannot be honoured by model "

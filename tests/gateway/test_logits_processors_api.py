@@ -91,6 +91,14 @@ def test_logit_bias_and_min_tokens_hold_under_every_method(client):
         client.generate(messages=SAY_YES, max_tokens=2, logit_bias={5: 101.0})
     with pytest.raises(InvalidArgument, match="sampling.min_tokens 5 is more than max_tokens \\(4\\)"):
         client.generate(messages=SAY_YES, max_tokens=4, min_tokens=5)
+    with pytest.raises(InvalidArgument, match="sampling.min_tokens 9000 exceeds the context window"):
+        client.generate(messages=SAY_YES, min_tokens=9000)
+    from arserve_client.v1 import generation_pb2 as pb
+    from arserve.gateway.validate import resolve_max_tokens
+    from arserve.settings import ModelSettings
+
+    unset = pb.GenerateRequest(sampling=pb.SamplingParams(min_tokens=300))  # past the default max_tokens (256):
+    assert resolve_max_tokens(unset, ModelSettings(), prompt_tokens=10, window=8192) == 300  # raised to it
 
 
 def test_logit_bias_and_min_tokens_through_the_http_door(client, server):
@@ -102,6 +110,7 @@ def test_logit_bias_and_min_tokens_through_the_http_door(client, server):
         want = client.generate(messages=SAY_YES, max_tokens=16, logit_bias={second: 100.0}, min_tokens=12)
         assert out.choices[0].message.content == want.text and out.usage.completion_tokens >= 12
         for bias, says in (({"yes": 5}, "logit_bias: keys are token ids, got 'yes'"),
+                           ({"7" * 5000: 5}, "logit_bias: keys are token ids, got '7777"),  # not int()'s 500
                            ({"49152": 5}, "token id 49152 is outside the vocabulary")):
             with pytest.raises(openai.BadRequestError, match=says) as e:
                 oai.chat.completions.create(model=MODEL, messages=SAY_YES, max_tokens=2, logit_bias=bias)

@@ -51,3 +51,19 @@ def test_speculation_defaults_come_from_the_settings_alone():
     assert RequestPlan.from_proto(request("ngram", adaptive=True), defaults).adaptive  # the request's own wins
     heads = RequestPlan.from_proto(request("heads"), defaults).draft_length()  # the method's memory and own cost
     assert (length.memory, length.overhead) == (None, 0.0) and (heads.memory, heads.overhead) == (16, 0.05)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused_by_the_loop_too():
+    """The gateway checks biased ids against the model's vocabulary; a Run that a caller of the verifier
+    sends unchecked gets INVALID_ARGUMENT, not an IndexError, and its state is freed."""
+    import asyncio
+
+    from arserve.backbone.service import BackboneService
+    from arserve.verifier.service import VerifierService
+    from conftest import run, tiny_target
+
+    verifier = VerifierService(BackboneService({"tiny": tiny_target()}), None, {"tiny": (300,)})
+    for temperature in (0.0, 1.0):
+        with pytest.raises(InvalidArgument, match="sampling.logit_bias: token id 5000 is outside the vocabulary"):
+            asyncio.run(run(verifier, "none", logit_bias={5000: 1.0}, temperature=temperature))
+    assert not verifier.backbone.requests

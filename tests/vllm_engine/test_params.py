@@ -99,3 +99,11 @@ def test_vllms_logprobs_become_arserves_most_likely_first():
     assert (a.token_id, a.logprob, [(t.token_id, t.logprob) for t in a.top]) == (7, -3.0, [(9, -0.25), (5, -0.5)])
     assert (b.token_id, b.logprob, [t.token_id for t in b.top]) == (4, -0.125, [4, 6])
     assert [t.token_id for t in token_logprobs([4], positions[1:], top=0)[0].top] == []
+
+
+def test_logit_bias_is_refused_where_vllm_speculates():
+    """vLLM's SamplingParams refuses a logit bias beside a speculative config (a ValueError: a 500)."""
+    biased = gpb.GenerateRequest(prompt="Hi", sampling=gpb.SamplingParams(logit_bias={5: 1.0}))
+    check_vllm(biased, PLAIN)
+    with pytest.raises(InvalidArgument, match="sampling.logit_bias cannot be honoured by model 'v'"):
+        check_vllm(biased, NGRAM)
