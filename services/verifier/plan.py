@@ -20,6 +20,7 @@ from ..core.sampling import RowProbs, Sampling, seeded
 from ..drafter.registry import METHODS, MethodSpec
 from ..errors import InvalidArgument
 from ..pb.v1 import backbone_pb2 as bpb
+from ..pb.v1 import drafter_pb2 as dpb
 from ..pb.v1 import verifier_pb2 as pb
 from ..settings import ServiceSettings
 from ..wire import TensorProto, from_proto, proto_row
@@ -156,18 +157,20 @@ class RequestPlan:
         for methods that draft from it; else None."""
         return proto_row(out.hidden, row) if self.hidden else None
 
-    def target(self, out: bpb.ScoreResponse, output: list[int] = (),
-               after: list[list[int]] = ()) -> torch.Tensor | RowProbs:
+    def target(self, out: bpb.ScoreResponse, tokens: list[int], draft: dpb.Draft | None = None
+               ) -> torch.Tensor | RowProbs:
         """What the acceptance rules read of a Score call: greedy requests the argmax ids ([m] int64),
         others the [m, vocab] distributions, each row computed when a rule first reads it. With logits
-        processors, of the processed logits: row r after the generated ``output`` and ``after[r]``."""
+        processors, of the processed logits: row r after the generated tokens (``tokens``: the committed
+        ones, prompt first) and the ``draft``'s path to it (``paths``; no draft: one row)."""
         if not self.processors.active:
             if self.sampling.greedy:  # the backbone's argmax, or the logits' where the request reports logprobs
                 return torch.tensor(list(out.argmax), dtype=torch.long) if out.argmax else \
                     from_proto(out.logits).argmax(-1)
             return RowProbs(from_proto(out.logits), self.sampling)
+        after = paths(draft) if draft is not None else [[]]
         try:
-            logits = self.processors.apply(from_proto(out.logits), output, after)  # [m, vocab]
+            logits = self.processors.apply(from_proto(out.logits), tokens[len(self.prompt):], after)  # [m, vocab]
         except ValueError as e:  # a token id outside the vocabulary
             raise InvalidArgument(str(e)) from None
         return logits.argmax(-1) if self.sampling.greedy else RowProbs(logits, self.sampling)
@@ -178,3 +181,14 @@ class RequestPlan:
         if self.logprobs is None:
             return []
         return token_logprobs(from_proto(out.logits), rows, tokens, self.logprobs)
+
+
+def paths(draft: dpb.Draft) -> list[list[int]]:
+    """The draft tokens between the pending token and each scored row: none
+    before row 0, node i's path from the root (node i included) before row
+    i + 1 (a chain's first i + 1 tokens)."""
+    out: list[list[int]] = [[]]
+    for i, token in enumerate(draft.token_ids):
+        parent = draft.parents[i] if draft.parents else i - 1
+        out.append(out[parent + 1] + [int(token)])
+    return out

@@ -160,17 +160,6 @@ def failed_with(e: Exception, code: str) -> bool:
     return status is not None and status[0].name == code
 
 
-def paths(draft: dpb.Draft) -> list[list[int]]:
-    """The draft tokens between the pending token and each scored row: none
-    before row 0, node i's path from the root (node i included) before row
-    i + 1 (a chain's first i + 1 tokens)."""
-    out: list[list[int]] = [[]]
-    for i, token in enumerate(draft.token_ids):
-        parent = draft.parents[i] if draft.parents else i - 1
-        out.append(out[parent + 1] + [int(token)])
-    return out
-
-
 def cut(draft: dpb.Draft, n: int) -> dpb.Draft:
     """A chain's first n tokens (and their q rows, where it carries them)."""
     out = dpb.Draft(token_ids=draft.token_ids[:n], confidence=draft.confidence)
@@ -267,7 +256,7 @@ class VerifierService:
             parents = [-1] + [p + 1 for p in draft.parents] if draft.parents else []
             out = await kv.score(plan.score([pending, *draft.token_ids], state.in_cache, parents=parents),
                                  state.tokens)
-            p = plan.target(out, *((state.tokens[len(plan.prompt):], paths(draft)) if plan.processors.active else ()))
+            p = plan.target(out, state.tokens, draft)
             verdict = verify(draft, p, plan.sampling, plan.generator)
             await kv.commit(bpb.CommitRequest(path=[0, *(i + 1 for i in verdict.accepted)], **plan.ids))
             state.in_cache += 1 + len(verdict.accepted)
@@ -356,14 +345,10 @@ class VerifierService:
     @staticmethod
     def _sample(out: bpb.ScoreResponse, plan: RequestPlan, state: Decoding) -> int:
         """The next token from a Score call with one output position."""
-        if plan.sampling.greedy:
-            if out.argmax:
-                return int(out.argmax[0])
-            return int(plan.target(out, state.tokens[len(plan.prompt):], [[]])[0])
-        logits = from_proto(out.logits)  # [1, vocab]
-        if plan.processors.active:
-            logits = plan.target(out, state.tokens[len(plan.prompt):], [[]]).logits
-        return int(sample(logits, plan.sampling, plan.generator)[0])
+        if out.argmax:  # greedy, and nothing processes the logits: the backbone's argmax
+            return int(out.argmax[0])
+        p = plan.target(out, state.tokens)
+        return int(p[0]) if plan.sampling.greedy else int(sample(p.logits, plan.sampling, plan.generator)[0])
 
     @staticmethod
     def _depth(draft: dpb.Draft) -> int:

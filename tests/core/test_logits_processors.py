@@ -6,7 +6,7 @@ import torch
 
 from arserve.core.logits_processors import LogitsProcessors
 from arserve.pb.v1 import drafter_pb2 as dpb
-from arserve.verifier.service import paths
+from arserve.verifier.plan import paths
 
 
 def test_each_row_is_penalized_for_the_output_and_its_own_path():

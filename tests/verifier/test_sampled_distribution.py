@@ -172,7 +172,7 @@ def test_penalized_speculative_sampling_keeps_the_penalized_distribution(target,
     stat, p = chi_square(first_two_tokens(target, PENALTIES), exact)
     assert p > 1e-4, (stat, p)
     unpenalized = RequestPlan.target
-    monkeypatch.setattr(RequestPlan, "target", lambda self, out, output=(), after=(): unpenalized(
-        dataclasses.replace(self, processors=Penalties()), out))
+    monkeypatch.setattr(RequestPlan, "target", lambda self, out, tokens, draft=None: unpenalized(
+        dataclasses.replace(self, processors=Penalties()), out, tokens, draft))
     stat, p = chi_square(first_two_tokens(target, PENALTIES), exact)
     assert p < 1e-6, (stat, p)
